@@ -52,6 +52,15 @@ pub enum ShimError {
         source_of_deadline: DeadlineSource,
     },
 
+    /// Upstream's reply could not be processed at all (the gRPC client gave
+    /// up on it). Decoding errors of well-framed replies are upstream's own
+    /// statuses and are passed through instead.
+    #[error("upstream CRI call {method} returned a malformed reply: {reason}")]
+    MalformedReply {
+        method: &'static str,
+        reason: String,
+    },
+
     /// Something other than a socket exists where the shim's socket belongs.
     #[error("refusing to replace {path}: it exists and is not a unix socket")]
     NotASocket { path: PathBuf },
@@ -119,7 +128,8 @@ impl From<ShimError> for Status {
             ShimError::InvalidEndpoint { .. } | ShimError::UnknownGroup { .. } => {
                 Code::InvalidArgument
             }
-            ShimError::NotASocket { .. }
+            ShimError::MalformedReply { .. }
+            | ShimError::NotASocket { .. }
             | ShimError::SocketInUse { .. }
             | ShimError::InspectSocket { .. }
             | ShimError::CreateSocketDir { .. }

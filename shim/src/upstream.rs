@@ -15,6 +15,7 @@
 use std::{
     future::Future,
     io,
+    panic::AssertUnwindSafe,
     path::PathBuf,
     pin::Pin,
     sync::{
@@ -28,6 +29,7 @@ use std::{
 use fast_sandbox_proto::cri::{
     image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
 };
+use futures::FutureExt;
 use hyper_util::rt::TokioIo;
 use tokio::{net::UnixStream, time::Instant};
 use tonic::{
@@ -227,28 +229,59 @@ impl Upstream {
         let (mut metadata, _, message) = request.into_parts();
         strip_hop_headers(&mut metadata);
         let mut request = Request::from_parts(metadata, Extensions::new(), message);
-        let reply = match deadline {
-            None => call(request).await,
-            Some(deadline) => {
-                let Some(remaining) = deadline.remaining(now) else {
-                    return Err(deadline_exceeded(method, deadline));
-                };
-                request.set_timeout(remaining);
-                match tokio::time::timeout_at(deadline.at, call(request)).await {
-                    Ok(reply) => reply,
-                    Err(_) => return Err(deadline_exceeded(method, deadline)),
-                }
-            }
+        if let Some(deadline) = deadline {
+            let Some(remaining) = deadline.remaining(now) else {
+                return Err(deadline_exceeded(method, deadline));
+            };
+            request.set_timeout(remaining);
+        }
+        // tonic's client panics on some malformed replies (e.g. status details
+        // that are not base64); that is upstream's fault, not a shim bug.
+        let call = AssertUnwindSafe(call(request)).catch_unwind();
+        let outcome = match deadline {
+            None => call.await,
+            Some(deadline) => match tokio::time::timeout_at(deadline.at, call).await {
+                Ok(outcome) => outcome,
+                Err(_) => return Err(deadline_exceeded(method, deadline)),
+            },
         };
+        let reply = outcome.map_err(|panic| malformed_reply(method, &*panic))?;
         match reply {
             Ok(response) => {
                 let (mut metadata, message, _) = response.into_parts();
                 strip_hop_headers(&mut metadata);
                 Ok(Response::from_parts(metadata, message, Extensions::new()))
             }
+            Err(status) if is_deadline_marker(&status) => Err(match deadline {
+                Some(deadline) => deadline_exceeded(method, deadline),
+                None => pass_status(status),
+            }),
             Err(status) => Err(pass_status(status)),
         }
     }
+}
+
+/// The channel enforces the `grpc-timeout` we send upstream with its own
+/// timer (tonic clients do). When that timer fires in the same tick as ours,
+/// it wins the race; this marker lets [`Upstream::forward`] report it as the
+/// shim's deadline rather than as an upstream failure.
+#[derive(Debug, thiserror::Error)]
+#[error("the call's deadline passed before upstream answered")]
+struct DeadlinePassed;
+
+fn is_deadline_marker(status: &Status) -> bool {
+    std::error::Error::source(status).is_some_and(|s| s.is::<DeadlinePassed>())
+}
+
+fn is_local_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(err) = cause {
+        if err.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 /// The caller's deadline, as recorded on arrival by the server layer; parsed
@@ -262,6 +295,16 @@ fn caller_deadline<T>(request: &Request<T>, now: Instant) -> Option<CallerDeadli
             let header = request.metadata().as_ref().get(GRPC_TIMEOUT);
             CallerDeadline::from_header(header, now)
         })
+}
+
+fn malformed_reply(method: &'static str, panic: &(dyn std::any::Any + Send)) -> Status {
+    let reason = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "the gRPC client panicked".to_owned());
+    tracing::error!(method, %reason, "malformed reply from upstream CRI endpoint");
+    ShimError::MalformedReply { method, reason }.into()
 }
 
 fn deadline_exceeded(method: &'static str, deadline: Deadline) -> Status {
@@ -378,6 +421,7 @@ impl Future for UpstreamFuture {
                 self.link.succeeded();
                 Ok(response)
             }
+            Err(err) if is_local_timeout(&err) => Err(Box::new(DeadlinePassed)),
             Err(err) => Err(self.link.unavailable(&err)),
         })
     }
@@ -404,6 +448,36 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn local_timeout_is_found_in_the_error_chain() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("transport error")]
+        struct Wrapper(#[source] tonic::TimeoutExpired);
+
+        assert!(is_local_timeout(&Wrapper(tonic::TimeoutExpired(()))));
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert!(!is_local_timeout(&refused));
+    }
+
+    #[tokio::test]
+    async fn channel_timer_winning_the_race_is_still_deadline_exceeded() {
+        let upstream =
+            Upstream::connect_lazy(&UpstreamConfig::new("/nonexistent/cri.sock")).expect("config");
+        let err = upstream
+            .forward(
+                "Version",
+                Request::new(fast_sandbox_proto::cri::VersionRequest::default()),
+                |_| async {
+                    // What tonic's client makes of our channel's marker error.
+                    Err::<Response<()>, _>(Status::from_error(Box::new(DeadlinePassed)))
+                },
+            )
+            .await
+            .expect_err("deadline");
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+        assert!(err.message().contains("Version"));
     }
 
     #[test]
