@@ -1,0 +1,311 @@
+#!/usr/bin/env bash
+# A private containerd 1.6 instance living entirely under one directory, so
+# tests never touch the host's containerd and several instances can run at
+# once (different DIR, and a different bridge/subnet or no CNI at all).
+#
+# usage:
+#   containerd-instance.sh start  DIR [--cni-subnet CIDR --bridge NAME]
+#                                     [--sandbox-image REF] [--import TAR]...
+#                                     [--plain-http-registry 127.0.0.1:PORT]...
+#                                     [--timeout SECONDS]
+#   containerd-instance.sh stop   DIR [--purge]
+#   containerd-instance.sh status DIR
+#
+# start: writes DIR/config.toml (`containerd config default` plus this
+#   project's tweaks, see fast-sandbox-dev instance-config), starts containerd
+#   in the background (DIR/containerd.pid, DIR/containerd.log), waits until its
+#   CRI is ready and imports the image tars. Starting a running instance only
+#   re-imports; starting one whose containerd died (kill -9) restarts it on the
+#   same state, so it reconnects to the shims and pods that survived. Without
+#   network options a restart reuses the instance's recorded ones.
+# stop: removes every pod through the CRI while containerd lives, stops
+#   containerd, kills what is left (runtime containers, shims), unmounts
+#   everything under DIR, deletes the bridge and its iptables rules and the
+#   instance's state. Idempotent; safe after a failed or half-done start.
+#   Keeps DIR/containerd.log, DIR/config.toml and DIR/instance.env (the
+#   recorded network, so a second stop or a later start knows it) unless
+#   --purge.
+# status: exit 0 and "running ..." when containerd runs, else exit 3.
+#
+# Defaults come from the dev-node env file when it is sourced:
+#   --sandbox-image   $FAST_SANDBOX_PAUSE_IMAGE (else localhost/fast-sandbox/pause:v1)
+#   --import          every $FAST_SANDBOX_IMAGES_DIR/*.tar
+#   --plain-http-registry  $FAST_SANDBOX_REGISTRY
+#   the devtool       $FAST_SANDBOX_DEVTOOL (else target/release/fast-sandbox-dev)
+#
+# DIR holds: config.toml, containerd.sock(.ttrpc), containerd.pid,
+# containerd.log, instance.env, root/, state/ (pod netns are in
+# state/io.containerd.grpc.v1.cri/netns), runtime/{runc,crun}/, opt/, tmp/,
+# cni/{conf,ipam}/, certs.d/. Outside DIR: containerd 1.6 hard-codes shim
+# sockets to /run/containerd/s/<sha256(address, namespace, id)> (distinct per
+# instance because the address is hashed in); stop removes ours.
+set -Eeuo pipefail
+
+FSB_LOG_NAME=containerd-instance
+# shellcheck source=hack/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+	sed -n '2,/^set -Eeuo/{/^set -Eeuo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" >&2
+	exit 2
+}
+
+(($# >= 2)) || usage
+COMMAND=$1
+DIR=$(realpath -m -- "$2")
+shift 2
+
+CONFIG=$DIR/config.toml
+SOCK=$DIR/containerd.sock
+ENDPOINT=unix://$SOCK
+PIDFILE=$DIR/containerd.pid
+LOG=$DIR/containerd.log
+INSTANCE_ENV=$DIR/instance.env
+RUNTIMES=(runc crun)
+
+OPT_SUBNET='' OPT_BRIDGE='' OPT_IMAGE='' OPT_TIMEOUT=60 OPT_PURGE=''
+OPT_IMPORTS=() OPT_REGISTRIES=()
+while (($# > 0)); do
+	case $1 in
+	--cni-subnet) OPT_SUBNET=${2:?--cni-subnet needs a CIDR}; shift 2 ;;
+	--bridge) OPT_BRIDGE=${2:?--bridge needs a name}; shift 2 ;;
+	--sandbox-image) OPT_IMAGE=${2:?--sandbox-image needs a reference}; shift 2 ;;
+	--import) OPT_IMPORTS+=("$(realpath -- "${2:?--import needs a tar}")"); shift 2 ;;
+	--plain-http-registry) OPT_REGISTRIES+=("${2:?--plain-http-registry needs HOST:PORT}"); shift 2 ;;
+	--timeout) OPT_TIMEOUT=${2:?--timeout needs seconds}; shift 2 ;;
+	--purge) OPT_PURGE=1; shift ;;
+	-h | --help) usage ;;
+	*) fsb_die "unknown option ${1@Q} (see --help)" ;;
+	esac
+done
+[[ -n $OPT_SUBNET && -z $OPT_BRIDGE || -z $OPT_SUBNET && -n $OPT_BRIDGE ]] &&
+	fsb_die "--cni-subnet and --bridge go together"
+
+# Fails with the last lines of the containerd log.
+die_with_log() {
+	fsb_log "error: $*"
+	if [[ -s $LOG ]]; then
+		fsb_log "containerd log: $LOG (last lines):"
+		tail -n 15 "$LOG" | sed 's/^/    /' >&2
+	fi
+	exit 1
+}
+
+on_error() {
+	die_with_log "command failed (line $1): $2"
+}
+
+# The containerd serving this instance, from the pid file or, if that is
+# stale or lost, from the process list (its --config is unique to DIR).
+running_pid() {
+	local pid
+	pid=$(cat "$PIDFILE" 2>/dev/null || true)
+	if fsb_pid_alive "$pid" && [[ $(fsb_cmdline "$pid") == *"containerd --config $CONFIG "* ]]; then
+		printf '%s\n' "$pid"
+		return 0
+	fi
+	fsb_pids_matching "containerd --config $CONFIG " | head -n 1
+}
+
+# The network settings this instance was started with (instance.env).
+STORED_SUBNET='' STORED_BRIDGE=''
+load_stored() {
+	[[ -f $INSTANCE_ENV ]] || return 0
+	STORED_SUBNET=$(sed -n 's/^FSB_CNI_SUBNET=//p' "$INSTANCE_ENV")
+	STORED_BRIDGE=$(sed -n 's/^FSB_BRIDGE=//p' "$INSTANCE_ENV")
+}
+
+cmd_start() {
+	trap 'on_error $LINENO "$BASH_COMMAND"' ERR
+	fsb_require_root
+	local devtool subnet bridge image pid before after
+	load_stored
+	subnet=${OPT_SUBNET:-$STORED_SUBNET}
+	bridge=${OPT_BRIDGE:-$STORED_BRIDGE}
+	if [[ -n $OPT_SUBNET && -n $STORED_SUBNET && ($OPT_SUBNET != "$STORED_SUBNET" || $OPT_BRIDGE != "$STORED_BRIDGE") ]]; then
+		fsb_die "$DIR was started with --cni-subnet $STORED_SUBNET --bridge $STORED_BRIDGE; stop it before changing its network"
+	fi
+	image=${OPT_IMAGE:-${FAST_SANDBOX_PAUSE_IMAGE:-localhost/fast-sandbox/pause:v1}}
+	if ((${#OPT_IMPORTS[@]} == 0)) && [[ -n ${FAST_SANDBOX_IMAGES_DIR:-} && -d $FAST_SANDBOX_IMAGES_DIR ]]; then
+		mapfile -t OPT_IMPORTS < <(find "$FAST_SANDBOX_IMAGES_DIR" -maxdepth 1 -name '*.tar' | sort)
+	fi
+	if ((${#OPT_REGISTRIES[@]} == 0)) && [[ -n ${FAST_SANDBOX_REGISTRY:-} ]]; then
+		OPT_REGISTRIES=("$FAST_SANDBOX_REGISTRY")
+	fi
+	if [[ -n $bridge ]]; then
+		# Another instance (or anything else) on the same bridge would share
+		# its IPAM range and lose pods' addresses on our stop.
+		local other
+		for other in $(fsb_pids_matching "containerd --config " | grep -vx "$(running_pid)" || true); do
+			local other_config other_dir
+			other_config=$(fsb_cmdline "$other" | sed -n 's/.*--config \([^ ]*\).*/\1/p')
+			other_dir=$(dirname "$other_config")
+			if grep -qx "FSB_BRIDGE=$bridge" "$other_dir/instance.env" 2>/dev/null; then
+				fsb_die "bridge $bridge is already used by the instance at $other_dir"
+			fi
+		done
+	fi
+
+	fsb_ensure_packages containerd runc crun containernetworking-plugins iptables iproute2
+	devtool=$(fsb_devtool)
+	mkdir -p "$DIR"
+	printf 'FSB_CNI_SUBNET=%s\nFSB_BRIDGE=%s\n' "$subnet" "$bridge" >"$INSTANCE_ENV"
+	fsb_ensure_hugetlb_cgroup
+
+	local config_args=(--base "$DIR/config.default.toml" --dir "$DIR" --sandbox-image "$image")
+	[[ -n $subnet ]] && config_args+=(--cni-subnet "$subnet" --bridge "$bridge")
+	local registry
+	for registry in "${OPT_REGISTRIES[@]}"; do
+		config_args+=(--plain-http-registry "$registry")
+	done
+	containerd config default >"$DIR/config.default.toml"
+	before=$({ cat "$CONFIG" 2>/dev/null || true; } | sha256sum)
+	"$devtool" instance-config "${config_args[@]}"
+	after=$(sha256sum <"$CONFIG")
+
+	pid=$(running_pid)
+	if [[ -n $pid ]]; then
+		fsb_log "containerd already running at $DIR (pid $pid)"
+		[[ $before == "$after" ]] ||
+			fsb_log "warning: $CONFIG changed while containerd runs; stop and start the instance to apply it"
+	else
+		mkdir -p "$DIR"/{root,state,tmp,opt,cni/ipam} "${RUNTIMES[@]/#/$DIR/runtime/}"
+		fsb_log "starting containerd at $DIR (log $LOG)"
+		printf -- '--- %s start\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$LOG"
+		# setsid: a daemon, not a member of the caller's process group or session.
+		(cd / && PATH=$FSB_PATH exec setsid containerd --config "$CONFIG") </dev/null >>"$LOG" 2>&1 &
+		pid=$!
+		printf '%s\n' "$pid" >"$PIDFILE"
+	fi
+
+	local wait_args=(cri wait --endpoint "$ENDPOINT" --timeout 2s) deadline=$((SECONDS + OPT_TIMEOUT))
+	[[ -z $subnet ]] && wait_args+=(--no-network)
+	until "$devtool" "${wait_args[@]}" 2>"$DIR/.wait.err"; do
+		fsb_pid_alive "$pid" || die_with_log "containerd (pid $pid) exited during start-up"
+		((SECONDS < deadline)) || die_with_log "CRI not ready after ${OPT_TIMEOUT}s: $(tail -n 1 "$DIR/.wait.err")"
+	done
+	rm -f "$DIR/.wait.err"
+	# The pid as seen by the process table (setsid does not fork here, but be sure).
+	local real
+	real=$(running_pid)
+	[[ -n $real ]] || die_with_log "containerd with --config $CONFIG not found after start"
+	printf '%s\n' "$real" >"$PIDFILE"
+
+	local tar
+	for tar in "${OPT_IMPORTS[@]}"; do
+		fsb_log "importing $(basename "$tar")"
+		ctr --address "$SOCK" --namespace k8s.io images import "$tar" >/dev/null ||
+			die_with_log "import of $tar failed"
+	done
+	if ! ctr --address "$SOCK" --namespace k8s.io images list --quiet | grep -qxF "$image"; then
+		fsb_log "warning: sandbox image $image is not in this instance: RunPodSandbox would try to pull it (--import its tar)"
+	fi
+	local network="no CNI: host-network pods only"
+	[[ -n $subnet ]] && network="pods on $subnet via $bridge"
+	fsb_log "ready: $ENDPOINT (pid $real, $network)"
+}
+
+# Kills what a dead or unresponsive containerd left behind: runtime
+# containers (by their state under DIR/runtime), shims (by their -address),
+# and the cgroups of this instance's containers.
+kill_leftovers() {
+	local runtime root id ids=()
+	mapfile -t ids < <(find "$DIR/state/io.containerd.runtime.v2.task" -mindepth 2 -maxdepth 2 -type d -printf '%f\n' 2>/dev/null || true)
+	for runtime in "${RUNTIMES[@]}"; do
+		for root in "$DIR/runtime/$runtime"/*/; do
+			[[ -d $root ]] || continue
+			for id in $("$runtime" --root "$root" list -q 2>/dev/null || true); do
+				fsb_log "deleting leftover $runtime container $id"
+				"$runtime" --root "$root" delete --force "$id" >/dev/null 2>&1 ||
+					fsb_log "warning: $runtime delete --force $id failed"
+			done
+		done
+	done
+
+	local shims=()
+	mapfile -t shims < <(fsb_pids_matching "-address $SOCK ")
+	if ((${#shims[@]} > 0)); then
+		fsb_log "killing ${#shims[@]} leftover shim(s): ${shims[*]}"
+		FSB_KILL_GRACE=3 fsb_kill_pids "${shims[@]}"
+	fi
+	local address socket
+	for address in "$DIR"/state/io.containerd.runtime.v2.task/*/*/address; do
+		[[ -f $address ]] || continue
+		socket=$(sed 's#^unix://##' "$address")
+		[[ $socket == /run/containerd/s/* ]] && rm -f "$socket"
+	done
+	local cgroup
+	for id in "${ids[@]}"; do
+		for cgroup in /sys/fs/cgroup/*/k8s.io/"$id"; do
+			[[ -d $cgroup ]] && { rmdir "$cgroup" 2>/dev/null || true; }
+		done
+	done
+	return 0
+}
+
+cmd_stop() {
+	fsb_require_root
+	load_stored
+	local subnet=${OPT_SUBNET:-$STORED_SUBNET} bridge=${OPT_BRIDGE:-$STORED_BRIDGE} pid devtool
+	if [[ -d $DIR ]]; then
+		pid=$(running_pid)
+		if [[ -n $pid ]]; then
+			if devtool=$(fsb_devtool 2>/dev/null); then
+				fsb_log "removing all pods through the CRI"
+				timeout 180 "$devtool" cri reset --endpoint "$ENDPOINT" ||
+					fsb_log "warning: CRI reset failed; cleaning up by force"
+			else
+				fsb_log "warning: no devtool; skipping the CRI reset, cleaning up by force"
+			fi
+			fsb_log "stopping containerd (pid $pid)"
+			fsb_kill_pids "$pid"
+		fi
+		kill_leftovers
+		fsb_unmount_under "$DIR"
+	fi
+	if [[ -n $bridge ]] && ip link show dev "$bridge" >/dev/null 2>&1; then
+		fsb_log "deleting bridge $bridge"
+		ip link delete dev "$bridge" || fsb_log "warning: cannot delete bridge $bridge"
+	fi
+	if [[ -n $subnet ]]; then
+		# The portmap plugin's shared chains may go when no containerd is
+		# left that could own a hostPort rule in them.
+		local shared=
+		[[ -z $(fsb_pids_named containerd) ]] && shared=drop-shared
+		fsb_iptables_cleanup "$subnet" "$bridge" "fast-sandbox-$bridge" $shared
+	fi
+	if [[ -d $DIR ]]; then
+		if [[ -n $OPT_PURGE ]]; then
+			fsb_remove_tree "$DIR"
+		else
+			fsb_remove_tree "$DIR"/{root,state,tmp,opt,runtime,cni,certs.d} \
+				"$DIR"/{containerd.sock,containerd.sock.ttrpc,containerd.pid,config.default.toml,.wait.err}
+		fi
+	fi
+	fsb_log "stopped: $DIR"
+}
+
+cmd_status() {
+	local pid subnet
+	pid=$(running_pid)
+	load_stored
+	if [[ -n $pid ]]; then
+		local wait_args=(cri wait --endpoint "$ENDPOINT" --timeout 2s) ready="CRI not ready"
+		[[ -z $STORED_SUBNET ]] && wait_args+=(--no-network)
+		"$(fsb_devtool)" "${wait_args[@]}" 2>/dev/null && ready="CRI ready"
+		echo "running: pid $pid, $ENDPOINT, $ready${STORED_SUBNET:+, pods on $STORED_SUBNET via $STORED_BRIDGE}"
+		return 0
+	fi
+	local mounts shims
+	mounts=$(fsb_mounts_under "$DIR" | grep -c '' || true)
+	shims=$(fsb_pids_matching "-address $SOCK " | grep -c '' || true)
+	echo "stopped: $DIR ($mounts mount(s), $shims shim(s) left${STORED_BRIDGE:+, bridge $STORED_BRIDGE recorded})"
+	return 3
+}
+
+case $COMMAND in
+start) cmd_start ;;
+stop) cmd_stop ;;
+status) cmd_status ;;
+*) usage ;;
+esac

@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# A development node: containerd 1.6 with runc and crun, a CNI bridge, the
+# locally built pause and busybox images, and an image registry on
+# 127.0.0.1 — all private to $FAST_SANDBOX_DEV_DIR, nothing pulled from any
+# public registry.
+#
+# usage: dev-node.sh up | down | env
+#
+#   up    install the Debian packages (only the missing ones), build
+#         fast-sandbox-dev and the pause binary, build the images, start the
+#         registry and push the busybox image into it, start the containerd
+#         instance, write $DEV_DIR/env, and smoke-test a pod with runc and crun.
+#         Idempotent: running it on a node that is up keeps what runs.
+#   down  stop the instance (pods, shims, mounts, netns, bridge, iptables
+#         rules) and the registry, and delete $DEV_DIR.
+#   env   print $DEV_DIR/env, shell exports for tests and tools:
+#         `eval "$(hack/dev-node.sh env)"` or `. /var/lib/fast-sandbox-dev/env`.
+#
+# Settings (environment):
+#   FAST_SANDBOX_DEV_DIR      default /var/lib/fast-sandbox-dev
+#   FAST_SANDBOX_BRIDGE       default fsb0
+#   FAST_SANDBOX_CNI_SUBNET   default 10.209.0.0/16
+#   FAST_SANDBOX_REGISTRY_PORT  first port to try for the registry, default 5000
+#   FAST_SANDBOX_SKIP_SMOKE=1 skip the smoke pods at the end of `up`
+set -Eeuo pipefail
+
+FSB_LOG_NAME=dev-node
+# shellcheck source=hack/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+DEV_DIR=$(realpath -m -- "${FAST_SANDBOX_DEV_DIR:-/var/lib/fast-sandbox-dev}")
+BRIDGE=${FAST_SANDBOX_BRIDGE:-fsb0}
+SUBNET=${FAST_SANDBOX_CNI_SUBNET:-10.209.0.0/16}
+FIRST_PORT=${FAST_SANDBOX_REGISTRY_PORT:-5000}
+
+INSTANCE_SCRIPT=$FSB_REPO/hack/containerd-instance.sh
+INSTANCE_DIR=$DEV_DIR/containerd
+IMAGES_DIR=$DEV_DIR/images
+BUILD_DIR=$DEV_DIR/build
+REGISTRY_DIR=$DEV_DIR/registry
+REGISTRY_CONFIG=$REGISTRY_DIR/config.yml
+REGISTRY_PIDFILE=$REGISTRY_DIR/registry.pid
+REGISTRY_LOG=$REGISTRY_DIR/registry.log
+ENV_FILE=$DEV_DIR/env
+
+# Names under localhost/ are never resolved on a public registry; if one
+# were ever missing, containerd would only try localhost itself.
+PAUSE_IMAGE=localhost/fast-sandbox/pause:v1
+TEST_IMAGE=localhost/fast-sandbox/busybox:v1
+REGISTRY_REPO=fast-sandbox/busybox:v1
+
+PACKAGES=(
+	containerd runc crun runsc containernetworking-plugins iptables iproute2
+	busybox-static protobuf-compiler gcc libc6-dev docker-registry skopeo
+)
+
+STEP="starting"
+LAST_LOG=
+on_error() {
+	fsb_log "error: $STEP failed (line $1: $2)"
+	if [[ -n $LAST_LOG && -s $LAST_LOG ]]; then
+		fsb_log "log: $LAST_LOG (last lines):"
+		tail -n 15 "$LAST_LOG" | sed 's/^/    /' >&2
+	fi
+	exit 1
+}
+
+step() {
+	STEP=$1
+	LAST_LOG=${2:-}
+	fsb_log "$STEP"
+}
+
+registry_pid() {
+	local pid
+	pid=$(cat "$REGISTRY_PIDFILE" 2>/dev/null || true)
+	if fsb_pid_alive "$pid" && [[ $(fsb_cmdline "$pid") == *"serve $REGISTRY_CONFIG "* ]]; then
+		printf '%s\n' "$pid"
+		return 0
+	fi
+	fsb_pids_matching "serve $REGISTRY_CONFIG " | head -n 1
+}
+
+registry_answers() {
+	# Not `wget -T`: it segfaults in Debian 12's busybox-static 1.35.
+	timeout 3 busybox wget -q -O /dev/null "http://127.0.0.1:$1/v2/" 2>/dev/null
+}
+
+port_free() {
+	[[ -z $(ss -Hltn "sport = :$1" 2>/dev/null) ]]
+}
+
+start_registry() {
+	local pid port
+	pid=$(registry_pid)
+	port=$(cat "$REGISTRY_DIR/port" 2>/dev/null || true)
+	if [[ -n $pid && -n $port ]] && registry_answers "$port"; then
+		fsb_log "registry already running on 127.0.0.1:$port (pid $pid)"
+		REGISTRY_PORT=$port
+		return 0
+	fi
+	[[ -n $pid ]] && fsb_kill_pids "$pid"
+	port=$FIRST_PORT
+	until port_free "$port"; do
+		port=$((port + 1))
+		((port < FIRST_PORT + 100)) || fsb_die "no free port in $FIRST_PORT..$((FIRST_PORT + 99)) for the registry"
+	done
+	mkdir -p "$REGISTRY_DIR/data"
+	cat >"$REGISTRY_CONFIG" <<-EOF
+		# Written by hack/dev-node.sh: a registry for PullImage tests, on loopback only.
+		version: 0.1
+		log:
+		  level: info
+		storage:
+		  filesystem:
+		    rootdirectory: $REGISTRY_DIR/data
+		  delete:
+		    enabled: true
+		http:
+		  addr: 127.0.0.1:$port
+	EOF
+	printf -- '--- %s start\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$REGISTRY_LOG"
+	(cd / && exec setsid docker-registry serve "$REGISTRY_CONFIG") </dev/null >>"$REGISTRY_LOG" 2>&1 &
+	pid=$!
+	printf '%s\n' "$pid" >"$REGISTRY_PIDFILE"
+	printf '%s\n' "$port" >"$REGISTRY_DIR/port"
+	local deadline=$((SECONDS + 20))
+	until registry_answers "$port"; do
+		fsb_pid_alive "$pid" || on_error "$LINENO" "docker-registry exited"
+		((SECONDS < deadline)) || on_error "$LINENO" "registry on 127.0.0.1:$port not answering after 20s"
+		sleep 0.2
+	done
+	fsb_log "registry on 127.0.0.1:$port (pid $pid)"
+	REGISTRY_PORT=$port
+}
+
+cmd_up() {
+	trap 'on_error $LINENO "$BASH_COMMAND"' ERR
+	fsb_require_root
+	mkdir -p "$DEV_DIR" "$IMAGES_DIR" "$BUILD_DIR" "$REGISTRY_DIR"
+
+	step "installing packages"
+	fsb_ensure_packages "${PACKAGES[@]}"
+	command -v cargo >/dev/null || fsb_die "cargo not found: install a Rust toolchain (rustup; Debian's rustc is too old for this workspace)"
+
+	step "building fast-sandbox-dev (cargo build --release)" "$BUILD_DIR/cargo.log"
+	(cd "$FSB_REPO" && cargo build --release --quiet -p fast-sandbox-devtool) >"$BUILD_DIR/cargo.log" 2>&1
+	local devtool=$FSB_REPO/target/release/fast-sandbox-dev
+	export FAST_SANDBOX_DEVTOOL=$devtool
+
+	step "building the pause binary" "$BUILD_DIR/pause.log"
+	gcc -static -Os -s -Wall -Wextra -Werror -o "$BUILD_DIR/pause.tmp" "$FSB_REPO/hack/pause/pause.c" >"$BUILD_DIR/pause.log" 2>&1
+	mv -f "$BUILD_DIR/pause.tmp" "$BUILD_DIR/pause"
+
+	step "building images $PAUSE_IMAGE and $TEST_IMAGE"
+	"$devtool" image pause --binary "$BUILD_DIR/pause" --name "$PAUSE_IMAGE" --out "$IMAGES_DIR/pause.tar" >&2
+	"$devtool" image rootfs --busybox "$(command -v busybox)" --name "$TEST_IMAGE" --out "$IMAGES_DIR/busybox.tar" >&2
+
+	step "starting the image registry" "$REGISTRY_LOG"
+	start_registry
+	local registry=127.0.0.1:$REGISTRY_PORT registry_image=127.0.0.1:$REGISTRY_PORT/$REGISTRY_REPO
+
+	# Built under its registry name, so its content differs from the
+	# imported test image: a PullImage of it really downloads a layer.
+	step "pushing $registry_image" "$REGISTRY_LOG"
+	"$devtool" image rootfs --busybox "$(command -v busybox)" --name "$registry_image" \
+		--out "$REGISTRY_DIR/busybox.tar" >&2
+	skopeo --insecure-policy copy --quiet --dest-tls-verify=false \
+		"oci-archive:$REGISTRY_DIR/busybox.tar" "docker://$registry_image" >&2
+
+	step "starting containerd at $INSTANCE_DIR" "$INSTANCE_DIR/containerd.log"
+	"$INSTANCE_SCRIPT" start "$INSTANCE_DIR" --cni-subnet "$SUBNET" --bridge "$BRIDGE" \
+		--sandbox-image "$PAUSE_IMAGE" --import "$IMAGES_DIR/pause.tar" --import "$IMAGES_DIR/busybox.tar" \
+		--plain-http-registry "$registry"
+
+	step "writing $ENV_FILE"
+	fsb_write_exports "$ENV_FILE" \
+		"FAST_SANDBOX_DEV_DIR=$DEV_DIR" \
+		"FAST_SANDBOX_CONTAINERD_ENDPOINT=unix://$INSTANCE_DIR/containerd.sock" \
+		"FAST_SANDBOX_CONTAINERD_ROOT=$INSTANCE_DIR/root" \
+		"FAST_SANDBOX_CONTAINERD_STATE=$INSTANCE_DIR/state" \
+		"FAST_SANDBOX_CONTAINERD_LOG=$INSTANCE_DIR/containerd.log" \
+		"FAST_SANDBOX_PAUSE_IMAGE=$PAUSE_IMAGE" \
+		"FAST_SANDBOX_TEST_IMAGE=$TEST_IMAGE" \
+		"FAST_SANDBOX_REGISTRY=$registry" \
+		"FAST_SANDBOX_REGISTRY_IMAGE=$registry_image" \
+		"FAST_SANDBOX_CNI_SUBNET=$SUBNET" \
+		"FAST_SANDBOX_BRIDGE=$BRIDGE" \
+		"FAST_SANDBOX_IMAGES_DIR=$IMAGES_DIR" \
+		"FAST_SANDBOX_INSTANCE_SCRIPT=$INSTANCE_SCRIPT" \
+		"FAST_SANDBOX_DEVTOOL=$devtool"
+
+	if [[ ${FAST_SANDBOX_SKIP_SMOKE:-} != 1 ]]; then
+		local handler
+		for handler in runc crun; do
+			step "smoke pod with handler $handler" "$INSTANCE_DIR/containerd.log"
+			"$devtool" cri smoke --endpoint "unix://$INSTANCE_DIR/containerd.sock" --image "$TEST_IMAGE" \
+				--handler "$handler" --dns-server "$(gateway "$SUBNET")" >/dev/null
+		done
+	fi
+	step "checking PullImage of $registry_image" "$INSTANCE_DIR/containerd.log"
+	"$devtool" cri pull --endpoint "unix://$INSTANCE_DIR/containerd.sock" --image "$registry_image" \
+		--check-and-remove >/dev/null
+	fsb_log "up: . $ENV_FILE"
+}
+
+# The bridge's address (first host of the subnet): a nameserver inside the
+# node's own range, so no pod ever uses the host's resolvers.
+gateway() {
+	local addr=${1%/*}
+	printf '%s.%s\n' "${addr%.*}" "$((${addr##*.} + 1))"
+}
+
+cmd_down() {
+	fsb_require_root
+	STEP="down"
+	fsb_log "stopping the containerd instance"
+	if [[ -d $INSTANCE_DIR ]] || ip link show dev "$BRIDGE" >/dev/null 2>&1; then
+		"$INSTANCE_SCRIPT" stop "$INSTANCE_DIR" --purge --cni-subnet "$SUBNET" --bridge "$BRIDGE"
+	fi
+	local pid
+	pid=$(registry_pid)
+	if [[ -n $pid ]]; then
+		fsb_log "stopping the registry (pid $pid)"
+		fsb_kill_pids "$pid"
+	fi
+	fsb_log "removing $DEV_DIR"
+	fsb_unmount_under "$DEV_DIR"
+	fsb_remove_tree "$DEV_DIR"
+	fsb_log "down"
+}
+
+cmd_env() {
+	[[ -f $ENV_FILE ]] || fsb_die "$ENV_FILE not found: run hack/dev-node.sh up"
+	cat "$ENV_FILE"
+}
+
+case ${1:-} in
+up) cmd_up ;;
+down) cmd_down ;;
+env) cmd_env ;;
+*)
+	sed -n '2,/^set -Eeuo/{/^set -Eeuo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" >&2
+	exit 2
+	;;
+esac
