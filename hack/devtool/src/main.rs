@@ -132,6 +132,9 @@ enum CriCommand {
         /// Parent of the pod's log directory.
         #[arg(long, default_value = "/tmp/fast-sandbox-smoke")]
         log_root: PathBuf,
+        /// Map this host port to the pod's port 8080 (exercises the CNI portmap plugin).
+        #[arg(long, conflicts_with = "host_network")]
+        host_port: Option<u16>,
     },
     /// PullImage from a registry on 127.0.0.1; prints the image id.
     Pull {
@@ -264,6 +267,7 @@ async fn cri_command(command: CriCommand) -> Result<()> {
             keep,
             dns_server,
             log_root,
+            host_port,
         } => {
             let channel = cri::connect(&endpoint.endpoint).await?;
             let options = smoke::Options {
@@ -274,6 +278,7 @@ async fn cri_command(command: CriCommand) -> Result<()> {
                 keep,
                 dns_server,
                 log_root,
+                host_port,
             };
             let outcome = smoke::run(channel, &options).await.with_context(|| {
                 format!(

@@ -12,8 +12,9 @@ use k8s_cri::v1::{
     CreateContainerRequest, DnsConfig, ExecSyncRequest, LinuxContainerConfig,
     LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
     ListPodSandboxRequest, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
-    PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    PodSandboxState, PodSandboxStatusRequest, PortMapping, Protocol, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    StopPodSandboxRequest,
 };
 use tonic::transport::Channel;
 
@@ -33,6 +34,8 @@ pub struct Options {
     pub keep: bool,
     pub dns_server: String,
     pub log_root: PathBuf,
+    /// Map this host port to the pod's port 8080 (exercises CNI portmap).
+    pub host_port: Option<u16>,
 }
 
 /// What the smoke run saw.
@@ -114,6 +117,16 @@ pub async fn run(channel: Channel, options: &Options) -> Result<Outcome> {
             ..Default::default()
         }),
         labels: HashMap::from([(SMOKE_LABEL.to_owned(), "true".to_owned())]),
+        port_mappings: options
+            .host_port
+            .map(|host_port| PortMapping {
+                protocol: Protocol::Tcp.into(),
+                container_port: 8080,
+                host_port: host_port.into(),
+                host_ip: String::new(),
+            })
+            .into_iter()
+            .collect(),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(namespaces.clone()),
