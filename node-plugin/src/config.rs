@@ -1,0 +1,360 @@
+//! Node plugin configuration: a strict TOML file, overridden by flags and
+//! environment variables, over defaults that work on a stock containerd.
+//!
+//! ```toml
+//! [upstream]
+//! endpoint = "unix:///run/containerd/containerd.sock"
+//! call_timeout = "2m"
+//! pull_image_timeout = "30m"
+//! connect_timeout = "5s"
+//!
+//! [socket]
+//! path = "/run/fast-sandbox/cri.sock"
+//! group = "kube"          # or a gid: group = 990
+//!
+//! [log]
+//! format = "json"         # or "text"
+//! filter = "info,fast_sandbox_shim=debug"   # RUST_LOG wins when set
+//! ```
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use fast_sandbox_shim::{SocketConfig, SocketGroup, UpstreamConfig};
+use serde::Deserialize;
+
+/// The config file as written. Every field is optional; unknown fields are
+/// errors, so a typo never silently falls back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub upstream: UpstreamSection,
+    pub socket: SocketSection,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub endpoint: Option<String>,
+    pub call_timeout: Option<HumanDuration>,
+    pub pull_image_timeout: Option<HumanDuration>,
+    pub connect_timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SocketSection {
+    pub path: Option<PathBuf>,
+    pub group: Option<GroupValue>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    pub format: Option<LogFormat>,
+    /// A `tracing` filter directive; the `RUST_LOG` environment variable wins.
+    pub filter: Option<String>,
+}
+
+/// A socket group in the file: a gid or a group name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum GroupValue {
+    Id(u32),
+    Name(String),
+}
+
+impl From<GroupValue> for SocketGroup {
+    fn from(value: GroupValue) -> Self {
+        match value {
+            GroupValue::Id(gid) => SocketGroup::Id(gid),
+            GroupValue::Name(name) => SocketGroup::Name(name),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A duration written as an integer and a unit: `500ms`, `30s`, `2m`, `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || {
+            format!("invalid duration {s:?}: expected a whole number followed by ms, s, m or h (e.g. \"30s\")")
+        };
+        let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(invalid)?;
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits.parse().map_err(|_| invalid())?;
+        let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs);
+        let duration = match unit {
+            "ms" => Some(Duration::from_millis(n)),
+            "s" => secs(1),
+            "m" => secs(60),
+            "h" => secs(3600),
+            _ => None,
+        };
+        duration.map(HumanDuration).ok_or_else(invalid)
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Per-node overrides from flags or the environment; they win over the file.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// Upstream CRI endpoint (unix socket path or unix:// URL).
+    #[arg(long, env = "FAST_SANDBOX_UPSTREAM_ENDPOINT", value_name = "ENDPOINT")]
+    pub upstream_endpoint: Option<String>,
+    /// Path of the CRI socket the shim serves.
+    #[arg(long, env = "FAST_SANDBOX_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Group (name or gid) allowed to use the socket; it is then 0660, else 0600.
+    #[arg(long, env = "FAST_SANDBOX_SOCKET_GROUP", value_name = "GROUP")]
+    pub socket_group: Option<SocketGroup>,
+    /// Default deadline of a unary upstream call the caller gave none (e.g. 2m).
+    #[arg(long, env = "FAST_SANDBOX_CALL_TIMEOUT", value_name = "DURATION")]
+    pub call_timeout: Option<HumanDuration>,
+    /// Default deadline of PullImage (e.g. 30m).
+    #[arg(long, env = "FAST_SANDBOX_PULL_IMAGE_TIMEOUT", value_name = "DURATION")]
+    pub pull_image_timeout: Option<HumanDuration>,
+    /// Limit for connecting to upstream (e.g. 5s).
+    #[arg(long, env = "FAST_SANDBOX_CONNECT_TIMEOUT", value_name = "DURATION")]
+    pub connect_timeout: Option<HumanDuration>,
+    /// Log format.
+    #[arg(long, value_enum, env = "FAST_SANDBOX_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Everything `serve` needs, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub upstream: UpstreamConfig,
+    pub socket: SocketConfig,
+    pub log_format: LogFormat,
+    pub log_filter: Option<String>,
+}
+
+/// Reads and strictly parses the config file at `path`.
+pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+impl Settings {
+    /// Flags/env over file over defaults.
+    pub fn resolve(file: FileConfig, overrides: Overrides) -> Settings {
+        let defaults = UpstreamConfig::default();
+        let duration = |flag: Option<HumanDuration>, file: Option<HumanDuration>, default| {
+            flag.or(file).map_or(default, |d| d.0)
+        };
+        let upstream = UpstreamConfig {
+            endpoint: overrides
+                .upstream_endpoint
+                .or(file.upstream.endpoint)
+                .unwrap_or(defaults.endpoint),
+            call_timeout: duration(
+                overrides.call_timeout,
+                file.upstream.call_timeout,
+                defaults.call_timeout,
+            ),
+            pull_image_timeout: duration(
+                overrides.pull_image_timeout,
+                file.upstream.pull_image_timeout,
+                defaults.pull_image_timeout,
+            ),
+            connect_timeout: duration(
+                overrides.connect_timeout,
+                file.upstream.connect_timeout,
+                defaults.connect_timeout,
+            ),
+        };
+        let socket = SocketConfig {
+            path: overrides
+                .socket
+                .or(file.socket.path)
+                .unwrap_or_else(|| SocketConfig::default().path),
+            group: overrides
+                .socket_group
+                .or(file.socket.group.map(SocketGroup::from)),
+        };
+        Settings {
+            upstream,
+            socket,
+            log_format: overrides.log_format.or(file.log.format).unwrap_or_default(),
+            log_filter: file.log.filter,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "[upstream]\nendpont = \"unix:///x.sock\"\n");
+        let err = format!("{:#}", load(&path).expect_err("typo"));
+        assert!(err.contains("unknown field `endpont`"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+
+        let path = write(&dir, "pools = 3\n");
+        let err = format!("{:#}", load(&path).expect_err("unknown section"));
+        assert!(err.contains("unknown field `pools`"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "[upstream]\ncall_timeout = \"5\"\n");
+        let err = format!("{:#}", load(&path).expect_err("no unit"));
+        assert!(err.contains("invalid duration \"5\""), "{err}");
+
+        let path = write(&dir, "[log]\nformat = \"yaml\"\n");
+        let err = format!("{:#}", load(&path).expect_err("bad format"));
+        assert!(err.contains("yaml"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let err = format!(
+            "{:#}",
+            load(Path::new("/nonexistent/node.toml")).expect_err("missing")
+        );
+        assert!(err.contains("/nonexistent/node.toml"), "{err}");
+    }
+
+    #[test]
+    fn empty_file_gives_stock_containerd_defaults() {
+        let file: FileConfig = toml::from_str("").expect("empty");
+        let settings = Settings::resolve(file, Overrides::default());
+        assert_eq!(settings.upstream, UpstreamConfig::default());
+        assert_eq!(
+            settings.upstream.endpoint,
+            "unix:///run/containerd/containerd.sock"
+        );
+        assert_eq!(settings.upstream.call_timeout, Duration::from_secs(120));
+        assert_eq!(
+            settings.socket.path,
+            PathBuf::from("/run/fast-sandbox/cri.sock")
+        );
+        assert_eq!(settings.socket.group, None);
+        assert_eq!(settings.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            [upstream]
+            endpoint = "/run/k3s/containerd/containerd.sock"
+            call_timeout = "90s"
+            pull_image_timeout = "1h"
+            connect_timeout = "500ms"
+            [socket]
+            path = "/run/fs/cri.sock"
+            group = 990
+            [log]
+            format = "json"
+            filter = "debug"
+            "#,
+        )
+        .expect("valid");
+        let settings = Settings::resolve(file, Overrides::default());
+        assert_eq!(
+            settings.upstream,
+            UpstreamConfig {
+                endpoint: "/run/k3s/containerd/containerd.sock".into(),
+                call_timeout: Duration::from_secs(90),
+                pull_image_timeout: Duration::from_secs(3600),
+                connect_timeout: Duration::from_millis(500),
+            }
+        );
+        assert_eq!(settings.socket.group, Some(SocketGroup::Id(990)));
+        assert_eq!(settings.log_format, LogFormat::Json);
+        assert_eq!(settings.log_filter.as_deref(), Some("debug"));
+
+        let named: FileConfig = toml::from_str("[socket]\ngroup = \"kube\"\n").expect("group name");
+        assert_eq!(named.socket.group, Some(GroupValue::Name("kube".into())));
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let file: FileConfig = toml::from_str(
+            "[upstream]\nendpoint = \"/file.sock\"\ncall_timeout = \"1m\"\n\
+             [socket]\npath = \"/file/cri.sock\"\ngroup = \"file\"\n",
+        )
+        .expect("valid");
+        let overrides = Overrides {
+            upstream_endpoint: Some("unix:///flag.sock".into()),
+            socket_group: Some(SocketGroup::Id(7)),
+            log_format: Some(LogFormat::Json),
+            ..Overrides::default()
+        };
+        let settings = Settings::resolve(file, overrides);
+        assert_eq!(settings.upstream.endpoint, "unix:///flag.sock");
+        assert_eq!(settings.upstream.call_timeout, Duration::from_secs(60));
+        assert_eq!(settings.socket.path, PathBuf::from("/file/cri.sock"));
+        assert_eq!(settings.socket.group, Some(SocketGroup::Id(7)));
+        assert_eq!(settings.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn durations() {
+        let ok = [
+            ("250ms", Duration::from_millis(250)),
+            ("30s", Duration::from_secs(30)),
+            ("2m", Duration::from_secs(120)),
+            ("1h", Duration::from_secs(3600)),
+        ];
+        for (text, want) in ok {
+            assert_eq!(text.parse::<HumanDuration>(), Ok(HumanDuration(want)));
+        }
+        for bad in [
+            "",
+            "5",
+            "s",
+            "1.5s",
+            "-1s",
+            "10 s",
+            "3d",
+            "99999999999999999999h",
+        ] {
+            assert!(bad.parse::<HumanDuration>().is_err(), "{bad:?}");
+        }
+    }
+}
