@@ -104,7 +104,7 @@ running_pid() {
 		printf '%s\n' "$pid"
 		return 0
 	fi
-	fsb_pids_matching "containerd --config $CONFIG " | head -n 1
+	fsb_pids_matching "containerd --config $CONFIG " | sed -n 1p # reads all: no SIGPIPE under pipefail
 }
 
 # The network settings this instance was started with (instance.env).
@@ -149,8 +149,6 @@ cmd_start() {
 	fsb_ensure_packages containerd runc crun containernetworking-plugins iptables iproute2
 	devtool=$(fsb_devtool)
 	mkdir -p "$DIR"
-	printf 'FSB_CNI_SUBNET=%s\nFSB_BRIDGE=%s\n' "$subnet" "$bridge" >"$INSTANCE_ENV"
-	fsb_ensure_hugetlb_cgroup
 
 	local config_args=(--base "$DIR/config.default.toml" --dir "$DIR" --sandbox-image "$image")
 	[[ -n $subnet ]] && config_args+=(--cni-subnet "$subnet" --bridge "$bridge")
@@ -162,6 +160,9 @@ cmd_start() {
 	before=$({ cat "$CONFIG" 2>/dev/null || true; } | sha256sum)
 	"$devtool" instance-config "${config_args[@]}"
 	after=$(sha256sum <"$CONFIG")
+	# Recorded before anything is created that stop must know about.
+	printf 'FSB_CNI_SUBNET=%s\nFSB_BRIDGE=%s\n' "$subnet" "$bridge" >"$INSTANCE_ENV"
+	fsb_ensure_hugetlb_cgroup
 
 	pid=$(running_pid)
 	if [[ -n $pid ]]; then
@@ -197,7 +198,9 @@ cmd_start() {
 		ctr --address "$SOCK" --namespace k8s.io images import "$tar" >/dev/null ||
 			die_with_log "import of $tar failed"
 	done
-	if ! ctr --address "$SOCK" --namespace k8s.io images list --quiet | grep -qxF "$image"; then
+	local images
+	images=$(ctr --address "$SOCK" --namespace k8s.io images list --quiet)
+	if ! grep -qxF "$image" <<<"$images"; then
 		fsb_log "warning: sandbox image $image is not in this instance: RunPodSandbox would try to pull it (--import its tar)"
 	fi
 	local network="no CNI: host-network pods only"

@@ -78,7 +78,7 @@ registry_pid() {
 		printf '%s\n' "$pid"
 		return 0
 	fi
-	fsb_pids_matching "serve $REGISTRY_CONFIG " | head -n 1
+	fsb_pids_matching "serve $REGISTRY_CONFIG " | sed -n 1p # reads all: no SIGPIPE under pipefail
 }
 
 registry_answers() {
@@ -143,9 +143,11 @@ cmd_up() {
 	fsb_ensure_packages "${PACKAGES[@]}"
 	command -v cargo >/dev/null || fsb_die "cargo not found: install a Rust toolchain (rustup; Debian's rustc is too old for this workspace)"
 
-	step "building fast-sandbox-dev (cargo build --release)" "$BUILD_DIR/cargo.log"
-	(cd "$FSB_REPO" && cargo build --release --quiet -p fast-sandbox-devtool) >"$BUILD_DIR/cargo.log" 2>&1
-	local devtool=$FSB_REPO/target/release/fast-sandbox-dev
+	step "building fast-sandbox-dev (cargo build --release, log $BUILD_DIR/cargo.log)" "$BUILD_DIR/cargo.log"
+	(cd "$FSB_REPO" && cargo build --release -p fast-sandbox-devtool) >"$BUILD_DIR/cargo.log" 2>&1
+	local devtool
+	devtool=$(fsb_cargo_target_dir)/release/fast-sandbox-dev
+	[[ -x $devtool ]] || on_error "$LINENO" "cargo built no $devtool"
 	export FAST_SANDBOX_DEVTOOL=$devtool
 
 	step "building the pause binary" "$BUILD_DIR/pause.log"

@@ -21,9 +21,19 @@ fsb_require_root() {
 	[[ $(id -u) -eq 0 ]] || fsb_die "must run as root (containerd, mounts, bridges, iptables)"
 }
 
+# Cargo's target directory for this workspace (honours CARGO_TARGET_DIR and
+# cargo config).
+fsb_cargo_target_dir() {
+	(cd "$FSB_REPO" && cargo metadata --format-version 1 --no-deps 2>/dev/null) |
+		sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'
+}
+
 # The devtool binary: $FAST_SANDBOX_DEVTOOL, else the release build in this repo.
 fsb_devtool() {
-	local tool=${FAST_SANDBOX_DEVTOOL:-$FSB_REPO/target/release/fast-sandbox-dev}
+	local tool=${FAST_SANDBOX_DEVTOOL:-}
+	if [[ -z $tool ]]; then
+		tool=${CARGO_TARGET_DIR:-$FSB_REPO/target}/release/fast-sandbox-dev
+	fi
 	[[ -x $tool ]] || fsb_die "$tool not found; build it (cargo build --release -p fast-sandbox-devtool) or run hack/dev-node.sh up"
 	printf '%s\n' "$tool"
 }

@@ -12,6 +12,7 @@ mod smoke;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -169,8 +170,19 @@ struct InstanceConfigArgs {
     plain_http_registry: Vec<String>,
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // The whole context chain on one line; no backtrace noise when
+            // RUST_BACKTRACE happens to be set.
+            eprintln!("fast-sandbox-dev: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Image(command) => image(command),
         Command::Cri(command) => tokio::runtime::Builder::new_current_thread()

@@ -176,6 +176,8 @@ pub async fn run(channel: Channel, options: &Options) -> Result<Outcome> {
         if result.is_ok() && checked.is_ok() {
             std::fs::remove_dir_all(&log_dir)
                 .with_context(|| format!("remove {}", log_dir.display()))?;
+            // Only succeeds when no other smoke run uses it.
+            let _ = std::fs::remove_dir(&options.log_root);
         }
         result
     };
