@@ -1,1 +1,236 @@
-//! Test harness shared by the integration tests.
+//! Harness shared by the integration tests: the development node started by
+//! `hack/dev-node.sh`, CRI clients over unix sockets, an in-process shim, and
+//! kubelet-shaped pod configurations.
+//!
+//! Tests that need the development node call [`DevNode::require`]. Locally it
+//! returns `None` (and the test says why it skipped) when the node is not up
+//! or the test does not run as root; under `CI=true` it panics instead, so a
+//! CI run can never pass by skipping.
+
+pub mod equiv;
+pub mod pod;
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use fast_sandbox_proto::cri::{
+    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// A CRI v1 client pair sharing one channel.
+#[derive(Debug, Clone)]
+pub struct Cri {
+    pub runtime: RuntimeServiceClient<Channel>,
+    pub image: ImageServiceClient<Channel>,
+}
+
+/// CRI message size limit, as kubelet's client sets it (16 MiB).
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+impl Cri {
+    /// Connects lazily to a CRI endpoint (`unix:///path` or a bare path).
+    pub fn connect(endpoint: &str) -> anyhow::Result<Self> {
+        let path = PathBuf::from(endpoint.strip_prefix("unix://").unwrap_or(endpoint));
+        // The URI is required by tonic but unused: the connector dials the socket.
+        let channel = Endpoint::try_from("http://[::]:50051")?
+            .connect_timeout(Duration::from_secs(5))
+            .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }));
+        Ok(Self {
+            runtime: RuntimeServiceClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+            image: ImageServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        })
+    }
+}
+
+/// The development node started by `hack/dev-node.sh up`, described by the
+/// environment variables that script writes to its env file.
+#[derive(Debug, Clone)]
+pub struct DevNode {
+    /// containerd's CRI endpoint (`unix:///…`).
+    pub containerd_endpoint: String,
+    /// containerd's `root` directory.
+    pub containerd_root: PathBuf,
+    /// containerd's `state` directory.
+    pub containerd_state: PathBuf,
+    /// Imported busybox image, never pulled.
+    pub test_image: String,
+    /// The same image in the registry on 127.0.0.1, for `PullImage`.
+    pub registry_image: String,
+    /// `hack/containerd-instance.sh`, to start private instances of our own.
+    pub instance_script: PathBuf,
+    /// The `fast-sandbox-dev` binary.
+    pub devtool: PathBuf,
+}
+
+fn var(name: &str) -> Result<String, String> {
+    std::env::var(name).map_err(|_| format!("{name} is not set"))
+}
+
+/// True when running under CI, where no test may skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+impl DevNode {
+    fn from_env() -> Result<Self, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("the test needs root (containerd's socket, netns, cgroups)".into());
+        }
+        Ok(Self {
+            containerd_endpoint: var("FAST_SANDBOX_CONTAINERD_ENDPOINT")?,
+            containerd_root: var("FAST_SANDBOX_CONTAINERD_ROOT")?.into(),
+            containerd_state: var("FAST_SANDBOX_CONTAINERD_STATE")?.into(),
+            test_image: var("FAST_SANDBOX_TEST_IMAGE")?,
+            registry_image: var("FAST_SANDBOX_REGISTRY_IMAGE")?,
+            instance_script: var("FAST_SANDBOX_INSTANCE_SCRIPT")?.into(),
+            devtool: var("FAST_SANDBOX_DEVTOOL")?.into(),
+        })
+    }
+
+    /// The development node, or `None` after saying why the test skips.
+    ///
+    /// # Panics
+    /// Under `CI=true` when the node is not available: CI must not skip.
+    pub fn require(test: &str) -> Option<Self> {
+        match Self::from_env() {
+            Ok(node) => Some(node),
+            Err(why) if in_ci() => {
+                panic!("{test}: CI=true but the development node is unavailable: {why}")
+            }
+            Err(why) => {
+                eprintln!(
+                    "SKIP {test}: {why}; run `hack/test.sh` (or `hack/dev-node.sh up` and source \
+                     its env file) as root"
+                );
+                None
+            }
+        }
+    }
+
+    pub fn cri(&self) -> anyhow::Result<Cri> {
+        Cri::connect(&self.containerd_endpoint)
+    }
+}
+
+/// Waits until `probe` returns `Some`, retrying every `interval` until
+/// `deadline` has passed. Bounded in time, so a test never hangs.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    let interval = Duration::from_millis(50);
+    loop {
+        if let Some(v) = probe().await {
+            return Ok(v);
+        }
+        if start.elapsed() > deadline {
+            bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// A shim served in-process on a socket in its own temporary directory,
+/// stopped when dropped.
+#[derive(Debug)]
+pub struct InProcessShim {
+    socket: PathBuf,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), fast_sandbox_shim::ShimError>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcessShim {
+    /// Starts a shim forwarding to `upstream` and waits until its socket exists.
+    pub async fn start(upstream: &str) -> anyhow::Result<Self> {
+        let cfg = fast_sandbox_shim::UpstreamConfig {
+            endpoint: upstream.to_owned(),
+            ..fast_sandbox_shim::UpstreamConfig::default()
+        };
+        Self::start_with(cfg).await
+    }
+
+    /// Starts a shim with an explicit upstream configuration.
+    pub async fn start_with(cfg: fast_sandbox_shim::UpstreamConfig) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("fs-shim-").tempdir()?;
+        let socket = dir.path().join("cri.sock");
+        let upstream = fast_sandbox_shim::Upstream::connect_lazy(&cfg)?;
+        let shim = fast_sandbox_shim::Shim::new(upstream);
+        let socket_cfg = fast_sandbox_shim::SocketConfig {
+            path: socket.clone(),
+            group: None,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            fast_sandbox_shim::serve(shim, &socket_cfg, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        let probe_path = socket.clone();
+        wait_for("the shim's socket", Duration::from_secs(5), || {
+            let p = probe_path.clone();
+            async move { p.exists().then_some(()) }
+        })
+        .await?;
+        Ok(Self {
+            socket,
+            shutdown: Some(tx),
+            task: Some(task),
+            _dir: dir,
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn cri(&self) -> anyhow::Result<Cri> {
+        Cri::connect(&self.endpoint())
+    }
+
+    /// True while the serving task is still running.
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops the shim and returns what `serve` returned.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.context("shim task panicked")??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for InProcessShim {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
