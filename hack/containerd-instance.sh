@@ -107,6 +107,21 @@ running_pid() {
 	fsb_pids_matching "containerd --config $CONFIG " | sed -n 1p # reads all: no SIGPIPE under pipefail
 }
 
+# The directory of another running instance whose recorded bridge is $1.
+bridge_owner() {
+	local bridge=$1 pid config other_dir
+	[[ -n $bridge ]] || return 0
+	for pid in $(fsb_pids_matching "containerd --config "); do
+		config=$(fsb_cmdline "$pid" | sed -n 's/.*containerd --config \([^ ]*\) .*/\1/p')
+		other_dir=$(dirname "${config:-/nonexistent/x}")
+		[[ $other_dir == "$DIR" ]] && continue
+		if grep -qx "FSB_BRIDGE=$bridge" "$other_dir/instance.env" 2>/dev/null; then
+			printf '%s\n' "$other_dir"
+			return 0
+		fi
+	done
+}
+
 # The network settings this instance was started with (instance.env).
 STORED_SUBNET='' STORED_BRIDGE=''
 load_stored() {
@@ -132,19 +147,11 @@ cmd_start() {
 	if ((${#OPT_REGISTRIES[@]} == 0)) && [[ -n ${FAST_SANDBOX_REGISTRY:-} ]]; then
 		OPT_REGISTRIES=("$FAST_SANDBOX_REGISTRY")
 	fi
-	if [[ -n $bridge ]]; then
-		# Another instance (or anything else) on the same bridge would share
-		# its IPAM range and lose pods' addresses on our stop.
-		local other
-		for other in $(fsb_pids_matching "containerd --config " | grep -vx "$(running_pid)" || true); do
-			local other_config other_dir
-			other_config=$(fsb_cmdline "$other" | sed -n 's/.*--config \([^ ]*\).*/\1/p')
-			other_dir=$(dirname "$other_config")
-			if grep -qx "FSB_BRIDGE=$bridge" "$other_dir/instance.env" 2>/dev/null; then
-				fsb_die "bridge $bridge is already used by the instance at $other_dir"
-			fi
-		done
-	fi
+	# Two instances on one bridge would break each other's pods, and the
+	# first to stop would delete the bridge under the other.
+	local owner
+	owner=$(bridge_owner "$bridge")
+	[[ -z $owner ]] || fsb_die "bridge $bridge is already used by the running instance at $owner"
 
 	fsb_ensure_packages containerd runc crun containernetworking-plugins iptables iproute2
 	devtool=$(fsb_devtool)
@@ -237,6 +244,7 @@ kill_leftovers() {
 		socket=$(sed 's#^unix://##' "$address")
 		[[ $socket == /run/containerd/s/* ]] && rm -f "$socket"
 	done
+	remove_stale_shim_sockets
 	local cgroup
 	for id in "${ids[@]}"; do
 		for cgroup in /sys/fs/cgroup/*/k8s.io/"$id"; do
@@ -244,6 +252,33 @@ kill_leftovers() {
 		done
 	done
 	return 0
+}
+
+# A shim that dies by SIGKILL leaves its socket in /run/containerd/s, and
+# containerd 1.6 does not remove it when it cleans up after the shim. The
+# name is sha256(<our address>/<namespace>/<id>): among the sockets nobody
+# listens on, remove those whose name matches an id in our log.
+remove_stale_shim_sockets() {
+	local sock listening stale=()
+	[[ -d /run/containerd/s && -f $LOG ]] || return 0
+	listening=$(ss -xlH 2>/dev/null | awk '{print $5}')
+	for sock in /run/containerd/s/*; do
+		[[ -S $sock ]] || continue
+		grep -qxF "$sock" <<<"$listening" || stale+=("$sock")
+	done
+	((${#stale[@]} > 0)) || return 0
+	local id hash
+	local -A ours=()
+	while read -r id; do
+		hash=$(printf '%s' "$SOCK/k8s.io/$id" | sha256sum)
+		ours[${hash%% *}]=1
+	done < <(grep -o '[0-9a-f]\{64\}' "$LOG" | sort -u)
+	for sock in "${stale[@]}"; do
+		if [[ -n ${ours[$(basename "$sock")]:-} ]]; then
+			fsb_log "removing stale shim socket $sock"
+			rm -f "$sock"
+		fi
+	done
 }
 
 cmd_stop() {
@@ -265,6 +300,12 @@ cmd_stop() {
 		fi
 		kill_leftovers
 		fsb_unmount_under "$DIR"
+	fi
+	local owner
+	owner=$(bridge_owner "$bridge")
+	if [[ -n $owner ]]; then
+		fsb_log "warning: bridge $bridge belongs to the running instance at $owner; leaving it and its iptables rules alone"
+		bridge='' subnet=''
 	fi
 	if [[ -n $bridge ]] && ip link show dev "$bridge" >/dev/null 2>&1; then
 		fsb_log "deleting bridge $bridge"
