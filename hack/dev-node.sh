@@ -217,7 +217,10 @@ cmd_down() {
 	fsb_require_root
 	STEP="down"
 	fsb_log "stopping the containerd instance"
-	if [[ -d $INSTANCE_DIR ]] || ip link show dev "$BRIDGE" >/dev/null 2>&1; then
+	if [[ -f $INSTANCE_DIR/instance.env ]]; then
+		# The instance knows the network it was started with.
+		"$INSTANCE_SCRIPT" stop "$INSTANCE_DIR" --purge
+	elif [[ -d $INSTANCE_DIR ]] || ip link show dev "$BRIDGE" >/dev/null 2>&1; then
 		"$INSTANCE_SCRIPT" stop "$INSTANCE_DIR" --purge --cni-subnet "$SUBNET" --bridge "$BRIDGE"
 	fi
 	local pid
