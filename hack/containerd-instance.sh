@@ -27,10 +27,11 @@
 #   --purge.
 # status: exit 0 and "running ..." when containerd runs, else exit 3.
 #
-# Defaults come from the dev-node env file when it is sourced:
+# Defaults come from the dev-node env file when it is sourced, else from the
+# development node at ${FAST_SANDBOX_DEV_DIR:-/var/lib/fast-sandbox-dev}:
 #   --sandbox-image   $FAST_SANDBOX_PAUSE_IMAGE (else localhost/fast-sandbox/pause:v1)
-#   --import          every $FAST_SANDBOX_IMAGES_DIR/*.tar
-#   --plain-http-registry  $FAST_SANDBOX_REGISTRY
+#   --import          every $FAST_SANDBOX_IMAGES_DIR/*.tar (else DEV_DIR/images/*.tar)
+#   --plain-http-registry  $FAST_SANDBOX_REGISTRY (else the dev node's registry)
 #   the devtool       $FAST_SANDBOX_DEVTOOL (else target/release/fast-sandbox-dev)
 #
 # DIR holds: config.toml, containerd.sock(.ttrpc), containerd.pid,
@@ -141,11 +142,17 @@ cmd_start() {
 		fsb_die "$DIR was started with --cni-subnet $STORED_SUBNET --bridge $STORED_BRIDGE; stop it before changing its network"
 	fi
 	image=${OPT_IMAGE:-${FAST_SANDBOX_PAUSE_IMAGE:-localhost/fast-sandbox/pause:v1}}
-	if ((${#OPT_IMPORTS[@]} == 0)) && [[ -n ${FAST_SANDBOX_IMAGES_DIR:-} && -d $FAST_SANDBOX_IMAGES_DIR ]]; then
-		mapfile -t OPT_IMPORTS < <(find "$FAST_SANDBOX_IMAGES_DIR" -maxdepth 1 -name '*.tar' | sort)
+	local dev_dir=${FAST_SANDBOX_DEV_DIR:-/var/lib/fast-sandbox-dev}
+	local images_dir=${FAST_SANDBOX_IMAGES_DIR:-$dev_dir/images}
+	if ((${#OPT_IMPORTS[@]} == 0)) && [[ -d $images_dir ]]; then
+		mapfile -t OPT_IMPORTS < <(find "$images_dir" -maxdepth 1 -name '*.tar' | sort)
 	fi
-	if ((${#OPT_REGISTRIES[@]} == 0)) && [[ -n ${FAST_SANDBOX_REGISTRY:-} ]]; then
-		OPT_REGISTRIES=("$FAST_SANDBOX_REGISTRY")
+	local registry=${FAST_SANDBOX_REGISTRY:-}
+	if [[ -z $registry && -s $dev_dir/registry/port ]]; then
+		registry=127.0.0.1:$(cat "$dev_dir/registry/port")
+	fi
+	if ((${#OPT_REGISTRIES[@]} == 0)) && [[ -n $registry ]]; then
+		OPT_REGISTRIES=("$registry")
 	fi
 	# Two instances on one bridge would break each other's pods, and the
 	# first to stop would delete the bridge under the other.
@@ -159,7 +166,6 @@ cmd_start() {
 
 	local config_args=(--base "$DIR/config.default.toml" --dir "$DIR" --sandbox-image "$image")
 	[[ -n $subnet ]] && config_args+=(--cni-subnet "$subnet" --bridge "$bridge")
-	local registry
 	for registry in "${OPT_REGISTRIES[@]}"; do
 		config_args+=(--plain-http-registry "$registry")
 	done
