@@ -35,7 +35,7 @@ struct ServeArgs {
     overrides: Overrides,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {

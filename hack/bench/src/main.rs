@@ -21,7 +21,7 @@ enum Cmd {
     Proxy(proxy::Opts),
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().cmd {
         Cmd::Proxy(opts) => proxy::run(opts).await,
