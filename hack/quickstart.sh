@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The quickstart: a development node (private containerd with runc and crun,
+# a CNI bridge, locally built images), fast-sandbox-node serving CRI in front
+# of it, and a measured comparison printed as a table.
+#
+# usage: sudo hack/quickstart.sh [--keep]
+#   --keep   leave the development node running afterwards
+#            (stop it with `sudo hack/dev-node.sh down`)
+set -Eeuo pipefail
+
+FSB_LOG_NAME=quickstart
+# shellcheck source=hack/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+fsb_require_root
+cd "$FSB_REPO"
+
+keep=0
+[[ ${1:-} == --keep ]] && keep=1
+cleanup() {
+	local rc=$?
+	if ((!keep)); then
+		fsb_log "stopping the development node (pass --keep to leave it up)"
+		"$FSB_REPO/hack/dev-node.sh" down || rc=1
+	fi
+	exit "$rc"
+}
+trap cleanup EXIT
+
+FAST_SANDBOX_SKIP_SMOKE=1 "$FSB_REPO/hack/dev-node.sh" up
+# shellcheck disable=SC1090
+. "${FAST_SANDBOX_DEV_DIR:-/var/lib/fast-sandbox-dev}/env"
+
+fsb_log "building fast-sandbox-node and the benchmarks (release)"
+cargo build --release --locked -p fast-sandbox-node -p fast-sandbox-bench
+target_dir=$(fsb_cargo_target_dir)
+
+for handler in runc crun; do
+	fsb_log "CRI straight to containerd vs through fast-sandbox-node, handler $handler"
+	"$target_dir/release/fast-sandbox-bench" proxy --handler "$handler" --calls 1000 --pods 20
+done

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Every test tier, on a fresh machine: installs what is missing, brings up
+# the development node (private containerd, CNI bridge, local images, a
+# registry on 127.0.0.1), runs format and lint checks, the unit tests, the
+# integration tests against the real containerd, a short run of each
+# benchmark so it stays working, and stops everything it started.
+#
+# usage: sudo hack/test.sh [cargo test args...]
+#
+# Under CI=true no test may skip: a test that cannot reach the development
+# node fails instead.
+set -Eeuo pipefail
+
+FSB_LOG_NAME=test
+# shellcheck source=hack/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+fsb_require_root
+cd "$FSB_REPO"
+
+started=0
+cleanup() {
+	local rc=$?
+	if ((started)) && [[ ${FAST_SANDBOX_KEEP_NODE:-} != 1 ]]; then
+		fsb_log "stopping the development node"
+		"$FSB_REPO/hack/dev-node.sh" down || rc=1
+	fi
+	exit "$rc"
+}
+trap cleanup EXIT
+
+fsb_log "checking format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+started=1
+"$FSB_REPO/hack/dev-node.sh" up
+# shellcheck disable=SC1090
+. "${FAST_SANDBOX_DEV_DIR:-/var/lib/fast-sandbox-dev}/env"
+
+fsb_log "running the tests (unit, in-process, and against containerd)"
+cargo test --workspace --locked "$@"
+
+fsb_log "short benchmark runs (figures are not asserted here; see README)"
+cargo build --release --locked -p fast-sandbox-bench -p fast-sandbox-node
+target_dir=$(fsb_cargo_target_dir)
+"$target_dir/release/fast-sandbox-bench" proxy --calls 200 --pods 3
