@@ -18,6 +18,7 @@ mod deadline;
 mod error;
 mod request;
 mod server;
+pub mod slots;
 mod socket;
 mod upstream;
 

@@ -1,0 +1,171 @@
+//! The seam between the shim and whatever makes warm sandboxes.
+//!
+//! The shim knows nothing about how slots are made: it validates a
+//! `RunPodSandbox` into a [`Claim`] once, asks a [`SlotSource`] for a slot of
+//! exactly that [`PoolKey`], and asks it again, for every sandbox id it
+//! reports, whether that id is an unclaimed slot (hidden) or a claimed one
+//! (reported with the pod's own identity).
+
+use std::{collections::HashMap, fmt, sync::Arc};
+
+use fast_sandbox_proto::cri::PodSandboxConfig;
+
+/// Label on every placeholder sandbox: its value is a per-node secret, so a
+/// pod's own labels can never make a sandbox look like a slot.
+pub const SLOT_TOKEN_LABEL: &str = "fast-sandbox.io/slot-token";
+/// Label on every placeholder sandbox naming its pool.
+pub const POOL_LABEL: &str = "fast-sandbox.io/pool";
+/// Label on every placeholder sandbox: `unclaimed` when created.
+pub const SLOT_LABEL: &str = "fast-sandbox.io/slot";
+
+/// Exposed runtime handler → upstream runtime handler, e.g.
+/// `fast-runc → runc`. A handler not in the map is forwarded untouched.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HandlerMap(HashMap<String, String>);
+
+impl HandlerMap {
+    pub fn new<I, K, V>(entries: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        Self(entries.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+    }
+
+    /// The upstream handler an exposed handler maps to, if it is ours.
+    pub fn upstream_for(&self, exposed: &str) -> Option<&str> {
+        self.0.get(exposed).map(String::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+/// Seccomp profile of the pause process: fixed when the sandbox starts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum SeccompShape {
+    #[default]
+    Unconfined,
+    RuntimeDefault,
+    Localhost(String),
+}
+
+/// SELinux options of the pause process: fixed when the sandbox starts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SeLinuxShape {
+    pub user: String,
+    pub role: String,
+    pub r#type: String,
+    pub level: String,
+}
+
+/// The fields of a pod's sandbox config that cannot be changed once the
+/// sandbox runs, so a slot can only serve a pod whose shape equals the one
+/// it was built with. Everything else is fixed up at claim or rewritten.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Shape {
+    pub seccomp: SeccompShape,
+    pub run_as_user: Option<i64>,
+    pub run_as_group: Option<i64>,
+    pub supplemental_groups: Vec<i64>,
+    pub selinux: Option<SeLinuxShape>,
+}
+
+/// What a pool is keyed by: a slot serves only requests of the same key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolKey {
+    /// The upstream handler the slot was created with (`runc`), never the
+    /// exposed one: the handler-isolation invariant is about this.
+    pub upstream_handler: String,
+    pub shape: Shape,
+}
+
+impl fmt::Display for PoolKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{:?}", self.upstream_handler, self.shape.seccomp)?;
+        if let Some(u) = self.shape.run_as_user {
+            write!(f, "/uid={u}")?;
+        }
+        if let Some(g) = self.shape.run_as_group {
+            write!(f, "/gid={g}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A `RunPodSandbox` for a warm handler, validated once at the shim's edge.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The handler kubelet asked for (`fast-runc`), reported back in status.
+    pub exposed_handler: String,
+    pub key: PoolKey,
+    /// The pod's real sandbox config.
+    pub config: PodSandboxConfig,
+}
+
+/// A slot handed to a pod.
+#[derive(Debug, Clone)]
+pub struct ClaimedSlot {
+    pub sandbox_id: String,
+}
+
+/// Why a claim found no slot (the pod then starts cold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NoSlot {
+    /// No pool is configured for this key.
+    NoPool,
+    /// A pool exists but has no free slot right now.
+    PoolEmpty,
+}
+
+/// A claim that took a slot but could not finish (fix-up failed, the slot
+/// died): the source has already destroyed the slot; the pod starts cold.
+#[derive(Debug, thiserror::Error)]
+#[error("claim of slot {sandbox_id} failed: {reason}")]
+pub struct ClaimFailed {
+    pub sandbox_id: String,
+    pub reason: String,
+}
+
+/// The identity a claimed slot is reported with.
+#[derive(Debug, Clone)]
+pub struct ClaimedPod {
+    /// The pod's real sandbox config (metadata, labels, annotations, …).
+    pub config: PodSandboxConfig,
+    /// The handler kubelet asked for.
+    pub exposed_handler: String,
+    /// When the claim happened, in ns since the epoch: the pod's
+    /// `created_at`, as a cold sandbox created then would report.
+    pub claimed_at_ns: i64,
+}
+
+/// What the shim must show for one upstream sandbox.
+#[derive(Debug, Clone)]
+pub enum SlotView {
+    /// An ordinary sandbox: report upstream's answer unchanged.
+    NotASlot,
+    /// A pre-created slot no pod owns: invisible through the shim.
+    Unclaimed,
+    /// A slot a pod owns: report it with the pod's identity.
+    Claimed(Arc<ClaimedPod>),
+}
+
+/// Whatever makes and hands out warm slots (the node plugin's pools).
+#[tonic::async_trait]
+pub trait SlotSource: fmt::Debug + Send + Sync + 'static {
+    /// Takes a free slot of exactly `claim.key`, records the claim durably,
+    /// applies the fix-ups, and returns it. `Ok(Err(_))`: no slot, start
+    /// cold.
+    async fn claim(&self, claim: &Claim) -> Result<Result<ClaimedSlot, NoSlot>, ClaimFailed>;
+
+    /// What sandbox `id` is, given the labels upstream reports for it.
+    /// Called for every sandbox in every list/status answer: must be cheap
+    /// and must not block.
+    fn view(&self, sandbox_id: &str, upstream_labels: &HashMap<String, String>) -> SlotView;
+
+    /// Upstream removed sandbox `id` (after `RemovePodSandbox` succeeded):
+    /// forget its claim record.
+    async fn removed(&self, sandbox_id: &str);
+}
