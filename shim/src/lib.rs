@@ -16,6 +16,7 @@
 
 mod deadline;
 mod error;
+mod intercept;
 mod request;
 mod server;
 pub mod slots;

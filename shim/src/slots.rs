@@ -17,6 +17,38 @@ pub const SLOT_TOKEN_LABEL: &str = "fast-sandbox.io/slot-token";
 pub const POOL_LABEL: &str = "fast-sandbox.io/pool";
 /// Label on every placeholder sandbox: `unclaimed` when created.
 pub const SLOT_LABEL: &str = "fast-sandbox.io/slot";
+/// Value of [`SLOT_LABEL`] on a placeholder.
+pub const SLOT_UNCLAIMED: &str = "unclaimed";
+/// The default pod namespace of placeholder sandboxes.
+pub const SLOT_NAMESPACE: &str = "fast-sandbox-slots";
+
+pub use crate::intercept::{Ineligible, MissReason};
+
+/// What the pool chooses for one placeholder sandbox; everything else in the
+/// placeholder's config follows from its [`PoolKey`] ([`placeholder_config`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placeholder<'a> {
+    /// Pod name (also the placeholder's hostname): unique per slot.
+    pub name: &'a str,
+    /// Pod namespace, normally [`SLOT_NAMESPACE`].
+    pub namespace: &'a str,
+    /// Pod uid: unique per slot.
+    pub uid: &'a str,
+    /// The pool's name ([`POOL_LABEL`]).
+    pub pool: &'a str,
+    /// The node's secret slot token ([`SLOT_TOKEN_LABEL`]).
+    pub token: &'a str,
+    /// The slot's own, existing cgroup. Must not be empty: containerd 1.6
+    /// reads sandbox stats from it and fails every `ListPodSandboxStats`
+    /// otherwise.
+    pub cgroup_parent: &'a str,
+}
+
+/// The full config of a placeholder of `key`: the same as
+/// [`PoolKey::placeholder_config`].
+pub fn placeholder_config(key: &PoolKey, slot: &Placeholder<'_>) -> PodSandboxConfig {
+    key.placeholder_config(slot)
+}
 
 /// Exposed runtime handler → upstream runtime handler, e.g.
 /// `fast-runc → runc`. A handler not in the map is forwarded untouched.
@@ -30,7 +62,12 @@ impl HandlerMap {
         K: Into<String>,
         V: Into<String>,
     {
-        Self(entries.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+        Self(
+            entries
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
     }
 
     /// The upstream handler an exposed handler maps to, if it is ours.
@@ -157,7 +194,9 @@ pub enum SlotView {
 pub trait SlotSource: fmt::Debug + Send + Sync + 'static {
     /// Takes a free slot of exactly `claim.key`, records the claim durably,
     /// applies the fix-ups, and returns it. `Ok(Err(_))`: no slot, start
-    /// cold.
+    /// cold. The future is dropped if the caller (kubelet) gives up on the
+    /// `RunPodSandbox`, so it must leave no half-claimed slot behind when
+    /// cancelled.
     async fn claim(&self, claim: &Claim) -> Result<Result<ClaimedSlot, NoSlot>, ClaimFailed>;
 
     /// What sandbox `id` is, given the labels upstream reports for it.
@@ -168,4 +207,14 @@ pub trait SlotSource: fmt::Debug + Send + Sync + 'static {
     /// Upstream removed sandbox `id` (after `RemovePodSandbox` succeeded):
     /// forget its claim record.
     async fn removed(&self, sandbox_id: &str);
+
+    /// A `RunPodSandbox` with runtime handler `handler` started cold, for
+    /// `reason` (for the misses-by-reason metric). Called once per cold
+    /// `RunPodSandbox`, including the misses [`SlotSource::claim`] itself
+    /// reported, and with [`MissReason::NotFastHandler`] for handlers the
+    /// shim does not expose. `key` is `None` when the request was not
+    /// eligible. Must not block.
+    fn missed(&self, handler: &str, key: Option<&PoolKey>, reason: MissReason) {
+        let _ = (handler, key, reason);
+    }
 }
