@@ -115,6 +115,16 @@ pub enum ShimError {
         source: nix::Error,
     },
 
+    /// `PodSandboxStatus` of a sandbox the shim hides (an unclaimed slot):
+    /// exactly containerd 1.6's answer for an unknown id.
+    #[error("an error occurred when try to find sandbox: not found")]
+    HiddenSandboxStatus,
+
+    /// `PodSandboxStats` of a sandbox the shim hides: exactly containerd
+    /// 1.6's answer for an unknown id, which names the id as requested.
+    #[error("an error occurred when trying to find sandbox {requested_id}: not found")]
+    HiddenSandboxStats { requested_id: String },
+
     /// The gRPC server failed while serving.
     #[error("CRI server failed")]
     Serve(#[source] tonic::transport::Error),
@@ -125,6 +135,7 @@ impl From<ShimError> for Status {
         let code = match &err {
             ShimError::UpstreamUnavailable { .. } => Code::Unavailable,
             ShimError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            ShimError::HiddenSandboxStatus | ShimError::HiddenSandboxStats { .. } => Code::NotFound,
             ShimError::InvalidEndpoint { .. } | ShimError::UnknownGroup { .. } => {
                 Code::InvalidArgument
             }

@@ -18,6 +18,7 @@ mod deadline;
 mod error;
 mod intercept;
 mod request;
+mod rewrite;
 mod server;
 pub mod slots;
 mod socket;

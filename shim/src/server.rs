@@ -1,9 +1,10 @@
 //! The CRI server: `RuntimeService` and `ImageService` on the shim's socket.
 //!
 //! Every RPC is forwarded to upstream through [`Upstream::forward`]. Plain
-//! pass-through calls are generated from the tables below; calls the shim
-//! will intercept or rewrite are written out (or grouped) so that work has an
-//! obvious home.
+//! pass-through calls are generated from the tables below; the calls the
+//! shim intercepts (`RunPodSandbox`, the claim point: intercept.rs) or
+//! rewrites (sandbox list, status and stats: rewrite.rs) are written out
+//! after them.
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
@@ -22,6 +23,8 @@ use crate::{
     deadline::CallerDeadlineLayer,
     error::ShimError,
     request::cri_span,
+    rewrite,
+    slots::{Claim, HandlerMap, MissReason, NoSlot, PoolKey, SlotSource},
     socket::{self, SocketConfig},
     upstream::{pass_status, Upstream, MAX_MESSAGE_SIZE},
 };
@@ -36,21 +39,44 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// [`serve`] returns anyway (an image pull can take far longer).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The CRI service: forwards to [`Upstream`], and is where warm-sandbox
-/// interception and list/status rewriting will plug in (through a slot source
-/// held here next to `upstream`).
+/// The CRI service: forwards to [`Upstream`]; with slots, serves warm
+/// handlers from a [`SlotSource`] and keeps its slots out of sight.
 #[derive(Debug)]
 pub struct Shim {
     upstream: Upstream,
+    slots: Option<Slots>,
     /// Set on shutdown; ends long-lived streams so the server can drain.
     stopping: watch::Sender<bool>,
 }
 
+#[derive(Debug)]
+struct Slots {
+    handlers: HandlerMap,
+    source: Arc<dyn SlotSource>,
+}
+
 impl Shim {
+    /// A plain forwarding shim: no warm handlers, every call unchanged.
     pub fn new(upstream: Upstream) -> Self {
         Shim {
             upstream,
+            slots: None,
             stopping: watch::Sender::new(false),
+        }
+    }
+
+    /// A shim serving the exposed handlers of `handlers` from `slots`.
+    pub fn with_slots(
+        upstream: Upstream,
+        handlers: HandlerMap,
+        slots: Arc<dyn SlotSource>,
+    ) -> Self {
+        Shim {
+            slots: Some(Slots {
+                handlers,
+                source: slots,
+            }),
+            ..Shim::new(upstream)
         }
     }
 }
@@ -108,37 +134,141 @@ fn elapsed_us(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
+/// Forwards one call and logs the outcome at the call's level, in the
+/// current span.
+macro_rules! forward_in_span {
+    ($self:ident, $client:ident, $level:ident, $name:literal, $method:ident, $request:ident) => {{
+        let upstream = &$self.upstream;
+        let mut client = upstream.$client();
+        let started = Instant::now();
+        let result = upstream
+            .forward($name, $request, |r| async move { client.$method(r).await })
+            .await;
+        match &result {
+            Ok(_) => ::tracing::event!(
+                ::tracing::Level::$level,
+                elapsed_us = elapsed_us(started),
+                "ok"
+            ),
+            Err(status) => ::tracing::event!(
+                ::tracing::Level::$level,
+                elapsed_us = elapsed_us(started),
+                code = ?status.code(),
+                message = status.message(),
+                "failed"
+            ),
+        }
+        result
+    }};
+}
+
 /// Forwards one call inside its `cri` span and logs the outcome at the
 /// call's level.
 macro_rules! forward {
     ($self:ident, $client:ident, $level:ident, $name:literal, $method:ident, $request:ident) => {{
         let span = cri_span!($level, $name, $request.get_ref());
-        let upstream = &$self.upstream;
-        let mut client = upstream.$client();
+        async move { forward_in_span!($self, $client, $level, $name, $method, $request) }
+            .instrument(span)
+            .await
+    }};
+}
+
+/// A sandbox answer rewritten for slots (rewrite.rs): `$prepare` may edit
+/// the request before it is forwarded and returns what `$rewrite` needs
+/// afterwards; `$rewrite` edits the answer or turns it into an error.
+/// Without slots, the call is forwarded unchanged.
+macro_rules! rewritten {
+    (
+        $self:ident, $level:ident, $name:literal, $method:ident, $request:ident,
+        |$req:ident| $prepare:expr,
+        |$source:ident, $response:ident, $state:ident| $rewrite:expr
+    ) => {{
+        let Some(slots) = &$self.slots else {
+            return forward!($self, runtime, $level, $name, $method, $request);
+        };
+        let span = cri_span!($level, $name, $request.get_ref());
         async move {
-            let started = Instant::now();
-            let result = upstream
-                .forward($name, $request, |r| async move { client.$method(r).await })
-                .await;
-            match &result {
-                Ok(_) => ::tracing::event!(
-                    ::tracing::Level::$level,
-                    elapsed_us = elapsed_us(started),
-                    "ok"
-                ),
-                Err(status) => ::tracing::event!(
-                    ::tracing::Level::$level,
-                    elapsed_us = elapsed_us(started),
-                    code = ?status.code(),
-                    message = status.message(),
-                    "failed"
-                ),
+            let $state = {
+                let $req = $request.get_mut();
+                $prepare
+            };
+            let mut response =
+                forward_in_span!($self, runtime, $level, $name, $method, $request)?;
+            let $source: &dyn SlotSource = &*slots.source;
+            let $response = response.get_mut();
+            match $rewrite {
+                Ok(()) => Ok(response),
+                Err(err) => {
+                    let status = Status::from(err);
+                    ::tracing::event!(
+                        ::tracing::Level::$level,
+                        code = ?status.code(),
+                        "hidden: an unclaimed slot"
+                    );
+                    Err(status)
+                }
             }
-            result
         }
         .instrument(span)
         .await
     }};
+}
+
+impl Shim {
+    /// The claim decision for a `RunPodSandbox` of an exposed handler: the
+    /// slot's sandbox id, or why the pod starts cold.
+    async fn claim(&self, slots: &Slots, request: &cri::RunPodSandboxRequest) -> Option<String> {
+        let started = Instant::now();
+        let handler = request.runtime_handler.as_str();
+        let claim = match Claim::from_request(request, &slots.handlers) {
+            Ok(claim) => claim,
+            Err(ineligible) => {
+                let reason = ineligible.reason();
+                tracing::info!(%reason, cause = %ineligible, "warm miss: not eligible, starting cold");
+                slots.source.missed(handler, None, reason);
+                return None;
+            }
+        };
+        let miss = |key: &PoolKey, reason: MissReason| {
+            slots.source.missed(handler, Some(key), reason);
+        };
+        match slots.source.claim(&claim).await {
+            Ok(Ok(slot)) => {
+                tracing::Span::current().record("pod_sandbox_id", slot.sandbox_id.as_str());
+                tracing::info!(
+                    pool = %claim.key,
+                    elapsed_us = elapsed_us(started),
+                    "warm hit"
+                );
+                Some(slot.sandbox_id)
+            }
+            Ok(Err(no_slot)) => {
+                let reason = match no_slot {
+                    NoSlot::NoPool => MissReason::NoPool,
+                    NoSlot::PoolEmpty => MissReason::PoolEmpty,
+                };
+                tracing::info!(
+                    %reason,
+                    pool = %claim.key,
+                    elapsed_us = elapsed_us(started),
+                    "warm miss: starting cold"
+                );
+                miss(&claim.key, reason);
+                None
+            }
+            Err(failed) => {
+                tracing::warn!(
+                    reason = %MissReason::ClaimFailed,
+                    pool = %claim.key,
+                    error = %failed,
+                    elapsed_us = elapsed_us(started),
+                    "warm miss: claim failed, starting cold"
+                );
+                miss(&claim.key, MissReason::ClaimFailed);
+                None
+            }
+        }
+    }
 }
 
 /// Implements a CRI service trait: one forwarding method per table row, plus
@@ -177,7 +307,6 @@ cri_service! {
     impl RuntimeService via runtime {
         DEBUG "Version" version(VersionRequest) -> VersionResponse;
         INFO "StopPodSandbox" stop_pod_sandbox(StopPodSandboxRequest) -> StopPodSandboxResponse;
-        INFO "RemovePodSandbox" remove_pod_sandbox(RemovePodSandboxRequest) -> RemovePodSandboxResponse;
         INFO "CreateContainer" create_container(CreateContainerRequest) -> CreateContainerResponse;
         INFO "StartContainer" start_container(StartContainerRequest) -> StartContainerResponse;
         INFO "StopContainer" stop_container(StopContainerRequest) -> StopContainerResponse;
@@ -196,27 +325,124 @@ cri_service! {
         DEBUG "ListMetricDescriptors" list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse;
         DEBUG "RuntimeConfig" runtime_config(RuntimeConfigRequest) -> RuntimeConfigResponse;
 
-        // Forwarded unchanged for now. Once slots exist these hide unclaimed
-        // slots and report claimed ones with the pod's own metadata
-        // (rewrite.rs); they move out of this table then.
-        DEBUG "PodSandboxStatus" pod_sandbox_status(PodSandboxStatusRequest) -> PodSandboxStatusResponse;
-        DEBUG "ListPodSandbox" list_pod_sandbox(ListPodSandboxRequest) -> ListPodSandboxResponse;
+        // Containers carry their own config, labels and annotations, and
+        // a slot has no containers before its claim: nothing to rewrite.
         DEBUG "ListContainers" list_containers(ListContainersRequest) -> ListContainersResponse;
         DEBUG "ContainerStatus" container_status(ContainerStatusRequest) -> ContainerStatusResponse;
         DEBUG "ContainerStats" container_stats(ContainerStatsRequest) -> ContainerStatsResponse;
         DEBUG "ListContainerStats" list_container_stats(ListContainerStatsRequest) -> ListContainerStatsResponse;
-        DEBUG "PodSandboxStats" pod_sandbox_stats(PodSandboxStatsRequest) -> PodSandboxStatsResponse;
-        DEBUG "ListPodSandboxStats" list_pod_sandbox_stats(ListPodSandboxStatsRequest) -> ListPodSandboxStatsResponse;
+        // containerd 1.6 does not implement it (Unimplemented). One that
+        // does would report unclaimed slots here: hide them when moving on.
         DEBUG "ListPodSandboxMetrics" list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse;
     }
 
-    /// The claim point: a warm handler will be served from a pre-created
-    /// slot here (intercept.rs). Until then, the cold path for everyone.
+    /// The claim point: an exposed handler with an eligible pod is served
+    /// from a free slot; anything else for an exposed handler goes cold with
+    /// the handler rewritten to its upstream name (a miss is never an error
+    /// the cold path would not give); other handlers are forwarded
+    /// untouched.
+    ///
+    /// The claim runs within the caller's deadline: if kubelet gives up,
+    /// the claim future is dropped (the slot source must be cancel-safe).
     async fn run_pod_sandbox(
         &self,
-        request: Request<cri::RunPodSandboxRequest>,
+        mut request: Request<cri::RunPodSandboxRequest>,
     ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
-        forward!(self, runtime, INFO, "RunPodSandbox", run_pod_sandbox, request)
+        let span = cri_span!(INFO, "RunPodSandbox", request.get_ref());
+        async move {
+            if let Some(slots) = &self.slots {
+                let handler = request.get_ref().runtime_handler.as_str();
+                match slots.handlers.upstream_for(handler) {
+                    Some(upstream_handler) => {
+                        if let Some(pod_sandbox_id) = self.claim(slots, request.get_ref()).await {
+                            return Ok(Response::new(cri::RunPodSandboxResponse {
+                                pod_sandbox_id,
+                            }));
+                        }
+                        request.get_mut().runtime_handler = upstream_handler.to_owned();
+                    }
+                    None => slots.source.missed(handler, None, MissReason::NotFastHandler),
+                }
+            }
+            forward_in_span!(self, runtime, INFO, "RunPodSandbox", run_pod_sandbox, request)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Forwarded; once upstream removed the sandbox, the slot source
+    /// forgets it.
+    async fn remove_pod_sandbox(
+        &self,
+        request: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        let span = cri_span!(INFO, "RemovePodSandbox", request.get_ref());
+        async move {
+            let removed = self
+                .slots
+                .as_ref()
+                .map(|slots| (slots, request.get_ref().pod_sandbox_id.clone()));
+            let response =
+                forward_in_span!(self, runtime, INFO, "RemovePodSandbox", remove_pod_sandbox, request)?;
+            if let Some((slots, id)) = removed {
+                slots.source.removed(&id).await;
+            }
+            Ok(response)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        mut request: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        rewritten!(
+            self, DEBUG, "ListPodSandbox", list_pod_sandbox, request,
+            |req| rewrite::take_sandbox_selector(&mut req.filter),
+            |source, response, selector| {
+                rewrite::list_pod_sandbox(source, &mut response.items, &selector);
+                Ok::<(), ShimError>(())
+            }
+        )
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        mut request: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        rewritten!(
+            self, DEBUG, "PodSandboxStatus", pod_sandbox_status, request,
+            |_req| (),
+            |source, response, _unit| rewrite::pod_sandbox_status(source, response)
+        )
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        mut request: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        rewritten!(
+            self, DEBUG, "ListPodSandboxStats", list_pod_sandbox_stats, request,
+            |req| rewrite::take_stats_selector(&mut req.filter),
+            |source, response, selector| {
+                rewrite::list_pod_sandbox_stats(source, &mut response.stats, &selector);
+                Ok::<(), ShimError>(())
+            }
+        )
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        mut request: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        rewritten!(
+            self, DEBUG, "PodSandboxStats", pod_sandbox_stats, request,
+            |req| req.pod_sandbox_id.clone(),
+            |source, response, requested_id| {
+                rewrite::pod_sandbox_stats(source, response, &requested_id)
+            }
+        )
     }
 
     type GetContainerEventsStream = EventStream;
