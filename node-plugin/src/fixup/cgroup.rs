@@ -1,0 +1,339 @@
+//! Moving a pause process between cgroups the way runc would have placed it,
+//! on cgroup v1, v2 and hybrid hosts.
+//!
+//! Hand code rather than `cgroups-rs`: that crate models "a cgroup" as one
+//! controller set it creates and configures from a resource spec, while a
+//! claim needs something narrower: follow the pid through whatever
+//! hierarchies runc put it in (`/proc/<pid>/cgroup`), recreate the leaf
+//! elsewhere with the same settings, move the pid. `procfs` parses
+//! `mountinfo` (escapes included) and `/proc/<pid>/cgroup`.
+//!
+//! What runc 1.1.5 sets on a pause's leaf, measured here by diffing every
+//! file of the leaf against a fresh sibling: `cpu.shares` (2), the device
+//! allow-list, and `cpuset.cpus`/`cpuset.mems` (copied down from the parent
+//! because a new v1 cpuset is empty). Nothing else differs, so those are
+//! what [`move_pid`] reproduces.
+
+use std::{
+    fs,
+    io::{self, Write as _},
+    path::{Path, PathBuf},
+};
+
+use procfs::{process::MountInfo, FromBufRead as _, ProcessCGroup, ProcessCGroups};
+
+use super::{plan::CgroupLeaf, FixupError};
+
+/// Superblock options of a v1 hierarchy that are not controllers.
+const V1_FLAGS: [&str; 10] = [
+    "rw",
+    "ro",
+    "xattr",
+    "noprefix",
+    "clone_children",
+    "cpuset_v2_mode",
+    "all",
+    "none",
+    "favordynmods",
+    "release_agent",
+];
+
+/// One mounted cgroup hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Hierarchy {
+    pub mount: PathBuf,
+    /// `None` for cgroup v2; for v1, the options of its superblock (the
+    /// controllers, `name=…`, and flags such as `rw`).
+    v1_options: Option<Vec<(String, Option<String>)>>,
+    /// The superblock, to skip a second mount of the same hierarchy.
+    majmin: String,
+}
+
+impl Hierarchy {
+    fn has(&self, controller: &str) -> bool {
+        let Some(opts) = &self.v1_options else {
+            return false;
+        };
+        match controller.strip_prefix("name=") {
+            Some(name) => opts
+                .iter()
+                .any(|(k, v)| k == "name" && v.as_deref() == Some(name)),
+            None => opts.iter().any(|(k, v)| k == controller && v.is_none()),
+        }
+    }
+
+    /// True when the line of `/proc/<pid>/cgroup` is about this hierarchy.
+    fn serves(&self, membership: &ProcessCGroup) -> bool {
+        if membership.controllers.is_empty() {
+            self.v1_options.is_none()
+        } else {
+            membership.controllers.iter().all(|c| self.has(c))
+        }
+    }
+}
+
+/// The cgroup hierarchies mounted in this process's mount namespace with
+/// their root at the mount point, one mount per hierarchy.
+pub(super) fn mounted_hierarchies() -> Result<Vec<Hierarchy>, FixupError> {
+    let mounts = procfs::process::Process::myself()
+        .and_then(|p| p.mountinfo())
+        .map_err(|e| FixupError::CgroupMounts {
+            source: io_error(e),
+        })?;
+    Ok(hierarchies_from(&mounts.0))
+}
+
+fn hierarchies_from(mounts: &[MountInfo]) -> Vec<Hierarchy> {
+    let mut out: Vec<Hierarchy> = Vec::new();
+    for m in mounts {
+        let v1 = match m.fs_type.as_str() {
+            "cgroup" => true,
+            "cgroup2" => false,
+            _ => continue,
+        };
+        if m.root != "/" || out.iter().any(|h| h.majmin == m.majmin) {
+            continue;
+        }
+        let mut opts: Vec<(String, Option<String>)> = m
+            .super_options
+            .iter()
+            .filter(|(k, _)| !V1_FLAGS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        opts.sort();
+        out.push(Hierarchy {
+            mount: m.mount_point.clone(),
+            v1_options: v1.then_some(opts),
+            majmin: m.majmin.clone(),
+        });
+    }
+    out
+}
+
+/// The cgroups of `pid`, one per hierarchy.
+fn memberships(pid: i32) -> Result<Vec<ProcessCGroup>, FixupError> {
+    let path = format!("/proc/{pid}/cgroup");
+    let file =
+        fs::File::open(&path).map_err(|source| FixupError::ProcessCgroups { pid, source })?;
+    parse_memberships(io::BufReader::new(file))
+        .map_err(|source| FixupError::ProcessCgroups { pid, source })
+}
+
+fn parse_memberships(r: impl io::BufRead) -> io::Result<Vec<ProcessCGroup>> {
+    ProcessCGroups::from_buf_read(r)
+        .map(|c| c.0)
+        .map_err(io_error)
+}
+
+fn hierarchy_name(m: &ProcessCGroup) -> String {
+    if m.controllers.is_empty() {
+        "cgroup2".to_owned()
+    } else {
+        m.controllers.join(",")
+    }
+}
+
+/// Moves `pid` from `from` to `to` in every hierarchy it is in. Checks every
+/// hierarchy before changing anything; hierarchies where the pid already is
+/// in `to` are skipped (a retried claim).
+pub(super) fn move_pid(pid: i32, from: &CgroupLeaf, to: &CgroupLeaf) -> Result<(), FixupError> {
+    let hierarchies = mounted_hierarchies()?;
+    let mut todo: Vec<&Hierarchy> = Vec::new();
+    for m in memberships(pid)? {
+        let h = hierarchies.iter().find(|h| h.serves(&m)).ok_or_else(|| {
+            FixupError::HierarchyNotMounted {
+                pid,
+                hierarchy: hierarchy_name(&m),
+            }
+        })?;
+        if m.pathname == to.as_str() {
+            continue;
+        }
+        if m.pathname != from.as_str() {
+            return Err(FixupError::UnexpectedCgroup {
+                pid,
+                hierarchy: hierarchy_name(&m),
+                expected: from.as_str().to_owned(),
+                actual: m.pathname,
+            });
+        }
+        todo.push(h);
+    }
+    for h in todo {
+        let source = h.mount.join(from.relative());
+        let target = h.mount.join(to.relative());
+        create_leaf(h, to)?;
+        copy_settings(h, &source, &target)?;
+        write(&target.join("cgroup.procs"), &pid.to_string())?;
+    }
+    Ok(())
+}
+
+/// Creates `leaf` and its missing parents in `h`; in a v1 cpuset hierarchy
+/// fills empty `cpuset.cpus`/`cpuset.mems` from the parent on the way down,
+/// as runc does (a task cannot join an empty cpuset).
+fn create_leaf(h: &Hierarchy, leaf: &CgroupLeaf) -> Result<(), FixupError> {
+    let cpuset = h.has("cpuset");
+    let mut dir = h.mount.clone();
+    for component in leaf.relative().components() {
+        let parent = dir.clone();
+        dir.push(component);
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => return Err(FixupError::CreateCgroup { path: dir, source }),
+        }
+        if cpuset {
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                if read(&dir.join(file))?.trim().is_empty() {
+                    let value = read(&parent.join(file))?;
+                    write(&dir.join(file), value.trim())?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gives `target` what runc set on `source`: CPU shares and the device
+/// allow-list (cpuset is handled by [`create_leaf`]).
+fn copy_settings(h: &Hierarchy, source: &Path, target: &Path) -> Result<(), FixupError> {
+    if h.has("cpu") {
+        let shares = read(&source.join("cpu.shares"))?;
+        if read(&target.join("cpu.shares"))? != shares {
+            write(&target.join("cpu.shares"), shares.trim())?;
+        }
+    }
+    if h.has("devices") {
+        let allowed = read(&source.join("devices.list"))?;
+        if read(&target.join("devices.list"))? != allowed {
+            write(&target.join("devices.deny"), "a")?;
+            for rule in allowed.lines().filter(|l| !l.trim().is_empty()) {
+                write(&target.join("devices.allow"), rule)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes `leaf` in every mounted hierarchy; a missing one is fine.
+pub(super) fn remove_leaf(leaf: &CgroupLeaf) -> Result<(), FixupError> {
+    for h in mounted_hierarchies()? {
+        let path = h.mount.join(leaf.relative());
+        match fs::remove_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(FixupError::RemoveCgroup { path, source }),
+        }
+    }
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<String, FixupError> {
+    fs::read_to_string(path).map_err(|source| FixupError::ReadCgroupFile {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// One `write(2)` of `value`, as the cgroup files expect.
+fn write(path: &Path, value: &str) -> Result<(), FixupError> {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+        .map_err(|source| FixupError::WriteCgroupFile {
+            path: path.to_owned(),
+            value: value.to_owned(),
+            source,
+        })
+}
+
+fn io_error(e: procfs::ProcError) -> io::Error {
+    match e {
+        procfs::ProcError::Io(e, _) => e,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/proc/self/mountinfo` lines of this project's machines (cgroup v1
+    /// hybrid), plus a co-mounted `cpu,cpuacct` and a bind mount of a
+    /// sub-tree that must be ignored.
+    const MOUNTINFO: &str = "\
+25 30 0:22 / /sys/fs/cgroup rw,relatime shared:9 - tmpfs tmpfs rw,mode=755
+26 25 0:23 / /sys/fs/cgroup/cpu rw,relatime shared:10 - cgroup cgroup rw,cpu
+27 25 0:24 / /sys/fs/cgroup/cpuset rw,relatime shared:11 - cgroup cgroup rw,cpuset
+28 25 0:25 / /sys/fs/cgroup/devices rw,relatime shared:12 - cgroup cgroup rw,devices
+29 25 0:26 / /sys/fs/cgroup/systemd rw,relatime shared:13 - cgroup cgroup rw,xattr,name=systemd
+30 25 0:27 / /sys/fs/cgroup/unified rw,relatime shared:14 - cgroup2 cgroup2 rw
+31 25 0:28 / /sys/fs/cgroup/cpu,cpuacct rw,relatime shared:15 - cgroup cgroup rw,cpu,cpuacct
+32 25 0:23 /kubepods /mnt/cpu-kubepods rw,relatime shared:10 - cgroup cgroup rw,cpu
+33 25 0:23 / /mnt/cpu-again rw,relatime shared:10 - cgroup cgroup rw,cpu
+";
+
+    fn hierarchies() -> Vec<Hierarchy> {
+        let mounts = procfs::process::MountInfos::from_buf_read(MOUNTINFO.as_bytes()).unwrap();
+        hierarchies_from(&mounts.0)
+    }
+
+    fn membership(line: &str) -> ProcessCGroup {
+        parse_memberships(line.as_bytes()).unwrap().remove(0)
+    }
+
+    fn served_by(line: &str) -> Vec<PathBuf> {
+        let m = membership(line);
+        hierarchies()
+            .into_iter()
+            .filter(|h| h.serves(&m))
+            .map(|h| h.mount)
+            .collect()
+    }
+
+    #[test]
+    fn one_hierarchy_per_superblock_mounted_at_its_root() {
+        let mounts: Vec<_> = hierarchies().into_iter().map(|h| h.mount).collect();
+        assert_eq!(
+            mounts,
+            [
+                "/sys/fs/cgroup/cpu",
+                "/sys/fs/cgroup/cpuset",
+                "/sys/fs/cgroup/devices",
+                "/sys/fs/cgroup/systemd",
+                "/sys/fs/cgroup/unified",
+                "/sys/fs/cgroup/cpu,cpuacct",
+            ]
+            .map(PathBuf::from)
+        );
+    }
+
+    #[test]
+    fn proc_pid_cgroup_lines_find_their_hierarchy() {
+        assert_eq!(
+            served_by("3:cpuset:/a/b\n"),
+            [PathBuf::from("/sys/fs/cgroup/cpuset")]
+        );
+        assert_eq!(
+            served_by("9:name=systemd:/a\n"),
+            [PathBuf::from("/sys/fs/cgroup/systemd")]
+        );
+        assert_eq!(
+            served_by("0::/a\n"),
+            [PathBuf::from("/sys/fs/cgroup/unified")]
+        );
+        assert_eq!(
+            served_by("2:cpu,cpuacct:/a\n"),
+            [PathBuf::from("/sys/fs/cgroup/cpu,cpuacct")]
+        );
+        // `rw` is a flag, not a controller; `name=other` is not mounted.
+        assert!(served_by("7:rw:/a\n").is_empty());
+        assert!(served_by("8:name=other:/a\n").is_empty());
+        let m = membership("4:memory:/kubepods/x\n");
+        assert_eq!(hierarchy_name(&m), "memory");
+        assert_eq!(m.pathname, "/kubepods/x");
+        assert_eq!(hierarchy_name(&membership("0::/\n")), "cgroup2");
+    }
+}

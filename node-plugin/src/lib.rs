@@ -1,0 +1,3 @@
+//! The node plugin's library side: what its binary and its root tests share.
+
+pub mod fixup;
