@@ -197,12 +197,18 @@ fn create_leaf(h: &Hierarchy, leaf: &CgroupLeaf) -> Result<(), FixupError> {
 
 /// Gives `target` what runc set on `source`: CPU shares and the device
 /// allow-list (cpuset is handled by [`create_leaf`]).
+///
+/// On cgroup v2 runc turns the shares into `cpu.weight` (copied when the
+/// cpu controller is enabled there) and enforces devices with an eBPF
+/// program attached to the leaf, which is not copied: on a pure v2 host the
+/// moved pause would have its parent's device access. Unverified, these
+/// machines are v1 hybrid (the unified hierarchy has no controllers).
 fn copy_settings(h: &Hierarchy, source: &Path, target: &Path) -> Result<(), FixupError> {
     if h.has("cpu") {
-        let shares = read(&source.join("cpu.shares"))?;
-        if read(&target.join("cpu.shares"))? != shares {
-            write(&target.join("cpu.shares"), shares.trim())?;
-        }
+        copy_file(&source.join("cpu.shares"), &target.join("cpu.shares"))?;
+    }
+    if h.v1_options.is_none() && source.join("cpu.weight").exists() {
+        copy_file(&source.join("cpu.weight"), &target.join("cpu.weight"))?;
     }
     if h.has("devices") {
         let allowed = read(&source.join("devices.list"))?;
@@ -212,6 +218,15 @@ fn copy_settings(h: &Hierarchy, source: &Path, target: &Path) -> Result<(), Fixu
                 write(&target.join("devices.allow"), rule)?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Writes the value of cgroup file `from` to `to` unless they already agree.
+fn copy_file(from: &Path, to: &Path) -> Result<(), FixupError> {
+    let value = read(from)?;
+    if read(to)? != value {
+        write(to, value.trim())?;
     }
     Ok(())
 }

@@ -59,6 +59,9 @@
 //! memory cgroup (no `TaskOOM` appeared in containerd's log after the old
 //! leaf was removed).
 //!
+//! On a pure cgroup v2 host the move copies `cpu.weight` but not runc's
+//! eBPF device filter (see `cgroup.rs`): **unverified**, no v2 host here.
+//!
 //! Systemd-style parents (`….slice`) are converted as runc's systemd driver
 //! would place the pause (`/kubepods.slice/…/cri-containerd-<id>.scope`) and
 //! moved with cgroupfs writes. On a host where systemd manages those slices
