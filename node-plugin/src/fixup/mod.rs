@@ -71,16 +71,18 @@
 //!
 //! # Cost (release build, 2 vCPUs, 30 claims one at a time, runc and crun)
 //!
-//! `apply` took 2.1-2.3 ms p50, 2.7-9 ms p90 while other builds loaded the
-//! machine. Most of it is the cgroup move (1.3 ms p50): the first write to
-//! a `cgroup.procs` waits for an RCU grace period (the kernel's
-//! `cgroup_threadgroup_rwsem`; under strace on the loaded machine the first
-//! write took 16 ms, the other ten ~15 µs each; runc takes the same lock
-//! when it starts any container). Then removing
-//! the placeholder leaf (0.35 ms, eleven `rmdir`s, deferrable since
-//! `runc delete` removes it too), the namespace steps (~0.1 ms each, a
-//! thread each) and the two files (~0.1 ms). The files are not fsync'd
-//! (containerd does not either; it cost 0.15-0.6 ms per file).
+//! `apply` took 2.1-2.3 ms p50 (p90 2.7-9 ms) with other builds keeping the
+//! load average near 3, and 5-15 ms p50 near 4.5. Nearly all of the spread
+//! is the cgroup move (1.3 ms p50 at load 3, 1.7-11.7 ms at 4.5): the first
+//! write to a `cgroup.procs` waits for an RCU grace period (the kernel's
+//! `cgroup_threadgroup_rwsem`; strace showed 16 ms for the first write and
+//! ~15 µs for each of the other ten), which grows with load; runc takes the
+//! same lock whenever it starts a container. The rest is steady: removing
+//! the placeholder leaf 0.35-0.4 ms (eleven `rmdir`s; could be left to
+//! `runc delete`, which removes it too), each namespace step 0.1-0.2 ms (a
+//! thread each, with 2-4 ms outliers from scheduling under load), the two
+//! files 0.03-0.15 ms. The files are not fsync'd (containerd does not
+//! either; it cost 0.15-0.6 ms per file).
 //!
 //! # Requirements
 //!
