@@ -80,7 +80,7 @@ pub struct Seen {
 }
 
 impl Seen {
-    fn record<T>(&self, request: &Request<T>) {
+    pub fn record<T>(&self, request: &Request<T>) {
         self.metadata
             .lock()
             .expect("lock")
@@ -157,17 +157,25 @@ pub fn big_container_list() -> Vec<cri::Container> {
         .collect()
 }
 
-/// Implements a CRI trait for [`Fake`]: the listed methods answer
-/// `Unimplemented`, the items after the list are real.
+/// Implements a CRI trait for a fake with a `seen: Arc<Seen>` field ([`Fake`]
+/// unless named): the listed methods answer `Unimplemented`, the items after
+/// the list are real.
 macro_rules! fake_service {
     (
         impl $service:ident {
+            $($rest:tt)*
+        }
+    ) => {
+        fake_service! { impl $service for Fake { $($rest)* } }
+    };
+    (
+        impl $service:ident for $fake:ty {
             unimplemented { $( $method:ident($req:ident) -> $resp:ident; )* }
             $($custom:tt)*
         }
     ) => {
         #[tonic::async_trait]
-        impl $service for Fake {
+        impl $service for $fake {
             $(
                 async fn $method(
                     &self,
@@ -184,6 +192,9 @@ macro_rules! fake_service {
 
 type EventStream =
     Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send + 'static>>;
+
+pub mod pods;
+pub mod slots;
 
 fake_service! {
     impl RuntimeService {
@@ -352,6 +363,13 @@ pub struct Served {
 }
 
 impl Served {
+    pub fn new(stop: oneshot::Sender<()>, join: JoinHandle<()>) -> Self {
+        Served {
+            stop: Some(stop),
+            join,
+        }
+    }
+
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -567,14 +585,24 @@ pub struct ShimUnderTest {
 impl ShimUnderTest {
     /// Serves a shim for `cfg` on `socket` and waits until it answers.
     pub async fn start(cfg: &UpstreamConfig, socket: PathBuf) -> Self {
+        Self::start_shim(cfg, socket, Shim::new).await
+    }
+
+    /// Serves the shim `make` builds on the upstream of `cfg`.
+    pub async fn start_shim(
+        cfg: &UpstreamConfig,
+        socket: PathBuf,
+        make: impl FnOnce(Upstream) -> Shim,
+    ) -> Self {
         let upstream = Upstream::connect_lazy(cfg).expect("upstream config");
+        let shim = make(upstream);
         let (stop, stopped) = oneshot::channel::<()>();
         let socket_cfg = SocketConfig {
             path: socket.clone(),
             group: None,
         };
         let join = tokio::spawn(async move {
-            serve(Shim::new(upstream), &socket_cfg, async {
+            serve(shim, &socket_cfg, async {
                 let _ = stopped.await;
             })
             .await
