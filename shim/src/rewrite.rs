@@ -217,7 +217,7 @@ pub(crate) fn pod_sandbox_stats(
 
 #[cfg(test)]
 mod tests {
-    use std::{sync::Arc, time::Instant};
+    use std::sync::Arc;
 
     use super::*;
     use crate::slots::{Claim, ClaimFailed, ClaimedSlot, NoSlot, SLOT_LABEL};
@@ -361,42 +361,5 @@ mod tests {
             response.info,
             HashMap::from([("other".into(), "kept".into())])
         );
-    }
-
-    /// Cost of rewriting one `ListPodSandbox` of 100 sandboxes, 50 of them
-    /// claimed: `cargo test --release -p fast-sandbox-shim --lib -- --ignored
-    /// --nocapture rewrite_cost`.
-    #[test]
-    #[ignore = "timing; meaningful only in a release build"]
-    fn rewrite_cost() {
-        let slots = ByPrefix(pod());
-        let list: Vec<cri::PodSandbox> = (0..100)
-            .map(|i| item(&format!("{}{i:063}", if i % 2 == 0 { 'c' } else { 'o' })))
-            .collect();
-        let selector = Selector::new();
-        let rounds = 20_000;
-        let mut samples = Vec::with_capacity(rounds);
-        let mut clone_samples = Vec::with_capacity(rounds);
-        for _ in 0..rounds {
-            let started = Instant::now();
-            let items = list.clone();
-            clone_samples.push(started.elapsed());
-            let mut items = items;
-            let started = Instant::now();
-            list_pod_sandbox(&slots, &mut items, &selector);
-            samples.push(started.elapsed());
-            assert_eq!(items.len(), 100);
-        }
-        samples.sort_unstable();
-        clone_samples.sort_unstable();
-        let p = |s: &[std::time::Duration], q: usize| s[s.len() * q / 100];
-        println!(
-            "rewrite of 100 sandboxes (50 claimed): p50 {:?} p99 {:?}; \
-             for scale, cloning the list: p50 {:?}",
-            p(&samples, 50),
-            p(&samples, 99),
-            p(&clone_samples, 50),
-        );
-        assert!(p(&samples, 50) < std::time::Duration::from_millis(1));
     }
 }
