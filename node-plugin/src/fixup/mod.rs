@@ -187,7 +187,22 @@ fn lock(p: &SharedProgress) -> std::sync::MutexGuard<'_, Progress> {
     p.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Applies `plan` on a blocking thread and waits at most `deadline`.
+/// Which steps of a plan to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Everything the pod can observe from inside: the sandbox files, the
+    /// UTS hostname and the sysctls. Must complete before the claim is
+    /// answered (before the first `CreateContainer`).
+    Identity,
+    /// The pause's cgroup: accounting only, nothing in the pod depends on
+    /// it, and its first `cgroup.procs` write waits for an RCU grace period
+    /// (~1–17 ms here), so the pool runs it right after answering.
+    Cgroup,
+    /// Both, in order.
+    All,
+}
+
+/// Applies all of `plan` on a blocking thread and waits at most `deadline`.
 ///
 /// On timeout the blocking thread cannot be stopped and may still finish
 /// the step it is in: the slot must be destroyed, as after any failure.
@@ -196,13 +211,23 @@ pub async fn apply(
     plan: FixupPlan,
     deadline: Duration,
 ) -> Result<FixupReport, ApplyError> {
+    apply_phase(ops, plan, Phase::All, deadline).await
+}
+
+/// Applies the steps of `phase` of `plan`, like [`apply`].
+pub async fn apply_phase(
+    ops: Arc<dyn NodeOps>,
+    plan: FixupPlan,
+    phase: Phase,
+    deadline: Duration,
+) -> Result<FixupReport, ApplyError> {
     let start = Instant::now();
     let sandbox_id = plan.sandbox_id().to_string();
     let progress = SharedProgress::default();
     let span = tracing::debug_span!("fixup", sandbox_id = %sandbox_id, pid = plan.pause_pid());
     let task = {
         let progress = progress.clone();
-        tokio::task::spawn_blocking(move || span.in_scope(|| run(&*ops, &plan, &progress)))
+        tokio::task::spawn_blocking(move || span.in_scope(|| run(&*ops, &plan, phase, &progress)))
     };
     let source = match tokio::time::timeout(deadline, task).await {
         Ok(Ok(Ok(()))) => {
@@ -231,8 +256,27 @@ pub async fn apply(
     })
 }
 
-/// Runs the steps of `plan` in order on the calling thread.
-fn run(ops: &dyn NodeOps, plan: &FixupPlan, progress: &SharedProgress) -> Result<(), FixupError> {
+/// Runs the steps of `phase` of `plan` in order on the calling thread.
+fn run(
+    ops: &dyn NodeOps,
+    plan: &FixupPlan,
+    phase: Phase,
+    progress: &SharedProgress,
+) -> Result<(), FixupError> {
+    if phase != Phase::Cgroup {
+        run_identity(ops, plan, progress)?;
+    }
+    if phase != Phase::Identity {
+        run_cgroup(plan, ops, progress)?;
+    }
+    Ok(())
+}
+
+fn run_identity(
+    ops: &dyn NodeOps,
+    plan: &FixupPlan,
+    progress: &SharedProgress,
+) -> Result<(), FixupError> {
     let pid = plan.pause_pid();
     let dir = plan.sandbox_root_dir();
     let mut hostname = plan.hostname().to_owned();
@@ -261,6 +305,15 @@ fn run(ops: &dyn NodeOps, plan: &FixupPlan, progress: &SharedProgress) -> Result
             })?;
         }
     }
+    Ok(())
+}
+
+fn run_cgroup(
+    plan: &FixupPlan,
+    ops: &dyn NodeOps,
+    progress: &SharedProgress,
+) -> Result<(), FixupError> {
+    let pid = plan.pause_pid();
     let cgroup = plan.cgroup();
     if !cgroup.is_noop() {
         step(progress, Step::MoveCgroup, || {

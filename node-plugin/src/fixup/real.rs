@@ -7,6 +7,7 @@ use std::{
     fs::{self, File},
     io::Write as _,
     path::{Path, PathBuf},
+    sync::{mpsc, Arc, Mutex, PoisonError},
 };
 
 use nix::sched::CloneFlags;
@@ -26,6 +27,7 @@ const NODE_RESOLV_CONF: &str = "/etc/resolv.conf";
 #[derive(Debug, Clone)]
 pub struct RealOps {
     node_resolv_conf: PathBuf,
+    worker: NsWorker,
 }
 
 impl Default for RealOps {
@@ -38,6 +40,7 @@ impl RealOps {
     pub fn new() -> Self {
         Self {
             node_resolv_conf: NODE_RESOLV_CONF.into(),
+            worker: NsWorker::default(),
         }
     }
 
@@ -47,6 +50,7 @@ impl RealOps {
     pub fn with_node_resolv_conf(path: impl Into<PathBuf>) -> Self {
         Self {
             node_resolv_conf: path.into(),
+            worker: NsWorker::default(),
         }
     }
 }
@@ -61,37 +65,163 @@ impl Namespace {
     }
 }
 
-/// Runs `f` on a fresh thread that has joined namespace `ns` of `pid`, and
-/// waits for it. `setns` changes only the calling thread, and that thread
-/// ends with `f`, so no thread of the process is left in a pod's namespace
-/// (in particular no tokio worker or blocking-pool thread).
-fn in_namespace_of<T: Send>(
+/// A job for the namespace worker.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A long-lived thread that enters a pod's namespace for one job at a time
+/// and returns to its own afterwards.
+///
+/// Why not a fresh thread per job: creating a thread (`clone`) takes the
+/// kernel's cgroup thread-group lock for reading, and every cgroup attach on
+/// the node (runc starting any container, a slot's cgroup move) takes it
+/// for writing across an RCU grace period. A claim that spawned a thread
+/// waited up to ~10 ms behind unrelated container starts; a thread that
+/// already exists does not.
+///
+/// `setns` changes only the calling thread, and only this thread ever
+/// enters a pod's namespace (never a tokio worker or blocking-pool thread).
+/// If it cannot return to its own namespace it exits, and the next job
+/// starts a new worker.
+#[derive(Debug, Clone, Default)]
+struct NsWorker {
+    tx: Arc<Mutex<Option<mpsc::Sender<Job>>>>,
+}
+
+/// The worker's own namespaces, opened when it starts.
+struct HomeNamespaces {
+    uts: File,
+    net: File,
+    ipc: File,
+}
+
+impl HomeNamespaces {
+    fn open() -> std::io::Result<Self> {
+        let open = |ns: &str| File::open(format!("/proc/thread-self/ns/{ns}"));
+        Ok(Self {
+            uts: open("uts")?,
+            net: open("net")?,
+            ipc: open("ipc")?,
+        })
+    }
+
+    fn get(&self, ns: Namespace) -> &File {
+        match ns {
+            Namespace::Uts => &self.uts,
+            Namespace::Net => &self.net,
+            Namespace::Ipc => &self.ipc,
+        }
+    }
+}
+
+thread_local! {
+    /// Set on the worker thread: its home namespaces, and whether it is
+    /// still in them.
+    static HOME: std::cell::RefCell<Option<(HomeNamespaces, bool)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl NsWorker {
+    /// The worker's queue, starting the thread if there is none.
+    fn sender(&self) -> std::io::Result<mpsc::Sender<Job>> {
+        let mut guard = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = guard.as_ref() {
+            return Ok(tx.clone());
+        }
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<std::io::Result<()>>(1);
+        std::thread::Builder::new()
+            .name("fixup-ns".into())
+            .spawn(move || {
+                match HomeNamespaces::open() {
+                    Ok(home) => {
+                        HOME.with(|h| *h.borrow_mut() = Some((home, true)));
+                        let _ = ready_tx.send(Ok(()));
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                }
+                for job in rx {
+                    job();
+                    // A job that could not return home poisoned this thread.
+                    if !HOME.with(|h| h.borrow().as_ref().is_some_and(|(_, at_home)| *at_home)) {
+                        tracing::error!(
+                            "fix-up worker could not return to its namespaces; replacing it"
+                        );
+                        return;
+                    }
+                }
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("fix-up worker exited at start"))??;
+        *guard = Some(tx.clone());
+        Ok(tx)
+    }
+
+    /// Forgets a dead worker so the next job starts a new one.
+    fn reset(&self) {
+        *self.tx.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// Runs `f` on the worker inside namespace `ns` of `pid`, and waits.
+    fn run<T: Send + 'static>(
+        &self,
+        pid: i32,
+        ns: Namespace,
+        f: impl FnOnce() -> Result<T, FixupError> + Send + 'static,
+    ) -> Result<T, FixupError> {
+        // Opened here, so a failure names the pid before the worker is involved.
+        let path = format!("/proc/{pid}/ns/{}", ns.proc_name());
+        let ns_file =
+            File::open(&path).map_err(|source| FixupError::OpenNamespace { pid, ns, source })?;
+        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move || {
+            let result = enter_run_return(pid, ns, &ns_file, f);
+            let _ = done_tx.send(result);
+        });
+        let spawn_err = |source| FixupError::SpawnNamespaceThread { pid, ns, source };
+        if let Err(mpsc::SendError(job)) = self.sender().map_err(spawn_err)?.send(job) {
+            // The worker died since the last job: start a new one, once.
+            self.reset();
+            self.sender()
+                .map_err(spawn_err)?
+                .send(job)
+                .map_err(|_| FixupError::NamespaceThreadPanicked { pid, ns })?;
+        }
+        done_rx.recv().map_err(|_| {
+            self.reset();
+            FixupError::NamespaceThreadPanicked { pid, ns }
+        })?
+    }
+}
+
+/// On the worker: enter `ns` of `pid`, run `f`, return home.
+fn enter_run_return<T>(
     pid: i32,
     ns: Namespace,
-    f: impl FnOnce() -> Result<T, FixupError> + Send,
+    target: &File,
+    f: impl FnOnce() -> Result<T, FixupError>,
 ) -> Result<T, FixupError> {
-    // Opened here, so a failure names the pid before any thread exists.
-    let path = format!("/proc/{pid}/ns/{}", ns.proc_name());
-    let ns_file =
-        File::open(&path).map_err(|source| FixupError::OpenNamespace { pid, ns, source })?;
-    std::thread::scope(|scope| {
-        let thread = std::thread::Builder::new()
-            .name(format!("fixup-{ns}-{pid}"))
-            .spawn_scoped(scope, move || {
-                nix::sched::setns(&ns_file, ns.clone_flag()).map_err(|e| {
-                    FixupError::EnterNamespace {
-                        pid,
-                        ns,
-                        source: e.into(),
-                    }
-                })?;
-                f()
-            })
-            .map_err(|source| FixupError::SpawnNamespaceThread { pid, ns, source })?;
-        thread
-            .join()
-            .map_err(|_| FixupError::NamespaceThreadPanicked { pid, ns })?
-    })
+    nix::sched::setns(target, ns.clone_flag()).map_err(|e| FixupError::EnterNamespace {
+        pid,
+        ns,
+        source: e.into(),
+    })?;
+    let result = f();
+    let back = HOME.with(|h| {
+        let mut h = h.borrow_mut();
+        let Some((home, at_home)) = h.as_mut() else {
+            return false;
+        };
+        *at_home = nix::sched::setns(home.get(ns), ns.clone_flag()).is_ok();
+        *at_home
+    });
+    if !back {
+        return Err(FixupError::NamespaceThreadPanicked { pid, ns });
+    }
+    result
 }
 
 fn is_single_component(name: &str) -> bool {
@@ -171,10 +301,11 @@ impl NodeOps for RealOps {
     }
 
     fn set_hostname_in_uts_ns(&self, pid: i32, hostname: &str) -> Result<(), FixupError> {
-        in_namespace_of(pid, Namespace::Uts, || {
-            nix::unistd::sethostname(hostname).map_err(|e| FixupError::SetHostname {
+        let hostname = hostname.to_owned();
+        self.worker.run(pid, Namespace::Uts, move || {
+            nix::unistd::sethostname(&hostname).map_err(|e| FixupError::SetHostname {
                 pid,
-                hostname: hostname.to_owned(),
+                hostname: hostname.clone(),
                 source: e.into(),
             })
         })
@@ -186,8 +317,9 @@ impl NodeOps for RealOps {
         ns: Namespace,
         sysctls: &[Sysctl],
     ) -> Result<(), FixupError> {
-        in_namespace_of(pid, ns, || {
-            for s in sysctls {
+        let sysctls = sysctls.to_vec();
+        self.worker.run(pid, ns, move || {
+            for s in &sysctls {
                 // /proc/sys/net and the IPC/UTS tables resolve against the
                 // namespaces of the task doing the lookup: this thread.
                 let path = proc_sys_path(&s.name);
