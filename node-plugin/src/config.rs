@@ -15,6 +15,21 @@
 //! [log]
 //! format = "json"         # or "text"
 //! filter = "info,fast_sandbox_shim=debug"   # RUST_LOG wins when set
+//!
+//! [slots]
+//! state_dir = "/var/lib/fast-sandbox"            # claim records, slot token
+//! containerd_root = "/var/lib/containerd"        # containerd's `root`
+//! placeholder_cgroup_root = "/fast-sandbox-slots"
+//! refill_interval = "50ms"  # pause between two slot creations
+//! refill_delay = "500ms"    # after a claim, before refilling that pool
+//! health_interval = "10s"
+//!
+//! [[pool]]                  # one per warm handler and shape
+//! handler = "fast-runc"     # what RuntimeClasses name; "" = the default handler
+//! upstream = "runc"         # containerd's handler
+//! size = 4                  # free slots kept
+//! network = "keep"          # "keep" (identity-free CNI only) or "rebind"
+//! shape = { seccomp = "unconfined" }   # or "runtime-default", "localhost/<path>"
 //! ```
 
 use std::{
@@ -25,8 +40,13 @@ use std::{
 };
 
 use anyhow::Context as _;
-use fast_sandbox_shim::{SocketConfig, SocketGroup, UpstreamConfig};
+use fast_sandbox_shim::{
+    slots::{PoolKey, SeccompShape, Shape},
+    SocketConfig, SocketGroup, UpstreamConfig,
+};
 use serde::Deserialize;
+
+use crate::pool::PoolSpec;
 
 /// The config file as written. Every field is optional; unknown fields are
 /// errors, so a typo never silently falls back to a default.
@@ -36,7 +56,71 @@ pub struct FileConfig {
     pub upstream: UpstreamSection,
     pub socket: SocketSection,
     pub log: LogSection,
+    pub slots: SlotsSection,
+    pub admin: AdminSection,
+    #[serde(rename = "pool")]
+    pub pools: Vec<PoolSection>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SlotsSection {
+    pub state_dir: Option<PathBuf>,
+    pub containerd_root: Option<PathBuf>,
+    pub placeholder_cgroup_root: Option<String>,
+    pub refill_interval: Option<HumanDuration>,
+    pub refill_delay: Option<HumanDuration>,
+    pub health_interval: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address of the metrics/pools/health endpoint; `""` disables it.
+    pub address: Option<String>,
+}
+
+/// One `[[pool]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSection {
+    /// Defaults to the handler (or `default` for the default handler).
+    pub name: Option<String>,
+    pub handler: String,
+    pub upstream: String,
+    pub size: usize,
+    #[serde(default)]
+    pub network: NetworkMode,
+    #[serde(default)]
+    pub shape: ShapeSection,
+}
+
+/// How a slot's network identity is handled at claim (DESIGN.md, "Network
+/// identity").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// Serve the slot's CNI attachment as is: only for identity-free CNIs
+    /// (bridge/host-local), never for policy-aware ones.
+    #[default]
+    Keep,
+    /// CNI DEL/ADD with the real pod's identity at claim.
+    Rebind,
+}
+
+/// The pool's shape: sandbox fields fixed once the pause runs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShapeSection {
+    pub seccomp: Option<String>,
+    pub run_as_user: Option<i64>,
+    pub run_as_group: Option<i64>,
+    pub supplemental_groups: Vec<i64>,
+}
+
+/// Largest pool a config may ask for: each slot holds a netns, an IP, a
+/// shim and a pause, so typos like `size = 4000` are refused.
+pub const MAX_POOL_SIZE: usize = 256;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -159,7 +243,30 @@ pub struct Settings {
     pub socket: SocketConfig,
     pub log_format: LogFormat,
     pub log_filter: Option<String>,
+    pub slots: SlotSettings,
+    /// `None`: no admin endpoint.
+    pub admin: Option<String>,
 }
+
+/// Where slots keep state and how the refill behaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotSettings {
+    pub state_dir: PathBuf,
+    pub containerd_root: PathBuf,
+    pub placeholder_cgroup_root: String,
+    pub refill_interval: Duration,
+    pub refill_delay: Duration,
+    pub health_interval: Duration,
+}
+
+impl SlotSettings {
+    pub const DEFAULT_STATE_DIR: &'static str = "/var/lib/fast-sandbox";
+    pub const DEFAULT_CONTAINERD_ROOT: &'static str = "/var/lib/containerd";
+    pub const DEFAULT_PLACEHOLDER_CGROUP_ROOT: &'static str = "/fast-sandbox-slots";
+}
+
+/// Default address of the admin endpoint (loopback only).
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9464";
 
 /// Reads and strictly parses the config file at `path`.
 pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
@@ -205,13 +312,131 @@ impl Settings {
                 .socket_group
                 .or(file.socket.group.map(SocketGroup::from)),
         };
+        let slots = SlotSettings {
+            state_dir: file
+                .slots
+                .state_dir
+                .unwrap_or_else(|| SlotSettings::DEFAULT_STATE_DIR.into()),
+            containerd_root: file
+                .slots
+                .containerd_root
+                .unwrap_or_else(|| SlotSettings::DEFAULT_CONTAINERD_ROOT.into()),
+            placeholder_cgroup_root: file
+                .slots
+                .placeholder_cgroup_root
+                .unwrap_or_else(|| SlotSettings::DEFAULT_PLACEHOLDER_CGROUP_ROOT.into()),
+            refill_interval: file
+                .slots
+                .refill_interval
+                .map_or(Duration::from_millis(50), |d| d.0),
+            refill_delay: file
+                .slots
+                .refill_delay
+                .map_or(Duration::from_millis(500), |d| d.0),
+            health_interval: file
+                .slots
+                .health_interval
+                .map_or(Duration::from_secs(10), |d| d.0),
+        };
+        let admin = match file.admin.address {
+            Some(a) if a.is_empty() => None,
+            Some(a) => Some(a),
+            None => Some(DEFAULT_ADMIN_ADDRESS.to_owned()),
+        };
         Settings {
             upstream,
             socket,
             log_format: overrides.log_format.or(file.log.format).unwrap_or_default(),
             log_filter: file.log.filter,
+            slots,
+            admin,
         }
     }
+}
+
+/// The configured pools, validated: each error names the pool and field.
+pub fn pool_specs(pools: &[PoolSection]) -> anyhow::Result<Vec<PoolSpec>> {
+    let mut specs: Vec<PoolSpec> = Vec::with_capacity(pools.len());
+    for (i, p) in pools.iter().enumerate() {
+        let name = p.name.clone().unwrap_or_else(|| {
+            if p.handler.is_empty() {
+                "default".to_owned()
+            } else {
+                p.handler.clone()
+            }
+        });
+        let at = format!("pool[{i}] ({name:?})");
+        anyhow::ensure!(
+            !name.is_empty()
+                && name.len() <= 40
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "{at}.name: must be 1-40 characters of [A-Za-z0-9-]"
+        );
+        anyhow::ensure!(
+            !p.upstream.is_empty(),
+            "{at}.upstream: must name containerd's runtime handler"
+        );
+        anyhow::ensure!(
+            p.size <= MAX_POOL_SIZE,
+            "{at}.size: {} is more than the maximum of {MAX_POOL_SIZE}",
+            p.size
+        );
+        anyhow::ensure!(
+            p.network == NetworkMode::Keep,
+            "{at}.network: \"rebind\" is not supported yet; use \"keep\" with an identity-free CNI \
+             (bridge/host-local), or no pool for this handler"
+        );
+        let seccomp = match p.shape.seccomp.as_deref() {
+            None | Some("unconfined") => SeccompShape::Unconfined,
+            Some("runtime-default") => SeccompShape::RuntimeDefault,
+            Some(other) => match other.strip_prefix("localhost/") {
+                Some(path) if !path.is_empty() => SeccompShape::Localhost(path.to_owned()),
+                _ => anyhow::bail!(
+                    "{at}.shape.seccomp: {other:?} is not \"unconfined\", \"runtime-default\" or \"localhost/<profile>\""
+                ),
+            },
+        };
+        let mut supplemental_groups = p.shape.supplemental_groups.clone();
+        supplemental_groups.sort_unstable();
+        supplemental_groups.dedup();
+        let key = PoolKey {
+            upstream_handler: p.upstream.clone(),
+            shape: Shape {
+                seccomp,
+                run_as_user: p.shape.run_as_user,
+                run_as_group: p.shape.run_as_group,
+                supplemental_groups,
+                selinux: None,
+            },
+        };
+        if let Some(prev) = specs.iter().find(|s| s.name == name) {
+            anyhow::bail!("{at}.name: duplicates the pool named {:?}", prev.name);
+        }
+        if let Some(prev) = specs
+            .iter()
+            .find(|s| s.exposed_handler == p.handler && s.key == key)
+        {
+            anyhow::bail!("{at}: same handler and shape as pool {:?}", prev.name);
+        }
+        if let Some(prev) = specs
+            .iter()
+            .find(|s| s.exposed_handler == p.handler && s.key.upstream_handler != p.upstream)
+        {
+            anyhow::bail!(
+                "{at}.upstream: handler {:?} already maps to {:?} in pool {:?}",
+                p.handler,
+                prev.key.upstream_handler,
+                prev.name
+            );
+        }
+        specs.push(PoolSpec {
+            name,
+            exposed_handler: p.handler.clone(),
+            key,
+            size: p.size,
+        });
+    }
+    Ok(specs)
 }
 
 #[cfg(test)]
@@ -235,6 +460,13 @@ mod tests {
         let path = write(&dir, "pools = 3\n");
         let err = format!("{:#}", load(&path).expect_err("unknown section"));
         assert!(err.contains("unknown field `pools`"), "{err}");
+
+        let path = write(
+            &dir,
+            "[[pool]]\nhandler = \"fast-runc\"\nupstream = \"runc\"\nsize = 1\nsise = 2\n",
+        );
+        let err = format!("{:#}", load(&path).expect_err("typo in a pool"));
+        assert!(err.contains("unknown field `sise`"), "{err}");
     }
 
     #[test]
@@ -355,6 +587,76 @@ mod tests {
             "99999999999999999999h",
         ] {
             assert!(bad.parse::<HumanDuration>().is_err(), "{bad:?}");
+        }
+    }
+
+    fn pools(text: &str) -> anyhow::Result<Vec<PoolSpec>> {
+        let file: FileConfig = toml::from_str(text)?;
+        pool_specs(&file.pools)
+    }
+
+    #[test]
+    fn pools_parse_with_shapes() {
+        let specs = pools(
+            r#"
+            [[pool]]
+            handler = "fast-runc"
+            upstream = "runc"
+            size = 4
+            [[pool]]
+            name = "runc-restricted"
+            handler = "fast-runc"
+            upstream = "runc"
+            size = 2
+            shape = { seccomp = "runtime-default", run_as_user = 1000, supplemental_groups = [3, 1, 3] }
+            [[pool]]
+            handler = ""
+            upstream = "crun"
+            size = 0
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(specs.len(), 3);
+        assert_eq!(specs[0].name, "fast-runc");
+        assert_eq!(specs[0].key.shape, Shape::default());
+        assert_eq!(specs[1].key.shape.seccomp, SeccompShape::RuntimeDefault);
+        assert_eq!(specs[1].key.shape.supplemental_groups, vec![1, 3]);
+        assert_eq!(specs[2].name, "default");
+        assert_eq!(specs[2].exposed_handler, "");
+    }
+
+    #[test]
+    fn bad_pools_are_explained() {
+        let one = |extra: &str| {
+            format!("[[pool]]\nhandler = \"fast-runc\"\nupstream = \"runc\"\nsize = 1\n{extra}")
+        };
+        let cases = [
+            (
+                one("network = \"rebind\""),
+                "pool[0] (\"fast-runc\").network",
+            ),
+            (one("shape = { seccomp = \"strict\" }"), "shape.seccomp"),
+            (one("name = \"../x\""), ".name"),
+            (
+                "[[pool]]\nhandler = \"h\"\nupstream = \"\"\nsize = 1\n".into(),
+                ".upstream",
+            ),
+            (
+                "[[pool]]\nhandler = \"h\"\nupstream = \"runc\"\nsize = 4000\n".into(),
+                ".size",
+            ),
+            (one("") + &one(""), "duplicates"),
+            (
+                one("")
+                    + &one("name = \"b\"\nshape = { seccomp = \"runtime-default\" }\n")
+                    + &one("name = \"c\"").replace("\"runc\"", "\"crun\""),
+                "already maps",
+            ),
+            (one("size = 2"), "duplicate key"),
+        ];
+        for (text, want) in cases {
+            let err = format!("{:#}", pools(&text).expect_err(&text));
+            assert!(err.contains(want), "{text}\n=> {err}");
         }
     }
 }

@@ -1,3 +1,7 @@
 //! The node plugin's library side: what its binary and its root tests share.
 
+pub mod admin;
+pub mod config;
 pub mod fixup;
+pub mod metrics;
+pub mod pool;

@@ -1,17 +1,24 @@
 //! `fast-sandbox-node`: the DaemonSet process. For now it serves the
 //! forwarding CRI shim; slot pools come next.
 
-mod config;
-
-use std::{future::Future, path::PathBuf};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use fast_sandbox_shim::{Shim, Upstream};
+use fast_sandbox_node::{
+    admin,
+    fixup::RealOps,
+    metrics::Metrics,
+    pool::{setns::SetnsFixup, ManagerConfig, PoolManager, PoolSpec},
+};
+use fast_sandbox_shim::{
+    slots::{HandlerMap, SlotSource, SLOT_NAMESPACE},
+    Shim, Upstream,
+};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{FileConfig, LogFormat, Overrides, Settings};
+use fast_sandbox_node::config::{self, FileConfig, LogFormat, Overrides, Settings};
 
 #[derive(Debug, Parser)]
 #[command(name = "fast-sandbox-node", version, about)]
@@ -35,19 +42,34 @@ struct ServeArgs {
     overrides: Overrides,
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Serve(args) => serve(args).await,
-    }
+    // One thread serves CRI: the proxy hop is dominated by kernel wakeups,
+    // and cross-thread handoffs only add to them. Blocking-pool threads
+    // (fix-ups) are kept instead of re-created: creating a thread waits
+    // behind any cgroup attach on the node, which would put container
+    // starts elsewhere on the claim path.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE)
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+        }
+    })
 }
+
+/// How long an idle blocking-pool thread is kept.
+const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(24 * 3600);
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let file = match &args.config {
         Some(path) => config::load(path)?,
         None => FileConfig::default(),
     };
+    let specs = config::pool_specs(&file.pools).context("invalid [[pool]] configuration")?;
     let settings = Settings::resolve(file, args.overrides);
     init_logging(&settings)?;
 
@@ -55,18 +77,103 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("configuring the upstream CRI client")?;
     // Install the handlers before binding, so a signal that arrives once the
     // socket exists is never lost.
-    let shutdown = shutdown_signal()?;
+    let signal = shutdown_signal()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        signal.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
     tracing::info!(
         upstream = %settings.upstream.endpoint,
         socket = %settings.socket.path.display(),
+        pools = specs.len(),
         "starting fast-sandbox-node"
     );
-    fast_sandbox_shim::serve(Shim::new(upstream), &settings.socket, shutdown)
+
+    let metrics = Arc::new(Metrics::default());
+    let pools = if specs.is_empty() {
+        None
+    } else {
+        Some(start_pools(&settings, specs, &metrics).await?)
+    };
+    let shim = match &pools {
+        None => Shim::new(upstream),
+        Some((manager, handlers)) => {
+            tokio::spawn(Arc::clone(manager).run(stopped()));
+            Shim::with_slots(
+                upstream,
+                handlers.clone(),
+                Arc::clone(manager) as Arc<dyn SlotSource>,
+            )
+        }
+    };
+    if let Some(address) = &settings.admin {
+        let addr: SocketAddr = address
+            .parse()
+            .with_context(|| format!("invalid admin address {address:?}"))?;
+        let (bound, server) = admin::bind(
+            addr,
+            pools.as_ref().map(|(m, _)| Arc::clone(m)),
+            metrics,
+            stopped(),
+        )
+        .await?;
+        tracing::info!(address = %bound, "serving metrics on /metrics, pools on /pools");
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "admin endpoint failed");
+            }
+        });
+    }
+    fast_sandbox_shim::serve(shim, &settings.socket, stopped())
         .await
         .with_context(|| format!("serving CRI on {}", settings.socket.path.display()))?;
     tracing::info!("stopped");
     Ok(())
 }
+
+/// Reconciles and starts the warm pools.
+async fn start_pools(
+    settings: &Settings,
+    specs: Vec<PoolSpec>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Arc<PoolManager>, HandlerMap)> {
+    let handlers = HandlerMap::new(
+        specs
+            .iter()
+            .map(|s| (s.exposed_handler.clone(), s.key.upstream_handler.clone())),
+    );
+    let channel = fast_sandbox_shim::cri_channel(&settings.upstream.endpoint)
+        .context("configuring the pools' upstream client")?;
+    let fixup = Arc::new(SetnsFixup::new(
+        Arc::new(RealOps::new()),
+        settings.slots.containerd_root.clone(),
+        FIXUP_DEADLINE,
+    ));
+    let cfg = ManagerConfig {
+        state_dir: settings.slots.state_dir.clone(),
+        placeholder_cgroup_root: settings.slots.placeholder_cgroup_root.clone(),
+        placeholder_namespace: SLOT_NAMESPACE.to_owned(),
+        upstream_timeout: settings.upstream.call_timeout,
+        refill_interval: settings.slots.refill_interval,
+        refill_delay: settings.slots.refill_delay,
+        health_interval: settings.slots.health_interval,
+    };
+    let manager = PoolManager::start(specs, cfg, channel, fixup, Arc::clone(metrics))
+        .await
+        .context("starting the warm pools (reconciling with upstream)")?;
+    Ok((manager, handlers))
+}
+
+/// Upper bound of one claim's fix-up; past it the slot is destroyed and the
+/// pod starts cold.
+const FIXUP_DEADLINE: Duration = Duration::from_secs(2);
 
 fn init_logging(settings: &Settings) -> anyhow::Result<()> {
     let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {

@@ -1,0 +1,92 @@
+//! The node plugin's HTTP endpoint: Prometheus metrics, pool state for the
+//! CLI and benchmarks, and a health check for the DaemonSet's probes.
+//!
+//! - `GET /metrics`: OpenMetrics text.
+//! - `GET /pools`: JSON array of [`PoolStats`].
+//! - `GET /healthz`: `ok`.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use anyhow::Context as _;
+use axum::{extract::State, http::header, response::IntoResponse, routing::get, Json, Router};
+
+use crate::{
+    metrics::{Metrics, PoolState},
+    pool::{PoolManager, PoolStats},
+};
+
+#[derive(Debug, Clone)]
+struct AppState {
+    pools: Option<Arc<PoolManager>>,
+    metrics: Arc<Metrics>,
+    registry: Arc<prometheus_client::registry::Registry>,
+}
+
+fn pool_stats(state: &AppState) -> Vec<PoolStats> {
+    state.pools.as_ref().map(|p| p.stats()).unwrap_or_default()
+}
+
+async fn get_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    for p in pool_stats(&state) {
+        for (name, value) in [
+            ("free", p.free),
+            ("claimed", p.claimed),
+            ("desired", p.desired),
+        ] {
+            let gauge = state.metrics.slots.get_or_create(&PoolState {
+                pool: p.name.clone(),
+                state: name,
+            });
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+    }
+    let mut body = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        return (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}"),
+        )
+            .into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn get_pools(State(state): State<AppState>) -> Json<Vec<PoolStats>> {
+    Json(pool_stats(&state))
+}
+
+/// Binds `addr` and serves until `shutdown` resolves. Returns the bound
+/// address (useful with port 0) and the serving future.
+pub async fn bind(
+    addr: SocketAddr,
+    pools: Option<Arc<PoolManager>>,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
+    let registry = Arc::new(Metrics::registry(&metrics));
+    let app = Router::new()
+        .route("/metrics", get(get_metrics))
+        .route("/pools", get(get_pools))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(AppState {
+            pools,
+            metrics,
+            registry,
+        });
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the admin endpoint on {addr}"))?;
+    let bound = listener.local_addr()?;
+    Ok((bound, async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }))
+}

@@ -1,0 +1,813 @@
+//! Warm slot pools: pre-created sandboxes handed to pods by the shim.
+//!
+//! Lifecycle of a slot (DESIGN.md, "The slot lifecycle"):
+//! 1. **Pre-create**: the refill task calls upstream `RunPodSandbox` with a
+//!    placeholder config whose shape is exactly the pool's [`PoolKey`] and
+//!    whose labels carry the node's secret slot token. containerd does all
+//!    the real work (netns, CNI IP, shim, pause).
+//! 2. **Claim**: [`PoolManager::claim`] takes a free slot of the same key,
+//!    writes the claim record durably, applies the fix-ups and returns.
+//! 3. **Use**: the shim reports the slot with the pod's identity
+//!    ([`SlotSource::view`]).
+//! 4. **Release**: kubelet stops and removes it like any sandbox; a slot is
+//!    single-use. The refill task replaces it in the background, one
+//!    creation at a time, so refill never starves cold work.
+//!
+//! Locking: one `std` mutex over the in-memory table, never held across an
+//! await; `view` (called for every sandbox of every list answer) only takes
+//! it briefly.
+
+pub mod records;
+pub mod setns;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    fmt,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use fast_sandbox_proto::cri::{
+    runtime_service_client::RuntimeServiceClient, ListPodSandboxRequest, PodSandboxConfig,
+    PodSandboxFilter, PodSandboxState, PodSandboxStatusRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StopPodSandboxRequest,
+};
+use fast_sandbox_shim::slots::{
+    Claim, ClaimFailed, ClaimedPod, ClaimedSlot, MissReason, NoSlot, PoolKey, SlotSource, SlotView,
+    SLOT_TOKEN_LABEL,
+};
+use tokio::sync::Notify;
+use tonic::transport::Channel;
+
+use self::records::{ClaimRecord, RecordStore};
+use crate::metrics::{Metrics, Miss, PoolLabel, PoolOutcome};
+
+/// One configured pool.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    /// Name used in labels, metrics and records (e.g. `fast-runc`).
+    pub name: String,
+    /// The handler kubelet asks for.
+    pub exposed_handler: String,
+    pub key: PoolKey,
+    /// Free slots to keep.
+    pub size: usize,
+}
+
+/// What is known about a running slot, for fix-ups.
+#[derive(Debug, Clone)]
+pub struct SlotFacts {
+    pub sandbox_id: String,
+    /// PID of the pause (or sentry) process on the host.
+    pub pause_pid: i32,
+    /// The placeholder's cgroup parent, where runc put the pause.
+    pub placeholder_cgroup_parent: String,
+}
+
+/// A fix-up that failed; the slot is destroyed and the pod starts cold.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FixupFailed(pub String);
+
+/// How a claimed slot is made to look like the pod's own sandbox: one
+/// mechanism per upstream runtime type (setns for runc/crun; gVisor and
+/// Kata need others), behind this trait so the pool can be tested with a
+/// fake.
+#[tonic::async_trait]
+pub trait Fixup: fmt::Debug + Send + Sync + 'static {
+    /// Makes the slot look like a cold sandbox of `real` from inside: runs
+    /// before the claim is answered.
+    async fn apply(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed>;
+    /// The rest, which nothing in the pod waits for (the pause's cgroup):
+    /// runs right after the claim is answered, and again for every claimed
+    /// slot found at start-up, so it must be idempotent.
+    async fn complete(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed>;
+    /// Cleans up what `apply` created outside containerd's knowledge, once
+    /// upstream has removed the sandbox.
+    async fn after_remove(&self, slot: &SlotFacts, real: &PodSandboxConfig);
+}
+
+/// Settings of the manager itself.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Where claim records and the token live.
+    pub state_dir: std::path::PathBuf,
+    /// cgroup parent under which placeholders are created; each slot gets
+    /// its own child (`<root>/<slot uid>`), so upstream stats of an
+    /// unclaimed slot are that slot's alone.
+    pub placeholder_cgroup_root: String,
+    /// Namespace of placeholder pods (never a real namespace's name).
+    pub placeholder_namespace: String,
+    /// Deadline for one upstream call made by the pool.
+    pub upstream_timeout: Duration,
+    /// Pause between two slot creations, so refill never monopolises
+    /// containerd while cold pods start.
+    pub refill_interval: Duration,
+    /// After a claim, how long the pool waits before refilling, so the
+    /// refill does not compete with the pod that just started (its
+    /// `CreateContainer`/`StartContainer` follow within milliseconds).
+    pub refill_delay: Duration,
+    /// How often free slots are checked for health.
+    pub health_interval: Duration,
+}
+
+#[derive(Debug)]
+enum Status {
+    Free,
+    Claiming,
+    Claimed(Arc<ClaimedPod>),
+}
+
+#[derive(Debug)]
+struct Slot {
+    pool: usize,
+    facts: SlotFacts,
+    status: Status,
+    /// The deferred part of a claim's fix-up, while it may still run.
+    completion: Option<Completion>,
+}
+
+/// A scheduled [`Fixup::complete`]: cancellable while it waits.
+#[derive(Debug)]
+struct Completion {
+    cancel: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    slots: HashMap<String, Slot>,
+    /// Free slot ids per pool index, oldest first.
+    free: Vec<VecDeque<String>>,
+    /// Desired free slots per pool index.
+    desired: Vec<usize>,
+    /// Per pool index: no refill before this instant (set by claims).
+    hold_until: Vec<Option<Instant>>,
+}
+
+/// Counters for metrics and the CLI.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct PoolStats {
+    pub name: String,
+    pub exposed_handler: String,
+    pub upstream_handler: String,
+    pub desired: usize,
+    pub free: usize,
+    pub claimed: usize,
+}
+
+/// The warm pools of one node.
+#[derive(Debug)]
+pub struct PoolManager {
+    specs: Vec<PoolSpec>,
+    cfg: ManagerConfig,
+    upstream: RuntimeServiceClient<Channel>,
+    token: String,
+    records: RecordStore,
+    fixup: Arc<dyn Fixup>,
+    metrics: Arc<Metrics>,
+    table: Mutex<Table>,
+    refill: Notify,
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .is_err()
+    {
+        // Uniqueness is all that is needed here, not secrecy.
+        let n = now_ns().to_le_bytes();
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = n[i % n.len()] ^ u8::try_from(i & 0xff).unwrap_or(0);
+        }
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl PoolManager {
+    /// Opens the record store, reconciles with upstream (claimed slots keep
+    /// their identity, orphaned placeholders are removed) and returns the
+    /// manager; call [`PoolManager::run`] to keep the pools full.
+    pub async fn start(
+        specs: Vec<PoolSpec>,
+        cfg: ManagerConfig,
+        upstream: Channel,
+        fixup: Arc<dyn Fixup>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let records = RecordStore::open(&cfg.state_dir)?;
+        let token = records.token()?;
+        let table = Table {
+            slots: HashMap::new(),
+            free: vec![VecDeque::new(); specs.len()],
+            desired: specs.iter().map(|s| s.size).collect(),
+            hold_until: vec![None; specs.len()],
+        };
+        let mgr = Arc::new(Self {
+            specs,
+            cfg,
+            upstream: RuntimeServiceClient::new(upstream),
+            token,
+            records,
+            fixup,
+            metrics,
+            table: Mutex::new(table),
+            refill: Notify::new(),
+        });
+        mgr.recover().await?;
+        Ok(mgr)
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        // A panic while holding the lock cannot leave the table half-updated
+        // in a way that matters more than losing the node plugin would.
+        self.table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(self.cfg.upstream_timeout);
+        r
+    }
+
+    /// Current pool counters.
+    pub fn stats(&self) -> Vec<PoolStats> {
+        let t = self.table();
+        self.specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| PoolStats {
+                name: s.name.clone(),
+                exposed_handler: s.exposed_handler.clone(),
+                upstream_handler: s.key.upstream_handler.clone(),
+                desired: t.desired[i],
+                free: t.free[i].len(),
+                claimed: t
+                    .slots
+                    .values()
+                    .filter(|sl| sl.pool == i && matches!(sl.status, Status::Claimed(_)))
+                    .count(),
+            })
+            .collect()
+    }
+
+    /// Changes how many free slots pool `name` keeps; excess free slots are
+    /// removed by the refill task.
+    pub fn set_size(&self, name: &str, size: usize) -> bool {
+        let Some(i) = self.specs.iter().position(|s| s.name == name) else {
+            return false;
+        };
+        self.table().desired[i] = size;
+        self.refill.notify_one();
+        true
+    }
+
+    /// Reconciles the in-memory table with the records and upstream.
+    async fn recover(&self) -> anyhow::Result<()> {
+        let (records, bad) = self.records.load()?;
+        for b in &bad {
+            tracing::error!(path = %b.path.display(), error = %b.error,
+                "claim record unreadable; ignoring it, the sandbox will be reported as a placeholder until removed");
+        }
+        let listed = self
+            .upstream
+            .clone()
+            .list_pod_sandbox(self.request(ListPodSandboxRequest {
+                filter: Some(PodSandboxFilter {
+                    label_selector: HashMap::from([(
+                        SLOT_TOKEN_LABEL.to_owned(),
+                        self.token.clone(),
+                    )]),
+                    ..Default::default()
+                }),
+            }))
+            .await?
+            .into_inner()
+            .items;
+        let mut by_id: HashMap<String, ClaimRecord> = records
+            .into_iter()
+            .map(|r| (r.sandbox_id.clone(), r))
+            .collect();
+        let mut orphans = Vec::new();
+        let mut completions = Vec::new();
+        {
+            let mut t = self.table();
+            for sb in &listed {
+                match by_id.remove(&sb.id) {
+                    Some(rec) => {
+                        let pool = self
+                            .specs
+                            .iter()
+                            .position(|s| s.name == rec.pool)
+                            .unwrap_or(0);
+                        let pod = Arc::new(ClaimedPod {
+                            config: rec.config,
+                            exposed_handler: rec.exposed_handler,
+                            claimed_at_ns: rec.claimed_at_ns,
+                        });
+                        let facts = SlotFacts {
+                            sandbox_id: sb.id.clone(),
+                            pause_pid: rec.pause_pid,
+                            placeholder_cgroup_parent: rec.placeholder_cgroup_parent,
+                        };
+                        t.slots.insert(
+                            sb.id.clone(),
+                            Slot {
+                                pool,
+                                facts: facts.clone(),
+                                status: Status::Claimed(Arc::clone(&pod)),
+                                completion: None,
+                            },
+                        );
+                        // The deferred part may not have run before the crash.
+                        if sb.state == PodSandboxState::SandboxReady as i32 {
+                            completions.push((facts, pod));
+                        }
+                    }
+                    None => orphans.push(sb.id.clone()),
+                }
+            }
+        }
+        // Records whose sandbox is gone upstream: the pod was removed while
+        // we were down.
+        for id in by_id.keys() {
+            tracing::info!(sandbox = %id, "claimed sandbox no longer exists upstream; forgetting its record");
+            self.records.remove(id)?;
+        }
+        for id in orphans {
+            tracing::info!(sandbox = %id, "removing unclaimed slot left by a previous run");
+            self.destroy(&id).await;
+        }
+        for (facts, pod) in completions {
+            self.spawn_complete(facts, pod);
+        }
+        Ok(())
+    }
+
+    /// Stops and removes a sandbox upstream, logging failures.
+    async fn destroy(&self, id: &str) {
+        let mut up = self.upstream.clone();
+        if let Err(e) = up
+            .stop_pod_sandbox(self.request(StopPodSandboxRequest {
+                pod_sandbox_id: id.to_owned(),
+            }))
+            .await
+        {
+            tracing::warn!(sandbox = %id, error = %e, "stopping slot failed");
+        }
+        if let Err(e) = up
+            .remove_pod_sandbox(self.request(RemovePodSandboxRequest {
+                pod_sandbox_id: id.to_owned(),
+            }))
+            .await
+        {
+            tracing::warn!(sandbox = %id, error = %e, "removing slot failed");
+        }
+    }
+
+    /// The placeholder config of a new slot of pool `i`.
+    fn placeholder(&self, i: usize, uid: &str) -> PodSandboxConfig {
+        let spec = &self.specs[i];
+        let name = format!("slot-{}-{}", spec.name, &uid[..12]);
+        fast_sandbox_shim::slots::placeholder_config(
+            &spec.key,
+            &fast_sandbox_shim::slots::Placeholder {
+                name: &name,
+                namespace: &self.cfg.placeholder_namespace,
+                uid,
+                pool: &spec.name,
+                token: &self.token,
+                cgroup_parent: &format!("{}/{uid}", self.cfg.placeholder_cgroup_root),
+            },
+        )
+    }
+
+    /// Creates one slot for pool `i` and adds it to the free list.
+    async fn create_slot(&self, i: usize) -> anyhow::Result<String> {
+        let uid = random_hex(16);
+        let config = self.placeholder(i, &uid);
+        let cgroup_parent = config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.clone())
+            .unwrap_or_default();
+        let mut up = self.upstream.clone();
+        let id = up
+            .run_pod_sandbox(self.request(RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: self.specs[i].key.upstream_handler.clone(),
+            }))
+            .await?
+            .into_inner()
+            .pod_sandbox_id;
+        match self.pause_pid(&id).await {
+            Ok(pid) => {
+                let mut t = self.table();
+                t.slots.insert(
+                    id.clone(),
+                    Slot {
+                        pool: i,
+                        facts: SlotFacts {
+                            sandbox_id: id.clone(),
+                            pause_pid: pid,
+                            placeholder_cgroup_parent: cgroup_parent,
+                        },
+                        status: Status::Free,
+                        completion: None,
+                    },
+                );
+                t.free[i].push_back(id.clone());
+                Ok(id)
+            }
+            Err(e) => {
+                self.destroy(&id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The pause PID from containerd's verbose status.
+    async fn pause_pid(&self, id: &str) -> anyhow::Result<i32> {
+        let resp = self
+            .upstream
+            .clone()
+            .pod_sandbox_status(self.request(PodSandboxStatusRequest {
+                pod_sandbox_id: id.to_owned(),
+                verbose: true,
+            }))
+            .await?
+            .into_inner();
+        let ready = resp
+            .status
+            .as_ref()
+            .is_some_and(|s| s.state == PodSandboxState::SandboxReady as i32);
+        anyhow::ensure!(ready, "slot {id} is not ready after creation");
+        let info = resp.info.get("info").map(String::as_str).unwrap_or("{}");
+        let v: serde_json::Value = serde_json::from_str(info)?;
+        let pid = v
+            .get("pid")
+            .and_then(serde_json::Value::as_i64)
+            .unwrap_or(0);
+        anyhow::ensure!(pid > 0, "containerd reported no pid for slot {id}");
+        Ok(i32::try_from(pid)?)
+    }
+
+    /// Keeps the pools at their desired size until `shutdown` resolves:
+    /// creates missing slots one at a time, removes excess free ones, and
+    /// checks free slots' health periodically.
+    pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut last_health = Instant::now();
+        let mut failures = 0u32;
+        loop {
+            let work = self.next_work();
+            match work {
+                Some(Work::Create(i)) => {
+                    let started = Instant::now();
+                    let result = self.create_slot(i).await;
+                    let outcome = if result.is_ok() { "ok" } else { "failed" };
+                    self.metrics
+                        .creations
+                        .get_or_create(&PoolOutcome {
+                            pool: self.specs[i].name.clone(),
+                            outcome,
+                        })
+                        .inc();
+                    match result {
+                        Ok(id) => {
+                            failures = 0;
+                            tracing::debug!(pool = %self.specs[i].name, sandbox = %id,
+                                elapsed_ms = started.elapsed().as_millis(), "slot created");
+                        }
+                        Err(e) => {
+                            failures = failures.saturating_add(1);
+                            tracing::warn!(pool = %self.specs[i].name, error = %e, "creating a slot failed");
+                        }
+                    }
+                    // Back off exponentially on failures (up to ~30 s).
+                    let pause = self.cfg.refill_interval
+                        + Duration::from_millis(100).saturating_mul(1 << failures.min(8));
+                    let pause = if failures == 0 {
+                        self.cfg.refill_interval
+                    } else {
+                        pause
+                    };
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = &mut shutdown => return,
+                    }
+                }
+                Some(Work::Trim(id)) => self.destroy(&id).await,
+                Some(Work::WaitUntil(until)) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until.into()) => {}
+                        () = &mut shutdown => return,
+                    }
+                }
+                None => {
+                    if last_health.elapsed() >= self.cfg.health_interval {
+                        self.check_health().await;
+                        last_health = Instant::now();
+                        continue;
+                    }
+                    tokio::select! {
+                        () = self.refill.notified() => {}
+                        () = tokio::time::sleep(self.cfg.health_interval) => {}
+                        () = &mut shutdown => return,
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_work(&self) -> Option<Work> {
+        let mut t = self.table();
+        let now = Instant::now();
+        let mut wait: Option<Instant> = None;
+        for i in 0..self.specs.len() {
+            if t.free[i].len() < t.desired[i] {
+                match t.hold_until[i] {
+                    Some(until) if until > now => {
+                        wait = Some(wait.map_or(until, |w| w.min(until)));
+                        continue;
+                    }
+                    _ => return Some(Work::Create(i)),
+                }
+            }
+            if t.free[i].len() > t.desired[i] {
+                let id = t.free[i].pop_front()?;
+                t.slots.remove(&id);
+                return Some(Work::Trim(id));
+            }
+        }
+        wait.map(Work::WaitUntil)
+    }
+
+    /// Removes free slots whose sandbox is no longer ready.
+    async fn check_health(&self) {
+        let free: Vec<String> = {
+            let t = self.table();
+            t.free.iter().flatten().cloned().collect()
+        };
+        for id in free {
+            let status = self
+                .upstream
+                .clone()
+                .pod_sandbox_status(self.request(PodSandboxStatusRequest {
+                    pod_sandbox_id: id.clone(),
+                    verbose: false,
+                }))
+                .await;
+            let healthy = match &status {
+                Ok(r) => r
+                    .get_ref()
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.state == PodSandboxState::SandboxReady as i32),
+                // Upstream unreachable: says nothing about the slot.
+                Err(s) if s.code() == tonic::Code::Unavailable => true,
+                Err(_) => false,
+            };
+            if !healthy {
+                let removed = {
+                    let mut t = self.table();
+                    let was_free =
+                        matches!(t.slots.get(&id).map(|s| &s.status), Some(Status::Free));
+                    if was_free {
+                        t.slots.remove(&id);
+                        for q in &mut t.free {
+                            q.retain(|x| x != &id);
+                        }
+                    }
+                    was_free
+                };
+                if removed {
+                    tracing::warn!(sandbox = %id, "free slot failed its health check; replacing it");
+                    self.destroy(&id).await;
+                    self.refill.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Takes a free slot of `key`, marking it as being claimed.
+    fn take_free(&self, key: &PoolKey, exposed: &str) -> Result<(usize, SlotFacts), NoSlot> {
+        let mut t = self.table();
+        let mut any_pool = false;
+        for (i, spec) in self.specs.iter().enumerate() {
+            if spec.key != *key || spec.exposed_handler != exposed {
+                continue;
+            }
+            any_pool = true;
+            while let Some(id) = t.free[i].pop_front() {
+                if let Some(slot) = t.slots.get_mut(&id) {
+                    slot.status = Status::Claiming;
+                    let facts = slot.facts.clone();
+                    t.hold_until[i] = Some(Instant::now() + self.cfg.refill_delay);
+                    return Ok((i, facts));
+                }
+            }
+        }
+        Err(if any_pool {
+            NoSlot::PoolEmpty
+        } else {
+            NoSlot::NoPool
+        })
+    }
+
+    /// Undoes a claim that could not finish: the slot is destroyed.
+    async fn abandon(&self, facts: &SlotFacts) {
+        self.table().slots.remove(&facts.sandbox_id);
+        if let Err(e) = self.records.remove(&facts.sandbox_id) {
+            tracing::error!(sandbox = %facts.sandbox_id, error = %e, "removing the claim record failed");
+        }
+        self.destroy(&facts.sandbox_id).await;
+        self.refill.notify_one();
+    }
+}
+
+enum Work {
+    Create(usize),
+    Trim(String),
+    /// Nothing to do before this instant (a refill is held after a claim).
+    WaitUntil(Instant),
+}
+
+#[tonic::async_trait]
+impl SlotSource for PoolManager {
+    async fn claim(&self, claim: &Claim) -> Result<Result<ClaimedSlot, NoSlot>, ClaimFailed> {
+        let started = Instant::now();
+        let (i, facts) = match self.take_free(&claim.key, &claim.exposed_handler) {
+            Ok(found) => found,
+            Err(no) => {
+                let reason = match no {
+                    NoSlot::NoPool => "no_pool",
+                    NoSlot::PoolEmpty => "pool_empty",
+                };
+                self.metrics
+                    .misses
+                    .get_or_create(&Miss {
+                        handler: claim.exposed_handler.clone(),
+                        reason,
+                    })
+                    .inc();
+                return Ok(Err(no));
+            }
+        };
+        let result = self.claim_slot(claim, i, &facts).await;
+        let pool = self.specs[i].name.clone();
+        let outcome = if result.is_ok() { "hit" } else { "failed" };
+        self.metrics
+            .claims
+            .get_or_create(&PoolOutcome {
+                pool: pool.clone(),
+                outcome,
+            })
+            .inc();
+        if result.is_ok() {
+            self.metrics
+                .claim_duration
+                .get_or_create(&PoolLabel { pool })
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result.map(Ok)
+    }
+
+    fn view(&self, sandbox_id: &str, upstream_labels: &HashMap<String, String>) -> SlotView {
+        self.view_of(sandbox_id, upstream_labels)
+    }
+
+    async fn removed(&self, sandbox_id: &str) {
+        self.forget(sandbox_id).await;
+    }
+
+    fn missed(&self, handler: &str, _key: Option<&PoolKey>, reason: MissReason) {
+        // Handlers that are not ours are not misses of this node's pools.
+        if reason != MissReason::NotFastHandler {
+            self.metrics
+                .misses
+                .get_or_create(&Miss {
+                    handler: handler.to_owned(),
+                    reason: reason.as_str(),
+                })
+                .inc();
+        }
+    }
+}
+
+impl PoolManager {
+    /// The claim proper, once a free slot was taken.
+    async fn claim_slot(
+        &self,
+        claim: &Claim,
+        i: usize,
+        facts: &SlotFacts,
+    ) -> Result<ClaimedSlot, ClaimFailed> {
+        self.refill.notify_one();
+        let failed = |reason: String| ClaimFailed {
+            sandbox_id: facts.sandbox_id.clone(),
+            reason,
+        };
+        let record = ClaimRecord {
+            sandbox_id: facts.sandbox_id.clone(),
+            pool: self.specs[i].name.clone(),
+            exposed_handler: claim.exposed_handler.clone(),
+            claimed_at_ns: now_ns(),
+            pause_pid: facts.pause_pid,
+            placeholder_cgroup_parent: facts.placeholder_cgroup_parent.clone(),
+            config: claim.config.clone(),
+        };
+        // Durable before anything else: after this, a crash leaves a pod
+        // that owns this slot, never a slot handed out twice.
+        if let Err(e) = self.records.put(&record) {
+            self.abandon(facts).await;
+            return Err(failed(format!("recording the claim: {e}")));
+        }
+        if let Err(e) = self.fixup.apply(facts, &claim.config).await {
+            self.abandon(facts).await;
+            return Err(failed(format!("fix-up: {e}")));
+        }
+        let pod = Arc::new(ClaimedPod {
+            config: record.config,
+            exposed_handler: record.exposed_handler,
+            claimed_at_ns: record.claimed_at_ns,
+        });
+        if let Some(slot) = self.table().slots.get_mut(&facts.sandbox_id) {
+            slot.status = Status::Claimed(Arc::clone(&pod));
+        }
+        self.spawn_complete(facts.clone(), pod);
+        Ok(ClaimedSlot {
+            sandbox_id: facts.sandbox_id.clone(),
+        })
+    }
+
+    /// Schedules the fix-up's deferred part: after `refill_delay`, so the
+    /// pod's own `CreateContainer`/`StartContainer` have the node to
+    /// themselves (the cgroup move stalls thread creation system-wide for
+    /// an RCU grace period). Cancelled if the pod is removed first.
+    fn spawn_complete(&self, facts: SlotFacts, pod: Arc<ClaimedPod>) {
+        let fixup = Arc::clone(&self.fixup);
+        let cancel = Arc::new(Notify::new());
+        let delay = self.cfg.refill_delay;
+        let id = facts.sandbox_id.clone();
+        let cancelled = Arc::clone(&cancel);
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = cancelled.notified() => return,
+            }
+            if let Err(e) = fixup.complete(&facts, &pod.config).await {
+                tracing::error!(sandbox = %facts.sandbox_id, error = %e,
+                    "completing the fix-up failed; the pod runs, but its pause stays in the placeholder cgroup");
+            }
+        });
+        if let Some(slot) = self.table().slots.get_mut(&id) {
+            slot.completion = Some(Completion { cancel, task });
+        }
+    }
+
+    fn view_of(&self, sandbox_id: &str, upstream_labels: &HashMap<String, String>) -> SlotView {
+        if let Some(slot) = self.table().slots.get(sandbox_id) {
+            return match &slot.status {
+                Status::Claimed(pod) => SlotView::Claimed(Arc::clone(pod)),
+                Status::Free | Status::Claiming => SlotView::Unclaimed,
+            };
+        }
+        // Not in the table: a slot still being created, or one a previous
+        // run left behind. Only the secret token makes it ours.
+        if upstream_labels
+            .get(SLOT_TOKEN_LABEL)
+            .is_some_and(|t| *t == self.token)
+        {
+            SlotView::Unclaimed
+        } else {
+            SlotView::NotASlot
+        }
+    }
+
+    async fn forget(&self, sandbox_id: &str) {
+        let slot = self.table().slots.remove(sandbox_id);
+        let Some(mut slot) = slot else { return };
+        if let Some(c) = slot.completion.take() {
+            // Never clean up while a cgroup move may still create the leaf.
+            c.cancel.notify_one();
+            let _ = c.task.await;
+        }
+        if let Status::Claimed(pod) = &slot.status {
+            if let Err(e) = self.records.remove(sandbox_id) {
+                tracing::error!(sandbox = %sandbox_id, error = %e, "removing the claim record failed");
+            }
+            self.fixup.after_remove(&slot.facts, &pod.config).await;
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The fix-up mechanism for runtimes whose pause is an ordinary host process
+//! (runc, crun): rewrite containerd's per-sandbox files in place, `setns`
+//! into the pause's namespaces for the hostname and sysctls, and move the
+//! pause into the pod's cgroup (see [`crate::fixup`]).
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use fast_sandbox_proto::cri::PodSandboxConfig;
+
+use super::{Fixup, FixupFailed, SlotFacts};
+use crate::fixup::{self, CgroupMove, FixupPlan, NodeOps, Phase, SandboxId};
+
+/// [`Fixup`] through host namespaces and cgroupfs.
+#[derive(Debug)]
+pub struct SetnsFixup {
+    ops: Arc<dyn NodeOps>,
+    containerd_root: PathBuf,
+    deadline: Duration,
+}
+
+impl SetnsFixup {
+    /// `containerd_root` is containerd's `root` (its per-sandbox files live
+    /// under `<root>/io.containerd.grpc.v1.cri/sandboxes/<id>`); `deadline`
+    /// bounds one claim's fix-up.
+    pub fn new(ops: Arc<dyn NodeOps>, containerd_root: PathBuf, deadline: Duration) -> Self {
+        Self {
+            ops,
+            containerd_root,
+            deadline,
+        }
+    }
+}
+
+impl SetnsFixup {
+    fn plan(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<FixupPlan, FixupFailed> {
+        FixupPlan::from_config(
+            &slot.sandbox_id,
+            slot.pause_pid,
+            &self.containerd_root,
+            &slot.placeholder_cgroup_parent,
+            real,
+        )
+        .map_err(|e| FixupFailed(e.to_string()))
+    }
+}
+
+#[tonic::async_trait]
+impl Fixup for SetnsFixup {
+    async fn apply(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        let plan = self.plan(slot, real)?;
+        let report =
+            fixup::apply_phase(Arc::clone(&self.ops), plan, Phase::Identity, self.deadline)
+                .await
+                .map_err(|e| FixupFailed(format!("{e}: {}", e.source)))?;
+        tracing::debug!(sandbox = %slot.sandbox_id, total = ?report.total, "identity fixed up");
+        Ok(())
+    }
+
+    async fn complete(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        let plan = self.plan(slot, real)?;
+        let report = fixup::apply_phase(Arc::clone(&self.ops), plan, Phase::Cgroup, self.deadline)
+            .await
+            .map_err(|e| FixupFailed(format!("{e}: {}", e.source)))?;
+        tracing::debug!(sandbox = %slot.sandbox_id, total = ?report.total, "cgroup moved");
+        Ok(())
+    }
+
+    async fn after_remove(&self, slot: &SlotFacts, real: &PodSandboxConfig) {
+        let real_parent = real
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.as_str())
+            .unwrap_or_default();
+        let cgroup = SandboxId::parse(&slot.sandbox_id)
+            .and_then(|id| CgroupMove::new(&id, &slot.placeholder_cgroup_parent, real_parent));
+        let result = match cgroup {
+            Ok(cgroup) => {
+                fixup::cleanup_after_remove(Arc::clone(&self.ops), cgroup, self.deadline).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(sandbox = %slot.sandbox_id, error = %e, "cleaning up the claimed slot's cgroup failed");
+        }
+    }
+}
