@@ -2,8 +2,10 @@
 //! (direct vs through the shim, cold vs warm), interleaved so machine noise
 //! hits both sides alike; report the ratio, not the absolute times.
 
+mod common;
 mod proxy;
 mod stats;
+mod warm;
 
 use clap::{Parser, Subcommand};
 
@@ -19,11 +21,16 @@ enum Cmd {
     /// Proxy overhead: unary CRI calls and a full pod lifecycle, straight to
     /// containerd vs through a `fast-sandbox-node` process.
     Proxy(proxy::Opts),
+    /// Warm vs cold pod starts through `fast-sandbox-node` with warm pools:
+    /// RunPodSandbox and pod start (to container running), concurrent
+    /// claims, and the memory an idle slot costs.
+    Warm(warm::Opts),
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().cmd {
         Cmd::Proxy(opts) => proxy::run(opts).await,
+        Cmd::Warm(opts) => warm::run(opts).await,
     }
 }

@@ -2,25 +2,20 @@
 //! through a real `fast-sandbox-node` process, interleaved call by call.
 
 use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-    process::Stdio,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use fast_sandbox_proto::cri::{
-    runtime_service_client::RuntimeServiceClient, ContainerConfig, ContainerMetadata,
-    CreateContainerRequest, DnsConfig, ImageSpec, LinuxPodSandboxConfig, ListContainersRequest,
-    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    ListContainersRequest, PodSandboxStatusRequest, RunPodSandboxRequest, StopContainerRequest,
     VersionRequest,
 };
-use tonic::transport::Channel;
 
-use crate::stats::{ratio, Pretty, Samples};
-
-type Runtime = RuntimeServiceClient<Channel>;
+use crate::{
+    common::{self, NodeProcess, Runtime},
+    stats::{ratio, Pretty, Samples},
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Opts {
@@ -44,89 +39,14 @@ pub struct Opts {
     handler: String,
 }
 
-/// A `fast-sandbox-node serve` child process, killed when dropped.
-struct NodeProcess {
-    /// Killed on drop (`kill_on_drop`).
-    _child: tokio::process::Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl NodeProcess {
-    async fn spawn(binary: &Path, upstream: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("fs-bench-").tempdir()?;
-        let socket = dir.path().join("cri.sock");
-        let child = tokio::process::Command::new(binary)
-            .arg("serve")
-            .arg("--upstream-endpoint")
-            .arg(upstream)
-            .arg("--socket")
-            .arg(&socket)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        Ok(Self {
-            _child: child,
-            socket,
-            _dir: dir,
-        })
-    }
-
-    fn endpoint(&self) -> String {
-        format!("unix://{}", self.socket.display())
-    }
-}
-
-fn client(endpoint: &str) -> anyhow::Result<Runtime> {
-    let channel = fast_sandbox_shim::cri_channel(endpoint)?;
-    Ok(RuntimeServiceClient::new(channel))
-}
-
-/// Waits until `rt` answers `Version`, bounded by `deadline`.
-async fn wait_ready(rt: &mut Runtime, deadline: Duration) -> anyhow::Result<()> {
-    let start = Instant::now();
-    loop {
-        match rt.version(VersionRequest::default()).await {
-            Ok(_) => return Ok(()),
-            Err(e) if start.elapsed() > deadline => bail!("shim not ready after {deadline:?}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-}
-
-fn sandbox_config(name: &str) -> PodSandboxConfig {
-    let uid = format!("bench-{name}");
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            uid: uid.clone(),
-            namespace: "fast-sandbox-bench".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        dns_config: Some(DnsConfig {
-            servers: vec!["10.209.0.10".into()],
-            ..Default::default()
-        }),
-        labels: HashMap::from([("fast-sandbox.bench".into(), "proxy".into())]),
-        linux: Some(LinuxPodSandboxConfig {
-            cgroup_parent: format!("/kubepods/besteffort/pod{uid}"),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-/// One full pod: sandbox, container started, stopped, removed.
+/// One full pod: sandbox, container started and stopped, sandbox removed.
 async fn pod_lifecycle(
     rt: &mut Runtime,
     name: &str,
     handler: &str,
     image: &str,
 ) -> anyhow::Result<Duration> {
-    let config = sandbox_config(name);
+    let config = common::sandbox_config(name);
     let start = Instant::now();
     let sid = rt
         .run_pod_sandbox(RunPodSandboxRequest {
@@ -138,32 +58,7 @@ async fn pod_lifecycle(
         .into_inner()
         .pod_sandbox_id;
     let result = async {
-        let cid = rt
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: sid.clone(),
-                config: Some(ContainerConfig {
-                    metadata: Some(ContainerMetadata {
-                        name: "app".into(),
-                        attempt: 0,
-                    }),
-                    image: Some(ImageSpec {
-                        image: image.into(),
-                        ..Default::default()
-                    }),
-                    command: vec!["/bin/sleep".into(), "3600".into()],
-                    ..Default::default()
-                }),
-                sandbox_config: Some(config.clone()),
-            })
-            .await
-            .context("CreateContainer")?
-            .into_inner()
-            .container_id;
-        rt.start_container(StartContainerRequest {
-            container_id: cid.clone(),
-        })
-        .await
-        .context("StartContainer")?;
+        let cid = common::start_container(rt, &sid, &config, image).await?;
         rt.stop_container(StopContainerRequest {
             container_id: cid,
             timeout: 0,
@@ -174,39 +69,11 @@ async fn pod_lifecycle(
     }
     .await;
     // Always tear the sandbox down, also when a step failed.
-    let stop = rt
-        .stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: sid.clone(),
-        })
-        .await;
-    let remove = rt
-        .remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: sid,
-        })
-        .await;
+    let removed = common::remove_pod(rt, &sid, &config).await;
     let elapsed = start.elapsed();
-    remove_pod_cgroup(&config);
     result?;
-    stop.context("StopPodSandbox")?;
-    remove.context("RemovePodSandbox")?;
+    removed?;
     Ok(elapsed)
-}
-
-/// Removes the pod-level cgroup runc created under the cgroup parent
-/// (kubelet's job; the bench has no kubelet).
-fn remove_pod_cgroup(config: &PodSandboxConfig) {
-    let Some(parent) = config
-        .linux
-        .as_ref()
-        .map(|l| l.cgroup_parent.trim_start_matches('/'))
-    else {
-        return;
-    };
-    if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
-        for h in hierarchies.flatten() {
-            let _ = std::fs::remove_dir(h.path().join(parent));
-        }
-    }
 }
 
 struct Row {
@@ -237,20 +104,14 @@ fn print_table(rows: &[Row]) {
 }
 
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
-    let binary = match &opts.node_binary {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("binary has no directory")?
-            .join("fast-sandbox-node"),
-    };
-    let node = NodeProcess::spawn(&binary, &opts.upstream).await?;
-    let mut direct = client(&opts.upstream)?;
-    let mut shim = client(&node.endpoint())?;
-    wait_ready(&mut shim, Duration::from_secs(10)).await?;
+    let binary = common::node_binary(opts.node_binary.as_deref())?;
+    let node = NodeProcess::spawn(&binary, &opts.upstream, "").await?;
+    let mut direct = common::client(&opts.upstream)?;
+    let mut shim = common::client(&node.endpoint())?;
+    common::wait_ready(&mut shim, Duration::from_secs(10)).await?;
 
     // A pod for the status calls, created straight on containerd.
-    let probe_config = sandbox_config("proxy-probe");
+    let probe_config = common::sandbox_config("proxy-probe");
     let probe = direct
         .run_pod_sandbox(RunPodSandboxRequest {
             config: Some(probe_config.clone()),
@@ -261,19 +122,10 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         .into_inner()
         .pod_sandbox_id;
     let result = measure(&opts, &mut direct, &mut shim, &probe).await;
-    let _ = direct
-        .stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: probe.clone(),
-        })
-        .await;
-    let _ = direct
-        .remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: probe,
-        })
-        .await;
-    remove_pod_cgroup(&probe_config);
-    drop(node);
+    let removed = common::remove_pod(&mut direct, &probe, &probe_config).await;
+    node.stop().await?;
     let rows = result?;
+    removed?;
     print_table(&rows);
     Ok(())
 }

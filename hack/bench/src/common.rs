@@ -1,0 +1,286 @@
+//! Pieces shared by the benchmarks: the node plugin as a child process, CRI
+//! clients, bench pod configs and their teardown.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use fast_sandbox_proto::cri::{
+    runtime_service_client::RuntimeServiceClient, ContainerConfig, ContainerMetadata,
+    CreateContainerRequest, DnsConfig, ImageSpec, LinuxPodSandboxConfig, ListPodSandboxRequest,
+    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, StartContainerRequest,
+    StopPodSandboxRequest, VersionRequest,
+};
+use tonic::transport::Channel;
+
+pub type Runtime = RuntimeServiceClient<Channel>;
+
+/// Namespace of every pod a benchmark creates.
+pub const BENCH_NAMESPACE: &str = "fast-sandbox-bench";
+
+/// A `fast-sandbox-node serve` child process, killed when dropped.
+#[derive(Debug)]
+pub struct NodeProcess {
+    child: tokio::process::Child,
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The `fast-sandbox-node` binary: `explicit`, else the one beside this one.
+pub fn node_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match explicit {
+        Some(b) => Ok(b.to_owned()),
+        None => Ok(std::env::current_exe()?
+            .parent()
+            .context("binary has no directory")?
+            .join("fast-sandbox-node")),
+    }
+}
+
+impl NodeProcess {
+    /// Starts the node plugin forwarding to `upstream`. `config` is TOML
+    /// appended to the generated file (pools, slots); `{dir}` in it is
+    /// replaced by the process's private directory.
+    pub async fn spawn(binary: &Path, upstream: &str, config: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("fs-bench-").tempdir()?;
+        let socket = dir.path().join("cri.sock");
+        let path = dir.path().join("node.toml");
+        let text = format!(
+            "[upstream]\nendpoint = {upstream:?}\n[socket]\npath = {:?}\n{}",
+            socket.display().to_string(),
+            config.replace("{dir}", &dir.path().display().to_string())
+        );
+        std::fs::write(&path, text)?;
+        let child = tokio::process::Command::new(binary)
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(Self {
+            child,
+            socket,
+            _dir: dir,
+        })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Stops the process with SIGTERM and waits for it (bounded).
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.child.id() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
+            Ok(status) => {
+                status?;
+            }
+            Err(_) => self.child.kill().await?,
+        }
+        Ok(())
+    }
+}
+
+pub fn client(endpoint: &str) -> anyhow::Result<Runtime> {
+    let channel = fast_sandbox_shim::cri_channel(endpoint)?;
+    Ok(RuntimeServiceClient::new(channel))
+}
+
+/// Waits until `rt` answers `Version`, bounded by `deadline`.
+pub async fn wait_ready(rt: &mut Runtime, deadline: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        match rt.version(VersionRequest::default()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if start.elapsed() > deadline => bail!("shim not ready after {deadline:?}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// A small kubelet-shaped sandbox config for pod `name`.
+pub fn sandbox_config(name: &str) -> PodSandboxConfig {
+    let uid = format!("bench-{name}");
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: uid.clone(),
+            namespace: BENCH_NAMESPACE.into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        dns_config: Some(DnsConfig {
+            servers: vec!["10.209.0.10".into()],
+            ..Default::default()
+        }),
+        labels: HashMap::from([("fast-sandbox.bench".into(), "pod".into())]),
+        linux: Some(LinuxPodSandboxConfig {
+            cgroup_parent: format!("/kubepods/besteffort/pod{uid}"),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Creates and starts a `sleep` container in sandbox `sid`.
+pub async fn start_container(
+    rt: &mut Runtime,
+    sid: &str,
+    config: &PodSandboxConfig,
+    image: &str,
+) -> anyhow::Result<String> {
+    let cid = rt
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: sid.to_owned(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: "app".into(),
+                    attempt: 0,
+                }),
+                image: Some(ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                command: vec!["/bin/sleep".into(), "3600".into()],
+                ..Default::default()
+            }),
+            sandbox_config: Some(config.clone()),
+        })
+        .await
+        .context("CreateContainer")?
+        .into_inner()
+        .container_id;
+    rt.start_container(StartContainerRequest {
+        container_id: cid.clone(),
+    })
+    .await
+    .context("StartContainer")?;
+    Ok(cid)
+}
+
+/// Stops and removes sandbox `sid` (and its containers), then the pod-level
+/// cgroup runc created (kubelet's job; the bench has no kubelet).
+pub async fn remove_pod(
+    rt: &mut Runtime,
+    sid: &str,
+    config: &PodSandboxConfig,
+) -> anyhow::Result<()> {
+    let stop = rt
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: sid.to_owned(),
+        })
+        .await;
+    let remove = rt
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: sid.to_owned(),
+        })
+        .await;
+    remove_pod_cgroup(config);
+    stop.context("StopPodSandbox")?;
+    remove.context("RemovePodSandbox")?;
+    Ok(())
+}
+
+/// Removes the pod-level cgroup directory of `config` in every hierarchy.
+pub fn remove_pod_cgroup(config: &PodSandboxConfig) {
+    let Some(parent) = config
+        .linux
+        .as_ref()
+        .map(|l| l.cgroup_parent.trim_start_matches('/'))
+    else {
+        return;
+    };
+    if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+        for h in hierarchies.flatten() {
+            let _ = std::fs::remove_dir(h.path().join(parent));
+        }
+    }
+}
+
+/// Removes every sandbox upstream in `namespace` (bench pods or slots a
+/// stopped node plugin left behind). Returns how many.
+pub async fn remove_namespace(rt: &mut Runtime, namespace: &str) -> anyhow::Result<usize> {
+    let items = rt
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await?
+        .into_inner()
+        .items;
+    let mut n = 0;
+    for sb in items {
+        if sb
+            .metadata
+            .as_ref()
+            .is_some_and(|m| m.namespace == namespace)
+        {
+            let _ = rt
+                .stop_pod_sandbox(StopPodSandboxRequest {
+                    pod_sandbox_id: sb.id.clone(),
+                })
+                .await;
+            rt.remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: sb.id.clone(),
+            })
+            .await?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// A plain HTTP GET on loopback (the node plugin's admin endpoint).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8(buf)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "GET {path}: {head}"
+    );
+    Ok(body.to_owned())
+}
+
+/// Resident set size of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("VmRSS missing")?;
+    Ok(kb * 1024)
+}
+
+/// The host's `MemAvailable`, in bytes.
+pub fn mem_available() -> anyhow::Result<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo")?;
+    let kb = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("MemAvailable missing")?;
+    Ok(kb * 1024)
+}

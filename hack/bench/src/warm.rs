@@ -1,0 +1,340 @@
+//! Warm vs cold, through one `fast-sandbox-node` with warm pools:
+//!
+//! 1. Sequential: for each handler, cold and warm pods alternate (cold =
+//!    the upstream handler name, forwarded untouched through the same shim;
+//!    warm = the `fast-` handler). Each pod: `RunPodSandbox`, then
+//!    `CreateContainer` + `StartContainer` (pod start = all three). Before a
+//!    warm pod the bench waits for a free slot, so every warm sample is a
+//!    hit; the hit counter is checked against the number of warm pods.
+//! 2. Concurrent: `--concurrent` warm `RunPodSandbox` at once on a full pool.
+//! 3. Idle slots (`--idle-slots N`): the node plugin's RSS with N idle
+//!    slots, and the host memory one idle slot costs (MemAvailable before
+//!    and after, divided by N).
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use fast_sandbox_proto::cri::RunPodSandboxRequest;
+use serde_json::Value;
+
+use crate::{
+    common::{self, NodeProcess, Runtime, BENCH_NAMESPACE},
+    stats::{ratio, Pretty, Samples},
+};
+
+/// Namespace the node plugin gives placeholder pods (its default).
+const SLOT_NAMESPACE: &str = "fast-sandbox-slots";
+
+#[derive(Debug, clap::Args)]
+pub struct Opts {
+    /// containerd's CRI endpoint.
+    #[arg(long, env = "FAST_SANDBOX_CONTAINERD_ENDPOINT")]
+    upstream: String,
+    /// containerd's root directory (fix-ups rewrite files under it).
+    #[arg(long, env = "FAST_SANDBOX_CONTAINERD_ROOT")]
+    containerd_root: PathBuf,
+    /// Image of the pods' container (already present; never pulled).
+    #[arg(long, env = "FAST_SANDBOX_TEST_IMAGE")]
+    image: String,
+    /// The `fast-sandbox-node` binary; defaults to the one beside this binary.
+    #[arg(long)]
+    node_binary: Option<PathBuf>,
+    /// Upstream handlers to compare, each warm as `fast-<handler>`.
+    #[arg(long, value_delimiter = ',', default_value = "runc,crun")]
+    handlers: Vec<String>,
+    /// Cold and warm pods per handler.
+    #[arg(long, default_value_t = 30)]
+    pods: usize,
+    /// Concurrent warm claims (0 skips the phase).
+    #[arg(long, default_value_t = 20)]
+    concurrent: usize,
+    /// Idle slots for the memory phase (0 skips it).
+    #[arg(long, default_value_t = 50)]
+    idle_slots: usize,
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+/// Starts the node plugin with one pool per handler of `size` slots.
+async fn start_node(
+    opts: &Opts,
+    sizes: &[(String, usize)],
+) -> anyhow::Result<(NodeProcess, SocketAddr)> {
+    let admin = free_port()?;
+    let mut config = format!(
+        "[admin]\naddress = \"{admin}\"\n[slots]\nstate_dir = \"{{dir}}/state\"\ncontainerd_root = {:?}\nrefill_interval = \"0ms\"\n",
+        opts.containerd_root.display().to_string()
+    );
+    for (handler, size) in sizes {
+        config.push_str(&format!(
+            "[[pool]]\nhandler = \"fast-{handler}\"\nupstream = \"{handler}\"\nsize = {size}\n"
+        ));
+    }
+    let binary = common::node_binary(opts.node_binary.as_deref())?;
+    let node = NodeProcess::spawn(&binary, &opts.upstream, &config).await?;
+    let mut rt = common::client(&node.endpoint())?;
+    common::wait_ready(&mut rt, Duration::from_secs(10)).await?;
+    Ok((node, admin))
+}
+
+/// Free slots per pool, from the admin endpoint.
+async fn free_slots(admin: SocketAddr) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    let body = common::http_get(admin, "/pools").await?;
+    let v: Value = serde_json::from_str(&body)?;
+    Ok(v.as_array()
+        .context("/pools is not an array")?
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default().to_owned(),
+                p["free"].as_u64().unwrap_or(0),
+                p["desired"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect())
+}
+
+/// Waits until pool `pool` has at least `n` free slots (bounded).
+async fn wait_free(
+    admin: SocketAddr,
+    pool: &str,
+    n: u64,
+    deadline: Duration,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let pools = free_slots(admin).await?;
+        if pools
+            .iter()
+            .any(|(name, free, _)| name == pool && *free >= n)
+        {
+            return Ok(());
+        }
+        if start.elapsed() > deadline {
+            bail!("pool {pool} did not reach {n} free slots in {deadline:?}: {pools:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Claims served so far by `pool`, from the metrics.
+async fn hits(admin: SocketAddr, pool: &str) -> anyhow::Result<u64> {
+    let text = common::http_get(admin, "/metrics").await?;
+    let prefix = format!("fast_sandbox_claims_total{{pool=\"{pool}\",outcome=\"hit\"}} ");
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64))
+}
+
+#[derive(Default)]
+struct Side {
+    run: Samples,
+    start: Samples,
+}
+
+/// One pod: returns (RunPodSandbox, pod start) and removes it again.
+async fn one_pod(
+    rt: &mut Runtime,
+    name: &str,
+    handler: &str,
+    image: &str,
+) -> anyhow::Result<(Duration, Duration)> {
+    let config = common::sandbox_config(name);
+    let t = Instant::now();
+    let sid = rt
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.into(),
+        })
+        .await
+        .with_context(|| format!("RunPodSandbox {name} on {handler}"))?
+        .into_inner()
+        .pod_sandbox_id;
+    let run = t.elapsed();
+    let started = common::start_container(rt, &sid, &config, image).await;
+    let start = t.elapsed();
+    let removed = common::remove_pod(rt, &sid, &config).await;
+    started?;
+    removed?;
+    Ok((run, start))
+}
+
+fn print_sequential(rows: &[(String, Side, Side)]) {
+    println!(
+        "{:<8} {:>4} | {:>21} {:>21} {:>8} | {:>21} {:>21} {:>7}",
+        "handler",
+        "n",
+        "RunPodSandbox cold",
+        "warm (p50 / p99)",
+        "warm/cold",
+        "pod start cold",
+        "warm (p50 / p99)",
+        "ratio"
+    );
+    for (h, cold, warm) in rows {
+        let pair = |s: &Samples| format!("{} / {}", Pretty(s.p50()), Pretty(s.p99()));
+        println!(
+            "{:<8} {:>4} | {:>21} {:>21} {:>7.3}x | {:>21} {:>21} {:>6.3}x",
+            h,
+            cold.run.len(),
+            pair(&cold.run),
+            pair(&warm.run),
+            ratio(warm.run.p50(), cold.run.p50()),
+            pair(&cold.start),
+            pair(&warm.start),
+            ratio(warm.start.p50(), cold.start.p50()),
+        );
+    }
+}
+
+pub async fn run(opts: Opts) -> anyhow::Result<()> {
+    let mut direct = common::client(&opts.upstream)?;
+    let result = measure(&opts).await;
+    // Whatever happened, leave no bench pod and no slot behind.
+    let pods = common::remove_namespace(&mut direct, BENCH_NAMESPACE).await?;
+    let slots = common::remove_namespace(&mut direct, SLOT_NAMESPACE).await?;
+    if pods + slots > 0 {
+        eprintln!("cleaned up {pods} bench pod(s) and {slots} slot(s)");
+    }
+    result
+}
+
+async fn measure(opts: &Opts) -> anyhow::Result<()> {
+    let pool_size = opts.concurrent.max(2);
+    let sizes: Vec<(String, usize)> = opts
+        .handlers
+        .iter()
+        .map(|h| (h.clone(), pool_size))
+        .collect();
+    let (node, admin) = start_node(opts, &sizes).await?;
+    let mut rt = common::client(&node.endpoint())?;
+    for (h, size) in &sizes {
+        eprintln!("filling pool fast-{h} ({size} slots)");
+        wait_free(
+            admin,
+            &format!("fast-{h}"),
+            *size as u64,
+            Duration::from_secs(120),
+        )
+        .await?;
+    }
+
+    let mut rows = Vec::new();
+    for h in &opts.handlers {
+        let pool = format!("fast-{h}");
+        let hits_before = hits(admin, &pool).await?;
+        let (mut cold, mut warm) = (Side::default(), Side::default());
+        eprintln!(
+            "{h}: {} cold and {} warm pods, alternating",
+            opts.pods, opts.pods
+        );
+        for i in 0..opts.pods {
+            let (r, s) = one_pod(&mut rt, &format!("cold-{h}-{i}"), h, &opts.image).await?;
+            cold.run.push(r);
+            cold.start.push(s);
+            wait_free(admin, &pool, 1, Duration::from_secs(60)).await?;
+            let (r, s) = one_pod(&mut rt, &format!("warm-{h}-{i}"), &pool, &opts.image).await?;
+            warm.run.push(r);
+            warm.start.push(s);
+        }
+        let served = hits(admin, &pool).await? - hits_before;
+        anyhow::ensure!(
+            served == opts.pods as u64,
+            "{pool}: {served} of {} warm pods were served from the pool",
+            opts.pods
+        );
+        rows.push((h.clone(), cold, warm));
+    }
+    print_sequential(&rows);
+
+    if opts.concurrent > 0 {
+        let h = &opts.handlers[0];
+        let pool = format!("fast-{h}");
+        wait_free(
+            admin,
+            &pool,
+            opts.concurrent as u64,
+            Duration::from_secs(120),
+        )
+        .await?;
+        let hits_before = hits(admin, &pool).await?;
+        let endpoint = node.endpoint();
+        let calls = (0..opts.concurrent).map(|i| {
+            let endpoint = endpoint.clone();
+            let pool = pool.clone();
+            async move {
+                let mut rt = common::client(&endpoint)?;
+                let config = common::sandbox_config(&format!("burst-{i}"));
+                let t = Instant::now();
+                let sid = rt
+                    .run_pod_sandbox(RunPodSandboxRequest {
+                        config: Some(config.clone()),
+                        runtime_handler: pool,
+                    })
+                    .await?
+                    .into_inner()
+                    .pod_sandbox_id;
+                anyhow::Ok((t.elapsed(), sid, config))
+            }
+        });
+        let results = futures::future::join_all(calls).await;
+        let mut lat = Samples::default();
+        let mut ids = std::collections::HashSet::new();
+        for r in results {
+            let (d, sid, config) = r?;
+            lat.push(d);
+            ids.insert(sid.clone());
+            common::remove_pod(&mut rt, &sid, &config).await?;
+        }
+        let served = hits(admin, &pool).await? - hits_before;
+        anyhow::ensure!(
+            ids.len() == opts.concurrent,
+            "concurrent claims returned a sandbox twice"
+        );
+        println!(
+            "{} concurrent warm RunPodSandbox on {pool}: p50 {} p99 {} ({served} served warm)",
+            opts.concurrent,
+            Pretty(lat.p50()),
+            Pretty(lat.p99())
+        );
+    }
+    node.stop().await?;
+
+    if opts.idle_slots > 0 {
+        let mut direct = common::client(&opts.upstream)?;
+        common::remove_namespace(&mut direct, SLOT_NAMESPACE).await?;
+        let h = &opts.handlers[0];
+        let before = common::mem_available()?;
+        let (node, admin) = start_node(opts, &[(h.clone(), opts.idle_slots)]).await?;
+        eprintln!("filling {} idle slots on {h}", opts.idle_slots);
+        wait_free(
+            admin,
+            &format!("fast-{h}"),
+            opts.idle_slots as u64,
+            Duration::from_secs(300),
+        )
+        .await?;
+        // Let the machine settle, then read both figures together.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = common::mem_available()?;
+        let rss = common::rss_bytes(node.pid().context("node plugin exited")?)?;
+        let per_slot = before.saturating_sub(after) / opts.idle_slots as u64;
+        println!(
+            "{} idle {h} slots: node plugin RSS {:.1} MiB; host memory per idle slot {:.2} MiB (MemAvailable drop / slots)",
+            opts.idle_slots,
+            rss as f64 / 1048576.0,
+            per_slot as f64 / 1048576.0
+        );
+        node.stop().await?;
+    }
+    Ok(())
+}
