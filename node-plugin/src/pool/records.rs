@@ -6,9 +6,15 @@
 //! - `token`: the node's secret slot token (0600), created once.
 //! - `claims/<sandbox id>.json`: one [`ClaimRecord`] per claimed slot.
 //!
-//! Writes go to a temporary file, are fsynced, renamed into place and the
-//! directory fsynced, so a record is either absent or complete. A record
-//! that does not parse is reported (and ignored) rather than trusted.
+//! Writes go to a temporary file that is renamed into place, so a record is
+//! either absent or complete. No fsync: the record must survive the node
+//! plugin (kill -9 at any point), which the page cache guarantees; a crash
+//! of the node itself takes every sandbox with it, and recovery reconciles
+//! with upstream (a slot whose record was lost is removed as an orphan,
+//! and kubelet recreates the pod's sandbox as it would anyway). Measured:
+//! the two fsyncs cost 0.3–1 ms per claim on these VMs, most of the warm
+//! claim. A record that does not parse is reported (and ignored) rather
+//! than trusted.
 
 use std::{
     fs,
@@ -89,12 +95,11 @@ pub fn is_sandbox_id(id: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-fn write_durably(path: &Path, contents: &[u8], mode: u32) -> Result<(), RecordError> {
+fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), RecordError> {
     let err = |source| RecordError::Write {
         path: path.to_owned(),
         source,
     };
-    let dir = path.parent().unwrap_or(Path::new("/"));
     let tmp = path.with_extension("tmp");
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -105,10 +110,8 @@ fn write_durably(path: &Path, contents: &[u8], mode: u32) -> Result<(), RecordEr
         .open(&tmp)
         .map_err(err)?;
     f.write_all(contents).map_err(err)?;
-    f.sync_all().map_err(err)?;
     drop(f);
-    fs::rename(&tmp, path).map_err(err)?;
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+    fs::rename(&tmp, path).map_err(err)
 }
 
 impl RecordStore {
@@ -159,18 +162,18 @@ impl RecordStore {
                 source,
             })?;
         let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        write_durably(&path, token.as_bytes(), 0o600)?;
+        write_atomically(&path, token.as_bytes(), 0o600)?;
         Ok(token)
     }
 
-    /// Writes the record durably; returns once it is on disk.
+    /// Writes the record atomically; it survives the node plugin from here on.
     pub fn put(&self, record: &ClaimRecord) -> Result<(), RecordError> {
         let path = self.path_of(&record.sandbox_id)?;
         let json = serde_json::to_vec(record).map_err(|source| RecordError::Encode {
             sandbox_id: record.sandbox_id.clone(),
             source,
         })?;
-        write_durably(&path, &json, 0o600)
+        write_atomically(&path, &json, 0o600)
     }
 
     /// Forgets a claim; a missing record is fine.
