@@ -126,6 +126,32 @@ impl CgroupLeaf {
         Ok(Self(path))
     }
 
+    /// A cgroupfs directory the node plugin owns itself (a slot's
+    /// placeholder parent), to remove once its sandbox is gone: absolute,
+    /// normalised, and never a hierarchy root.
+    pub fn owned_dir(path: &str, field: &'static str) -> Result<Self, FixupError> {
+        let bad = |reason| FixupError::InvalidCgroupParent {
+            field,
+            parent: path.to_owned(),
+            reason,
+        };
+        if path.contains('\0') || !path.starts_with('/') {
+            return Err(bad("must be an absolute path"));
+        }
+        let mut out = String::new();
+        for component in path.split('/').filter(|c| !c.is_empty()) {
+            if component == "." || component == ".." {
+                return Err(bad("must not contain . or .. components"));
+            }
+            out.push('/');
+            out.push_str(component);
+        }
+        if out.is_empty() {
+            return Err(bad("must not be a hierarchy root"));
+        }
+        Ok(Self(out))
+    }
+
     /// The path relative to a hierarchy root, with its leading `/`.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -85,6 +85,9 @@ pub trait Fixup: fmt::Debug + Send + Sync + 'static {
     /// Cleans up what `apply` created outside containerd's knowledge, once
     /// upstream has removed the sandbox.
     async fn after_remove(&self, slot: &SlotFacts, real: &PodSandboxConfig);
+    /// The slot's sandbox is gone upstream (claimed or not): remove what the
+    /// pool created for it (its placeholder cgroup parent).
+    async fn discard(&self, slot: &SlotFacts);
 }
 
 /// Settings of the manager itself.
@@ -334,24 +337,50 @@ impl PoolManager {
                             completions.push((facts, pod));
                         }
                     }
-                    None => orphans.push(sb.id.clone()),
+                    None => orphans.push(SlotFacts {
+                        sandbox_id: sb.id.clone(),
+                        pause_pid: 0,
+                        // Placeholders are created under `<root>/<their uid>`.
+                        placeholder_cgroup_parent: format!(
+                            "{}/{}",
+                            self.cfg.placeholder_cgroup_root,
+                            sb.metadata
+                                .as_ref()
+                                .map(|m| m.uid.as_str())
+                                .unwrap_or_default()
+                        ),
+                    }),
                 }
             }
         }
         // Records whose sandbox is gone upstream: the pod was removed while
         // we were down.
-        for id in by_id.keys() {
+        for (id, rec) in by_id {
             tracing::info!(sandbox = %id, "claimed sandbox no longer exists upstream; forgetting its record");
-            self.records.remove(id)?;
+            let facts = SlotFacts {
+                sandbox_id: id.clone(),
+                pause_pid: rec.pause_pid,
+                placeholder_cgroup_parent: rec.placeholder_cgroup_parent,
+            };
+            self.fixup.after_remove(&facts, &rec.config).await;
+            self.fixup.discard(&facts).await;
+            self.records.remove(&id)?;
         }
-        for id in orphans {
-            tracing::info!(sandbox = %id, "removing unclaimed slot left by a previous run");
-            self.destroy(&id).await;
+        for facts in orphans {
+            tracing::info!(sandbox = %facts.sandbox_id, "removing unclaimed slot left by a previous run");
+            self.destroy_slot(&facts).await;
         }
         for (facts, pod) in completions {
             self.spawn_complete(facts, pod);
         }
         Ok(())
+    }
+
+    /// Stops and removes a slot's sandbox upstream and discards what the
+    /// pool made for it, logging failures.
+    async fn destroy_slot(&self, facts: &SlotFacts) {
+        self.destroy(&facts.sandbox_id).await;
+        self.fixup.discard(facts).await;
     }
 
     /// Stops and removes a sandbox upstream, logging failures.
@@ -430,7 +459,12 @@ impl PoolManager {
                 Ok(id)
             }
             Err(e) => {
-                self.destroy(&id).await;
+                self.destroy_slot(&SlotFacts {
+                    sandbox_id: id.clone(),
+                    pause_pid: 0,
+                    placeholder_cgroup_parent: cgroup_parent,
+                })
+                .await;
                 Err(e)
             }
         }
@@ -507,7 +541,7 @@ impl PoolManager {
                         () = &mut shutdown => return,
                     }
                 }
-                Some(Work::Trim(id)) => self.destroy(&id).await,
+                Some(Work::Trim(facts)) => self.destroy_slot(&facts).await,
                 Some(Work::WaitUntil(until)) => {
                     tokio::select! {
                         () = tokio::time::sleep_until(until.into()) => {}
@@ -546,8 +580,10 @@ impl PoolManager {
             }
             if t.free[i].len() > t.desired[i] {
                 let id = t.free[i].pop_front()?;
-                t.slots.remove(&id);
-                return Some(Work::Trim(id));
+                if let Some(slot) = t.slots.remove(&id) {
+                    return Some(Work::Trim(slot.facts));
+                }
+                continue;
             }
         }
         wait.map(Work::WaitUntil)
@@ -584,16 +620,17 @@ impl PoolManager {
                     let was_free =
                         matches!(t.slots.get(&id).map(|s| &s.status), Some(Status::Free));
                     if was_free {
-                        t.slots.remove(&id);
                         for q in &mut t.free {
                             q.retain(|x| x != &id);
                         }
+                        t.slots.remove(&id).map(|s| s.facts)
+                    } else {
+                        None
                     }
-                    was_free
                 };
-                if removed {
+                if let Some(facts) = removed {
                     tracing::warn!(sandbox = %id, "free slot failed its health check; replacing it");
-                    self.destroy(&id).await;
+                    self.destroy_slot(&facts).await;
                     self.refill.notify_one();
                 }
             }
@@ -631,14 +668,14 @@ impl PoolManager {
         if let Err(e) = self.records.remove(&facts.sandbox_id) {
             tracing::error!(sandbox = %facts.sandbox_id, error = %e, "removing the claim record failed");
         }
-        self.destroy(&facts.sandbox_id).await;
+        self.destroy_slot(facts).await;
         self.refill.notify_one();
     }
 }
 
 enum Work {
     Create(usize),
-    Trim(String),
+    Trim(SlotFacts),
     /// Nothing to do before this instant (a refill is held after a claim).
     WaitUntil(Instant),
 }
@@ -809,5 +846,6 @@ impl PoolManager {
             }
             self.fixup.after_remove(&slot.facts, &pod.config).await;
         }
+        self.fixup.discard(&slot.facts).await;
     }
 }

@@ -8,7 +8,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use fast_sandbox_proto::cri::PodSandboxConfig;
 
 use super::{Fixup, FixupFailed, SlotFacts};
-use crate::fixup::{self, CgroupMove, FixupPlan, NodeOps, Phase, SandboxId};
+use crate::fixup::{self, CgroupLeaf, CgroupMove, FixupPlan, NodeOps, Phase, SandboxId};
 
 /// [`Fixup`] through host namespaces and cgroupfs.
 #[derive(Debug)]
@@ -81,6 +81,23 @@ impl Fixup for SetnsFixup {
         };
         if let Err(e) = result {
             tracing::warn!(sandbox = %slot.sandbox_id, error = %e, "cleaning up the claimed slot's cgroup failed");
+        }
+    }
+
+    async fn discard(&self, slot: &SlotFacts) {
+        let ops = Arc::clone(&self.ops);
+        let parent = slot.placeholder_cgroup_parent.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let dir = CgroupLeaf::owned_dir(&parent, "placeholder cgroup parent")?;
+            ops.remove_cgroup(&dir)
+        })
+        .await;
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(sandbox = %slot.sandbox_id, error = %e,
+                "removing the slot's placeholder cgroup parent failed"),
+            Err(e) => tracing::warn!(sandbox = %slot.sandbox_id, error = %e,
+                "removing the slot's placeholder cgroup parent panicked"),
         }
     }
 }
