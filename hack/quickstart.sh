@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The quickstart: a development node (private containerd with runc and crun,
 # a CNI bridge, locally built images), fast-sandbox-node serving CRI in front
-# of it, and a measured comparison printed as a table.
+# of it with warm pools for fast-runc and fast-crun, and the same demo pod
+# started N times cold and N times warm, printed as a table (RunPodSandbox
+# and pod start to container running, p50/p99, warm/cold ratio), then the
+# proxy overhead for calls that are only forwarded.
 #
 # usage: sudo hack/quickstart.sh [--keep]
+#   FAST_SANDBOX_DEMO_PODS   pods per side and handler (default 30)
 #   --keep   leave the development node running afterwards
 #            (stop it with `sudo hack/dev-node.sh down`)
 set -Eeuo pipefail
@@ -34,7 +38,9 @@ fsb_log "building fast-sandbox-node and the benchmarks (release)"
 cargo build --release --locked -p fast-sandbox-node -p fast-sandbox-bench
 target_dir=$(fsb_cargo_target_dir)
 
-for handler in runc crun; do
-	fsb_log "CRI straight to containerd vs through fast-sandbox-node, handler $handler"
-	"$target_dir/release/fast-sandbox-bench" proxy --handler "$handler" --calls 1000 --pods 20
-done
+pods=${FAST_SANDBOX_DEMO_PODS:-30}
+fsb_log "warm vs cold: $pods pods each way on runc and crun, through fast-sandbox-node"
+"$target_dir/release/fast-sandbox-bench" warm --handlers runc,crun --pods "$pods" --concurrent 20 --idle-slots 0
+
+fsb_log "forwarded calls: straight to containerd vs through fast-sandbox-node"
+"$target_dir/release/fast-sandbox-bench" proxy --handler runc --calls 1000 --pods 10

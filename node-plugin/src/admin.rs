@@ -8,7 +8,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
-use axum::{extract::State, http::header, response::IntoResponse, routing::get, Json, Router};
+use axum::{extract::State, http::header, response::IntoResponse, routing, Json, Router};
 
 use crate::{
     metrics::{Metrics, PoolState},
@@ -72,9 +72,9 @@ pub async fn bind(
 ) -> anyhow::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
     let registry = Arc::new(Metrics::registry(&metrics));
     let app = Router::new()
-        .route("/metrics", get(get_metrics))
-        .route("/pools", get(get_pools))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", routing::get(get_metrics))
+        .route("/pools", routing::get(get_pools))
+        .route("/healthz", routing::get(|| async { "ok" }))
         .with_state(AppState {
             pools,
             metrics,
@@ -89,4 +89,27 @@ pub async fn bind(
             .with_graceful_shutdown(shutdown)
             .await
     }))
+}
+
+/// A plain HTTP/1.0 GET of `path` on the admin endpoint at `addr` (loopback):
+/// the CLI's and the benchmarks' client.
+pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to the admin endpoint {addr}"))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8(buf).context("admin endpoint answered non-UTF-8")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer")?;
+    let status = head.lines().next().unwrap_or_default();
+    anyhow::ensure!(
+        status.split_whitespace().nth(1) == Some("200"),
+        "GET {path}: {status}"
+    );
+    Ok(body.to_owned())
 }

@@ -31,6 +31,15 @@ struct Cli {
 enum Command {
     /// Serve CRI on the shim's socket, forwarding to the upstream runtime.
     Serve(ServeArgs),
+    /// Show the warm pools of a running node plugin.
+    Pools {
+        /// The node plugin's admin endpoint.
+        #[arg(long, env = "FAST_SANDBOX_ADMIN", default_value = config::DEFAULT_ADMIN_ADDRESS)]
+        admin: SocketAddr,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -57,6 +66,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Pools { admin, json } => show_pools(admin, json).await,
         }
     })
 }
@@ -135,6 +145,35 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("serving CRI on {}", settings.socket.path.display()))?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `fast-sandbox-node pools`: the pools of a running node plugin.
+async fn show_pools(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let body = admin::get(admin, "/pools").await?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let pools: Vec<serde_json::Value> =
+        serde_json::from_str(&body).context("the admin endpoint's /pools is not a JSON list")?;
+    println!(
+        "{:<20} {:<14} {:<10} {:>5} {:>7} {:>7}",
+        "POOL", "HANDLER", "UPSTREAM", "FREE", "DESIRED", "CLAIMED"
+    );
+    for p in &pools {
+        let s = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
+        let n = |k: &str| p[k].as_u64().unwrap_or(0);
+        println!(
+            "{:<20} {:<14} {:<10} {:>5} {:>7} {:>7}",
+            s("name"),
+            s("exposed_handler"),
+            s("upstream_handler"),
+            n("free"),
+            n("desired"),
+            n("claimed")
+        );
+    }
     Ok(())
 }
 

@@ -244,23 +244,9 @@ pub async fn remove_namespace(rt: &mut Runtime, namespace: &str) -> anyhow::Resu
     Ok(n)
 }
 
-/// A plain HTTP GET on loopback (the node plugin's admin endpoint).
+/// A GET on the node plugin's admin endpoint.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8(buf)?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP answer")?;
-    anyhow::ensure!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "GET {path}: {head}"
-    );
-    Ok(body.to_owned())
+    fast_sandbox_node::admin::get(addr, path).await
 }
 
 /// Resident set size of a process, in bytes.
