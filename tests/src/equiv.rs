@@ -51,6 +51,15 @@ impl Transcript {
         });
     }
 
+    /// Records an observation that is not a CRI answer (something seen from
+    /// the host or inside the pod).
+    pub fn note(&mut self, what: &str, value: impl Into<Value>) {
+        self.entries.push(Entry {
+            call: what.to_owned(),
+            outcome: serde_json::json!({ "observed": value.into() }),
+        });
+    }
+
     /// Replaces every occurrence of `value` (an id, an IP) by `<name>` when
     /// normalizing.
     pub fn alias(&mut self, value: &str, name: &str) {

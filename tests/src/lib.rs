@@ -8,6 +8,7 @@
 //! CI run can never pass by skipping.
 
 pub mod equiv;
+pub mod kubelet;
 pub mod pod;
 
 use std::{
@@ -169,10 +170,14 @@ impl InProcessShim {
 
     /// Starts a shim with an explicit upstream configuration.
     pub async fn start_with(cfg: fast_sandbox_shim::UpstreamConfig) -> anyhow::Result<Self> {
+        let upstream = fast_sandbox_shim::Upstream::connect_lazy(&cfg)?;
+        Self::serve(fast_sandbox_shim::Shim::new(upstream)).await
+    }
+
+    /// Serves `shim` (e.g. one with warm slots).
+    pub async fn serve(shim: fast_sandbox_shim::Shim) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("fs-shim-").tempdir()?;
         let socket = dir.path().join("cri.sock");
-        let upstream = fast_sandbox_shim::Upstream::connect_lazy(&cfg)?;
-        let shim = fast_sandbox_shim::Shim::new(upstream);
         let socket_cfg = fast_sandbox_shim::SocketConfig {
             path: socket.clone(),
             group: None,
@@ -231,6 +236,77 @@ impl Drop for InProcessShim {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+    }
+}
+
+/// Removes every sandbox labelled with test case `case` (see
+/// [`pod::TEST_LABEL`]) straight on containerd, with its pod cgroups.
+pub async fn remove_case(endpoint: &str, case: &str) -> anyhow::Result<usize> {
+    use fast_sandbox_proto::cri::{
+        ListPodSandboxRequest, PodSandboxFilter, RemovePodSandboxRequest, StopPodSandboxRequest,
+    };
+    let mut cri = Cri::connect(endpoint)?;
+    let items = cri
+        .runtime
+        .list_pod_sandbox(ListPodSandboxRequest {
+            filter: Some(PodSandboxFilter {
+                label_selector: [(pod::TEST_LABEL.to_owned(), case.to_owned())].into(),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner()
+        .items;
+    for sb in &items {
+        let id = sb.id.clone();
+        cri.runtime
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: id.clone(),
+            })
+            .await?;
+        cri.runtime
+            .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
+            .await?;
+        if let Some(uid) = sb.metadata.as_ref().map(|m| m.uid.clone()) {
+            pod::remove_cgroup_dirs(&format!("/kubepods/besteffort/pod{uid}"));
+        }
+    }
+    Ok(items.len())
+}
+
+/// Cleans up a test case's pods when dropped — also when the test panics —
+/// and once when created, in case an earlier failed run left some behind.
+#[derive(Debug)]
+pub struct CaseGuard {
+    endpoint: String,
+    case: String,
+}
+
+impl CaseGuard {
+    pub async fn new(node: &DevNode, case: &str) -> anyhow::Result<Self> {
+        remove_case(&node.containerd_endpoint, case).await?;
+        Ok(Self {
+            endpoint: node.containerd_endpoint.clone(),
+            case: case.to_owned(),
+        })
+    }
+}
+
+impl Drop for CaseGuard {
+    fn drop(&mut self) {
+        let (endpoint, case) = (self.endpoint.clone(), self.case.clone());
+        // Own thread and runtime: Drop may run inside (or while unwinding
+        // out of) the test's runtime, which cannot be blocked on.
+        let cleaned = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(remove_case(&endpoint, &case))
+        })
+        .join();
+        if let Ok(Err(e)) = cleaned {
+            eprintln!("cleaning up test case {}: {e:#}", self.case);
         }
     }
 }
