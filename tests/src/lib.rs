@@ -7,6 +7,7 @@
 //! or the test does not run as root; under `CI=true` it panics instead, so a
 //! CI run can never pass by skipping.
 
+pub mod census;
 pub mod equiv;
 pub mod kubelet;
 pub mod pod;

@@ -1,0 +1,312 @@
+//! Kill -9 of the node plugin during a burst of warm claims, then a restart
+//! on the same state directory: every pod kubelet was told about is intact
+//! and reported with its own identity, no slot was handed out twice, the
+//! pools refill, and once everything is removed nothing is left that was not
+//! there before (sandboxes, netns, IPs, mounts, shims, cgroup directories).
+//!
+//! Needs root and the development node (`hack/dev-node.sh up`); skips
+//! locally without them, fails under `CI=true`.
+
+use std::{collections::HashSet, net::SocketAddr, path::Path, process::Stdio, time::Duration};
+
+use fast_sandbox_proto::cri::{
+    ListPodSandboxRequest, PodSandboxFilter, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StopPodSandboxRequest,
+};
+use fast_sandbox_shim::slots::POOL_LABEL;
+use fast_sandbox_tests::{pod::TestPod, wait_for, CaseGuard, Cri, DevNode};
+
+const POOL: &str = "recovery";
+const SIZE: usize = 6;
+const BURST: usize = 10;
+
+/// A `fast-sandbox-node serve` process with one warm `fast-runc` pool.
+struct Node {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+    admin: SocketAddr,
+}
+
+fn config(dir: &Path, node: &DevNode, admin: SocketAddr) -> std::path::PathBuf {
+    let path = dir.join("node.toml");
+    let text = format!(
+        "[upstream]\nendpoint = {endpoint:?}\n[socket]\npath = {socket:?}\n[admin]\naddress = \"{admin}\"\n\
+         [slots]\nstate_dir = {state:?}\ncontainerd_root = {root:?}\nplaceholder_cgroup_root = \"/fast-sandbox-test/{POOL}\"\n\
+         refill_interval = \"0ms\"\nrefill_delay = \"100ms\"\n\
+         [[pool]]\nname = \"{POOL}\"\nhandler = \"fast-runc\"\nupstream = \"runc\"\nsize = {SIZE}\n",
+        endpoint = node.containerd_endpoint,
+        socket = dir.join("cri.sock").display().to_string(),
+        state = dir.join("state").display().to_string(),
+        root = node.containerd_root.display().to_string(),
+    );
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+impl Node {
+    fn spawn(config: &Path, dir: &Path, admin: SocketAddr) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_fast-sandbox-node"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start fast-sandbox-node");
+        Self {
+            child,
+            socket: dir.join("cri.sock"),
+            admin,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    async fn free(&self) -> Option<u64> {
+        let body = fast_sandbox_node::admin::get(self.admin, "/pools")
+            .await
+            .ok()?;
+        let pools: serde_json::Value = serde_json::from_str(&body).ok()?;
+        pools.as_array()?.iter().find(|p| p["name"] == POOL)?["free"].as_u64()
+    }
+
+    async fn wait_full(&self) {
+        wait_for("the pool to fill", Duration::from_secs(60), || async {
+            (self.free().await == Some(SIZE as u64)).then_some(())
+        })
+        .await
+        .expect("pool full");
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+
+    fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().expect("stopped");
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+#[tokio::test]
+async fn kill_9_during_claims_loses_nothing() {
+    let test = "kill_9_during_claims_loses_nothing";
+    let Some(node) = DevNode::require(test) else {
+        return;
+    };
+    let _guard = CaseGuard::new(&node, test).await.expect("clean slate");
+    let roots = [
+        format!("/fast-sandbox-test/{POOL}"),
+        "/kubepods/besteffort".to_owned(),
+    ];
+    let roots: Vec<&str> = roots.iter().map(String::as_str).collect();
+    let before = node.census(&roots).await.expect("census");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logs = tempfile::tempdir().expect("tempdir");
+    let admin = free_port();
+    let cfg = config(dir.path(), &node, admin);
+    let mut plugin = Node::spawn(&cfg, dir.path(), admin);
+    plugin.wait_full().await;
+
+    // A burst of claims; the node plugin is killed while they are in flight.
+    let endpoint = plugin.endpoint();
+    let answered_so_far = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let pods: Vec<TestPod> = (0..BURST)
+        .map(|i| TestPod::new(test, &format!("burst-{i}"), logs.path()))
+        .collect();
+    let calls: Vec<_> = pods
+        .iter()
+        .map(|pod| {
+            let endpoint = endpoint.clone();
+            let config = pod.sandbox_config();
+            let answered = std::sync::Arc::clone(&answered_so_far);
+            tokio::spawn(async move {
+                let mut cri = Cri::connect(&endpoint).expect("client");
+                let r = cri
+                    .runtime
+                    .run_pod_sandbox(RunPodSandboxRequest {
+                        config: Some(config),
+                        runtime_handler: "fast-runc".into(),
+                    })
+                    .await
+                    .map(|r| r.into_inner().pod_sandbox_id);
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                r
+            })
+        })
+        .collect();
+    // Kill as soon as the first claim has been answered: the others are in
+    // flight or queued.
+    wait_for("the first answer", Duration::from_secs(30), || async {
+        (answered_so_far.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+    })
+    .await
+    .expect("a claim answered");
+    plugin.kill9();
+    let mut told: Vec<(usize, String)> = Vec::new();
+    for (i, call) in calls.into_iter().enumerate() {
+        if let Ok(id) = call.await.expect("task") {
+            told.push((i, id));
+        }
+    }
+    let ids: HashSet<&String> = told.iter().map(|(_, id)| id).collect();
+    assert_eq!(ids.len(), told.len(), "a slot was handed to two pods");
+
+    // Restart on the same state; kubelet retries what failed.
+    let plugin = Node::spawn(&cfg, dir.path(), admin);
+    let mut cri = Cri::connect(&plugin.endpoint()).expect("client");
+    wait_for("the restarted shim", Duration::from_secs(30), || {
+        let mut cri = cri.clone();
+        async move {
+            cri.runtime
+                .version(fast_sandbox_proto::cri::VersionRequest::default())
+                .await
+                .ok()
+        }
+    })
+    .await
+    .expect("restarted");
+    for (i, id) in &told {
+        let listed = cri
+            .runtime
+            .list_pod_sandbox(ListPodSandboxRequest {
+                filter: Some(PodSandboxFilter {
+                    label_selector: [("io.kubernetes.pod.uid".to_owned(), pods[*i].uid.clone())]
+                        .into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .items;
+        assert_eq!(
+            listed.len(),
+            1,
+            "pod {} is listed once after the restart",
+            pods[*i].name
+        );
+        assert_eq!(&listed[0].id, id);
+        let meta = listed[0].metadata.as_ref().expect("metadata");
+        assert_eq!(
+            (meta.name.as_str(), meta.namespace.as_str()),
+            (pods[*i].name.as_str(), pods[*i].namespace.as_str())
+        );
+    }
+    let answered: HashSet<usize> = told.iter().map(|(i, _)| *i).collect();
+    for (i, pod) in pods
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !answered.contains(i))
+    {
+        let id = cri
+            .runtime
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(pod.sandbox_config()),
+                runtime_handler: "fast-runc".into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("retry of pod {i} after the restart: {e}"))
+            .into_inner()
+            .pod_sandbox_id;
+        assert!(
+            !ids.contains(&id),
+            "a retried pod got a slot another pod holds"
+        );
+    }
+    plugin.wait_full().await;
+    eprintln!(
+        "{} of {BURST} claims were answered before the kill",
+        told.len()
+    );
+
+    // Remove every test pod the way kubelet would, then the pool.
+    let listed = cri
+        .runtime
+        .list_pod_sandbox(ListPodSandboxRequest {
+            filter: Some(PodSandboxFilter {
+                label_selector: [(
+                    fast_sandbox_tests::pod::TEST_LABEL.to_owned(),
+                    test.to_owned(),
+                )]
+                .into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .items;
+    assert_eq!(listed.len(), BURST, "each pod has exactly one sandbox");
+    for sb in listed {
+        cri.runtime
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: sb.id.clone(),
+            })
+            .await
+            .expect("stop");
+        cri.runtime
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: sb.id,
+            })
+            .await
+            .expect("remove");
+    }
+    for pod in &pods {
+        pod.remove_pod_cgroups();
+    }
+    // Close our connection first: a graceful stop waits for open calls.
+    drop(cri);
+    plugin.stop();
+    let mut direct = node.cri().expect("client");
+    let slots = direct
+        .runtime
+        .list_pod_sandbox(ListPodSandboxRequest {
+            filter: Some(PodSandboxFilter {
+                label_selector: [(POOL_LABEL.to_owned(), POOL.to_owned())].into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("list slots")
+        .into_inner()
+        .items;
+    assert_eq!(slots.len(), SIZE, "exactly the pool's free slots remain");
+    for sb in slots {
+        direct
+            .runtime
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: sb.id.clone(),
+            })
+            .await
+            .expect("stop slot");
+        direct
+            .runtime
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: sb.id,
+            })
+            .await
+            .expect("remove slot");
+        if let Some(uid) = sb.metadata.map(|m| m.uid) {
+            fast_sandbox_tests::pod::remove_cgroup_dirs(&format!(
+                "/fast-sandbox-test/{POOL}/{uid}"
+            ));
+        }
+    }
+    fast_sandbox_tests::pod::remove_cgroup_dirs(&format!("/fast-sandbox-test/{POOL}"));
+    let after = node.census(&roots).await.expect("census");
+    assert_eq!(
+        before, after,
+        "resources leaked across the kill and restart"
+    );
+}

@@ -1,0 +1,123 @@
+//! Counting what sandboxes leave on a node, to prove nothing leaks: pod
+//! sandboxes and their network namespaces, CNI IP allocations, mounts,
+//! containerd shims and cgroup directories.
+
+use std::path::{Path, PathBuf};
+
+use fast_sandbox_proto::cri::ListPodSandboxRequest;
+
+use crate::{Cri, DevNode};
+
+/// What one development node holds at a moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Census {
+    /// Pod sandboxes containerd knows (any state).
+    pub sandboxes: usize,
+    /// Network namespaces containerd made (`netns_mounts_under_state_dir`).
+    pub netns: usize,
+    /// IPs the host-local IPAM has handed out.
+    pub ips: usize,
+    /// Mounts under the containerd instance's directory.
+    pub mounts: usize,
+    /// `containerd-shim*` processes of this instance.
+    pub shims: usize,
+    /// Directories in every hierarchy under each of the given cgroup roots.
+    pub cgroup_dirs: usize,
+}
+
+impl DevNode {
+    /// The containerd instance's directory (parent of its `root`).
+    pub fn instance_dir(&self) -> PathBuf {
+        self.containerd_root
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .to_owned()
+    }
+
+    /// Counts what the node holds now; `cgroup_roots` are the cgroup
+    /// subtrees to count directories under (e.g. a pool's placeholder root).
+    pub async fn census(&self, cgroup_roots: &[&str]) -> anyhow::Result<Census> {
+        let dir = self.instance_dir();
+        let mut cri = Cri::connect(&self.containerd_endpoint)?;
+        let sandboxes = cri
+            .runtime
+            .list_pod_sandbox(ListPodSandboxRequest::default())
+            .await?
+            .into_inner()
+            .items
+            .len();
+        let count = |p: PathBuf, keep: &dyn Fn(&str) -> bool| {
+            std::fs::read_dir(p)
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| keep(&e.file_name().to_string_lossy()))
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        let netns = count(
+            self.containerd_state
+                .join("io.containerd.grpc.v1.cri/netns"),
+            &|_| true,
+        );
+        let ips = std::fs::read_dir(dir.join("cni/ipam"))
+            .map(|nets| {
+                nets.flatten()
+                    .map(|n| count(n.path(), &|f| f.parse::<std::net::IpAddr>().is_ok()))
+                    .sum()
+            })
+            .unwrap_or(0);
+        let dir_str = dir.display().to_string();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")?
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .nth(4)
+                    .is_some_and(|m| m.starts_with(&dir_str))
+            })
+            .count();
+        let address = format!("-address {}", dir.join("containerd.sock").display());
+        let shims = std::fs::read_dir("/proc")?
+            .flatten()
+            .filter(|p| {
+                p.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
+            .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains("containerd-shim") && c.contains(&address))
+            .count();
+        let cgroup_dirs = cgroup_roots.iter().map(|r| cgroup_dirs_under(r)).sum();
+        Ok(Census {
+            sandboxes,
+            netns,
+            ips,
+            mounts,
+            shims,
+            cgroup_dirs,
+        })
+    }
+}
+
+/// Directories (recursively) under `root` in every cgroup hierarchy.
+pub fn cgroup_dirs_under(root: &str) -> usize {
+    fn walk(p: &Path) -> usize {
+        std::fs::read_dir(p)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| 1 + walk(&e.path()))
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return 0;
+    };
+    hierarchies
+        .flatten()
+        .map(|h| walk(&h.path().join(root.trim_start_matches('/'))))
+        .sum()
+}

@@ -1,0 +1,156 @@
+//! A shim with warm pools served in-process, shared by the warm tests.
+
+use std::{sync::Arc, time::Duration};
+
+use fast_sandbox_node::{
+    fixup::RealOps,
+    metrics::Metrics,
+    pool::{setns::SetnsFixup, ManagerConfig, PoolManager, PoolSpec},
+};
+use fast_sandbox_proto::cri::{
+    ListPodSandboxRequest, PodSandboxFilter, RemovePodSandboxRequest, StopPodSandboxRequest,
+};
+use fast_sandbox_shim::{
+    slots::{HandlerMap, PoolKey, Shape, SlotSource, POOL_LABEL, SLOT_NAMESPACE},
+    Shim, Upstream, UpstreamConfig,
+};
+use fast_sandbox_tests::{wait_for, Cri, DevNode, InProcessShim};
+
+/// A shim with one warm pool, served in-process, like `fast-sandbox-node`.
+pub struct WarmNode {
+    pub manager: Arc<PoolManager>,
+    pub shim: InProcessShim,
+    pub pool: String,
+    pub cgroup_root: String,
+    endpoint: String,
+    stop: tokio::sync::watch::Sender<bool>,
+    _state: tempfile::TempDir,
+}
+
+impl WarmNode {
+    /// Pool `pool` serving `fast-<handler>` from `handler` slots, `size` free.
+    pub async fn start(
+        node: &DevNode,
+        pool: &str,
+        handler: &str,
+        size: usize,
+    ) -> anyhow::Result<Self> {
+        let state = tempfile::tempdir()?;
+        let cgroup_root = format!("/fast-sandbox-test/{pool}");
+        let spec = PoolSpec {
+            name: pool.to_owned(),
+            exposed_handler: format!("fast-{handler}"),
+            key: PoolKey {
+                upstream_handler: handler.to_owned(),
+                shape: Shape::default(),
+            },
+            size,
+        };
+        let cfg = ManagerConfig {
+            state_dir: state.path().join("state"),
+            placeholder_cgroup_root: cgroup_root.clone(),
+            placeholder_namespace: SLOT_NAMESPACE.to_owned(),
+            upstream_timeout: Duration::from_secs(60),
+            refill_interval: Duration::ZERO,
+            refill_delay: Duration::from_millis(100),
+            health_interval: Duration::from_secs(30),
+        };
+        let fixup = Arc::new(SetnsFixup::new(
+            Arc::new(RealOps::new()),
+            node.containerd_root.clone(),
+            Duration::from_secs(5),
+        ));
+        let channel = fast_sandbox_shim::cri_channel(&node.containerd_endpoint)?;
+        let manager = PoolManager::start(
+            vec![spec.clone()],
+            cfg,
+            channel,
+            fixup,
+            Arc::new(Metrics::default()),
+        )
+        .await?;
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(Arc::clone(&manager).run(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+        let upstream =
+            Upstream::connect_lazy(&UpstreamConfig::new(node.containerd_endpoint.clone()))?;
+        let handlers = HandlerMap::new([(spec.exposed_handler.clone(), handler.to_owned())]);
+        let shim = InProcessShim::serve(Shim::with_slots(
+            upstream,
+            handlers,
+            Arc::clone(&manager) as Arc<dyn SlotSource>,
+        ))
+        .await?;
+        Ok(Self {
+            manager,
+            shim,
+            pool: pool.to_owned(),
+            cgroup_root,
+            endpoint: node.containerd_endpoint.clone(),
+            stop,
+            _state: state,
+        })
+    }
+
+    pub fn free(&self) -> usize {
+        self.manager
+            .stats()
+            .iter()
+            .find(|p| p.name == self.pool)
+            .map_or(0, |p| p.free)
+    }
+
+    pub fn claimed(&self) -> usize {
+        self.manager
+            .stats()
+            .iter()
+            .find(|p| p.name == self.pool)
+            .map_or(0, |p| p.claimed)
+    }
+
+    /// Waits until the pool has exactly `n` free slots.
+    pub async fn wait_free(&self, n: usize) -> anyhow::Result<()> {
+        wait_for(
+            &format!("{n} free slots in {}", self.pool),
+            Duration::from_secs(60),
+            || async { (self.free() == n).then_some(()) },
+        )
+        .await
+    }
+
+    /// Stops the pool and removes its slots and their cgroups.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.shim.stop().await?;
+        let mut cri = Cri::connect(&self.endpoint)?;
+        let slots = cri
+            .runtime
+            .list_pod_sandbox(ListPodSandboxRequest {
+                filter: Some(PodSandboxFilter {
+                    label_selector: [(POOL_LABEL.to_owned(), self.pool.clone())].into(),
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner()
+            .items;
+        for sb in slots {
+            cri.runtime
+                .stop_pod_sandbox(StopPodSandboxRequest {
+                    pod_sandbox_id: sb.id.clone(),
+                })
+                .await?;
+            cri.runtime
+                .remove_pod_sandbox(RemovePodSandboxRequest {
+                    pod_sandbox_id: sb.id,
+                })
+                .await?;
+            if let Some(uid) = sb.metadata.map(|m| m.uid) {
+                fast_sandbox_tests::pod::remove_cgroup_dirs(&format!("{}/{uid}", self.cgroup_root));
+            }
+        }
+        fast_sandbox_tests::pod::remove_cgroup_dirs(&self.cgroup_root);
+        Ok(())
+    }
+}
