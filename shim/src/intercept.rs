@@ -17,7 +17,7 @@ use fast_sandbox_proto::cri::{
 
 use crate::slots::{
     Claim, HandlerMap, Placeholder, PoolKey, SeLinuxShape, SeccompShape, Shape, POOL_LABEL,
-    SLOT_LABEL, SLOT_TOKEN_LABEL, SLOT_UNCLAIMED,
+    RUNTIME_HANDLER_LABEL, SLOT_LABEL, SLOT_TOKEN_LABEL, SLOT_UNCLAIMED,
 };
 
 /// containerd picks its `untrusted` runtime for pods with this annotation
@@ -160,7 +160,8 @@ impl Claim {
     /// Validates a `RunPodSandbox` once, at the shim's edge: `Ok` only for an
     /// exposed handler and a pod a slot of the returned key can serve
     /// indistinguishably from a cold start. Clones the pod's config into the
-    /// claim.
+    /// claim, less the reserved [`RUNTIME_HANDLER_LABEL`]: a cold start
+    /// replaces the pod's value of it and never reports it either.
     pub fn from_request(
         request: &RunPodSandboxRequest,
         handlers: &HandlerMap,
@@ -170,14 +171,31 @@ impl Claim {
             .ok_or_else(|| Ineligible::NotFastHandler(request.runtime_handler.clone()))?;
         let config = request.config.as_ref().ok_or(Ineligible::MissingConfig)?;
         let shape = Shape::of(config)?;
+        let mut config = config.clone();
+        config.labels.remove(RUNTIME_HANDLER_LABEL);
         Ok(Claim {
             exposed_handler: request.runtime_handler.clone(),
             key: PoolKey {
                 upstream_handler: upstream.to_owned(),
                 shape,
             },
-            config: config.clone(),
+            config,
         })
+    }
+}
+
+/// Turns a `RunPodSandbox` of exposed handler `exposed` that missed into the
+/// cold request upstream runs: the upstream handler, and the reserved
+/// [`RUNTIME_HANDLER_LABEL`] set to `exposed` (over any value the pod set),
+/// so that every later answer about the sandbox can report `exposed`, as a
+/// warm hit does (rewrite.rs). Upstream stores the label, so nothing is lost
+/// when the shim or the node plugin restarts.
+pub(crate) fn make_cold(request: &mut RunPodSandboxRequest, exposed: &str, upstream_handler: &str) {
+    request.runtime_handler = upstream_handler.to_owned();
+    if let Some(config) = request.config.as_mut() {
+        config
+            .labels
+            .insert(RUNTIME_HANDLER_LABEL.to_owned(), exposed.to_owned());
     }
 }
 
@@ -475,6 +493,32 @@ mod tests {
         let gvisor = Claim::from_request(&request("fast-gvisor", kubelet_config()), &handlers())
             .expect("eligible");
         assert_eq!(gvisor.key.upstream_handler, "runsc");
+    }
+
+    #[test]
+    fn claim_and_cold_request_carry_no_pod_value_of_the_reserved_label() {
+        let mut config = kubelet_config();
+        config
+            .labels
+            .insert(RUNTIME_HANDLER_LABEL.into(), "fast-gvisor".into());
+        let mut pod = request("fast-runc", config);
+        let claim = Claim::from_request(&pod, &handlers()).expect("eligible");
+        assert_eq!(claim.config, kubelet_config(), "the pod's value is dropped");
+
+        make_cold(&mut pod, "fast-runc", "runc");
+        assert_eq!(pod.runtime_handler, "runc");
+        let mut expected = kubelet_config();
+        expected
+            .labels
+            .insert(RUNTIME_HANDLER_LABEL.into(), "fast-runc".into());
+        assert_eq!(pod.config, Some(expected), "the shim's value replaces it");
+
+        let mut no_config = RunPodSandboxRequest {
+            config: None,
+            runtime_handler: "fast-runc".into(),
+        };
+        make_cold(&mut no_config, "fast-runc", "runc");
+        assert_eq!(no_config.config, None, "upstream rejects it as before");
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! Every RPC is forwarded to upstream through [`Upstream::forward`]. Plain
 //! pass-through calls are generated from the tables below; the calls the
 //! shim intercepts (`RunPodSandbox`, the claim point: intercept.rs) or
-//! rewrites (sandbox list, status and stats: rewrite.rs) are written out
-//! after them.
+//! rewrites (sandbox list, status, stats and events: rewrite.rs) are written
+//! out after them.
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
@@ -22,6 +22,7 @@ use tracing::Instrument;
 use crate::{
     deadline::CallerDeadlineLayer,
     error::ShimError,
+    intercept::make_cold,
     request::cri_span,
     rewrite,
     slots::{Claim, HandlerMap, MissReason, NoSlot, PoolKey, SlotSource},
@@ -44,15 +45,16 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Shim {
     upstream: Upstream,
-    slots: Option<Slots>,
+    slots: Option<Arc<Slots>>,
     /// Set on shutdown; ends long-lived streams so the server can drain.
     stopping: watch::Sender<bool>,
 }
 
+/// The warm handlers and where their slots come from.
 #[derive(Debug)]
-struct Slots {
-    handlers: HandlerMap,
-    source: Arc<dyn SlotSource>,
+pub(crate) struct Slots {
+    pub(crate) handlers: HandlerMap,
+    pub(crate) source: Arc<dyn SlotSource>,
 }
 
 impl Shim {
@@ -72,10 +74,10 @@ impl Shim {
         slots: Arc<dyn SlotSource>,
     ) -> Self {
         Shim {
-            slots: Some(Slots {
+            slots: Some(Arc::new(Slots {
                 handlers,
                 source: slots,
-            }),
+            })),
             ..Shim::new(upstream)
         }
     }
@@ -181,7 +183,7 @@ macro_rules! rewritten {
     (
         $self:ident, $level:ident, $name:literal, $method:ident, $request:ident,
         |$req:ident| $prepare:expr,
-        |$source:ident, $response:ident, $state:ident| $rewrite:expr
+        |$slots:ident, $response:ident, $state:ident| $rewrite:expr
     ) => {{
         let Some(slots) = &$self.slots else {
             return forward!($self, runtime, $level, $name, $method, $request);
@@ -194,7 +196,7 @@ macro_rules! rewritten {
             };
             let mut response =
                 forward_in_span!($self, runtime, $level, $name, $method, $request)?;
-            let $source: &dyn SlotSource = &*slots.source;
+            let $slots: &Slots = slots;
             let $response = response.get_mut();
             match $rewrite {
                 Ok(()) => Ok(response),
@@ -338,9 +340,10 @@ cri_service! {
 
     /// The claim point: an exposed handler with an eligible pod is served
     /// from a free slot; anything else for an exposed handler goes cold with
-    /// the handler rewritten to its upstream name (a miss is never an error
-    /// the cold path would not give); other handlers are forwarded
-    /// untouched.
+    /// the handler rewritten to its upstream name and the exposed one kept
+    /// in a reserved label, so answers about it report what kubelet asked
+    /// for ([`make_cold`]; a miss is never an error the cold path would not
+    /// give); other handlers are forwarded untouched.
     ///
     /// The claim runs within the caller's deadline: if kubelet gives up,
     /// the claim future is dropped (the slot source must be cancel-safe).
@@ -359,7 +362,8 @@ cri_service! {
                                 pod_sandbox_id,
                             }));
                         }
-                        request.get_mut().runtime_handler = upstream_handler.to_owned();
+                        let exposed = handler.to_owned();
+                        make_cold(request.get_mut(), &exposed, upstream_handler);
                     }
                     None => slots.source.missed(handler, None, MissReason::NotFastHandler),
                 }
@@ -400,8 +404,8 @@ cri_service! {
         rewritten!(
             self, DEBUG, "ListPodSandbox", list_pod_sandbox, request,
             |req| rewrite::take_sandbox_selector(&mut req.filter),
-            |source, response, selector| {
-                rewrite::list_pod_sandbox(source, &mut response.items, &selector);
+            |slots, response, selector| {
+                rewrite::list_pod_sandbox(slots, &mut response.items, &selector);
                 Ok::<(), ShimError>(())
             }
         )
@@ -414,7 +418,7 @@ cri_service! {
         rewritten!(
             self, DEBUG, "PodSandboxStatus", pod_sandbox_status, request,
             |_req| (),
-            |source, response, _unit| rewrite::pod_sandbox_status(source, response)
+            |slots, response, _unit| rewrite::pod_sandbox_status(slots, response)
         )
     }
 
@@ -425,8 +429,8 @@ cri_service! {
         rewritten!(
             self, DEBUG, "ListPodSandboxStats", list_pod_sandbox_stats, request,
             |req| rewrite::take_stats_selector(&mut req.filter),
-            |source, response, selector| {
-                rewrite::list_pod_sandbox_stats(source, &mut response.stats, &selector);
+            |slots, response, selector| {
+                rewrite::list_pod_sandbox_stats(slots, &mut response.stats, &selector);
                 Ok::<(), ShimError>(())
             }
         )
@@ -439,8 +443,8 @@ cri_service! {
         rewritten!(
             self, DEBUG, "PodSandboxStats", pod_sandbox_stats, request,
             |req| req.pod_sandbox_id.clone(),
-            |source, response, requested_id| {
-                rewrite::pod_sandbox_stats(source, response, &requested_id)
+            |slots, response, requested_id| {
+                rewrite::pod_sandbox_stats(slots, response, &requested_id)
             }
         )
     }
@@ -449,6 +453,8 @@ cri_service! {
 
     /// Server-streaming: upstream's stream is relayed item by item (upstream
     /// errors unchanged) until either side ends it or the shim shuts down.
+    /// With slots, events about unclaimed slots are dropped and the sandbox
+    /// status of the others rewritten as in `PodSandboxStatus`.
     async fn get_container_events(
         &self,
         request: Request<cri::GetEventsRequest>,
@@ -460,9 +466,19 @@ cri_service! {
             // Err: the shim is gone, which also means stop.
             let _ = stopping.wait_for(|stopping| *stopping).await;
         };
+        let slots = self.slots.clone();
         Ok(response.map(|events| {
             events
-                .map(|item| item.map_err(pass_status))
+                .filter_map(move |item| {
+                    let item = match item {
+                        Ok(mut event) => match &slots {
+                            Some(slots) if !rewrite::container_event(slots, &mut event) => None,
+                            _ => Some(Ok(event)),
+                        },
+                        Err(status) => Some(Err(pass_status(status))),
+                    };
+                    std::future::ready(item)
+                })
                 .take_until(stopped)
                 .boxed()
         }))

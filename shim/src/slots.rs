@@ -21,6 +21,14 @@ pub const SLOT_LABEL: &str = "fast-sandbox.io/slot";
 pub const SLOT_UNCLAIMED: &str = "unclaimed";
 /// The default pod namespace of placeholder sandboxes.
 pub const SLOT_NAMESPACE: &str = "fast-sandbox-slots";
+/// Label the shim puts on the config of a cold-started sandbox of an exposed
+/// handler: its value is the handler kubelet asked for (`fast-runc`), while
+/// upstream runs the sandbox with the mapped one (`runc`). Every answer
+/// about the sandbox strips it and reports that handler instead, so a cold
+/// miss looks like a warm hit. Upstream keeps it, so this survives restarts
+/// of the shim and the node plugin. Reserved: a pod's own value of it is
+/// replaced on fast handlers and never shown (see `rewrite.rs`).
+pub const RUNTIME_HANDLER_LABEL: &str = "fast-sandbox.io/runtime-handler";
 
 pub use crate::intercept::{Ineligible, MissReason};
 
@@ -73,6 +81,11 @@ impl HandlerMap {
     /// The upstream handler an exposed handler maps to, if it is ours.
     pub fn upstream_for(&self, exposed: &str) -> Option<&str> {
         self.0.get(exposed).map(String::as_str)
+    }
+
+    /// Whether `handler` is one of the exposed handlers.
+    pub fn is_exposed(&self, handler: &str) -> bool {
+        self.0.contains_key(handler)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -138,7 +151,9 @@ pub struct Claim {
     /// The handler kubelet asked for (`fast-runc`), reported back in status.
     pub exposed_handler: String,
     pub key: PoolKey,
-    /// The pod's real sandbox config.
+    /// The pod's real sandbox config, less any value of the reserved
+    /// [`RUNTIME_HANDLER_LABEL`] (a cold start of the pod would not show it
+    /// either).
     pub config: PodSandboxConfig,
 }
 

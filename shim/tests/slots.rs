@@ -10,7 +10,8 @@ use std::sync::atomic::Ordering;
 
 use fast_sandbox_proto::cri::{self, runtime_service_client::RuntimeServiceClient};
 use fast_sandbox_shim::slots::{
-    MissReason, PoolKey, SeccompShape, Shape, POOL_LABEL, SLOT_LABEL, SLOT_TOKEN_LABEL,
+    MissReason, PoolKey, SeccompShape, Shape, POOL_LABEL, RUNTIME_HANDLER_LABEL, SLOT_LABEL,
+    SLOT_TOKEN_LABEL,
 };
 use support::{
     pods::{stats_not_found, STATUS_NOT_FOUND},
@@ -71,6 +72,13 @@ fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         .collect()
 }
 
+/// `pod` as the shim forwards a cold miss of exposed handler `exposed`.
+fn cold_config(mut pod: cri::PodSandboxConfig, exposed: &str) -> cri::PodSandboxConfig {
+    pod.labels
+        .insert(RUNTIME_HANDLER_LABEL.into(), exposed.into());
+    pod
+}
+
 fn ids(items: &[cri::PodSandbox]) -> Vec<&str> {
     items.iter().map(|i| i.id.as_str()).collect()
 }
@@ -124,7 +132,11 @@ async fn miss_goes_cold_with_the_upstream_handler() {
     let runs = rig.pods.store().runs.clone();
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].runtime_handler, "crun");
-    assert_eq!(runs[0].config.as_ref(), Some(&pod), "config unchanged");
+    assert_eq!(
+        runs[0].config,
+        Some(cold_config(pod, "fast-crun")),
+        "config unchanged but for the exposed handler it keeps"
+    );
     assert_eq!(rig.pods.ids(), [id]);
     let crun_key = PoolKey {
         upstream_handler: "crun".into(),
@@ -183,7 +195,7 @@ async fn ineligible_pods_go_cold_with_the_upstream_handler() {
         .map(|r| r.runtime_handler.as_str())
         .collect();
     assert_eq!(handlers, ["runc"; 4]);
-    assert_eq!(runs[1].config.as_ref(), Some(&host_network));
+    assert_eq!(runs[1].config, Some(cold_config(host_network, "fast-runc")));
     let misses = rig.slots.record().misses.clone();
     let reasons: Vec<MissReason> = misses.iter().map(|m| m.2).collect();
     assert_eq!(
@@ -245,7 +257,7 @@ async fn failed_claim_falls_back_to_cold() {
     let id = run(&mut shim, "fast-runc", pod.clone()).await;
     assert_ne!(id, slots[0]);
     let last = rig.pods.store().runs.last().cloned().expect("cold run");
-    assert_eq!(last, run_request("runc", pod));
+    assert_eq!(last, run_request("runc", cold_config(pod, "fast-runc")));
     assert_eq!(rig.slots.misses(), [MissReason::ClaimFailed]);
     // The broken slot stays out of sight.
     assert_eq!(ids(&list(&mut shim, None).await), [id.as_str()]);
@@ -589,5 +601,258 @@ async fn remove_notifies_the_source() {
     assert!(list(&mut shim, None).await.is_empty());
     let free: Vec<String> = slots.into_iter().filter(|s| *s != id).collect();
     assert_eq!(rig.pods.ids(), free, "the free slot is left");
+    rig.stop().await;
+}
+
+async fn status(client: &mut Client, id: &str, verbose: bool) -> cri::PodSandboxStatusResponse {
+    client
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.into(),
+            verbose,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner()
+}
+
+/// A status without what differs between any two sandboxes of one pod.
+fn sans_identity(status: Option<cri::PodSandboxStatus>) -> cri::PodSandboxStatus {
+    cri::PodSandboxStatus {
+        id: String::new(),
+        created_at: 0,
+        network: None,
+        ..status.expect("status")
+    }
+}
+
+fn verbose(response: &cri::PodSandboxStatusResponse) -> serde_json::Value {
+    let info = &response.info["info"];
+    assert!(!info.contains(RUNTIME_HANDLER_LABEL), "leaks: {info}");
+    serde_json::from_str(info).expect("verbose info")
+}
+
+#[tokio::test]
+async fn warm_and_cold_starts_look_the_same() {
+    let rig = SlotsRig::start().await;
+    let slots = rig.fill(&runc_key(), 1).await;
+    let mut shim = rig.shim.runtime();
+    let pod = kubelet_pod("web");
+    let warm = run(&mut shim, "fast-runc", pod.clone()).await;
+    assert_eq!(warm, slots[0]);
+    let cold = run(&mut shim, "fast-runc", pod.clone()).await;
+    assert_eq!(rig.slots.misses(), [MissReason::PoolEmpty]);
+
+    // Upstream runs the cold one with runc and keeps what was asked for.
+    let mut direct = rig.direct();
+    let upstream = status(&mut direct, &cold, false).await.status;
+    let upstream = upstream.expect("status");
+    assert_eq!(upstream.runtime_handler, "runc");
+    assert_eq!(upstream.labels[RUNTIME_HANDLER_LABEL], "fast-runc");
+
+    // Status: the same but for id, creation time and IP, verbose or not.
+    for verbose_status in [false, true] {
+        let w = status(&mut shim, &warm, verbose_status).await;
+        let c = status(&mut shim, &cold, verbose_status).await;
+        assert_eq!(w.info.is_empty(), !verbose_status);
+        let (w_info, c_info) = (
+            verbose_status.then(|| verbose(&w)),
+            verbose_status.then(|| verbose(&c)),
+        );
+        let c = sans_identity(c.status);
+        assert_eq!(sans_identity(w.status), c);
+        assert_eq!(c.runtime_handler, "fast-runc");
+        assert_eq!(c.labels, pod.labels);
+        if let (Some(w), Some(c)) = (w_info, c_info) {
+            assert_eq!(w["runtimeHandler"], "fast-runc");
+            assert_eq!(c["runtimeHandler"], "fast-runc");
+            assert_eq!(w["config"]["labels"], c["config"]["labels"]);
+            assert_eq!(c["config"]["labels"], serde_json::json!(pod.labels));
+        }
+    }
+
+    // Lists: the same items but for id and creation time.
+    let items = list(&mut shim, None).await;
+    assert_eq!(ids(&items), [warm.as_str(), cold.as_str()]);
+    let sans = |item: &cri::PodSandbox| cri::PodSandbox {
+        id: String::new(),
+        created_at: 0,
+        ..item.clone()
+    };
+    assert_eq!(sans(&items[0]), sans(&items[1]));
+    assert_eq!(items[1].runtime_handler, "fast-runc");
+    assert_eq!(items[1].labels, pod.labels);
+
+    // Stats attributes too.
+    let stats = list_stats(&mut shim, Some(Default::default())).await;
+    assert_eq!(stats_ids(&stats), [warm.as_str(), cold.as_str()]);
+    let sans = |s: &cri::PodSandboxStats| cri::PodSandboxAttributes {
+        id: String::new(),
+        ..s.attributes.clone().expect("attributes")
+    };
+    assert_eq!(sans(&stats[0]), sans(&stats[1]));
+    let one = shim
+        .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+            pod_sandbox_id: cold.clone(),
+        })
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(
+        one.stats.and_then(|s| s.attributes).map(|a| a.labels),
+        Some(pod.labels.clone())
+    );
+
+    // Selectors see the pod's labels and never the reserved one.
+    let uid = [("io.kubernetes.pod.uid", "uid-web")];
+    assert_eq!(
+        ids(&list(&mut shim, by_labels(&uid)).await),
+        [warm.as_str(), cold.as_str()]
+    );
+    for value in ["fast-runc", "runc", "fast-crun"] {
+        let reserved = [(RUNTIME_HANDLER_LABEL, value)];
+        assert!(list(&mut shim, by_labels(&reserved)).await.is_empty());
+        assert!(list_stats(&mut shim, stats_by_labels(&reserved))
+            .await
+            .is_empty());
+    }
+    let by_id = Some(cri::PodSandboxFilter {
+        id: cold[..10].into(),
+        ..Default::default()
+    });
+    assert_eq!(list(&mut shim, by_id).await[0].runtime_handler, "fast-runc");
+
+    // Durable: a shim restarted with no memory of anything (a new slot
+    // source) still reports what kubelet asked for.
+    let fresh: std::sync::Arc<dyn fast_sandbox_shim::slots::SlotSource> =
+        std::sync::Arc::new(support::slots::FakeSlots::default());
+    let restarted = support::ShimUnderTest::start_shim(
+        &support::upstream_config(&rig.dir.path().join("upstream.sock")),
+        rig.dir.path().join("restarted.sock"),
+        |upstream| fast_sandbox_shim::Shim::with_slots(upstream, support::slots::handlers(), fresh),
+    )
+    .await;
+    let mut again = restarted.runtime();
+    let c = status(&mut again, &cold, true).await;
+    verbose(&c);
+    assert_eq!(
+        sans_identity(c.status),
+        sans_identity(status(&mut shim, &cold, false).await.status)
+    );
+    restarted.stop().await.expect("served");
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn the_reserved_label_is_the_shims() {
+    let rig = SlotsRig::start().await;
+    let mut shim = rig.shim.runtime();
+    let with_label = |name: &str, value: &str| {
+        let mut pod = kubelet_pod(name);
+        pod.labels
+            .insert(RUNTIME_HANDLER_LABEL.into(), value.into());
+        pod
+    };
+    let own_labels = |name: &str| kubelet_pod(name).labels;
+
+    // On a fast handler, the pod's value is replaced, cold or warm, and
+    // never shown.
+    let cold = run(&mut shim, "fast-runc", with_label("cold", "fast-crun")).await;
+    let forwarded = rig.pods.store().runs.last().cloned().expect("run");
+    assert_eq!(
+        forwarded,
+        run_request("runc", cold_config(kubelet_pod("cold"), "fast-runc"))
+    );
+    rig.fill(&runc_key(), 1).await;
+    let warm = run(&mut shim, "fast-runc", with_label("warm", "fast-crun")).await;
+    let claimed = rig.slots.record().claims.last().cloned().expect("claim");
+    assert_eq!(claimed.config, kubelet_pod("warm"));
+    for (id, name) in [(&cold, "cold"), (&warm, "warm")] {
+        let s = status(&mut shim, id, true).await;
+        verbose(&s);
+        let s = s.status.expect("status");
+        assert_eq!(s.runtime_handler, "fast-runc");
+        assert_eq!(s.labels, own_labels(name));
+    }
+
+    // Other handlers are forwarded untouched. A value naming an exposed
+    // handler is never shown either; it sets the reported handler only to
+    // an exposed alias of the sandbox's own runtime.
+    let alias = with_label("alias", "fast-runc");
+    let alias_id = run(&mut shim, "runc", alias.clone()).await;
+    let other_id = run(&mut shim, "runc", with_label("other", "fast-crun")).await;
+    let mine = with_label("mine", "mine");
+    let mine_id = run(&mut shim, "runc", mine.clone()).await;
+    assert_eq!(
+        // After the cold run and the placeholder.
+        rig.pods.store().runs[2..].to_vec(),
+        [
+            run_request("runc", alias),
+            run_request("runc", with_label("other", "fast-crun")),
+            run_request("runc", mine.clone()),
+        ]
+    );
+    let reported = |items: &[cri::PodSandbox], id: &str| {
+        let item = items.iter().find(|i| i.id == id).expect("listed");
+        (item.runtime_handler.clone(), item.labels.clone())
+    };
+    let items = list(&mut shim, None).await;
+    assert_eq!(
+        reported(&items, &alias_id),
+        ("fast-runc".into(), own_labels("alias"))
+    );
+    assert_eq!(
+        reported(&items, &other_id),
+        ("runc".into(), own_labels("other"))
+    );
+    assert_eq!(reported(&items, &mine_id), ("runc".into(), mine.labels));
+    let s = status(&mut shim, &other_id, true).await;
+    assert_eq!(verbose(&s)["runtimeHandler"], "runc");
+    assert_eq!(s.status.map(|s| s.labels), Some(own_labels("other")));
+    assert_eq!(
+        ids(&list(&mut shim, by_labels(&[(RUNTIME_HANDLER_LABEL, "mine")])).await),
+        [mine_id.as_str()]
+    );
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn container_events_hide_slots_and_report_pods() {
+    let rig = SlotsRig::start().await;
+    rig.fill(&runc_key(), 2).await;
+    let mut shim = rig.shim.runtime();
+    let warm = run(&mut shim, "fast-runc", kubelet_pod("warm")).await;
+    let cold = run(&mut shim, "fast-crun", kubelet_pod("cold")).await;
+    let ordinary = run(&mut shim, "runc", kubelet_pod("plain")).await;
+
+    let mut stream = shim
+        .get_container_events(cri::GetEventsRequest::default())
+        .await
+        .expect("events")
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = stream.message().await.expect("event") {
+        events.push(event);
+    }
+    let statuses: Vec<cri::PodSandboxStatus> = events
+        .into_iter()
+        .map(|e| e.pod_sandbox_status.expect("status"))
+        .collect();
+    let seen: Vec<(&str, &str)> = statuses
+        .iter()
+        .map(|s| (s.id.as_str(), s.runtime_handler.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (warm.as_str(), "fast-runc"),
+            (cold.as_str(), "fast-crun"),
+            (ordinary.as_str(), "runc"),
+        ],
+        "the free slot is not there"
+    );
+    for (status, name) in statuses.iter().zip(["warm", "cold", "plain"]) {
+        assert_eq!(status.labels, kubelet_pod(name).labels);
+        assert_eq!(status.metadata, kubelet_pod(name).metadata);
+    }
     rig.stop().await;
 }

@@ -34,6 +34,11 @@
 //! containerd's runtime config).
 //!
 //! Everything not rewritten is copied byte for byte, in containerd's order.
+//!
+//! For a cold-started sandbox of an exposed handler ([`rewrite_cold_info`]),
+//! only the reserved [`RUNTIME_HANDLER_LABEL`] is taken out of
+//! `config.labels` and `runtimeHandler` becomes the exposed handler; the
+//! rest is containerd's, byte for byte.
 
 use std::{borrow::Cow, collections::BTreeMap, collections::HashMap, fmt::Write as _};
 
@@ -41,7 +46,7 @@ use fast_sandbox_proto::cri;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::slots::ClaimedPod;
+use crate::slots::{ClaimedPod, RUNTIME_HANDLER_LABEL};
 
 /// containerd's CRI namespace: the default `cgroupsPath` is `/k8s.io/<id>`.
 const CRI_NAMESPACE: &str = "k8s.io";
@@ -104,6 +109,38 @@ pub(crate) fn rewrite_info(
     if let Some(spec) = fields.get("runtimeSpec").filter(|raw| *raw != "null") {
         let spec = rewrite_spec(&spec, sandbox_id, &pod.config)?;
         fields.replace("runtimeSpec", spec);
+    }
+    Ok(fields.encode())
+}
+
+/// Rewrites containerd's verbose info JSON for a cold-started sandbox whose
+/// config carries [`RUNTIME_HANDLER_LABEL`]: the label leaves
+/// `config.labels` (and `labels` goes when it was the only one, as Go's
+/// `omitempty` would have it), and `runtimeHandler` becomes `handler` when
+/// given.
+pub(crate) fn rewrite_cold_info(
+    info: &str,
+    handler: Option<&str>,
+) -> Result<String, serde_json::Error> {
+    let mut fields = Fields::parse(info)?;
+    if let Some(handler) = handler.filter(|_| fields.contains("runtimeHandler")) {
+        let mut json = String::new();
+        go_string(&mut json, handler);
+        fields.replace("runtimeHandler", json);
+    }
+    if let Some(raw) = fields.get("config").filter(|raw| *raw != "null") {
+        let mut config = Fields::parse(&raw)?;
+        if let Some(raw) = config.get("labels").filter(|raw| *raw != "null") {
+            let mut labels: BTreeMap<String, String> = serde_json::from_str(&raw)?;
+            if labels.remove(RUNTIME_HANDLER_LABEL).is_some() {
+                if labels.is_empty() {
+                    config.remove("labels");
+                } else {
+                    config.replace("labels", encode_sorted_map(&labels));
+                }
+                fields.replace("config", config.encode());
+            }
+        }
     }
     Ok(fields.encode())
 }
@@ -931,10 +968,53 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn cold_info_loses_the_reserved_label_only() {
+        let mut config = probe_config();
+        config
+            .labels
+            .insert(RUNTIME_HANDLER_LABEL.into(), "fast-runc".into());
+        let mut encoded = String::new();
+        encode_config(&mut encoded, &config);
+        let info = LIVE_INFO.replacen(LIVE_CONFIG, &encoded, 1);
+        assert_ne!(info, LIVE_INFO, "the fixture holds the config");
+
+        // Back to exactly what containerd shows for the pod without it.
+        let out = rewrite_cold_info(&info, Some("runc")).expect("rewrite");
+        assert_eq!(out, LIVE_INFO);
+        let out = rewrite_cold_info(&info, Some("fast-runc")).expect("rewrite");
+        assert_eq!(
+            out,
+            LIVE_INFO.replacen(
+                r#""runtimeHandler":"runc""#,
+                r#""runtimeHandler":"fast-runc""#,
+                1
+            )
+        );
+        // No handler: the label goes, the handler stays upstream's.
+        let out = rewrite_cold_info(&info, None).expect("rewrite");
+        assert_eq!(out, LIVE_INFO);
+
+        // The only label: `labels` goes, as Go's omitempty would have it.
+        config.labels = HashMap::from([(RUNTIME_HANDLER_LABEL.into(), "fast-runc".into())]);
+        let mut encoded = String::new();
+        encode_config(&mut encoded, &config);
+        let info = LIVE_INFO.replacen(LIVE_CONFIG, &encoded, 1);
+        config.labels.clear();
+        let mut expected = String::new();
+        encode_config(&mut expected, &config);
+        let out = rewrite_cold_info(&info, None).expect("rewrite");
+        assert_eq!(out, LIVE_INFO.replacen(LIVE_CONFIG, &expected, 1));
+        assert!(!expected.contains("labels"));
+    }
+
+    #[test]
     fn malformed_info_is_an_error() {
         let pod = claimed(probe_config());
         for bad in ["", "[]", "{", r#"{"runtimeSpec":{"linux":3}}"#] {
             assert!(rewrite_info(bad, "x", &pod).is_err(), "{bad}");
+        }
+        for bad in ["", "[]", r#"{"config":{"labels":3}}"#] {
+            assert!(rewrite_cold_info(bad, None).is_err(), "{bad}");
         }
     }
 }

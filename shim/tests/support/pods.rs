@@ -2,6 +2,8 @@
 //! as far as the slot tests need: ids, prefix lookups, list filters
 //! (id, state, exact-match label selector), status (verbose too), stats, and
 //! containerd's exact not-found answers (captured from a live 1.6.20).
+//! Unlike 1.6 it also streams container events, one per sandbox, shaped like
+//! containerd 1.7's, so the shim's event rewriting can be seen.
 
 use std::{
     collections::HashMap,
@@ -92,6 +94,27 @@ impl Stored {
             pid: ns.map_or(0, |n| n.pid),
             ipc: ns.map_or(0, |n| n.ipc),
             ..Default::default()
+        }
+    }
+
+    fn status(&self) -> cri::PodSandboxStatus {
+        cri::PodSandboxStatus {
+            id: self.id.clone(),
+            metadata: self.config.metadata.clone(),
+            state: self.state(),
+            created_at: self.created_at,
+            network: Some(cri::PodSandboxNetworkStatus {
+                ip: "10.209.0.7".into(),
+                additional_ips: Vec::new(),
+            }),
+            linux: Some(cri::LinuxPodSandboxStatus {
+                namespaces: Some(cri::Namespace {
+                    options: Some(self.namespace_options()),
+                }),
+            }),
+            labels: self.config.labels.clone(),
+            annotations: self.config.annotations.clone(),
+            runtime_handler: self.handler.clone(),
         }
     }
 
@@ -291,24 +314,7 @@ fake_service! {
                 HashMap::new()
             };
             Ok(Response::new(cri::PodSandboxStatusResponse {
-                status: Some(cri::PodSandboxStatus {
-                    id: stored.id.clone(),
-                    metadata: stored.config.metadata.clone(),
-                    state: stored.state(),
-                    created_at: stored.created_at,
-                    network: Some(cri::PodSandboxNetworkStatus {
-                        ip: "10.209.0.7".into(),
-                        additional_ips: Vec::new(),
-                    }),
-                    linux: Some(cri::LinuxPodSandboxStatus {
-                        namespaces: Some(cri::Namespace {
-                            options: Some(stored.namespace_options()),
-                        }),
-                    }),
-                    labels: stored.config.labels.clone(),
-                    annotations: stored.config.annotations.clone(),
-                    runtime_handler: stored.handler.clone(),
-                }),
+                status: Some(stored.status()),
                 info,
                 containers_statuses: Vec::new(),
                 timestamp: 0,
@@ -398,12 +404,30 @@ fake_service! {
 
         type GetContainerEventsStream = EventStream;
 
+        /// One `CONTAINER_CREATED_EVENT` per sandbox held, naming the
+        /// sandbox as the container (as containerd 1.7 does for sandboxes),
+        /// then the stream ends.
         async fn get_container_events(
             &self,
             request: Request<cri::GetEventsRequest>,
         ) -> Result<Response<EventStream>, Status> {
             self.seen.record(&request);
-            Err(Status::unimplemented("fake upstream: get_container_events"))
+            let events: Vec<Result<cri::ContainerEventResponse, Status>> = self
+                .store()
+                .sandboxes
+                .iter()
+                .map(|s| {
+                    Ok(cri::ContainerEventResponse {
+                        container_id: s.id.clone(),
+                        container_event_type: cri::ContainerEventType::ContainerCreatedEvent
+                            as i32,
+                        created_at: s.created_at,
+                        pod_sandbox_status: Some(s.status()),
+                        containers_statuses: Vec::new(),
+                    })
+                })
+                .collect();
+            Ok(Response::new(Box::pin(futures::stream::iter(events))))
         }
     }
 }
