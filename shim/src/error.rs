@@ -125,6 +125,21 @@ pub enum ShimError {
     #[error("an error occurred when trying to find sandbox {requested_id}: not found")]
     HiddenSandboxStats { requested_id: String },
 
+    /// `StopPodSandbox` of a sandbox the shim hides: containerd 1.6's answer
+    /// for an unknown id (Go `%q` of the id as requested).
+    #[error("an error occurred when try to find sandbox {}: not found", go_quote(.requested_id))]
+    HiddenSandboxStop { requested_id: String },
+
+    /// `CreateContainer` in a sandbox the shim hides: containerd 1.6's
+    /// answer for an unknown sandbox id.
+    #[error("failed to find sandbox id {}: not found", go_quote(.requested_id))]
+    HiddenSandboxCreateContainer { requested_id: String },
+
+    /// `PortForward` into a sandbox the shim hides: containerd 1.6's answer
+    /// for an unknown sandbox id.
+    #[error("failed to find sandbox {}: not found", go_quote(.requested_id))]
+    HiddenSandboxPortForward { requested_id: String },
+
     /// The gRPC server failed while serving.
     #[error("CRI server failed")]
     Serve(#[source] tonic::transport::Error),
@@ -135,7 +150,11 @@ impl From<ShimError> for Status {
         let code = match &err {
             ShimError::UpstreamUnavailable { .. } => Code::Unavailable,
             ShimError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
-            ShimError::HiddenSandboxStatus | ShimError::HiddenSandboxStats { .. } => Code::NotFound,
+            ShimError::HiddenSandboxStatus
+            | ShimError::HiddenSandboxStats { .. }
+            | ShimError::HiddenSandboxStop { .. }
+            | ShimError::HiddenSandboxCreateContainer { .. }
+            | ShimError::HiddenSandboxPortForward { .. } => Code::NotFound,
             ShimError::InvalidEndpoint { .. } | ShimError::UnknownGroup { .. } => {
                 Code::InvalidArgument
             }
@@ -154,9 +173,78 @@ impl From<ShimError> for Status {
     }
 }
 
+/// Go's `strconv.Quote` (what `%q` prints for a string): containerd names
+/// the requested id that way in its not-found errors.
+fn go_quote(s: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{7}' => out.push_str("\\a"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{b}' => out.push_str("\\v"),
+            c if u32::from(c) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hidden_sandbox_answers_are_containerds() {
+        // Captured from containerd 1.6.20 for an unknown id.
+        let id = "ffffffffffff";
+        let cases = [
+            (
+                ShimError::HiddenSandboxStop {
+                    requested_id: id.into(),
+                },
+                "an error occurred when try to find sandbox \"ffffffffffff\": not found",
+            ),
+            (
+                ShimError::HiddenSandboxCreateContainer {
+                    requested_id: id.into(),
+                },
+                "failed to find sandbox id \"ffffffffffff\": not found",
+            ),
+            (
+                ShimError::HiddenSandboxPortForward {
+                    requested_id: id.into(),
+                },
+                "failed to find sandbox \"ffffffffffff\": not found",
+            ),
+        ];
+        for (err, message) in cases {
+            let status = Status::from(err);
+            assert_eq!(status.code(), Code::NotFound);
+            assert_eq!(status.message(), message);
+        }
+    }
+
+    #[test]
+    fn go_quote_escapes_like_go() {
+        assert_eq!(go_quote("abc"), "\"abc\"");
+        assert_eq!(go_quote("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        assert_eq!(go_quote("\n\t\u{1}\u{7f}"), "\"\\n\\t\\x01\\x7f\"");
+        assert_eq!(go_quote("é\u{85}"), "\"é\\u0085\"");
+    }
 
     #[test]
     fn wire_codes() {

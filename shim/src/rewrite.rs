@@ -45,6 +45,8 @@
 //! of sandbox stats (see [`pod_sandbox_stats`]). Container calls need
 //! nothing: containers carry their own config, labels and annotations, and
 //! containerd builds their spec from the `sandbox_config` kubelet sends.
+//! Calls that only *name* a sandbox are refused or forwarded before upstream
+//! sees them (server.rs).
 
 mod verbose;
 

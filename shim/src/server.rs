@@ -2,11 +2,19 @@
 //!
 //! Every RPC is forwarded to upstream through [`Upstream::forward`]. Plain
 //! pass-through calls are generated from the tables below; the calls the
-//! shim intercepts (`RunPodSandbox`, the claim point: intercept.rs) or
-//! rewrites (sandbox list, status, stats and events: rewrite.rs) are written
-//! out after them.
+//! shim intercepts (`RunPodSandbox`, the claim point: intercept.rs), guards
+//! (calls that name a sandbox by id: an unclaimed slot is refused as
+//! containerd refuses an unknown id) or rewrites (sandbox list, status,
+//! stats and events: rewrite.rs) are written out after them.
+//!
+//! Guarded calls resolve the id they name without upstream when it is a
+//! full containerd id (kubelet only ever sends those): the slot source knows
+//! every slot it made by id. Only a shorter id (a prefix, as crictl users
+//! type) costs one upstream `PodSandboxStatus` to learn which sandbox it
+//! names. Calls that carry a container id need nothing: a slot's pause is
+//! not a CRI container, so upstream answers them as for an unknown id.
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use fast_sandbox_proto::cri::{
     self,
@@ -20,12 +28,12 @@ use tonic::{transport::Server, Request, Response, Status};
 use tracing::Instrument;
 
 use crate::{
-    deadline::CallerDeadlineLayer,
+    deadline::{CallerDeadline, CallerDeadlineLayer},
     error::ShimError,
     intercept::make_cold,
     request::cri_span,
     rewrite,
-    slots::{Claim, HandlerMap, MissReason, NoSlot, PoolKey, SlotSource},
+    slots::{Claim, HandlerMap, MissReason, NoSlot, PoolKey, SlotSource, SlotView},
     socket::{self, SocketConfig},
     upstream::{pass_status, Upstream, MAX_MESSAGE_SIZE},
 };
@@ -55,6 +63,22 @@ pub struct Shim {
 pub(crate) struct Slots {
     pub(crate) handlers: HandlerMap,
     pub(crate) source: Arc<dyn SlotSource>,
+}
+
+/// What a call that names a sandbox by id is about.
+#[derive(Debug, PartialEq, Eq)]
+enum Named {
+    /// An unclaimed slot: answered as containerd answers an unknown id.
+    Unclaimed,
+    /// Anything else: forwarded. `Some` holds the full id a prefix named.
+    Visible(Option<String>),
+}
+
+/// Whether `id` is a whole containerd sandbox id (64 lowercase hex digits,
+/// containerd's `GenerateID`), so no other id can start with it: it names
+/// that sandbox or none.
+fn is_full_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 impl Shim {
@@ -216,7 +240,91 @@ macro_rules! rewritten {
     }};
 }
 
+/// A call that names a sandbox by id (`$id`, read from the request `$req`):
+/// when it names an unclaimed slot, answered with `$hidden` (given the id as
+/// requested: what containerd answers for an unknown id) and not forwarded;
+/// otherwise forwarded. Without slots, forwarded unchanged.
+macro_rules! guarded {
+    (
+        $self:ident, $level:ident, $name:literal, $method:ident, $request:ident,
+        |$req:ident| $id:expr,
+        |$requested:ident| $hidden:expr
+    ) => {{
+        let Some(slots) = &$self.slots else {
+            return forward!($self, runtime, $level, $name, $method, $request);
+        };
+        let span = cri_span!($level, $name, $request.get_ref());
+        async move {
+            let hidden = {
+                let $req = $request.get_ref();
+                let $requested: &str = $id;
+                match $self.named(slots, &$request, $requested).await {
+                    Named::Unclaimed => Some($hidden),
+                    Named::Visible(_) => None,
+                }
+            };
+            if let Some(answer) = hidden {
+                ::tracing::event!(
+                    ::tracing::Level::$level,
+                    "names an unclaimed slot: answered as for an unknown sandbox"
+                );
+                return answer;
+            }
+            forward_in_span!($self, runtime, $level, $name, $method, $request)
+        }
+        .instrument(span)
+        .await
+    }};
+}
+
 impl Shim {
+    /// What sandbox `id` names, for a call that names one (`request` gives
+    /// the caller's deadline). A full id is resolved by the slot source
+    /// alone; a prefix by one upstream `PodSandboxStatus`, whose full id and
+    /// labels the slot source then judges. An id upstream does not resolve
+    /// (unknown, ambiguous, empty) is `Visible`: upstream answers the call
+    /// itself.
+    async fn named<T>(&self, slots: &Slots, request: &Request<T>, id: &str) -> Named {
+        if id.is_empty() {
+            return Named::Visible(None);
+        }
+        match slots.source.view(id, &HashMap::new()) {
+            SlotView::Unclaimed => return Named::Unclaimed,
+            SlotView::Claimed(_) => return Named::Visible(None),
+            SlotView::NotASlot if is_full_id(id) => return Named::Visible(None),
+            SlotView::NotASlot => {}
+        }
+        let mut lookup = Request::new(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.to_owned(),
+            verbose: false,
+        });
+        if let Some(deadline) = request.extensions().get::<CallerDeadline>() {
+            lookup.extensions_mut().insert(*deadline);
+        }
+        let mut client = self.upstream.runtime();
+        let found = self
+            .upstream
+            .forward("PodSandboxStatus", lookup, |r| async move {
+                client.pod_sandbox_status(r).await
+            })
+            .await;
+        match found.map(|r| r.into_inner().status) {
+            Ok(Some(status)) => match slots.source.view(&status.id, &status.labels) {
+                SlotView::Unclaimed => Named::Unclaimed,
+                SlotView::NotASlot | SlotView::Claimed(_) => Named::Visible(Some(status.id)),
+            },
+            Ok(None) => Named::Visible(None),
+            Err(status) => {
+                tracing::debug!(
+                    code = ?status.code(),
+                    message = status.message(),
+                    "sandbox id prefix not resolved; forwarding the call as is"
+                );
+                Named::Visible(None)
+            }
+        }
+    }
+
     /// The claim decision for a `RunPodSandbox` of an exposed handler: the
     /// slot's sandbox id, or why the pod starts cold.
     async fn claim(&self, slots: &Slots, request: &cri::RunPodSandboxRequest) -> Option<String> {
@@ -308,8 +416,6 @@ type EventStream =
 cri_service! {
     impl RuntimeService via runtime {
         DEBUG "Version" version(VersionRequest) -> VersionResponse;
-        INFO "StopPodSandbox" stop_pod_sandbox(StopPodSandboxRequest) -> StopPodSandboxResponse;
-        INFO "CreateContainer" create_container(CreateContainerRequest) -> CreateContainerResponse;
         INFO "StartContainer" start_container(StartContainerRequest) -> StartContainerResponse;
         INFO "StopContainer" stop_container(StopContainerRequest) -> StopContainerResponse;
         INFO "RemoveContainer" remove_container(RemoveContainerRequest) -> RemoveContainerResponse;
@@ -320,7 +426,6 @@ cri_service! {
         // talks to containerd's streaming server directly.
         INFO "Exec" exec(ExecRequest) -> ExecResponse;
         INFO "Attach" attach(AttachRequest) -> AttachResponse;
-        INFO "PortForward" port_forward(PortForwardRequest) -> PortForwardResponse;
         INFO "UpdateRuntimeConfig" update_runtime_config(UpdateRuntimeConfigRequest) -> UpdateRuntimeConfigResponse;
         DEBUG "Status" status(StatusRequest) -> StatusResponse;
         INFO "CheckpointContainer" checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse;
@@ -329,10 +434,8 @@ cri_service! {
 
         // Containers carry their own config, labels and annotations, and
         // a slot has no containers before its claim: nothing to rewrite.
-        DEBUG "ListContainers" list_containers(ListContainersRequest) -> ListContainersResponse;
         DEBUG "ContainerStatus" container_status(ContainerStatusRequest) -> ContainerStatusResponse;
         DEBUG "ContainerStats" container_stats(ContainerStatsRequest) -> ContainerStatsResponse;
-        DEBUG "ListContainerStats" list_container_stats(ListContainerStatsRequest) -> ListContainerStatsResponse;
         // containerd 1.6 does not implement it (Unimplemented). One that
         // does would report unclaimed slots here: hide them when moving on.
         DEBUG "ListPodSandboxMetrics" list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse;
@@ -374,27 +477,103 @@ cri_service! {
         .await
     }
 
+    async fn stop_pod_sandbox(
+        &self,
+        request: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        guarded!(
+            self, INFO, "StopPodSandbox", stop_pod_sandbox, request,
+            |req| &req.pod_sandbox_id,
+            |requested| Err(ShimError::HiddenSandboxStop {
+                requested_id: requested.to_owned(),
+            }
+            .into())
+        )
+    }
+
     /// Forwarded; once upstream removed the sandbox, the slot source
-    /// forgets it.
+    /// forgets it (by its full id, also when a prefix named it). An
+    /// unclaimed slot is not removed: containerd answers success for an
+    /// unknown id, and so does the shim, without forwarding.
     async fn remove_pod_sandbox(
         &self,
         request: Request<cri::RemovePodSandboxRequest>,
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        let Some(slots) = &self.slots else {
+            return forward!(self, runtime, INFO, "RemovePodSandbox", remove_pod_sandbox, request);
+        };
         let span = cri_span!(INFO, "RemovePodSandbox", request.get_ref());
         async move {
-            let removed = self
-                .slots
-                .as_ref()
-                .map(|slots| (slots, request.get_ref().pod_sandbox_id.clone()));
+            let requested = request.get_ref().pod_sandbox_id.clone();
+            let id = match self.named(slots, &request, &requested).await {
+                Named::Unclaimed => {
+                    tracing::info!("names an unclaimed slot: answered as for an unknown sandbox");
+                    return Ok(Response::new(cri::RemovePodSandboxResponse {}));
+                }
+                Named::Visible(full_id) => full_id.unwrap_or(requested),
+            };
             let response =
                 forward_in_span!(self, runtime, INFO, "RemovePodSandbox", remove_pod_sandbox, request)?;
-            if let Some((slots, id)) = removed {
-                slots.source.removed(&id).await;
-            }
+            slots.source.removed(&id).await;
             Ok(response)
         }
         .instrument(span)
         .await
+    }
+
+    async fn create_container(
+        &self,
+        request: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        guarded!(
+            self, INFO, "CreateContainer", create_container, request,
+            |req| &req.pod_sandbox_id,
+            |requested| Err(ShimError::HiddenSandboxCreateContainer {
+                requested_id: requested.to_owned(),
+            }
+            .into())
+        )
+    }
+
+    /// Streaming URLs are upstream's, returned unchanged.
+    async fn port_forward(
+        &self,
+        request: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        guarded!(
+            self, INFO, "PortForward", port_forward, request,
+            |req| &req.pod_sandbox_id,
+            |requested| Err(ShimError::HiddenSandboxPortForward {
+                requested_id: requested.to_owned(),
+            }
+            .into())
+        )
+    }
+
+    /// A filter naming an unclaimed slot gets the empty list containerd
+    /// gives for an unknown sandbox id. kubelet's relist sends no sandbox
+    /// id: no lookup at all.
+    async fn list_containers(
+        &self,
+        request: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        guarded!(
+            self, DEBUG, "ListContainers", list_containers, request,
+            |req| req.filter.as_ref().map_or("", |f| f.pod_sandbox_id.as_str()),
+            |_requested| Ok(Response::new(cri::ListContainersResponse::default()))
+        )
+    }
+
+    /// As [`Shim::list_containers`].
+    async fn list_container_stats(
+        &self,
+        request: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        guarded!(
+            self, DEBUG, "ListContainerStats", list_container_stats, request,
+            |req| req.filter.as_ref().map_or("", |f| f.pod_sandbox_id.as_str()),
+            |_requested| Ok(Response::new(cri::ListContainerStatsResponse::default()))
+        )
     }
 
     async fn list_pod_sandbox(

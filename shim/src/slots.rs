@@ -217,6 +217,13 @@ pub trait SlotSource: fmt::Debug + Send + Sync + 'static {
     /// What sandbox `id` is, given the labels upstream reports for it.
     /// Called for every sandbox in every list/status answer: must be cheap
     /// and must not block.
+    ///
+    /// Calls that only name a sandbox (`StopPodSandbox`, `CreateContainer`,
+    /// ...) ask with the full id and *no* labels when kubelet sent a full
+    /// id: the answer must then come from what the source knows by id (every
+    /// slot it made). A labels-only fallback (the slot token) need not match
+    /// there: a slot not known by id yet is still being created, and its id
+    /// never went through the shim.
     fn view(&self, sandbox_id: &str, upstream_labels: &HashMap<String, String>) -> SlotView;
 
     /// Upstream removed sandbox `id` (after `RemovePodSandbox` succeeded):

@@ -1,7 +1,8 @@
 //! A fake upstream that keeps pod sandboxes the way containerd 1.6.20 does,
 //! as far as the slot tests need: ids, prefix lookups, list filters
-//! (id, state, exact-match label selector), status (verbose too), stats, and
-//! containerd's exact not-found answers (captured from a live 1.6.20).
+//! (id, state, exact-match label selector), status (verbose too), stats,
+//! containers (create, list, stats) and port forwarding, and containerd's
+//! exact answers for an unknown sandbox id (captured from a live 1.6.20).
 //! Unlike 1.6 it also streams container events, one per sandbox, shaped like
 //! containerd 1.7's, so the shim's event rewriting can be seen.
 
@@ -26,6 +27,29 @@ pub const STATUS_NOT_FOUND: &str = "an error occurred when try to find sandbox: 
 /// containerd 1.6.20's `PodSandboxStats` answer for an unknown id.
 pub fn stats_not_found(requested: &str) -> String {
     format!("an error occurred when trying to find sandbox {requested}: not found")
+}
+
+/// containerd 1.6.20's `StopPodSandbox` answer for an unknown id (the id
+/// Go-quoted: ids here are plain hex).
+pub fn stop_not_found(requested: &str) -> String {
+    format!("an error occurred when try to find sandbox \"{requested}\": not found")
+}
+
+/// containerd 1.6.20's `CreateContainer` answer for an unknown sandbox id.
+pub fn create_not_found(requested: &str) -> String {
+    format!("failed to find sandbox id \"{requested}\": not found")
+}
+
+/// containerd 1.6.20's `PortForward` answer for an unknown sandbox id.
+pub fn port_forward_not_found(requested: &str) -> String {
+    format!("failed to find sandbox \"{requested}\": not found")
+}
+
+#[derive(Debug, Clone)]
+pub struct StoredContainer {
+    pub id: String,
+    pub sandbox_id: String,
+    pub config: cri::ContainerConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -156,6 +180,7 @@ impl Stored {
 #[derive(Debug, Default)]
 pub struct Store {
     pub sandboxes: Vec<Stored>,
+    pub containers: Vec<StoredContainer>,
     /// Every `RunPodSandbox` request, in order.
     pub runs: Vec<cri::RunPodSandboxRequest>,
     /// The filter of every `ListPodSandbox`.
@@ -177,6 +202,31 @@ impl Store {
             (Some(_), Some(_)) => Err(Status::unknown(format!("ambiguous prefix {id:?}"))),
             (None, _) => Err(Status::not_found("not found")),
         }
+    }
+
+    /// containerd's answer for an id it cannot resolve, from `find`'s
+    /// error: not found becomes `not_found(requested)`, anything else
+    /// (empty, ambiguous) is wrapped the same way as `Unknown`.
+    fn find_or(&self, id: &str, not_found: impl Fn(&str) -> String) -> Result<&Stored, Status> {
+        self.find(id).map_err(|e| match e.code() {
+            tonic::Code::NotFound => Status::not_found(not_found(id)),
+            _ => Status::unknown(not_found(id).replace("not found", e.message())),
+        })
+    }
+
+    /// containerd's `normalizeContainerFilter`: a sandbox id prefix that
+    /// resolves becomes the full id, anything else is kept (and matches
+    /// nothing).
+    fn normalize(&self, sandbox_id: &str) -> String {
+        self.find(sandbox_id)
+            .map_or_else(|_| sandbox_id.to_owned(), |s| s.id.clone())
+    }
+
+    fn containers_of(&self, sandbox_id: &str) -> impl Iterator<Item = &StoredContainer> {
+        let sandbox_id = (!sandbox_id.is_empty()).then(|| self.normalize(sandbox_id));
+        self.containers
+            .iter()
+            .filter(move |c| sandbox_id.as_ref().is_none_or(|id| &c.sandbox_id == id))
     }
 }
 
@@ -214,20 +264,16 @@ fake_service! {
     impl RuntimeService for Pods {
         unimplemented {
             version(VersionRequest) -> VersionResponse;
-            create_container(CreateContainerRequest) -> CreateContainerResponse;
             start_container(StartContainerRequest) -> StartContainerResponse;
             stop_container(StopContainerRequest) -> StopContainerResponse;
             remove_container(RemoveContainerRequest) -> RemoveContainerResponse;
-            list_containers(ListContainersRequest) -> ListContainersResponse;
             container_status(ContainerStatusRequest) -> ContainerStatusResponse;
             update_container_resources(UpdateContainerResourcesRequest) -> UpdateContainerResourcesResponse;
             reopen_container_log(ReopenContainerLogRequest) -> ReopenContainerLogResponse;
             exec_sync(ExecSyncRequest) -> ExecSyncResponse;
             exec(ExecRequest) -> ExecResponse;
             attach(AttachRequest) -> AttachResponse;
-            port_forward(PortForwardRequest) -> PortForwardResponse;
             container_stats(ContainerStatsRequest) -> ContainerStatsResponse;
-            list_container_stats(ListContainerStatsRequest) -> ListContainerStatsResponse;
             update_runtime_config(UpdateRuntimeConfigRequest) -> UpdateRuntimeConfigResponse;
             status(StatusRequest) -> StatusResponse;
             checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse;
@@ -269,7 +315,10 @@ fake_service! {
         ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
             self.seen.record(&request);
             let mut store = self.store();
-            let id = store.find(&request.get_ref().pod_sandbox_id)?.id.clone();
+            let id = store
+                .find_or(&request.get_ref().pod_sandbox_id, stop_not_found)?
+                .id
+                .clone();
             if let Some(s) = store.sandboxes.iter_mut().find(|s| s.id == id) {
                 s.ready = false;
             }
@@ -400,6 +449,86 @@ fake_service! {
                 .map(Stored::stats)
                 .collect();
             Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
+        }
+
+        async fn create_container(
+            &self,
+            request: Request<cri::CreateContainerRequest>,
+        ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+            self.seen.record(&request);
+            let request = request.into_inner();
+            let mut store = self.store();
+            let sandbox_id = store
+                .find_or(&request.pod_sandbox_id, create_not_found)?
+                .id
+                .clone();
+            let config = request
+                .config
+                .ok_or_else(|| Status::unknown("container config must not be nil"))?;
+            let id = format!("ctr-{}-{}", &sandbox_id[..8], store.containers.len());
+            store.containers.push(StoredContainer {
+                id: id.clone(),
+                sandbox_id,
+                config,
+            });
+            Ok(Response::new(cri::CreateContainerResponse { container_id: id }))
+        }
+
+        async fn list_containers(
+            &self,
+            request: Request<cri::ListContainersRequest>,
+        ) -> Result<Response<cri::ListContainersResponse>, Status> {
+            self.seen.record(&request);
+            let filter = request.into_inner().filter.unwrap_or_default();
+            let store = self.store();
+            let containers = store
+                .containers_of(&filter.pod_sandbox_id)
+                .map(|c| cri::Container {
+                    id: c.id.clone(),
+                    pod_sandbox_id: c.sandbox_id.clone(),
+                    metadata: c.config.metadata.clone(),
+                    labels: c.config.labels.clone(),
+                    ..Default::default()
+                })
+                .collect();
+            Ok(Response::new(cri::ListContainersResponse { containers }))
+        }
+
+        async fn list_container_stats(
+            &self,
+            request: Request<cri::ListContainerStatsRequest>,
+        ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+            self.seen.record(&request);
+            let filter = request.into_inner().filter.unwrap_or_default();
+            let store = self.store();
+            let stats = store
+                .containers_of(&filter.pod_sandbox_id)
+                .map(|c| cri::ContainerStats {
+                    attributes: Some(cri::ContainerAttributes {
+                        id: c.id.clone(),
+                        metadata: c.config.metadata.clone(),
+                        labels: c.config.labels.clone(),
+                        annotations: c.config.annotations.clone(),
+                    }),
+                    ..Default::default()
+                })
+                .collect();
+            Ok(Response::new(cri::ListContainerStatsResponse { stats }))
+        }
+
+        async fn port_forward(
+            &self,
+            request: Request<cri::PortForwardRequest>,
+        ) -> Result<Response<cri::PortForwardResponse>, Status> {
+            self.seen.record(&request);
+            let store = self.store();
+            let stored = store.find_or(&request.get_ref().pod_sandbox_id, port_forward_not_found)?;
+            if !stored.ready {
+                return Err(Status::unknown("sandbox container is not running"));
+            }
+            Ok(Response::new(cri::PortForwardResponse {
+                url: format!("http://127.0.0.1:10010/portforward/{}", &stored.id[..8]),
+            }))
         }
 
         type GetContainerEventsStream = EventStream;
