@@ -82,6 +82,76 @@ fn is_full_id(id: &str) -> bool {
 }
 
 impl Shim {
+    /// `ListPodSandboxStats` with a label selector, through slots: see
+    /// `list_pod_sandbox_stats`.
+    async fn selected_sandbox_stats(
+        &self,
+        slots: &Slots,
+        mut request: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        let started = Instant::now();
+        let metadata = request.metadata().clone();
+        let filter = request.get_mut().filter.take().unwrap_or_default();
+        // Sub-requests carry the caller's metadata, and so its deadline.
+        fn sub<T>(metadata: &tonic::metadata::MetadataMap, msg: T) -> Request<T> {
+            Request::from_parts(metadata.clone(), tonic::Extensions::new(), msg)
+        }
+        let mut client = self.upstream.runtime();
+        let list = sub(
+            &metadata,
+            cri::ListPodSandboxRequest {
+                filter: Some(cri::PodSandboxFilter {
+                    id: filter.id,
+                    // Filtered stats skip sandboxes that are not ready.
+                    state: Some(cri::PodSandboxStateValue {
+                        state: cri::PodSandboxState::SandboxReady as i32,
+                    }),
+                    label_selector: HashMap::new(),
+                }),
+            },
+        );
+        let mut items = self
+            .upstream
+            .forward("ListPodSandbox", list, |r| async move {
+                client.list_pod_sandbox(r).await
+            })
+            .await?
+            .into_inner()
+            .items;
+        rewrite::list_pod_sandbox(slots, &mut items, &filter.label_selector);
+        let mut stats = Vec::with_capacity(items.len());
+        for item in items {
+            let mut client = self.upstream.runtime();
+            let one = sub(
+                &metadata,
+                cri::ListPodSandboxStatsRequest {
+                    filter: Some(cri::PodSandboxStatsFilter {
+                        id: item.id,
+                        label_selector: HashMap::new(),
+                    }),
+                },
+            );
+            match self
+                .upstream
+                .forward("ListPodSandboxStats", one, |r| async move {
+                    client.list_pod_sandbox_stats(r).await
+                })
+                .await
+            {
+                Ok(r) => stats.extend(r.into_inner().stats),
+                // Removed since it was listed: as if listed a moment later.
+                Err(status) if status.code() == tonic::Code::NotFound => {}
+                Err(status) => return Err(status),
+            }
+        }
+        rewrite::list_pod_sandbox_stats(slots, &mut stats, &HashMap::new());
+        tracing::debug!(
+            elapsed_us = elapsed_us(started),
+            selected = stats.len(),
+            "ok"
+        );
+        Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
+    }
     /// A plain forwarding shim: no warm handlers, every call unchanged.
     pub fn new(upstream: Upstream) -> Self {
         Shim {
@@ -601,10 +671,26 @@ cri_service! {
         )
     }
 
+    /// With a label selector (kubelet selects a pod's sandboxes by uid),
+    /// upstream cannot filter: it only knows placeholder labels. Rather than
+    /// asking it for the stats of every sandbox on the node — where any one
+    /// failing sandbox (one being created or stopped, a runtime crashing on
+    /// its metrics) fails the whole call — the shim lists sandboxes, selects
+    /// on the labels kubelet sees, and asks for the stats of the selected
+    /// ones only, as containerd itself would.
     async fn list_pod_sandbox_stats(
         &self,
         mut request: Request<cri::ListPodSandboxStatsRequest>,
     ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        let selects = request
+            .get_ref()
+            .filter
+            .as_ref()
+            .is_some_and(|f| !f.label_selector.is_empty());
+        if let (true, Some(slots)) = (selects, &self.slots) {
+            let span = cri_span!(DEBUG, "ListPodSandboxStats", request.get_ref());
+            return self.selected_sandbox_stats(slots, request).instrument(span).await;
+        }
         rewritten!(
             self, DEBUG, "ListPodSandboxStats", list_pod_sandbox_stats, request,
             |req| rewrite::take_stats_selector(&mut req.filter),
