@@ -4,11 +4,7 @@
 //! `/etc/hostname`, `/etc/resolv.conf`, a namespaced sysctl, the container's
 //! and the pause's cgroups, the IP reachable from the host, and the log file.
 
-use std::{
-    collections::HashMap,
-    io::{Read as _, Write as _},
-    time::Duration,
-};
+use std::{collections::HashMap, io::Write as _, time::Duration};
 
 use fast_sandbox_proto::cri::{
     ContainerFilter, ContainerState, ContainerStateValue, ContainerStatsFilter,
@@ -380,8 +376,10 @@ async fn host_to_pod(ip: &str) -> anyhow::Result<String> {
                     std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
                 s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
                 let _ = s.write_all(b"\n");
+                // One line (the hostname); busybox `nc -ll` may keep the
+                // connection open after its child exits, so no EOF wait.
                 let mut out = String::new();
-                s.read_to_string(&mut out).ok()?;
+                std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut out).ok()?;
                 (!out.is_empty()).then_some(out)
             })
             .await
