@@ -3,6 +3,7 @@
 //!
 //! - `GET /metrics`: OpenMetrics text.
 //! - `GET /pools`: JSON array of [`PoolStats`].
+//! - `GET /claims`: JSON array of [`ClaimInfo`] (claimed slots and their pods).
 //! - `GET /healthz`: `ok`.
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
@@ -12,7 +13,7 @@ use axum::{extract::State, http::header, response::IntoResponse, routing, Json, 
 
 use crate::{
     metrics::{Metrics, PoolState},
-    pool::{PoolManager, PoolStats},
+    pool::{ClaimInfo, PoolManager, PoolStats},
 };
 
 #[derive(Debug, Clone)]
@@ -62,6 +63,10 @@ async fn get_pools(State(state): State<AppState>) -> Json<Vec<PoolStats>> {
     Json(pool_stats(&state))
 }
 
+async fn get_claims(State(state): State<AppState>) -> Json<Vec<ClaimInfo>> {
+    Json(state.pools.as_ref().map(|p| p.claims()).unwrap_or_default())
+}
+
 /// Binds `addr` and serves until `shutdown` resolves. Returns the bound
 /// address (useful with port 0) and the serving future.
 pub async fn bind(
@@ -74,6 +79,7 @@ pub async fn bind(
     let app = Router::new()
         .route("/metrics", routing::get(get_metrics))
         .route("/pools", routing::get(get_pools))
+        .route("/claims", routing::get(get_claims))
         .route("/healthz", routing::get(|| async { "ok" }))
         .with_state(AppState {
             pools,
@@ -112,4 +118,40 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
         "GET {path}: {status}"
     );
     Ok(body.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn serves_health_pools_claims_and_metrics_on_loopback() {
+        let metrics = Arc::new(Metrics::default());
+        metrics
+            .claims
+            .get_or_create(&crate::metrics::PoolOutcome {
+                pool: "p".into(),
+                outcome: "hit",
+            })
+            .inc();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr, server) = bind("127.0.0.1:0".parse().unwrap(), None, metrics, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+        let server = tokio::spawn(server);
+        assert_eq!(get(addr, "/healthz").await.unwrap(), "ok");
+        assert_eq!(get(addr, "/pools").await.unwrap(), "[]");
+        assert_eq!(get(addr, "/claims").await.unwrap(), "[]");
+        let text = get(addr, "/metrics").await.unwrap();
+        assert!(
+            text.contains("fast_sandbox_claims_total{pool=\"p\",outcome=\"hit\"} 1"),
+            "{text}"
+        );
+        let err = get(addr, "/nope").await.unwrap_err().to_string();
+        assert!(err.contains("404"), "{err}");
+        tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
 }

@@ -40,6 +40,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the claimed slots of a running node plugin and their pods.
+    Claims {
+        /// The node plugin's admin endpoint.
+        #[arg(long, env = "FAST_SANDBOX_ADMIN", default_value = config::DEFAULT_ADMIN_ADDRESS)]
+        admin: SocketAddr,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -67,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Pools { admin, json } => show_pools(admin, json).await,
+            Command::Claims { admin, json } => show_claims(admin, json).await,
         }
     })
 }
@@ -172,6 +182,34 @@ async fn show_pools(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
             n("free"),
             n("desired"),
             n("claimed")
+        );
+    }
+    Ok(())
+}
+
+/// `fast-sandbox-node claims`: claimed slots and the pods that own them.
+async fn show_claims(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let body = admin::get(admin, "/claims").await?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let claims: Vec<serde_json::Value> =
+        serde_json::from_str(&body).context("the admin endpoint's /claims is not a JSON list")?;
+    println!(
+        "{:<14} {:<20} {:<14} {:<40}",
+        "SANDBOX", "POOL", "HANDLER", "POD"
+    );
+    for c in &claims {
+        let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+        let id = s("sandbox_id");
+        println!(
+            "{:<14} {:<20} {:<14} {}/{}",
+            &id[..id.len().min(13)],
+            s("pool"),
+            s("exposed_handler"),
+            s("pod_namespace"),
+            s("pod_name")
         );
     }
     Ok(())

@@ -159,6 +159,18 @@ pub struct PoolStats {
     pub claimed: usize,
 }
 
+/// One claimed slot, for the CLI.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClaimInfo {
+    pub sandbox_id: String,
+    pub pool: String,
+    pub exposed_handler: String,
+    pub pod_namespace: String,
+    pub pod_name: String,
+    pub pod_uid: String,
+    pub claimed_at_ns: i64,
+}
+
 /// The warm pools of one node.
 #[derive(Debug)]
 pub struct PoolManager {
@@ -262,6 +274,32 @@ impl PoolManager {
                     .count(),
             })
             .collect()
+    }
+
+    /// The claimed slots and the pods that own them.
+    pub fn claims(&self) -> Vec<ClaimInfo> {
+        let t = self.table();
+        let mut out: Vec<ClaimInfo> = t
+            .slots
+            .iter()
+            .filter_map(|(id, slot)| match &slot.status {
+                Status::Claimed(pod) => {
+                    let meta = pod.config.metadata.clone().unwrap_or_default();
+                    Some(ClaimInfo {
+                        sandbox_id: id.clone(),
+                        pool: self.specs[slot.pool].name.clone(),
+                        exposed_handler: pod.exposed_handler.clone(),
+                        pod_namespace: meta.namespace,
+                        pod_name: meta.name,
+                        pod_uid: meta.uid,
+                        claimed_at_ns: pod.claimed_at_ns,
+                    })
+                }
+                Status::Free | Status::Claiming => None,
+            })
+            .collect();
+        out.sort_by_key(|c| c.claimed_at_ns);
+        out
     }
 
     /// Changes how many free slots pool `name` keeps; excess free slots are
