@@ -2,5 +2,9 @@
 //!
 //! - [`scoring`]: the placement decision, a pure function over a snapshot of
 //!   node states (free warm slots per pool, cached images).
+//! - [`synth`]: deterministic synthetic clusters and requests.
+//! - [`bench`]: decision latency on a large synthetic cluster.
 
+pub mod bench;
 pub mod scoring;
+pub mod synth;

@@ -174,60 +174,81 @@ pub enum SnapshotError {
     },
 }
 
-/// Node states indexed for scoring: nodes sorted by name, image names
-/// interned, and each image's spread (how many nodes hold it) counted once.
+/// Node states indexed for scoring. Nodes are sorted by name; what a
+/// decision reads is kept in columns indexed by node position (readiness,
+/// last-seen time, free slots per pool key) and per image the nodes holding
+/// it, so scoring 5,000 nodes walks a few dense arrays instead of chasing
+/// every node's heap-allocated lists.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    nodes: Vec<IndexedNode>,
+    nodes: Vec<NodeState>,
     by_name: HashMap<String, usize>,
-    image_ids: HashMap<String, u32>,
-    image_spread: Vec<u32>,
+    ready: Vec<bool>,
+    last_seen: Vec<u64>,
+    /// (handler, shape) → index into `pool_free`.
+    pool_keys: HashMap<(String, String), usize>,
+    /// Per pool key, per node: free slots, or [`NO_POOL`].
+    pool_free: Vec<Vec<u32>>,
+    /// Normalized image name → index into `image_nodes`.
+    image_ids: HashMap<String, usize>,
+    /// Per image name: (node position, size on that node), one entry per
+    /// node holding it; its length is the image's spread.
+    image_nodes: Vec<Vec<(u32, u64)>>,
 }
 
-#[derive(Debug, Clone)]
-struct IndexedNode {
-    state: NodeState,
-    /// (image id, size on this node), sorted by id, one entry per id.
-    images: Vec<(u32, u64)>,
-}
+/// A node without a pool of that key.
+const NO_POOL: u32 = u32::MAX;
 
 impl Snapshot {
     /// Indexes `nodes`; fails on a duplicate name or an impossible pool.
     pub fn new(mut nodes: Vec<NodeState>) -> Result<Self, SnapshotError> {
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut snapshot = Snapshot::default();
-        for state in nodes {
-            if snapshot.by_name.contains_key(&state.name) {
-                return Err(SnapshotError::DuplicateNode(state.name));
+        if let Some(pair) = nodes.windows(2).find(|w| w[0].name == w[1].name) {
+            return Err(SnapshotError::DuplicateNode(pair[0].name.clone()));
+        }
+        let count = nodes.len();
+        let mut snapshot = Snapshot {
+            ready: nodes.iter().map(|n| n.ready).collect(),
+            last_seen: nodes.iter().map(|n| n.last_seen_unix_ms).collect(),
+            ..Snapshot::default()
+        };
+        for (index, state) in nodes.iter().enumerate() {
+            check_pools(state)?;
+            let position = u32::try_from(index).unwrap_or(u32::MAX);
+            for pool in &state.pools {
+                let key = (pool.handler.clone(), pool.shape.clone());
+                let next = snapshot.pool_free.len();
+                let id = *snapshot.pool_keys.entry(key).or_insert(next);
+                if id == next {
+                    snapshot.pool_free.push(vec![NO_POOL; count]);
+                }
+                // A repeated (handler, shape) on one node: the first wins, as
+                // in `set_pool_free`.
+                if snapshot.pool_free[id][index] == NO_POOL {
+                    snapshot.pool_free[id][index] = pool.free;
+                }
             }
-            check_pools(&state)?;
-            let mut images: Vec<(u32, u64)> = Vec::new();
             for image in &state.images {
                 for name in image.tags.iter().chain(&image.digests) {
-                    let next = u32::try_from(snapshot.image_spread.len()).unwrap_or(u32::MAX);
+                    let next = snapshot.image_nodes.len();
                     let id = *snapshot
                         .image_ids
                         .entry(normalize_image(name))
                         .or_insert(next);
                     if id == next {
-                        snapshot.image_spread.push(0);
+                        snapshot.image_nodes.push(Vec::new());
                     }
-                    images.push((id, image.size_bytes));
+                    let holders = &mut snapshot.image_nodes[id];
+                    // One entry per node, with the largest size it reports.
+                    match holders.last_mut() {
+                        Some(last) if last.0 == position => last.1 = last.1.max(image.size_bytes),
+                        _ => holders.push((position, image.size_bytes)),
+                    }
                 }
             }
-            // One entry per name on a node, with the largest size reported.
-            images.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-            images.dedup_by_key(|entry| entry.0);
-            for (id, _) in &images {
-                if let Some(count) = snapshot.image_spread.get_mut(*id as usize) {
-                    *count += 1;
-                }
-            }
-            snapshot
-                .by_name
-                .insert(state.name.clone(), snapshot.nodes.len());
-            snapshot.nodes.push(IndexedNode { state, images });
+            snapshot.by_name.insert(state.name.clone(), index);
         }
+        snapshot.nodes = nodes;
         Ok(snapshot)
     }
 
@@ -241,12 +262,12 @@ impl Snapshot {
 
     /// The node's state as last reported.
     pub fn node(&self, name: &str) -> Option<&NodeState> {
-        self.by_name.get(name).map(|&i| &self.nodes[i].state)
+        self.by_name.get(name).map(|&i| &self.nodes[i])
     }
 
     /// All nodes, by name.
     pub fn nodes(&self) -> impl Iterator<Item = &NodeState> {
-        self.nodes.iter().map(|n| &n.state)
+        self.nodes.iter()
     }
 
     /// Records a pool's free count (a claim or a refill) without re-indexing.
@@ -261,7 +282,7 @@ impl Snapshot {
             .by_name
             .get(node)
             .ok_or_else(|| SnapshotError::UnknownNode(node.to_owned()))?;
-        let state = &mut self.nodes[index].state;
+        let state = &mut self.nodes[index];
         let pool = state
             .pools
             .iter_mut()
@@ -281,6 +302,10 @@ impl Snapshot {
             });
         }
         pool.free = free;
+        let key = (handler.to_owned(), shape.to_owned());
+        if let Some(&id) = self.pool_keys.get(&key) {
+            self.pool_free[id][index] = free;
+        }
         Ok(())
     }
 }
@@ -347,34 +372,50 @@ pub fn image_term(scaled_bytes: u64, images: usize) -> u8 {
 #[derive(Debug)]
 pub struct Scorer<'s> {
     snapshot: &'s Snapshot,
-    handler: &'s str,
-    shape: &'s str,
     policy: Policy,
     now_ms: u64,
-    /// Requested images some node holds: (id, spread fraction, request size).
-    images: Vec<(u32, f64, Option<u64>)>,
+    /// Free slots per node of the request's pool key; `None` when no node
+    /// has such a pool.
+    free: Option<&'s [u32]>,
+    /// Per node: the spread-scaled bytes of requested images it holds.
+    scaled: Vec<u64>,
     requested: usize,
 }
 
 impl<'s> Scorer<'s> {
-    pub fn new(snapshot: &'s Snapshot, request: &'s Request, policy: Policy, now_ms: u64) -> Self {
+    pub fn new(snapshot: &'s Snapshot, request: &Request, policy: Policy, now_ms: u64) -> Self {
         let total = snapshot.len().max(1) as f64;
-        let images = request
-            .images
-            .iter()
-            .filter_map(|image| {
-                let id = *snapshot.image_ids.get(&normalize_image(&image.reference))?;
-                let spread = f64::from(snapshot.image_spread[id as usize]) / total;
-                Some((id, spread, image.size_bytes))
-            })
-            .collect();
+        let mut scaled: Vec<u64> = Vec::new();
+        for image in &request.images {
+            let Some(&id) = snapshot.image_ids.get(&normalize_image(&image.reference)) else {
+                continue;
+            };
+            if scaled.is_empty() {
+                scaled = vec![0; snapshot.len()];
+            }
+            let holders = &snapshot.image_nodes[id];
+            let spread = holders.len() as f64 / total;
+            for &(node, on_node) in holders {
+                let size = if on_node > 0 {
+                    on_node
+                } else {
+                    image.size_bytes.unwrap_or(0)
+                };
+                let slot = &mut scaled[node as usize];
+                *slot = slot.saturating_add((size as f64 * spread) as u64);
+            }
+        }
+        let key = (request.handler.clone(), request.shape.clone());
+        let free = snapshot
+            .pool_keys
+            .get(&key)
+            .map(|&id| snapshot.pool_free[id].as_slice());
         Scorer {
             snapshot,
-            handler: &request.handler,
-            shape: &request.shape,
             policy,
             now_ms,
-            images,
+            free,
+            scaled,
             requested: request.images.len(),
         }
     }
@@ -390,38 +431,24 @@ impl<'s> Scorer<'s> {
     }
 
     fn score_index(&self, index: usize) -> Result<u8, Rejection> {
-        let node = &self.snapshot.nodes[index];
-        let state = &node.state;
-        if !state.ready {
+        if !self.snapshot.ready[index] {
             return Err(Rejection::NotReady);
         }
         if let Some(limit) = self.policy.stale_after_ms {
-            let age_ms = self.now_ms.saturating_sub(state.last_seen_unix_ms);
+            let age_ms = self.now_ms.saturating_sub(self.snapshot.last_seen[index]);
             if age_ms > limit {
                 return Err(Rejection::Stale { age_ms });
             }
         }
-        let pool = state
-            .pools
-            .iter()
-            .find(|p| p.handler == self.handler && p.shape == self.shape)
-            .ok_or(Rejection::NoPool)?;
-        if pool.free == 0 && self.policy.slots == SlotPolicy::Require {
+        let free = match self.free.map(|f| f[index]) {
+            None | Some(NO_POOL) => return Err(Rejection::NoPool),
+            Some(free) => free,
+        };
+        if free == 0 && self.policy.slots == SlotPolicy::Require {
             return Err(Rejection::NoFreeSlot);
         }
-        let mut scaled: u64 = 0;
-        for &(id, spread, requested_size) in &self.images {
-            if let Ok(at) = node.images.binary_search_by_key(&id, |entry| entry.0) {
-                let on_node = node.images[at].1;
-                let size = if on_node > 0 {
-                    on_node
-                } else {
-                    requested_size.unwrap_or(0)
-                };
-                scaled = scaled.saturating_add((size as f64 * spread) as u64);
-            }
-        }
-        Ok(slot_term(pool.free) + image_term(scaled, self.requested))
+        let scaled = self.scaled.get(index).copied().unwrap_or(0);
+        Ok(slot_term(free) + image_term(scaled, self.requested))
     }
 
     /// Every node with its verdict, by node name.
@@ -430,7 +457,7 @@ impl<'s> Scorer<'s> {
             .nodes
             .iter()
             .enumerate()
-            .map(|(i, n)| (n.state.name.as_str(), self.score_index(i)))
+            .map(|(i, n)| (n.name.as_str(), self.score_index(i)))
     }
 
     /// The best node: highest score, then smallest name.
@@ -440,7 +467,7 @@ impl<'s> Scorer<'s> {
             if let Ok(score) = self.score_index(i) {
                 if best.as_ref().is_none_or(|b| score > b.score) {
                     best = Some(Placement {
-                        node: &self.snapshot.nodes[i].state.name,
+                        node: &self.snapshot.nodes[i].name,
                         score,
                     });
                 }
@@ -460,7 +487,7 @@ pub struct Placement<'s> {
 /// Chooses a node for `request`, or none when every node is filtered out.
 pub fn place<'s>(
     snapshot: &'s Snapshot,
-    request: &'s Request,
+    request: &Request,
     policy: Policy,
     now_ms: u64,
 ) -> Option<Placement<'s>> {
