@@ -4,7 +4,9 @@
 //!   node states (free warm slots per pool, cached images).
 //! - [`synth`]: deterministic synthetic clusters and requests.
 //! - [`bench`]: decision latency on a large synthetic cluster.
+//! - [`sim`]: warm-hit rate of the placement against slot-blind baselines.
 
 pub mod bench;
 pub mod scoring;
+pub mod sim;
 pub mod synth;

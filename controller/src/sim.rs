@@ -1,0 +1,468 @@
+//! A discrete-event simulation of warm-slot placement, no cluster needed.
+//!
+//! The model: `nodes` nodes, each with one pool of `slots` warm slots of the
+//! same handler and shape. Pods arrive as a Poisson stream. A pod placed on
+//! a node with a free slot is a warm *hit* and takes the slot; the slot is
+//! single-use and is refilled after a random delay (uniform in
+//! 0.5..1.5 × `refill_mean_s`). Otherwise the pod starts cold (a *miss*).
+//! Pods run for an exponentially distributed lifetime (what the
+//! least-allocated baseline balances).
+//!
+//! The placer sees the truth late: a node's reported free count lags it by
+//! `status_delay_ms` (the issue's bound for a claim to reach the controller).
+//! [`Placer::Ours`] also counts its own placements `assume_delay_ms` after
+//! making them (0: at once, as the direct path and an extender that binds
+//! can) until the node's report covers them — kube-scheduler's assume
+//! cache, for slots. [`Placer::OursStatusOnly`] does not, and shows why it
+//! must: with any lag, a deterministic best node draws every pod.
+//!
+//! Load is the offered fraction of refill capacity: arrivals per second ×
+//! mean refill time ÷ total slots, which is also the expected fraction of
+//! slots being refilled (the pools' utilisation) when every pod hits.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fmt::Write as _;
+
+use crate::scoring::{NodeState, Policy, PoolState, Request, Scorer, Snapshot, SnapshotError};
+use crate::synth::Rng;
+
+/// The model's parameters.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub nodes: usize,
+    pub slots: u32,
+    pub refill_mean_s: f64,
+    pub lifetime_mean_s: f64,
+    pub status_delay_ms: u64,
+    pub assume_delay_ms: u64,
+    /// Pods per load point; the first tenth warms the model up unmeasured.
+    pub arrivals: usize,
+    pub seed: u64,
+    pub loads: Vec<f64>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            nodes: 100,
+            slots: 8,
+            refill_mean_s: 2.0,
+            lifetime_mean_s: 30.0,
+            status_delay_ms: 100,
+            assume_delay_ms: 0,
+            arrivals: 40_000,
+            seed: 1,
+            loads: (1..=10).map(|i| f64::from(i) / 10.0).collect(),
+        }
+    }
+}
+
+/// Who chooses the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Placer {
+    /// [`crate::scoring`] on reported free slots plus its own placements.
+    Ours,
+    /// [`crate::scoring`] on reported free slots only.
+    OursStatusOnly,
+    /// Fewest running pods, ties at random (kube-scheduler's default
+    /// spreading, blind to slots).
+    LeastAllocated,
+    /// Any node.
+    Random,
+}
+
+impl Placer {
+    pub const ALL: [Placer; 4] = [
+        Placer::Ours,
+        Placer::OursStatusOnly,
+        Placer::LeastAllocated,
+        Placer::Random,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Placer::Ours => "fast-sandbox",
+            Placer::OursStatusOnly => "fast-sandbox (status only)",
+            Placer::LeastAllocated => "least-allocated",
+            Placer::Random => "random",
+        }
+    }
+}
+
+/// One measured point.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Point {
+    pub placer: Placer,
+    /// Offered load.
+    pub load: f64,
+    /// Warm hits ÷ measured arrivals.
+    pub hit_rate: f64,
+    /// Time-averaged fraction of slots not free (claimed, being refilled).
+    pub pool_used: f64,
+    pub measured: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    Arrival,
+    /// A refilled slot is free on the node.
+    Refilled(usize),
+    /// The controller sees the node's placement (pod bound).
+    Assumed(usize),
+    /// The node's report covers a placement; `true` when it took a slot.
+    Reported(usize, bool),
+    /// The node's report covers a refill.
+    ReportedRefill(usize),
+    PodEnded(usize),
+}
+
+const HANDLER: &str = "fast-runc";
+const SHAPE: &str = "default";
+
+/// Runs every placer at every load.
+pub fn run(config: &SimConfig) -> Result<Vec<Point>, SnapshotError> {
+    let mut points = Vec::new();
+    for &load in &config.loads {
+        for placer in Placer::ALL {
+            points.push(run_one(config, placer, load)?);
+        }
+    }
+    Ok(points)
+}
+
+/// One placer at one load.
+pub fn run_one(config: &SimConfig, placer: Placer, load: f64) -> Result<Point, SnapshotError> {
+    let mut rng = Rng::new(config.seed ^ load.to_bits());
+    let names: Vec<String> = (0..config.nodes).map(|i| format!("node-{i:04}")).collect();
+    let nodes = names
+        .iter()
+        .map(|name| NodeState {
+            name: name.clone(),
+            ready: true,
+            pools: vec![PoolState {
+                handler: HANDLER.into(),
+                upstream_handler: "runc".into(),
+                shape: SHAPE.into(),
+                free: config.slots,
+                total: config.slots,
+            }],
+            images: Vec::new(),
+            last_seen_unix_ms: 0,
+        })
+        .collect();
+    let mut view = Snapshot::new(nodes)?;
+    let request = Request {
+        handler: HANDLER.into(),
+        shape: SHAPE.into(),
+        images: Vec::new(),
+    };
+    let total_slots = f64::from(config.slots) * config.nodes as f64;
+    let rate_per_us = load * total_slots / (config.refill_mean_s * 1e6);
+    let status_us = config.status_delay_ms * 1_000;
+    let assume_us = config.assume_delay_ms * 1_000;
+
+    let mut free = vec![config.slots; config.nodes];
+    let mut reported = vec![config.slots; config.nodes];
+    let mut assumed = vec![0u32; config.nodes];
+    let mut running = vec![0u32; config.nodes];
+
+    let mut queue: BinaryHeap<Reverse<(u64, u64, Event)>> = BinaryHeap::new();
+    let mut seq = 0u64;
+    let mut push = |queue: &mut BinaryHeap<_>, at: u64, event: Event| {
+        seq += 1;
+        queue.push(Reverse((at, seq, event)));
+    };
+    push(&mut queue, 0, Event::Arrival);
+
+    let warmup = config.arrivals / 10;
+    let (mut arrived, mut hits, mut measured) = (0usize, 0usize, 0usize);
+    let (mut used_integral, mut measure_from, mut last_t) = (0.0f64, None, 0u64);
+    let mut used_slots: u64 = 0;
+
+    while let Some(Reverse((now, _, event))) = queue.pop() {
+        if measure_from.is_some() {
+            used_integral += used_slots as f64 * (now - last_t) as f64;
+        }
+        last_t = now;
+        match event {
+            Event::Arrival => {
+                if arrived == config.arrivals {
+                    break;
+                }
+                arrived += 1;
+                if arrived == warmup + 1 {
+                    measure_from = Some(now);
+                }
+                let node = match placer {
+                    Placer::Ours | Placer::OursStatusOnly => {
+                        let scorer = Scorer::new(&view, &request, Policy::default(), 0);
+                        let best = scorer.best().map(|p| p.node);
+                        best.and_then(|n| names.binary_search_by(|x| x.as_str().cmp(n)).ok())
+                            .unwrap_or(0)
+                    }
+                    Placer::LeastAllocated => {
+                        let least = running.iter().copied().min().unwrap_or(0);
+                        let ties: Vec<usize> =
+                            (0..config.nodes).filter(|&i| running[i] == least).collect();
+                        ties[rng.below(ties.len())]
+                    }
+                    Placer::Random => rng.below(config.nodes),
+                };
+                let hit = free[node] > 0;
+                if hit {
+                    free[node] -= 1;
+                    used_slots += 1;
+                    let refill = config.refill_mean_s * 1e6 * (0.5 + rng.unit());
+                    push(&mut queue, now + refill as u64, Event::Refilled(node));
+                }
+                if arrived > warmup {
+                    measured += 1;
+                    hits += usize::from(hit);
+                }
+                if placer == Placer::Ours {
+                    push(&mut queue, now + assume_us, Event::Assumed(node));
+                }
+                push(&mut queue, now + status_us, Event::Reported(node, hit));
+                running[node] += 1;
+                let lifetime = rng.exp(config.lifetime_mean_s * 1e6);
+                push(&mut queue, now + lifetime as u64, Event::PodEnded(node));
+                let gap = rng.exp(1.0 / rate_per_us);
+                push(&mut queue, now + gap as u64, Event::Arrival);
+            }
+            Event::Refilled(node) => {
+                free[node] += 1;
+                used_slots -= 1;
+                push(&mut queue, now + status_us, Event::ReportedRefill(node));
+            }
+            Event::Assumed(node) => assumed[node] += 1,
+            Event::Reported(node, took_slot) => {
+                if placer == Placer::Ours {
+                    assumed[node] = assumed[node].saturating_sub(1);
+                }
+                if took_slot {
+                    reported[node] -= 1;
+                }
+            }
+            Event::ReportedRefill(node) => reported[node] += 1,
+            Event::PodEnded(node) => running[node] -= 1,
+        }
+        if let Event::Assumed(n) | Event::Reported(n, _) | Event::ReportedRefill(n) = event {
+            let seen = reported[n].saturating_sub(assumed[n]);
+            view.set_pool_free(&names[n], HANDLER, SHAPE, seen)?;
+        }
+    }
+    let span = measure_from.map_or(0, |from| last_t.saturating_sub(from)) as f64;
+    Ok(Point {
+        placer,
+        load,
+        hit_rate: hits as f64 / measured.max(1) as f64,
+        pool_used: if span > 0.0 {
+            used_integral / span / total_slots
+        } else {
+            0.0
+        },
+        measured,
+    })
+}
+
+/// `load,placer,hit_rate,pool_used,measured` rows.
+pub fn csv(points: &[Point]) -> String {
+    let mut out = String::from("load,placer,hit_rate,pool_used,measured\n");
+    for p in points {
+        let _ = writeln!(
+            out,
+            "{:.2},{},{:.4},{:.4},{}",
+            p.load,
+            p.placer.label(),
+            p.hit_rate,
+            p.pool_used,
+            p.measured
+        );
+    }
+    out
+}
+
+/// Hit rate against load, one line per placer, as a standalone SVG.
+pub fn svg(points: &[Point], config: &SimConfig) -> String {
+    const W: f64 = 720.0;
+    const H: f64 = 460.0;
+    const LEFT: f64 = 70.0;
+    const RIGHT: f64 = 230.0;
+    const TOP: f64 = 40.0;
+    const BOTTOM: f64 = 60.0;
+    let plot_w = W - LEFT - RIGHT;
+    let plot_h = H - TOP - BOTTOM;
+    let x = |load: f64| LEFT + load * plot_w;
+    let y = |rate: f64| TOP + (1.0 - rate) * plot_h;
+    let colours = ["#1b7837", "#7fbf7b", "#c51b7d", "#4d4d4d"];
+
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="22" font-size="14" text-anchor="middle">Warm hits vs load: {} nodes x {} slots, refill {} s, status lag {} ms</text>"#,
+        W / 2.0,
+        config.nodes,
+        config.slots,
+        config.refill_mean_s,
+        config.status_delay_ms
+    );
+    for i in 0..=10 {
+        let v = f64::from(i) / 10.0;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#e0e0e0"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}%</text>"##,
+            LEFT,
+            y(v),
+            LEFT + plot_w,
+            y(v),
+            LEFT - 6.0,
+            y(v) + 4.0,
+            i * 10
+        );
+        let _ = writeln!(
+            s,
+            r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#e0e0e0"/><text x="{:.1}" y="{:.1}" text-anchor="middle">{}%</text>"##,
+            x(v),
+            TOP,
+            x(v),
+            TOP + plot_h,
+            x(v),
+            TOP + plot_h + 16.0,
+            i * 10
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#d6604d" stroke-dasharray="6 4"/><text x="{:.1}" y="{:.1}" fill="#d6604d">95% target</text>"##,
+        LEFT,
+        y(0.95),
+        LEFT + plot_w,
+        y(0.95),
+        LEFT + 4.0,
+        y(0.95) - 4.0
+    );
+    let _ = writeln!(
+        s,
+        r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#d6604d" stroke-dasharray="2 4"/>"##,
+        x(0.8),
+        TOP,
+        x(0.8),
+        TOP + plot_h
+    );
+    let _ = writeln!(
+        s,
+        r##"<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>"##
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">offered load (% of pool refill capacity)</text>"#,
+        LEFT + plot_w / 2.0,
+        H - 18.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text transform="translate(18 {:.1}) rotate(-90)" text-anchor="middle">warm hits (% of pods)</text>"#,
+        TOP + plot_h / 2.0
+    );
+    for (i, placer) in Placer::ALL.iter().enumerate() {
+        let colour = colours[i % colours.len()];
+        let line: Vec<String> = points
+            .iter()
+            .filter(|p| p.placer == *placer)
+            .map(|p| format!("{:.1},{:.1}", x(p.load), y(p.hit_rate)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"#,
+            line.join(" ")
+        );
+        for p in points.iter().filter(|p| p.placer == *placer) {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#,
+                x(p.load),
+                y(p.hit_rate)
+            );
+        }
+        let ly = TOP + 20.0 + 22.0 * i as f64;
+        let lx = LEFT + plot_w + 16.0;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{colour}" stroke-width="2"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            lx + 24.0,
+            lx + 30.0,
+            ly + 4.0,
+            placer.label()
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> SimConfig {
+        SimConfig {
+            nodes: 20,
+            arrivals: 4_000,
+            loads: vec![0.3, 0.8],
+            ..SimConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_figures() {
+        let config = small();
+        assert_eq!(run(&config).unwrap(), run(&config).unwrap());
+    }
+
+    #[test]
+    fn slot_aware_placement_beats_the_baselines_at_high_load() {
+        let config = small();
+        let at = |placer| run_one(&config, placer, 0.8).unwrap().hit_rate;
+        let ours = at(Placer::Ours);
+        assert!(ours >= 0.95, "ours {ours}");
+        assert!(ours > at(Placer::LeastAllocated));
+        assert!(ours > at(Placer::Random));
+    }
+
+    #[test]
+    fn without_counting_its_own_placements_the_placer_herds() {
+        // Every pod goes to the node the stale report shows as best.
+        let config = SimConfig {
+            nodes: 100,
+            ..small()
+        };
+        let ours = run_one(&config, Placer::Ours, 0.5).unwrap().hit_rate;
+        let blind = run_one(&config, Placer::OursStatusOnly, 0.5).unwrap();
+        assert!(blind.hit_rate < ours - 0.2, "{blind:?} vs {ours}");
+    }
+
+    #[test]
+    fn at_low_load_everyone_hits_and_pools_are_lightly_used() {
+        let config = small();
+        let point = run_one(&config, Placer::Ours, 0.3).unwrap();
+        assert_eq!(point.measured, 3_600);
+        assert!(point.hit_rate > 0.99, "{point:?}");
+        assert!((0.2..0.4).contains(&point.pool_used), "{point:?}");
+    }
+
+    #[test]
+    fn outputs_have_a_row_and_a_line_per_point() {
+        let config = small();
+        let points = run(&config).unwrap();
+        assert_eq!(csv(&points).lines().count(), 1 + points.len());
+        let plot = svg(&points, &config);
+        assert!(plot.starts_with("<svg"));
+        assert_eq!(plot.matches("<polyline").count(), Placer::ALL.len());
+        assert_eq!(plot.matches("<circle").count(), points.len());
+    }
+}
