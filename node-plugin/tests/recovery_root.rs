@@ -49,7 +49,10 @@ impl Node {
             .arg("serve")
             .arg("--config")
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("FS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .spawn()
             .expect("start fast-sandbox-node");
@@ -92,6 +95,73 @@ impl Node {
     }
 }
 
+impl Drop for Node {
+    /// A failing test must not leave a node plugin running (it would keep
+    /// refilling its pool on the development node).
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Removes the pool's slots (any token) when dropped, also when the test
+/// fails, so a failed run leaves nothing for the next one.
+struct PoolSlotsGuard(String);
+
+impl Drop for PoolSlotsGuard {
+    fn drop(&mut self) {
+        let endpoint = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(remove_pool_slots(&endpoint)).ok()
+        })
+        .join();
+    }
+}
+
+/// Stops and removes every sandbox of the test pool, with its cgroups;
+/// returns how many there were.
+async fn remove_pool_slots(endpoint: &str) -> anyhow::Result<usize> {
+    let mut direct = Cri::connect(endpoint)?;
+    let slots = direct
+        .runtime
+        .list_pod_sandbox(ListPodSandboxRequest {
+            filter: Some(PodSandboxFilter {
+                label_selector: [(POOL_LABEL.to_owned(), POOL.to_owned())].into(),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner()
+        .items;
+    for sb in &slots {
+        direct
+            .runtime
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: sb.id.clone(),
+            })
+            .await?;
+        direct
+            .runtime
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: sb.id.clone(),
+            })
+            .await?;
+        if let Some(uid) = sb.metadata.as_ref().map(|m| &m.uid) {
+            fast_sandbox_tests::pod::remove_cgroup_dirs(&format!(
+                "/fast-sandbox-test/{POOL}/{uid}"
+            ));
+        }
+    }
+    fast_sandbox_tests::pod::remove_cgroup_dirs(&format!("/fast-sandbox-test/{POOL}"));
+    Ok(slots.len())
+}
+
 fn free_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")
@@ -104,6 +174,10 @@ async fn kill_9_during_claims_loses_nothing() {
         return;
     };
     let _guard = CaseGuard::new(&node, test).await.expect("clean slate");
+    remove_pool_slots(&node.containerd_endpoint)
+        .await
+        .expect("no slots of an earlier run");
+    let _slots = PoolSlotsGuard(node.containerd_endpoint.clone());
     let roots = [
         format!("/fast-sandbox-test/{POOL}"),
         "/kubepods/besteffort".to_owned(),
@@ -203,25 +277,52 @@ async fn kill_9_during_claims_loses_nothing() {
             (pods[*i].name.as_str(), pods[*i].namespace.as_str())
         );
     }
+    // Kubelet's next sync for a pod whose RunPodSandbox got no answer lists
+    // the pod's sandboxes by uid and uses a ready one (a cold start that
+    // containerd finished, or a claim that was recorded), else retries.
     let answered: HashSet<usize> = told.iter().map(|(i, _)| *i).collect();
     for (i, pod) in pods
         .iter()
         .enumerate()
         .filter(|(i, _)| !answered.contains(i))
     {
-        let id = cri
+        let existing = cri
             .runtime
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(pod.sandbox_config()),
-                runtime_handler: "fast-runc".into(),
+            .list_pod_sandbox(ListPodSandboxRequest {
+                filter: Some(PodSandboxFilter {
+                    label_selector: [("io.kubernetes.pod.uid".to_owned(), pod.uid.clone())].into(),
+                    ..Default::default()
+                }),
             })
             .await
-            .unwrap_or_else(|e| panic!("retry of pod {i} after the restart: {e}"))
+            .expect("list")
             .into_inner()
-            .pod_sandbox_id;
+            .items;
+        let id = match existing.as_slice() {
+            [] => {
+                cri.runtime
+                    .run_pod_sandbox(RunPodSandboxRequest {
+                        config: Some(pod.sandbox_config()),
+                        runtime_handler: "fast-runc".into(),
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("retry of pod {i} after the restart: {e}"))
+                    .into_inner()
+                    .pod_sandbox_id
+            }
+            [one] => {
+                let meta = one.metadata.as_ref().expect("metadata");
+                assert_eq!(
+                    meta.name, pod.name,
+                    "an unanswered pod's sandbox has its identity"
+                );
+                one.id.clone()
+            }
+            many => panic!("pod {i} has {} sandboxes after the restart", many.len()),
+        };
         assert!(
             !ids.contains(&id),
-            "a retried pod got a slot another pod holds"
+            "pod {i} holds a sandbox another pod was told about"
         );
     }
     plugin.wait_full().await;
@@ -268,42 +369,10 @@ async fn kill_9_during_claims_loses_nothing() {
     // Close our connection first: a graceful stop waits for open calls.
     drop(cri);
     plugin.stop();
-    let mut direct = node.cri().expect("client");
-    let slots = direct
-        .runtime
-        .list_pod_sandbox(ListPodSandboxRequest {
-            filter: Some(PodSandboxFilter {
-                label_selector: [(POOL_LABEL.to_owned(), POOL.to_owned())].into(),
-                ..Default::default()
-            }),
-        })
+    let removed = remove_pool_slots(&node.containerd_endpoint)
         .await
-        .expect("list slots")
-        .into_inner()
-        .items;
-    assert_eq!(slots.len(), SIZE, "exactly the pool's free slots remain");
-    for sb in slots {
-        direct
-            .runtime
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: sb.id.clone(),
-            })
-            .await
-            .expect("stop slot");
-        direct
-            .runtime
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: sb.id,
-            })
-            .await
-            .expect("remove slot");
-        if let Some(uid) = sb.metadata.map(|m| m.uid) {
-            fast_sandbox_tests::pod::remove_cgroup_dirs(&format!(
-                "/fast-sandbox-test/{POOL}/{uid}"
-            ));
-        }
-    }
-    fast_sandbox_tests::pod::remove_cgroup_dirs(&format!("/fast-sandbox-test/{POOL}"));
+        .expect("remove slots");
+    assert_eq!(removed, SIZE, "exactly the pool's free slots remain");
     let after = node.census(&roots).await.expect("census");
     assert_eq!(
         before, after,

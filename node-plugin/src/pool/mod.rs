@@ -627,8 +627,62 @@ impl PoolManager {
         wait.map(Work::WaitUntil)
     }
 
-    /// Removes free slots whose sandbox is no longer ready.
+    /// What is known of a placeholder found upstream without a table entry.
+    fn orphan_facts(&self, sb: &fast_sandbox_proto::cri::PodSandbox) -> SlotFacts {
+        SlotFacts {
+            sandbox_id: sb.id.clone(),
+            pause_pid: 0,
+            // Placeholders are created under `<root>/<their uid>`.
+            placeholder_cgroup_parent: format!(
+                "{}/{}",
+                self.cfg.placeholder_cgroup_root,
+                sb.metadata
+                    .as_ref()
+                    .map(|m| m.uid.as_str())
+                    .unwrap_or_default()
+            ),
+        }
+    }
+
+    /// Removes placeholders with this node's token that the table does not
+    /// know: a slot whose creation was still in flight upstream when a
+    /// previous run died appears only after that run's recovery listed
+    /// upstream. Runs in the refill loop, so no creation of this run is in
+    /// flight.
+    async fn sweep_orphans(&self) {
+        let listed = self
+            .upstream
+            .clone()
+            .list_pod_sandbox(self.request(ListPodSandboxRequest {
+                filter: Some(PodSandboxFilter {
+                    label_selector: HashMap::from([(
+                        SLOT_TOKEN_LABEL.to_owned(),
+                        self.token.clone(),
+                    )]),
+                    ..Default::default()
+                }),
+            }))
+            .await;
+        let Ok(listed) = listed else { return };
+        let orphans: Vec<SlotFacts> = {
+            let t = self.table();
+            listed
+                .into_inner()
+                .items
+                .into_iter()
+                .filter(|sb| !t.slots.contains_key(&sb.id))
+                .map(|sb| self.orphan_facts(&sb))
+                .collect()
+        };
+        for facts in orphans {
+            tracing::warn!(sandbox = %facts.sandbox_id, "removing an orphaned slot (created by a run that died)");
+            self.destroy_slot(&facts).await;
+        }
+    }
+
+    /// Removes free slots whose sandbox is no longer ready, and orphans.
     async fn check_health(&self) {
+        self.sweep_orphans().await;
         let free: Vec<String> = {
             let t = self.table();
             t.free.iter().flatten().cloned().collect()
