@@ -2,11 +2,13 @@
 //!
 //! - [`scoring`]: the placement decision, a pure function over a snapshot of
 //!   node states (free warm slots per pool, cached images).
+//! - [`extender`]: kube-scheduler extender endpoints over [`scoring`].
 //! - [`synth`]: deterministic synthetic clusters and requests.
 //! - [`bench`]: decision latency on a large synthetic cluster.
 //! - [`sim`]: warm-hit rate of the placement against slot-blind baselines.
 
 pub mod bench;
+pub mod extender;
 pub mod scoring;
 pub mod sim;
 pub mod synth;

@@ -5,9 +5,14 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use fast_sandbox_controller::bench::{self, BenchConfig};
+use fast_sandbox_controller::extender::{self, Extender, ExtenderConfig};
+use fast_sandbox_controller::scoring::{Policy, SlotPolicy};
 use fast_sandbox_controller::sim::{self, SimConfig};
 
 /// Cluster side of fast-sandbox.
@@ -20,6 +25,34 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve kube-scheduler's extender verbs (`/filter`, `/prioritize`)
+    /// from a JSON snapshot of node states.
+    Extender {
+        #[arg(long, default_value = "127.0.0.1:8888")]
+        listen: SocketAddr,
+        /// A JSON list of node states (see docs/scheduling.md).
+        #[arg(long)]
+        snapshot: PathBuf,
+        /// Fast RuntimeClasses, `CLASS` or `CLASS=HANDLER` (comma-separated).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "fast-runc,fast-crun,fast-gvisor,fast-kata"
+        )]
+        fast_class: Vec<String>,
+        /// Whether a node needs a free warm slot to pass the filter.
+        #[arg(long, value_enum, default_value_t = Slots::Prefer)]
+        slots: Slots,
+        /// Filter out nodes whose status is older than this.
+        #[arg(long)]
+        stale_after_ms: Option<u64>,
+        /// The seccomp shape of pods that set none (kubelet's default).
+        #[arg(long, default_value = "unconfined")]
+        default_seccomp: String,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+    },
     /// Time placement decisions on a synthetic cluster.
     Bench {
         #[arg(long, default_value_t = 5_000)]
@@ -64,8 +97,72 @@ enum Command {
     },
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Slots {
+    /// No free slot: filtered out (the pod waits for a warm slot).
+    Require,
+    /// No free slot: kept, scored low (the pod may start cold).
+    Prefer,
+}
+
+fn fast_classes(specs: &[String]) -> anyhow::Result<HashMap<String, String>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let (class, handler) = spec.split_once('=').unwrap_or((spec, spec));
+            anyhow::ensure!(
+                !class.is_empty() && !handler.is_empty(),
+                "--fast-class {spec:?}: expected CLASS or CLASS=HANDLER"
+            );
+            Ok((class.to_owned(), handler.to_owned()))
+        })
+        .collect()
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     match Args::parse().command {
+        Command::Extender {
+            listen,
+            snapshot,
+            fast_class,
+            slots,
+            stale_after_ms,
+            default_seccomp,
+            log_json,
+        } => {
+            init_logging(log_json);
+            let json = std::fs::read(&snapshot)
+                .with_context(|| format!("reading {}", snapshot.display()))?;
+            let nodes = extender::parse_snapshot(&json)
+                .with_context(|| format!("loading {}", snapshot.display()))?;
+            let config = ExtenderConfig {
+                fast_classes: fast_classes(&fast_class)?,
+                policy: Policy {
+                    slots: match slots {
+                        Slots::Require => SlotPolicy::Require,
+                        Slots::Prefer => SlotPolicy::Prefer,
+                    },
+                    stale_after_ms,
+                },
+                default_seccomp,
+            };
+            let extender = Arc::new(Extender::new(config, nodes));
+            tokio::runtime::Runtime::new()
+                .context("starting the async runtime")?
+                .block_on(extender::listen(listen, extender))
+                .with_context(|| format!("serving the extender on {listen}"))?;
+        }
         Command::Bench {
             nodes,
             decisions,
@@ -113,4 +210,18 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_class_specs() {
+        let classes = fast_classes(&["fast-runc".into(), "warm=fast-crun".into()]).unwrap();
+        assert_eq!(classes["fast-runc"], "fast-runc");
+        assert_eq!(classes["warm"], "fast-crun");
+        assert!(fast_classes(&["=x".into()]).is_err());
+        assert!(fast_classes(&["x=".into()]).is_err());
+    }
 }
