@@ -187,8 +187,11 @@ pub struct Snapshot {
     last_seen: Vec<u64>,
     /// (handler, shape) → index into `pool_free`.
     pool_keys: HashMap<(String, String), usize>,
-    /// Per pool key, per node: free slots, or [`NO_POOL`].
+    /// Per pool key, per node: free slots as reported, or [`NO_POOL`].
     pool_free: Vec<Vec<u32>>,
+    /// Per pool key, per node: placements made but not yet covered by a
+    /// report (see [`Snapshot::assume`]).
+    pool_assumed: Vec<Vec<u32>>,
     /// Normalized image name → index into `image_nodes`.
     image_ids: HashMap<String, usize>,
     /// Per image name: (node position, size on that node), one entry per
@@ -221,6 +224,7 @@ impl Snapshot {
                 let id = *snapshot.pool_keys.entry(key).or_insert(next);
                 if id == next {
                     snapshot.pool_free.push(vec![NO_POOL; count]);
+                    snapshot.pool_assumed.push(vec![0; count]);
                 }
                 // A repeated (handler, shape) on one node: the first wins, as
                 // in `set_pool_free`.
@@ -308,6 +312,55 @@ impl Snapshot {
         }
         Ok(())
     }
+
+    /// Counts a placement the node's reports do not show yet: the pool is
+    /// scored with one free slot fewer until [`Snapshot::settle`]. Without
+    /// this, every pod placed while reports lag goes to the same best node
+    /// (see docs/scheduling.md).
+    pub fn assume(&mut self, node: &str, handler: &str, shape: &str) -> Result<(), SnapshotError> {
+        let (id, index) = self.locate(node, handler, shape)?;
+        let assumed = &mut self.pool_assumed[id][index];
+        *assumed = assumed.saturating_add(1);
+        Ok(())
+    }
+
+    /// Drops one assumption: a report now covers the placement, or it
+    /// expired (the pod was never bound there).
+    pub fn settle(&mut self, node: &str, handler: &str, shape: &str) -> Result<(), SnapshotError> {
+        let (id, index) = self.locate(node, handler, shape)?;
+        let assumed = &mut self.pool_assumed[id][index];
+        *assumed = assumed.saturating_sub(1);
+        Ok(())
+    }
+
+    /// Placements assumed on the pool and not settled yet.
+    pub fn assumed(&self, node: &str, handler: &str, shape: &str) -> Result<u32, SnapshotError> {
+        let (id, index) = self.locate(node, handler, shape)?;
+        Ok(self.pool_assumed[id][index])
+    }
+
+    /// (pool key id, node position) of an existing pool.
+    fn locate(
+        &self,
+        node: &str,
+        handler: &str,
+        shape: &str,
+    ) -> Result<(usize, usize), SnapshotError> {
+        let index = *self
+            .by_name
+            .get(node)
+            .ok_or_else(|| SnapshotError::UnknownNode(node.to_owned()))?;
+        self.pool_keys
+            .get(&(handler.to_owned(), shape.to_owned()))
+            .copied()
+            .filter(|&id| self.pool_free[id][index] != NO_POOL)
+            .map(|id| (id, index))
+            .ok_or_else(|| SnapshotError::UnknownPool {
+                node: node.to_owned(),
+                handler: handler.to_owned(),
+                shape: shape.to_owned(),
+            })
+    }
 }
 
 fn check_pools(state: &NodeState) -> Result<(), SnapshotError> {
@@ -374,9 +427,9 @@ pub struct Scorer<'s> {
     snapshot: &'s Snapshot,
     policy: Policy,
     now_ms: u64,
-    /// Free slots per node of the request's pool key; `None` when no node
-    /// has such a pool.
-    free: Option<&'s [u32]>,
+    /// Reported free slots and assumed placements per node of the request's
+    /// pool key; `None` when no node has such a pool.
+    free: Option<(&'s [u32], &'s [u32])>,
     /// Per node: the spread-scaled bytes of requested images it holds.
     scaled: Vec<u64>,
     requested: usize,
@@ -406,10 +459,12 @@ impl<'s> Scorer<'s> {
             }
         }
         let key = (request.handler.clone(), request.shape.clone());
-        let free = snapshot
-            .pool_keys
-            .get(&key)
-            .map(|&id| snapshot.pool_free[id].as_slice());
+        let free = snapshot.pool_keys.get(&key).map(|&id| {
+            (
+                snapshot.pool_free[id].as_slice(),
+                snapshot.pool_assumed[id].as_slice(),
+            )
+        });
         Scorer {
             snapshot,
             policy,
@@ -440,9 +495,12 @@ impl<'s> Scorer<'s> {
                 return Err(Rejection::Stale { age_ms });
             }
         }
-        let free = match self.free.map(|f| f[index]) {
-            None | Some(NO_POOL) => return Err(Rejection::NoPool),
-            Some(free) => free,
+        let free = match self
+            .free
+            .map(|(free, assumed)| (free[index], assumed[index]))
+        {
+            None | Some((NO_POOL, _)) => return Err(Rejection::NoPool),
+            Some((free, assumed)) => free.saturating_sub(assumed),
         };
         if free == 0 && self.policy.slots == SlotPolicy::Require {
             return Err(Rejection::NoFreeSlot);
@@ -709,6 +767,45 @@ mod tests {
         assert!(snapshot
             .set_pool_free("z", "fast-runc", "default", 1)
             .is_err());
+    }
+
+    #[test]
+    fn assumed_placements_count_against_free_slots() {
+        let nodes = vec![
+            node("a", vec![pool("fast-runc", "default", 2, 4)], vec![]),
+            node("b", vec![pool("fast-runc", "default", 1, 4)], vec![]),
+            node("c", vec![pool("fast-gvisor", "default", 1, 4)], vec![]),
+        ];
+        let mut snapshot = Snapshot::new(nodes).unwrap();
+        let req = request(&[]);
+        let require = Policy {
+            slots: SlotPolicy::Require,
+            stale_after_ms: None,
+        };
+        let chosen = |s: &Snapshot| place(s, &req, require, 0).map(|p| p.node.to_owned());
+        assert_eq!(chosen(&snapshot).as_deref(), Some("a"));
+        snapshot.assume("a", "fast-runc", "default").unwrap();
+        // a and b now both show one free slot: the tie goes to a.
+        assert_eq!(chosen(&snapshot).as_deref(), Some("a"));
+        snapshot.assume("a", "fast-runc", "default").unwrap();
+        assert_eq!(chosen(&snapshot).as_deref(), Some("b"));
+        snapshot.assume("b", "fast-runc", "default").unwrap();
+        assert_eq!(chosen(&snapshot), None);
+        assert_eq!(snapshot.assumed("a", "fast-runc", "default"), Ok(2));
+        // The report catches up with a's first placement.
+        snapshot
+            .set_pool_free("a", "fast-runc", "default", 1)
+            .unwrap();
+        snapshot.settle("a", "fast-runc", "default").unwrap();
+        assert_eq!(snapshot.assumed("a", "fast-runc", "default"), Ok(1));
+        assert_eq!(chosen(&snapshot), None);
+        snapshot.settle("a", "fast-runc", "default").unwrap();
+        snapshot.settle("a", "fast-runc", "default").unwrap();
+        assert_eq!(snapshot.assumed("a", "fast-runc", "default"), Ok(0));
+        assert_eq!(chosen(&snapshot).as_deref(), Some("a"));
+        // A pool the node does not have, even if another node has the key.
+        assert!(snapshot.assume("c", "fast-runc", "default").is_err());
+        assert!(snapshot.assume("a", "fast-gvisor", "default").is_err());
     }
 
     const HANDLERS: [&str; 2] = ["fast-runc", "fast-gvisor"];

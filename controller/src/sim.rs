@@ -164,7 +164,6 @@ pub fn run_one(config: &SimConfig, placer: Placer, load: f64) -> Result<Point, S
 
     let mut free = vec![config.slots; config.nodes];
     let mut reported = vec![config.slots; config.nodes];
-    let mut assumed = vec![0u32; config.nodes];
     let mut running = vec![0u32; config.nodes];
 
     let mut queue: BinaryHeap<Reverse<(u64, u64, Event)>> = BinaryHeap::new();
@@ -235,21 +234,21 @@ pub fn run_one(config: &SimConfig, placer: Placer, load: f64) -> Result<Point, S
                 used_slots -= 1;
                 push(&mut queue, now + status_us, Event::ReportedRefill(node));
             }
-            Event::Assumed(node) => assumed[node] += 1,
+            Event::Assumed(node) => view.assume(&names[node], HANDLER, SHAPE)?,
             Event::Reported(node, took_slot) => {
-                if placer == Placer::Ours {
-                    assumed[node] = assumed[node].saturating_sub(1);
-                }
                 if took_slot {
                     reported[node] -= 1;
+                    view.set_pool_free(&names[node], HANDLER, SHAPE, reported[node])?;
+                }
+                if placer == Placer::Ours {
+                    view.settle(&names[node], HANDLER, SHAPE)?;
                 }
             }
-            Event::ReportedRefill(node) => reported[node] += 1,
+            Event::ReportedRefill(node) => {
+                reported[node] += 1;
+                view.set_pool_free(&names[node], HANDLER, SHAPE, reported[node])?;
+            }
             Event::PodEnded(node) => running[node] -= 1,
-        }
-        if let Event::Assumed(n) | Event::Reported(n, _) | Event::ReportedRefill(n) = event {
-            let seen = reported[n].saturating_sub(assumed[n]);
-            view.set_pool_free(&names[n], HANDLER, SHAPE, seen)?;
         }
     }
     let span = measure_from.map_or(0, |from| last_t.saturating_sub(from)) as f64;
