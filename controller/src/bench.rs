@@ -7,7 +7,10 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use crate::scoring::{Policy, Scorer, Snapshot, SnapshotError};
+use serde_json::json;
+
+use crate::extender::{Extender, ExtenderArgs, ExtenderConfig};
+use crate::scoring::{Policy, Request, Scorer, Snapshot, SnapshotError};
 use crate::synth::{self, Catalog, Rng};
 
 /// What to measure.
@@ -62,6 +65,10 @@ pub struct BenchReport {
     pub index_build: Duration,
     pub place: Quantiles,
     pub by_name: Quantiles,
+    /// The extender's filter verb over every node, JSON in and out.
+    pub filter: Quantiles,
+    /// The extender's prioritize verb over every node, JSON in and out.
+    pub prioritize: Quantiles,
     /// Decisions that found a node (the rest had every node filtered out).
     pub placed: usize,
 }
@@ -83,10 +90,15 @@ impl fmt::Display for BenchReport {
             "snapshot index build: {:.1} ms",
             self.index_build.as_secs_f64() * 1e3
         )?;
-        for (name, q) in [("place", self.place), ("by-name", self.by_name)] {
+        for (name, q) in [
+            ("place", self.place),
+            ("by-name", self.by_name),
+            ("filter", self.filter),
+            ("prioritize", self.prioritize),
+        ] {
             writeln!(
                 f,
-                "{name:8} p50 {:8.1} us  p99 {:8.1} us  max {:8.1} us",
+                "{name:10} p50 {:8.1} us  p99 {:8.1} us  max {:8.1} us",
                 us(q.p50),
                 us(q.p99),
                 us(q.max)
@@ -115,6 +127,15 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
         stale_after_ms: Some(10_000),
         ..Policy::default()
     };
+    let extender = Extender::new(
+        ExtenderConfig {
+            policy,
+            ..ExtenderConfig::default()
+        },
+        snapshot.clone(),
+    );
+    let mut filter = Vec::with_capacity(config.decisions);
+    let mut prioritize = Vec::with_capacity(config.decisions);
     let mut place = Vec::with_capacity(config.decisions);
     let mut by_name = Vec::with_capacity(config.decisions);
     let mut placed = 0;
@@ -134,6 +155,20 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
             .count();
         by_name.push(started.elapsed());
         std::hint::black_box(passing);
+
+        let body = extender_args(&request, &names).to_string();
+        for (verb, samples) in [("filter", &mut filter), ("prioritize", &mut prioritize)] {
+            let started = Instant::now();
+            let answer = serde_json::from_str::<ExtenderArgs>(&body)
+                .map(|args| match verb {
+                    "filter" => serde_json::to_string(&extender.filter(args, now_ms)),
+                    _ => serde_json::to_string(&extender.prioritize(args, now_ms)),
+                })
+                .map(|json| json.map(|j| j.len()).unwrap_or(0))
+                .unwrap_or(0);
+            samples.push(started.elapsed());
+            std::hint::black_box(answer);
+        }
     }
     Ok(BenchReport {
         config,
@@ -142,7 +177,28 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
         index_build,
         place: Quantiles::of(place),
         by_name: Quantiles::of(by_name),
+        filter: Quantiles::of(filter),
+        prioritize: Quantiles::of(prioritize),
         placed,
+    })
+}
+
+/// The body kube-scheduler sends in node-name cache mode for a pod that
+/// makes `request`.
+fn extender_args(request: &Request, names: &[String]) -> serde_json::Value {
+    let containers: Vec<serde_json::Value> = request
+        .images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| json!({"name": format!("c{i}"), "image": image.reference}))
+        .collect();
+    let mut spec = json!({"runtimeClassName": request.handler, "containers": containers});
+    if request.shape.contains("uid=1000") {
+        spec["securityContext"] = json!({"runAsUser": 1000});
+    }
+    json!({
+        "Pod": {"metadata": {"name": "bench", "namespace": "default"}, "spec": spec},
+        "NodeNames": names,
     })
 }
 
@@ -173,5 +229,33 @@ mod tests {
         assert!(report.placed >= 45, "placed {}", report.placed);
         assert!(report.images_per_node >= 20.0);
         assert!(report.to_string().contains("p99"));
+    }
+
+    #[test]
+    fn the_extender_sees_the_pods_the_scorer_sees() {
+        let mut rng = Rng::new(5);
+        let catalog = Catalog::new(&mut rng, 50);
+        let nodes = synth::cluster(&mut rng, &catalog, 50, 0);
+        let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+        let snapshot = Snapshot::new(nodes).unwrap();
+        let extender = Extender::new(ExtenderConfig::default(), snapshot.clone());
+        for _ in 0..20 {
+            let request = synth::request(&mut rng, &catalog);
+            let args: ExtenderArgs =
+                serde_json::from_value(extender_args(&request, &names)).unwrap();
+            let pod = args.pod.as_ref().unwrap();
+            let seen = extender.request_for(pod).unwrap();
+            assert_eq!(
+                (&seen.handler, &seen.shape),
+                (&request.handler, &request.shape)
+            );
+            let references = |r: &Request| -> Vec<String> {
+                r.images.iter().map(|i| i.reference.clone()).collect()
+            };
+            assert_eq!(references(&seen), references(&request));
+            let passed = extender.filter(args, 0).node_names.unwrap().len();
+            let scorer = Scorer::new(&snapshot, &request, Policy::default(), 0);
+            assert_eq!(passed, scorer.verdicts().filter(|v| v.1.is_ok()).count());
+        }
     }
 }

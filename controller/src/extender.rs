@@ -14,7 +14,7 @@
 //! `failedAndUnresolvableNodes`: preempting pods never creates a pool or
 //! frees a single-use warm slot, so the scheduler should not try.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -29,7 +29,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, PodSecurityContext};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
-use crate::scoring::{Policy, Request, RequestedImage, Scorer, Snapshot, MAX_SCORE};
+use crate::scoring::{Policy, Rejection, Request, RequestedImage, Scorer, Snapshot, MAX_SCORE};
 
 /// `MaxExtenderPriority` of the v1 extender API: answers are 0..=10.
 pub const MAX_EXTENDER_PRIORITY: i64 = 10;
@@ -60,33 +60,54 @@ pub struct NodeList {
     pub items: Vec<Node>,
 }
 
+/// Rejected nodes with their reasons, serialized as a `FailedNodesMap`
+/// (`{"node": "reason"}`) straight from the rejections: a filter over
+/// thousands of nodes then allocates no message per rejected node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailedNodes(Vec<(String, Rejection)>);
+
+impl FailedNodes {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Why `node` was rejected.
+    pub fn get(&self, node: &str) -> Option<&Rejection> {
+        self.0.iter().find(|(n, _)| n == node).map(|(_, r)| r)
+    }
+}
+
+impl Serialize for FailedNodes {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (node, reason) in &self.0 {
+            map.serialize_entry(node, &format_args!("{reason}"))?;
+        }
+        map.end()
+    }
+}
+
 /// `ExtenderFilterResult`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ExtenderFilterResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<NodeList>,
-    #[serde(
-        rename = "nodenames",
-        alias = "NodeNames",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "nodenames", skip_serializing_if = "Option::is_none")]
     pub node_names: Option<Vec<String>>,
-    #[serde(
-        rename = "failedNodes",
-        alias = "FailedNodes",
-        default,
-        skip_serializing_if = "BTreeMap::is_empty"
-    )]
-    pub failed_nodes: BTreeMap<String, String>,
+    /// Never used: every rejection is unresolvable by preemption.
+    #[serde(rename = "failedNodes", skip_serializing_if = "FailedNodes::is_empty")]
+    pub failed_nodes: FailedNodes,
     #[serde(
         rename = "failedAndUnresolvableNodes",
-        alias = "FailedAndUnresolvableNodes",
-        default,
-        skip_serializing_if = "BTreeMap::is_empty"
+        skip_serializing_if = "FailedNodes::is_empty"
     )]
-    pub failed_and_unresolvable_nodes: BTreeMap<String, String>,
-    #[serde(alias = "Error", default, skip_serializing_if = "String::is_empty")]
+    pub failed_and_unresolvable_nodes: FailedNodes,
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub error: String,
 }
 
@@ -196,24 +217,27 @@ impl Extender {
         };
         let snapshot = self.current();
         let scorer = Scorer::new(&snapshot, &request, self.config.policy, now_ms);
-        let mut failed = BTreeMap::new();
-        let mut passes = |name: &str| match scorer.score(name) {
-            Ok(_) => true,
-            Err(reason) => {
-                failed.insert(name.to_owned(), reason.to_string());
-                false
-            }
-        };
+        let mut failed = Vec::new();
         let mut result = ExtenderFilterResult::default();
         if let Some(names) = args.node_names {
-            result.node_names = Some(names.into_iter().filter(|n| passes(n)).collect());
+            let mut passed = Vec::with_capacity(names.len());
+            for name in names {
+                match scorer.score(&name) {
+                    Ok(_) => passed.push(name),
+                    Err(reason) => failed.push((name, reason)),
+                }
+            }
+            result.node_names = Some(passed);
         }
         if let Some(list) = args.nodes {
-            let items = list
-                .items
-                .into_iter()
-                .filter(|node| passes(node.metadata.name.as_deref().unwrap_or_default()))
-                .collect();
+            let mut items = Vec::with_capacity(list.items.len());
+            for node in list.items {
+                let name = node.metadata.name.as_deref().unwrap_or_default();
+                match scorer.score(name) {
+                    Ok(_) => items.push(node),
+                    Err(reason) => failed.push((name.to_owned(), reason)),
+                }
+            }
             result.nodes = Some(NodeList { items });
         }
         tracing::debug!(
@@ -223,7 +247,7 @@ impl Extender {
             rejected = failed.len(),
             "filter"
         );
-        result.failed_and_unresolvable_nodes = failed;
+        result.failed_and_unresolvable_nodes = FailedNodes(failed);
         result
     }
 

@@ -15,8 +15,9 @@ pub const HANDLERS: [(&str, &str, f64); 4] = [
     ("fast-kata", "kata", 0.2),
 ];
 
-/// Shapes a pool can be built for.
-pub const SHAPES: [&str; 2] = ["default", "uid=1000"];
+/// Shapes a pool can be built for, in the extender's encoding
+/// ([`crate::extender::pod_shape`]): kubelet's default, and `runAsUser: 1000`.
+pub const SHAPES: [&str; 2] = ["seccomp=unconfined", "seccomp=unconfined;uid=1000"];
 
 /// SplitMix64: small, fast, and the same sequence on every platform and
 /// version, which a committed simulation result needs.
