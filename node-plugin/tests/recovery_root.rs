@@ -9,10 +9,7 @@
 
 use std::{collections::HashSet, net::SocketAddr, path::Path, process::Stdio, time::Duration};
 
-use fast_sandbox_proto::cri::{
-    ListPodSandboxRequest, PodSandboxFilter, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StopPodSandboxRequest,
-};
+use fast_sandbox_proto::cri::RunPodSandboxRequest;
 use fast_sandbox_shim::slots::POOL_LABEL;
 use fast_sandbox_tests::{pod::TestPod, wait_for, CaseGuard, Cri, DevNode};
 
@@ -128,30 +125,9 @@ impl Drop for PoolSlotsGuard {
 /// returns how many there were.
 async fn remove_pool_slots(endpoint: &str) -> anyhow::Result<usize> {
     let mut direct = Cri::connect(endpoint)?;
-    let slots = direct
-        .runtime
-        .list_pod_sandbox(ListPodSandboxRequest {
-            filter: Some(PodSandboxFilter {
-                label_selector: [(POOL_LABEL.to_owned(), POOL.to_owned())].into(),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .items;
+    let slots = direct.list_by_label(POOL_LABEL, POOL).await?;
     for sb in &slots {
-        direct
-            .runtime
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: sb.id.clone(),
-            })
-            .await?;
-        direct
-            .runtime
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: sb.id.clone(),
-            })
-            .await?;
+        direct.remove_sandbox(&sb.id).await?;
         if let Some(uid) = sb.metadata.as_ref().map(|m| &m.uid) {
             fast_sandbox_tests::pod::remove_cgroup_dirs(&format!(
                 "/fast-sandbox-test/{POOL}/{uid}"
@@ -252,18 +228,9 @@ async fn kill_9_during_claims_loses_nothing() {
     .expect("restarted");
     for (i, id) in &told {
         let listed = cri
-            .runtime
-            .list_pod_sandbox(ListPodSandboxRequest {
-                filter: Some(PodSandboxFilter {
-                    label_selector: [("io.kubernetes.pod.uid".to_owned(), pods[*i].uid.clone())]
-                        .into(),
-                    ..Default::default()
-                }),
-            })
+            .list_by_label("io.kubernetes.pod.uid", &pods[*i].uid)
             .await
-            .expect("list")
-            .into_inner()
-            .items;
+            .expect("list");
         assert_eq!(
             listed.len(),
             1,
@@ -287,17 +254,9 @@ async fn kill_9_during_claims_loses_nothing() {
         .filter(|(i, _)| !answered.contains(i))
     {
         let existing = cri
-            .runtime
-            .list_pod_sandbox(ListPodSandboxRequest {
-                filter: Some(PodSandboxFilter {
-                    label_selector: [("io.kubernetes.pod.uid".to_owned(), pod.uid.clone())].into(),
-                    ..Default::default()
-                }),
-            })
+            .list_by_label("io.kubernetes.pod.uid", &pod.uid)
             .await
-            .expect("list")
-            .into_inner()
-            .items;
+            .expect("list");
         let id = match existing.as_slice() {
             [] => {
                 cri.runtime
@@ -333,35 +292,12 @@ async fn kill_9_during_claims_loses_nothing() {
 
     // Remove every test pod the way kubelet would, then the pool.
     let listed = cri
-        .runtime
-        .list_pod_sandbox(ListPodSandboxRequest {
-            filter: Some(PodSandboxFilter {
-                label_selector: [(
-                    fast_sandbox_tests::pod::TEST_LABEL.to_owned(),
-                    test.to_owned(),
-                )]
-                .into(),
-                ..Default::default()
-            }),
-        })
+        .list_by_label(fast_sandbox_tests::pod::TEST_LABEL, test)
         .await
-        .expect("list")
-        .into_inner()
-        .items;
+        .expect("list");
     assert_eq!(listed.len(), BURST, "each pod has exactly one sandbox");
     for sb in listed {
-        cri.runtime
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: sb.id.clone(),
-            })
-            .await
-            .expect("stop");
-        cri.runtime
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: sb.id,
-            })
-            .await
-            .expect("remove");
+        cri.remove_sandbox(&sb.id).await.expect("remove");
     }
     for pod in &pods {
         pod.remove_pod_cgroups();
@@ -373,7 +309,10 @@ async fn kill_9_during_claims_loses_nothing() {
         .await
         .expect("remove slots");
     assert_eq!(removed, SIZE, "exactly the pool's free slots remain");
-    let after = node.census(&roots).await.expect("census");
+    let after = node
+        .settled_census(&before, &roots, Duration::from_secs(15))
+        .await
+        .expect("census");
     assert_eq!(
         before, after,
         "resources leaked across the kill and restart"

@@ -101,6 +101,27 @@ impl DevNode {
     }
 }
 
+impl DevNode {
+    /// Waits (bounded) until the census equals `expected` and returns the
+    /// last one taken: shims and mounts go away a moment after the CRI call
+    /// that removed their sandbox has returned.
+    pub async fn settled_census(
+        &self,
+        expected: &Census,
+        cgroup_roots: &[&str],
+        deadline: std::time::Duration,
+    ) -> anyhow::Result<Census> {
+        let start = std::time::Instant::now();
+        loop {
+            let now = self.census(cgroup_roots).await?;
+            if now == *expected || start.elapsed() > deadline {
+                return Ok(now);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
 /// Directories (recursively) under `root` in every cgroup hierarchy.
 pub fn cgroup_dirs_under(root: &str) -> usize {
     fn walk(p: &Path) -> usize {

@@ -34,6 +34,42 @@ pub struct Cri {
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
 impl Cri {
+    /// The pod sandboxes whose labels include `key=value`.
+    pub async fn list_by_label(
+        &mut self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<fast_sandbox_proto::cri::PodSandbox>, tonic::Status> {
+        use fast_sandbox_proto::cri::{ListPodSandboxRequest, PodSandboxFilter};
+        Ok(self
+            .runtime
+            .list_pod_sandbox(ListPodSandboxRequest {
+                filter: Some(PodSandboxFilter {
+                    label_selector: [(key.to_owned(), value.to_owned())].into(),
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner()
+            .items)
+    }
+
+    /// Stops and removes pod sandbox `id`.
+    pub async fn remove_sandbox(&mut self, id: &str) -> Result<(), tonic::Status> {
+        use fast_sandbox_proto::cri::{RemovePodSandboxRequest, StopPodSandboxRequest};
+        self.runtime
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: id.to_owned(),
+            })
+            .await?;
+        self.runtime
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: id.to_owned(),
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Connects lazily to a CRI endpoint (`unix:///path` or a bare path).
     pub fn connect(endpoint: &str) -> anyhow::Result<Self> {
         let path = PathBuf::from(endpoint.strip_prefix("unix://").unwrap_or(endpoint));
@@ -244,31 +280,10 @@ impl Drop for InProcessShim {
 /// Removes every sandbox labelled with test case `case` (see
 /// [`pod::TEST_LABEL`]) straight on containerd, with its pod cgroups.
 pub async fn remove_case(endpoint: &str, case: &str) -> anyhow::Result<usize> {
-    use fast_sandbox_proto::cri::{
-        ListPodSandboxRequest, PodSandboxFilter, RemovePodSandboxRequest, StopPodSandboxRequest,
-    };
     let mut cri = Cri::connect(endpoint)?;
-    let items = cri
-        .runtime
-        .list_pod_sandbox(ListPodSandboxRequest {
-            filter: Some(PodSandboxFilter {
-                label_selector: [(pod::TEST_LABEL.to_owned(), case.to_owned())].into(),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .items;
+    let items = cri.list_by_label(pod::TEST_LABEL, case).await?;
     for sb in &items {
-        let id = sb.id.clone();
-        cri.runtime
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: id.clone(),
-            })
-            .await?;
-        cri.runtime
-            .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
-            .await?;
+        cri.remove_sandbox(&sb.id).await?;
         if let Some(uid) = sb.metadata.as_ref().map(|m| m.uid.clone()) {
             pod::remove_cgroup_dirs(&format!("/kubepods/besteffort/pod{uid}"));
         }

@@ -72,7 +72,10 @@ async fn claim_cycles_leak_nothing() {
         "every claimed slot was forgotten after removal"
     );
     warm.wait_free(2).await.expect("pool refilled");
-    let after = node.census(&roots).await.expect("census");
+    let after = node
+        .settled_census(&before, &roots, Duration::from_secs(15))
+        .await
+        .expect("census");
     eprintln!("{cycles} warm claim cycles: before {before:?}, after {after:?}");
     assert_eq!(before, after, "resources leaked over {cycles} claim cycles");
     assert_eq!(seen.len(), cycles);

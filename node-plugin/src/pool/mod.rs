@@ -320,21 +320,7 @@ impl PoolManager {
             tracing::error!(path = %b.path.display(), error = %b.error,
                 "claim record unreadable; ignoring it, the sandbox will be reported as a placeholder until removed");
         }
-        let listed = self
-            .upstream
-            .clone()
-            .list_pod_sandbox(self.request(ListPodSandboxRequest {
-                filter: Some(PodSandboxFilter {
-                    label_selector: HashMap::from([(
-                        SLOT_TOKEN_LABEL.to_owned(),
-                        self.token.clone(),
-                    )]),
-                    ..Default::default()
-                }),
-            }))
-            .await?
-            .into_inner()
-            .items;
+        let listed = self.list_ours().await?.into_inner().items;
         let mut by_id: HashMap<String, ClaimRecord> = records
             .into_iter()
             .map(|r| (r.sandbox_id.clone(), r))
@@ -627,6 +613,25 @@ impl PoolManager {
         wait.map(Work::WaitUntil)
     }
 
+    /// Every sandbox upstream that carries this node's slot token.
+    async fn list_ours(
+        &self,
+    ) -> Result<tonic::Response<fast_sandbox_proto::cri::ListPodSandboxResponse>, tonic::Status>
+    {
+        self.upstream
+            .clone()
+            .list_pod_sandbox(self.request(ListPodSandboxRequest {
+                filter: Some(PodSandboxFilter {
+                    label_selector: HashMap::from([(
+                        SLOT_TOKEN_LABEL.to_owned(),
+                        self.token.clone(),
+                    )]),
+                    ..Default::default()
+                }),
+            }))
+            .await
+    }
+
     /// What is known of a placeholder found upstream without a table entry.
     fn orphan_facts(&self, sb: &fast_sandbox_proto::cri::PodSandbox) -> SlotFacts {
         SlotFacts {
@@ -650,19 +655,7 @@ impl PoolManager {
     /// upstream. Runs in the refill loop, so no creation of this run is in
     /// flight.
     async fn sweep_orphans(&self) {
-        let listed = self
-            .upstream
-            .clone()
-            .list_pod_sandbox(self.request(ListPodSandboxRequest {
-                filter: Some(PodSandboxFilter {
-                    label_selector: HashMap::from([(
-                        SLOT_TOKEN_LABEL.to_owned(),
-                        self.token.clone(),
-                    )]),
-                    ..Default::default()
-                }),
-            }))
-            .await;
+        let listed = self.list_ours().await;
         let Ok(listed) = listed else { return };
         let orphans: Vec<SlotFacts> = {
             let t = self.table();

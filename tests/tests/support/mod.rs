@@ -7,9 +7,6 @@ use fast_sandbox_node::{
     metrics::Metrics,
     pool::{setns::SetnsFixup, ManagerConfig, PoolManager, PoolSpec},
 };
-use fast_sandbox_proto::cri::{
-    ListPodSandboxRequest, PodSandboxFilter, RemovePodSandboxRequest, StopPodSandboxRequest,
-};
 use fast_sandbox_shim::{
     slots::{HandlerMap, PoolKey, Shape, SlotSource, POOL_LABEL, SLOT_NAMESPACE},
     Shim, Upstream, UpstreamConfig,
@@ -124,28 +121,8 @@ impl WarmNode {
         let _ = self.stop.send(true);
         self.shim.stop().await?;
         let mut cri = Cri::connect(&self.endpoint)?;
-        let slots = cri
-            .runtime
-            .list_pod_sandbox(ListPodSandboxRequest {
-                filter: Some(PodSandboxFilter {
-                    label_selector: [(POOL_LABEL.to_owned(), self.pool.clone())].into(),
-                    ..Default::default()
-                }),
-            })
-            .await?
-            .into_inner()
-            .items;
-        for sb in slots {
-            cri.runtime
-                .stop_pod_sandbox(StopPodSandboxRequest {
-                    pod_sandbox_id: sb.id.clone(),
-                })
-                .await?;
-            cri.runtime
-                .remove_pod_sandbox(RemovePodSandboxRequest {
-                    pod_sandbox_id: sb.id,
-                })
-                .await?;
+        for sb in cri.list_by_label(POOL_LABEL, &self.pool).await? {
+            cri.remove_sandbox(&sb.id).await?;
             if let Some(uid) = sb.metadata.map(|m| m.uid) {
                 fast_sandbox_tests::pod::remove_cgroup_dirs(&format!("{}/{uid}", self.cgroup_root));
             }
