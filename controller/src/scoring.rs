@@ -30,6 +30,8 @@
 
 use std::collections::HashMap;
 
+use foldhash::fast::RandomState;
+
 use serde::{Deserialize, Serialize};
 
 const MIB: u64 = 1024 * 1024;
@@ -182,18 +184,20 @@ pub enum SnapshotError {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     nodes: Vec<NodeState>,
-    by_name: HashMap<String, usize>,
+    /// Looked up once per candidate in every extender call: a fast hasher
+    /// (node names come from the API server, not from an adversary).
+    by_name: HashMap<String, usize, RandomState>,
     ready: Vec<bool>,
     last_seen: Vec<u64>,
     /// (handler, shape) → index into `pool_free`.
-    pool_keys: HashMap<(String, String), usize>,
+    pool_keys: HashMap<(String, String), usize, RandomState>,
     /// Per pool key, per node: free slots as reported, or [`NO_POOL`].
     pool_free: Vec<Vec<u32>>,
     /// Per pool key, per node: placements made but not yet covered by a
     /// report (see [`Snapshot::assume`]).
     pool_assumed: Vec<Vec<u32>>,
     /// Normalized image name → index into `image_nodes`.
-    image_ids: HashMap<String, usize>,
+    image_ids: HashMap<String, usize, RandomState>,
     /// Per image name: (node position, size on that node), one entry per
     /// node holding it; its length is the image's spread.
     image_nodes: Vec<Vec<(u32, u64)>>,
