@@ -977,6 +977,29 @@ mod tests {
         }
 
         #[test]
+        fn assumed_placements_never_raise_a_score(
+            nodes in arb_nodes(), req in arb_request(), policy in arb_policy(),
+            picks in proptest::collection::vec(any::<prop::sample::Index>(), 1..6)
+        ) {
+            let before = Snapshot::new(nodes.clone()).unwrap();
+            let mut after = before.clone();
+            for pick in picks {
+                let state = &nodes[pick.index(nodes.len())];
+                // Only pools the node has can be assumed on.
+                let _ = after.assume(&state.name, &req.handler, &req.shape);
+            }
+            let old = Scorer::new(&before, &req, policy, 1_000);
+            let new = Scorer::new(&after, &req, policy, 1_000);
+            for ((name, a), (_, b)) in old.verdicts().zip(new.verdicts()) {
+                match (a, b) {
+                    (Ok(a), Ok(b)) => prop_assert!(b <= a, "{name}: {a} -> {b}"),
+                    (Err(_), Ok(_)) => prop_assert!(false, "{name} passes only after assuming"),
+                    _ => {}
+                }
+            }
+        }
+
+        #[test]
         fn the_decision_ignores_input_order_and_ties_go_to_the_smallest_name(
             nodes in arb_nodes(), req in arb_request(), policy in arb_policy(),
             seed in any::<u64>()
