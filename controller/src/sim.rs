@@ -343,16 +343,18 @@ pub fn svg(points: &[Point], config: &SimConfig) -> String {
         y(0.95),
         LEFT + plot_w,
         y(0.95),
-        LEFT + 4.0,
-        y(0.95) - 4.0
+        x(0.21),
+        y(0.95) + 14.0
     );
     let _ = writeln!(
         s,
-        r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#d6604d" stroke-dasharray="2 4"/>"##,
+        r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#d6604d" stroke-dasharray="2 4"/><text x="{:.1}" y="{:.1}" fill="#d6604d" text-anchor="end">80% load</text>"##,
         x(0.8),
         TOP,
         x(0.8),
-        TOP + plot_h
+        TOP + plot_h,
+        x(0.8) - 4.0,
+        TOP + plot_h - 8.0
     );
     let _ = writeln!(
         s,
