@@ -74,9 +74,13 @@ async fn start(slots: SlotPolicy) -> SocketAddr {
 
 /// One HTTP/1.1 POST; returns the status code and the body.
 async fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    call(addr, "POST", path, body).await
+}
+
+async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
@@ -256,4 +260,12 @@ fn the_documented_example_snapshot_loads() {
     let duplicate = br#"[{"name":"a","ready":true,"last_seen_unix_ms":0},
                          {"name":"a","ready":true,"last_seen_unix_ms":0}]"#;
     assert!(extender::parse_snapshot(duplicate).is_err());
+}
+
+#[tokio::test]
+async fn health_and_unknown_routes() {
+    let addr = start(SlotPolicy::Prefer).await;
+    assert_eq!(call(addr, "GET", "/healthz", "").await, (200, "ok".into()));
+    assert_eq!(call(addr, "GET", "/filter", "").await.0, 405);
+    assert_eq!(post(addr, "/bind", "{}").await.0, 404);
 }
