@@ -302,6 +302,39 @@ pub fn parse_snapshot(json: &[u8]) -> Result<Snapshot, SnapshotFileError> {
     Ok(Snapshot::new(nodes)?)
 }
 
+impl Extender {
+    /// Re-reads a snapshot file and swaps it in; on any error the current
+    /// snapshot stays.
+    pub fn reload(&self, path: &std::path::Path) -> Result<usize, ReloadError> {
+        let json = std::fs::read(path).map_err(|source| ReloadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let snapshot = parse_snapshot(&json).map_err(|source| ReloadError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let nodes = snapshot.len();
+        self.replace_snapshot(snapshot);
+        Ok(nodes)
+    }
+}
+
+/// Why a snapshot file could not be reloaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("reading {path}: {source}", path = path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading {path}: {source}", path = path.display())]
+    Parse {
+        path: std::path::PathBuf,
+        source: SnapshotFileError,
+    },
+}
+
 /// 0..=100 → 0..=10, rounding half up.
 pub fn to_extender_priority(score: u8) -> i64 {
     let scaled = (i64::from(score) * MAX_EXTENDER_PRIORITY * 2 + i64::from(MAX_SCORE))

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use tokio::signal::unix::{signal, SignalKind};
 
 use fast_sandbox_controller::bench::{self, BenchConfig};
 use fast_sandbox_controller::extender::{self, Extender, ExtenderConfig};
@@ -26,7 +27,7 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve kube-scheduler's extender verbs (`/filter`, `/prioritize`)
-    /// from a JSON snapshot of node states.
+    /// from a JSON snapshot of node states (re-read on SIGHUP).
     Extender {
         #[arg(long, default_value = "127.0.0.1:8888")]
         listen: SocketAddr,
@@ -160,8 +161,22 @@ fn main() -> anyhow::Result<()> {
             let extender = Arc::new(Extender::new(config, nodes));
             tokio::runtime::Runtime::new()
                 .context("starting the async runtime")?
-                .block_on(extender::listen(listen, extender))
-                .with_context(|| format!("serving the extender on {listen}"))?;
+                .block_on(async {
+                    let mut hangup =
+                        signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+                    let reloader = extender.clone();
+                    tokio::spawn(async move {
+                        while hangup.recv().await.is_some() {
+                            match reloader.reload(&snapshot) {
+                                Ok(nodes) => tracing::info!(nodes, "snapshot reloaded"),
+                                Err(error) => tracing::warn!(%error, "snapshot not reloaded"),
+                            }
+                        }
+                    });
+                    extender::listen(listen, extender)
+                        .await
+                        .with_context(|| format!("serving the extender on {listen}"))
+                })?;
         }
         Command::Bench {
             nodes,

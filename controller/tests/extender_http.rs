@@ -269,3 +269,29 @@ async fn health_and_unknown_routes() {
     assert_eq!(call(addr, "GET", "/filter", "").await.0, 405);
     assert_eq!(post(addr, "/bind", "{}").await.0, 404);
 }
+
+#[tokio::test]
+async fn a_reload_changes_answers_and_a_bad_file_keeps_the_old_snapshot() {
+    let extender = Arc::new(Extender::new(ExtenderConfig::default(), snapshot()));
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("bound address");
+    tokio::spawn(extender::serve(listener, extender.clone()));
+    let args = json!({"pod": pod(Some("fast-runc")), "nodenames": ["a", "z"]});
+    let before = post_json(addr, "/filter", &args).await;
+    assert_eq!(before["nodenames"], json!(["a"]));
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("snapshot.json");
+    let nodes = vec![node("z", Some(1), vec![])];
+    std::fs::write(&file, serde_json::to_vec(&nodes).expect("json")).expect("write");
+    assert_eq!(extender.reload(&file).expect("reload"), 1);
+    let after = post_json(addr, "/filter", &args).await;
+    assert_eq!(after["nodenames"], json!(["z"]));
+
+    std::fs::write(&file, b"[{").expect("write");
+    assert!(extender.reload(&file).is_err());
+    assert!(extender.reload(&dir.path().join("missing.json")).is_err());
+    assert_eq!(post_json(addr, "/filter", &args).await, after);
+}
