@@ -86,6 +86,10 @@ enum Command {
         /// decision, as the direct path and an extender that binds do).
         #[arg(long, default_value_t = 0)]
         assume_delay_ms: u64,
+        /// Drop an assumed placement this long after it was made, ms,
+        /// instead of when the node's report covers it.
+        #[arg(long)]
+        settle_after_ms: Option<u64>,
         /// Pods per load point.
         #[arg(long, default_value_t = 40_000)]
         arrivals: usize,
@@ -200,6 +204,7 @@ fn main() -> anyhow::Result<()> {
             lifetime_s,
             status_delay_ms,
             assume_delay_ms,
+            settle_after_ms,
             arrivals,
             seed,
             csv,
@@ -212,6 +217,7 @@ fn main() -> anyhow::Result<()> {
                 lifetime_mean_s: lifetime_s,
                 status_delay_ms,
                 assume_delay_ms,
+                settle_after_ms,
                 arrivals,
                 seed,
                 ..SimConfig::default()

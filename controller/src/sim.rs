@@ -36,6 +36,10 @@ pub struct SimConfig {
     pub lifetime_mean_s: f64,
     pub status_delay_ms: u64,
     pub assume_delay_ms: u64,
+    /// When [`Placer::Ours`] drops an assumption: `None` when the node's
+    /// report covers the placement (exact), else this long after the
+    /// placement (a timer, as an extender without per-claim reports must).
+    pub settle_after_ms: Option<u64>,
     /// Pods per load point; the first tenth warms the model up unmeasured.
     pub arrivals: usize,
     pub seed: u64,
@@ -51,6 +55,7 @@ impl Default for SimConfig {
             lifetime_mean_s: 30.0,
             status_delay_ms: 100,
             assume_delay_ms: 0,
+            settle_after_ms: None,
             arrivals: 40_000,
             seed: 1,
             loads: (1..=10).map(|i| f64::from(i) / 10.0).collect(),
@@ -115,6 +120,8 @@ enum Event {
     /// The node's report covers a refill.
     ReportedRefill(usize),
     PodEnded(usize),
+    /// [`Placer::Ours`]'s timer for an assumption ran out.
+    Settle(usize),
 }
 
 const HANDLER: &str = "fast-runc";
@@ -221,6 +228,9 @@ pub fn run_one(config: &SimConfig, placer: Placer, load: f64) -> Result<Point, S
                 }
                 if placer == Placer::Ours {
                     push(&mut queue, now + assume_us, Event::Assumed(node));
+                    if let Some(ttl) = config.settle_after_ms {
+                        push(&mut queue, now + ttl * 1_000, Event::Settle(node));
+                    }
                 }
                 push(&mut queue, now + status_us, Event::Reported(node, hit));
                 running[node] += 1;
@@ -240,7 +250,7 @@ pub fn run_one(config: &SimConfig, placer: Placer, load: f64) -> Result<Point, S
                     reported[node] -= 1;
                     view.set_pool_free(&names[node], HANDLER, SHAPE, reported[node])?;
                 }
-                if placer == Placer::Ours {
+                if placer == Placer::Ours && config.settle_after_ms.is_none() {
                     view.settle(&names[node], HANDLER, SHAPE)?;
                 }
             }
@@ -249,6 +259,7 @@ pub fn run_one(config: &SimConfig, placer: Placer, load: f64) -> Result<Point, S
                 view.set_pool_free(&names[node], HANDLER, SHAPE, reported[node])?;
             }
             Event::PodEnded(node) => running[node] -= 1,
+            Event::Settle(node) => view.settle(&names[node], HANDLER, SHAPE)?,
         }
     }
     let span = measure_from.map_or(0, |from| last_t.saturating_sub(from)) as f64;
@@ -433,6 +444,24 @@ mod tests {
         assert!(ours >= 0.95, "ours {ours}");
         assert!(ours > at(Placer::LeastAllocated));
         assert!(ours > at(Placer::Random));
+    }
+
+    #[test]
+    fn settling_on_a_timer_much_longer_than_the_lag_makes_pools_look_full() {
+        let config = SimConfig {
+            nodes: 100,
+            ..small()
+        };
+        let exact = run_one(&config, Placer::Ours, 0.8).unwrap();
+        let late = SimConfig {
+            settle_after_ms: Some(1_000),
+            ..config.clone()
+        };
+        let late = run_one(&late, Placer::Ours, 0.8).unwrap();
+        assert!(
+            late.hit_rate < exact.hit_rate - 0.03,
+            "{late:?} vs {exact:?}"
+        );
     }
 
     #[test]
