@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
@@ -129,6 +129,12 @@ pub struct ExtenderConfig {
     /// The seccomp shape of a pod that sets none: what kubelet gives the
     /// sandbox (`unconfined`, or `runtime-default` with `seccompDefault`).
     pub default_seccomp: String,
+    /// After a fast pod's prioritize call, count a slot of the node it
+    /// scored highest as taken for this long (ms), so the next pods are not
+    /// all sent to the same node before its status shows the claim. It
+    /// should be close to the time from decision to status report (see
+    /// docs/scheduling.md). `None`: never.
+    pub assume_ttl_ms: Option<u64>,
 }
 
 impl Default for ExtenderConfig {
@@ -140,40 +146,79 @@ impl Default for ExtenderConfig {
                 .collect(),
             policy: Policy::default(),
             default_seccomp: "unconfined".into(),
+            assume_ttl_ms: Some(DEFAULT_ASSUME_TTL_MS),
         }
     }
 }
 
-/// The extender's state: its configuration and the latest snapshot, which
-/// a node-status watch (or a reload) swaps whole.
+/// Default of [`ExtenderConfig::assume_ttl_ms`].
+pub const DEFAULT_ASSUME_TTL_MS: u64 = 500;
+
+/// The extender's state: its configuration, the latest snapshot (which a
+/// node-status watch or a reload swaps whole) and the placements it assumed.
 #[derive(Debug)]
 pub struct Extender {
     config: ExtenderConfig,
-    snapshot: RwLock<Arc<Snapshot>>,
+    state: Mutex<Ledger>,
+}
+
+#[derive(Debug)]
+struct Ledger {
+    snapshot: Snapshot,
+    assumed: Vec<Assumption>,
+}
+
+/// A slot counted as taken on `node` for the pod `pod` until `expires_ms`.
+#[derive(Debug, Clone)]
+struct Assumption {
+    pod: String,
+    node: String,
+    handler: String,
+    shape: String,
+    expires_ms: u64,
+}
+
+impl Ledger {
+    /// Settles assumptions that ran out, and the earlier one of `pod` (a
+    /// retry of its scheduling replaces it).
+    fn settle(&mut self, now_ms: u64, pod: Option<&str>) {
+        let snapshot = &mut self.snapshot;
+        self.assumed.retain(|a| {
+            let keep = a.expires_ms > now_ms && Some(a.pod.as_str()) != pod;
+            if !keep {
+                // The pool is gone only if the snapshot was replaced, and
+                // then the assumption was not carried over: nothing to undo.
+                let _ = snapshot.settle(&a.node, &a.handler, &a.shape);
+            }
+            keep
+        });
+    }
 }
 
 impl Extender {
     pub fn new(config: ExtenderConfig, snapshot: Snapshot) -> Self {
         Extender {
             config,
-            snapshot: RwLock::new(Arc::new(snapshot)),
+            state: Mutex::new(Ledger {
+                snapshot,
+                assumed: Vec::new(),
+            }),
         }
     }
 
-    /// Makes `snapshot` the one later calls are judged against.
-    pub fn replace_snapshot(&self, snapshot: Snapshot) {
-        let mut current = self
-            .snapshot
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *current = Arc::new(snapshot);
+    /// Makes `snapshot` the one later calls are judged against; live
+    /// assumptions carry over to pools it still has.
+    pub fn replace_snapshot(&self, mut snapshot: Snapshot) {
+        let mut state = self.lock();
+        let mut assumed = std::mem::take(&mut state.assumed);
+        assumed.retain(|a| snapshot.assume(&a.node, &a.handler, &a.shape).is_ok());
+        *state = Ledger { snapshot, assumed };
     }
 
-    fn current(&self) -> Arc<Snapshot> {
-        self.snapshot
-            .read()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.state
+            .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
     }
 
     /// The placement request for `pod`, or `None` when its runtime class is
@@ -215,8 +260,9 @@ impl Extender {
                 ..Default::default()
             };
         };
-        let snapshot = self.current();
-        let scorer = Scorer::new(&snapshot, &request, self.config.policy, now_ms);
+        let mut state = self.lock();
+        state.settle(now_ms, None);
+        let scorer = Scorer::new(&state.snapshot, &request, self.config.policy, now_ms);
         let mut failed = Vec::new();
         let mut result = ExtenderFilterResult::default();
         if let Some(names) = args.node_names {
@@ -272,17 +318,55 @@ impl Extender {
                     .collect(),
             );
         };
-        let snapshot = self.current();
-        let scorer = Scorer::new(&snapshot, &request, self.config.policy, now_ms);
-        Some(
-            names
-                .into_iter()
-                .map(|host| {
-                    let score = scorer.score(&host).map_or(0, to_extender_priority);
-                    HostPriority { host, score }
-                })
-                .collect(),
-        )
+        let key = pod_key(pod);
+        let mut state = self.lock();
+        state.settle(now_ms, Some(&key));
+        let scorer = Scorer::new(&state.snapshot, &request, self.config.policy, now_ms);
+        // The node this pod most likely goes to: best score, then smallest
+        // name (as `Scorer::best`), among nodes with a free slot.
+        let mut top: Option<(u8, usize)> = None;
+        let mut priorities: Vec<HostPriority> = Vec::with_capacity(names.len());
+        for host in names {
+            let score = scorer.score(&host);
+            if let Ok(score) = score {
+                let better = top
+                    .is_none_or(|(s, at)| score > s || (score == s && host < priorities[at].host));
+                if better && scorer.free_slots(&host).unwrap_or(0) > 0 {
+                    top = Some((score, priorities.len()));
+                }
+            }
+            priorities.push(HostPriority {
+                host,
+                score: score.map_or(0, to_extender_priority),
+            });
+        }
+        let top = top.map(|(_, at)| priorities[at].host.clone());
+        drop(scorer);
+        if let (Some(node), Some(ttl)) = (top, self.config.assume_ttl_ms) {
+            if state
+                .snapshot
+                .assume(&node, &request.handler, &request.shape)
+                .is_ok()
+            {
+                state.assumed.push(Assumption {
+                    pod: key,
+                    node,
+                    handler: request.handler,
+                    shape: request.shape,
+                    expires_ms: now_ms.saturating_add(ttl),
+                });
+            }
+        }
+        Some(priorities)
+    }
+
+    /// Placements currently assumed, as (pod, node).
+    pub fn assumed(&self) -> Vec<(String, String)> {
+        self.lock()
+            .assumed
+            .iter()
+            .map(|a| (a.pod.clone(), a.node.clone()))
+            .collect()
     }
 }
 
@@ -387,6 +471,12 @@ pub fn pod_shape(security: Option<&PodSecurityContext>, default_seccomp: &str) -
     shape
 }
 
+/// What identifies a pod across its scheduling attempts: its UID, else its
+/// namespace and name.
+fn pod_key(pod: &Pod) -> String {
+    pod.metadata.uid.clone().unwrap_or_else(|| pod_name(pod))
+}
+
 fn pod_name(pod: &Pod) -> String {
     format!(
         "{}/{}",
@@ -459,6 +549,94 @@ pub async fn listen(addr: SocketAddr, extender: Arc<Extender>) -> std::io::Resul
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{SELinuxOptions, SeccompProfile};
+
+    use crate::scoring::{NodeState, PoolState};
+
+    fn two_nodes() -> Snapshot {
+        let node = |name: &str| NodeState {
+            name: name.into(),
+            ready: true,
+            pools: vec![PoolState {
+                handler: "fast-runc".into(),
+                upstream_handler: "runc".into(),
+                shape: "seccomp=unconfined".into(),
+                free: 1,
+                total: 4,
+            }],
+            images: vec![],
+            last_seen_unix_ms: 0,
+        };
+        Snapshot::new(vec![node("a"), node("b")]).unwrap()
+    }
+
+    fn args(uid: &str) -> ExtenderArgs {
+        serde_json::from_value(serde_json::json!({
+            "pod": {
+                "metadata": {"name": uid, "namespace": "ns", "uid": uid},
+                "spec": {"runtimeClassName": "fast-runc", "containers": [{"name": "c"}]}
+            },
+            "nodenames": ["a", "b"]
+        }))
+        .unwrap()
+    }
+
+    fn scores(extender: &Extender, uid: &str, now_ms: u64) -> Vec<i64> {
+        let answer = extender.prioritize(args(uid), now_ms).unwrap();
+        answer.iter().map(|h| h.score).collect()
+    }
+
+    #[test]
+    fn the_next_pod_sees_the_slot_the_last_one_will_take() {
+        let extender = Extender::new(ExtenderConfig::default(), two_nodes());
+        // Equal: the tie goes to a, which is then assumed taken.
+        assert_eq!(scores(&extender, "p1", 0), [6, 6]);
+        assert_eq!(extender.assumed(), [("p1".into(), "a".into())]);
+        // p2 sees a full: b is better and is assumed in turn.
+        assert_eq!(scores(&extender, "p2", 10), [0, 6]);
+        // Both full now; nothing left to assume.
+        assert_eq!(scores(&extender, "p3", 20), [0, 0]);
+        assert_eq!(extender.assumed().len(), 2);
+        // p1 again (a retry) replaces its own assumption, not adds to it.
+        assert_eq!(scores(&extender, "p1", 30), [6, 0]);
+        assert_eq!(extender.assumed().len(), 2);
+        // The filter sees the assumptions too under require.
+        let require = Extender::new(
+            ExtenderConfig {
+                policy: Policy {
+                    slots: crate::scoring::SlotPolicy::Require,
+                    stale_after_ms: None,
+                },
+                ..ExtenderConfig::default()
+            },
+            two_nodes(),
+        );
+        scores(&require, "p1", 0);
+        let filtered = require.filter(args("p2"), 1);
+        assert_eq!(filtered.node_names, Some(vec!["b".to_owned()]));
+        // Once the TTL runs out, the slots count as free again.
+        let later = 30 + DEFAULT_ASSUME_TTL_MS;
+        assert_eq!(scores(&extender, "p4", later), [6, 6]);
+        assert_eq!(extender.assumed(), [("p4".into(), "a".into())]);
+    }
+
+    #[test]
+    fn assumptions_survive_a_new_snapshot_and_can_be_turned_off() {
+        let extender = Extender::new(ExtenderConfig::default(), two_nodes());
+        scores(&extender, "p1", 0);
+        extender.replace_snapshot(two_nodes());
+        assert_eq!(scores(&extender, "p2", 1), [0, 6]);
+
+        let off = Extender::new(
+            ExtenderConfig {
+                assume_ttl_ms: None,
+                ..ExtenderConfig::default()
+            },
+            two_nodes(),
+        );
+        assert_eq!(scores(&off, "p1", 0), [6, 6]);
+        assert_eq!(scores(&off, "p2", 1), [6, 6]);
+        assert!(off.assumed().is_empty());
+    }
 
     #[test]
     fn priorities_span_zero_to_ten() {

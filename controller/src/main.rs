@@ -50,6 +50,10 @@ enum Command {
         /// The seccomp shape of pods that set none (kubelet's default).
         #[arg(long, default_value = "unconfined")]
         default_seccomp: String,
+        /// Count the best node of each fast pod as one slot fewer for this
+        /// long (ms), until its status shows the claim; 0 turns it off.
+        #[arg(long, default_value_t = extender::DEFAULT_ASSUME_TTL_MS)]
+        assume_ttl_ms: u64,
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
@@ -144,6 +148,7 @@ fn main() -> anyhow::Result<()> {
             slots,
             stale_after_ms,
             default_seccomp,
+            assume_ttl_ms,
             log_json,
         } => {
             init_logging(log_json);
@@ -161,6 +166,7 @@ fn main() -> anyhow::Result<()> {
                     stale_after_ms,
                 },
                 default_seccomp,
+                assume_ttl_ms: (assume_ttl_ms > 0).then_some(assume_ttl_ms),
             };
             let extender = Arc::new(Extender::new(config, nodes));
             tokio::runtime::Runtime::new()

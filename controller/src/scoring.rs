@@ -513,6 +513,17 @@ impl<'s> Scorer<'s> {
         Ok(slot_term(free) + image_term(scaled, self.requested))
     }
 
+    /// Free slots of the request's pool on `node` less assumed placements;
+    /// `None` when the node is unknown or has no such pool.
+    pub fn free_slots(&self, node: &str) -> Option<u32> {
+        let index = *self.snapshot.by_name.get(node)?;
+        let (free, assumed) = self.free?;
+        match free[index] {
+            NO_POOL => None,
+            free => Some(free.saturating_sub(assumed[index])),
+        }
+    }
+
     /// Every node with its verdict, by node name.
     pub fn verdicts(&self) -> impl Iterator<Item = (&'s str, Result<u8, Rejection>)> + '_ {
         self.snapshot
