@@ -43,4 +43,4 @@ fsb_log "warm vs cold: $pods pods each way on runc and crun, through fast-sandbo
 "$target_dir/release/fast-sandbox-bench" warm --handlers runc,crun --pods "$pods" --concurrent 20 --idle-slots 0
 
 fsb_log "forwarded calls: straight to containerd vs through fast-sandbox-node"
-"$target_dir/release/fast-sandbox-bench" proxy --handler runc --calls 1000 --pods 10
+"$target_dir/release/fast-sandbox-bench" proxy --handler runc --calls 1000 --pods 20
