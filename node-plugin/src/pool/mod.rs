@@ -361,19 +361,7 @@ impl PoolManager {
                             completions.push((facts, pod));
                         }
                     }
-                    None => orphans.push(SlotFacts {
-                        sandbox_id: sb.id.clone(),
-                        pause_pid: 0,
-                        // Placeholders are created under `<root>/<their uid>`.
-                        placeholder_cgroup_parent: format!(
-                            "{}/{}",
-                            self.cfg.placeholder_cgroup_root,
-                            sb.metadata
-                                .as_ref()
-                                .map(|m| m.uid.as_str())
-                                .unwrap_or_default()
-                        ),
-                    }),
+                    None => orphans.push(self.orphan_facts(sb)),
                 }
             }
         }
