@@ -106,12 +106,7 @@ impl TestPod {
             linux: Some(LinuxPodSandboxConfig {
                 cgroup_parent: self.cgroup_parent(),
                 security_context: Some(LinuxSandboxSecurityContext {
-                    namespace_options: Some(NamespaceOption {
-                        network: NamespaceMode::Pod as i32,
-                        pid: NamespaceMode::Container as i32,
-                        ipc: NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
+                    namespace_options: Some(pod_namespaces()),
                     seccomp: Some(SecurityProfile::default()),
                     ..Default::default()
                 }),
@@ -166,12 +161,7 @@ impl TestPod {
                     ..Default::default()
                 }),
                 security_context: Some(LinuxContainerSecurityContext {
-                    namespace_options: Some(NamespaceOption {
-                        network: NamespaceMode::Pod as i32,
-                        pid: NamespaceMode::Container as i32,
-                        ipc: NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
+                    namespace_options: Some(pod_namespaces()),
                     seccomp: Some(SecurityProfile::default()),
                     ..Default::default()
                 }),
@@ -193,6 +183,17 @@ impl TestPod {
     /// cgroup parent (kubelet would remove them; the test has no kubelet).
     pub fn remove_pod_cgroups(&self) {
         remove_cgroup_dirs(&self.cgroup_parent());
+    }
+}
+
+/// What kubelet sends for an ordinary pod: its own network and IPC
+/// namespaces, a PID namespace per container.
+fn pod_namespaces() -> NamespaceOption {
+    NamespaceOption {
+        network: NamespaceMode::Pod as i32,
+        pid: NamespaceMode::Container as i32,
+        ipc: NamespaceMode::Pod as i32,
+        ..Default::default()
     }
 }
 
