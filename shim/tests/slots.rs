@@ -567,6 +567,52 @@ async fn a_dead_slot_does_not_fail_sandbox_stats() {
     rig.stop().await;
 }
 
+/// Kubelet selects a pod's sandbox stats by uid. Upstream only knows
+/// placeholder labels, so the shim selects on the labels kubelet sees and
+/// then asks upstream for those sandboxes by id only: a failure of any other
+/// sandbox's stats must not fail the call.
+#[tokio::test]
+async fn selected_sandbox_stats_ask_upstream_only_for_the_selected() {
+    let rig = SlotsRig::start().await;
+    rig.fill(&runc_key(), 2).await;
+    let mut shim = rig.shim.runtime();
+    let warm = run(&mut shim, "fast-runc", kubelet_pod("warm")).await;
+    let cold = run(&mut shim, "runc", kubelet_pod("cold")).await;
+    rig.pods.store().stats_filters.clear();
+
+    for (uid, id) in [("uid-warm", &warm), ("uid-cold", &cold)] {
+        let stats = list_stats(
+            &mut shim,
+            Some(cri::PodSandboxStatsFilter {
+                label_selector: labels(&[("io.kubernetes.pod.uid", uid)]),
+                ..Default::default()
+            }),
+        )
+        .await;
+        assert_eq!(stats_ids(&stats), [id.as_str()], "selected by {uid}");
+        let attributes = stats[0].attributes.as_ref().expect("attributes");
+        assert_eq!(
+            attributes
+                .labels
+                .get("io.kubernetes.pod.uid")
+                .map(String::as_str),
+            Some(uid)
+        );
+    }
+    let sent = rig.pods.store().stats_filters.clone();
+    assert_eq!(
+        sent.len(),
+        2,
+        "one upstream stats call per selected sandbox: {sent:?}"
+    );
+    for (f, id) in sent.iter().zip([&warm, &cold]) {
+        let f = f.as_ref().expect("a filter");
+        assert_eq!(&f.id, id, "asked by id");
+        assert!(f.label_selector.is_empty(), "never by the pod's labels");
+    }
+    rig.stop().await;
+}
+
 #[tokio::test]
 async fn remove_notifies_the_source() {
     let rig = SlotsRig::start().await;
