@@ -16,6 +16,7 @@
 
 mod deadline;
 mod error;
+mod h2channel;
 mod intercept;
 mod request;
 mod rewrite;

@@ -44,6 +44,7 @@ use tower::Service;
 use crate::{
     deadline::{CallerDeadline, Deadline, Timeouts, GRPC_TIMEOUT},
     error::ShimError,
+    h2channel::H2Channel,
     request::CriRequest,
 };
 
@@ -179,7 +180,7 @@ impl Upstream {
     /// Tokio runtime.
     pub fn connect_lazy(cfg: &UpstreamConfig) -> Result<Upstream, ShimError> {
         let channel = UpstreamChannel {
-            channel: lazy_channel(&cfg.endpoint, cfg.connect_timeout)?,
+            channel: H2Channel::new(socket_path(&cfg.endpoint)?, cfg.connect_timeout),
             link: Arc::new(Link {
                 endpoint: cfg.endpoint.as_str().into(),
                 reachable: AtomicBool::new(true),
@@ -382,7 +383,7 @@ impl Link {
 /// naming the upstream endpoint.
 #[derive(Debug, Clone)]
 pub(crate) struct UpstreamChannel {
-    channel: Channel,
+    channel: H2Channel,
     link: Arc<Link>,
 }
 
@@ -394,7 +395,7 @@ impl Service<http::Request<Body>> for UpstreamChannel {
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.channel
             .poll_ready(cx)
-            .map_err(|e| self.link.unavailable(&e))
+            .map_err(|e| self.link.unavailable(&*e))
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
@@ -405,10 +406,17 @@ impl Service<http::Request<Body>> for UpstreamChannel {
     }
 }
 
-#[derive(Debug)]
 pub(crate) struct UpstreamFuture {
-    inner: tonic::transport::channel::ResponseFuture,
+    inner: <H2Channel as Service<http::Request<Body>>>::Future,
     link: Arc<Link>,
+}
+
+impl std::fmt::Debug for UpstreamFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamFuture")
+            .field("link", &self.link)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Future for UpstreamFuture {
@@ -421,8 +429,8 @@ impl Future for UpstreamFuture {
                 self.link.succeeded();
                 Ok(response)
             }
-            Err(err) if is_local_timeout(&err) => Err(Box::new(DeadlinePassed)),
-            Err(err) => Err(self.link.unavailable(&err)),
+            Err(err) if is_local_timeout(&*err) => Err(Box::new(DeadlinePassed)),
+            Err(err) => Err(self.link.unavailable(&*err)),
         })
     }
 }
