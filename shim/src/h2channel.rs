@@ -59,11 +59,19 @@ impl Inner {
     /// A sender ready for a new stream, dialling when there is none or the
     /// connection broke.
     async fn ready_sender(&self) -> Result<h2::client::SendRequest<Bytes>, BoxError> {
+        // Fast path: the lock is held only to clone the sender, never while
+        // waiting for the connection to take a new stream.
+        let cached = self.sender.lock().await.clone();
+        if let Some(sender) = cached {
+            if let Ok(ready) = sender.ready().await {
+                return Ok(ready);
+            }
+        }
         let mut guard = self.sender.lock().await;
+        // Another call may have re-dialled while this one waited.
         if let Some(sender) = guard.clone() {
-            match sender.ready().await {
-                Ok(ready) => return Ok(ready),
-                Err(_) => *guard = None,
+            if let Ok(ready) = sender.ready().await {
+                return Ok(ready);
             }
         }
         let io = tokio::time::timeout(self.connect_timeout, UnixStream::connect(&self.path))
