@@ -21,7 +21,7 @@ use anyhow::{bail, Context as _};
 use fast_sandbox_proto::cri::{
     image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
 };
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// A CRI v1 client pair sharing one channel.
 #[derive(Debug, Clone)]
@@ -70,20 +70,10 @@ impl Cri {
         Ok(())
     }
 
-    /// Connects lazily to a CRI endpoint (`unix:///path` or a bare path).
+    /// Connects lazily to a CRI endpoint (`unix:///path` or a bare path),
+    /// with the shim's own client dialler.
     pub fn connect(endpoint: &str) -> anyhow::Result<Self> {
-        let path = PathBuf::from(endpoint.strip_prefix("unix://").unwrap_or(endpoint));
-        // The URI is required by tonic but unused: the connector dials the socket.
-        let channel = Endpoint::try_from("http://[::]:50051")?
-            .connect_timeout(Duration::from_secs(5))
-            .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }));
+        let channel = fast_sandbox_shim::cri_channel(endpoint)?;
         Ok(Self {
             runtime: RuntimeServiceClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE)
