@@ -5,10 +5,13 @@
 //! - [`extender`]: kube-scheduler extender endpoints over [`scoring`].
 //! - [`synth`]: deterministic synthetic clusters and requests.
 //! - [`bench`]: decision latency on a large synthetic cluster.
+//! - [`nodes`]: where node states come from and pool sizes go
+//!   ([`nodes::NodeDirectory`]).
 //! - [`sim`]: warm-hit rate of the placement against slot-blind baselines.
 
 pub mod bench;
 pub mod extender;
+pub mod nodes;
 pub mod scoring;
 pub mod sim;
 pub mod synth;
