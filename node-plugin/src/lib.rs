@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod fault;
 pub mod fixup;
 pub mod metrics;
 pub mod pool;

@@ -92,6 +92,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let specs = config::pool_specs(&file.pools).context("invalid [[pool]] configuration")?;
     let settings = Settings::resolve(file, args.overrides);
     init_logging(&settings)?;
+    fast_sandbox_node::fault::setup()?;
 
     let upstream = Upstream::connect_lazy(&settings.upstream)
         .context("configuring the upstream CRI client")?;

@@ -21,7 +21,7 @@ pub mod records;
 pub mod setns;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     fmt,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -40,7 +40,10 @@ use tokio::sync::Notify;
 use tonic::transport::Channel;
 
 use self::records::{ClaimRecord, RecordStore};
-use crate::metrics::{Metrics, Miss, PoolLabel, PoolOutcome};
+use crate::{
+    fault,
+    metrics::{Metrics, Miss, PoolLabel, PoolOutcome},
+};
 
 /// One configured pool.
 #[derive(Debug, Clone)]
@@ -327,6 +330,7 @@ impl PoolManager {
             .collect();
         let mut orphans = Vec::new();
         let mut completions = Vec::new();
+        let mut unapplied = Vec::new();
         {
             let mut t = self.table();
             for sb in &listed {
@@ -337,6 +341,10 @@ impl PoolManager {
                             .iter()
                             .position(|s| s.name == rec.pool)
                             .unwrap_or(0);
+                        let ready = sb.state == PodSandboxState::SandboxReady as i32;
+                        if ready && !rec.identity_applied {
+                            unapplied.push(rec.clone());
+                        }
                         let pod = Arc::new(ClaimedPod {
                             config: rec.config,
                             exposed_handler: rec.exposed_handler,
@@ -357,7 +365,7 @@ impl PoolManager {
                             },
                         );
                         // The deferred part may not have run before the crash.
-                        if sb.state == PodSandboxState::SandboxReady as i32 {
+                        if ready {
                             completions.push((facts, pod));
                         }
                     }
@@ -382,8 +390,34 @@ impl PoolManager {
             tracing::info!(sandbox = %facts.sandbox_id, "removing unclaimed slot left by a previous run");
             self.destroy_slot(&facts).await;
         }
+        // Claims the previous run died in the middle of: kubelet was never
+        // answered, but its next sync finds the sandbox by the pod's uid and
+        // uses it, so the claim is finished here, or rolled back.
+        let mut rolled_back = HashSet::new();
+        for mut rec in unapplied {
+            let facts = SlotFacts {
+                sandbox_id: rec.sandbox_id.clone(),
+                pause_pid: rec.pause_pid,
+                placeholder_cgroup_parent: rec.placeholder_cgroup_parent.clone(),
+            };
+            match self.fixup.apply(&facts, &rec.config).await {
+                Ok(()) => {
+                    tracing::info!(sandbox = %rec.sandbox_id, "finished a claim interrupted by a restart");
+                    rec.identity_applied = true;
+                    self.records.put(&rec)?;
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %rec.sandbox_id, error = %e,
+                        "rolling back a claim interrupted by a restart: its fix-up failed");
+                    self.abandon(&facts).await;
+                    rolled_back.insert(rec.sandbox_id);
+                }
+            }
+        }
         for (facts, pod) in completions {
-            self.spawn_complete(facts, pod);
+            if !rolled_back.contains(&facts.sandbox_id) {
+                self.spawn_complete(facts, pod);
+            }
         }
         Ok(())
     }
@@ -451,7 +485,11 @@ impl PoolManager {
             .await?
             .into_inner()
             .pod_sandbox_id;
-        match self.pause_pid(&id).await {
+        let ready = match crate::fault::pass(crate::fault::REFILL_CREATED).await {
+            Ok(()) => self.pause_pid(&id).await,
+            Err(e) => Err(e.into()),
+        };
+        match ready {
             Ok(pid) => {
                 let mut t = self.table();
                 t.slots.insert(
@@ -828,7 +866,7 @@ impl PoolManager {
             sandbox_id: facts.sandbox_id.clone(),
             reason,
         };
-        let record = ClaimRecord {
+        let mut record = ClaimRecord {
             sandbox_id: facts.sandbox_id.clone(),
             pool: self.specs[i].name.clone(),
             exposed_handler: claim.exposed_handler.clone(),
@@ -836,6 +874,7 @@ impl PoolManager {
             pause_pid: facts.pause_pid,
             placeholder_cgroup_parent: facts.placeholder_cgroup_parent.clone(),
             config: claim.config.clone(),
+            identity_applied: false,
         };
         // Durable before anything else: after this, a crash leaves a pod
         // that owns this slot, never a slot handed out twice.
@@ -843,9 +882,25 @@ impl PoolManager {
             self.abandon(facts).await;
             return Err(failed(format!("recording the claim: {e}")));
         }
+        if let Err(e) = fault::pass(fault::CLAIM_RECORDED).await {
+            self.abandon(facts).await;
+            return Err(failed(e.to_string()));
+        }
         if let Err(e) = self.fixup.apply(facts, &claim.config).await {
             self.abandon(facts).await;
             return Err(failed(format!("fix-up: {e}")));
+        }
+        // A crash before this rewrite makes recovery apply the fix-up again
+        // (it is idempotent); after it, recovery leaves the pod's files
+        // alone.
+        record.identity_applied = true;
+        if let Err(e) = self.records.put(&record) {
+            tracing::warn!(sandbox = %facts.sandbox_id, error = %e,
+                "marking the fix-up applied failed; a restart would apply it again");
+        }
+        if let Err(e) = fault::pass(fault::CLAIM_APPLIED).await {
+            self.abandon(facts).await;
+            return Err(failed(e.to_string()));
         }
         let pod = Arc::new(ClaimedPod {
             config: record.config,

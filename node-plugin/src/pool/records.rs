@@ -71,6 +71,11 @@ pub struct ClaimRecord {
     pub placeholder_cgroup_parent: String,
     /// The pod's real sandbox config, as kubelet sent it.
     pub config: PodSandboxConfig,
+    /// The fix-up's synchronous part (identity: hostname, resolv.conf,
+    /// sysctls) has been applied. A record without it is a claim the node
+    /// plugin died in the middle of: recovery applies the fix-up then.
+    #[serde(default)]
+    pub identity_applied: bool,
 }
 
 /// A record file that could not be read back.
@@ -246,6 +251,7 @@ mod tests {
                 hostname: "web-0".into(),
                 ..Default::default()
             },
+            identity_applied: true,
         }
     }
 
