@@ -135,7 +135,9 @@ mod tests {
 
     #[test]
     fn unknown_points_and_malformed_entries_are_refused() {
-        let err = configure("claim.nowhere=return(1)").unwrap_err().to_string();
+        let err = configure("claim.nowhere=return(1)")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown point \"claim.nowhere\""), "{err}");
         let err = configure("claim.recorded").unwrap_err().to_string();
         assert!(err.contains("not name=actions"), "{err}");

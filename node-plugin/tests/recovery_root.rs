@@ -307,7 +307,11 @@ async fn kill_9_during_claims_loses_nothing() {
             assert_eq!(&sb.id, id, "pod {} keeps the sandbox it was told", pod.name);
         }
         assert!(slots.contains(&sb.id), "pod {} holds a warm slot", pod.name);
-        assert!(held.insert(sb.id.clone()), "slot {} held by two pods", sb.id);
+        assert!(
+            held.insert(sb.id.clone()),
+            "slot {} held by two pods",
+            sb.id
+        );
         let meta = sb.metadata.as_ref().expect("metadata");
         assert_eq!(
             (meta.name.as_str(), meta.namespace.as_str()),
