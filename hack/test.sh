@@ -28,6 +28,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# protoc: build scripts (k8s-cri, proto/) run it, and clippy below is the
+# first build on a fresh machine, before dev-node.sh installs the rest.
+fsb_ensure_packages protobuf-compiler
+
 fsb_log "checking format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
