@@ -1,7 +1,15 @@
 //! Generated gRPC code only. Conversions to domain types live at the edges
-//! (the `shim` and `node-plugin` crates), not here.
+//! (the `shim`, `node-plugin` and `controller` crates), not here.
 
 /// CRI v1, the API kubelet speaks (v1.26+ speaks nothing else).
 pub mod cri {
     pub use k8s_cri::v1::*;
+}
+
+/// fast-sandbox's node API (`proto/nodeagent.proto`): node status with free
+/// slots per pool and cached images, streamed on every change, and desired
+/// pool sizes. Served by the node plugin, called by the controller.
+pub mod nodeagent {
+    #![allow(missing_docs, missing_debug_implementations, clippy::all)]
+    tonic::include_proto!("fastsandbox.node.v1");
 }
