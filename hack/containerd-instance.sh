@@ -7,6 +7,7 @@
 #   containerd-instance.sh start  DIR [--cni-subnet CIDR --bridge NAME]
 #                                     [--sandbox-image REF] [--import TAR]...
 #                                     [--plain-http-registry 127.0.0.1:PORT]...
+#                                     [--runtime NAME=BINARY]...
 #                                     [--timeout SECONDS]
 #   containerd-instance.sh stop   DIR [--purge]
 #   containerd-instance.sh status DIR
@@ -26,6 +27,9 @@
 #   recorded network, so a second stop or a later start knows it) unless
 #   --purge.
 # status: exit 0 and "running ..." when containerd runs, else exit 3.
+# --runtime adds handler NAME on containerd's runc v2 shim with BinaryName
+#   BINARY, e.g. runsc=/path/to/fast-sandbox-runsc (gVisor, see
+#   docs/runtimes.md); recorded, so a restart keeps it.
 #
 # Defaults come from the dev-node env file when it is sourced, else from the
 # development node at ${FAST_SANDBOX_DEV_DIR:-/var/lib/fast-sandbox-dev}:
@@ -63,9 +67,11 @@ PIDFILE=$DIR/containerd.pid
 LOG=$DIR/containerd.log
 INSTANCE_ENV=$DIR/instance.env
 RUNTIMES=(runc crun)
+# The command for a runtime in RUNTIMES, when not its own name (--runtime).
+declare -A RUNTIME_BIN=()
 
 OPT_SUBNET='' OPT_BRIDGE='' OPT_IMAGE='' OPT_TIMEOUT=60 OPT_PURGE=''
-OPT_IMPORTS=() OPT_REGISTRIES=()
+OPT_IMPORTS=() OPT_REGISTRIES=() OPT_RUNTIMES=()
 while (($# > 0)); do
 	case $1 in
 	--cni-subnet) OPT_SUBNET=${2:?--cni-subnet needs a CIDR}; shift 2 ;;
@@ -73,6 +79,7 @@ while (($# > 0)); do
 	--sandbox-image) OPT_IMAGE=${2:?--sandbox-image needs a reference}; shift 2 ;;
 	--import) OPT_IMPORTS+=("$(realpath -- "${2:?--import needs a tar}")"); shift 2 ;;
 	--plain-http-registry) OPT_REGISTRIES+=("${2:?--plain-http-registry needs HOST:PORT}"); shift 2 ;;
+	--runtime) OPT_RUNTIMES+=("${2:?--runtime needs NAME=BINARY}"); shift 2 ;;
 	--timeout) OPT_TIMEOUT=${2:?--timeout needs seconds}; shift 2 ;;
 	--purge) OPT_PURGE=1; shift ;;
 	-h | --help) usage ;;
@@ -124,11 +131,21 @@ bridge_owner() {
 }
 
 # The network settings this instance was started with (instance.env).
-STORED_SUBNET='' STORED_BRIDGE=''
+STORED_SUBNET='' STORED_BRIDGE='' STORED_RUNTIMES=''
 load_stored() {
 	[[ -f $INSTANCE_ENV ]] || return 0
 	STORED_SUBNET=$(sed -n 's/^FSB_CNI_SUBNET=//p' "$INSTANCE_ENV")
 	STORED_BRIDGE=$(sed -n 's/^FSB_BRIDGE=//p' "$INSTANCE_ENV")
+	STORED_RUNTIMES=$(sed -n 's/^FSB_RUNTIMES=//p' "$INSTANCE_ENV")
+}
+
+# Adds NAME=BINARY runtimes to RUNTIMES/RUNTIME_BIN (for the leftover sweep).
+add_runtimes() {
+	local runtime
+	for runtime in "$@"; do
+		RUNTIMES+=("${runtime%%=*}")
+		RUNTIME_BIN[${runtime%%=*}]=${runtime#*=}
+	done
 }
 
 cmd_start() {
@@ -169,12 +186,20 @@ cmd_start() {
 	for registry in "${OPT_REGISTRIES[@]}"; do
 		config_args+=(--plain-http-registry "$registry")
 	done
+	if ((${#OPT_RUNTIMES[@]} == 0)) && [[ -n $STORED_RUNTIMES ]]; then
+		read -r -a OPT_RUNTIMES <<<"$STORED_RUNTIMES"
+	fi
+	local runtime
+	for runtime in "${OPT_RUNTIMES[@]}"; do
+		config_args+=(--runtime "$runtime")
+	done
+	add_runtimes "${OPT_RUNTIMES[@]}"
 	containerd config default >"$DIR/config.default.toml"
 	before=$({ cat "$CONFIG" 2>/dev/null || true; } | sha256sum)
 	"$devtool" instance-config "${config_args[@]}"
 	after=$(sha256sum <"$CONFIG")
 	# Recorded before anything is created that stop must know about.
-	printf 'FSB_CNI_SUBNET=%s\nFSB_BRIDGE=%s\n' "$subnet" "$bridge" >"$INSTANCE_ENV"
+	printf 'FSB_CNI_SUBNET=%s\nFSB_BRIDGE=%s\nFSB_RUNTIMES=%s\n' "$subnet" "$bridge" "${OPT_RUNTIMES[*]}" >"$INSTANCE_ENV"
 	fsb_ensure_hugetlb_cgroup
 
 	pid=$(running_pid)
@@ -228,11 +253,12 @@ kill_leftovers() {
 	local runtime root id ids=()
 	mapfile -t ids < <(find "$DIR/state/io.containerd.runtime.v2.task" -mindepth 2 -maxdepth 2 -type d -printf '%f\n' 2>/dev/null || true)
 	for runtime in "${RUNTIMES[@]}"; do
+		local bin=${RUNTIME_BIN[$runtime]:-$runtime}
 		for root in "$DIR/runtime/$runtime"/*/; do
 			[[ -d $root ]] || continue
-			for id in $("$runtime" --root "$root" list -q 2>/dev/null || true); do
+			for id in $("$bin" --root "$root" list -q 2>/dev/null || true); do
 				fsb_log "deleting leftover $runtime container $id"
-				"$runtime" --root "$root" delete --force "$id" >/dev/null 2>&1 ||
+				"$bin" --root "$root" delete --force "$id" >/dev/null 2>&1 ||
 					fsb_log "warning: $runtime delete --force $id failed"
 			done
 		done
@@ -291,6 +317,9 @@ cmd_stop() {
 	fsb_require_root
 	load_stored
 	local subnet=${OPT_SUBNET:-$STORED_SUBNET} bridge=${OPT_BRIDGE:-$STORED_BRIDGE} pid devtool
+	local stored_runtimes=()
+	read -r -a stored_runtimes <<<"$STORED_RUNTIMES"
+	add_runtimes "${stored_runtimes[@]}"
 	if [[ -d $DIR ]]; then
 		pid=$(running_pid)
 		if [[ -n $pid ]]; then

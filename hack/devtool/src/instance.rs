@@ -60,6 +60,45 @@ pub struct Settings {
     /// `host:port` of registries on 127.0.0.1 to pull from over plain HTTP.
     pub plain_http_registries: Vec<String>,
     pub network: Option<Network>,
+    /// More handlers on containerd's runc v2 shim, each with its own
+    /// `BinaryName` (e.g. `runsc` with the runsc adapter).
+    pub extra_runtimes: Vec<ExtraRuntime>,
+}
+
+/// A runtime handler `name` run by the runc v2 shim with `binary`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraRuntime {
+    pub name: String,
+    pub binary: PathBuf,
+}
+
+impl FromStr for ExtraRuntime {
+    type Err = anyhow::Error;
+
+    /// `NAME=/absolute/binary`.
+    fn from_str(s: &str) -> Result<Self> {
+        let (name, binary) = s
+            .split_once('=')
+            .with_context(|| format!("runtime {s:?}: expected NAME=/path/to/binary"))?;
+        ensure!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && name != "runc"
+                && name != "crun",
+            "runtime {s:?}: bad or reserved handler name"
+        );
+        let binary = PathBuf::from(binary);
+        ensure!(
+            binary.is_absolute(),
+            "runtime {s:?}: the binary path must be absolute"
+        );
+        Ok(Self {
+            name: name.to_owned(),
+            binary,
+        })
+    }
 }
 
 /// A bridge network with host-local IPAM on a private IPv4 range.
@@ -230,10 +269,24 @@ pub fn render_config(base: &str, layout: &Layout, settings: &Settings) -> Result
     };
     runc.insert("runtime_type".into(), s("io.containerd.runc.v2"));
     let mut crun = runc.clone();
+    let mut extra: Vec<(Table, &str, String)> = settings
+        .extra_runtimes
+        .iter()
+        .map(|r| {
+            (
+                runc.clone(),
+                r.name.as_str(),
+                r.binary.display().to_string(),
+            )
+        })
+        .collect();
     for (table, name, binary) in [
         (&mut runc, "runc", "/usr/bin/runc"),
         (&mut crun, "crun", "/usr/bin/crun"),
-    ] {
+    ]
+    .into_iter()
+    .chain(extra.iter_mut().map(|(t, n, b)| (t, *n, b.as_str())))
+    {
         let options = table
             .entry("options")
             .or_insert_with(|| Value::Table(Table::new()))
@@ -251,6 +304,13 @@ pub fn render_config(base: &str, layout: &Layout, settings: &Settings) -> Result
         &[&runtimes[..], &["crun"]].concat(),
         Value::Table(crun),
     )?;
+    for (table, name, _) in extra {
+        set(
+            &mut config,
+            &[&runtimes[..], &[name]].concat(),
+            Value::Table(table),
+        )?;
+    }
 
     toml::to_string(&config).context("serialise containerd config")
 }
@@ -402,6 +462,9 @@ state = "/run/containerd"
                 subnet: "10.209.0.0/16".parse().expect("subnet"),
                 bridge: "fsb0".into(),
             }),
+            extra_runtimes: vec!["runsc=/opt/fsb/fast-sandbox-runsc"
+                .parse()
+                .expect("runtime")],
         }
     }
 
@@ -479,7 +542,11 @@ state = "/run/containerd"
         );
         assert_eq!(at(&["cni", "bin_dir"]).as_str(), Some(CNI_BIN_DIR));
         assert_eq!(at(&["stream_server_address"]).as_str(), Some("127.0.0.1"));
-        for (name, binary) in [("runc", "/usr/bin/runc"), ("crun", "/usr/bin/crun")] {
+        for (name, binary) in [
+            ("runc", "/usr/bin/runc"),
+            ("crun", "/usr/bin/crun"),
+            ("runsc", "/opt/fsb/fast-sandbox-runsc"),
+        ] {
             let runtime = ["containerd", "runtimes", name];
             assert_eq!(
                 at(&[&runtime[..], &["runtime_type"]].concat()).as_str(),

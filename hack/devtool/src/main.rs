@@ -168,6 +168,9 @@ struct InstanceConfigArgs {
     /// A registry on 127.0.0.1 (HOST:PORT) to pull from over plain HTTP; repeatable.
     #[arg(long)]
     plain_http_registry: Vec<String>,
+    /// One more runc-v2-shim handler, NAME=/path/to/binary (its BinaryName); repeatable.
+    #[arg(long)]
+    runtime: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -359,6 +362,11 @@ fn instance_config(args: InstanceConfigArgs) -> Result<()> {
         sandbox_image: args.sandbox_image,
         plain_http_registries: args.plain_http_registry,
         network,
+        extra_runtimes: args
+            .runtime
+            .iter()
+            .map(|r| r.parse())
+            .collect::<Result<_>>()?,
     };
     let instance_layout = instance::Layout::new(&args.dir)?;
     instance::write_files(&base, &instance_layout, &settings)
