@@ -10,8 +10,13 @@
 //! - [`sim`]: warm-hit rate of the placement against slot-blind baselines.
 
 pub mod bench;
+pub mod crd;
 pub mod extender;
 pub mod nodes;
+pub mod pool;
+pub mod reconcile;
+pub mod run;
+pub mod sandbox;
 pub mod scoring;
 pub mod sim;
 pub mod synth;

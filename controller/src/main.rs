@@ -1,7 +1,8 @@
 //! fast-sandbox-controller: the cluster side of fast-sandbox.
 //!
-//! The CRD reconcilers and the node-status watch are tracked in the
-//! "Cluster side" issue; the placement decision and its tools are here.
+//! `run` reconciles the CRDs and serves the extender against a cluster;
+//! `extender` serves the extender alone from a snapshot file; `crdgen`
+//! writes the CRD YAML; `bench` and `simulate` measure the placement.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -12,7 +13,12 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
 use fast_sandbox_controller::bench::{self, BenchConfig};
+use fast_sandbox_controller::crd;
 use fast_sandbox_controller::extender::{self, Extender, ExtenderConfig};
+use fast_sandbox_controller::nodes::StaticNodes;
+use fast_sandbox_controller::reconcile::ReconcileConfig;
+use fast_sandbox_controller::run;
+use fast_sandbox_controller::scoring::Snapshot;
 use fast_sandbox_controller::scoring::{Policy, SlotPolicy};
 use fast_sandbox_controller::sim::{self, SimConfig};
 
@@ -57,6 +63,56 @@ enum Command {
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
+    },
+    /// Reconcile SandboxPools and Sandboxes against a cluster and serve the
+    /// extender verbs, from one node directory.
+    Run {
+        /// A kubeconfig file; without it: KUBECONFIG, ~/.kube/config, or
+        /// the in-cluster service account.
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// The kubeconfig context (default: its current context).
+        #[arg(long)]
+        context: Option<String>,
+        /// Where the extender listens.
+        #[arg(long, default_value = "0.0.0.0:8888")]
+        listen: SocketAddr,
+        /// Node states from a JSON file (re-read on SIGHUP) until the node
+        /// plugins are watched directly; without it, no node is known.
+        #[arg(long)]
+        snapshot: Option<PathBuf>,
+        /// Fast RuntimeClasses, `CLASS` or `CLASS=HANDLER` (comma-separated).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "fast-runc,fast-crun,fast-gvisor,fast-kata"
+        )]
+        fast_class: Vec<String>,
+        /// Extender: whether a node needs a free warm slot to pass the filter.
+        #[arg(long, value_enum, default_value_t = Slots::Prefer)]
+        slots: Slots,
+        /// Sandboxes: whether a node needs a free warm slot to be chosen
+        /// (`require`: a Sandbox waits for one).
+        #[arg(long, value_enum, default_value_t = Slots::Require)]
+        sandbox_slots: Slots,
+        /// Ignore nodes whose status is older than this.
+        #[arg(long)]
+        stale_after_ms: Option<u64>,
+        /// The seccomp shape of pods, pools and sandboxes that set none.
+        #[arg(long, default_value = "unconfined")]
+        default_seccomp: String,
+        /// Extender: how long a fast pod's best node counts one slot fewer
+        /// (ms); 0 turns it off.
+        #[arg(long, default_value_t = extender::DEFAULT_ASSUME_TTL_MS)]
+        assume_ttl_ms: u64,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Write the CRD YAML generated from the Rust types, one file per CRD.
+    Crdgen {
+        #[arg(long, default_value = "deploy/crds")]
+        out: PathBuf,
     },
     /// Time placement decisions on a synthetic cluster.
     Bench {
@@ -128,6 +184,46 @@ fn fast_classes(specs: &[String]) -> anyhow::Result<HashMap<String, String>> {
         .collect()
 }
 
+fn policy(slots: Slots, stale_after_ms: Option<u64>) -> Policy {
+    Policy {
+        slots: match slots {
+            Slots::Require => SlotPolicy::Require,
+            Slots::Prefer => SlotPolicy::Prefer,
+        },
+        stale_after_ms,
+    }
+}
+
+async fn kube_client(
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+) -> anyhow::Result<kube::Client> {
+    let options = kube::config::KubeConfigOptions {
+        context,
+        ..Default::default()
+    };
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(&path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &options)
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None if options.context.is_some() => kube::Config::from_kubeconfig(&options)
+            .await
+            .context("using the default kubeconfig")?,
+        None => kube::Config::infer().await.context(
+            "no Kubernetes configuration: pass --kubeconfig, set KUBECONFIG, or run in a cluster",
+        )?,
+    };
+    let url = config.cluster_url.to_string();
+    let client =
+        kube::Client::try_from(config).with_context(|| format!("building a client for {url}"))?;
+    run::preflight(&client, &url).await?;
+    Ok(client)
+}
+
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -158,13 +254,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("loading {}", snapshot.display()))?;
             let config = ExtenderConfig {
                 fast_classes: fast_classes(&fast_class)?,
-                policy: Policy {
-                    slots: match slots {
-                        Slots::Require => SlotPolicy::Require,
-                        Slots::Prefer => SlotPolicy::Prefer,
-                    },
-                    stale_after_ms,
-                },
+                policy: policy(slots, stale_after_ms),
                 default_seccomp,
                 assume_ttl_ms: (assume_ttl_ms > 0).then_some(assume_ttl_ms),
             };
@@ -187,6 +277,95 @@ fn main() -> anyhow::Result<()> {
                         .await
                         .with_context(|| format!("serving the extender on {listen}"))
                 })?;
+        }
+        Command::Run {
+            kubeconfig,
+            context,
+            listen,
+            snapshot,
+            fast_class,
+            slots,
+            sandbox_slots,
+            stale_after_ms,
+            default_seccomp,
+            assume_ttl_ms,
+            log_json,
+        } => {
+            init_logging(log_json);
+            let classes = fast_classes(&fast_class)?;
+            let initial = match &snapshot {
+                Some(path) => {
+                    let json = std::fs::read(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    extender::parse_snapshot(&json)
+                        .with_context(|| format!("loading {}", path.display()))?
+                }
+                None => {
+                    tracing::warn!("no --snapshot: no node is known, nothing can be placed");
+                    Snapshot::default()
+                }
+            };
+            let nodes = Arc::new(StaticNodes::new(initial.clone()));
+            let extender = Arc::new(Extender::new(
+                ExtenderConfig {
+                    fast_classes: classes.clone(),
+                    policy: policy(slots, stale_after_ms),
+                    default_seccomp: default_seccomp.clone(),
+                    assume_ttl_ms: (assume_ttl_ms > 0).then_some(assume_ttl_ms),
+                },
+                initial,
+            ));
+            let config = ReconcileConfig {
+                fast_classes: classes,
+                default_seccomp,
+                sandbox_policy: policy(sandbox_slots, stale_after_ms),
+            };
+            tokio::runtime::Runtime::new()
+                .context("starting the async runtime")?
+                .block_on(async move {
+                    let client = kube_client(kubeconfig, context).await?;
+                    if let Some(path) = snapshot {
+                        let mut hangup = signal(SignalKind::hangup())
+                            .context("installing the SIGHUP handler")?;
+                        let reloaded = nodes.clone();
+                        tokio::spawn(async move {
+                            while hangup.recv().await.is_some() {
+                                let loaded = std::fs::read(&path)
+                                    .map_err(|e| e.to_string())
+                                    .and_then(|json| {
+                                        extender::parse_snapshot(&json).map_err(|e| e.to_string())
+                                    });
+                                match loaded {
+                                    Ok(snapshot) => {
+                                        tracing::info!(nodes = snapshot.len(), "snapshot reloaded");
+                                        reloaded.replace(snapshot);
+                                    }
+                                    Err(error) => tracing::warn!(%error, "snapshot not reloaded"),
+                                }
+                            }
+                        });
+                    }
+                    let mut terminate = signal(SignalKind::terminate())
+                        .context("installing the SIGTERM handler")?;
+                    let shutdown = async move {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = terminate.recv() => {}
+                        }
+                        tracing::info!("shutting down");
+                    };
+                    let server = extender::listen(listen, extender.clone());
+                    tracing::info!(%listen, "serving the extender; reconciling SandboxPools and Sandboxes");
+                    tokio::select! {
+                        result = server => result.with_context(|| format!("serving the extender on {listen}")),
+                        () = run::controllers(client, nodes, config, Some(extender), shutdown) => Ok(()),
+                    }
+                })?;
+        }
+        Command::Crdgen { out } => {
+            for path in crd::write_crds(&out)? {
+                println!("{}", path.display());
+            }
         }
         Command::Bench {
             nodes,

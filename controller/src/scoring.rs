@@ -535,8 +535,17 @@ impl<'s> Scorer<'s> {
 
     /// The best node: highest score, then smallest name.
     pub fn best(&self) -> Option<Placement<'s>> {
+        self.best_where(|_| true)
+    }
+
+    /// The best node among those `keep` accepts (by name): the direct path's
+    /// pool filter, which restricts candidates to a pool's nodes.
+    pub fn best_where(&self, mut keep: impl FnMut(&str) -> bool) -> Option<Placement<'s>> {
         let mut best: Option<Placement<'s>> = None;
         for i in 0..self.snapshot.nodes.len() {
+            if !keep(&self.snapshot.nodes[i].name) {
+                continue;
+            }
             if let Ok(score) = self.score_index(i) {
                 if best.as_ref().is_none_or(|b| score > b.score) {
                     best = Some(Placement {

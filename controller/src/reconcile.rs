@@ -1,0 +1,289 @@
+//! What both reconcilers share: the [`Context`] they run in, their
+//! [`Error`], the retry policy, and condition bookkeeping.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+
+use crate::crd::SandboxPool;
+use crate::nodes::NodeDirectory;
+use crate::scoring::{Policy, SlotPolicy};
+
+/// The reconcilers' knobs.
+#[derive(Debug, Clone)]
+pub struct ReconcileConfig {
+    /// RuntimeClass name → the runtime handler it names.
+    pub fast_classes: HashMap<String, String>,
+    /// The seccomp shape of a pool or sandbox that sets none.
+    pub default_seccomp: String,
+    /// How the direct `Sandbox` path filters and scores nodes; under
+    /// [`SlotPolicy::Require`] a `Sandbox` waits for a free warm slot.
+    pub sandbox_policy: Policy,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        ReconcileConfig {
+            fast_classes: ["fast-runc", "fast-crun", "fast-gvisor", "fast-kata"]
+                .iter()
+                .map(|c| ((*c).to_owned(), (*c).to_owned()))
+                .collect(),
+            default_seccomp: "unconfined".into(),
+            sandbox_policy: Policy {
+                slots: SlotPolicy::Require,
+                stale_after_ms: None,
+            },
+        }
+    }
+}
+
+impl ReconcileConfig {
+    /// The fast classes, sorted, for messages.
+    pub(crate) fn class_list(&self) -> String {
+        let mut classes: Vec<&str> = self.fast_classes.keys().map(String::as_str).collect();
+        classes.sort_unstable();
+        classes.join(", ")
+    }
+}
+
+/// Everything a reconcile reads besides its object.
+pub struct Context {
+    /// The API server.
+    pub client: Client,
+    /// Node states and pool-size pushes.
+    pub nodes: Arc<dyn NodeDirectory>,
+    /// Node labels (a metadata-only reflector over `nodes`).
+    pub node_labels: Store<PartialObjectMeta<Node>>,
+    /// Every `SandboxPool` (the pool controller's reflector).
+    pub pools: Store<SandboxPool>,
+    /// Knobs.
+    pub config: ReconcileConfig,
+    /// Held from reading the snapshot to assuming the placement, so two
+    /// `Sandbox` reconciles never both take a pool's last free slot.
+    pub(crate) placement: Mutex<()>,
+    failures: Mutex<HashMap<String, u32>>,
+    clock: Box<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// A context reading the wall clock.
+    pub fn new(
+        client: Client,
+        nodes: Arc<dyn NodeDirectory>,
+        node_labels: Store<PartialObjectMeta<Node>>,
+        pools: Store<SandboxPool>,
+        config: ReconcileConfig,
+    ) -> Self {
+        Context {
+            client,
+            nodes,
+            node_labels,
+            pools,
+            config,
+            placement: Mutex::new(()),
+            failures: Mutex::new(HashMap::new()),
+            clock: Box::new(unix_now_ms),
+        }
+    }
+
+    /// Replaces the clock (Unix time, ms): tests pin time.
+    pub fn with_clock(mut self, clock: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        self.clock = Box::new(clock);
+        self
+    }
+
+    /// Now, Unix time in ms.
+    pub fn now_ms(&self) -> u64 {
+        (self.clock)()
+    }
+
+    /// Now, as a Kubernetes timestamp.
+    pub(crate) fn now(&self) -> Time {
+        let ms = i64::try_from(self.now_ms()).unwrap_or(i64::MAX);
+        Time(k8s_openapi::jiff::Timestamp::from_millisecond(ms).unwrap_or_default())
+    }
+
+    /// The node's labels, or `None` when the API server has no such node.
+    pub(crate) fn labels_of(&self, node: &str) -> Option<BTreeMap<String, String>> {
+        self.node_labels
+            .get(&ObjectRef::new(node))
+            .map(|n| n.labels().clone())
+    }
+
+    /// Names of the API server's nodes whose labels contain `selector`,
+    /// sorted.
+    pub(crate) fn nodes_matching(&self, selector: &BTreeMap<String, String>) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .node_labels
+            .state()
+            .iter()
+            .filter(|n| selector_matches(selector, n.labels()))
+            .map(|n| n.name_any())
+            .collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// The retry delay after the `failures`-th failure in a row of `key`.
+    fn next_backoff(&self, key: String) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = failures.entry(key).or_insert(0);
+        *count = count.saturating_add(1);
+        backoff_delay(*count)
+    }
+
+    /// Forgets the failures of `key` (it reconciled).
+    pub(crate) fn reset_backoff(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key);
+    }
+}
+
+/// 1 s, 2 s, 4 s … capped at 5 minutes.
+pub fn backoff_delay(failures: u32) -> Duration {
+    let exponent = failures.saturating_sub(1).min(9);
+    Duration::from_secs(1u64 << exponent).min(Duration::from_secs(300))
+}
+
+/// Whether `labels` contain every pair of `selector` (an empty selector
+/// matches every node).
+pub fn selector_matches(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// A key naming an object for the retry bookkeeping.
+pub(crate) fn backoff_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.meta().namespace.as_deref().unwrap_or_default(),
+        obj.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Why a reconcile failed; it is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("object has no {0}")]
+    MissingMetadata(&'static str),
+}
+
+/// The `error_policy` of both controllers: log, then retry with a delay that
+/// doubles with each failure in a row (1 s … 5 min).
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let key = backoff_key(obj.as_ref());
+    let delay = ctx.next_backoff(key.clone());
+    tracing::warn!(object = %key, %error, retry_in_ms = delay.as_millis() as u64, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// A condition `type_` with `status`, keeping the previous transition time
+/// when the status did not change.
+pub(crate) fn condition(
+    previous: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff_delay(1), Duration::from_secs(1));
+        assert_eq!(backoff_delay(2), Duration::from_secs(2));
+        assert_eq!(backoff_delay(5), Duration::from_secs(16));
+        assert_eq!(backoff_delay(50), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn selectors_need_every_pair() {
+        let labels: BTreeMap<String, String> =
+            [("a".into(), "1".into()), ("b".into(), "2".into())].into();
+        assert!(selector_matches(&BTreeMap::new(), &labels));
+        assert!(selector_matches(
+            &[("a".into(), "1".into())].into(),
+            &labels
+        ));
+        assert!(!selector_matches(
+            &[("a".into(), "2".into())].into(),
+            &labels
+        ));
+        assert!(!selector_matches(
+            &[("c".into(), "1".into())].into(),
+            &labels
+        ));
+    }
+
+    #[test]
+    fn transition_time_is_kept_while_status_holds() {
+        let t0 = Time(k8s_openapi::jiff::Timestamp::from_second(10).unwrap());
+        let t1 = Time(k8s_openapi::jiff::Timestamp::from_second(20).unwrap());
+        let first = condition(&[], "Ready", true, "Ok", "m".into(), Some(1), &t0);
+        let same = condition(
+            std::slice::from_ref(&first),
+            "Ready",
+            true,
+            "Ok",
+            "m2".into(),
+            Some(2),
+            &t1,
+        );
+        assert_eq!(same.last_transition_time, t0);
+        let flipped = condition(&[first], "Ready", false, "Bad", "m".into(), Some(2), &t1);
+        assert_eq!(flipped.last_transition_time, t1);
+    }
+}

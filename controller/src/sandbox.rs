@@ -1,0 +1,604 @@
+//! The `Sandbox` reconciler: the direct path. It chooses a node itself and
+//! binds the pod there with `spec.nodeName`, skipping kube-scheduler.
+//!
+//! Per reconcile:
+//! 1. A `Sandbox` being deleted: nothing (its pod goes with it, below).
+//! 2. The spec is checked; a bad field becomes a `Scheduled=False,
+//!    reason=InvalidSpec` condition naming it, and no retry until it changes.
+//! 3. `GET` the pod, named after the `Sandbox`. If it exists, the status is
+//!    read from it (phase, node, IP, time to Running). If it existed and is
+//!    gone, the `Sandbox` has failed: it runs once and is never re-placed.
+//! 4. Otherwise: pool filter (the nodes of `spec.pool`) → health and
+//!    free-slot filter → image-affinity score, all by [`Scorer`]; the
+//!    placement is counted in the node directory at once
+//!    ([`NodeDirectory::assume`](crate::nodes::NodeDirectory::assume)) under
+//!    a lock, so two `Sandbox`es never race for the last slot; then the pod
+//!    is created with `nodeName`, `runtimeClassName`, the pool's shape as
+//!    its security context, label `fast-sandbox.io/pool-name`, and an owner
+//!    reference to the `Sandbox`.
+//!
+//! **No finalizer**: the pod carries a controller owner reference, so
+//! deleting the `Sandbox` makes the garbage collector delete the pod, and
+//! the slot accounting needs no cleanup (an assumed placement is settled by
+//! the node's next report). Nothing outside the API server would be left
+//! behind, so a finalizer would only make deletion depend on the controller
+//! running.
+//!
+//! Idempotent: the pod name is the `Sandbox`'s, so a re-reconcile (or a
+//! second controller replica) finds the pod instead of creating another; a
+//! create that races with one answers 409 and the existing pod is read.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Container, Pod, PodSecurityContext, PodSpec, SeccompProfile};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tracing::Instrument;
+
+use crate::crd::{Sandbox, SandboxPhase, SandboxPool, SandboxStatus, POOL_LABEL, SANDBOX_LABEL};
+use crate::nodes::SandboxShape;
+use crate::reconcile::{backoff_key, condition, selector_matches, Context, Error};
+use crate::scoring::{Rejection, Request, RequestedImage, Scorer};
+
+/// The container's name in a `Sandbox`'s pod.
+pub const CONTAINER: &str = "sandbox";
+/// Retry placing a `Sandbox` no node can take this soon.
+const UNSCHEDULABLE_RETRY: Duration = Duration::from_secs(5);
+/// Re-check a placed `Sandbox` this often even without pod events.
+const RESYNC: Duration = Duration::from_secs(300);
+/// Label values are at most this long.
+const MAX_LABEL_VALUE: usize = 63;
+
+/// A `Sandbox` resolved against the pools and the fast classes.
+#[derive(Debug)]
+struct Target {
+    runtime_class: String,
+    handler: String,
+    shape: SandboxShape,
+    shape_key: String,
+    pool: Option<Arc<SandboxPool>>,
+}
+
+/// Why a `Sandbox` cannot be placed as written.
+#[derive(Debug)]
+enum SpecProblem {
+    /// A field is wrong: the message names it. Retried when the spec changes.
+    Invalid(String),
+    /// `spec.pool` names no pool (yet). Retried after a while.
+    NoSuchPool(String),
+}
+
+fn resolve(sandbox: &Sandbox, ctx: &Context) -> Result<Target, SpecProblem> {
+    let spec = &sandbox.spec;
+    let invalid = |m: String| Err(SpecProblem::Invalid(m));
+    let name = sandbox.name_any();
+    if name.len() > MAX_LABEL_VALUE {
+        return invalid(format!(
+            "metadata.name: {} characters, more than the {MAX_LABEL_VALUE} a pod label value allows",
+            name.len()
+        ));
+    }
+    if spec.image.trim().is_empty() {
+        return invalid("spec.image: must not be empty".into());
+    }
+    if let Some(i) = spec.env.iter().position(|e| e.name.is_empty()) {
+        return invalid(format!("spec.env[{i}].name: must not be empty"));
+    }
+    let pool = match &spec.pool {
+        Some(pool) if pool.len() > MAX_LABEL_VALUE => {
+            return invalid(format!(
+                "spec.pool: {} characters, more than the {MAX_LABEL_VALUE} a label value allows",
+                pool.len()
+            ))
+        }
+        Some(pool) => Some(
+            ctx.pools
+                .get(&kube::runtime::reflector::ObjectRef::new(pool))
+                .ok_or_else(|| SpecProblem::NoSuchPool(pool.clone()))?,
+        ),
+        None => None,
+    };
+    let runtime_class = match (&spec.runtime_class_name, &pool) {
+        (Some(class), Some(pool)) if *class != pool.spec.runtime_class_name => {
+            return invalid(format!(
+                "spec.runtimeClassName: {class:?} differs from pool {:?}'s {:?}",
+                pool.name_any(),
+                pool.spec.runtime_class_name
+            ))
+        }
+        (Some(class), _) => class.clone(),
+        (None, Some(pool)) => pool.spec.runtime_class_name.clone(),
+        (None, None) => {
+            return invalid("spec.runtimeClassName: required when spec.pool is not set".into())
+        }
+    };
+    let Some(handler) = ctx.config.fast_classes.get(&runtime_class) else {
+        return invalid(format!(
+            "spec.runtimeClassName: {runtime_class:?} is not a fast RuntimeClass ({})",
+            ctx.config.class_list()
+        ));
+    };
+    let shape = pool
+        .as_ref()
+        .map(|p| p.spec.shape.clone())
+        .unwrap_or_default();
+    Ok(Target {
+        shape_key: shape.key(&ctx.config.default_seccomp),
+        runtime_class,
+        handler: handler.clone(),
+        shape,
+        pool,
+    })
+}
+
+/// Reconciles one `Sandbox` (the `Controller`'s reconcile function).
+pub async fn reconcile(sandbox: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let key = backoff_key(sandbox.as_ref());
+    let span = tracing::info_span!(
+        "sandbox",
+        namespace = sandbox.namespace().unwrap_or_default(),
+        name = %sandbox.name_any()
+    );
+    let action = reconcile_inner(&sandbox, &ctx).instrument(span).await?;
+    ctx.reset_backoff(&key);
+    Ok(action)
+}
+
+async fn reconcile_inner(sandbox: &Sandbox, ctx: &Context) -> Result<Action, Error> {
+    if sandbox.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let namespace = sandbox
+        .namespace()
+        .ok_or(Error::MissingMetadata("namespace"))?;
+    let name = sandbox.name_any();
+    let sandboxes: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let old = sandbox.status.clone().unwrap_or_default();
+    let generation = sandbox.metadata.generation;
+    let now = ctx.now();
+    let not_scheduled = |phase, reason: &str, message: String| SandboxStatus {
+        observed_generation: generation,
+        phase: Some(phase),
+        conditions: vec![condition(
+            &old.conditions,
+            "Scheduled",
+            false,
+            reason,
+            message,
+            generation,
+            &now,
+        )],
+        ..Default::default()
+    };
+
+    let target = match resolve(sandbox, ctx) {
+        Ok(target) => target,
+        Err(SpecProblem::Invalid(message)) => {
+            tracing::warn!(%message, "invalid Sandbox");
+            let status = not_scheduled(SandboxPhase::Failed, "InvalidSpec", message);
+            write_status(&sandboxes, &name, &old, status).await?;
+            return Ok(Action::await_change());
+        }
+        Err(SpecProblem::NoSuchPool(pool)) if old.node_name.is_none() => {
+            let message = format!("spec.pool: no SandboxPool {pool:?}");
+            let status = not_scheduled(SandboxPhase::Pending, "PoolNotFound", message);
+            write_status(&sandboxes, &name, &old, status).await?;
+            return Ok(Action::requeue(UNSCHEDULABLE_RETRY));
+        }
+        // Placed already: the pool only mattered for placing it.
+        Err(SpecProblem::NoSuchPool(_)) => {
+            return observe_existing(sandbox, ctx, &pods, &sandboxes, &old).await
+        }
+    };
+
+    if let Some(pod) = pods.get_opt(&name).await? {
+        return observe(sandbox, ctx, &sandboxes, &old, &pod).await;
+    }
+    if old.node_name.is_some() {
+        return lost(ctx, &sandboxes, &name, &old, generation).await;
+    }
+
+    // Place it.
+    let chosen = {
+        let _guard = ctx.placement.lock().unwrap_or_else(PoisonError::into_inner);
+        let snapshot = ctx.nodes.snapshot();
+        let request = Request {
+            handler: target.handler.clone(),
+            shape: target.shape_key.clone(),
+            images: vec![RequestedImage {
+                reference: sandbox.spec.image.clone(),
+                size_bytes: None,
+            }],
+        };
+        let scorer = Scorer::new(&snapshot, &request, ctx.config.sandbox_policy, ctx.now_ms());
+        let in_pool = |node: &str| match &target.pool {
+            Some(pool) => ctx
+                .labels_of(node)
+                .is_some_and(|labels| selector_matches(&pool.spec.node_selector, &labels)),
+            None => true,
+        };
+        match scorer.best_where(in_pool) {
+            Some(best) => {
+                ctx.nodes
+                    .assume(best.node, &target.handler, &target.shape_key);
+                Ok((best.node.to_owned(), best.score))
+            }
+            None => Err(why_unschedulable(&scorer, in_pool, &target)),
+        }
+    };
+    let (node, score) = match chosen {
+        Ok(chosen) => chosen,
+        Err(message) => {
+            tracing::info!(%message, "no node for the sandbox");
+            let status = not_scheduled(SandboxPhase::Pending, "NoEligibleNode", message);
+            write_status(&sandboxes, &name, &old, status).await?;
+            return Ok(Action::requeue(UNSCHEDULABLE_RETRY));
+        }
+    };
+    let pool_name = target
+        .pool
+        .as_ref()
+        .map(|p| p.name_any())
+        .or_else(|| serving_pool(ctx, &target, &node));
+    let pod = build_pod(sandbox, &target, &node, pool_name.as_deref())?;
+    let created_ms = ctx.now_ms();
+    let pod = match pods.create(&PostParams::default(), &pod).await {
+        Ok(pod) => pod,
+        Err(kube::Error::Api(response)) if response.code == 409 => {
+            // Created by an earlier attempt whose answer was lost.
+            match pods.get_opt(&name).await? {
+                Some(pod) => return observe(sandbox, ctx, &sandboxes, &old, &pod).await,
+                None => return Ok(Action::requeue(Duration::from_secs(1))),
+            }
+        }
+        Err(error) => return Err(error.into()),
+    };
+    tracing::info!(node = %node, score, pool = pool_name.as_deref().unwrap_or(""), "sandbox bound");
+    let status = SandboxStatus {
+        observed_generation: generation,
+        phase: Some(SandboxPhase::Pending),
+        node_name: Some(node.clone()),
+        pool: pool_name,
+        pod_ip: None,
+        pod_created_unix_ms: Some(created_ms),
+        time_to_running_ms: None,
+        conditions: vec![
+            condition(
+                &old.conditions,
+                "Scheduled",
+                true,
+                "Bound",
+                format!("bound to node {node} (score {score})"),
+                generation,
+                &now,
+            ),
+            condition(
+                &old.conditions,
+                "Ready",
+                false,
+                "PodPending",
+                format!("pod {} created", pod.name_any()),
+                generation,
+                &now,
+            ),
+        ],
+    };
+    write_status(&sandboxes, &name, &old, status).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// A placed `Sandbox` whose pool went away: follow its pod all the same.
+async fn observe_existing(
+    sandbox: &Sandbox,
+    ctx: &Context,
+    pods: &Api<Pod>,
+    sandboxes: &Api<Sandbox>,
+    old: &SandboxStatus,
+) -> Result<Action, Error> {
+    let name = sandbox.name_any();
+    match pods.get_opt(&name).await? {
+        Some(pod) => observe(sandbox, ctx, sandboxes, old, &pod).await,
+        None => lost(ctx, sandboxes, &name, old, sandbox.metadata.generation).await,
+    }
+}
+
+/// The pod is gone after it was created: the `Sandbox` has failed.
+async fn lost(
+    ctx: &Context,
+    sandboxes: &Api<Sandbox>,
+    name: &str,
+    old: &SandboxStatus,
+    generation: Option<i64>,
+) -> Result<Action, Error> {
+    let now = ctx.now();
+    let mut status = old.clone();
+    if matches!(
+        status.phase,
+        Some(SandboxPhase::Succeeded | SandboxPhase::Failed)
+    ) {
+        return Ok(Action::await_change());
+    }
+    status.phase = Some(SandboxPhase::Failed);
+    status.observed_generation = generation;
+    set_condition(
+        &mut status,
+        condition(
+            &old.conditions,
+            "Ready",
+            false,
+            "PodLost",
+            format!("pod {name} is gone; a Sandbox runs once and is not re-placed"),
+            generation,
+            &now,
+        ),
+    );
+    write_status(sandboxes, name, old, status).await?;
+    Ok(Action::await_change())
+}
+
+/// Status from the existing pod.
+async fn observe(
+    sandbox: &Sandbox,
+    ctx: &Context,
+    sandboxes: &Api<Sandbox>,
+    old: &SandboxStatus,
+    pod: &Pod,
+) -> Result<Action, Error> {
+    let name = sandbox.name_any();
+    let generation = sandbox.metadata.generation;
+    let now = ctx.now();
+    let owned = sandbox.meta().uid.as_deref().is_some_and(|uid| {
+        pod.owner_references()
+            .iter()
+            .any(|o| o.uid == uid && o.controller == Some(true))
+    });
+    if !owned {
+        let mut status = old.clone();
+        status.phase = Some(SandboxPhase::Failed);
+        status.observed_generation = generation;
+        set_condition(
+            &mut status,
+            condition(
+                &old.conditions,
+                "Scheduled",
+                false,
+                "PodNameTaken",
+                format!("a pod named {name} exists and is not this Sandbox's"),
+                generation,
+                &now,
+            ),
+        );
+        write_status(sandboxes, &name, old, status).await?;
+        return Ok(Action::await_change());
+    }
+    let pod_status = pod.status.clone().unwrap_or_default();
+    let phase = match pod_status.phase.as_deref() {
+        Some("Running") => SandboxPhase::Running,
+        Some("Succeeded") => SandboxPhase::Succeeded,
+        Some("Failed") => SandboxPhase::Failed,
+        Some("Unknown") => SandboxPhase::Unknown,
+        _ => SandboxPhase::Pending,
+    };
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let created_ms = old.pod_created_unix_ms.or_else(|| {
+        pod.metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| u64::try_from(t.0.as_millisecond()).ok())
+    });
+    let time_to_running_ms = old.time_to_running_ms.or_else(|| {
+        (phase != SandboxPhase::Pending)
+            .then(|| created_ms.map(|c| ctx.now_ms().saturating_sub(c)))
+            .flatten()
+    });
+    let mut status = SandboxStatus {
+        observed_generation: generation,
+        phase: Some(phase),
+        node_name: node.clone(),
+        pool: old
+            .pool
+            .clone()
+            .or_else(|| pod.labels().get(POOL_LABEL).cloned()),
+        pod_ip: pod_status.pod_ip.clone(),
+        pod_created_unix_ms: created_ms,
+        time_to_running_ms,
+        conditions: old.conditions.clone(),
+    };
+    set_condition(
+        &mut status,
+        condition(
+            &old.conditions,
+            "Scheduled",
+            true,
+            "Bound",
+            format!("bound to node {}", node.as_deref().unwrap_or("?")),
+            generation,
+            &now,
+        ),
+    );
+    let (ready, reason) = match phase {
+        SandboxPhase::Running => (true, "PodRunning"),
+        SandboxPhase::Pending => (false, "PodPending"),
+        SandboxPhase::Succeeded => (false, "PodSucceeded"),
+        SandboxPhase::Failed => (false, "PodFailed"),
+        SandboxPhase::Unknown => (false, "PodUnknown"),
+    };
+    let message = pod_status
+        .message
+        .clone()
+        .unwrap_or_else(|| format!("pod {name} is {phase:?}"));
+    set_condition(
+        &mut status,
+        condition(
+            &old.conditions,
+            "Ready",
+            ready,
+            reason,
+            message,
+            generation,
+            &now,
+        ),
+    );
+    write_status(sandboxes, &name, old, status).await?;
+    Ok(match phase {
+        SandboxPhase::Succeeded | SandboxPhase::Failed => Action::await_change(),
+        _ => Action::requeue(RESYNC),
+    })
+}
+
+/// Replaces the condition of the same type, or adds it.
+fn set_condition(
+    status: &mut SandboxStatus,
+    new: k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+) {
+    match status.conditions.iter_mut().find(|c| c.type_ == new.type_) {
+        Some(existing) => *existing = new,
+        None => status.conditions.push(new),
+    }
+}
+
+/// Rejections of the candidate nodes, counted by reason.
+fn why_unschedulable(
+    scorer: &Scorer<'_>,
+    in_pool: impl Fn(&str) -> bool,
+    target: &Target,
+) -> String {
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    let mut candidates = 0;
+    for (node, verdict) in scorer.verdicts() {
+        if !in_pool(node) {
+            continue;
+        }
+        candidates += 1;
+        if let Err(rejection) = verdict {
+            let reason = match rejection {
+                Rejection::Stale { .. } => "status too old".to_owned(),
+                other => other.to_string(),
+            };
+            *reasons.entry(reason).or_default() += 1;
+        }
+    }
+    let scope = match &target.pool {
+        Some(pool) => format!("of pool {:?}", pool.name_any()),
+        None => "reporting".to_owned(),
+    };
+    if candidates == 0 {
+        return format!("no node {scope}");
+    }
+    let counts: Vec<String> = reasons.iter().map(|(r, n)| format!("{n}: {r}")).collect();
+    format!(
+        "no eligible node among {candidates} {scope} for handler {} and shape {} ({})",
+        target.handler,
+        target.shape_key,
+        counts.join("; ")
+    )
+}
+
+/// Without `spec.pool`: the pool serving the class and shape on `node`
+/// (smallest name), for the pod's label.
+fn serving_pool(ctx: &Context, target: &Target, node: &str) -> Option<String> {
+    let labels = ctx.labels_of(node).unwrap_or_default();
+    let mut names: Vec<String> = ctx
+        .pools
+        .state()
+        .iter()
+        .filter(|p| {
+            p.spec.runtime_class_name == target.runtime_class
+                && p.spec.shape.key(&ctx.config.default_seccomp) == target.shape_key
+                && selector_matches(&p.spec.node_selector, &labels)
+        })
+        .map(|p| p.name_any())
+        .filter(|n| n.len() <= MAX_LABEL_VALUE)
+        .collect();
+    names.sort_unstable();
+    names.into_iter().next()
+}
+
+/// The pod of a `Sandbox`, bound to `node`.
+fn build_pod(
+    sandbox: &Sandbox,
+    target: &Target,
+    node: &str,
+    pool: Option<&str>,
+) -> Result<Pod, Error> {
+    let spec = &sandbox.spec;
+    let owner = sandbox
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingMetadata("uid"))?;
+    let mut labels = BTreeMap::from([(SANDBOX_LABEL.to_owned(), sandbox.name_any())]);
+    if let Some(pool) = pool {
+        labels.insert(POOL_LABEL.to_owned(), pool.to_owned());
+    }
+    let shape = &target.shape;
+    let seccomp = shape.seccomp.clone();
+    let security_context = PodSecurityContext {
+        seccomp_profile: seccomp.map(|s| match s.strip_prefix("localhost/") {
+            Some(profile) => SeccompProfile {
+                type_: "Localhost".into(),
+                localhost_profile: Some(profile.to_owned()),
+            },
+            None if s == "runtime-default" => SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            },
+            None => SeccompProfile {
+                type_: "Unconfined".into(),
+                localhost_profile: None,
+            },
+        }),
+        run_as_user: shape.run_as_user,
+        run_as_group: shape.run_as_group,
+        supplemental_groups: (!shape.supplemental_groups.is_empty())
+            .then(|| shape.supplemental_groups.clone()),
+        ..Default::default()
+    };
+    let nonempty = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+    Ok(Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some(sandbox.name_any()),
+            namespace: sandbox.namespace(),
+            labels: Some(labels),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.to_owned()),
+            runtime_class_name: Some(target.runtime_class.clone()),
+            restart_policy: Some("Never".into()),
+            // A sandbox runs someone's code: no API credentials by default.
+            automount_service_account_token: Some(false),
+            security_context: Some(security_context),
+            containers: vec![Container {
+                name: CONTAINER.into(),
+                image: Some(spec.image.clone()),
+                command: nonempty(&spec.command),
+                args: nonempty(&spec.args),
+                env: (!spec.env.is_empty()).then(|| spec.env.clone()),
+                resources: spec.resources.clone(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+async fn write_status(
+    api: &Api<Sandbox>,
+    name: &str,
+    old: &SandboxStatus,
+    status: SandboxStatus,
+) -> Result<(), Error> {
+    if &status == old {
+        return Ok(());
+    }
+    let patch = json!({ "status": status });
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
