@@ -58,6 +58,7 @@ pub struct FileConfig {
     pub log: LogSection,
     pub slots: SlotsSection,
     pub admin: AdminSection,
+    pub agent: AgentSection,
     #[serde(rename = "pool")]
     pub pools: Vec<PoolSection>,
 }
@@ -78,6 +79,21 @@ pub struct SlotsSection {
 pub struct AdminSection {
     /// Address of the metrics/pools/health endpoint; `""` disables it.
     pub address: Option<String>,
+}
+
+/// `[agent]`: the NodeAgent gRPC endpoint the controller calls.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSection {
+    /// `ip:port` to serve on; unset or `""`: no agent.
+    pub address: Option<String>,
+    /// File holding the bearer token every call must carry (required with
+    /// `address`).
+    pub token_file: Option<PathBuf>,
+    /// The Kubernetes node name to report; default: this host's name.
+    pub node_name: Option<String>,
+    /// How often containerd's image list is re-read (default 10s).
+    pub image_interval: Option<HumanDuration>,
 }
 
 /// One `[[pool]]`.
@@ -234,6 +250,10 @@ pub struct Overrides {
     /// Log format.
     #[arg(long, value_enum, env = "FAST_SANDBOX_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// The Kubernetes node name the agent reports (a DaemonSet sets it from
+    /// `spec.nodeName`).
+    #[arg(long, env = "FAST_SANDBOX_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -352,6 +372,41 @@ impl Settings {
             admin,
         }
     }
+}
+
+/// `[agent]`, validated: `None` when no address is set. `node_name` (a flag
+/// or the environment) wins over the file; the host name is the default.
+pub fn agent_settings(
+    section: &AgentSection,
+    node_name: Option<String>,
+) -> anyhow::Result<Option<crate::agent::AgentSettings>> {
+    let Some(address) = section.address.as_deref().filter(|a| !a.is_empty()) else {
+        return Ok(None);
+    };
+    let address = address
+        .parse()
+        .with_context(|| format!("agent.address: {address:?} is not an ip:port"))?;
+    let token_file = section.token_file.clone().context(
+        "agent.token_file: required when agent.address is set (every call is authenticated)",
+    )?;
+    let node_name = match node_name.or_else(|| section.node_name.clone()) {
+        Some(name) => name,
+        None => nix::unistd::gethostname()
+            .context("agent.node_name: unset, and the host name is unreadable")?
+            .into_string()
+            .map_err(|_| {
+                anyhow::anyhow!("agent.node_name: unset, and the host name is not UTF-8")
+            })?,
+    };
+    anyhow::ensure!(!node_name.is_empty(), "agent.node_name: must not be empty");
+    Ok(Some(crate::agent::AgentSettings {
+        address,
+        token_file,
+        node_name,
+        image_interval: section
+            .image_interval
+            .map_or(Duration::from_secs(10), |d| d.0),
+    }))
 }
 
 /// The configured pools, validated: each error names the pool and field.
@@ -563,6 +618,55 @@ mod tests {
         assert_eq!(settings.socket.path, PathBuf::from("/file/cri.sock"));
         assert_eq!(settings.socket.group, Some(SocketGroup::Id(7)));
         assert_eq!(settings.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn agent_section() {
+        let agent = |text: &str, name: Option<&str>| {
+            let file: FileConfig = toml::from_str(text).expect("valid toml");
+            agent_settings(&file.agent, name.map(str::to_owned)).map_err(|e| format!("{e:#}"))
+        };
+        assert!(agent("", None).expect("no agent").is_none());
+        assert!(agent("[agent]\naddress = \"\"\n", None)
+            .expect("off")
+            .is_none());
+        let on = agent(
+            "[agent]\naddress = \"0.0.0.0:9465\"\ntoken_file = \"/t\"\nnode_name = \"n1\"\nimage_interval = \"30s\"\n",
+            None,
+        )
+        .expect("valid")
+        .expect("on");
+        assert_eq!(on.address.port(), 9465);
+        assert_eq!(on.token_file, PathBuf::from("/t"));
+        assert_eq!(on.node_name, "n1");
+        assert_eq!(on.image_interval, Duration::from_secs(30));
+        let flag = agent(
+            "[agent]\naddress = \"127.0.0.1:1\"\ntoken_file = \"/t\"\nnode_name = \"file\"\n",
+            Some("flag"),
+        )
+        .expect("valid")
+        .expect("on");
+        assert_eq!(flag.node_name, "flag");
+        let host = agent(
+            "[agent]\naddress = \"127.0.0.1:1\"\ntoken_file = \"/t\"\n",
+            None,
+        )
+        .expect("valid")
+        .expect("on");
+        assert!(!host.node_name.is_empty());
+
+        let err = agent("[agent]\naddress = \"127.0.0.1:1\"\n", None).expect_err("no token");
+        assert!(err.contains("agent.token_file"), "{err}");
+        let err = agent(
+            "[agent]\naddress = \"localhost\"\ntoken_file = \"/t\"\n",
+            None,
+        )
+        .expect_err("bad address");
+        assert!(err.contains("agent.address"), "{err}");
+        let err = toml::from_str::<FileConfig>("[agent]\ntoken = \"x\"\n")
+            .expect_err("unknown field")
+            .to_string();
+        assert!(err.contains("unknown field `token`"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The node plugin's library side: what its binary and its root tests share.
 
 pub mod admin;
+pub mod agent;
 pub mod config;
 pub mod fault;
 pub mod fixup;

@@ -90,6 +90,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => FileConfig::default(),
     };
     let specs = config::pool_specs(&file.pools).context("invalid [[pool]] configuration")?;
+    let agent = config::agent_settings(&file.agent, args.overrides.node_name.clone())
+        .context("invalid [agent] configuration")?;
     let settings = Settings::resolve(file, args.overrides);
     init_logging(&settings)?;
     fast_sandbox_node::fault::setup()?;
@@ -152,10 +154,47 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         });
     }
+    if let Some(agent) = agent {
+        serve_agent(
+            agent,
+            &settings,
+            pools.as_ref().map(|(m, _)| Arc::clone(m)),
+            stopped(),
+        )
+        .await?;
+    }
     fast_sandbox_shim::serve(shim, &settings.socket, stopped())
         .await
         .with_context(|| format!("serving CRI on {}", settings.socket.path.display()))?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Starts the node agent (the controller's NodeAgent API) in the background.
+async fn serve_agent(
+    agent: fast_sandbox_node::agent::AgentSettings,
+    settings: &Settings,
+    pools: Option<Arc<PoolManager>>,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let token = fast_sandbox_node::agent::Token::from_file(&agent.token_file)?;
+    let upstream = fast_sandbox_shim::cri_channel(&settings.upstream.endpoint)
+        .context("configuring the node agent's upstream client")?;
+    let parts = fast_sandbox_node::agent::AgentParts {
+        pools,
+        upstream,
+        upstream_timeout: settings.upstream.call_timeout,
+        token,
+        node_name: agent.node_name.clone(),
+        image_interval: agent.image_interval,
+    };
+    let (bound, server) = fast_sandbox_node::agent::bind(agent.address, parts, stopped).await?;
+    tracing::info!(address = %bound, node = %agent.node_name, "serving the node agent");
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = format!("{e:#}"), "node agent failed");
+        }
+    });
     Ok(())
 }
 

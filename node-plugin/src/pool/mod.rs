@@ -186,6 +186,9 @@ pub struct PoolManager {
     metrics: Arc<Metrics>,
     table: Mutex<Table>,
     refill: Notify,
+    /// Bumped on every change of the pools' counters (claim, release,
+    /// refill, trim, size change): the node agent's status watch.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 fn now_ns() -> i64 {
@@ -239,6 +242,7 @@ impl PoolManager {
             metrics,
             table: Mutex::new(table),
             refill: Notify::new(),
+            changes: tokio::sync::watch::channel(0).0,
         });
         mgr.recover().await?;
         Ok(mgr)
@@ -256,6 +260,20 @@ impl PoolManager {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(self.cfg.upstream_timeout);
         r
+    }
+
+    /// The configured pools, in config order (as [`PoolManager::stats`]).
+    pub fn specs(&self) -> &[PoolSpec] {
+        &self.specs
+    }
+
+    /// A counter that moves on every change of [`PoolManager::stats`].
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|g| *g = g.wrapping_add(1));
     }
 
     /// Current pool counters.
@@ -312,6 +330,7 @@ impl PoolManager {
             return false;
         };
         self.table().desired[i] = size;
+        self.changed();
         self.refill.notify_one();
         true
     }
@@ -506,6 +525,7 @@ impl PoolManager {
                     },
                 );
                 t.free[i].push_back(id.clone());
+                self.changed();
                 Ok(id)
             }
             Err(e) => {
@@ -631,6 +651,7 @@ impl PoolManager {
             if t.free[i].len() > t.desired[i] {
                 let id = t.free[i].pop_front()?;
                 if let Some(slot) = t.slots.remove(&id) {
+                    self.changed();
                     return Some(Work::Trim(slot.facts));
                 }
                 continue;
@@ -740,6 +761,7 @@ impl PoolManager {
                     }
                 };
                 if let Some(facts) = removed {
+                    self.changed();
                     tracing::warn!(sandbox = %id, "free slot failed its health check; replacing it");
                     self.destroy_slot(&facts).await;
                     self.refill.notify_one();
@@ -762,6 +784,7 @@ impl PoolManager {
                     slot.status = Status::Claiming;
                     let facts = slot.facts.clone();
                     t.hold_until[i] = Some(Instant::now() + self.cfg.refill_delay);
+                    self.changed();
                     return Ok((i, facts));
                 }
             }
@@ -776,6 +799,7 @@ impl PoolManager {
     /// Undoes a claim that could not finish: the slot is destroyed.
     async fn abandon(&self, facts: &SlotFacts) {
         self.table().slots.remove(&facts.sandbox_id);
+        self.changed();
         if let Err(e) = self.records.remove(&facts.sandbox_id) {
             tracing::error!(sandbox = %facts.sandbox_id, error = %e, "removing the claim record failed");
         }
@@ -910,6 +934,7 @@ impl PoolManager {
         if let Some(slot) = self.table().slots.get_mut(&facts.sandbox_id) {
             slot.status = Status::Claimed(Arc::clone(&pod));
         }
+        self.changed();
         self.spawn_complete(facts.clone(), pod);
         Ok(ClaimedSlot {
             sandbox_id: facts.sandbox_id.clone(),
@@ -963,6 +988,7 @@ impl PoolManager {
     async fn forget(&self, sandbox_id: &str) {
         let slot = self.table().slots.remove(sandbox_id);
         let Some(mut slot) = slot else { return };
+        self.changed();
         if let Some(c) = slot.completion.take() {
             // Never clean up while a cgroup move may still create the leaf.
             c.cancel.notify_one();

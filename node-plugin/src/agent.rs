@@ -1,0 +1,543 @@
+//! The node agent: fast-sandbox's `NodeAgent` gRPC API
+//! (`proto/proto/nodeagent.proto`) on its own TCP address, for the
+//! controller.
+//!
+//! - `GetNodeStatus`: pools (free, desired, claimed per exposed handler and
+//!   shape), the images in containerd's store, health, and a generation.
+//! - `WatchNodeStatus`: the status at once, then again after every change.
+//!   Changes come from [`PoolManager::subscribe`] (every claim, release,
+//!   refill, trim and size change) and from the image poller; a
+//!   `tokio::sync::watch` keeps only the latest, so a slow reader gets the
+//!   newest state rather than a backlog.
+//! - `SetPoolSize`: a pool's desired free slots, the pool found by its
+//!   exposed handler and shape key.
+//!
+//! Every call must carry `authorization: Bearer <token>` equal to the token
+//! file's content (compared in constant time); anything else is answered
+//! `Unauthenticated` before any handler runs.
+
+use std::{
+    fmt,
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use fast_sandbox_proto::{
+    cri::{image_service_client::ImageServiceClient, ListImagesRequest},
+    nodeagent::{
+        node_agent_server::{NodeAgent, NodeAgentServer},
+        CachedImage, GetNodeStatusRequest, Health, NodeStatus, PoolStatus, SetPoolSizeRequest,
+        SetPoolSizeResponse, WatchNodeStatusRequest,
+    },
+};
+use fast_sandbox_shim::slots::{SeccompShape, Shape};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{transport::Channel, Request, Response, Status};
+
+use crate::{config::MAX_POOL_SIZE, pool::PoolManager};
+
+/// A bearer token, never printed.
+#[derive(Clone)]
+pub struct Token(Arc<[u8]>);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// Why a token could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("reading the agent token file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the agent token file {path} is empty")]
+    Empty { path: PathBuf },
+    #[error("the agent token file {path} holds characters not allowed in an HTTP header")]
+    NotAHeaderValue { path: PathBuf },
+}
+
+impl Token {
+    /// The token in `path`, without surrounding whitespace (a Secret
+    /// created with `echo` ends in a newline).
+    pub fn from_file(path: &Path) -> Result<Token, TokenError> {
+        let bytes = std::fs::read(path).map_err(|source| TokenError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let token = bytes.trim_ascii();
+        if token.is_empty() {
+            return Err(TokenError::Empty {
+                path: path.to_owned(),
+            });
+        }
+        if !token.iter().all(|b| b.is_ascii_graphic()) {
+            return Err(TokenError::NotAHeaderValue {
+                path: path.to_owned(),
+            });
+        }
+        Ok(Token(token.into()))
+    }
+
+    /// A token from bytes (tests, and callers that hold it already).
+    pub fn new(token: impl AsRef<[u8]>) -> Token {
+        Token(token.as_ref().into())
+    }
+
+    /// The `authorization` header value that carries this token.
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", String::from_utf8_lossy(&self.0))
+    }
+
+    /// Whether `presented` is this token, in time that depends only on the
+    /// token's length, never on where the first difference is.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let mut diff = u8::from(presented.len() != self.0.len());
+        for (i, b) in self.0.iter().enumerate() {
+            diff |= b ^ presented.get(i).copied().unwrap_or(0);
+        }
+        std::hint::black_box(diff) == 0
+    }
+}
+
+/// Checks a request's `authorization: Bearer <token>`.
+fn authenticate<T>(token: &Token, request: &Request<T>) -> Result<(), Status> {
+    let presented = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    match presented {
+        Some(p) if token.matches(p) => Ok(()),
+        _ => Err(Status::unauthenticated(
+            "a valid `authorization: Bearer <token>` is required",
+        )),
+    }
+}
+
+/// The agent's settings, resolved from `[agent]`.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub address: SocketAddr,
+    pub token_file: PathBuf,
+    /// The Kubernetes node name this node reports.
+    pub node_name: String,
+    /// How often the image list is re-read from upstream.
+    pub image_interval: Duration,
+}
+
+/// The pool shape key as the controller derives it from a pod
+/// (`seccomp=<profile>[;uid=N][;gid=N][;groups=A,B][;selinux=u:r:t:l]`).
+pub fn shape_key(shape: &Shape) -> String {
+    let seccomp = match &shape.seccomp {
+        SeccompShape::Unconfined => "unconfined".to_owned(),
+        SeccompShape::RuntimeDefault => "runtime-default".to_owned(),
+        SeccompShape::Localhost(p) => format!("localhost/{p}"),
+    };
+    let mut key = format!("seccomp={seccomp}");
+    if let Some(uid) = shape.run_as_user {
+        key.push_str(&format!(";uid={uid}"));
+    }
+    if let Some(gid) = shape.run_as_group {
+        key.push_str(&format!(";gid={gid}"));
+    }
+    if !shape.supplemental_groups.is_empty() {
+        let list: Vec<String> = shape
+            .supplemental_groups
+            .iter()
+            .map(i64::to_string)
+            .collect();
+        key.push_str(&format!(";groups={}", list.join(",")));
+    }
+    if let Some(se) = &shape.selinux {
+        key.push_str(&format!(
+            ";selinux={}:{}:{}:{}",
+            se.user, se.role, se.r#type, se.level
+        ));
+    }
+    key
+}
+
+/// What the image poller last saw.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Images {
+    list: Vec<CachedImage>,
+    /// `None` until the first listing; then whether it worked.
+    reachable: Option<bool>,
+    error: String,
+    /// Bumped on every change of the fields above.
+    generation: u64,
+}
+
+/// The `NodeAgent` service.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pools: Option<Arc<PoolManager>>,
+    images: watch::Receiver<Images>,
+    node_name: String,
+    boot_id: String,
+    stopped: watch::Receiver<bool>,
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+impl Agent {
+    fn status(&self) -> NodeStatus {
+        let pool_generation = self.pools.as_ref().map_or(0, |p| *p.subscribe().borrow());
+        let images = self.images.borrow().clone();
+        let pools = self
+            .pools
+            .as_ref()
+            .map(|m| {
+                m.specs()
+                    .iter()
+                    .zip(m.stats())
+                    .map(|(spec, stats)| PoolStatus {
+                        name: stats.name,
+                        handler: stats.exposed_handler,
+                        upstream_handler: stats.upstream_handler,
+                        shape: shape_key(&spec.key.shape),
+                        free: count(stats.free),
+                        desired: count(stats.desired),
+                        claimed: count(stats.claimed),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        NodeStatus {
+            node_name: self.node_name.clone(),
+            // Both parts only grow, so their sum does.
+            generation: pool_generation.wrapping_add(images.generation),
+            boot_id: self.boot_id.clone(),
+            pools,
+            images: images.list,
+            health: Some(Health {
+                ready: true,
+                upstream_reachable: images.reachable.unwrap_or(false),
+                message: images.error,
+            }),
+            observed_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<NodeStatus, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl NodeAgent for Agent {
+    async fn get_node_status(
+        &self,
+        _request: Request<GetNodeStatusRequest>,
+    ) -> Result<Response<NodeStatus>, Status> {
+        Ok(Response::new(self.status()))
+    }
+
+    type WatchNodeStatusStream = StatusStream;
+
+    async fn watch_node_status(
+        &self,
+        _request: Request<WatchNodeStatusRequest>,
+    ) -> Result<Response<Self::WatchNodeStatusStream>, Status> {
+        // Capacity 1: while the reader is slow, changes pile up in the
+        // watches (which keep only the latest), not here.
+        let (tx, rx) = mpsc::channel(1);
+        let agent = self.clone();
+        let mut pools = self.pools.as_ref().map(|p| p.subscribe());
+        let mut images = self.images.clone();
+        let mut stopped = self.stopped.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(p) = &mut pools {
+                    p.mark_unchanged();
+                }
+                images.mark_unchanged();
+                if tx.send(Ok(agent.status())).await.is_err() {
+                    return;
+                }
+                let pools_changed = async {
+                    match &mut pools {
+                        Some(p) => p.changed().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = pools_changed => if r.is_err() { return },
+                    r = images.changed() => if r.is_err() { return },
+                    () = tx.closed() => return,
+                    _ = stopped.wait_for(|s| *s) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn set_pool_size(
+        &self,
+        request: Request<SetPoolSizeRequest>,
+    ) -> Result<Response<SetPoolSizeResponse>, Status> {
+        let req = request.into_inner();
+        let size = usize::try_from(req.size).unwrap_or(usize::MAX);
+        if size > MAX_POOL_SIZE {
+            return Err(Status::invalid_argument(format!(
+                "size: {} is more than the maximum of {MAX_POOL_SIZE}",
+                req.size
+            )));
+        }
+        let manager = self
+            .pools
+            .as_ref()
+            .ok_or_else(|| Status::not_found("this node has no warm pools configured"))?;
+        let pool = manager
+            .specs()
+            .iter()
+            .find(|s| s.exposed_handler == req.handler && shape_key(&s.key.shape) == req.shape)
+            .map(|s| s.name.clone())
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no pool for handler {:?} and shape {:?} on this node",
+                    req.handler, req.shape
+                ))
+            })?;
+        manager.set_size(&pool, size);
+        tracing::info!(pool = %pool, size, "pool size set by the controller");
+        let generation = self.status().generation;
+        Ok(Response::new(SetPoolSizeResponse { pool, generation }))
+    }
+}
+
+/// Lists upstream images every `interval` until `stopped`; publishes a new
+/// [`Images`] only when something changed.
+async fn poll_images(
+    channel: Channel,
+    interval: Duration,
+    timeout: Duration,
+    tx: watch::Sender<Images>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut client = ImageServiceClient::new(channel);
+    loop {
+        let mut request = Request::new(ListImagesRequest { filter: None });
+        request.set_timeout(timeout);
+        let (list, reachable, error) = match client.list_images(request).await {
+            Ok(r) => {
+                let mut list: Vec<CachedImage> = r
+                    .into_inner()
+                    .images
+                    .into_iter()
+                    .map(|i| CachedImage {
+                        repo_tags: i.repo_tags,
+                        repo_digests: i.repo_digests,
+                        size_bytes: i.size,
+                    })
+                    .collect();
+                list.sort_by(|a, b| {
+                    (&a.repo_digests, &a.repo_tags).cmp(&(&b.repo_digests, &b.repo_tags))
+                });
+                (Some(list), true, String::new())
+            }
+            Err(e) => (
+                None,
+                false,
+                format!("listing images upstream: {}", e.message()),
+            ),
+        };
+        tx.send_if_modified(|current| {
+            let list = list.unwrap_or_else(|| current.list.clone());
+            if current.list == list
+                && current.reachable == Some(reachable)
+                && current.error == error
+            {
+                return false;
+            }
+            current.list = list;
+            current.reachable = Some(reachable);
+            current.error = error;
+            current.generation = current.generation.wrapping_add(1);
+            true
+        });
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// A random id telling this process's generations from a previous one's.
+fn boot_id() -> String {
+    let mut buf = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .is_err()
+    {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        buf = (now as u64 ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What [`bind`] serves.
+#[derive(Debug)]
+pub struct AgentParts {
+    /// The warm pools, if any are configured.
+    pub pools: Option<Arc<PoolManager>>,
+    /// A CRI channel to upstream, for `ListImages`.
+    pub upstream: Channel,
+    /// Deadline of one `ListImages`.
+    pub upstream_timeout: Duration,
+    pub token: Token,
+    pub node_name: String,
+    pub image_interval: Duration,
+}
+
+/// Binds `addr` and serves `NodeAgent` until `shutdown` resolves. Returns
+/// the bound address (useful with port 0) and the serving future.
+pub async fn bind(
+    addr: SocketAddr,
+    parts: AgentParts,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(SocketAddr, impl Future<Output = anyhow::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the node agent on {addr}"))?;
+    let bound = listener.local_addr().context("the agent's bound address")?;
+    let (stop_tx, stopped) = watch::channel(false);
+    let (images_tx, images) = watch::channel(Images::default());
+    tokio::spawn(poll_images(
+        parts.upstream,
+        parts.image_interval,
+        parts.upstream_timeout,
+        images_tx,
+        stopped.clone(),
+    ));
+    let agent = Agent {
+        pools: parts.pools,
+        images,
+        node_name: parts.node_name,
+        boot_id: boot_id(),
+        stopped,
+    };
+    let token = parts.token;
+    let service = NodeAgentServer::with_interceptor(agent, move |request: Request<()>| {
+        authenticate(&token, &request)?;
+        Ok(request)
+    });
+    let shutdown = async move {
+        shutdown.await;
+        // Ends the watch streams, or the server would wait for them.
+        let _ = stop_tx.send(true);
+    };
+    let server = async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )
+            .await
+            .context("serving the node agent")
+    };
+    Ok((bound, server))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fast_sandbox_shim::slots::SeLinuxShape;
+
+    #[test]
+    fn token_compare() {
+        let t = Token::new("s3cret");
+        assert!(t.matches(b"s3cret"));
+        assert!(!t.matches(b"s3cre"));
+        assert!(!t.matches(b"s3cret!"));
+        assert!(!t.matches(b"S3cret"));
+        assert!(!t.matches(b""));
+        assert_eq!(format!("{t:?}"), "Token(<redacted>)");
+        assert_eq!(t.bearer(), "Bearer s3cret");
+    }
+
+    #[test]
+    fn token_file_is_trimmed_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "abc\n").expect("write");
+        assert!(Token::from_file(&path).expect("token").matches(b"abc"));
+        std::fs::write(&path, " \n").expect("write");
+        let err = Token::from_file(&path).expect_err("empty").to_string();
+        assert!(
+            err.contains("empty") && err.contains(&path.display().to_string()),
+            "{err}"
+        );
+        std::fs::write(&path, "a b").expect("write");
+        assert!(matches!(
+            Token::from_file(&path),
+            Err(TokenError::NotAHeaderValue { .. })
+        ));
+        let missing = dir.path().join("missing");
+        let err = Token::from_file(&missing).expect_err("missing").to_string();
+        assert!(err.contains(&missing.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn authentication_needs_the_exact_bearer_token() {
+        let token = Token::new("tok");
+        let with = |value: Option<&str>| {
+            let mut r = Request::new(());
+            if let Some(v) = value {
+                r.metadata_mut()
+                    .insert("authorization", v.parse().expect("header value"));
+            }
+            authenticate(&token, &r).map_err(|s| s.code())
+        };
+        assert_eq!(with(Some("Bearer tok")), Ok(()));
+        for bad in [
+            None,
+            Some("Bearer tok2"),
+            Some("tok"),
+            Some("Basic tok"),
+            Some("Bearer "),
+        ] {
+            assert_eq!(with(bad), Err(tonic::Code::Unauthenticated), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn shape_keys_use_the_controllers_encoding() {
+        assert_eq!(shape_key(&Shape::default()), "seccomp=unconfined");
+        let shape = Shape {
+            seccomp: SeccompShape::Localhost("p.json".into()),
+            run_as_user: Some(1000),
+            run_as_group: Some(1001),
+            supplemental_groups: vec![5, 6],
+            selinux: Some(SeLinuxShape {
+                user: "u".into(),
+                role: "r".into(),
+                r#type: "t".into(),
+                level: "l".into(),
+            }),
+        };
+        assert_eq!(
+            shape_key(&shape),
+            "seccomp=localhost/p.json;uid=1000;gid=1001;groups=5,6;selinux=u:r:t:l"
+        );
+        let rd = Shape {
+            seccomp: SeccompShape::RuntimeDefault,
+            ..Shape::default()
+        };
+        assert_eq!(shape_key(&rd), "seccomp=runtime-default");
+    }
+}
