@@ -329,7 +329,14 @@ fn start(ctx: &Ctx<'_>, id: &str) -> Result<u8, AdapterError> {
             .stdout(waiter_fd(ctx, st.waiter_pid, 1, true)?)
             .stderr(waiter_fd(ctx, st.waiter_pid, 2, true)?);
     }
-    run_status(ctx, "start", p)?;
+    // As a child subreaper, this process adopts what `runsc start` leaves
+    // running (a subcontainer's gofer), to charge it to the container.
+    let subreaper = nix::sys::prctl::set_child_subreaper(true);
+    let started = run_status(ctx, "start", p);
+    if subreaper.is_ok() {
+        adopt_children(ctx, &st);
+    }
+    started?;
     // Release the waiter: it drops its copy of the stdio and waits.
     let fifo = OpenOptions::new()
         .write(true)
@@ -346,6 +353,51 @@ fn start(ctx: &Ctx<'_>, id: &str) -> Result<u8, AdapterError> {
             why: format!("cannot release the waiter: {e}"),
         }),
     }
+}
+
+/// Moves the processes this (subreaper) process adopted into the
+/// container's cgroup. runsc 2022-12 starts a subcontainer's gofer in the
+/// sandbox's cgroup; in the container's it is what the container's stats
+/// (which the shim reads from the waiter's cgroup) show besides the waiter.
+/// When this process exits they pass on to the shim, the next subreaper.
+fn adopt_children(ctx: &Ctx<'_>, st: &ContainerState) {
+    let Some(path) = &st.cgroups_path else { return };
+    let me = std::process::id();
+    for pid in children_of(me) {
+        match cgroup::join_all(pid, path) {
+            Ok(failed) if failed.is_empty() => {
+                ctx.log
+                    .info(&format!("moved {pid} into the container's cgroup"));
+            }
+            Ok(failed) => ctx
+                .log
+                .warn(&format!("moving {pid} into {path}: failed in {failed:?}")),
+            Err(e) => ctx.log.warn(&format!("moving {pid} into {path}: {e}")),
+        }
+    }
+}
+
+/// Live children of `parent`, from /proc.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = &s[s.rfind(')')? + 1..];
+                    let mut f = rest.split_whitespace();
+                    let state = f.next()?;
+                    let ppid: u32 = f.next()?.parse().ok()?;
+                    Some(ppid == parent && state != "Z")
+                })
+                .unwrap_or(false)
+        })
+        .collect()
 }
 
 /// Runs runsc, capturing stderr to classify a failure.
@@ -389,9 +441,19 @@ fn kill_unstarted_waiter(ctx: &Ctx<'_>, id: &str) {
     }
 }
 
+/// Signals the waiter; after SIGKILL, waits (up to a second) until it has
+/// died, so its cgroup is empty when the caller removes it.
 fn signal_waiter(st: &ContainerState, sig: Signal) {
     if let Ok(pid) = i32::try_from(st.waiter_pid) {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
+    }
+    if sig == Signal::SIGKILL {
+        for _ in 0..100 {
+            if !st.waiter_alive() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
 
@@ -422,6 +484,12 @@ fn delete(ctx: &Ctx<'_>, id: &str, args: &[String]) -> Result<u8, AdapterError> 
                 ctx.log.info(&format!("killing waiter {}", st.waiter_pid));
                 let _ = std::fs::remove_file(dir.fifo());
                 signal_waiter(&st, Signal::SIGKILL);
+            }
+            if let Some(path) = &st.cgroups_path {
+                for (d, why) in cgroup::remove_all(path) {
+                    ctx.log
+                        .info(&format!("cgroup {} stays: {why}", d.display()));
+                }
             }
         }
         if let Err(e) = dir.remove() {

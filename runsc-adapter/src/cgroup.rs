@@ -119,6 +119,26 @@ pub fn join_all(pid: u32, cgroups_path: &str) -> Result<Vec<(PathBuf, String)>, 
     Ok(failed)
 }
 
+/// Removes the (empty) directory of `cgroups_path` in every hierarchy, as
+/// `runc delete` does: runsc removes only those it made itself, not those
+/// the adapter made to put its waiter in. Returns what could not be removed.
+pub fn remove_all(cgroups_path: &str) -> Vec<(PathBuf, String)> {
+    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut failed = Vec::new();
+    for h in hierarchies(&mountinfo) {
+        let dir = dir_in(&h, cgroups_path);
+        match fs::remove_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                failed.push((dir, e.to_string()));
+            }
+            _ => {}
+        }
+    }
+    failed
+}
+
 fn join(h: &Hierarchy, dir: &Path, pid: u32) -> std::io::Result<()> {
     if !dir.is_dir() {
         fs::create_dir_all(dir)?;
