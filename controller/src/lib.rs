@@ -4,9 +4,14 @@
 //!   node states (free warm slots per pool, cached images).
 //! - [`extender`]: kube-scheduler extender endpoints over [`scoring`].
 //! - [`synth`]: deterministic synthetic clusters and requests.
-//! - [`bench`]: decision latency on a large synthetic cluster.
+//! - [`bench`](mod@bench): decision latency on a large synthetic cluster.
 //! - [`nodes`]: where node states come from and pool sizes go
 //!   ([`nodes::NodeDirectory`]).
+//! - [`crd`]: the `SandboxPool` and `Sandbox` custom resources.
+//! - [`pool`], [`sandbox`]: their reconcilers, sharing [`reconcile`]'s
+//!   context, errors and retry policy; [`run`] wires both to a cluster.
+//!   Every API call they make (the RBAC they need) is listed in
+//!   `docs/controller.md`.
 //! - [`sim`]: warm-hit rate of the placement against slot-blind baselines.
 
 pub mod bench;
