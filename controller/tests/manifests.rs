@@ -350,6 +350,13 @@ fn node_plugin_config_loads_with_the_node_plugins_strict_loader() {
     let docs = docs();
     let text = node_config(&docs);
     let file = load_node_config(&text);
+    let agent = fast_sandbox_node::config::agent_settings(&file.agent, Some("node".into()))
+        .unwrap_or_else(|e| panic!("deploy/node-plugin/configmap.yaml [agent]: {e:#}"))
+        .expect("the agent is on: the controller needs it");
+    assert!(
+        agent.token_file.starts_with("/etc/fast-sandbox-agent"),
+        "the Secret's mount"
+    );
     let specs = fast_sandbox_node::config::pool_specs(&file.pools)
         .unwrap_or_else(|e| panic!("deploy/node-plugin/configmap.yaml [[pool]]: {e:#}"));
     let handlers: BTreeSet<&str> = specs.iter().map(|s| s.exposed_handler.as_str()).collect();
