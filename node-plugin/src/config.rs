@@ -23,6 +23,8 @@
 //! refill_interval = "50ms"  # pause between two slot creations
 //! refill_delay = "500ms"    # after a claim, before refilling that pool
 //! health_interval = "10s"
+//! cni_conf_dir = "/etc/cni/net.d"   # containerd's CNI conf_dir (rebind pools)
+//! cni_bin_dirs = ["/opt/cni/bin"]   # containerd's CNI bin_dir (rebind pools)
 //!
 //! [[pool]]                  # one per warm handler and shape
 //! handler = "fast-runc"     # what RuntimeClasses name; "" = the default handler
@@ -72,6 +74,10 @@ pub struct SlotsSection {
     pub refill_interval: Option<HumanDuration>,
     pub refill_delay: Option<HumanDuration>,
     pub health_interval: Option<HumanDuration>,
+    /// containerd's CNI `conf_dir`; used by `network = "rebind"` pools.
+    pub cni_conf_dir: Option<PathBuf>,
+    /// containerd's CNI `bin_dir`(s); used by `network = "rebind"` pools.
+    pub cni_bin_dirs: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -277,9 +283,14 @@ pub struct SlotSettings {
     pub refill_interval: Duration,
     pub refill_delay: Duration,
     pub health_interval: Duration,
+    /// containerd's CNI configuration, for `network = "rebind"` pools.
+    pub cni_conf_dir: PathBuf,
+    pub cni_bin_dirs: Vec<PathBuf>,
 }
 
 impl SlotSettings {
+    pub const DEFAULT_CNI_CONF_DIR: &'static str = "/etc/cni/net.d";
+    pub const DEFAULT_CNI_BIN_DIR: &'static str = "/opt/cni/bin";
     pub const DEFAULT_STATE_DIR: &'static str = "/var/lib/fast-sandbox";
     pub const DEFAULT_CONTAINERD_ROOT: &'static str = "/var/lib/containerd";
     pub const DEFAULT_PLACEHOLDER_CGROUP_ROOT: &'static str = "/fast-sandbox-slots";
@@ -357,6 +368,14 @@ impl Settings {
                 .slots
                 .health_interval
                 .map_or(Duration::from_secs(10), |d| d.0),
+            cni_conf_dir: file
+                .slots
+                .cni_conf_dir
+                .unwrap_or_else(|| SlotSettings::DEFAULT_CNI_CONF_DIR.into()),
+            cni_bin_dirs: file
+                .slots
+                .cni_bin_dirs
+                .unwrap_or_else(|| vec![SlotSettings::DEFAULT_CNI_BIN_DIR.into()]),
         };
         let admin = match file.admin.address {
             Some(a) if a.is_empty() => None,
@@ -436,11 +455,6 @@ pub fn pool_specs(pools: &[PoolSection]) -> anyhow::Result<Vec<PoolSpec>> {
             "{at}.size: {} is more than the maximum of {MAX_POOL_SIZE}",
             p.size
         );
-        anyhow::ensure!(
-            p.network == NetworkMode::Keep,
-            "{at}.network: \"rebind\" is not supported yet; use \"keep\" with an identity-free CNI \
-             (bridge/host-local), or no pool for this handler"
-        );
         let seccomp = match p.shape.seccomp.as_deref() {
             None | Some("unconfined") => SeccompShape::Unconfined,
             Some("runtime-default") => SeccompShape::RuntimeDefault,
@@ -489,6 +503,7 @@ pub fn pool_specs(pools: &[PoolSection]) -> anyhow::Result<Vec<PoolSpec>> {
             exposed_handler: p.handler.clone(),
             key,
             size: p.size,
+            network: p.network,
         });
     }
     Ok(specs)
@@ -735,10 +750,7 @@ mod tests {
             format!("[[pool]]\nhandler = \"fast-runc\"\nupstream = \"runc\"\nsize = 1\n{extra}")
         };
         let cases = [
-            (
-                one("network = \"rebind\""),
-                "pool[0] (\"fast-runc\").network",
-            ),
+            (one("network = \"renumber\""), "network"),
             (one("shape = { seccomp = \"strict\" }"), "shape.seccomp"),
             (one("name = \"../x\""), ".name"),
             (

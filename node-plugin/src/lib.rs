@@ -6,4 +6,5 @@ pub mod config;
 pub mod fault;
 pub mod fixup;
 pub mod metrics;
+pub mod network;
 pub mod pool;

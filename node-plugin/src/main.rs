@@ -281,6 +281,11 @@ async fn start_pools(
         refill_interval: settings.slots.refill_interval,
         refill_delay: settings.slots.refill_delay,
         health_interval: settings.slots.health_interval,
+        cni: fast_sandbox_node::network::CniSettings {
+            conf_dir: settings.slots.cni_conf_dir.clone(),
+            bin_dirs: settings.slots.cni_bin_dirs.clone(),
+            timeout: CNI_PLUGIN_TIMEOUT,
+        },
     };
     let manager = PoolManager::start(specs, cfg, channel, fixup, Arc::clone(metrics))
         .await
@@ -291,6 +296,10 @@ async fn start_pools(
 /// Upper bound of one claim's fix-up; past it the slot is destroyed and the
 /// pod starts cold.
 const FIXUP_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Upper bound of one CNI plugin run of a `rebind` claim (containerd's own
+/// CNI calls have no bound of their own; the pod's would be kubelet's).
+const CNI_PLUGIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn init_logging(settings: &Settings) -> anyhow::Result<()> {
     let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {

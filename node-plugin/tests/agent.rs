@@ -287,12 +287,18 @@ async fn rig() -> Rig {
         // No refill during the test: a claim's change is the only one.
         refill_delay: Duration::from_secs(600),
         health_interval: Duration::from_secs(600),
+        cni: fast_sandbox_node::network::CniSettings {
+            conf_dir: dir.path().join("cni"),
+            bin_dirs: Vec::new(),
+            timeout: Duration::from_secs(1),
+        },
     };
     let specs = vec![PoolSpec {
         name: "fast-runc".into(),
         exposed_handler: "fast-runc".into(),
         key: key(),
         size: POOL_SIZE,
+        network: Default::default(),
     }];
     let manager = PoolManager::start(
         specs,

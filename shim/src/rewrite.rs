@@ -184,6 +184,16 @@ fn sandbox_status(
     status.annotations.clone_from(&pod.config.annotations);
     status.runtime_handler.clone_from(&pod.exposed_handler);
     status.created_at = pod.claimed_at_ns;
+    if let Some(ips) = &pod.network {
+        status.network = Some(cri::PodSandboxNetworkStatus {
+            ip: ips.ip.clone(),
+            additional_ips: ips
+                .additional
+                .iter()
+                .map(|ip| cri::PodIp { ip: ip.clone() })
+                .collect(),
+        });
+    }
     let ns = pod
         .config
         .linux
@@ -387,6 +397,7 @@ mod tests {
             config: verbose::tests::probe_config(),
             exposed_handler: "fast-runc".into(),
             claimed_at_ns: 42,
+            network: None,
         })
     }
 

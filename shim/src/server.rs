@@ -551,14 +551,34 @@ cri_service! {
         &self,
         request: Request<cri::StopPodSandboxRequest>,
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
-        guarded!(
-            self, INFO, "StopPodSandbox", stop_pod_sandbox, request,
-            |req| &req.pod_sandbox_id,
-            |requested| Err(ShimError::HiddenSandboxStop {
-                requested_id: requested.to_owned(),
+        let Some(slots) = &self.slots else {
+            return forward!(self, runtime, INFO, "StopPodSandbox", stop_pod_sandbox, request);
+        };
+        let span = cri_span!(INFO, "StopPodSandbox", request.get_ref());
+        async move {
+            let requested = request.get_ref().pod_sandbox_id.clone();
+            match self.named(slots, &request, &requested).await {
+                Named::Unclaimed => {
+                    tracing::info!("names an unclaimed slot: answered as for an unknown sandbox");
+                    return Err(ShimError::HiddenSandboxStop {
+                        requested_id: requested,
+                    }
+                    .into());
+                }
+                Named::Visible(full_id) => {
+                    let id = full_id.unwrap_or(requested);
+                    if matches!(
+                        slots.source.view(&id, &HashMap::new()),
+                        SlotView::Claimed(_)
+                    ) {
+                        slots.source.stopping(&id).await;
+                    }
+                }
             }
-            .into())
-        )
+            forward_in_span!(self, runtime, INFO, "StopPodSandbox", stop_pod_sandbox, request)
+        }
+        .instrument(span)
+        .await
     }
 
     /// Forwarded; once upstream removed the sandbox, the slot source

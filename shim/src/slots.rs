@@ -191,6 +191,18 @@ pub struct ClaimedPod {
     /// When the claim happened, in ns since the epoch: the pod's
     /// `created_at`, as a cold sandbox created then would report.
     pub claimed_at_ns: i64,
+    /// The pod's own IPs when the slot's network was rebound to it
+    /// (`network = "rebind"`); `None`: the slot's IP is the pod's.
+    pub network: Option<PodIps>,
+}
+
+/// A pod's IPs as `PodSandboxStatus` reports them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PodIps {
+    /// The primary IP (`network.ip`).
+    pub ip: String,
+    /// `network.additional_ips`, in order.
+    pub additional: Vec<String>,
 }
 
 /// What the shim must show for one upstream sandbox.
@@ -229,6 +241,12 @@ pub trait SlotSource: fmt::Debug + Send + Sync + 'static {
     /// Upstream removed sandbox `id` (after `RemovePodSandbox` succeeded):
     /// forget its claim record.
     async fn removed(&self, sandbox_id: &str);
+
+    /// Claimed sandbox `id` is about to be stopped (before its
+    /// `StopPodSandbox` is forwarded): undo what the claim attached under
+    /// the pod's identity (a rebound network). Called for every stop of a
+    /// claimed slot, so it must be idempotent.
+    async fn stopping(&self, _sandbox_id: &str) {}
 
     /// A `RunPodSandbox` with runtime handler `handler` started cold, for
     /// `reason` (for the misses-by-reason metric). Called once per cold

@@ -34,6 +34,16 @@ impl DevNode {
             .to_owned()
     }
 
+    /// containerd's CNI configuration directory on the development node.
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.instance_dir().join("cni/conf")
+    }
+
+    /// The host-local IPAM directory: one file per allocated IP, per network.
+    pub fn cni_ipam_dir(&self) -> PathBuf {
+        self.instance_dir().join("cni/ipam")
+    }
+
     /// Counts what the node holds now; `cgroup_roots` are the cgroup
     /// subtrees to count directories under (e.g. a pool's placeholder root).
     pub async fn census(&self, cgroup_roots: &[&str]) -> anyhow::Result<Census> {

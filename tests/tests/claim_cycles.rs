@@ -79,5 +79,6 @@ async fn claim_cycles_leak_nothing() {
     eprintln!("{cycles} warm claim cycles: before {before:?}, after {after:?}");
     assert_eq!(before, after, "resources leaked over {cycles} claim cycles");
     assert_eq!(seen.len(), cycles);
+    assert_eq!(warm.hits(), cycles as u64, "every cycle was a warm claim");
     warm.stop().await.expect("pool stops");
 }

@@ -37,6 +37,11 @@ async fn warm_equals_cold(handler: &str) {
     warm.wait_free(1).await.expect("slot created");
     std::fs::remove_dir_all(&pod.log_directory).expect("clean log dir");
     let warm_t = kubelet_sequence(&mut cri, &node, &pod, &exposed).await;
+    assert_eq!(
+        warm.hits(),
+        1,
+        "the warm run must have claimed the free slot"
+    );
     warm.manager.set_size(&warm.pool, 0);
     warm.wait_free(0).await.expect("pool emptied");
     warm.stop().await.expect("pool stops");

@@ -33,16 +33,18 @@ use fast_sandbox_proto::cri::{
     RunPodSandboxRequest, StopPodSandboxRequest,
 };
 use fast_sandbox_shim::slots::{
-    Claim, ClaimFailed, ClaimedPod, ClaimedSlot, MissReason, NoSlot, PoolKey, SlotSource, SlotView,
-    SLOT_TOKEN_LABEL,
+    Claim, ClaimFailed, ClaimedPod, ClaimedSlot, MissReason, NoSlot, PodIps, PoolKey, SlotSource,
+    SlotView, SLOT_TOKEN_LABEL,
 };
 use tokio::sync::Notify;
 use tonic::transport::Channel;
 
 use self::records::{ClaimRecord, RecordStore};
 use crate::{
+    config::NetworkMode,
     fault,
     metrics::{Metrics, Miss, PoolLabel, PoolOutcome},
+    network::{pod_ips, Attachment, Cni, CniSettings, RealExec},
 };
 
 /// One configured pool.
@@ -55,6 +57,8 @@ pub struct PoolSpec {
     pub key: PoolKey,
     /// Free slots to keep.
     pub size: usize,
+    /// How a claimed slot's network identity is handled.
+    pub network: NetworkMode,
 }
 
 /// What is known about a running slot, for fix-ups.
@@ -115,6 +119,9 @@ pub struct ManagerConfig {
     pub refill_delay: Duration,
     /// How often free slots are checked for health.
     pub health_interval: Duration,
+    /// containerd's CNI configuration: read at start when a pool has
+    /// `network = "rebind"`.
+    pub cni: CniSettings,
 }
 
 #[derive(Debug)]
@@ -183,6 +190,8 @@ pub struct PoolManager {
     token: String,
     records: RecordStore,
     fixup: Arc<dyn Fixup>,
+    /// containerd's network, when a pool rebinds claimed slots to it.
+    cni: Option<Cni>,
     metrics: Arc<Metrics>,
     table: Mutex<Table>,
     refill: Notify,
@@ -226,6 +235,18 @@ impl PoolManager {
     ) -> anyhow::Result<Arc<Self>> {
         let records = RecordStore::open(&cfg.state_dir)?;
         let token = records.token()?;
+        let cni = if specs.iter().any(|s| s.network == NetworkMode::Rebind) {
+            let cni = Cni::new(cfg.cni.clone(), Arc::new(RealExec)).map_err(|e| {
+                anyhow::anyhow!("network = \"rebind\" needs containerd's CNI configuration: {e}")
+            })?;
+            tracing::info!(
+                network = cni.network().name(),
+                "rebinding claimed slots to the pod's identity"
+            );
+            Some(cni)
+        } else {
+            None
+        };
         let table = Table {
             slots: HashMap::new(),
             free: vec![VecDeque::new(); specs.len()],
@@ -239,6 +260,7 @@ impl PoolManager {
             token,
             records,
             fixup,
+            cni,
             metrics,
             table: Mutex::new(table),
             refill: Notify::new(),
@@ -368,6 +390,7 @@ impl PoolManager {
                             config: rec.config,
                             exposed_handler: rec.exposed_handler,
                             claimed_at_ns: rec.claimed_at_ns,
+                            network: rec.network,
                         });
                         let facts = SlotFacts {
                             sandbox_id: sb.id.clone(),
@@ -419,11 +442,20 @@ impl PoolManager {
                 pause_pid: rec.pause_pid,
                 placeholder_cgroup_parent: rec.placeholder_cgroup_parent.clone(),
             };
-            match self.fixup.apply(&facts, &rec.config).await {
-                Ok(()) => {
+            let pool = self.pool_index(&rec.pool);
+            match self.identify(pool, &facts, &rec.config).await {
+                Ok(network) => {
                     tracing::info!(sandbox = %rec.sandbox_id, "finished a claim interrupted by a restart");
                     rec.identity_applied = true;
+                    rec.network.clone_from(&network);
                     self.records.put(&rec)?;
+                    if let Some(slot) = self.table().slots.get_mut(&rec.sandbox_id) {
+                        if let Status::Claimed(pod) = &slot.status {
+                            let mut pod = ClaimedPod::clone(pod);
+                            pod.network = network;
+                            slot.status = Status::Claimed(Arc::new(pod));
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(sandbox = %rec.sandbox_id, error = %e,
@@ -472,7 +504,7 @@ impl PoolManager {
     /// The placeholder config of a new slot of pool `i`.
     fn placeholder(&self, i: usize, uid: &str) -> PodSandboxConfig {
         let spec = &self.specs[i];
-        let name = format!("slot-{}-{}", spec.name, &uid[..12]);
+        let name = format!("slot-{}-{}", spec.name, uid.get(..12).unwrap_or(uid));
         fast_sandbox_shim::slots::placeholder_config(
             &spec.key,
             &fast_sandbox_shim::slots::Placeholder {
@@ -863,6 +895,35 @@ impl SlotSource for PoolManager {
         self.forget(sandbox_id).await;
     }
 
+    /// A rebound pod leaves the network under the identity it joined with
+    /// (containerd's own DEL that follows uses the placeholder's arguments).
+    async fn stopping(&self, sandbox_id: &str) {
+        let Some(cni) = &self.cni else {
+            return;
+        };
+        let found = {
+            let t = self.table();
+            t.slots.get(sandbox_id).and_then(|slot| match &slot.status {
+                Status::Claimed(pod) if pod.network.is_some() => {
+                    Some((slot.facts.pause_pid, Arc::clone(pod)))
+                }
+                _ => None,
+            })
+        };
+        let Some((pid, pod)) = found else {
+            return;
+        };
+        if let Err(e) = cni
+            .del(&Attachment::of(sandbox_id, pid, &pod.config), None)
+            .await
+        {
+            // containerd's DEL at the stop releases the address anyway
+            // (host-local keys it by container id); a policy CNI may keep
+            // the pod's endpoint until its own garbage collection.
+            tracing::warn!(sandbox = %sandbox_id, error = %e, "CNI DEL with the pod's identity failed");
+        }
+    }
+
     fn missed(&self, handler: &str, _key: Option<&PoolKey>, reason: MissReason) {
         // Handlers that are not ours are not misses of this node's pools.
         if reason != MissReason::NotFastHandler {
@@ -899,6 +960,7 @@ impl PoolManager {
             placeholder_cgroup_parent: facts.placeholder_cgroup_parent.clone(),
             config: claim.config.clone(),
             identity_applied: false,
+            network: None,
         };
         // Durable before anything else: after this, a crash leaves a pod
         // that owns this slot, never a slot handed out twice.
@@ -910,9 +972,12 @@ impl PoolManager {
             self.abandon(facts).await;
             return Err(failed(e.to_string()));
         }
-        if let Err(e) = self.fixup.apply(facts, &claim.config).await {
-            self.abandon(facts).await;
-            return Err(failed(format!("fix-up: {e}")));
+        match self.identify(i, facts, &claim.config).await {
+            Ok(network) => record.network = network,
+            Err(e) => {
+                self.abandon(facts).await;
+                return Err(failed(e));
+            }
         }
         // A crash before this rewrite makes recovery apply the fix-up again
         // (it is idempotent); after it, recovery leaves the pod's files
@@ -930,6 +995,7 @@ impl PoolManager {
             config: record.config,
             exposed_handler: record.exposed_handler,
             claimed_at_ns: record.claimed_at_ns,
+            network: record.network,
         });
         if let Some(slot) = self.table().slots.get_mut(&facts.sandbox_id) {
             slot.status = Status::Claimed(Arc::clone(&pod));
@@ -939,6 +1005,52 @@ impl PoolManager {
         Ok(ClaimedSlot {
             sandbox_id: facts.sandbox_id.clone(),
         })
+    }
+
+    /// Gives a taken slot the pod's identity: the fix-up's synchronous part,
+    /// then, for a `rebind` pool, the pod's own CNI attachment (the pod's
+    /// IPs are returned). Idempotent, so recovery can run it again.
+    async fn identify(
+        &self,
+        i: usize,
+        facts: &SlotFacts,
+        real: &PodSandboxConfig,
+    ) -> Result<Option<PodIps>, String> {
+        self.fixup
+            .apply(facts, real)
+            .await
+            .map_err(|e| format!("fix-up: {e}"))?;
+        if self.specs[i].network != NetworkMode::Rebind {
+            return Ok(None);
+        }
+        let cni = self
+            .cni
+            .as_ref()
+            .ok_or("network rebind: no CNI configuration loaded")?;
+        // The placeholder's identity, as containerd attached it.
+        let uid = facts
+            .placeholder_cgroup_parent
+            .rsplit('/')
+            .next()
+            .unwrap_or_default();
+        let placeholder = self.placeholder(i, uid);
+        let id = &facts.sandbox_id;
+        cni.del(&Attachment::of(id, facts.pause_pid, &placeholder), None)
+            .await
+            .map_err(|e| format!("network rebind, releasing the placeholder's attachment: {e}"))?;
+        let result = cni
+            .add(&Attachment::of(id, facts.pause_pid, real))
+            .await
+            .map_err(|e| format!("network rebind, attaching the pod: {e}"))?;
+        let ips = pod_ips(&result).map_err(|e| format!("network rebind: {e}"))?;
+        tracing::debug!(sandbox = %id, ip = %ips.ip, "network rebound to the pod");
+        Ok(Some(ips))
+    }
+
+    /// The index of pool `name`; a record of a pool no longer configured
+    /// is kept under the first one.
+    fn pool_index(&self, name: &str) -> usize {
+        self.specs.iter().position(|s| s.name == name).unwrap_or(0)
     }
 
     /// Schedules the fix-up's deferred part: after `refill_delay`, so the

@@ -76,6 +76,9 @@ pub struct ClaimRecord {
     /// plugin died in the middle of: recovery applies the fix-up then.
     #[serde(default)]
     pub identity_applied: bool,
+    /// The pod's own IPs, when the pool rebinds the network at claim.
+    #[serde(default)]
+    pub network: Option<fast_sandbox_shim::slots::PodIps>,
 }
 
 /// A record file that could not be read back.
@@ -252,6 +255,7 @@ mod tests {
                 ..Default::default()
             },
             identity_applied: true,
+            network: None,
         }
     }
 

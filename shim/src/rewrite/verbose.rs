@@ -833,6 +833,7 @@ pub(super) mod tests {
             config,
             exposed_handler: "fast-runc".into(),
             claimed_at_ns: 1,
+            network: None,
         }
     }
 

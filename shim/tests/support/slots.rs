@@ -95,6 +95,7 @@ impl FakeSlots {
             config,
             exposed_handler: "fast-runc".into(),
             claimed_at_ns: FIRST_CLAIM_NS + self.clock.fetch_add(1, Ordering::SeqCst),
+            network: None,
         });
         let mut record = self.record();
         let slot = record.slots.get_mut(id).expect("a slot");
@@ -142,6 +143,7 @@ impl SlotSource for FakeSlots {
             config: claim.config.clone(),
             exposed_handler: claim.exposed_handler.clone(),
             claimed_at_ns: FIRST_CLAIM_NS + self.clock.fetch_add(1, Ordering::SeqCst),
+            network: None,
         }));
         Ok(Ok(ClaimedSlot { sandbox_id }))
     }

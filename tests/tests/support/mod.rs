@@ -3,12 +3,14 @@
 use std::{sync::Arc, time::Duration};
 
 use fast_sandbox_node::{
+    config::NetworkMode,
     fixup::RealOps,
     metrics::Metrics,
+    network::CniSettings,
     pool::{setns::SetnsFixup, ManagerConfig, PoolManager, PoolSpec},
 };
 use fast_sandbox_shim::{
-    slots::{HandlerMap, PoolKey, Shape, SlotSource, POOL_LABEL, SLOT_NAMESPACE},
+    slots::{HandlerMap, PoolKey, SeccompShape, Shape, SlotSource, POOL_LABEL, SLOT_NAMESPACE},
     Shim, Upstream, UpstreamConfig,
 };
 use fast_sandbox_tests::{wait_for, Cri, DevNode, InProcessShim};
@@ -16,6 +18,7 @@ use fast_sandbox_tests::{wait_for, Cri, DevNode, InProcessShim};
 /// A shim with one warm pool, served in-process, like `fast-sandbox-node`.
 pub struct WarmNode {
     pub manager: Arc<PoolManager>,
+    pub metrics: Arc<Metrics>,
     pub shim: InProcessShim,
     pub pool: String,
     pub cgroup_root: String,
@@ -39,9 +42,14 @@ impl WarmNode {
             exposed_handler: format!("fast-{handler}"),
             key: PoolKey {
                 upstream_handler: handler.to_owned(),
-                shape: Shape::default(),
+                // What `TestPod` asks for (kubelet's `RuntimeDefault`).
+                shape: Shape {
+                    seccomp: SeccompShape::RuntimeDefault,
+                    ..Shape::default()
+                },
             },
             size,
+            network: NetworkMode::Keep,
         };
         let cfg = ManagerConfig {
             state_dir: state.path().join("state"),
@@ -51,6 +59,11 @@ impl WarmNode {
             refill_interval: Duration::ZERO,
             refill_delay: Duration::from_millis(100),
             health_interval: Duration::from_secs(30),
+            cni: CniSettings {
+                conf_dir: node.cni_conf_dir(),
+                bin_dirs: vec!["/usr/lib/cni".into()],
+                timeout: Duration::from_secs(10),
+            },
         };
         let fixup = Arc::new(SetnsFixup::new(
             Arc::new(RealOps::new()),
@@ -58,12 +71,13 @@ impl WarmNode {
             Duration::from_secs(5),
         ));
         let channel = fast_sandbox_shim::cri_channel(&node.containerd_endpoint)?;
+        let metrics = Arc::new(Metrics::default());
         let manager = PoolManager::start(
             vec![spec.clone()],
             cfg,
             channel,
             fixup,
-            Arc::new(Metrics::default()),
+            Arc::clone(&metrics),
         )
         .await?;
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
@@ -81,6 +95,7 @@ impl WarmNode {
         .await?;
         Ok(Self {
             manager,
+            metrics,
             shim,
             pool: pool.to_owned(),
             cgroup_root,
@@ -96,6 +111,17 @@ impl WarmNode {
             .iter()
             .find(|p| p.name == self.pool)
             .map_or(0, |p| p.free)
+    }
+
+    /// Claims served from the pool so far.
+    pub fn hits(&self) -> u64 {
+        self.metrics
+            .claims
+            .get_or_create(&fast_sandbox_node::metrics::PoolOutcome {
+                pool: self.pool.clone(),
+                outcome: "hit",
+            })
+            .get()
     }
 
     pub fn claimed(&self) -> usize {
