@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A development node: containerd 1.6 with runc and crun, a CNI bridge, the
+# A development node: containerd 1.6 with runc, crun and runsc (gVisor, through
+# the fast-sandbox-runsc adapter), a CNI bridge, the
 # locally built pause and busybox images, and an image registry on
 # 127.0.0.1 — all private to $FAST_SANDBOX_DEV_DIR, nothing pulled from any
 # public registry.
@@ -7,9 +8,10 @@
 # usage: dev-node.sh up | down | env
 #
 #   up    install the Debian packages (only the missing ones), build
-#         fast-sandbox-dev and the pause binary, build the images, start the
-#         registry and push the busybox image into it, start the containerd
-#         instance, write $DEV_DIR/env, and smoke-test a pod with runc and crun.
+#         fast-sandbox-dev, fast-sandbox-runsc and the pause binary, build the
+#         images, start the registry and push the busybox image into it, start
+#         the containerd instance, write $DEV_DIR/env, and smoke-test a pod
+#         with runc, crun and runsc.
 #         Idempotent: running it on a node that is up keeps what runs.
 #   down  stop the instance (pods, shims, mounts, netns, bridge, iptables
 #         rules) and the registry, and delete $DEV_DIR.
@@ -37,6 +39,9 @@ INSTANCE_SCRIPT=$FSB_REPO/hack/containerd-instance.sh
 INSTANCE_DIR=$DEV_DIR/containerd
 IMAGES_DIR=$DEV_DIR/images
 BUILD_DIR=$DEV_DIR/build
+# The runsc handler's BinaryName: a copy, so a rebuild never swaps the
+# binary under a running containerd.
+RUNSC_ADAPTER=$DEV_DIR/bin/fast-sandbox-runsc
 REGISTRY_DIR=$DEV_DIR/registry
 REGISTRY_CONFIG=$REGISTRY_DIR/config.yml
 REGISTRY_PIDFILE=$REGISTRY_DIR/registry.pid
@@ -143,12 +148,15 @@ cmd_up() {
 	fsb_ensure_packages "${PACKAGES[@]}"
 	command -v cargo >/dev/null || fsb_die "cargo not found: install a Rust toolchain (rustup; Debian's rustc is too old for this workspace)"
 
-	step "building fast-sandbox-dev (cargo build --release, log $BUILD_DIR/cargo.log)" "$BUILD_DIR/cargo.log"
-	(cd "$FSB_REPO" && cargo build --release -p fast-sandbox-devtool) >"$BUILD_DIR/cargo.log" 2>&1
+	step "building fast-sandbox-dev and fast-sandbox-runsc (cargo build --release, log $BUILD_DIR/cargo.log)" "$BUILD_DIR/cargo.log"
+	(cd "$FSB_REPO" && cargo build --release -p fast-sandbox-devtool -p fast-sandbox-runsc-adapter) >"$BUILD_DIR/cargo.log" 2>&1
 	local devtool
 	devtool=$(fsb_cargo_target_dir)/release/fast-sandbox-dev
 	[[ -x $devtool ]] || on_error "$LINENO" "cargo built no $devtool"
 	export FAST_SANDBOX_DEVTOOL=$devtool
+	mkdir -p "$(dirname "$RUNSC_ADAPTER")"
+	install -m 0755 "$(fsb_cargo_target_dir)/release/fast-sandbox-runsc" "$RUNSC_ADAPTER.tmp"
+	mv -f "$RUNSC_ADAPTER.tmp" "$RUNSC_ADAPTER"
 
 	step "building the pause binary" "$BUILD_DIR/pause.log"
 	gcc -static -Os -s -Wall -Wextra -Werror -o "$BUILD_DIR/pause.tmp" "$FSB_REPO/hack/pause/pause.c" >"$BUILD_DIR/pause.log" 2>&1
@@ -173,7 +181,7 @@ cmd_up() {
 	step "starting containerd at $INSTANCE_DIR" "$INSTANCE_DIR/containerd.log"
 	"$INSTANCE_SCRIPT" start "$INSTANCE_DIR" --cni-subnet "$SUBNET" --bridge "$BRIDGE" \
 		--sandbox-image "$PAUSE_IMAGE" --import "$IMAGES_DIR/pause.tar" --import "$IMAGES_DIR/busybox.tar" \
-		--plain-http-registry "$registry"
+		--plain-http-registry "$registry" --runtime "runsc=$RUNSC_ADAPTER"
 
 	step "writing $ENV_FILE"
 	fsb_write_exports "$ENV_FILE" \
@@ -190,11 +198,12 @@ cmd_up() {
 		"FAST_SANDBOX_BRIDGE=$BRIDGE" \
 		"FAST_SANDBOX_IMAGES_DIR=$IMAGES_DIR" \
 		"FAST_SANDBOX_INSTANCE_SCRIPT=$INSTANCE_SCRIPT" \
-		"FAST_SANDBOX_DEVTOOL=$devtool"
+		"FAST_SANDBOX_DEVTOOL=$devtool" \
+		"FAST_SANDBOX_RUNSC_ADAPTER=$RUNSC_ADAPTER"
 
 	if [[ ${FAST_SANDBOX_SKIP_SMOKE:-} != 1 ]]; then
 		local handler
-		for handler in runc crun; do
+		for handler in runc crun runsc; do
 			step "smoke pod with handler $handler" "$INSTANCE_DIR/containerd.log"
 			"$devtool" cri smoke --endpoint "unix://$INSTANCE_DIR/containerd.sock" --image "$TEST_IMAGE" \
 				--handler "$handler" --dns-server "$(gateway "$SUBNET")" >/dev/null
