@@ -173,10 +173,15 @@ fn create(
     ctx.log.info(&format!("runsc create {args:?}"));
     // runsc gets the container's stdio: for the first container it becomes
     // the sandbox's.
+    let t0 = std::time::Instant::now();
     if let Err(e) = run_status(ctx, "create", ctx.runsc("create", &args)) {
         let _ = dir.remove();
         return Err(e);
     }
+    ctx.log.info(&format!(
+        "runsc create took {} ms",
+        t0.elapsed().as_millis()
+    ));
 
     match spawn_waiter(ctx, id, &dir, cgroups_path, terminal, pid_file) {
         Ok(()) => Ok(0),
@@ -332,10 +337,13 @@ fn start(ctx: &Ctx<'_>, id: &str) -> Result<u8, AdapterError> {
     // As a child subreaper, this process adopts what `runsc start` leaves
     // running (a subcontainer's gofer), to charge it to the container.
     let subreaper = nix::sys::prctl::set_child_subreaper(true);
+    let t0 = std::time::Instant::now();
     let started = run_status(ctx, "start", p);
+    let runsc_ms = t0.elapsed().as_millis();
     if subreaper.is_ok() {
         adopt_children(ctx, &st);
     }
+    ctx.log.info(&format!("runsc start took {runsc_ms} ms"));
     started?;
     // Release the waiter: it drops its copy of the stdio and waits.
     let fifo = OpenOptions::new()
