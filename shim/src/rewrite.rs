@@ -184,7 +184,10 @@ fn sandbox_status(
     status.annotations.clone_from(&pod.config.annotations);
     status.runtime_handler.clone_from(&pod.exposed_handler);
     status.created_at = pod.claimed_at_ns;
-    if let Some(ips) = &pod.network {
+    // containerd reports no IP once the sandbox's network is torn down
+    // (stopped): the pod's own IPs replace the slot's only while there is one.
+    let has_ip = status.network.as_ref().is_some_and(|n| !n.ip.is_empty());
+    if let (Some(ips), true) = (&pod.network, has_ip) {
         status.network = Some(cri::PodSandboxNetworkStatus {
             ip: ips.ip.clone(),
             additional_ips: ips
@@ -598,6 +601,49 @@ mod tests {
         let got = cold.pod_sandbox_status.expect("status");
         assert_eq!(got.runtime_handler, "fast-runc");
         assert!(got.labels.is_empty());
+    }
+
+    #[test]
+    fn a_rebound_pods_ips_replace_the_slots_while_it_has_one() {
+        let rebound = Arc::new(ClaimedPod {
+            network: Some(crate::slots::PodIps {
+                ip: "10.0.0.9".into(),
+                additional: vec!["fd00::9".into()],
+            }),
+            ..ClaimedPod::clone(&pod())
+        });
+        let slots = Slots {
+            handlers: HandlerMap::new([("fast-runc", "runc")]),
+            source: Arc::new(ByPrefix(rebound)),
+        };
+        let status = |ip: &str| cri::PodSandboxStatusResponse {
+            status: Some(cri::PodSandboxStatus {
+                id: "c1".into(),
+                network: Some(cri::PodSandboxNetworkStatus {
+                    ip: ip.into(),
+                    additional_ips: Vec::new(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut ready = status("10.0.0.5");
+        pod_sandbox_status(&slots, &mut ready).expect("rewritten");
+        let net = ready.status.and_then(|s| s.network).expect("network");
+        assert_eq!(net.ip, "10.0.0.9");
+        assert_eq!(
+            net.additional_ips,
+            vec![cri::PodIp {
+                ip: "fd00::9".into()
+            }]
+        );
+
+        // Stopped: containerd reports no IP, and neither does the shim.
+        let mut stopped = status("");
+        pod_sandbox_status(&slots, &mut stopped).expect("rewritten");
+        let net = stopped.status.and_then(|s| s.network).expect("network");
+        assert_eq!(net.ip, "");
+        assert!(net.additional_ips.is_empty());
     }
 
     #[test]

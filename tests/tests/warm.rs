@@ -7,23 +7,38 @@
 
 mod support;
 
+use fast_sandbox_node::config::NetworkMode;
 use fast_sandbox_tests::{kubelet::kubelet_sequence, pod::TestPod, CaseGuard, DevNode};
 use support::WarmNode;
 
-async fn warm_equals_cold(handler: &str) {
-    let test = format!("warm_equals_cold_{handler}");
+async fn warm_equals_cold(handler: &str, network: NetworkMode) {
+    let suffix = match network {
+        NetworkMode::Keep => "",
+        NetworkMode::Rebind => "_rebind",
+    };
+    let test = format!("warm_equals_cold_{handler}{suffix}");
     let Some(node) = DevNode::require(&test) else {
         return;
     };
     let _guard = CaseGuard::new(&node, &test).await.expect("clean slate");
     let logs = tempfile::tempdir().expect("tempdir");
-    let pod = TestPod::new(&test, &format!("warm-cold-{handler}"), logs.path());
+    let pod = TestPod::new(
+        &test,
+        &format!("warm-cold-{handler}{suffix}").replace('_', "-"),
+        logs.path(),
+    );
     let exposed = format!("fast-{handler}");
 
     // Cold: the pool exists but is empty, so the claim misses.
-    let warm = WarmNode::start(&node, &format!("wc-{handler}"), handler, 0)
-        .await
-        .expect("pool");
+    let warm = WarmNode::start_with(
+        &node,
+        &format!("wc-{handler}{suffix}").replace('_', "-"),
+        handler,
+        0,
+        network,
+    )
+    .await
+    .expect("pool");
     let mut cri = warm.shim.cri().expect("client");
     let cold_t = kubelet_sequence(&mut cri, &node, &pod, &exposed).await;
     assert_eq!(
@@ -51,10 +66,17 @@ async fn warm_equals_cold(handler: &str) {
 
 #[tokio::test]
 async fn warm_equals_cold_runc() {
-    warm_equals_cold("runc").await;
+    warm_equals_cold("runc", NetworkMode::Keep).await;
+}
+
+/// With the network rebound at claim, the pod's new IP is what status
+/// reports and what the host reaches.
+#[tokio::test]
+async fn warm_equals_cold_runc_rebind() {
+    warm_equals_cold("runc", NetworkMode::Rebind).await;
 }
 
 #[tokio::test]
 async fn warm_equals_cold_crun() {
-    warm_equals_cold("crun").await;
+    warm_equals_cold("crun", NetworkMode::Keep).await;
 }

@@ -1,5 +1,8 @@
 //! A shim with warm pools served in-process, shared by the warm tests.
 
+// Each test binary uses a different part of the harness.
+#![allow(dead_code)]
+
 use std::{sync::Arc, time::Duration};
 
 use fast_sandbox_node::{
@@ -35,6 +38,17 @@ impl WarmNode {
         handler: &str,
         size: usize,
     ) -> anyhow::Result<Self> {
+        Self::start_with(node, pool, handler, size, NetworkMode::Keep).await
+    }
+
+    /// As [`WarmNode::start`], with the pool's network mode.
+    pub async fn start_with(
+        node: &DevNode,
+        pool: &str,
+        handler: &str,
+        size: usize,
+        network: NetworkMode,
+    ) -> anyhow::Result<Self> {
         let state = tempfile::tempdir()?;
         let cgroup_root = format!("/fast-sandbox-test/{pool}");
         let spec = PoolSpec {
@@ -49,7 +63,7 @@ impl WarmNode {
                 },
             },
             size,
-            network: NetworkMode::Keep,
+            network,
         };
         let cfg = ManagerConfig {
             state_dir: state.path().join("state"),
