@@ -283,7 +283,13 @@ impl Shape {
             }),
             SeccompShape::Localhost(profile) => Some(cri::SecurityProfile {
                 profile_type: ProfileType::Localhost as i32,
-                localhost_ref: profile.clone(),
+                // containerd trims one prefix: a profile that itself starts
+                // with it must keep it (found by the `claim` fuzz target).
+                localhost_ref: if profile.starts_with(LOCALHOST_PREFIX) {
+                    format!("{LOCALHOST_PREFIX}{profile}")
+                } else {
+                    profile.clone()
+                },
             }),
         };
         cri::LinuxSandboxSecurityContext {
@@ -797,6 +803,11 @@ mod tests {
             },
             Shape {
                 run_as_user: Some(65534),
+                ..Default::default()
+            },
+            // A profile path that starts with containerd's prefix itself.
+            Shape {
+                seccomp: SeccompShape::Localhost("localhost/p.json".into()),
                 ..Default::default()
             },
         ];

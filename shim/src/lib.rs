@@ -16,6 +16,9 @@
 
 mod deadline;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod h2channel;
 mod intercept;
 mod request;
