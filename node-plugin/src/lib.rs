@@ -8,3 +8,4 @@ pub mod fixup;
 pub mod metrics;
 pub mod network;
 pub mod pool;
+pub mod usage;

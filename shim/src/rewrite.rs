@@ -268,6 +268,22 @@ fn rewrite_attributes(attributes: &mut cri::PodSandboxAttributes, pod: &ClaimedP
     attributes.annotations.clone_from(&pod.config.annotations);
 }
 
+/// A claimed slot's stats: the pod's attributes, and CPU and memory of the
+/// pod's cgroup when the slot source measured them (upstream's describe the
+/// placeholder's cgroup).
+fn rewrite_claimed_stats(slots: &Slots, stats: &mut cri::PodSandboxStats, pod: &ClaimedPod) {
+    let Some(attributes) = stats.attributes.as_mut() else {
+        return;
+    };
+    rewrite_attributes(attributes, pod);
+    if let Some(linux) = stats.linux.as_mut() {
+        if let Some(usage) = slots.source.pod_usage(&attributes.id, pod) {
+            linux.cpu = Some(usage.cpu);
+            linux.memory = Some(usage.memory);
+        }
+    }
+}
+
 /// What a stats item is: `None` for an item without attributes (reported
 /// untouched).
 fn view_stats(slots: &Slots, stats: &cri::PodSandboxStats) -> Option<SlotView> {
@@ -293,9 +309,7 @@ pub(crate) fn list_pod_sandbox_stats(
             if !selected(selector, &pod.config.labels) {
                 return false;
             }
-            if let Some(attributes) = item.attributes.as_mut() {
-                rewrite_attributes(attributes, &pod);
-            }
+            rewrite_claimed_stats(slots, item, &pod);
             true
         }
     });
@@ -306,11 +320,12 @@ pub(crate) fn list_pod_sandbox_stats(
 /// reserved label; an unclaimed slot becomes containerd's not-found error
 /// for `requested_id`.
 ///
-/// The numbers stay upstream's: containerd reads CPU and memory from the
-/// stored `cgroup_parent`, which for a slot is the placeholder's per-slot
-/// cgroup, not the pod's, so for a claimed slot they describe that cgroup
-/// (the pause process only, once the claim moved it). Synthesizing them
-/// from the pod's cgroup is a later change.
+/// containerd reads CPU and memory from the stored `cgroup_parent`, which
+/// for a slot is the placeholder's per-slot cgroup, not the pod's: for a
+/// claimed slot those come from the slot source's reading of the pod's
+/// cgroup ([`SlotSource::pod_usage`](crate::slots::SlotSource::pod_usage)).
+/// Network, process and container numbers are upstream's (the slot's netns
+/// and containers are the pod's).
 pub(crate) fn pod_sandbox_stats(
     slots: &Slots,
     response: &mut cri::PodSandboxStatsResponse,
@@ -331,9 +346,7 @@ pub(crate) fn pod_sandbox_stats(
             requested_id: requested_id.to_owned(),
         }),
         Some(SlotView::Claimed(pod)) => {
-            if let Some(attributes) = stats.attributes.as_mut() {
-                rewrite_attributes(attributes, &pod);
-            }
+            rewrite_claimed_stats(slots, stats, &pod);
             Ok(())
         }
     }

@@ -196,6 +196,13 @@ pub struct ClaimedPod {
     pub network: Option<PodIps>,
 }
 
+/// A claimed pod's CPU and memory, as `PodSandboxStats` reports them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodUsage {
+    pub cpu: fast_sandbox_proto::cri::CpuUsage,
+    pub memory: fast_sandbox_proto::cri::MemoryUsage,
+}
+
 /// A pod's IPs as `PodSandboxStatus` reports them.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PodIps {
@@ -247,6 +254,14 @@ pub trait SlotSource: fmt::Debug + Send + Sync + 'static {
     /// the pod's identity (a rebound network). Called for every stop of a
     /// claimed slot, so it must be idempotent.
     async fn stopping(&self, _sandbox_id: &str) {}
+
+    /// CPU and memory of claimed sandbox `id` measured on the pod's own
+    /// cgroup (upstream measures the placeholder's), for `PodSandboxStats`;
+    /// `None`: pass upstream's numbers on. Called once per claimed sandbox
+    /// in every stats answer: must be cheap and must not block for long.
+    fn pod_usage(&self, _sandbox_id: &str, _pod: &ClaimedPod) -> Option<PodUsage> {
+        None
+    }
 
     /// A `RunPodSandbox` with runtime handler `handler` started cold, for
     /// `reason` (for the misses-by-reason metric). Called once per cold

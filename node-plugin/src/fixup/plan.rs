@@ -126,6 +126,26 @@ impl CgroupLeaf {
         Ok(Self(path))
     }
 
+    /// The pod-level cgroup named by a pod's `cgroup_parent` (what
+    /// containerd reads a sandbox's stats from): a cgroupfs path as is, a
+    /// systemd slice expanded like runc's `ExpandSlice`.
+    pub fn for_pod(cgroup_parent: &str) -> Result<Self, FixupError> {
+        let base = cgroup_parent
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or_default();
+        if base.ends_with(".slice") && !cgroup_parent.contains('\0') {
+            let slice = expand_slice(base).ok_or_else(|| FixupError::InvalidCgroupParent {
+                field: "linux.cgroup_parent",
+                parent: cgroup_parent.to_owned(),
+                reason: "not a valid systemd slice name",
+            })?;
+            return Self::owned_dir(&slice, "linux.cgroup_parent");
+        }
+        Self::owned_dir(cgroup_parent, "linux.cgroup_parent")
+    }
+
     /// A cgroupfs directory the node plugin owns itself (a slot's
     /// placeholder parent), to remove once its sandbox is gone: absolute,
     /// normalised, and never a hierarchy root.

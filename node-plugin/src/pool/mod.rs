@@ -23,6 +23,7 @@ pub mod setns;
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     fmt,
+    path::Path,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -33,8 +34,8 @@ use fast_sandbox_proto::cri::{
     RunPodSandboxRequest, StopPodSandboxRequest,
 };
 use fast_sandbox_shim::slots::{
-    Claim, ClaimFailed, ClaimedPod, ClaimedSlot, MissReason, NoSlot, PodIps, PoolKey, SlotSource,
-    SlotView, SLOT_TOKEN_LABEL,
+    Claim, ClaimFailed, ClaimedPod, ClaimedSlot, MissReason, NoSlot, PodIps, PodUsage, PoolKey,
+    SlotSource, SlotView, SLOT_TOKEN_LABEL,
 };
 use tokio::sync::Notify;
 use tonic::transport::Channel;
@@ -45,6 +46,7 @@ use crate::{
     fault,
     metrics::{Metrics, Miss, PoolLabel, PoolOutcome},
     network::{pod_ips, Attachment, Cni, CniSettings, RealExec},
+    usage::UsageTracker,
 };
 
 /// One configured pool.
@@ -192,6 +194,8 @@ pub struct PoolManager {
     fixup: Arc<dyn Fixup>,
     /// containerd's network, when a pool rebinds claimed slots to it.
     cni: Option<Cni>,
+    /// Previous CPU samples of claimed pods, for `usage_nano_cores`.
+    usage: UsageTracker,
     metrics: Arc<Metrics>,
     table: Mutex<Table>,
     refill: Notify,
@@ -261,6 +265,7 @@ impl PoolManager {
             records,
             fixup,
             cni,
+            usage: UsageTracker::default(),
             metrics,
             table: Mutex::new(table),
             refill: Notify::new(),
@@ -360,9 +365,19 @@ impl PoolManager {
     /// Reconciles the in-memory table with the records and upstream.
     async fn recover(&self) -> anyhow::Result<()> {
         let (records, bad) = self.records.load()?;
+        // A record file names its sandbox even when its content is lost: a
+        // pod claimed that sandbox, so it is never taken for a free slot or
+        // an orphan (which would destroy it, and the pod's containers, with
+        // no word to kubelet).
+        let mut unreadable: HashMap<String, std::path::PathBuf> = HashMap::new();
         for b in &bad {
             tracing::error!(path = %b.path.display(), error = %b.error,
-                "claim record unreadable; ignoring it, the sandbox will be reported as a placeholder until removed");
+                "claim record unreadable; the pod that claimed its sandbox cannot be known");
+            if let Some(id) = b.path.file_stem().and_then(|s| s.to_str()) {
+                if records::is_sandbox_id(id) {
+                    unreadable.insert(id.to_owned(), b.path.clone());
+                }
+            }
         }
         let listed = self.list_ours().await?.into_inner().items;
         let mut by_id: HashMap<String, ClaimRecord> = records
@@ -411,9 +426,44 @@ impl PoolManager {
                             completions.push((facts, pod));
                         }
                     }
-                    None => orphans.push(self.orphan_facts(sb)),
+                    None => match unreadable.remove(&sb.id) {
+                        Some(path) => {
+                            tracing::error!(sandbox = %sb.id, path = %path.display(),
+                                "claimed sandbox without a readable record: reported under its placeholder identity, as a pod kubelet does not know, so kubelet stops and removes it and recreates its pod's sandbox; never served again");
+                            let pool = sb
+                                .labels
+                                .get(fast_sandbox_shim::slots::POOL_LABEL)
+                                .map_or(0, |p| self.pool_index(p));
+                            // No labels: the placeholder's would show the token.
+                            let pod = Arc::new(ClaimedPod {
+                                config: PodSandboxConfig {
+                                    metadata: sb.metadata.clone(),
+                                    ..Default::default()
+                                },
+                                exposed_handler: self.specs[pool].exposed_handler.clone(),
+                                claimed_at_ns: sb.created_at,
+                                network: None,
+                            });
+                            t.slots.insert(
+                                sb.id.clone(),
+                                Slot {
+                                    pool,
+                                    facts: self.orphan_facts(sb),
+                                    status: Status::Claimed(pod),
+                                    completion: None,
+                                },
+                            );
+                        }
+                        None => orphans.push(self.orphan_facts(sb)),
+                    },
                 }
             }
+        }
+        // Unreadable records whose sandbox is gone: nothing left to keep.
+        for (id, path) in unreadable {
+            tracing::error!(sandbox = %id, path = %path.display(),
+                "removing an unreadable claim record: its sandbox no longer exists upstream");
+            self.records.remove(&id)?;
         }
         // Records whose sandbox is gone upstream: the pod was removed while
         // we were down.
@@ -895,6 +945,14 @@ impl SlotSource for PoolManager {
         self.forget(sandbox_id).await;
     }
 
+    fn pod_usage(&self, sandbox_id: &str, pod: &ClaimedPod) -> Option<PodUsage> {
+        let parent = pod.config.linux.as_ref()?.cgroup_parent.as_str();
+        let leaf = crate::fixup::CgroupLeaf::for_pod(parent).ok()?;
+        let sample = crate::usage::read(Path::new("/sys/fs/cgroup"), &leaf)?;
+        let (cpu, memory) = self.usage.usage(sandbox_id, &sample, now_ns());
+        Some(PodUsage { cpu, memory })
+    }
+
     /// A rebound pod leaves the network under the identity it joined with
     /// (containerd's own DEL that follows uses the placeholder's arguments).
     async fn stopping(&self, sandbox_id: &str) {
@@ -1101,6 +1159,7 @@ impl PoolManager {
         let slot = self.table().slots.remove(sandbox_id);
         let Some(mut slot) = slot else { return };
         self.changed();
+        self.usage.forget(sandbox_id);
         if let Some(c) = slot.completion.take() {
             // Never clean up while a cgroup move may still create the leaf.
             c.cancel.notify_one();
