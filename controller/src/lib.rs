@@ -6,7 +6,8 @@
 //! - [`synth`]: deterministic synthetic clusters and requests.
 //! - [`bench`](mod@bench): decision latency on a large synthetic cluster.
 //! - [`nodes`]: where node states come from and pool sizes go
-//!   ([`nodes::NodeDirectory`]).
+//!   ([`nodes::NodeDirectory`]); [`agent`]: the directory fed by the node
+//!   agents' gRPC status streams.
 //! - [`crd`]: the `SandboxPool` and `Sandbox` custom resources.
 //! - [`pool`], [`sandbox`]: their reconcilers, sharing [`reconcile`]'s
 //!   context, errors and retry policy; [`run`] wires both to a cluster.
@@ -14,6 +15,7 @@
 //!   `docs/controller.md`.
 //! - [`sim`]: warm-hit rate of the placement against slot-blind baselines.
 
+pub mod agent;
 pub mod bench;
 pub mod crd;
 pub mod extender;

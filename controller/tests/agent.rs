@@ -1,0 +1,752 @@
+//! The controller's gRPC node directory (`controller/src/agent.rs`) against
+//! a real node agent (`fast-sandbox-node`'s `agent::bind`) in process, over
+//! gRPC on 127.0.0.1, in front of a `PoolManager` and a small fake CRI
+//! upstream (copied from `node-plugin/tests/agent.rs`). No root, no
+//! containerd, no cluster.
+//!
+//! Every wait is on a condition with a deadline: snapshot changes through
+//! `subscribe()`, connection health polled in 5 ms steps.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use fast_sandbox_controller::{
+    agent::{AgentConfig, AgentDirectory, AgentError, AgentToken, NodeHealth},
+    nodes::{NodeDirectory, NodeError, PoolSize, SandboxShape},
+    scoring::{Policy, Rejection, Request as Placement, Scorer, Snapshot},
+};
+use fast_sandbox_node::{
+    agent::{self as node_agent, AgentParts, Token},
+    metrics::Metrics,
+    pool::{Fixup, FixupFailed, ManagerConfig, PoolManager, PoolSpec, SlotFacts},
+};
+use fast_sandbox_proto::cri;
+use fast_sandbox_shim::slots::{Claim, PoolKey, Shape, SlotSource};
+use tokio::sync::oneshot;
+use tonic::{
+    codegen::{http, BoxFuture, Service},
+    server::{Grpc, NamedService, UnaryService},
+    transport::{Channel, Server},
+    Request, Response, Status,
+};
+
+const TOKEN: &str = "test-token-0123456789";
+const NODE: &str = "node-a";
+const HANDLER: &str = "fast-runc";
+const SHAPE: &str = "seccomp=unconfined";
+const POOL_SIZE: usize = 2;
+
+/// The in-memory state of the fake containerd.
+#[derive(Debug, Default)]
+struct CriState {
+    next: u32,
+    sandboxes: Vec<cri::PodSandbox>,
+    images: Vec<cri::Image>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct FakeCri(Arc<Mutex<CriState>>);
+
+impl FakeCri {
+    fn state(&self) -> std::sync::MutexGuard<'_, CriState> {
+        self.0.lock().expect("fake CRI state")
+    }
+
+    fn list(&self, req: cri::ListPodSandboxRequest) -> cri::ListPodSandboxResponse {
+        let selector = req.filter.map(|f| f.label_selector).unwrap_or_default();
+        let items = self
+            .state()
+            .sandboxes
+            .iter()
+            .filter(|s| selector.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .cloned()
+            .collect();
+        cri::ListPodSandboxResponse { items }
+    }
+
+    fn run(&self, req: cri::RunPodSandboxRequest) -> cri::RunPodSandboxResponse {
+        let config = req.config.unwrap_or_default();
+        let mut state = self.state();
+        state.next += 1;
+        // containerd ids: 64 lowercase hex digits (the claim records check).
+        let id = format!("{:064x}", state.next);
+        state.sandboxes.push(cri::PodSandbox {
+            id: id.clone(),
+            metadata: config.metadata,
+            state: cri::PodSandboxState::SandboxReady as i32,
+            labels: config.labels,
+            annotations: config.annotations,
+            runtime_handler: req.runtime_handler,
+            ..Default::default()
+        });
+        cri::RunPodSandboxResponse { pod_sandbox_id: id }
+    }
+
+    fn status(
+        &self,
+        req: cri::PodSandboxStatusRequest,
+    ) -> Result<cri::PodSandboxStatusResponse, Status> {
+        let state = self.state();
+        let sb = state
+            .sandboxes
+            .iter()
+            .find(|s| s.id == req.pod_sandbox_id)
+            .ok_or_else(|| Status::not_found("no such sandbox"))?;
+        Ok(cri::PodSandboxStatusResponse {
+            status: Some(cri::PodSandboxStatus {
+                id: sb.id.clone(),
+                metadata: sb.metadata.clone(),
+                state: sb.state,
+                ..Default::default()
+            }),
+            info: HashMap::from([("info".to_owned(), r#"{"pid": 4242}"#.to_owned())]),
+            ..Default::default()
+        })
+    }
+
+    fn remove(&self, id: &str) {
+        self.state().sandboxes.retain(|s| s.id != id);
+    }
+}
+
+/// One unary handler as a tonic `UnaryService`.
+struct Unary<F>(Option<F>);
+
+impl<Req, Resp, F> UnaryService<Req> for Unary<F>
+where
+    F: FnOnce(Req) -> Result<Resp, Status>,
+{
+    type Response = Resp;
+    type Future = std::future::Ready<Result<Response<Resp>, Status>>;
+
+    fn call(&mut self, request: Request<Req>) -> Self::Future {
+        let f = self.0.take().expect("a unary service is called once");
+        std::future::ready(f(request.into_inner()).map(Response::new))
+    }
+}
+
+async fn unary<Req, Resp, F>(
+    req: http::Request<tonic::body::Body>,
+    f: F,
+) -> http::Response<tonic::body::Body>
+where
+    Req: prost::Message + Default + Send + 'static,
+    Resp: prost::Message + Send + 'static,
+    F: FnOnce(Req) -> Result<Resp, Status> + Send + 'static,
+{
+    let mut grpc = Grpc::new(tonic_prost::ProstCodec::<Resp, Req>::default());
+    grpc.unary(Unary(Some(f)), req).await
+}
+
+/// `runtime.v1.RuntimeService`: the calls the pool manager makes.
+#[derive(Debug, Clone)]
+struct Runtime(FakeCri);
+
+impl NamedService for Runtime {
+    const NAME: &'static str = "runtime.v1.RuntimeService";
+}
+
+impl Service<http::Request<tonic::body::Body>> for Runtime {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let cri = self.0.clone();
+        Box::pin(async move {
+            let path = req
+                .uri()
+                .path()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            Ok(match path.as_str() {
+                "ListPodSandbox" => unary(req, move |r| Ok(cri.list(r))).await,
+                "RunPodSandbox" => unary(req, move |r| Ok(cri.run(r))).await,
+                "PodSandboxStatus" => unary(req, move |r| cri.status(r)).await,
+                "StopPodSandbox" => {
+                    unary(req, |_: cri::StopPodSandboxRequest| {
+                        Ok(cri::StopPodSandboxResponse {})
+                    })
+                    .await
+                }
+                "RemovePodSandbox" => {
+                    unary(req, move |r: cri::RemovePodSandboxRequest| {
+                        cri.remove(&r.pod_sandbox_id);
+                        Ok(cri::RemovePodSandboxResponse {})
+                    })
+                    .await
+                }
+                other => Status::unimplemented(format!("fake CRI: {other}")).into_http(),
+            })
+        })
+    }
+}
+
+/// `runtime.v1.ImageService`: `ListImages` only.
+#[derive(Debug, Clone)]
+struct Images(FakeCri);
+
+impl NamedService for Images {
+    const NAME: &'static str = "runtime.v1.ImageService";
+}
+
+impl Service<http::Request<tonic::body::Body>> for Images {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let cri = self.0.clone();
+        Box::pin(async move {
+            Ok(if req.uri().path().ends_with("/ListImages") {
+                unary(req, move |_: cri::ListImagesRequest| {
+                    Ok(cri::ListImagesResponse {
+                        images: cri.state().images.clone(),
+                    })
+                })
+                .await
+            } else {
+                Status::unimplemented("fake CRI image service").into_http()
+            })
+        })
+    }
+}
+
+/// A fix-up that changes nothing (the fix-ups have their own tests).
+#[derive(Debug)]
+struct NoFixup;
+
+#[tonic::async_trait]
+impl Fixup for NoFixup {
+    async fn apply(&self, _: &SlotFacts, _: &cri::PodSandboxConfig) -> Result<(), FixupFailed> {
+        Ok(())
+    }
+    async fn complete(&self, _: &SlotFacts, _: &cri::PodSandboxConfig) -> Result<(), FixupFailed> {
+        Ok(())
+    }
+    async fn after_remove(&self, _: &SlotFacts, _: &cri::PodSandboxConfig) {}
+    async fn discard(&self, _: &SlotFacts) {}
+}
+
+fn key() -> PoolKey {
+    PoolKey {
+        upstream_handler: "runc".into(),
+        shape: Shape::default(),
+    }
+}
+
+/// The fake upstream and a pool manager keeping `POOL_SIZE` slots; agents
+/// are started (and stopped) in front of it with [`Rig::start_agent`].
+struct Rig {
+    _dir: tempfile::TempDir,
+    upstream: Channel,
+    manager: Arc<PoolManager>,
+}
+
+/// A running node agent.
+struct Agent {
+    address: SocketAddr,
+    stop: oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Agent {
+    /// Stops the agent and waits (bounded) until it no longer serves.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), self.served)
+            .await
+            .expect("the agent stops within 10 s")
+            .expect("the agent task")
+            .expect("the agent served");
+    }
+}
+
+async fn rig() -> Rig {
+    let cri = FakeCri::default();
+    cri.state().images.push(cri::Image {
+        id: "sha256:1".into(),
+        repo_tags: vec!["127.0.0.1:5000/busybox:v1".into()],
+        repo_digests: vec!["127.0.0.1:5000/busybox@sha256:1".into()],
+        size: 1_234_567,
+        ..Default::default()
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind fake CRI");
+    let upstream_addr = listener.local_addr().expect("fake CRI address");
+    tokio::spawn(
+        Server::builder()
+            .add_service(Runtime(cri.clone()))
+            .add_service(Images(cri.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let upstream = Channel::from_shared(format!("http://{upstream_addr}"))
+        .expect("fake CRI URI")
+        .connect_lazy();
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = ManagerConfig {
+        state_dir: dir.path().join("state"),
+        placeholder_cgroup_root: "/fast-sandbox-test".into(),
+        placeholder_namespace: "fast-sandbox-slots".into(),
+        upstream_timeout: Duration::from_secs(5),
+        refill_interval: Duration::from_millis(1),
+        // No refill of claimed slots during a test: a claim's change is
+        // the only one.
+        refill_delay: Duration::from_secs(600),
+        health_interval: Duration::from_secs(600),
+        cni: fast_sandbox_node::network::CniSettings {
+            conf_dir: dir.path().join("cni"),
+            bin_dirs: Vec::new(),
+            timeout: Duration::from_secs(1),
+        },
+    };
+    let specs = vec![PoolSpec {
+        name: HANDLER.into(),
+        exposed_handler: HANDLER.into(),
+        key: key(),
+        size: POOL_SIZE,
+        network: Default::default(),
+    }];
+    let manager = PoolManager::start(
+        specs,
+        cfg,
+        upstream.clone(),
+        Arc::new(NoFixup),
+        Arc::new(Metrics::default()),
+    )
+    .await
+    .expect("pool manager starts");
+    tokio::spawn(Arc::clone(&manager).run(std::future::pending()));
+    Rig {
+        _dir: dir,
+        upstream,
+        manager,
+    }
+}
+
+impl Rig {
+    /// Serves the node agent on `address` (port 0: any free one).
+    async fn start_agent(&self, address: SocketAddr) -> Agent {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (address, server) = node_agent::bind(
+            address,
+            AgentParts {
+                pools: Some(Arc::clone(&self.manager)),
+                upstream: self.upstream.clone(),
+                upstream_timeout: Duration::from_secs(5),
+                token: Token::new(TOKEN),
+                node_name: NODE.into(),
+                image_interval: Duration::from_secs(600),
+            },
+            async move {
+                let _ = stopped.await;
+            },
+        )
+        .await
+        .expect("agent binds");
+        Agent {
+            address,
+            stop,
+            served: tokio::spawn(server),
+        }
+    }
+
+    async fn claim(&self) {
+        self.manager
+            .claim(&Claim {
+                exposed_handler: HANDLER.into(),
+                key: key(),
+                config: cri::PodSandboxConfig::default(),
+            })
+            .await
+            .expect("claim")
+            .expect("a free slot");
+    }
+}
+
+/// A directory with test timings: fast retries, a slow refresh (so every
+/// snapshot change a test sees comes from a report or a node change).
+fn directory(token: &str) -> AgentDirectory {
+    let mut config = AgentConfig::new(AgentToken::new(token).expect("token"));
+    config.backoff_initial = Duration::from_millis(10);
+    config.backoff_max = Duration::from_millis(100);
+    config.call_timeout = Duration::from_secs(2);
+    config.keepalive = Duration::from_secs(2);
+    config.refresh = Duration::from_secs(600);
+    AgentDirectory::new(config)
+}
+
+/// Waits until the directory's snapshot satisfies `pred`, woken by its
+/// change counter; fails after `limit`.
+async fn snapshot_until(
+    directory: &AgentDirectory,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&Snapshot) -> bool,
+) -> Arc<Snapshot> {
+    let mut changes = directory.subscribe();
+    let wait = async {
+        loop {
+            changes.borrow_and_update();
+            let snapshot = directory.snapshot();
+            if pred(&snapshot) {
+                return snapshot;
+            }
+            changes.changed().await.expect("the directory lives");
+        }
+    };
+    tokio::time::timeout(limit, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no snapshot with {what} within {limit:?}"))
+}
+
+/// Polls the node's health every 5 ms until `pred` holds; fails after
+/// `limit`.
+async fn health_until(
+    directory: &AgentDirectory,
+    node: &str,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&NodeHealth) -> bool,
+) -> NodeHealth {
+    let deadline = Instant::now() + limit;
+    loop {
+        let health = directory.health(node).expect("node known");
+        if pred(&health) {
+            return health;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no health with {what} within {limit:?}: {health:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The node's pool as the snapshot holds it: (ready, free, total).
+fn pool(snapshot: &Snapshot) -> Option<(bool, u32, u32)> {
+    let node = snapshot.node(NODE)?;
+    let pool = node
+        .pools
+        .iter()
+        .find(|p| p.handler == HANDLER && p.shape == SHAPE)?;
+    Some((node.ready, pool.free, pool.total))
+}
+
+fn size(size: u32) -> PoolSize {
+    PoolSize {
+        pool: "p".into(),
+        handler: HANDLER.into(),
+        shape: SandboxShape::default(),
+        shape_key: SHAPE.into(),
+        size,
+    }
+}
+
+/// Connects `directory` to `agent` and waits for the full pool.
+async fn follow(directory: &AgentDirectory, agent: &Agent) {
+    directory
+        .upsert(NODE, &agent.address.to_string())
+        .expect("upsert");
+    snapshot_until(directory, Duration::from_secs(10), "a full pool", |s| {
+        pool(s) == Some((true, 2, 2))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_claim_on_the_node_is_in_the_snapshot_within_100ms() {
+    let rig = rig().await;
+    let agent = rig.start_agent("127.0.0.1:0".parse().expect("addr")).await;
+    let directory = directory(TOKEN);
+    follow(&directory, &agent).await;
+    let snapshot = directory.snapshot();
+    let node = snapshot.node(NODE).expect("node");
+    assert_eq!(node.pools[0].upstream_handler, "runc");
+    assert_eq!(node.images[0].tags, ["127.0.0.1:5000/busybox:v1"]);
+    assert_eq!(node.images[0].size_bytes, 1_234_567);
+    let health = directory.health(NODE).expect("health");
+    assert!(health.connected && health.reports >= 1, "{health:?}");
+
+    // The controller places a pod here and counts it at once; the node's
+    // report of the claim settles that assumption.
+    directory.assume(NODE, HANDLER, SHAPE);
+    assert_eq!(directory.snapshot().assumed(NODE, HANDLER, SHAPE), Ok(1));
+
+    let mut latencies = Vec::new();
+    for want in (0..POOL_SIZE as u32).rev() {
+        let claimed_at = Instant::now();
+        rig.claim().await;
+        let snapshot = snapshot_until(&directory, Duration::from_millis(100), "the claim", |s| {
+            pool(s).map(|p| p.1) == Some(want)
+        })
+        .await;
+        let latency = claimed_at.elapsed();
+        latencies.push(latency);
+        assert!(latency < Duration::from_millis(100), "{latency:?}");
+        // The free count moved in place: the node is still ready, its
+        // assumption settled by the first claim.
+        assert_eq!(pool(&snapshot), Some((true, want, 2)));
+    }
+    snapshot_until(&directory, Duration::from_millis(100), "settled", |s| {
+        s.assumed(NODE, HANDLER, SHAPE) == Ok(0)
+    })
+    .await;
+    eprintln!("claim → controller snapshot latency: {latencies:?}");
+
+    // A pool change on the node (its desired size) reaches the snapshot too.
+    let resized_at = Instant::now();
+    assert!(rig.manager.set_size(HANDLER, 3));
+    snapshot_until(&directory, Duration::from_millis(100), "total 3", |s| {
+        pool(s).map(|p| p.2) == Some(3)
+    })
+    .await;
+    eprintln!(
+        "pool resize → controller snapshot latency: {:?}",
+        resized_at.elapsed()
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_token_gets_no_data_and_the_node_is_unhealthy() {
+    let rig = rig().await;
+    let agent = rig.start_agent("127.0.0.1:0".parse().expect("addr")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "wrong-token\n").expect("write token");
+    let mut config = AgentConfig::new(AgentToken::from_file(&token_file).expect("token"));
+    config.token_file = Some(token_file.clone());
+    config.backoff_initial = Duration::from_millis(10);
+    config.backoff_max = Duration::from_millis(50);
+    config.refresh = Duration::from_secs(600);
+    let directory = AgentDirectory::new(config);
+    directory
+        .upsert(NODE, &agent.address.to_string())
+        .expect("upsert");
+
+    // Refused, and retried: several failures, every one Unauthenticated.
+    let health = health_until(
+        &directory,
+        NODE,
+        Duration::from_secs(10),
+        "3 refusals",
+        |h| h.failures >= 3,
+    )
+    .await;
+    assert!(
+        matches!(health.last_error, Some(AgentError::Unauthenticated { .. })),
+        "{health:?}"
+    );
+    assert!(!health.connected);
+    assert_eq!(health.reports, 0);
+    let message = health.last_error.expect("error").to_string();
+    assert!(message.contains("token"), "{message}");
+    // No data: the node is known but not ready, with no pools or images,
+    // so no placement goes there.
+    let snapshot = directory.snapshot();
+    let node = snapshot.node(NODE).expect("the node is listed");
+    assert!(!node.ready && node.pools.is_empty() && node.images.is_empty());
+    let request = Placement {
+        handler: HANDLER.into(),
+        shape: SHAPE.into(),
+        images: Vec::new(),
+    };
+    let scorer = Scorer::new(&snapshot, &request, Policy::default(), 0);
+    assert_eq!(scorer.score(NODE), Err(Rejection::NotReady));
+    // Pushes are refused too, and say why.
+    match directory.set_pool_size(NODE, &size(1)).await {
+        Err(NodeError::Refused { reason, .. }) => assert!(reason.contains("token"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(rig.manager.stats()[0].desired, POOL_SIZE);
+
+    // The Secret is rotated to the right token: re-read after the next
+    // refusal, and the node reports.
+    std::fs::write(&token_file, TOKEN).expect("write token");
+    snapshot_until(&directory, Duration::from_secs(10), "a full pool", |s| {
+        pool(s) == Some((true, 2, 2))
+    })
+    .await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn set_pool_size_reaches_the_nodes_pool() {
+    let rig = rig().await;
+    let agent = rig.start_agent("127.0.0.1:0".parse().expect("addr")).await;
+    let directory = directory(TOKEN);
+    follow(&directory, &agent).await;
+
+    directory
+        .set_pool_size(NODE, &size(3))
+        .await
+        .expect("pushed");
+    assert_eq!(rig.manager.stats()[0].desired, 3);
+    snapshot_until(&directory, Duration::from_secs(10), "3 free of 3", |s| {
+        pool(s) == Some((true, 3, 3))
+    })
+    .await;
+
+    // A pool the node does not have: refused with the node's reason.
+    let mut other = size(1);
+    other.shape_key = "seccomp=runtime-default".into();
+    match directory.set_pool_size(NODE, &other).await {
+        Err(NodeError::Refused { reason, .. }) => {
+            assert!(reason.contains("runtime-default"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        directory.set_pool_size("node-b", &size(1)).await,
+        Err(NodeError::UnknownNode("node-b".into()))
+    );
+
+    // Unchanged sizes are not sent again: with the agent gone, the same
+    // size still succeeds (nothing to send), a new one cannot be sent.
+    agent.stop().await;
+    snapshot_until(&directory, Duration::from_secs(10), "not ready", |s| {
+        pool(s).is_some_and(|p| !p.0)
+    })
+    .await;
+    directory
+        .set_pool_size(NODE, &size(3))
+        .await
+        .expect("unchanged: skipped");
+    match directory.set_pool_size(NODE, &size(4)).await {
+        Err(NodeError::Unreachable { .. } | NodeError::Timeout { .. }) => {}
+        other => panic!("expected the node to be unreachable, got {other:?}"),
+    }
+    assert_eq!(rig.manager.stats()[0].desired, 3);
+}
+
+#[tokio::test]
+async fn a_stopped_agent_makes_the_node_stale_and_a_restarted_one_is_followed_again() {
+    let rig = rig().await;
+    let agent = rig.start_agent("127.0.0.1:0".parse().expect("addr")).await;
+    let address = agent.address;
+    let directory = directory(TOKEN);
+    follow(&directory, &agent).await;
+    let seen = directory
+        .snapshot()
+        .node(NODE)
+        .expect("node")
+        .last_seen_unix_ms;
+    let request = Placement {
+        handler: HANDLER.into(),
+        shape: SHAPE.into(),
+        images: Vec::new(),
+    };
+
+    agent.stop().await;
+    let down = snapshot_until(&directory, Duration::from_secs(10), "not ready", |s| {
+        pool(s).is_some_and(|p| !p.0)
+    })
+    .await;
+    let node = down.node(NODE).expect("still listed");
+    assert_eq!(node.last_seen_unix_ms, seen, "last-seen time frozen");
+    assert_eq!(
+        Scorer::new(&down, &request, Policy::default(), 0).score(NODE),
+        Err(Rejection::NotReady)
+    );
+    // It keeps trying while the agent is down.
+    let health = health_until(
+        &directory,
+        NODE,
+        Duration::from_secs(10),
+        "2 failures",
+        |h| h.failures >= 2,
+    )
+    .await;
+    assert!(!health.connected, "{health:?}");
+
+    // Back on the same address: the directory reconnects by itself.
+    let agent = rig.start_agent(address).await;
+    let up = snapshot_until(&directory, Duration::from_secs(10), "ready again", |s| {
+        pool(s) == Some((true, 2, 2))
+    })
+    .await;
+    assert!(Scorer::new(&up, &request, Policy::default(), 0)
+        .score(NODE)
+        .is_ok());
+    let health = directory.health(NODE).expect("health");
+    assert!(health.connected && health.failures == 0, "{health:?}");
+    // And it follows the new process's changes.
+    rig.claim().await;
+    snapshot_until(&directory, Duration::from_millis(100), "the claim", |s| {
+        pool(s) == Some((true, 1, 2))
+    })
+    .await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_removed_from_the_directory_is_dropped_from_the_snapshot() {
+    let rig = rig().await;
+    let agent = rig.start_agent("127.0.0.1:0".parse().expect("addr")).await;
+    let directory = directory(TOKEN);
+    follow(&directory, &agent).await;
+    // A second node whose agent is not there: listed, never ready.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let dead = silent.local_addr().expect("addr");
+    drop(silent);
+    directory
+        .upsert("node-b", &dead.to_string())
+        .expect("upsert");
+    let health = health_until(
+        &directory,
+        "node-b",
+        Duration::from_secs(10),
+        "a failure",
+        |h| h.failures >= 1,
+    )
+    .await;
+    assert!(
+        matches!(health.last_error, Some(AgentError::Unreachable { .. })),
+        "{health:?}"
+    );
+    assert_eq!(directory.snapshot().len(), 2);
+
+    let mut changes = directory.subscribe();
+    changes.borrow_and_update();
+    assert!(directory.remove(NODE));
+    assert!(
+        changes.has_changed().expect("directory lives"),
+        "subscribers told"
+    );
+    let snapshot = directory.snapshot();
+    assert!(snapshot.node(NODE).is_none());
+    assert_eq!(snapshot.len(), 1);
+    assert!(directory.health(NODE).is_none());
+    assert_eq!(
+        directory.set_pool_size(NODE, &size(3)).await,
+        Err(NodeError::UnknownNode(NODE.into()))
+    );
+    assert!(!directory.remove(NODE));
+    // Its stream is gone: node changes no longer reach the snapshot.
+    rig.claim().await;
+    assert!(directory.remove("node-b"));
+    assert!(directory.snapshot().is_empty());
+    assert_eq!(directory.node_names(), Vec::<String>::new());
+    agent.stop().await;
+}
