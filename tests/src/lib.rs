@@ -70,6 +70,37 @@ impl Cri {
         Ok(())
     }
 
+    /// The PID of a sandbox's pause process, from containerd's verbose
+    /// status (through the shim, a claimed slot's status is containerd's).
+    pub async fn pause_pid(&mut self, id: &str) -> anyhow::Result<i64> {
+        let info = self
+            .runtime
+            .pod_sandbox_status(fast_sandbox_proto::cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id.to_owned(),
+                verbose: true,
+            })
+            .await?
+            .into_inner()
+            .info;
+        info.get("info")
+            .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
+            .and_then(|v| v.get("pid").and_then(serde_json::Value::as_i64))
+            .filter(|pid| *pid > 0)
+            .with_context(|| format!("no pause pid in the verbose status of {id}"))
+    }
+
+    /// The hostname in a sandbox's UTS namespace, as its containers see it.
+    pub async fn uts_hostname(&mut self, id: &str) -> anyhow::Result<String> {
+        let pid = self.pause_pid(id).await?;
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--uts=/proc/{pid}/ns/uts"))
+            .arg("hostname")
+            .output()
+            .context("running nsenter")?;
+        anyhow::ensure!(out.status.success(), "nsenter: {out:?}");
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
     /// Connects lazily to a CRI endpoint (`unix:///path` or a bare path),
     /// with the shim's own client dialler.
     pub fn connect(endpoint: &str) -> anyhow::Result<Self> {

@@ -1,0 +1,688 @@
+//! The fault-injection matrix (issue 6, item 1) for what `recovery_root`
+//! does not cover: the real `fast-sandbox-node` binary, with faults armed
+//! through `FAST_SANDBOX_FAILPOINTS`, against a real containerd.
+//!
+//! - `refill.created` held, then kill -9: the slot created upstream but not
+//!   yet in the pool is found at restart and removed, never leaked or served.
+//! - `return(error)` at `claim.recorded`, `claim.applied`, `refill.created`:
+//!   a failed claim starts the pod cold without an error, leaves no record
+//!   and no slot behind; a failed refill removes what it created.
+//! - Corrupted state: a truncated record, a garbage record, a record of a
+//!   sandbox that is gone and a `.tmp` leftover: the node starts, says so at
+//!   ERROR naming each file, and never destroys a claimed sandbox silently.
+//! - containerd killed and restarted (a private instance of our own, never
+//!   the shared development node's): claimed pods keep their identity, free
+//!   slots still serve claims.
+//!
+//! Every test counts sandboxes, netns, IPs, mounts, shims and cgroup
+//! directories before and after, and removes what it made on every path.
+//! Needs root and the development node (`hack/dev-node.sh up`); skips
+//! locally without them, fails under `CI=true`.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use fast_sandbox_proto::cri::{ListPodSandboxRequest, RunPodSandboxRequest, VersionRequest};
+use fast_sandbox_shim::slots::{POOL_LABEL, SLOT_TOKEN_LABEL};
+use fast_sandbox_tests::{census::Census, pod::TestPod, wait_for, CaseGuard, Cri, DevNode};
+
+/// How a test's node plugin is set up.
+struct Setup<'a> {
+    pool: &'a str,
+    size: usize,
+    /// The containerd it fronts (the development node, or a private one).
+    node: &'a DevNode,
+}
+
+impl Setup<'_> {
+    fn cgroup_root(&self) -> String {
+        format!("/fast-sandbox-test/{}", self.pool)
+    }
+
+    /// Writes the node plugin's config into `dir`.
+    fn write(&self, dir: &Path, admin: SocketAddr) -> PathBuf {
+        let path = dir.join("node.toml");
+        let text = format!(
+            "[upstream]\nendpoint = {endpoint:?}\n[socket]\npath = {socket:?}\n[admin]\naddress = \"{admin}\"\n\
+             [slots]\nstate_dir = {state:?}\ncontainerd_root = {root:?}\nplaceholder_cgroup_root = {cg:?}\n\
+             refill_interval = \"0ms\"\nrefill_delay = \"100ms\"\nhealth_interval = \"1s\"\n\
+             [[pool]]\nname = \"{pool}\"\nhandler = \"fast-runc\"\nupstream = \"runc\"\nsize = {size}\n\
+             shape = {{ seccomp = \"runtime-default\" }}\n",
+            endpoint = self.node.containerd_endpoint,
+            socket = dir.join("cri.sock").display().to_string(),
+            state = dir.join("state").display().to_string(),
+            root = self.node.containerd_root.display().to_string(),
+            cg = self.cgroup_root(),
+            pool = self.pool,
+            size = self.size,
+        );
+        std::fs::write(&path, text).expect("config");
+        path
+    }
+}
+
+/// A `fast-sandbox-node serve` process; killed when dropped.
+struct Node {
+    child: std::process::Child,
+    socket: PathBuf,
+    admin: SocketAddr,
+    pool: String,
+    size: usize,
+    log: PathBuf,
+}
+
+impl Node {
+    /// Starts the binary on `dir`'s config; its log goes to `dir/<log>`.
+    fn spawn(setup: &Setup<'_>, dir: &Path, failpoints: &str, log: &str) -> Self {
+        let admin = free_port();
+        let config = setup.write(dir, admin);
+        let log = dir.join(log);
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_fast-sandbox-node"))
+            .env("FAST_SANDBOX_FAILPOINTS", failpoints)
+            .env("NO_COLOR", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("FS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start fast-sandbox-node");
+        Self {
+            child,
+            socket: dir.join("cri.sock"),
+            admin,
+            pool: setup.pool.to_owned(),
+            size: setup.size,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A client of the shim, once it answers.
+    async fn cri(&self) -> Cri {
+        let cri = Cri::connect(&format!("unix://{}", self.socket.display())).expect("client");
+        let log = self.log.clone();
+        wait_for("the node plugin to serve", Duration::from_secs(30), || {
+            let mut cri = cri.clone();
+            async move {
+                cri.runtime
+                    .version(VersionRequest::default())
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}; its log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        });
+        cri
+    }
+
+    async fn free(&self) -> Option<u64> {
+        let body = fast_sandbox_node::admin::get(self.admin, "/pools")
+            .await
+            .ok()?;
+        let pools: serde_json::Value = serde_json::from_str(&body).ok()?;
+        pools.as_array()?.iter().find(|p| p["name"] == self.pool)?["free"].as_u64()
+    }
+
+    async fn wait_full(&self) {
+        wait_for("the pool to fill", Duration::from_secs(60), || async {
+            (self.free().await == Some(self.size as u64)).then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log()));
+    }
+
+    /// Waits until the log has a line containing every one of `words`.
+    async fn wait_log(&self, what: &str, words: &[&str]) {
+        wait_for(what, Duration::from_secs(30), || async {
+            self.log()
+                .lines()
+                .any(|l| words.iter().all(|w| l.contains(w)))
+                .then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log()));
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+
+    fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().expect("stopped");
+    }
+}
+
+impl Drop for Node {
+    /// A failing test must not leave a node plugin refilling its pool.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// Stops and removes every sandbox of `pool` straight on containerd, with
+/// the cgroups the pool made; returns how many there were.
+async fn remove_pool_slots(endpoint: &str, pool: &str) -> anyhow::Result<usize> {
+    let mut direct = Cri::connect(endpoint)?;
+    let slots = direct.list_by_label(POOL_LABEL, pool).await?;
+    for sb in &slots {
+        direct.remove_sandbox(&sb.id).await?;
+        if let Some(uid) = sb.metadata.as_ref().map(|m| &m.uid) {
+            fast_sandbox_tests::pod::remove_cgroup_dirs(&format!(
+                "/fast-sandbox-test/{pool}/{uid}"
+            ));
+        }
+    }
+    fast_sandbox_tests::pod::remove_cgroup_dirs(&format!("/fast-sandbox-test/{pool}"));
+    Ok(slots.len())
+}
+
+/// Removes the pool's slots (any token) when dropped, also when the test
+/// fails, so a failed run leaves nothing for the next one.
+struct PoolSlotsGuard {
+    endpoint: String,
+    pool: String,
+}
+
+impl Drop for PoolSlotsGuard {
+    fn drop(&mut self) {
+        let (endpoint, pool) = (self.endpoint.clone(), self.pool.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(remove_pool_slots(&endpoint, &pool)).ok()
+        })
+        .join();
+    }
+}
+
+/// The ids of the pool's sandboxes upstream (free, claimed or in flight).
+async fn pool_ids(endpoint: &str, pool: &str) -> HashSet<String> {
+    Cri::connect(endpoint)
+        .expect("client")
+        .list_by_label(POOL_LABEL, pool)
+        .await
+        .expect("list slots")
+        .into_iter()
+        .map(|sb| sb.id)
+        .collect()
+}
+
+/// The claim records (`*.json`) in `state_dir/claims`.
+fn records(state: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(state.join("claims")).map_or_else(
+        |_| Vec::new(),
+        |d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect()
+        },
+    )
+}
+
+/// `RunPodSandbox` for `pod` on `fast-runc` through the shim.
+async fn run(cri: &mut Cri, pod: &TestPod) -> String {
+    cri.runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod.sandbox_config()),
+            runtime_handler: "fast-runc".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox of {}: {e:?}", pod.name))
+        .into_inner()
+        .pod_sandbox_id
+}
+
+/// Asserts that, through the shim, `pod` has exactly one sandbox, `id`,
+/// reported with its own metadata and with its hostname in its UTS
+/// namespace.
+async fn assert_intact(cri: &mut Cri, pod: &TestPod, id: &str) {
+    let listed = cri
+        .list_by_label("io.kubernetes.pod.uid", &pod.uid)
+        .await
+        .expect("list");
+    let ids: Vec<&str> = listed.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, [id], "pod {} has exactly its own sandbox", pod.name);
+    let meta = listed[0].metadata.as_ref().expect("metadata");
+    assert_eq!(
+        (
+            meta.name.as_str(),
+            meta.namespace.as_str(),
+            meta.uid.as_str()
+        ),
+        (pod.name.as_str(), pod.namespace.as_str(), pod.uid.as_str()),
+        "pod {}'s sandbox reports the pod's identity",
+        pod.name
+    );
+    assert!(
+        !listed[0].labels.contains_key(SLOT_TOKEN_LABEL),
+        "the slot token never shows"
+    );
+    assert_eq!(
+        cri.uts_hostname(id).await.expect("UTS hostname"),
+        pod.name,
+        "pod {}'s sandbox has its hostname",
+        pod.name
+    );
+}
+
+/// Removes `pods` through the shim as kubelet would (sandbox, then the pod
+/// cgroup kubelet owns).
+async fn remove_pods(cri: &mut Cri, pods: &[&TestPod]) {
+    for pod in pods {
+        for sb in cri
+            .list_by_label("io.kubernetes.pod.uid", &pod.uid)
+            .await
+            .expect("list")
+        {
+            cri.remove_sandbox(&sb.id).await.expect("remove");
+        }
+        pod.remove_pod_cgroups();
+    }
+}
+
+/// The census roots of a test: the pool's placeholder cgroups and each
+/// pod's own cgroup parent (where a claim moves the pause), not the shared
+/// `/kubepods/besteffort` that other tests' pods live in.
+fn roots(setup: &Setup<'_>, pods: &[&TestPod]) -> Vec<String> {
+    std::iter::once(setup.cgroup_root())
+        .chain(pods.iter().map(|p| p.cgroup_parent()))
+        .collect()
+}
+
+async fn census(node: &DevNode, roots: &[String]) -> Census {
+    let roots: Vec<&str> = roots.iter().map(String::as_str).collect();
+    node.census(&roots).await.expect("census")
+}
+
+/// Stops the node plugin, removes the pool's remaining (free) slots,
+/// checks there were `free` of them, and that the census is back to
+/// `before`.
+async fn finish(node: &DevNode, plugin: Node, before: &Census, roots: &[String], free: usize) {
+    let pool = plugin.pool.clone();
+    plugin.stop();
+    let removed = remove_pool_slots(&node.containerd_endpoint, &pool)
+        .await
+        .expect("remove slots");
+    assert_eq!(removed, free, "exactly the pool's free slots remain");
+    let roots: Vec<&str> = roots.iter().map(String::as_str).collect();
+    let after = node
+        .settled_census(before, &roots, Duration::from_secs(15))
+        .await
+        .expect("census");
+    assert_eq!(*before, after, "resources leaked");
+    eprintln!("census before and after: {after:?}");
+}
+
+#[tokio::test]
+async fn kill_9_while_a_refill_is_held_leaks_no_slot() {
+    let test = "kill_9_while_a_refill_is_held_leaks_no_slot";
+    let Some(node) = DevNode::require(test) else {
+        return;
+    };
+    let setup = Setup {
+        pool: "faults-refill",
+        size: 2,
+        node: &node,
+    };
+    let _case = CaseGuard::new(&node, test).await.expect("clean slate");
+    remove_pool_slots(&node.containerd_endpoint, setup.pool)
+        .await
+        .expect("no slots of an earlier run");
+    let _slots = PoolSlotsGuard {
+        endpoint: node.containerd_endpoint.clone(),
+        pool: setup.pool.to_owned(),
+    };
+    let logs = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (
+        TestPod::new(test, "refill-a", logs.path()),
+        TestPod::new(test, "refill-b", logs.path()),
+    );
+    let roots = roots(&setup, &[&a, &b]);
+    let before = census(&node, &roots).await;
+
+    // The first two creations fill the pool; the refill after the claim is
+    // held right after upstream created its sandbox.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut plugin = Node::spawn(
+        &setup,
+        dir.path(),
+        "refill.created=2*off->return(60000)",
+        "first.log",
+    );
+    plugin.wait_full().await;
+    let filled = pool_ids(&node.containerd_endpoint, setup.pool).await;
+    assert_eq!(filled.len(), setup.size);
+    let mut cri = plugin.cri().await;
+    let id_a = run(&mut cri, &a).await;
+    assert!(filled.contains(&id_a), "pod a got a warm slot");
+    plugin
+        .wait_log("the refill held", &["injected delay", "refill.created"])
+        .await;
+    let held: Vec<String> = pool_ids(&node.containerd_endpoint, setup.pool)
+        .await
+        .difference(&filled)
+        .cloned()
+        .collect();
+    assert_eq!(held.len(), 1, "one slot created upstream, held: {held:?}");
+    drop(cri);
+    plugin.kill9();
+
+    let plugin = Node::spawn(&setup, dir.path(), "", "second.log");
+    let mut cri = plugin.cri().await;
+    // Recovery ran before the socket was served.
+    let now = pool_ids(&node.containerd_endpoint, setup.pool).await;
+    assert!(
+        !now.contains(&held[0]),
+        "the held slot was removed at restart, not leaked; log:\n{}",
+        plugin.log()
+    );
+    assert_intact(&mut cri, &a, &id_a).await;
+    plugin.wait_full().await;
+    let id_b = run(&mut cri, &b).await;
+    assert_ne!(id_b, id_a, "a slot is never handed out twice");
+    assert_ne!(id_b, held[0], "the half-made slot is never served");
+    assert!(
+        pool_ids(&node.containerd_endpoint, setup.pool)
+            .await
+            .contains(&id_b),
+        "pod b got a warm slot after the restart"
+    );
+    assert_intact(&mut cri, &b, &id_b).await;
+    plugin.wait_full().await;
+
+    remove_pods(&mut cri, &[&a, &b]).await;
+    assert!(
+        records(&dir.path().join("state")).is_empty(),
+        "records gone"
+    );
+    drop(cri);
+    finish(&node, plugin, &before, &roots, setup.size).await;
+}
+
+#[tokio::test]
+async fn injected_failures_start_pods_cold_and_leave_nothing() {
+    let test = "injected_failures_start_pods_cold_and_leave_nothing";
+    let Some(node) = DevNode::require(test) else {
+        return;
+    };
+    let setup = Setup {
+        pool: "faults-error",
+        size: 2,
+        node: &node,
+    };
+    let _case = CaseGuard::new(&node, test).await.expect("clean slate");
+    remove_pool_slots(&node.containerd_endpoint, setup.pool)
+        .await
+        .expect("no slots of an earlier run");
+    let _slots = PoolSlotsGuard {
+        endpoint: node.containerd_endpoint.clone(),
+        pool: setup.pool.to_owned(),
+    };
+    let logs = tempfile::tempdir().expect("tempdir");
+    let pods: Vec<TestPod> = ["error-recorded", "error-applied", "error-none"]
+        .iter()
+        .map(|n| TestPod::new(test, n, logs.path()))
+        .collect();
+    let pod_refs: Vec<&TestPod> = pods.iter().collect();
+    let roots = roots(&setup, &pod_refs);
+    let before = census(&node, &roots).await;
+
+    // The first creation fails after upstream made its sandbox; the first
+    // claim fails once its record is written, the second once its fix-up
+    // is applied (the first never gets there); the third succeeds.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let plugin = Node::spawn(
+        &setup,
+        dir.path(),
+        "refill.created=1*return(error);claim.recorded=1*return(error);claim.applied=1*return(error)",
+        "node.log",
+    );
+    plugin.wait_full().await;
+    plugin
+        .wait_log(
+            "the failed creation",
+            &["injected failure", "refill.created"],
+        )
+        .await;
+    assert_eq!(
+        pool_ids(&node.containerd_endpoint, setup.pool).await.len(),
+        setup.size,
+        "the sandbox of the failed creation was removed"
+    );
+    let mut cri = plugin.cri().await;
+    for (pod, fails) in pods.iter().zip([true, true, false]) {
+        plugin.wait_full().await;
+        let free = pool_ids(&node.containerd_endpoint, setup.pool).await;
+        let id = run(&mut cri, pod).await;
+        let after = pool_ids(&node.containerd_endpoint, setup.pool).await;
+        if fails {
+            assert!(!free.contains(&id), "pod {} started cold", pod.name);
+            assert!(
+                records(&state).is_empty(),
+                "no record of a failed claim is left"
+            );
+            let gone: Vec<&String> = free.difference(&after).collect();
+            assert_eq!(
+                gone.len(),
+                1,
+                "the slot of the failed claim was destroyed, not returned"
+            );
+        } else {
+            assert!(free.contains(&id), "pod {} got a warm slot", pod.name);
+            assert_eq!(records(&state).len(), 1, "the claim is recorded");
+        }
+        assert_intact(&mut cri, pod, &id).await;
+    }
+    for point in ["claim.recorded", "claim.applied"] {
+        assert!(
+            plugin
+                .log()
+                .lines()
+                .any(|l| l.contains("injected failure") && l.contains(point)),
+            "{point} fired"
+        );
+    }
+    plugin.wait_full().await;
+
+    remove_pods(&mut cri, &pod_refs).await;
+    assert!(records(&state).is_empty(), "records gone");
+    drop(cri);
+    finish(&node, plugin, &before, &roots, setup.size).await;
+}
+
+#[tokio::test]
+async fn corrupted_claim_records_are_reported_and_no_claimed_sandbox_is_destroyed() {
+    let test = "corrupted_claim_records_are_reported_and_no_claimed_sandbox_is_destroyed";
+    let Some(node) = DevNode::require(test) else {
+        return;
+    };
+    let setup = Setup {
+        pool: "faults-corrupt",
+        size: 3,
+        node: &node,
+    };
+    let _case = CaseGuard::new(&node, test).await.expect("clean slate");
+    remove_pool_slots(&node.containerd_endpoint, setup.pool)
+        .await
+        .expect("no slots of an earlier run");
+    let _slots = PoolSlotsGuard {
+        endpoint: node.containerd_endpoint.clone(),
+        pool: setup.pool.to_owned(),
+    };
+    let logs = tempfile::tempdir().expect("tempdir");
+    let pods: Vec<TestPod> = [
+        "corrupt-truncated",
+        "corrupt-garbage",
+        "corrupt-gone",
+        "corrupt-intact",
+    ]
+    .iter()
+    .map(|n| TestPod::new(test, n, logs.path()))
+    .collect();
+    // Claims a slot after the restart.
+    let next = TestPod::new(test, "corrupt-next", logs.path());
+    let pod_refs: Vec<&TestPod> = pods.iter().chain([&next]).collect();
+    let roots = roots(&setup, &pod_refs);
+    let before = census(&node, &roots).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let mut plugin = Node::spawn(&setup, dir.path(), "", "first.log");
+    let mut ids = Vec::new();
+    {
+        let mut cri = plugin.cri().await;
+        for pod in &pods {
+            plugin.wait_full().await;
+            let free = pool_ids(&node.containerd_endpoint, setup.pool).await;
+            let id = run(&mut cri, pod).await;
+            assert!(free.contains(&id), "pod {} got a warm slot", pod.name);
+            ids.push(id);
+        }
+        // Each claim's deferred cgroup move has run (the pause sits in the
+        // pod's cgroup), so recovery faces fully claimed slots.
+        for (pod, id) in pods.iter().zip(&ids) {
+            let leaf = format!("/sys/fs/cgroup/cpu{}/{id}", pod.cgroup_parent());
+            wait_for("the cgroup move", Duration::from_secs(10), || async {
+                Path::new(&leaf).is_dir().then_some(())
+            })
+            .await
+            .expect("pause moved to the pod's cgroup");
+        }
+    }
+    plugin.kill9();
+
+    // Corrupt the state while the node plugin is down.
+    let record = |id: &str| state.join("claims").join(format!("{id}.json"));
+    let truncated = record(&ids[0]);
+    let text = std::fs::read(&truncated).expect("record");
+    std::fs::write(&truncated, &text[..text.len() / 2]).expect("truncate");
+    let garbage = record(&ids[1]);
+    std::fs::write(&garbage, b"\x00\xffnot a claim record\n").expect("garbage");
+    let gone = record(&ids[2]);
+    node.cri()
+        .expect("client")
+        .remove_sandbox(&ids[2])
+        .await
+        .expect("remove upstream");
+    pods[2].remove_pod_cgroups();
+    let leftover = state.join("claims").join(format!("{}.tmp", "e".repeat(64)));
+    std::fs::write(&leftover, b"{\"sandbox_id\":").expect("tmp leftover");
+
+    let plugin = Node::spawn(&setup, dir.path(), "", "second.log");
+    let mut cri = plugin.cri().await;
+    let log = plugin.log();
+    for bad in [&truncated, &garbage] {
+        let path = bad.display().to_string();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("ERROR") && l.contains(&path)),
+            "an ERROR names {path}; log:\n{log}"
+        );
+    }
+    assert!(
+        !gone.exists(),
+        "the record of the removed sandbox is dropped"
+    );
+    assert!(!leftover.exists(), "the unfinished write is swept");
+    // The intact claim is untouched.
+    assert_intact(&mut cri, &pods[3], &ids[3]).await;
+    // The sandboxes whose records are unreadable were claimed by pods: they
+    // are neither destroyed nor served again. Their pods cannot be known, so
+    // they are shown as sandboxes of pods kubelet does not know (under the
+    // placeholder's identity, without its labels), which kubelet stops and
+    // removes; each pod's next sync makes it a new sandbox.
+    let upstream = pool_ids(&node.containerd_endpoint, setup.pool).await;
+    let shown = cri
+        .runtime
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .items;
+    for (pod, id) in pods.iter().zip(&ids).take(2) {
+        assert!(
+            upstream.contains(id),
+            "claimed sandbox {id} with an unreadable record was destroyed; log:\n{log}"
+        );
+        let sb = shown
+            .iter()
+            .find(|sb| &sb.id == id)
+            .unwrap_or_else(|| panic!("{id} is shown to kubelet"));
+        let meta = sb.metadata.as_ref().expect("metadata");
+        assert_ne!(meta.uid, pod.uid, "no identity is made up for {}", pod.name);
+        assert!(
+            sb.labels.is_empty(),
+            "no placeholder label shows: {:?}",
+            sb.labels
+        );
+        assert!(
+            cri.list_by_label("io.kubernetes.pod.uid", &pod.uid)
+                .await
+                .expect("list")
+                .is_empty(),
+            "pod {} finds no sandbox of its own",
+            pod.name
+        );
+    }
+    plugin.wait_full().await;
+    let id = run(&mut cri, &next).await;
+    assert!(!ids.contains(&id), "a claimed slot is never served again");
+    assert_intact(&mut cri, &next, &id).await;
+
+    // Kubelet's garbage collection of the unknown sandboxes, through the
+    // shim: the pool forgets them and drops their unreadable records.
+    for id in &ids[..2] {
+        cri.remove_sandbox(id).await.expect("remove");
+    }
+    assert!(
+        !truncated.exists() && !garbage.exists(),
+        "unreadable records dropped"
+    );
+    remove_pods(&mut cri, &[&pods[3], &next]).await;
+    assert!(records(&state).is_empty(), "records gone");
+    // Kubelet destroys a pod's cgroup recursively; the pool cannot know
+    // the pod cgroup an unreadable record named, so the pause's leaf in it
+    // is left to kubelet.
+    for (pod, id) in pods.iter().zip(&ids).take(2) {
+        fast_sandbox_tests::pod::remove_cgroup_dirs(&format!("{}/{id}", pod.cgroup_parent()));
+        pod.remove_pod_cgroups();
+    }
+    next.remove_pod_cgroups();
+    drop(cri);
+    finish(&node, plugin, &before, &roots, setup.size).await;
+}
