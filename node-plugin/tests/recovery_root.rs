@@ -99,10 +99,18 @@ impl Node {
         self.child.wait().expect("reaped");
     }
 
-    fn stop(mut self) {
+    /// SIGTERM, then waits without blocking the runtime: the test's own
+    /// client connections must be able to close, or the graceful stop
+    /// waits out its timeout for them.
+    async fn stop(mut self) {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        self.child.wait().expect("stopped");
+        wait_for("the node plugin to stop", Duration::from_secs(30), || {
+            let exited = matches!(self.child.try_wait(), Ok(Some(_)));
+            async move { exited.then_some(()) }
+        })
+        .await
+        .expect("stopped");
     }
 }
 
@@ -340,7 +348,7 @@ async fn kill_9_during_claims_loses_nothing() {
     }
     // Close our connection first: a graceful stop waits for open calls.
     drop(cri);
-    plugin.stop();
+    plugin.stop().await;
     let removed = remove_pool_slots(&node.containerd_endpoint)
         .await
         .expect("remove slots");
