@@ -49,6 +49,28 @@ impl WarmNode {
         size: usize,
         network: NetworkMode,
     ) -> anyhow::Result<Self> {
+        Self::start_tuned(
+            node,
+            pool,
+            handler,
+            size,
+            network,
+            Duration::from_millis(100),
+        )
+        .await
+    }
+
+    /// As [`WarmNode::start_with`], with the pause between a claim and the
+    /// next refill (and the deferred cgroup move): a load test holds the
+    /// refill back so a burst sees exactly the slots that were free.
+    pub async fn start_tuned(
+        node: &DevNode,
+        pool: &str,
+        handler: &str,
+        size: usize,
+        network: NetworkMode,
+        refill_delay: Duration,
+    ) -> anyhow::Result<Self> {
         let state = tempfile::tempdir()?;
         let cgroup_root = format!("/fast-sandbox-test/{pool}");
         let spec = PoolSpec {
@@ -71,7 +93,7 @@ impl WarmNode {
             placeholder_namespace: SLOT_NAMESPACE.to_owned(),
             upstream_timeout: Duration::from_secs(60),
             refill_interval: Duration::ZERO,
-            refill_delay: Duration::from_millis(100),
+            refill_delay,
             health_interval: Duration::from_secs(30),
             cni: CniSettings {
                 conf_dir: node.cni_conf_dir(),
