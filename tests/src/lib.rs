@@ -116,6 +116,51 @@ impl Cri {
     }
 }
 
+/// A CRI runtime client over plain hyper on a unix socket. tonic's channel
+/// enforces `grpc-timeout` itself (answering `Cancelled` locally), which
+/// would hide the server's own answer at a deadline; this one waits for it.
+pub fn plain_runtime_client(socket: &Path) -> PlainRuntimeClient {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build(UnixConnector(socket.to_owned()));
+    RuntimeServiceClient::with_origin(
+        client,
+        tonic::codegen::http::Uri::from_static("http://localhost"),
+    )
+}
+
+/// See [`plain_runtime_client`].
+pub type PlainRuntimeClient =
+    RuntimeServiceClient<hyper_util::client::legacy::Client<UnixConnector, tonic::body::Body>>;
+
+/// Dials a unix socket for [`plain_runtime_client`].
+#[derive(Debug, Clone)]
+pub struct UnixConnector(PathBuf);
+
+impl tower::Service<tonic::codegen::http::Uri> for UnixConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
+        let path = self.0.clone();
+        Box::pin(async move {
+            Ok(hyper_util::rt::TokioIo::new(
+                tokio::net::UnixStream::connect(path).await?,
+            ))
+        })
+    }
+}
+
 /// The development node started by `hack/dev-node.sh up`, described by the
 /// environment variables that script writes to its env file.
 #[derive(Debug, Clone)]
