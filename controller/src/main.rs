@@ -12,10 +12,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
+use fast_sandbox_controller::agent::{self, AgentConfig, AgentDirectory, AgentToken};
 use fast_sandbox_controller::bench::{self, BenchConfig};
 use fast_sandbox_controller::crd;
 use fast_sandbox_controller::extender::{self, Extender, ExtenderConfig};
-use fast_sandbox_controller::nodes::StaticNodes;
+use fast_sandbox_controller::nodes::{NodeDirectory, StaticNodes};
 use fast_sandbox_controller::reconcile::ReconcileConfig;
 use fast_sandbox_controller::run;
 use fast_sandbox_controller::scoring::Snapshot;
@@ -77,10 +78,24 @@ enum Command {
         /// Where the extender listens.
         #[arg(long, default_value = "0.0.0.0:8888")]
         listen: SocketAddr,
-        /// Node states from a JSON file (re-read on SIGHUP) until the node
-        /// plugins are watched directly; without it, no node is known.
+        /// Node states from a JSON file (re-read on SIGHUP) instead of the
+        /// node agents (tests, demos).
         #[arg(long)]
         snapshot: Option<PathBuf>,
+        /// A node agent, `NODE=HOST:PORT` (repeatable): follow these instead
+        /// of discovering agents from the Kubernetes Nodes (development).
+        #[arg(long, value_name = "NODE=ADDR", conflicts_with = "snapshot")]
+        agent: Vec<String>,
+        /// The bearer token node agents require (the
+        /// fast-sandbox-agent-token Secret); re-read when an agent refuses it.
+        #[arg(long, default_value = agent::DEFAULT_TOKEN_FILE)]
+        agent_token_file: PathBuf,
+        /// The port node agents serve on, at each Node's InternalIP.
+        #[arg(long, default_value_t = agent::DEFAULT_AGENT_PORT)]
+        agent_port: u16,
+        /// The Nodes that run a node agent (label selector; "" for all).
+        #[arg(long, default_value = agent::DEFAULT_NODE_SELECTOR)]
+        agent_node_selector: String,
         /// Fast RuntimeClasses, `CLASS` or `CLASS=HANDLER` (comma-separated).
         #[arg(
             long,
@@ -184,6 +199,42 @@ fn fast_classes(specs: &[String]) -> anyhow::Result<HashMap<String, String>> {
         .collect()
 }
 
+/// `--agent NODE=ADDR` entries.
+fn agent_entries(specs: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    specs
+        .iter()
+        .map(|spec| match spec.split_once('=') {
+            Some((node, address)) if !node.is_empty() && !address.is_empty() => {
+                Ok((node.to_owned(), address.to_owned()))
+            }
+            _ => anyhow::bail!("--agent {spec:?}: expected NODE=HOST:PORT"),
+        })
+        .collect()
+}
+
+/// The snapshot-file directory, re-read on SIGHUP (a bad file keeps the
+/// current snapshot).
+fn static_nodes(path: PathBuf, initial: Snapshot) -> anyhow::Result<Arc<dyn NodeDirectory>> {
+    let nodes = Arc::new(StaticNodes::new(initial));
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let reloaded = nodes.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let loaded = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|json| extender::parse_snapshot(&json).map_err(|e| e.to_string()));
+            match loaded {
+                Ok(snapshot) => {
+                    tracing::info!(nodes = snapshot.len(), "snapshot reloaded");
+                    reloaded.replace(snapshot);
+                }
+                Err(error) => tracing::warn!(%error, "snapshot not reloaded"),
+            }
+        }
+    });
+    Ok(nodes)
+}
+
 fn policy(slots: Slots, stale_after_ms: Option<u64>) -> Policy {
     Policy {
         slots: match slots {
@@ -283,6 +334,10 @@ fn main() -> anyhow::Result<()> {
             context,
             listen,
             snapshot,
+            agent,
+            agent_token_file,
+            agent_port,
+            agent_node_selector,
             fast_class,
             slots,
             sandbox_slots,
@@ -293,6 +348,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             init_logging(log_json);
             let classes = fast_classes(&fast_class)?;
+            let agents = agent_entries(&agent)?;
             let initial = match &snapshot {
                 Some(path) => {
                     let json = std::fs::read(path)
@@ -300,12 +356,17 @@ fn main() -> anyhow::Result<()> {
                     extender::parse_snapshot(&json)
                         .with_context(|| format!("loading {}", path.display()))?
                 }
-                None => {
-                    tracing::warn!("no --snapshot: no node is known, nothing can be placed");
-                    Snapshot::default()
-                }
+                None => Snapshot::default(),
             };
-            let nodes = Arc::new(StaticNodes::new(initial.clone()));
+            // Without a snapshot file the node agents are the source; their
+            // token is needed before anything starts.
+            let token = match &snapshot {
+                Some(_) => None,
+                None => Some(AgentToken::from_file(&agent_token_file).context(
+                    "the node agents' bearer token (--agent-token-file; the \
+                     fast-sandbox-agent-token Secret)",
+                )?),
+            };
             let extender = Arc::new(Extender::new(
                 ExtenderConfig {
                     fast_classes: classes.clone(),
@@ -313,7 +374,7 @@ fn main() -> anyhow::Result<()> {
                     default_seccomp: default_seccomp.clone(),
                     assume_ttl_ms: (assume_ttl_ms > 0).then_some(assume_ttl_ms),
                 },
-                initial,
+                initial.clone(),
             ));
             let config = ReconcileConfig {
                 fast_classes: classes,
@@ -324,27 +385,36 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?
                 .block_on(async move {
                     let client = kube_client(kubeconfig, context).await?;
-                    if let Some(path) = snapshot {
-                        let mut hangup = signal(SignalKind::hangup())
-                            .context("installing the SIGHUP handler")?;
-                        let reloaded = nodes.clone();
-                        tokio::spawn(async move {
-                            while hangup.recv().await.is_some() {
-                                let loaded = std::fs::read(&path)
-                                    .map_err(|e| e.to_string())
-                                    .and_then(|json| {
-                                        extender::parse_snapshot(&json).map_err(|e| e.to_string())
-                                    });
-                                match loaded {
-                                    Ok(snapshot) => {
-                                        tracing::info!(nodes = snapshot.len(), "snapshot reloaded");
-                                        reloaded.replace(snapshot);
-                                    }
-                                    Err(error) => tracing::warn!(%error, "snapshot not reloaded"),
+                    let nodes: Arc<dyn NodeDirectory> = match (snapshot, token) {
+                        (Some(path), _) => static_nodes(path, initial)?,
+                        (None, Some(token)) => {
+                            let mut agent_config = AgentConfig::new(token);
+                            agent_config.token_file = Some(agent_token_file);
+                            let directory = Arc::new(AgentDirectory::new(agent_config));
+                            if agents.is_empty() {
+                                let discovering = directory.clone();
+                                let nodes = kube::Api::all(client.clone());
+                                tracing::info!(
+                                    selector = %agent_node_selector,
+                                    port = agent_port,
+                                    "following the node agents of the selected Nodes"
+                                );
+                                tokio::spawn(async move {
+                                    discovering
+                                        .discover(nodes, Some(&agent_node_selector), agent_port)
+                                        .await;
+                                });
+                            } else {
+                                for (node, address) in &agents {
+                                    directory
+                                        .upsert(node, address)
+                                        .with_context(|| format!("--agent {node}={address}"))?;
                                 }
                             }
-                        });
-                    }
+                            directory
+                        }
+                        (None, None) => anyhow::bail!("no node source: neither a snapshot nor a token"),
+                    };
                     let mut terminate = signal(SignalKind::terminate())
                         .context("installing the SIGTERM handler")?;
                     let shutdown = async move {
@@ -429,5 +499,84 @@ mod tests {
         assert_eq!(classes["warm"], "fast-crun");
         assert!(fast_classes(&["=x".into()]).is_err());
         assert!(fast_classes(&["x=".into()]).is_err());
+    }
+
+    #[test]
+    fn agent_specs_and_flags() {
+        assert_eq!(
+            agent_entries(&["a=127.0.0.1:9465".into()]).unwrap(),
+            [("a".to_owned(), "127.0.0.1:9465".to_owned())]
+        );
+        for bad in ["a", "=127.0.0.1:1", "a="] {
+            let error = agent_entries(&[bad.into()]).unwrap_err().to_string();
+            assert!(error.contains("NODE=HOST:PORT"), "{error}");
+        }
+        let run = |extra: &[&str]| {
+            let mut argv = vec!["fast-sandbox-controller", "run"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).map(|a| a.command)
+        };
+        match run(&[]).unwrap() {
+            Command::Run {
+                agent_token_file,
+                agent_port,
+                agent_node_selector,
+                snapshot: None,
+                ..
+            } => {
+                assert_eq!(
+                    agent_token_file,
+                    PathBuf::from("/etc/fast-sandbox-agent/token")
+                );
+                assert_eq!(agent_port, 9465);
+                assert_eq!(agent_node_selector, "fast-sandbox.io/node=true");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(run(&["--agent=a=127.0.0.1:1", "--agent=b=127.0.0.1:2"]).is_ok());
+        assert!(run(&["--agent=a=127.0.0.1:1", "--snapshot=nodes.json"]).is_err());
+    }
+
+    /// The Deployment's command is one `run` accepts, and its token file is
+    /// where the agent token Secret is mounted.
+    #[test]
+    fn the_deployments_command_parses_and_finds_the_token() {
+        use k8s_openapi::api::apps::v1::Deployment;
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/controller/deployment.yaml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let deployment: Deployment = serde_saphyr::from_str(&text).unwrap();
+        let pod = deployment.spec.unwrap().template.spec.unwrap();
+        let container = &pod.containers[0];
+        let command = container.command.clone().unwrap();
+        let Command::Run {
+            agent_token_file,
+            snapshot: None,
+            ..
+        } = Args::try_parse_from(&command).unwrap().command
+        else {
+            panic!("{command:?} is not `run` fed by the node agents");
+        };
+        let secret_volumes: Vec<String> = pod
+            .volumes
+            .iter()
+            .flatten()
+            .filter(|v| {
+                v.secret.as_ref().and_then(|s| s.secret_name.as_deref())
+                    == Some("fast-sandbox-agent-token")
+            })
+            .map(|v| v.name.clone())
+            .collect();
+        let mounted = container.volume_mounts.iter().flatten().any(|m| {
+            secret_volumes.contains(&m.name)
+                && agent_token_file.parent() == Some(std::path::Path::new(&m.mount_path))
+        });
+        assert!(
+            mounted,
+            "{} is not in the agent token Secret's mount",
+            agent_token_file.display()
+        );
     }
 }
