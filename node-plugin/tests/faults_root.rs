@@ -686,3 +686,181 @@ async fn corrupted_claim_records_are_reported_and_no_claimed_sandbox_is_destroye
     drop(cri);
     finish(&node, plugin, &before, &roots, setup.size).await;
 }
+
+/// A private containerd instance (`hack/containerd-instance.sh`) on its own
+/// bridge and subnet, stopped and purged when dropped: killing it disturbs
+/// no other test.
+struct Instance {
+    script: PathBuf,
+    dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Instance {
+    const SUBNET: &'static str = "10.231.0.0/24";
+    const BRIDGE: &'static str = "fsbfault0";
+
+    fn start(node: &DevNode) -> Self {
+        // Under /var/tmp: containerd's overlayfs snapshotter needs a real fs.
+        let tmp = tempfile::Builder::new()
+            .prefix("fs-faults-")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir");
+        let inst = Self {
+            script: node.instance_script.clone(),
+            dir: tmp.path().join("containerd"),
+            _tmp: tmp,
+        };
+        inst.run(&[
+            "start",
+            "--cni-subnet",
+            Self::SUBNET,
+            "--bridge",
+            Self::BRIDGE,
+        ]);
+        inst
+    }
+
+    fn run(&self, args: &[&str]) {
+        let out = std::process::Command::new("bash")
+            .arg(&self.script)
+            .arg(args[0])
+            .arg(&self.dir)
+            .args(&args[1..])
+            .output()
+            .expect("containerd-instance.sh");
+        assert!(
+            out.status.success(),
+            "containerd-instance.sh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The instance as a `DevNode` (for the census and the node's config).
+    fn node(&self, dev: &DevNode) -> DevNode {
+        DevNode {
+            containerd_endpoint: format!("unix://{}", self.dir.join("containerd.sock").display()),
+            containerd_root: self.dir.join("root"),
+            containerd_state: self.dir.join("state"),
+            ..dev.clone()
+        }
+    }
+
+    fn kill9(&self) {
+        let pid: i32 = std::fs::read_to_string(self.dir.join("containerd.pid"))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid");
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill -9");
+        // Reaped by nobody we know: gone once its /proc entry is, or a zombie.
+        let gone = (0..200).any(|_| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let dead = stat.is_empty()
+                || stat
+                    .rsplit_once(") ")
+                    .is_some_and(|(_, r)| r.starts_with('Z'));
+            if !dead {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            dead
+        });
+        assert!(gone, "containerd {pid} did not die");
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(&self.script)
+            .arg("stop")
+            .arg(&self.dir)
+            .arg("--purge")
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn containerd_restart_keeps_claimed_pods_and_free_slots() {
+    let test = "containerd_restart_keeps_claimed_pods_and_free_slots";
+    let Some(dev) = DevNode::require(test) else {
+        return;
+    };
+    let instance = Instance::start(&dev);
+    let node = instance.node(&dev);
+    let setup = Setup {
+        pool: "faults-restart",
+        size: 2,
+        node: &node,
+    };
+    let _slots = PoolSlotsGuard {
+        endpoint: node.containerd_endpoint.clone(),
+        pool: setup.pool.to_owned(),
+    };
+    let logs = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (
+        TestPod::new(test, "restart-a", logs.path()),
+        TestPod::new(test, "restart-b", logs.path()),
+    );
+    let roots = roots(&setup, &[&a, &b]);
+    let before = census(&node, &roots).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plugin = Node::spawn(&setup, dir.path(), "", "node.log");
+    plugin.wait_full().await;
+    let filled = pool_ids(&node.containerd_endpoint, setup.pool).await;
+    let mut cri = plugin.cri().await;
+    let id_a = run(&mut cri, &a).await;
+    assert!(filled.contains(&id_a), "pod a got a warm slot");
+    plugin.wait_full().await;
+    let free_before: HashSet<String> = pool_ids(&node.containerd_endpoint, setup.pool)
+        .await
+        .into_iter()
+        .filter(|id| *id != id_a)
+        .collect();
+
+    instance.kill9();
+    let err = cri
+        .runtime
+        .version(VersionRequest::default())
+        .await
+        .expect_err("containerd is down");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    instance.run(&["start"]);
+
+    // Through the same node plugin, not restarted: the claimed pod keeps
+    // its sandbox and identity, and a free slot still serves a claim.
+    wait_for(
+        "the shim to reach containerd again",
+        Duration::from_secs(30),
+        || {
+            let mut cri = cri.clone();
+            async move {
+                cri.runtime
+                    .list_pod_sandbox(ListPodSandboxRequest::default())
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await
+    .expect("serving again");
+    assert_intact(&mut cri, &a, &id_a).await;
+    let id_b = run(&mut cri, &b).await;
+    assert!(
+        free_before.contains(&id_b),
+        "a slot made before the restart serves pod b ({id_b} not in {free_before:?})"
+    );
+    assert_intact(&mut cri, &b, &id_b).await;
+    assert_intact(&mut cri, &a, &id_a).await;
+    plugin.wait_full().await;
+
+    remove_pods(&mut cri, &[&a, &b]).await;
+    assert!(
+        records(&dir.path().join("state")).is_empty(),
+        "records gone"
+    );
+    drop(cri);
+    finish(&node, plugin, &before, &roots, setup.size).await;
+}
