@@ -750,3 +750,109 @@ async fn a_node_removed_from_the_directory_is_dropped_from_the_snapshot() {
     assert_eq!(directory.node_names(), Vec::<String>::new());
     agent.stop().await;
 }
+
+/// A Node as the API server serves it, with its `InternalIP`.
+fn api_node(name: &str, ip: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "resourceVersion": "1",
+            "labels": {"fast-sandbox.io/node": "true"},
+        },
+        "status": {"addresses": [
+            {"type": "Hostname", "address": name},
+            {"type": "InternalIP", "address": ip},
+        ]},
+    })
+}
+
+type ApiRequest = http::Request<kube::client::Body>;
+type ApiResponse = http::Response<kube::client::Body>;
+
+/// The next request of the discovery's Node watch, within 5 s.
+async fn next_request(
+    handle: &mut tower_test::mock::Handle<ApiRequest, ApiResponse>,
+) -> (ApiRequest, tower_test::mock::SendResponse<ApiResponse>) {
+    tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("the node watch sent a request in time")
+        .expect("the client is alive")
+}
+
+#[tokio::test]
+async fn nodes_are_discovered_from_the_node_watch_and_dropped_when_deleted() {
+    let rig = rig().await;
+    let agent = rig.start_agent("127.0.0.1:0".parse().expect("addr")).await;
+    let (mock, mut handle) = tower_test::mock::pair::<ApiRequest, ApiResponse>();
+    let client = kube::Client::new(mock, "default");
+    let directory = Arc::new(directory(TOKEN));
+    let discovering = directory.clone();
+    let port = agent.address.port();
+    let discovery = tokio::spawn(async move {
+        discovering
+            .discover(
+                kube::Api::all(client),
+                Some("fast-sandbox.io/node=true"),
+                port,
+            )
+            .await;
+    });
+
+    // The list: only the selected Nodes. The agent is found at the Node's
+    // InternalIP and the agent port, and reports.
+    let (request, respond) = next_request(&mut handle).await;
+    let uri = request.uri().to_string();
+    assert_eq!(request.method(), http::Method::GET);
+    assert!(uri.starts_with("/api/v1/nodes?"), "{uri}");
+    assert!(
+        uri.contains("labelSelector=fast-sandbox.io%2Fnode%3Dtrue"),
+        "{uri}"
+    );
+    assert!(!uri.contains("watch=true"), "a list first: {uri}");
+    let list = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "NodeList",
+        "metadata": {"resourceVersion": "1"},
+        "items": [api_node(NODE, "127.0.0.1")],
+    });
+    respond.send_response(
+        http::Response::builder()
+            .body(kube::client::Body::from(
+                serde_json::to_vec(&list).expect("JSON"),
+            ))
+            .expect("response"),
+    );
+    snapshot_until(&directory, Duration::from_secs(10), "a full pool", |s| {
+        pool(s) == Some((true, 2, 2))
+    })
+    .await;
+    assert_eq!(
+        directory.health(NODE).expect("health").address,
+        agent.address.to_string()
+    );
+
+    // The watch: the Node is deleted, and so dropped from the snapshot.
+    let (request, respond) = next_request(&mut handle).await;
+    let uri = request.uri().to_string();
+    assert!(uri.contains("watch=true"), "{uri}");
+    let mut event = serde_json::to_vec(&serde_json::json!({
+        "type": "DELETED",
+        "object": api_node(NODE, "127.0.0.1"),
+    }))
+    .expect("JSON");
+    event.push(b'\n');
+    respond.send_response(
+        http::Response::builder()
+            .body(kube::client::Body::from(event))
+            .expect("response"),
+    );
+    snapshot_until(&directory, Duration::from_secs(10), "no node", |s| {
+        s.is_empty()
+    })
+    .await;
+    assert!(directory.health(NODE).is_none());
+    discovery.abort();
+    agent.stop().await;
+}
