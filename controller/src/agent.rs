@@ -313,14 +313,17 @@ fn millis(d: Duration) -> u64 {
 /// A node's state as the controller scores it, from its agent's report.
 /// `total` is the pool's desired size (or its free count while a lowered
 /// size is being trimmed), so `total − free` is the slots taken and not yet
-/// refilled, as the pool reconciler reads it.
+/// refilled, as the pool reconciler reads it. A pool key reported twice
+/// keeps its first entry.
 fn node_state(name: &str, status: &NodeStatus, now_ms: u64) -> NodeState {
+    let mut keys = std::collections::HashSet::new();
     NodeState {
         name: name.to_owned(),
         ready: status.health.as_ref().is_some_and(|h| h.ready),
         pools: status
             .pools
             .iter()
+            .filter(|p| keys.insert((p.handler.as_str(), p.shape.as_str())))
             .map(|p| PoolState {
                 handler: p.handler.clone(),
                 upstream_handler: p.upstream_handler.clone(),
@@ -1023,6 +1026,12 @@ mod tests {
         let trimming = node_state("a", &status(5, 1, 0), 0);
         assert_eq!((trimming.pools[0].free, trimming.pools[0].total), (5, 5));
         assert!(Snapshot::new(vec![trimming]).is_ok());
+        // The same pool twice: the first counts.
+        let mut twice = status(1, 3, 0);
+        twice.pools.push(status(3, 3, 0).pools[0].clone());
+        let state = node_state("a", &twice, 0);
+        assert_eq!(state.pools.len(), 1);
+        assert_eq!(state.pools[0].free, 1);
         // No health: not ready.
         let mut unhealthy = status(1, 1, 0);
         unhealthy.health = None;
@@ -1041,7 +1050,9 @@ mod tests {
             &node_state("a", &status(1, 4, 2), 2)
         ));
         let mut more = status(2, 3, 1);
-        more.pools.push(more.pools[0].clone());
+        let mut other = more.pools[0].clone();
+        other.shape = "seccomp=runtime-default".into();
+        more.pools.push(other);
         assert!(!free_counts_only(&old, &node_state("a", &more, 2)));
     }
 

@@ -3,8 +3,9 @@
 //! The reconcilers only see [`NodeDirectory`]: the latest [`Snapshot`] of
 //! every node plugin's report, a way to count a placement at once, and a way
 //! to set a pool's desired size on one node. The gRPC client to the node
-//! plugins implements it (`agent.rs`); [`StaticNodes`] is the in-memory one
-//! that tests and the snapshot-file mode use.
+//! plugins implements it ([`AgentDirectory`](crate::agent::AgentDirectory));
+//! [`StaticNodes`] is the in-memory one that tests and the snapshot-file mode
+//! use.
 
 use std::collections::HashSet;
 use std::fmt;
