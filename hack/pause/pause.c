@@ -5,6 +5,12 @@
  * that is reparented to it (it is PID 1 of the pod's PID namespace when the
  * pod shares one), and exits 0 on SIGINT or SIGTERM so StopPodSandbox is
  * quick. Built static (gcc -static -Os) because its image has no libc.
+ *
+ * `pause --set-hostname NAME` sets the UTS hostname and exits: a warm slot of
+ * a runtime whose pause is not a host process (gVisor's sentry, a Kata VM)
+ * gets the pod's hostname from an exec of this mode inside the sandbox
+ * (fast-sandbox-node's `guest-exec` fix-up), since there is no host UTS
+ * namespace to setns into.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -15,7 +21,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define VERSION "fast-sandbox-pause 1"
+#define VERSION "fast-sandbox-pause 2"
+#define HOST_NAME_LIMIT 64
 
 static void write_stderr(const char *msg)
 {
@@ -63,11 +70,32 @@ static int install(int signo, void (*handler)(int), int flags)
 	return 0;
 }
 
+static int set_hostname(const char *name)
+{
+	size_t len = strlen(name);
+	if (len > HOST_NAME_LIMIT) {
+		write_stderr("pause: --set-hostname: name longer than 64 bytes\n");
+		return 2;
+	}
+	if (sethostname(name, len) < 0) {
+		perror("pause: sethostname");
+		return 1;
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc > 1 && (strcmp(argv[1], "-v") == 0 || strcmp(argv[1], "--version") == 0)) {
 		printf("%s\n", VERSION);
 		return 0;
+	}
+	if (argc > 1 && strcmp(argv[1], "--set-hostname") == 0) {
+		if (argc != 3) {
+			write_stderr("usage: pause --set-hostname NAME\n");
+			return 2;
+		}
+		return set_hostname(argv[2]);
 	}
 	if (getpid() != 1)
 		write_stderr("pause: warning: not running as PID 1\n");

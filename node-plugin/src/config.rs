@@ -32,9 +32,14 @@
 //! size = 4                  # free slots kept
 //! network = "keep"          # "keep" (identity-free CNI only) or "rebind"
 //! shape = { seccomp = "unconfined" }   # or "runtime-default", "localhost/<path>"
+//! fixup = "setns"           # or "guest-exec" (default for runsc*/gvisor*/kata* upstreams)
+//! # guest_exec = ["/usr/bin/runsc", "--root", "/run/containerd/runc/k8s.io", "exec",
+//! #   "--cap", "CAP_SYS_ADMIN", "{sandbox_id}", "/pause", "--set-hostname", "{hostname}"]
+//! # guest_sysctls = "ignore"  # or "refuse" (default for non-runsc guest-exec)
 //! ```
 
 use std::{
+    collections::HashMap,
     fmt,
     path::{Path, PathBuf},
     str::FromStr,
@@ -48,7 +53,10 @@ use fast_sandbox_shim::{
 };
 use serde::Deserialize;
 
-use crate::pool::PoolSpec;
+use crate::pool::{
+    gvisor::{ExecTemplate, GuestExecSettings, Mechanism, SysctlPolicy},
+    PoolSpec,
+};
 
 /// The config file as written. Every field is optional; unknown fields are
 /// errors, so a typo never silently falls back to a default.
@@ -115,6 +123,108 @@ pub struct PoolSection {
     pub network: NetworkMode,
     #[serde(default)]
     pub shape: ShapeSection,
+    /// How claimed slots are fixed up; default from `upstream` (see
+    /// [`FixupMode::default_for`]).
+    pub fixup: Option<FixupMode>,
+    /// `guest-exec`: the command that sets the hostname inside the
+    /// sandbox, with whole arguments `{sandbox_id}`, `{hostname}` and
+    /// optionally `{exec_id}` replaced. Default for runsc handlers:
+    /// `runsc --root /run/containerd/runc/k8s.io exec --cap CAP_SYS_ADMIN
+    /// {sandbox_id} /pause --set-hostname {hostname}`; required otherwise.
+    pub guest_exec: Option<Vec<String>>,
+    /// `guest-exec`: `"ignore"` (the runtime never applies spec sysctls:
+    /// runsc, the default for runsc handlers) or `"refuse"` (pods with
+    /// sysctls start cold: the default otherwise, e.g. Kata).
+    pub guest_sysctls: Option<GuestSysctls>,
+}
+
+/// `[[pool]] fixup`: the claim-time mechanism (docs/runtimes.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FixupMode {
+    /// The pause is a host process (runc, crun): `setns` + `sethostname`.
+    Setns,
+    /// The pause lives in a sentry or a VM (gVisor, Kata): a command run
+    /// inside the sandbox.
+    GuestExec,
+}
+
+impl FixupMode {
+    /// `guest-exec` for upstream handlers whose name says gVisor or Kata
+    /// (`runsc*`, `gvisor*`, `kata*`), `setns` otherwise.
+    pub fn default_for(upstream: &str) -> Self {
+        if is_runsc(upstream) || upstream.starts_with("kata") {
+            Self::GuestExec
+        } else {
+            Self::Setns
+        }
+    }
+}
+
+fn is_runsc(upstream: &str) -> bool {
+    upstream.starts_with("runsc") || upstream.starts_with("gvisor")
+}
+
+/// `[[pool]] guest_sysctls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestSysctls {
+    Ignore,
+    Refuse,
+}
+
+/// Where containerd's runc v2 shim keeps runsc's state for the `k8s.io`
+/// namespace when the runtime sets no `Root` option.
+pub const DEFAULT_RUNSC_ROOT: &str = "/run/containerd/runc/k8s.io";
+
+/// The fix-up mechanism of every upstream handler of `pools`; two pools of
+/// one upstream handler must agree.
+pub fn fixup_mechanisms(pools: &[PoolSection]) -> anyhow::Result<HashMap<String, Mechanism>> {
+    let mut out: HashMap<String, Mechanism> = HashMap::new();
+    for (i, p) in pools.iter().enumerate() {
+        let at = format!("pool[{i}] ({:?})", p.name.as_deref().unwrap_or(&p.handler));
+        let mode = p
+            .fixup
+            .unwrap_or_else(|| FixupMode::default_for(&p.upstream));
+        let mechanism = match mode {
+            FixupMode::Setns => {
+                anyhow::ensure!(
+                    p.guest_exec.is_none() && p.guest_sysctls.is_none(),
+                    "{at}: guest_exec and guest_sysctls need fixup = \"guest-exec\""
+                );
+                Mechanism::Setns
+            }
+            FixupMode::GuestExec => {
+                let command = match &p.guest_exec {
+                    Some(argv) => ExecTemplate::new(argv.clone())
+                        .map_err(|e| anyhow::anyhow!("{at}.guest_exec: {e}"))?,
+                    None if is_runsc(&p.upstream) => {
+                        ExecTemplate::runsc("/usr/bin/runsc", DEFAULT_RUNSC_ROOT)
+                    }
+                    None => anyhow::bail!(
+                        "{at}.guest_exec: required for upstream {:?} (no default command sets a hostname inside it)",
+                        p.upstream
+                    ),
+                };
+                let sysctls = match p.guest_sysctls {
+                    Some(GuestSysctls::Ignore) => SysctlPolicy::Ignore,
+                    Some(GuestSysctls::Refuse) => SysctlPolicy::Refuse,
+                    None if is_runsc(&p.upstream) => SysctlPolicy::Ignore,
+                    None => SysctlPolicy::Refuse,
+                };
+                Mechanism::GuestExec(GuestExecSettings { command, sysctls })
+            }
+        };
+        if let Some(prev) = out.get(&p.upstream) {
+            anyhow::ensure!(
+                *prev == mechanism,
+                "{at}.fixup: upstream {:?} already has another fix-up in an earlier pool",
+                p.upstream
+            );
+        }
+        out.insert(p.upstream.clone(), mechanism);
+    }
+    Ok(out)
 }
 
 /// How a slot's network identity is handled at claim (DESIGN.md, "Network
@@ -772,6 +882,87 @@ mod tests {
         ];
         for (text, want) in cases {
             let err = format!("{:#}", pools(&text).expect_err(&text));
+            assert!(err.contains(want), "{text}\n=> {err}");
+        }
+    }
+
+    fn mechanisms(text: &str) -> anyhow::Result<HashMap<String, Mechanism>> {
+        let file: FileConfig = toml::from_str(text)?;
+        fixup_mechanisms(&file.pools)
+    }
+
+    #[test]
+    fn fixup_defaults_follow_the_upstream_runtime() {
+        let m = mechanisms(
+            r#"
+            [[pool]]
+            handler = "fast-runc"
+            upstream = "runc"
+            size = 1
+            [[pool]]
+            handler = "fast-gvisor"
+            upstream = "runsc"
+            size = 1
+            [[pool]]
+            handler = "fast-kata"
+            upstream = "kata"
+            size = 1
+            guest_exec = ["/usr/local/bin/fsb-kata-exec", "{sandbox_id}", "{hostname}"]
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(m["runc"], Mechanism::Setns);
+        assert_eq!(
+            m["runsc"],
+            Mechanism::GuestExec(GuestExecSettings {
+                command: ExecTemplate::runsc("/usr/bin/runsc", DEFAULT_RUNSC_ROOT),
+                sysctls: SysctlPolicy::Ignore,
+            })
+        );
+        let Mechanism::GuestExec(kata) = &m["kata"] else {
+            panic!("kata must use guest-exec: {:?}", m["kata"]);
+        };
+        assert_eq!(
+            kata.sysctls,
+            SysctlPolicy::Refuse,
+            "a VM applies sysctls at boot"
+        );
+        assert_eq!(kata.command.argv()[0], "/usr/local/bin/fsb-kata-exec");
+    }
+
+    #[test]
+    fn fixup_can_be_chosen_and_bad_choices_are_explained() {
+        let m = mechanisms(
+            r#"
+            [[pool]]
+            handler = "fast-sentry"
+            upstream = "sentry"
+            size = 1
+            fixup = "guest-exec"
+            guest_exec = ["/opt/runsc", "--root", "/r", "exec", "{sandbox_id}", "/pause", "--set-hostname", "{hostname}"]
+            guest_sysctls = "ignore"
+            "#,
+        )
+        .expect("valid");
+        assert!(
+            matches!(&m["sentry"], Mechanism::GuestExec(g) if g.sysctls == SysctlPolicy::Ignore)
+        );
+
+        let base = "[[pool]]\nhandler = \"fast-x\"\nsize = 1\n";
+        for (extra, want) in [
+            ("upstream = \"kata\"\n", "pool[0] (\"fast-x\").guest_exec: required"),
+            ("upstream = \"runc\"\nguest_sysctls = \"ignore\"\n", "need fixup = \"guest-exec\""),
+            ("upstream = \"runsc\"\nguest_exec = [\"runsc\", \"{sandbox_id}\", \"{hostname}\"]\n", "must be an absolute path"),
+            ("upstream = \"runsc\"\nguest_exec = [\"/x\", \"{hostname}\"]\n", "\"{sandbox_id}\""),
+            ("upstream = \"runsc\"\nfixup = \"exec\"\n", "unknown variant `exec`"),
+            ("upstream = \"runsc\"\nguest_sysctls = \"apply\"\n", "unknown variant `apply`"),
+            (
+                "upstream = \"runsc\"\n[[pool]]\nhandler = \"fast-y\"\nupstream = \"runsc\"\nsize = 1\nfixup = \"setns\"\n",
+                "pool[1] (\"fast-y\").fixup: upstream \"runsc\" already has another fix-up",
+            ),
+        ] {
+            let text = format!("{base}{extra}");
+            let err = format!("{:#}", mechanisms(&text).expect_err(&text));
             assert!(err.contains(want), "{text}\n=> {err}");
         }
     }

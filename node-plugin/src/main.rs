@@ -1,15 +1,20 @@
 //! `fast-sandbox-node`: the DaemonSet process. For now it serves the
 //! forwarding CRI shim; slot pools come next.
 
-use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap, future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use fast_sandbox_node::{
     admin,
-    fixup::RealOps,
+    fixup::{gvisor::RealGuestOps, RealOps},
     metrics::Metrics,
-    pool::{setns::SetnsFixup, ManagerConfig, PoolManager, PoolSpec},
+    pool::{
+        gvisor::{ByRuntime, Mechanism},
+        ManagerConfig, PoolManager, PoolSpec,
+    },
 };
 use fast_sandbox_shim::{
     slots::{HandlerMap, SlotSource, SLOT_NAMESPACE},
@@ -90,6 +95,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => FileConfig::default(),
     };
     let specs = config::pool_specs(&file.pools).context("invalid [[pool]] configuration")?;
+    let mechanisms =
+        config::fixup_mechanisms(&file.pools).context("invalid [[pool]] configuration")?;
     let agent = config::agent_settings(&file.agent, args.overrides.node_name.clone())
         .context("invalid [agent] configuration")?;
     let settings = Settings::resolve(file, args.overrides);
@@ -123,7 +130,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let pools = if specs.is_empty() {
         None
     } else {
-        Some(start_pools(&settings, specs, &metrics).await?)
+        Some(start_pools(&settings, specs, &mechanisms, &metrics).await?)
     };
     let shim = match &pools {
         None => Shim::new(upstream),
@@ -259,6 +266,7 @@ async fn show_claims(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
 async fn start_pools(
     settings: &Settings,
     specs: Vec<PoolSpec>,
+    mechanisms: &HashMap<String, Mechanism>,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Arc<PoolManager>, HandlerMap)> {
     let handlers = HandlerMap::new(
@@ -268,9 +276,13 @@ async fn start_pools(
     );
     let channel = fast_sandbox_shim::cri_channel(&settings.upstream.endpoint)
         .context("configuring the pools' upstream client")?;
-    let fixup = Arc::new(SetnsFixup::new(
+    // One mechanism per upstream runtime: setns for runc/crun, a command
+    // inside the sandbox for gVisor/Kata (docs/runtimes.md).
+    let fixup = Arc::new(ByRuntime::real(
         Arc::new(RealOps::new()),
+        Arc::new(RealGuestOps),
         settings.slots.containerd_root.clone(),
+        mechanisms,
         FIXUP_DEADLINE,
     ));
     let cfg = ManagerConfig {

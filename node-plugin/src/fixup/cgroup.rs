@@ -137,6 +137,44 @@ fn hierarchy_name(m: &ProcessCGroup) -> String {
 /// hierarchy before changing anything; hierarchies where the pid already is
 /// in `to` are skipped (a retried claim).
 pub(super) fn move_pid(pid: i32, from: &CgroupLeaf, to: &CgroupLeaf) -> Result<(), FixupError> {
+    move_pid_checked(pid, from, to, true)
+}
+
+/// As [`move_pid`], but hierarchies where `pid` is neither in `from` nor in
+/// `to` are left alone instead of being an error: for a gVisor sandbox's
+/// processes, which runsc places in the v1 hierarchies only (the unified
+/// one keeps them at the root, warm or cold).
+pub(super) fn move_pid_where_in(
+    pid: i32,
+    from: &CgroupLeaf,
+    to: &CgroupLeaf,
+) -> Result<(), FixupError> {
+    move_pid_checked(pid, from, to, false)
+}
+
+/// The PIDs in the leaf cgroup `leaf`, in any mounted hierarchy.
+pub(super) fn leaf_procs(leaf: &CgroupLeaf) -> Result<Vec<i32>, FixupError> {
+    let mut pids = Vec::new();
+    for h in mounted_hierarchies()? {
+        let path = h.mount.join(leaf.relative()).join("cgroup.procs");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(FixupError::ReadCgroupFile { path, source }),
+        };
+        pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    Ok(pids)
+}
+
+fn move_pid_checked(
+    pid: i32,
+    from: &CgroupLeaf,
+    to: &CgroupLeaf,
+    strict: bool,
+) -> Result<(), FixupError> {
     let hierarchies = mounted_hierarchies()?;
     let mut todo: Vec<&Hierarchy> = Vec::new();
     for m in memberships(pid)? {
@@ -150,6 +188,9 @@ pub(super) fn move_pid(pid: i32, from: &CgroupLeaf, to: &CgroupLeaf) -> Result<(
             continue;
         }
         if m.pathname != from.as_str() {
+            if !strict {
+                continue;
+            }
             return Err(FixupError::UnexpectedCgroup {
                 pid,
                 hierarchy: hierarchy_name(&m),

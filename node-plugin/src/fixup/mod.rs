@@ -95,6 +95,7 @@
 mod cgroup;
 mod error;
 mod fake;
+pub mod gvisor;
 mod ops;
 mod plan;
 mod real;

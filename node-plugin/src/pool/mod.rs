@@ -17,6 +17,7 @@
 //! await; `view` (called for every sandbox of every list answer) only takes
 //! it briefly.
 
+pub mod gvisor;
 pub mod records;
 pub mod setns;
 
@@ -71,6 +72,9 @@ pub struct SlotFacts {
     pub pause_pid: i32,
     /// The placeholder's cgroup parent, where runc put the pause.
     pub placeholder_cgroup_parent: String,
+    /// containerd's handler the slot was created with: picks the fix-up
+    /// mechanism ([`gvisor::ByRuntime`]).
+    pub upstream_handler: String,
 }
 
 /// A fix-up that failed; the slot is destroyed and the pod starts cold.
@@ -411,6 +415,7 @@ impl PoolManager {
                             sandbox_id: sb.id.clone(),
                             pause_pid: rec.pause_pid,
                             placeholder_cgroup_parent: rec.placeholder_cgroup_parent,
+                            upstream_handler: self.specs[pool].key.upstream_handler.clone(),
                         };
                         t.slots.insert(
                             sb.id.clone(),
@@ -473,6 +478,7 @@ impl PoolManager {
                 sandbox_id: id.clone(),
                 pause_pid: rec.pause_pid,
                 placeholder_cgroup_parent: rec.placeholder_cgroup_parent,
+                upstream_handler: self.upstream_of(&rec.pool),
             };
             self.fixup.after_remove(&facts, &rec.config).await;
             self.fixup.discard(&facts).await;
@@ -491,6 +497,7 @@ impl PoolManager {
                 sandbox_id: rec.sandbox_id.clone(),
                 pause_pid: rec.pause_pid,
                 placeholder_cgroup_parent: rec.placeholder_cgroup_parent.clone(),
+                upstream_handler: self.upstream_of(&rec.pool),
             };
             let pool = self.pool_index(&rec.pool);
             match self.identify(pool, &facts, &rec.config).await {
@@ -601,6 +608,7 @@ impl PoolManager {
                             sandbox_id: id.clone(),
                             pause_pid: pid,
                             placeholder_cgroup_parent: cgroup_parent,
+                            upstream_handler: self.specs[i].key.upstream_handler.clone(),
                         },
                         status: Status::Free,
                         completion: None,
@@ -615,6 +623,7 @@ impl PoolManager {
                     sandbox_id: id.clone(),
                     pause_pid: 0,
                     placeholder_cgroup_parent: cgroup_parent,
+                    upstream_handler: self.specs[i].key.upstream_handler.clone(),
                 })
                 .await;
                 Err(e)
@@ -775,7 +784,16 @@ impl PoolManager {
                     .map(|m| m.uid.as_str())
                     .unwrap_or_default()
             ),
+            upstream_handler: sb.runtime_handler.clone(),
         }
+    }
+
+    /// The upstream handler of the pool named `pool` (a claim record's).
+    fn upstream_of(&self, pool: &str) -> String {
+        self.specs[self.pool_index(pool)]
+            .key
+            .upstream_handler
+            .clone()
     }
 
     /// Removes placeholders with this node's token that the table does not

@@ -1,0 +1,204 @@
+//! The privileged operations of the `guest-exec` fix-up (gVisor, Kata):
+//! runtimes whose pause is not a host process, so the hostname is set by a
+//! command run *inside* the sandbox, and every host process of the sandbox
+//! (sentry, gofer, the adapter's waiter; a VMM, virtiofsd) moves to the
+//! pod's cgroup, not just one pause pid. Behind [`GuestOps`] so the
+//! sequencing in `pool::gvisor` is tested with [`RecordingGuestOps`].
+
+use std::{
+    fmt,
+    path::Path,
+    sync::{Mutex, PoisonError},
+    time::Duration,
+};
+
+use super::{cgroup, plan::CgroupLeaf, FixupError};
+
+/// What can fail in a guest operation.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("starting {program:?}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{program:?} exited with {status}: {stderr}")]
+    Failed {
+        program: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{program:?} did not finish within {deadline:?}")]
+    Timeout { program: String, deadline: Duration },
+    #[error(transparent)]
+    Cgroup(#[from] FixupError),
+    #[error("processes still in cgroup {leaf} after {rounds} rounds of moves: {pids:?}")]
+    LeafNotEmpty {
+        leaf: String,
+        rounds: usize,
+        pids: Vec<i32>,
+    },
+}
+
+/// Privileged operations of the `guest-exec` fix-up.
+#[tonic::async_trait]
+pub trait GuestOps: Send + Sync + fmt::Debug {
+    /// Runs `argv` (absolute program path first) to completion; `Ok` when
+    /// it exits 0 within `deadline`. The child is killed on timeout.
+    async fn run(&self, argv: &[String], deadline: Duration) -> Result<(), GuestError>;
+
+    /// The PIDs in the leaf cgroup `leaf`, in any mounted hierarchy.
+    fn cgroup_procs(&self, leaf: &CgroupLeaf) -> Result<Vec<i32>, GuestError>;
+
+    /// Moves `pid` from `from` to `to` in every hierarchy where it is in
+    /// `from` (others are left alone). A process that exited meanwhile is
+    /// not an error.
+    fn move_process(&self, pid: i32, from: &CgroupLeaf, to: &CgroupLeaf) -> Result<(), GuestError>;
+}
+
+/// The real [`GuestOps`]: `tokio::process`, cgroupfs.
+#[derive(Debug, Default)]
+pub struct RealGuestOps;
+
+#[tonic::async_trait]
+impl GuestOps for RealGuestOps {
+    async fn run(&self, argv: &[String], deadline: Duration) -> Result<(), GuestError> {
+        let (program, args) = argv.split_first().ok_or_else(|| GuestError::Spawn {
+            program: String::new(),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        })?;
+        let child = tokio::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| GuestError::Spawn {
+                program: program.clone(),
+                source,
+            })?;
+        let out = match tokio::time::timeout(deadline, child.wait_with_output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(source)) => {
+                return Err(GuestError::Spawn {
+                    program: program.clone(),
+                    source,
+                })
+            }
+            Err(_) => {
+                return Err(GuestError::Timeout {
+                    program: program.clone(),
+                    deadline,
+                })
+            }
+        };
+        if out.status.success() {
+            return Ok(());
+        }
+        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        stderr.truncate(1024);
+        Err(GuestError::Failed {
+            program: program.clone(),
+            status: out.status.to_string(),
+            stderr,
+        })
+    }
+
+    fn cgroup_procs(&self, leaf: &CgroupLeaf) -> Result<Vec<i32>, GuestError> {
+        Ok(cgroup::leaf_procs(leaf)?)
+    }
+
+    fn move_process(&self, pid: i32, from: &CgroupLeaf, to: &CgroupLeaf) -> Result<(), GuestError> {
+        match cgroup::move_pid_where_in(pid, from, to) {
+            Ok(()) => Ok(()),
+            Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// One call made to a [`RecordingGuestOps`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestCall {
+    Run(Vec<String>),
+    CgroupProcs(String),
+    Move { pid: i32, from: String, to: String },
+}
+
+/// Records calls; `run` fails when told to; `cgroup_procs` answers from a
+/// script of successive answers (then empty), and a `move_process` of a pid
+/// removes it from the fake leaf.
+#[derive(Debug, Default)]
+pub struct RecordingGuestOps {
+    calls: Mutex<Vec<GuestCall>>,
+    fail_run: bool,
+    procs: Mutex<Vec<Vec<i32>>>,
+}
+
+impl RecordingGuestOps {
+    /// A fake whose leaf holds `procs` (each inner list is what one listing
+    /// returns, in order; then the leaf is empty).
+    pub fn with_procs(procs: Vec<Vec<i32>>) -> Self {
+        Self {
+            procs: Mutex::new(procs),
+            ..Self::default()
+        }
+    }
+
+    /// A fake whose `run` fails.
+    pub fn failing_run() -> Self {
+        Self {
+            fail_run: true,
+            ..Self::default()
+        }
+    }
+
+    pub fn calls(&self) -> Vec<GuestCall> {
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn record(&self, call: GuestCall) {
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(call);
+    }
+}
+
+#[tonic::async_trait]
+impl GuestOps for RecordingGuestOps {
+    async fn run(&self, argv: &[String], _deadline: Duration) -> Result<(), GuestError> {
+        self.record(GuestCall::Run(argv.to_vec()));
+        if self.fail_run {
+            return Err(GuestError::Failed {
+                program: argv.first().cloned().unwrap_or_default(),
+                status: "exit status: 1".to_owned(),
+                stderr: "fake failure".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn cgroup_procs(&self, leaf: &CgroupLeaf) -> Result<Vec<i32>, GuestError> {
+        self.record(GuestCall::CgroupProcs(leaf.as_str().to_owned()));
+        let mut procs = self.procs.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(if procs.is_empty() {
+            Vec::new()
+        } else {
+            procs.remove(0)
+        })
+    }
+
+    fn move_process(&self, pid: i32, from: &CgroupLeaf, to: &CgroupLeaf) -> Result<(), GuestError> {
+        self.record(GuestCall::Move {
+            pid,
+            from: from.as_str().to_owned(),
+            to: to.as_str().to_owned(),
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,402 @@
+//! Fix-ups for runtimes whose pause is not a host process: gVisor (the
+//! sentry has its own UTS namespace, not a host one to `setns` into) and
+//! Kata (a guest kernel). Chosen per upstream handler by [`ByRuntime`]
+//! (`fixup = "setns" | "guest-exec"` in a `[[pool]]`).
+//!
+//! `guest-exec`, measured on runsc release-20221219.0 with the
+//! `fast-sandbox-runsc` adapter (docs/runtimes.md):
+//! - containerd's per-sandbox `hostname` and `resolv.conf` are rewritten in
+//!   place on the host, as for runc. runsc serves file bind mounts through
+//!   the gofer with `cache=remote_revalidating`, so the new content is what
+//!   the pause and every later container read;
+//! - the UTS hostname is set by a configured command run inside the
+//!   sandbox: by default `runsc exec --cap CAP_SYS_ADMIN <id> /pause
+//!   --set-hostname <name>` (our pause image has that mode). Containers of
+//!   the pod share the sandbox's UTS namespace, so they see it;
+//! - sysctls: runsc does not apply a spec's sysctls (the sentry has no
+//!   `/proc/sys/net/ipv4/ip_unprivileged_port_start` at all, cold or warm),
+//!   so `guest_sysctls = "ignore"`; a runtime that applies them in the guest
+//!   (Kata) uses `"refuse"`: a pod with sysctls then starts cold;
+//! - every process in the placeholder's leaf cgroup (sentry, gofer, the
+//!   adapter's waiter and its `runsc wait`; a VMM and virtiofsd for Kata)
+//!   moves to `<pod cgroup_parent>/<id>`, in the hierarchies where it is,
+//!   after the claim is answered, like the runc pause move.
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+
+use fast_sandbox_proto::cri::PodSandboxConfig;
+
+use super::{setns::SetnsFixup, Fixup, FixupFailed, SlotFacts};
+use crate::fixup::{
+    self,
+    gvisor::{GuestError, GuestOps},
+    CgroupLeaf, CgroupMove, FixupPlan, NodeOps, SandboxId,
+};
+
+/// The argument of a guest command replaced by the sandbox id.
+pub const SANDBOX_ID_ARG: &str = "{sandbox_id}";
+/// The argument replaced by the pod's hostname.
+pub const HOSTNAME_ARG: &str = "{hostname}";
+/// The argument replaced by a fresh exec id (`fsb-hostname-<hex>`), for
+/// clients such as `ctr task exec` that need one.
+pub const EXEC_ID_ARG: &str = "{exec_id}";
+
+/// The command that sets the hostname inside a sandbox. Arguments equal to
+/// [`SANDBOX_ID_ARG`], [`HOSTNAME_ARG`] or [`EXEC_ID_ARG`] are replaced
+/// (whole arguments only: nothing is ever spliced into a string).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecTemplate(Vec<String>);
+
+/// A guest command template that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("the program {0:?} must be an absolute path")]
+    RelativeProgram(String),
+    #[error("must contain the argument {0:?}")]
+    Missing(&'static str),
+}
+
+impl ExecTemplate {
+    pub fn new(argv: Vec<String>) -> Result<Self, TemplateError> {
+        let program = argv.first().ok_or(TemplateError::Empty)?;
+        if !program.starts_with('/') {
+            return Err(TemplateError::RelativeProgram(program.clone()));
+        }
+        for needed in [SANDBOX_ID_ARG, HOSTNAME_ARG] {
+            if !argv.iter().any(|a| a == needed) {
+                return Err(TemplateError::Missing(needed));
+            }
+        }
+        Ok(Self(argv))
+    }
+
+    /// The default for gVisor through containerd's runc v2 shim: runsc's
+    /// state lives in the shim's `--root`, containerd's default
+    /// `/run/containerd/runc/<namespace>` unless the runtime's `Root`
+    /// option says otherwise.
+    pub fn runsc(runsc: &str, root: &str) -> Self {
+        Self(
+            [
+                runsc,
+                "--root",
+                root,
+                "exec",
+                "--cap",
+                "CAP_SYS_ADMIN",
+                SANDBOX_ID_ARG,
+                "/pause",
+                "--set-hostname",
+                HOSTNAME_ARG,
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        )
+    }
+
+    /// The command for one sandbox.
+    pub fn render(&self, sandbox_id: &str, hostname: &str, exec_id: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|a| match a.as_str() {
+                SANDBOX_ID_ARG => sandbox_id.to_owned(),
+                HOSTNAME_ARG => hostname.to_owned(),
+                EXEC_ID_ARG => exec_id.to_owned(),
+                _ => a.clone(),
+            })
+            .collect()
+    }
+
+    pub fn argv(&self) -> &[String] {
+        &self.0
+    }
+}
+
+/// What a `guest-exec` fix-up does with a pod's sysctls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SysctlPolicy {
+    /// The runtime does not apply spec sysctls (runsc): nothing to do, a
+    /// cold start would not apply them either.
+    Ignore,
+    /// The runtime applies them inside the guest at sandbox start (Kata):
+    /// a slot cannot get them afterwards, so such a claim fails and the pod
+    /// starts cold.
+    Refuse,
+}
+
+/// Settings of one `guest-exec` mechanism.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestExecSettings {
+    pub command: ExecTemplate,
+    pub sysctls: SysctlPolicy,
+}
+
+/// [`Fixup`] for sandboxes whose pause is not a host process.
+#[derive(Debug)]
+pub struct GuestExecFixup {
+    node: Arc<dyn NodeOps>,
+    guest: Arc<dyn GuestOps>,
+    containerd_root: PathBuf,
+    settings: GuestExecSettings,
+    deadline: Duration,
+}
+
+/// How many times the placeholder leaf is listed and emptied before the
+/// move gives up (a process forked while the previous round moved).
+const MOVE_ROUNDS: usize = 5;
+
+impl GuestExecFixup {
+    pub fn new(
+        node: Arc<dyn NodeOps>,
+        guest: Arc<dyn GuestOps>,
+        containerd_root: PathBuf,
+        settings: GuestExecSettings,
+        deadline: Duration,
+    ) -> Self {
+        Self {
+            node,
+            guest,
+            containerd_root,
+            settings,
+            deadline,
+        }
+    }
+
+    fn plan(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<FixupPlan, FixupFailed> {
+        FixupPlan::from_config(
+            &slot.sandbox_id,
+            slot.pause_pid,
+            &self.containerd_root,
+            &slot.placeholder_cgroup_parent,
+            real,
+        )
+        .map_err(|e| FixupFailed(e.to_string()))
+    }
+}
+
+/// Moves every process of `cgroup.from` to `cgroup.to`, then removes the
+/// emptied placeholder leaf.
+fn move_all(
+    node: &dyn NodeOps,
+    guest: &dyn GuestOps,
+    cgroup: &CgroupMove,
+) -> Result<(), GuestError> {
+    if cgroup.is_noop() {
+        return Ok(());
+    }
+    for _ in 0..MOVE_ROUNDS {
+        let pids = guest.cgroup_procs(&cgroup.from)?;
+        if pids.is_empty() {
+            node.remove_cgroup(&cgroup.from)?;
+            return Ok(());
+        }
+        for pid in pids {
+            guest.move_process(pid, &cgroup.from, &cgroup.to)?;
+        }
+    }
+    Err(GuestError::LeafNotEmpty {
+        leaf: cgroup.from.as_str().to_owned(),
+        rounds: MOVE_ROUNDS,
+        pids: guest.cgroup_procs(&cgroup.from)?,
+    })
+}
+
+fn exec_id() -> String {
+    format!("fsb-hostname-{}", super::random_hex(6))
+}
+
+#[tonic::async_trait]
+impl Fixup for GuestExecFixup {
+    async fn apply(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        let plan = self.plan(slot, real)?;
+        if plan.hostname().is_empty() {
+            // What the sentry or guest names itself without one is the
+            // runtime's choice: do not guess, start cold.
+            return Err(FixupFailed(
+                "PodSandboxConfig field hostname: empty; a guest-exec slot needs one".to_owned(),
+            ));
+        }
+        let has_sysctls = [
+            fixup::Namespace::Net,
+            fixup::Namespace::Ipc,
+            fixup::Namespace::Uts,
+        ]
+        .iter()
+        .any(|ns| !plan.sysctls_in(*ns).is_empty());
+        if has_sysctls && self.settings.sysctls == SysctlPolicy::Refuse {
+            return Err(FixupFailed(
+                "PodSandboxConfig field linux.sysctls: this runtime applies them only at sandbox start"
+                    .to_owned(),
+            ));
+        }
+        // The sandbox files, exactly as for runc (no UTS step, no sysctls).
+        let files = {
+            let node = Arc::clone(&self.node);
+            let dir = plan.sandbox_root_dir().to_owned();
+            let hostname = format!("{}\n", plan.hostname());
+            let resolv = plan.resolv_conf().map(str::to_owned);
+            tokio::task::spawn_blocking(move || {
+                node.write_file_in_place(&dir, "hostname", hostname.as_bytes())?;
+                let contents = match resolv {
+                    Some(text) => text.into_bytes(),
+                    None => node.node_resolv_conf()?,
+                };
+                node.write_file_in_place(&dir, "resolv.conf", &contents)
+            })
+        };
+        match tokio::time::timeout(self.deadline, files).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(FixupFailed(e.to_string())),
+            Ok(Err(e)) => return Err(FixupFailed(format!("sandbox files: {e}"))),
+            Err(_) => return Err(FixupFailed("sandbox files: deadline passed".to_owned())),
+        }
+        let argv = self
+            .settings
+            .command
+            .render(&slot.sandbox_id, plan.hostname(), &exec_id());
+        self.guest
+            .run(&argv, self.deadline)
+            .await
+            .map_err(|e| FixupFailed(format!("setting the hostname inside the sandbox: {e}")))?;
+        tracing::debug!(sandbox = %slot.sandbox_id, "identity fixed up inside the sandbox");
+        Ok(())
+    }
+
+    async fn complete(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        let plan = self.plan(slot, real)?;
+        let cgroup = plan.cgroup().clone();
+        let (node, guest) = (Arc::clone(&self.node), Arc::clone(&self.guest));
+        let task = tokio::task::spawn_blocking(move || move_all(&*node, &*guest, &cgroup));
+        match tokio::time::timeout(self.deadline, task).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(FixupFailed(format!("moving the sandbox's processes: {e}"))),
+            Ok(Err(e)) => Err(FixupFailed(format!("moving the sandbox's processes: {e}"))),
+            Err(_) => Err(FixupFailed(
+                "moving the sandbox's processes: deadline passed".to_owned(),
+            )),
+        }
+    }
+
+    async fn after_remove(&self, slot: &SlotFacts, real: &PodSandboxConfig) {
+        let real_parent = real
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.as_str())
+            .unwrap_or_default();
+        let cgroup = SandboxId::parse(&slot.sandbox_id)
+            .and_then(|id| CgroupMove::new(&id, &slot.placeholder_cgroup_parent, real_parent));
+        let result = match cgroup {
+            Ok(cgroup) => {
+                fixup::cleanup_after_remove(Arc::clone(&self.node), cgroup, self.deadline).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(sandbox = %slot.sandbox_id, error = %e, "cleaning up the claimed slot's cgroup failed");
+        }
+    }
+
+    async fn discard(&self, slot: &SlotFacts) {
+        let node = Arc::clone(&self.node);
+        let parent = slot.placeholder_cgroup_parent.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let dir = CgroupLeaf::owned_dir(&parent, "placeholder cgroup parent")?;
+            node.remove_cgroup(&dir)
+        })
+        .await;
+        if let Ok(Err(e)) = removed {
+            tracing::warn!(sandbox = %slot.sandbox_id, error = %e,
+                "removing the slot's placeholder cgroup parent failed");
+        }
+    }
+}
+
+/// Which fix-up mechanism a pool's upstream runtime needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mechanism {
+    /// runc, crun: `setns` into the pause's namespaces.
+    Setns,
+    /// gVisor, Kata: a command inside the sandbox.
+    GuestExec(GuestExecSettings),
+}
+
+/// Dispatches each slot to the mechanism of its upstream handler; handlers
+/// not listed use `setns`.
+#[derive(Debug)]
+pub struct ByRuntime {
+    by_upstream: HashMap<String, Arc<dyn Fixup>>,
+    default: Arc<dyn Fixup>,
+}
+
+impl ByRuntime {
+    pub fn new(default: Arc<dyn Fixup>) -> Self {
+        Self {
+            by_upstream: HashMap::new(),
+            default,
+        }
+    }
+
+    /// Serves slots of `upstream` with `fixup`.
+    #[must_use]
+    pub fn with(mut self, upstream: &str, fixup: Arc<dyn Fixup>) -> Self {
+        self.by_upstream.insert(upstream.to_owned(), fixup);
+        self
+    }
+
+    /// The real mechanisms for `choices` (upstream handler → mechanism).
+    pub fn real(
+        node: Arc<dyn NodeOps>,
+        guest: Arc<dyn GuestOps>,
+        containerd_root: PathBuf,
+        choices: &HashMap<String, Mechanism>,
+        deadline: Duration,
+    ) -> Self {
+        let setns: Arc<dyn Fixup> = Arc::new(SetnsFixup::new(
+            Arc::clone(&node),
+            containerd_root.clone(),
+            deadline,
+        ));
+        let mut out = Self::new(Arc::clone(&setns));
+        for (upstream, mechanism) in choices {
+            let fixup: Arc<dyn Fixup> = match mechanism {
+                Mechanism::Setns => Arc::clone(&setns),
+                Mechanism::GuestExec(settings) => Arc::new(GuestExecFixup::new(
+                    Arc::clone(&node),
+                    Arc::clone(&guest),
+                    containerd_root.clone(),
+                    settings.clone(),
+                    deadline,
+                )),
+            };
+            out = out.with(upstream, fixup);
+        }
+        out
+    }
+
+    fn pick(&self, slot: &SlotFacts) -> &dyn Fixup {
+        self.by_upstream
+            .get(&slot.upstream_handler)
+            .unwrap_or(&self.default)
+            .as_ref()
+    }
+}
+
+#[tonic::async_trait]
+impl Fixup for ByRuntime {
+    async fn apply(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        self.pick(slot).apply(slot, real).await
+    }
+    async fn complete(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        self.pick(slot).complete(slot, real).await
+    }
+    async fn after_remove(&self, slot: &SlotFacts, real: &PodSandboxConfig) {
+        self.pick(slot).after_remove(slot, real).await;
+    }
+    async fn discard(&self, slot: &SlotFacts) {
+        self.pick(slot).discard(slot).await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,325 @@
+//! The `guest-exec` fix-up and the per-runtime dispatch, with recording
+//! fakes (no root, no runsc).
+
+use std::collections::HashMap;
+
+use fast_sandbox_proto::cri::{DnsConfig, LinuxPodSandboxConfig, PodSandboxConfig};
+
+use super::*;
+use crate::fixup::{
+    gvisor::{GuestCall, RecordingGuestOps},
+    Call, RecordingOps,
+};
+
+const ID: &str = "a7383993ee782e34155b70d1d3208393ffc7c82e0b4145ba9e4ea1adcb8906fd";
+const ROOT: &str = "/var/lib/containerd";
+
+fn facts(upstream: &str) -> SlotFacts {
+    SlotFacts {
+        sandbox_id: ID.to_owned(),
+        pause_pid: 4242,
+        placeholder_cgroup_parent: "/fast-sandbox-slots/u1".to_owned(),
+        upstream_handler: upstream.to_owned(),
+    }
+}
+
+fn real(sysctls: &[(&str, &str)]) -> PodSandboxConfig {
+    PodSandboxConfig {
+        hostname: "web-0".to_owned(),
+        dns_config: Some(DnsConfig {
+            servers: vec!["10.0.0.10".to_owned()],
+            searches: vec!["ns.svc".to_owned()],
+            options: vec![],
+        }),
+        linux: Some(LinuxPodSandboxConfig {
+            cgroup_parent: "/kubepods/pod1".to_owned(),
+            sysctls: sysctls
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn settings(sysctls: SysctlPolicy) -> GuestExecSettings {
+    GuestExecSettings {
+        command: ExecTemplate::runsc("/usr/bin/runsc", "/run/containerd/runc/k8s.io"),
+        sysctls,
+    }
+}
+
+fn fixup(
+    node: &Arc<RecordingOps>,
+    guest: &Arc<RecordingGuestOps>,
+    policy: SysctlPolicy,
+) -> GuestExecFixup {
+    GuestExecFixup::new(
+        Arc::clone(node) as Arc<dyn NodeOps>,
+        Arc::clone(guest) as Arc<dyn GuestOps>,
+        ROOT.into(),
+        settings(policy),
+        Duration::from_secs(5),
+    )
+}
+
+fn sandbox_dir() -> PathBuf {
+    PathBuf::from(ROOT).join(format!("io.containerd.grpc.v1.cri/sandboxes/{ID}"))
+}
+
+#[tokio::test]
+async fn apply_rewrites_the_files_then_sets_the_hostname_inside() {
+    let node = Arc::new(RecordingOps::new());
+    let guest = Arc::new(RecordingGuestOps::default());
+    fixup(&node, &guest, SysctlPolicy::Ignore)
+        .apply(&facts("runsc"), &real(&[]))
+        .await
+        .expect("apply");
+    assert_eq!(
+        node.calls(),
+        vec![
+            Call::WriteFile {
+                dir: sandbox_dir(),
+                name: "hostname".into(),
+                contents: b"web-0\n".to_vec(),
+            },
+            Call::WriteFile {
+                dir: sandbox_dir(),
+                name: "resolv.conf".into(),
+                contents: b"search ns.svc\nnameserver 10.0.0.10\n".to_vec(),
+            },
+        ],
+        "no setns, no sysctl writes"
+    );
+    assert_eq!(
+        guest.calls(),
+        vec![GuestCall::Run(
+            [
+                "/usr/bin/runsc",
+                "--root",
+                "/run/containerd/runc/k8s.io",
+                "exec",
+                "--cap",
+                "CAP_SYS_ADMIN",
+                ID,
+                "/pause",
+                "--set-hostname",
+                "web-0",
+            ]
+            .map(str::to_owned)
+            .to_vec()
+        )]
+    );
+}
+
+#[tokio::test]
+async fn sysctls_are_ignored_or_refused_as_configured() {
+    let pod = real(&[("net.core.somaxconn", "1024")]);
+    let node = Arc::new(RecordingOps::new());
+    let guest = Arc::new(RecordingGuestOps::default());
+    fixup(&node, &guest, SysctlPolicy::Ignore)
+        .apply(&facts("runsc"), &pod)
+        .await
+        .expect("runsc ignores sysctls, cold and warm");
+
+    let node = Arc::new(RecordingOps::new());
+    let guest = Arc::new(RecordingGuestOps::default());
+    let err = fixup(&node, &guest, SysctlPolicy::Refuse)
+        .apply(&facts("kata"), &pod)
+        .await
+        .expect_err("a VM applies sysctls at boot only");
+    assert!(err.0.contains("linux.sysctls"), "{err}");
+    assert!(
+        node.calls().is_empty() && guest.calls().is_empty(),
+        "nothing touched"
+    );
+}
+
+#[tokio::test]
+async fn an_empty_hostname_or_a_failed_exec_fails_the_claim() {
+    let node = Arc::new(RecordingOps::new());
+    let guest = Arc::new(RecordingGuestOps::default());
+    let mut pod = real(&[]);
+    pod.hostname.clear();
+    let err = fixup(&node, &guest, SysctlPolicy::Ignore)
+        .apply(&facts("runsc"), &pod)
+        .await
+        .expect_err("empty hostname");
+    assert!(err.0.contains("hostname"), "{err}");
+    assert!(guest.calls().is_empty());
+
+    let guest = Arc::new(RecordingGuestOps::failing_run());
+    let err = fixup(&node, &guest, SysctlPolicy::Ignore)
+        .apply(&facts("runsc"), &real(&[]))
+        .await
+        .expect_err("exec failed");
+    assert!(err.0.contains("fake failure"), "{err}");
+}
+
+#[tokio::test]
+async fn complete_moves_every_process_until_the_leaf_is_empty() {
+    let node = Arc::new(RecordingOps::new());
+    // Sentry, gofer, waiter; then a straggler forked during the first round.
+    let guest = Arc::new(RecordingGuestOps::with_procs(vec![
+        vec![10, 11, 12],
+        vec![13],
+    ]));
+    fixup(&node, &guest, SysctlPolicy::Ignore)
+        .complete(&facts("runsc"), &real(&[]))
+        .await
+        .expect("complete");
+    let from = format!("/fast-sandbox-slots/u1/{ID}");
+    let to = format!("/kubepods/pod1/{ID}");
+    let mv = |pid| GuestCall::Move {
+        pid,
+        from: from.clone(),
+        to: to.clone(),
+    };
+    assert_eq!(
+        guest.calls(),
+        vec![
+            GuestCall::CgroupProcs(from.clone()),
+            mv(10),
+            mv(11),
+            mv(12),
+            GuestCall::CgroupProcs(from.clone()),
+            mv(13),
+            GuestCall::CgroupProcs(from.clone()),
+        ]
+    );
+    assert_eq!(node.calls(), vec![Call::RemoveCgroup { leaf: from }]);
+}
+
+#[tokio::test]
+async fn complete_gives_up_on_a_leaf_that_never_empties() {
+    let node = Arc::new(RecordingOps::new());
+    let guest = Arc::new(RecordingGuestOps::with_procs(vec![
+        vec![7];
+        MOVE_ROUNDS + 1
+    ]));
+    let err = fixup(&node, &guest, SysctlPolicy::Ignore)
+        .complete(&facts("runsc"), &real(&[]))
+        .await
+        .expect_err("never empty");
+    assert!(err.0.contains("[7]"), "{err}");
+    assert!(node.calls().is_empty(), "the leaf is not removed");
+}
+
+#[test]
+fn templates_are_checked_and_rendered_whole_arguments_only() {
+    let argv = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_eq!(ExecTemplate::new(vec![]), Err(TemplateError::Empty));
+    assert_eq!(
+        ExecTemplate::new(argv(&["runsc", "{sandbox_id}", "{hostname}"])),
+        Err(TemplateError::RelativeProgram("runsc".into()))
+    );
+    assert_eq!(
+        ExecTemplate::new(argv(&["/bin/x", "{sandbox_id}"])),
+        Err(TemplateError::Missing(HOSTNAME_ARG))
+    );
+    let t = ExecTemplate::new(argv(&[
+        "/usr/bin/ctr",
+        "task",
+        "exec",
+        "--exec-id",
+        "{exec_id}",
+        "{sandbox_id}",
+        "/pause",
+        "--set-hostname",
+        "{hostname}",
+        "x{hostname}",
+    ]))
+    .expect("valid");
+    assert_eq!(
+        t.render("sb", "web-0", "e1"),
+        argv(&[
+            "/usr/bin/ctr",
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "sb",
+            "/pause",
+            "--set-hostname",
+            "web-0",
+            "x{hostname}",
+        ])
+    );
+}
+
+/// Records which slots reached it.
+#[derive(Debug, Default)]
+struct Tag(std::sync::Mutex<Vec<String>>);
+
+#[tonic::async_trait]
+impl Fixup for Tag {
+    async fn apply(&self, slot: &SlotFacts, _: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        self.0
+            .lock()
+            .expect("lock")
+            .push(format!("apply {}", slot.upstream_handler));
+        Ok(())
+    }
+    async fn complete(&self, slot: &SlotFacts, _: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        self.0
+            .lock()
+            .expect("lock")
+            .push(format!("complete {}", slot.upstream_handler));
+        Ok(())
+    }
+    async fn after_remove(&self, slot: &SlotFacts, _: &PodSandboxConfig) {
+        self.0
+            .lock()
+            .expect("lock")
+            .push(format!("after_remove {}", slot.upstream_handler));
+    }
+    async fn discard(&self, slot: &SlotFacts) {
+        self.0
+            .lock()
+            .expect("lock")
+            .push(format!("discard {}", slot.upstream_handler));
+    }
+}
+
+#[tokio::test]
+async fn by_runtime_dispatches_on_the_slot_upstream_handler() {
+    let setns = Arc::new(Tag::default());
+    let guest = Arc::new(Tag::default());
+    let by = ByRuntime::new(Arc::clone(&setns) as Arc<dyn Fixup>)
+        .with("runsc", Arc::clone(&guest) as Arc<dyn Fixup>);
+    let pod = real(&[]);
+    by.apply(&facts("runsc"), &pod).await.expect("apply");
+    by.complete(&facts("runc"), &pod).await.expect("complete");
+    by.after_remove(&facts("runsc"), &pod).await;
+    by.discard(&facts("crun")).await;
+    assert_eq!(
+        *guest.0.lock().expect("lock"),
+        vec!["apply runsc", "after_remove runsc"]
+    );
+    assert_eq!(
+        *setns.0.lock().expect("lock"),
+        vec!["complete runc", "discard crun"]
+    );
+}
+
+#[test]
+fn real_builds_one_guest_fixup_per_guest_runtime() {
+    let choices = HashMap::from([
+        (
+            "runsc".to_owned(),
+            Mechanism::GuestExec(settings(SysctlPolicy::Ignore)),
+        ),
+        ("runc".to_owned(), Mechanism::Setns),
+    ]);
+    let by = ByRuntime::real(
+        Arc::new(RecordingOps::new()),
+        Arc::new(RecordingGuestOps::default()),
+        ROOT.into(),
+        &choices,
+        Duration::from_secs(1),
+    );
+    assert!(format!("{:?}", by.pick(&facts("runsc"))).starts_with("GuestExecFixup"));
+    assert!(format!("{:?}", by.pick(&facts("runc"))).starts_with("SetnsFixup"));
+    assert!(format!("{:?}", by.pick(&facts("other"))).starts_with("SetnsFixup"));
+}
