@@ -21,237 +21,16 @@
 
 use std::{
     collections::HashSet,
-    net::SocketAddr,
     path::{Path, PathBuf},
-    process::Stdio,
     time::Duration,
 };
 
 use fast_sandbox_proto::cri::{ListPodSandboxRequest, RunPodSandboxRequest, VersionRequest};
-use fast_sandbox_shim::slots::{POOL_LABEL, SLOT_TOKEN_LABEL};
+use fast_sandbox_shim::slots::SLOT_TOKEN_LABEL;
 use fast_sandbox_tests::{census::Census, pod::TestPod, wait_for, CaseGuard, Cri, DevNode};
 
-/// How a test's node plugin is set up.
-struct Setup<'a> {
-    pool: &'a str,
-    size: usize,
-    /// The containerd it fronts (the development node, or a private one).
-    node: &'a DevNode,
-}
-
-impl Setup<'_> {
-    fn cgroup_root(&self) -> String {
-        format!("/fast-sandbox-test/{}", self.pool)
-    }
-
-    /// Writes the node plugin's config into `dir`.
-    fn write(&self, dir: &Path, admin: SocketAddr) -> PathBuf {
-        let path = dir.join("node.toml");
-        let text = format!(
-            "[upstream]\nendpoint = {endpoint:?}\n[socket]\npath = {socket:?}\n[admin]\naddress = \"{admin}\"\n\
-             [slots]\nstate_dir = {state:?}\ncontainerd_root = {root:?}\nplaceholder_cgroup_root = {cg:?}\n\
-             refill_interval = \"0ms\"\nrefill_delay = \"100ms\"\nhealth_interval = \"1s\"\n\
-             [[pool]]\nname = \"{pool}\"\nhandler = \"fast-runc\"\nupstream = \"runc\"\nsize = {size}\n\
-             shape = {{ seccomp = \"runtime-default\" }}\n",
-            endpoint = self.node.containerd_endpoint,
-            socket = dir.join("cri.sock").display().to_string(),
-            state = dir.join("state").display().to_string(),
-            root = self.node.containerd_root.display().to_string(),
-            cg = self.cgroup_root(),
-            pool = self.pool,
-            size = self.size,
-        );
-        std::fs::write(&path, text).expect("config");
-        path
-    }
-}
-
-/// A `fast-sandbox-node serve` process; killed when dropped.
-struct Node {
-    child: std::process::Child,
-    socket: PathBuf,
-    admin: SocketAddr,
-    pool: String,
-    size: usize,
-    log: PathBuf,
-}
-
-impl Node {
-    /// Starts the binary on `dir`'s config; its log goes to `dir/<log>`.
-    fn spawn(setup: &Setup<'_>, dir: &Path, failpoints: &str, log: &str) -> Self {
-        let admin = free_port();
-        let config = setup.write(dir, admin);
-        let log = dir.join(log);
-        let stderr = std::fs::File::create(&log).expect("log file");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_fast-sandbox-node"))
-            .env("FAST_SANDBOX_FAILPOINTS", failpoints)
-            .env("NO_COLOR", "1")
-            .env(
-                "RUST_LOG",
-                std::env::var("FS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start fast-sandbox-node");
-        Self {
-            child,
-            socket: dir.join("cri.sock"),
-            admin,
-            pool: setup.pool.to_owned(),
-            size: setup.size,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// A client of the shim, once it answers.
-    async fn cri(&self) -> Cri {
-        let cri = Cri::connect(&format!("unix://{}", self.socket.display())).expect("client");
-        let log = self.log.clone();
-        wait_for("the node plugin to serve", Duration::from_secs(30), || {
-            let mut cri = cri.clone();
-            async move {
-                cri.runtime
-                    .version(VersionRequest::default())
-                    .await
-                    .ok()
-                    .map(|_| ())
-            }
-        })
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "{e}; its log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            )
-        });
-        cri
-    }
-
-    async fn free(&self) -> Option<u64> {
-        let body = fast_sandbox_node::admin::get(self.admin, "/pools")
-            .await
-            .ok()?;
-        let pools: serde_json::Value = serde_json::from_str(&body).ok()?;
-        pools.as_array()?.iter().find(|p| p["name"] == self.pool)?["free"].as_u64()
-    }
-
-    async fn wait_full(&self) {
-        wait_for("the pool to fill", Duration::from_secs(60), || async {
-            (self.free().await == Some(self.size as u64)).then_some(())
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log()));
-    }
-
-    /// Waits until the log has a line containing every one of `words`.
-    async fn wait_log(&self, what: &str, words: &[&str]) {
-        wait_for(what, Duration::from_secs(30), || async {
-            self.log()
-                .lines()
-                .any(|l| words.iter().all(|w| l.contains(w)))
-                .then_some(())
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log()));
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
-    }
-
-    fn stop(mut self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        self.child.wait().expect("stopped");
-    }
-}
-
-impl Drop for Node {
-    /// A failing test must not leave a node plugin refilling its pool.
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
-/// Stops and removes every sandbox of `pool` straight on containerd, with
-/// the cgroups the pool made; returns how many there were.
-async fn remove_pool_slots(endpoint: &str, pool: &str) -> anyhow::Result<usize> {
-    let mut direct = Cri::connect(endpoint)?;
-    let slots = direct.list_by_label(POOL_LABEL, pool).await?;
-    for sb in &slots {
-        direct.remove_sandbox(&sb.id).await?;
-        if let Some(uid) = sb.metadata.as_ref().map(|m| &m.uid) {
-            fast_sandbox_tests::pod::remove_cgroup_dirs(&format!(
-                "/fast-sandbox-test/{pool}/{uid}"
-            ));
-        }
-    }
-    fast_sandbox_tests::pod::remove_cgroup_dirs(&format!("/fast-sandbox-test/{pool}"));
-    Ok(slots.len())
-}
-
-/// Removes the pool's slots (any token) when dropped, also when the test
-/// fails, so a failed run leaves nothing for the next one.
-struct PoolSlotsGuard {
-    endpoint: String,
-    pool: String,
-}
-
-impl Drop for PoolSlotsGuard {
-    fn drop(&mut self) {
-        let (endpoint, pool) = (self.endpoint.clone(), self.pool.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(remove_pool_slots(&endpoint, &pool)).ok()
-        })
-        .join();
-    }
-}
-
-/// The ids of the pool's sandboxes upstream (free, claimed or in flight).
-async fn pool_ids(endpoint: &str, pool: &str) -> HashSet<String> {
-    Cri::connect(endpoint)
-        .expect("client")
-        .list_by_label(POOL_LABEL, pool)
-        .await
-        .expect("list slots")
-        .into_iter()
-        .map(|sb| sb.id)
-        .collect()
-}
-
-/// The claim records (`*.json`) in `state_dir/claims`.
-fn records(state: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(state.join("claims")).map_or_else(
-        |_| Vec::new(),
-        |d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                .collect()
-        },
-    )
-}
+mod support;
+use support::{pool_ids, records, remove_pool_slots, Node, PoolSlotsGuard, Setup};
 
 /// `RunPodSandbox` for `pod` on `fast-runc` through the shim.
 async fn run(cri: &mut Cri, pod: &TestPod) -> String {
@@ -333,7 +112,7 @@ async fn census(node: &DevNode, roots: &[String]) -> Census {
 /// `before`.
 async fn finish(node: &DevNode, plugin: Node, before: &Census, roots: &[String], free: usize) {
     let pool = plugin.pool.clone();
-    plugin.stop();
+    plugin.stop().await;
     let removed = remove_pool_slots(&node.containerd_endpoint, &pool)
         .await
         .expect("remove slots");

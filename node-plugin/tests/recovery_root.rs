@@ -15,11 +15,14 @@
 //! Needs root and the development node (`hack/dev-node.sh up`); skips
 //! locally without them, fails under `CI=true`.
 
-use std::{collections::HashSet, net::SocketAddr, path::Path, process::Stdio, time::Duration};
+use std::{collections::HashSet, time::Duration};
 
 use fast_sandbox_proto::cri::RunPodSandboxRequest;
 use fast_sandbox_shim::slots::POOL_LABEL;
 use fast_sandbox_tests::{pod::TestPod, wait_for, CaseGuard, Cri, DevNode};
+
+mod support;
+use support::{remove_pool_slots, Node, PoolSlotsGuard, Setup};
 
 const POOL: &str = "recovery";
 const SIZE: usize = 8;
@@ -29,168 +32,6 @@ const BURST: usize = SIZE;
 /// after their fix-up, before the answer. The kill lands while they wait.
 const FAILPOINTS: &str = "claim.recorded=2*off->3*return(20000);claim.applied=2*off->return(20000)";
 
-/// A `fast-sandbox-node serve` process with one warm `fast-runc` pool.
-struct Node {
-    child: std::process::Child,
-    socket: std::path::PathBuf,
-    admin: SocketAddr,
-}
-
-fn config(dir: &Path, node: &DevNode, admin: SocketAddr) -> std::path::PathBuf {
-    let path = dir.join("node.toml");
-    let text = format!(
-        "[upstream]\nendpoint = {endpoint:?}\n[socket]\npath = {socket:?}\n[admin]\naddress = \"{admin}\"\n\
-         [slots]\nstate_dir = {state:?}\ncontainerd_root = {root:?}\nplaceholder_cgroup_root = \"/fast-sandbox-test/{POOL}\"\n\
-         refill_interval = \"0ms\"\nrefill_delay = \"100ms\"\n\
-         [[pool]]\nname = \"{POOL}\"\nhandler = \"fast-runc\"\nupstream = \"runc\"\nsize = {SIZE}\n\
-         shape = {{ seccomp = \"runtime-default\" }}\n",
-        endpoint = node.containerd_endpoint,
-        socket = dir.join("cri.sock").display().to_string(),
-        state = dir.join("state").display().to_string(),
-        root = node.containerd_root.display().to_string(),
-    );
-    std::fs::write(&path, text).expect("config");
-    path
-}
-
-impl Node {
-    fn spawn(config: &Path, dir: &Path, admin: SocketAddr, failpoints: &str) -> Self {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_fast-sandbox-node"))
-            .env("FAST_SANDBOX_FAILPOINTS", failpoints)
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .env(
-                "RUST_LOG",
-                std::env::var("FS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start fast-sandbox-node");
-        Self {
-            child,
-            socket: dir.join("cri.sock"),
-            admin,
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("unix://{}", self.socket.display())
-    }
-
-    async fn free(&self) -> Option<u64> {
-        let body = fast_sandbox_node::admin::get(self.admin, "/pools")
-            .await
-            .ok()?;
-        let pools: serde_json::Value = serde_json::from_str(&body).ok()?;
-        pools.as_array()?.iter().find(|p| p["name"] == POOL)?["free"].as_u64()
-    }
-
-    async fn wait_full(&self) {
-        wait_for("the pool to fill", Duration::from_secs(60), || async {
-            (self.free().await == Some(SIZE as u64)).then_some(())
-        })
-        .await
-        .expect("pool full");
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
-    }
-
-    /// SIGTERM, then waits without blocking the runtime: the test's own
-    /// client connections must be able to close, or the graceful stop
-    /// waits out its timeout for them.
-    async fn stop(mut self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        wait_for("the node plugin to stop", Duration::from_secs(30), || {
-            let exited = matches!(self.child.try_wait(), Ok(Some(_)));
-            async move { exited.then_some(()) }
-        })
-        .await
-        .expect("stopped");
-    }
-}
-
-impl Drop for Node {
-    /// A failing test must not leave a node plugin running (it would keep
-    /// refilling its pool on the development node).
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Removes the pool's slots (any token) when dropped, also when the test
-/// fails, so a failed run leaves nothing for the next one.
-struct PoolSlotsGuard(String);
-
-impl Drop for PoolSlotsGuard {
-    fn drop(&mut self) {
-        let endpoint = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(remove_pool_slots(&endpoint)).ok()
-        })
-        .join();
-    }
-}
-
-/// Stops and removes every sandbox of the test pool, with its cgroups;
-/// returns how many there were.
-async fn remove_pool_slots(endpoint: &str) -> anyhow::Result<usize> {
-    let mut direct = Cri::connect(endpoint)?;
-    let slots = direct.list_by_label(POOL_LABEL, POOL).await?;
-    for sb in &slots {
-        direct.remove_sandbox(&sb.id).await?;
-        if let Some(uid) = sb.metadata.as_ref().map(|m| &m.uid) {
-            fast_sandbox_tests::pod::remove_cgroup_dirs(&format!(
-                "/fast-sandbox-test/{POOL}/{uid}"
-            ));
-        }
-    }
-    fast_sandbox_tests::pod::remove_cgroup_dirs(&format!("/fast-sandbox-test/{POOL}"));
-    Ok(slots.len())
-}
-
-/// The hostname in a sandbox's UTS namespace, as its containers will see it.
-async fn uts_hostname(cri: &mut Cri, id: &str) -> String {
-    let info = cri
-        .runtime
-        .pod_sandbox_status(fast_sandbox_proto::cri::PodSandboxStatusRequest {
-            pod_sandbox_id: id.into(),
-            verbose: true,
-        })
-        .await
-        .expect("verbose status")
-        .into_inner()
-        .info;
-    let pid = info
-        .get("info")
-        .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
-        .and_then(|v| v.get("pid").and_then(serde_json::Value::as_i64))
-        .expect("pause pid in verbose info");
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--uts=/proc/{pid}/ns/uts"))
-        .arg("hostname")
-        .output()
-        .expect("nsenter");
-    assert!(out.status.success(), "nsenter: {out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
 #[tokio::test]
 async fn kill_9_during_claims_loses_nothing() {
     let test = "kill_9_during_claims_loses_nothing";
@@ -198,10 +39,13 @@ async fn kill_9_during_claims_loses_nothing() {
         return;
     };
     let _guard = CaseGuard::new(&node, test).await.expect("clean slate");
-    remove_pool_slots(&node.containerd_endpoint)
+    remove_pool_slots(&node.containerd_endpoint, POOL)
         .await
         .expect("no slots of an earlier run");
-    let _slots = PoolSlotsGuard(node.containerd_endpoint.clone());
+    let _slots = PoolSlotsGuard {
+        endpoint: node.containerd_endpoint.clone(),
+        pool: POOL.to_owned(),
+    };
     let roots = [
         format!("/fast-sandbox-test/{POOL}"),
         "/kubepods/besteffort".to_owned(),
@@ -211,9 +55,12 @@ async fn kill_9_during_claims_loses_nothing() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let logs = tempfile::tempdir().expect("tempdir");
-    let admin = free_port();
-    let cfg = config(dir.path(), &node, admin);
-    let mut plugin = Node::spawn(&cfg, dir.path(), admin, FAILPOINTS);
+    let setup = Setup {
+        pool: POOL,
+        size: SIZE,
+        node: &node,
+    };
+    let mut plugin = Node::spawn(&setup, dir.path(), FAILPOINTS, "first.log");
     plugin.wait_full().await;
     let slots: HashSet<String> = Cri::connect(&node.containerd_endpoint)
         .expect("client")
@@ -282,19 +129,8 @@ async fn kill_9_during_claims_loses_nothing() {
     );
 
     // Restart on the same state, without faults.
-    let plugin = Node::spawn(&cfg, dir.path(), admin, "");
-    let mut cri = Cri::connect(&plugin.endpoint()).expect("client");
-    wait_for("the restarted shim", Duration::from_secs(30), || {
-        let mut cri = cri.clone();
-        async move {
-            cri.runtime
-                .version(fast_sandbox_proto::cri::VersionRequest::default())
-                .await
-                .ok()
-        }
-    })
-    .await
-    .expect("restarted");
+    let plugin = Node::spawn(&setup, dir.path(), "", "second.log");
+    let mut cri = plugin.cri().await;
     // Kubelet's next sync for a pod lists its sandboxes by uid and uses a
     // ready one; a pod whose RunPodSandbox got no answer finds the claim
     // that was recorded for it, finished by the restarted node plugin.
@@ -326,7 +162,7 @@ async fn kill_9_during_claims_loses_nothing() {
             (pod.name.as_str(), pod.namespace.as_str())
         );
         assert_eq!(
-            uts_hostname(&mut cri, &sb.id).await,
+            cri.uts_hostname(&sb.id).await.expect("hostname"),
             pod.name,
             "pod {}'s sandbox has its hostname",
             pod.name
@@ -349,7 +185,7 @@ async fn kill_9_during_claims_loses_nothing() {
     // Close our connection first: a graceful stop waits for open calls.
     drop(cri);
     plugin.stop().await;
-    let removed = remove_pool_slots(&node.containerd_endpoint)
+    let removed = remove_pool_slots(&node.containerd_endpoint, POOL)
         .await
         .expect("remove slots");
     assert_eq!(removed, SIZE, "exactly the pool's free slots remain");

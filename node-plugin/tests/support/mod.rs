@@ -1,0 +1,253 @@
+//! The real `fast-sandbox-node` binary as the root tests run it: its
+//! config, the process (killed when dropped), and clean-up of its pool's
+//! slots straight on containerd.
+
+// Each test binary uses a different part of the harness.
+#![allow(dead_code)]
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use fast_sandbox_proto::cri::VersionRequest;
+use fast_sandbox_shim::slots::POOL_LABEL;
+use fast_sandbox_tests::{wait_for, Cri, DevNode};
+
+/// How a test's node plugin is set up.
+pub struct Setup<'a> {
+    pub pool: &'a str,
+    pub size: usize,
+    /// The containerd it fronts (the development node, or a private one).
+    pub node: &'a DevNode,
+}
+
+impl Setup<'_> {
+    pub fn cgroup_root(&self) -> String {
+        format!("/fast-sandbox-test/{}", self.pool)
+    }
+
+    /// Writes the node plugin's config into `dir`.
+    pub fn write(&self, dir: &Path, admin: SocketAddr) -> PathBuf {
+        let path = dir.join("node.toml");
+        let text = format!(
+            "[upstream]\nendpoint = {endpoint:?}\n[socket]\npath = {socket:?}\n[admin]\naddress = \"{admin}\"\n\
+             [slots]\nstate_dir = {state:?}\ncontainerd_root = {root:?}\nplaceholder_cgroup_root = {cg:?}\n\
+             refill_interval = \"0ms\"\nrefill_delay = \"100ms\"\nhealth_interval = \"1s\"\n\
+             [[pool]]\nname = \"{pool}\"\nhandler = \"fast-runc\"\nupstream = \"runc\"\nsize = {size}\n\
+             shape = {{ seccomp = \"runtime-default\" }}\n",
+            endpoint = self.node.containerd_endpoint,
+            socket = dir.join("cri.sock").display().to_string(),
+            state = dir.join("state").display().to_string(),
+            root = self.node.containerd_root.display().to_string(),
+            cg = self.cgroup_root(),
+            pool = self.pool,
+            size = self.size,
+        );
+        std::fs::write(&path, text).expect("config");
+        path
+    }
+}
+
+/// A `fast-sandbox-node serve` process; killed when dropped.
+pub struct Node {
+    pub child: std::process::Child,
+    pub socket: PathBuf,
+    pub admin: SocketAddr,
+    pub pool: String,
+    pub size: usize,
+    pub log: PathBuf,
+}
+
+impl Node {
+    /// Starts the binary on `dir`'s config; its log goes to `dir/<log>`.
+    pub fn spawn(setup: &Setup<'_>, dir: &Path, failpoints: &str, log: &str) -> Self {
+        let admin = free_port();
+        let config = setup.write(dir, admin);
+        let log = dir.join(log);
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_fast-sandbox-node"))
+            .env("FAST_SANDBOX_FAILPOINTS", failpoints)
+            .env("NO_COLOR", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("FS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start fast-sandbox-node");
+        Self {
+            child,
+            socket: dir.join("cri.sock"),
+            admin,
+            pool: setup.pool.to_owned(),
+            size: setup.size,
+            log,
+        }
+    }
+
+    /// The shim's endpoint.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A client of the shim, once it answers.
+    pub async fn cri(&self) -> Cri {
+        let cri = Cri::connect(&format!("unix://{}", self.socket.display())).expect("client");
+        let log = self.log.clone();
+        wait_for("the node plugin to serve", Duration::from_secs(30), || {
+            let mut cri = cri.clone();
+            async move {
+                cri.runtime
+                    .version(VersionRequest::default())
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}; its log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        });
+        cri
+    }
+
+    pub async fn free(&self) -> Option<u64> {
+        let body = fast_sandbox_node::admin::get(self.admin, "/pools")
+            .await
+            .ok()?;
+        let pools: serde_json::Value = serde_json::from_str(&body).ok()?;
+        pools.as_array()?.iter().find(|p| p["name"] == self.pool)?["free"].as_u64()
+    }
+
+    pub async fn wait_full(&self) {
+        wait_for("the pool to fill", Duration::from_secs(60), || async {
+            (self.free().await == Some(self.size as u64)).then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log()));
+    }
+
+    /// Waits until the log has a line containing every one of `words`.
+    pub async fn wait_log(&self, what: &str, words: &[&str]) {
+        wait_for(what, Duration::from_secs(30), || async {
+            self.log()
+                .lines()
+                .any(|l| words.iter().all(|w| l.contains(w)))
+                .then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log()));
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+
+    /// SIGTERM, then waits without blocking the runtime: the test's own
+    /// client connections must be able to close, or the graceful stop
+    /// waits out its timeout for them.
+    pub async fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        wait_for("the node plugin to stop", Duration::from_secs(30), || {
+            let exited = matches!(self.child.try_wait(), Ok(Some(_)));
+            async move { exited.then_some(()) }
+        })
+        .await
+        .expect("stopped");
+    }
+}
+
+impl Drop for Node {
+    /// A failing test must not leave a node plugin refilling its pool.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// Stops and removes every sandbox of `pool` straight on containerd, with
+/// the cgroups the pool made; returns how many there were.
+pub async fn remove_pool_slots(endpoint: &str, pool: &str) -> anyhow::Result<usize> {
+    let mut direct = Cri::connect(endpoint)?;
+    let slots = direct.list_by_label(POOL_LABEL, pool).await?;
+    for sb in &slots {
+        direct.remove_sandbox(&sb.id).await?;
+        if let Some(uid) = sb.metadata.as_ref().map(|m| &m.uid) {
+            fast_sandbox_tests::pod::remove_cgroup_dirs(&format!(
+                "/fast-sandbox-test/{pool}/{uid}"
+            ));
+        }
+    }
+    fast_sandbox_tests::pod::remove_cgroup_dirs(&format!("/fast-sandbox-test/{pool}"));
+    Ok(slots.len())
+}
+
+/// Removes the pool's slots (any token) when dropped, also when the test
+/// fails, so a failed run leaves nothing for the next one.
+pub struct PoolSlotsGuard {
+    pub endpoint: String,
+    pub pool: String,
+}
+
+impl Drop for PoolSlotsGuard {
+    fn drop(&mut self) {
+        let (endpoint, pool) = (self.endpoint.clone(), self.pool.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(remove_pool_slots(&endpoint, &pool)).ok()
+        })
+        .join();
+    }
+}
+
+/// The ids of the pool's sandboxes upstream (free, claimed or in flight).
+pub async fn pool_ids(endpoint: &str, pool: &str) -> HashSet<String> {
+    Cri::connect(endpoint)
+        .expect("client")
+        .list_by_label(POOL_LABEL, pool)
+        .await
+        .expect("list slots")
+        .into_iter()
+        .map(|sb| sb.id)
+        .collect()
+}
+
+/// The claim records (`*.json`) in `state_dir/claims`.
+pub fn records(state: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(state.join("claims")).map_or_else(
+        |_| Vec::new(),
+        |d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect()
+        },
+    )
+}
