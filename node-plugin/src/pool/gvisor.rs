@@ -20,7 +20,9 @@
 //! - every process in the placeholder's leaf cgroup (sentry, gofer, the
 //!   adapter's waiter and its `runsc wait`; a VMM and virtiofsd for Kata)
 //!   moves to `<pod cgroup_parent>/<id>`, in the hierarchies where it is,
-//!   after the claim is answered, like the runc pause move.
+//!   after the claim is answered, like the runc pause move; the emptied
+//!   placeholder leaf stays until the sandbox is removed (runsc spawns each
+//!   later container's gofer in it).
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
@@ -175,10 +177,13 @@ impl GuestExecFixup {
     }
 }
 
-/// Moves every process of `cgroup.from` to `cgroup.to`, then removes the
-/// emptied placeholder leaf.
+/// Moves every process of `cgroup.from` to `cgroup.to`. The emptied
+/// placeholder leaf is kept until the sandbox is removed
+/// ([`Fixup::after_remove`]): runsc records it as the sandbox's cgroup and
+/// `runsc start` of every later container joins it to spawn that
+/// container's gofer (which the adapter then moves to the container's
+/// cgroup); with the leaf gone, `runsc start` fails.
 fn move_all(
-    node: &dyn NodeOps,
     guest: &dyn GuestOps,
     cgroup: &CgroupMove,
 ) -> Result<(), GuestError> {
@@ -188,7 +193,6 @@ fn move_all(
     for _ in 0..MOVE_ROUNDS {
         let pids = guest.cgroup_procs(&cgroup.from)?;
         if pids.is_empty() {
-            node.remove_cgroup(&cgroup.from)?;
             return Ok(());
         }
         for pid in pids {
@@ -266,8 +270,8 @@ impl Fixup for GuestExecFixup {
     async fn complete(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
         let plan = self.plan(slot, real)?;
         let cgroup = plan.cgroup().clone();
-        let (node, guest) = (Arc::clone(&self.node), Arc::clone(&self.guest));
-        let task = tokio::task::spawn_blocking(move || move_all(&*node, &*guest, &cgroup));
+        let guest = Arc::clone(&self.guest);
+        let task = tokio::task::spawn_blocking(move || move_all(&*guest, &cgroup));
         match tokio::time::timeout(self.deadline, task).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(e))) => Err(FixupFailed(format!("moving the sandbox's processes: {e}"))),

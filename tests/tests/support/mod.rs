@@ -3,20 +3,35 @@
 // Each test binary uses a different part of the harness.
 #![allow(dead_code)]
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use fast_sandbox_node::{
     config::NetworkMode,
-    fixup::RealOps,
+    fixup::{gvisor::RealGuestOps, RealOps},
     metrics::Metrics,
     network::CniSettings,
-    pool::{setns::SetnsFixup, ManagerConfig, PoolManager, PoolSpec},
+    pool::{
+        gvisor::{ByRuntime, ExecTemplate, GuestExecSettings, Mechanism, SysctlPolicy},
+        ManagerConfig, PoolManager, PoolSpec,
+    },
 };
 use fast_sandbox_shim::{
     slots::{HandlerMap, PoolKey, SeccompShape, Shape, SlotSource, POOL_LABEL, SLOT_NAMESPACE},
     Shim, Upstream, UpstreamConfig,
 };
 use fast_sandbox_tests::{wait_for, Cri, DevNode, InProcessShim};
+
+/// Where the dev node's runsc handler keeps runsc's state: the runc shim's
+/// `--root`, i.e. the handler's `Root` option (`<instance>/runtime/runsc`,
+/// written by `hack/containerd-instance.sh`) plus containerd's namespace.
+pub fn runsc_root(node: &DevNode) -> String {
+    node.containerd_root
+        .parent()
+        .unwrap_or(&node.containerd_root)
+        .join("runtime/runsc/k8s.io")
+        .display()
+        .to_string()
+}
 
 /// A shim with one warm pool, served in-process, like `fast-sandbox-node`.
 pub struct WarmNode {
@@ -101,9 +116,21 @@ impl WarmNode {
                 timeout: Duration::from_secs(10),
             },
         };
-        let fixup = Arc::new(SetnsFixup::new(
+        // As `fast-sandbox-node` chooses: setns for runc/crun, a command
+        // inside the sandbox for runsc (its state under the dev node's
+        // `Root`, see `runsc_root`).
+        let mechanisms = HashMap::from([(
+            "runsc".to_owned(),
+            Mechanism::GuestExec(GuestExecSettings {
+                command: ExecTemplate::runsc("/usr/bin/runsc", &runsc_root(node)),
+                sysctls: SysctlPolicy::Ignore,
+            }),
+        )]);
+        let fixup = Arc::new(ByRuntime::real(
             Arc::new(RealOps::new()),
+            Arc::new(RealGuestOps),
             node.containerd_root.clone(),
+            &mechanisms,
             Duration::from_secs(5),
         ));
         let channel = fast_sandbox_shim::cri_channel(&node.containerd_endpoint)?;

@@ -188,7 +188,10 @@ async fn complete_moves_every_process_until_the_leaf_is_empty() {
             GuestCall::CgroupProcs(from.clone()),
         ]
     );
-    assert_eq!(node.calls(), vec![Call::RemoveCgroup { leaf: from }]);
+    assert!(
+        node.calls().is_empty(),
+        "the placeholder leaf stays: runsc spawns later gofers in it"
+    );
 }
 
 #[tokio::test]
@@ -203,7 +206,6 @@ async fn complete_gives_up_on_a_leaf_that_never_empties() {
         .await
         .expect_err("never empty");
     assert!(err.0.contains("[7]"), "{err}");
-    assert!(node.calls().is_empty(), "the leaf is not removed");
 }
 
 #[test]
