@@ -44,6 +44,21 @@ started=1
 fsb_log "running the tests (unit, in-process, and against containerd)"
 cargo test --workspace --locked "$@"
 
+# --- supply chain and fuzzing (docs/reliability.md) ---------------------
+fsb_log "cargo deny: licences, duplicate versions, sources, advisories"
+command -v cargo-deny >/dev/null || cargo install cargo-deny --locked
+# The RustSec advisory database is a GitHub repository; machines that reach
+# only package registries cannot fetch it, so say so and check the rest.
+if timeout 30 git ls-remote https://github.com/rustsec/advisory-db HEAD >/dev/null 2>&1; then
+	cargo deny --locked check
+else
+	fsb_log "warning: github.com unreachable: advisories NOT checked"
+	cargo deny --locked check licenses bans sources
+fi
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+"$FSB_REPO/hack/fuzz.sh" 60
+# --- end of supply chain and fuzzing -------------------------------------
+
 fsb_log "short benchmark runs (figures are not asserted here; see README)"
 cargo build --release --locked -p fast-sandbox-bench -p fast-sandbox-node
 target_dir=$(fsb_cargo_target_dir)
