@@ -1,6 +1,7 @@
 //! Counting what sandboxes leave on a node, to prove nothing leaks: pod
 //! sandboxes and their network namespaces, CNI IP allocations, mounts,
-//! containerd shims and cgroup directories.
+//! containerd shims and cgroup directories; containerd's own containers,
+//! tasks and snapshots; and the in-process node plugin's fds and RSS.
 
 use std::path::{Path, PathBuf};
 
@@ -151,4 +152,113 @@ pub fn cgroup_dirs_under(root: &str) -> usize {
         .flatten()
         .map(|h| walk(&h.path().join(root.trim_start_matches('/'))))
         .sum()
+}
+
+/// containerd's own objects in the CRI namespace (`k8s.io`): what a
+/// sandbox or container leaves in containerd's metadata and state even
+/// when its netns, IP and shim are gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Objects {
+    /// CRI containers (`ListContainers` straight on containerd, any state).
+    pub cri_containers: usize,
+    /// containerd containers (sandboxes' pause containers and CRI
+    /// containers alike), from `ctr containers ls`.
+    pub containers: usize,
+    /// Running or stopped tasks: one directory each under the v2 runtime's
+    /// state.
+    pub tasks: usize,
+    /// Snapshots of the overlayfs snapshotter (image layers and every
+    /// container's writable layer).
+    pub snapshots: usize,
+}
+
+impl DevNode {
+    /// Counts containerd's objects in the `k8s.io` namespace now.
+    pub async fn objects(&self) -> anyhow::Result<Objects> {
+        use anyhow::Context as _;
+        let mut cri = Cri::connect(&self.containerd_endpoint)?;
+        let cri_containers = cri
+            .runtime
+            .list_containers(fast_sandbox_proto::cri::ListContainersRequest::default())
+            .await?
+            .into_inner()
+            .containers
+            .len();
+        let out = tokio::process::Command::new("ctr")
+            .arg("--address")
+            .arg(self.instance_dir().join("containerd.sock"))
+            .args(["-n", "k8s.io", "containers", "ls", "-q"])
+            .output()
+            .await
+            .context("running ctr containers ls")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "ctr containers ls: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let containers = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count();
+        let entries = |p: PathBuf| std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0);
+        let tasks = entries(
+            self.containerd_state
+                .join("io.containerd.runtime.v2.task/k8s.io"),
+        );
+        let snapshots = entries(
+            self.containerd_root
+                .join("io.containerd.snapshotter.v1.overlayfs/snapshots"),
+        );
+        Ok(Objects {
+            cri_containers,
+            containers,
+            tasks,
+            snapshots,
+        })
+    }
+
+    /// Waits (bounded) until [`DevNode::objects`] equals `expected` and
+    /// returns the last count: a task's state directory goes a moment after
+    /// the call that removed it.
+    pub async fn settled_objects(
+        &self,
+        expected: &Objects,
+        deadline: std::time::Duration,
+    ) -> anyhow::Result<Objects> {
+        let start = std::time::Instant::now();
+        loop {
+            let now = self.objects().await?;
+            if now == *expected || start.elapsed() > deadline {
+                return Ok(now);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The test process's own open file descriptors and resident set size:
+/// with the shim and pool manager served in-process, these are the node
+/// plugin's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessUsage {
+    pub fds: usize,
+    pub rss_bytes: u64,
+}
+
+impl ProcessUsage {
+    /// This process, now.
+    pub fn now() -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let fds = std::fs::read_dir("/proc/self/fd")?.count();
+        let status = std::fs::read_to_string("/proc/self/status")?;
+        let kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .context("VmRSS missing from /proc/self/status")?;
+        Ok(Self {
+            fds,
+            rss_bytes: kb * 1024,
+        })
+    }
 }

@@ -220,3 +220,22 @@ impl WarmNode {
         Ok(())
     }
 }
+
+/// Removes, straight on containerd, every sandbox labelled as a slot of
+/// pool `pool` and the pool's placeholder cgroups: what an earlier run of
+/// the same test left behind when it failed before [`WarmNode::stop`].
+/// Such slots carry that run's token, so a new pool does not know them
+/// and its shim would list them as ordinary sandboxes.
+pub async fn remove_pool_leftovers(node: &DevNode, pool: &str) -> anyhow::Result<usize> {
+    let mut cri = node.cri()?;
+    let cgroup_root = format!("/fast-sandbox-test/{pool}");
+    let leftovers = cri.list_by_label(POOL_LABEL, pool).await?;
+    for sb in &leftovers {
+        cri.remove_sandbox(&sb.id).await?;
+        if let Some(uid) = sb.metadata.as_ref().map(|m| m.uid.clone()) {
+            fast_sandbox_tests::pod::remove_cgroup_dirs(&format!("{cgroup_root}/{uid}"));
+        }
+    }
+    fast_sandbox_tests::pod::remove_cgroup_dirs(&cgroup_root);
+    Ok(leftovers.len())
+}
