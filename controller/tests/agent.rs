@@ -1,18 +1,15 @@
 //! The controller's gRPC node directory (`controller/src/agent.rs`) against
 //! a real node agent (`fast-sandbox-node`'s `agent::bind`) in process, over
 //! gRPC on 127.0.0.1, in front of a `PoolManager` and a small fake CRI
-//! upstream (copied from `node-plugin/tests/agent.rs`). No root, no
-//! containerd, no cluster.
+//! upstream (`fast_sandbox_tests::fake_cri`). No root, no containerd, no
+//! cluster.
 //!
 //! Every wait is on a condition with a deadline: snapshot changes through
 //! `subscribe()`, connection health polled in 5 ms steps.
 
 use std::{
-    collections::HashMap,
-    convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
-    task::{Context, Poll},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -21,243 +18,15 @@ use fast_sandbox_controller::{
     nodes::{NodeDirectory, NodeError, PoolSize, SandboxShape},
     scoring::{Policy, Rejection, Request as Placement, Scorer, Snapshot},
 };
-use fast_sandbox_node::{
-    agent::{self as node_agent, AgentParts, Token},
-    metrics::Metrics,
-    pool::{Fixup, FixupFailed, ManagerConfig, PoolManager, PoolSpec, SlotFacts},
-};
-use fast_sandbox_proto::cri;
-use fast_sandbox_shim::slots::{Claim, PoolKey, Shape, SlotSource};
+use fast_sandbox_node::agent as node_agent;
+use fast_sandbox_tests::fake_cri::PoolRig;
 use tokio::sync::oneshot;
-use tonic::{
-    codegen::{http, BoxFuture, Service},
-    server::{Grpc, NamedService, UnaryService},
-    transport::{Channel, Server},
-    Request, Response, Status,
-};
 
 const TOKEN: &str = "test-token-0123456789";
 const NODE: &str = "node-a";
 const HANDLER: &str = "fast-runc";
 const SHAPE: &str = "seccomp=unconfined";
 const POOL_SIZE: usize = 2;
-
-/// The in-memory state of the fake containerd.
-#[derive(Debug, Default)]
-struct CriState {
-    next: u32,
-    sandboxes: Vec<cri::PodSandbox>,
-    images: Vec<cri::Image>,
-}
-
-#[derive(Debug, Clone, Default)]
-struct FakeCri(Arc<Mutex<CriState>>);
-
-impl FakeCri {
-    fn state(&self) -> std::sync::MutexGuard<'_, CriState> {
-        self.0.lock().expect("fake CRI state")
-    }
-
-    fn list(&self, req: cri::ListPodSandboxRequest) -> cri::ListPodSandboxResponse {
-        let selector = req.filter.map(|f| f.label_selector).unwrap_or_default();
-        let items = self
-            .state()
-            .sandboxes
-            .iter()
-            .filter(|s| selector.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
-            .cloned()
-            .collect();
-        cri::ListPodSandboxResponse { items }
-    }
-
-    fn run(&self, req: cri::RunPodSandboxRequest) -> cri::RunPodSandboxResponse {
-        let config = req.config.unwrap_or_default();
-        let mut state = self.state();
-        state.next += 1;
-        // containerd ids: 64 lowercase hex digits (the claim records check).
-        let id = format!("{:064x}", state.next);
-        state.sandboxes.push(cri::PodSandbox {
-            id: id.clone(),
-            metadata: config.metadata,
-            state: cri::PodSandboxState::SandboxReady as i32,
-            labels: config.labels,
-            annotations: config.annotations,
-            runtime_handler: req.runtime_handler,
-            ..Default::default()
-        });
-        cri::RunPodSandboxResponse { pod_sandbox_id: id }
-    }
-
-    fn status(
-        &self,
-        req: cri::PodSandboxStatusRequest,
-    ) -> Result<cri::PodSandboxStatusResponse, Status> {
-        let state = self.state();
-        let sb = state
-            .sandboxes
-            .iter()
-            .find(|s| s.id == req.pod_sandbox_id)
-            .ok_or_else(|| Status::not_found("no such sandbox"))?;
-        Ok(cri::PodSandboxStatusResponse {
-            status: Some(cri::PodSandboxStatus {
-                id: sb.id.clone(),
-                metadata: sb.metadata.clone(),
-                state: sb.state,
-                ..Default::default()
-            }),
-            info: HashMap::from([("info".to_owned(), r#"{"pid": 4242}"#.to_owned())]),
-            ..Default::default()
-        })
-    }
-
-    fn remove(&self, id: &str) {
-        self.state().sandboxes.retain(|s| s.id != id);
-    }
-}
-
-/// One unary handler as a tonic `UnaryService`.
-struct Unary<F>(Option<F>);
-
-impl<Req, Resp, F> UnaryService<Req> for Unary<F>
-where
-    F: FnOnce(Req) -> Result<Resp, Status>,
-{
-    type Response = Resp;
-    type Future = std::future::Ready<Result<Response<Resp>, Status>>;
-
-    fn call(&mut self, request: Request<Req>) -> Self::Future {
-        let f = self.0.take().expect("a unary service is called once");
-        std::future::ready(f(request.into_inner()).map(Response::new))
-    }
-}
-
-async fn unary<Req, Resp, F>(
-    req: http::Request<tonic::body::Body>,
-    f: F,
-) -> http::Response<tonic::body::Body>
-where
-    Req: prost::Message + Default + Send + 'static,
-    Resp: prost::Message + Send + 'static,
-    F: FnOnce(Req) -> Result<Resp, Status> + Send + 'static,
-{
-    let mut grpc = Grpc::new(tonic_prost::ProstCodec::<Resp, Req>::default());
-    grpc.unary(Unary(Some(f)), req).await
-}
-
-/// `runtime.v1.RuntimeService`: the calls the pool manager makes.
-#[derive(Debug, Clone)]
-struct Runtime(FakeCri);
-
-impl NamedService for Runtime {
-    const NAME: &'static str = "runtime.v1.RuntimeService";
-}
-
-impl Service<http::Request<tonic::body::Body>> for Runtime {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Infallible>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let cri = self.0.clone();
-        Box::pin(async move {
-            let path = req
-                .uri()
-                .path()
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-            Ok(match path.as_str() {
-                "ListPodSandbox" => unary(req, move |r| Ok(cri.list(r))).await,
-                "RunPodSandbox" => unary(req, move |r| Ok(cri.run(r))).await,
-                "PodSandboxStatus" => unary(req, move |r| cri.status(r)).await,
-                "StopPodSandbox" => {
-                    unary(req, |_: cri::StopPodSandboxRequest| {
-                        Ok(cri::StopPodSandboxResponse {})
-                    })
-                    .await
-                }
-                "RemovePodSandbox" => {
-                    unary(req, move |r: cri::RemovePodSandboxRequest| {
-                        cri.remove(&r.pod_sandbox_id);
-                        Ok(cri::RemovePodSandboxResponse {})
-                    })
-                    .await
-                }
-                other => Status::unimplemented(format!("fake CRI: {other}")).into_http(),
-            })
-        })
-    }
-}
-
-/// `runtime.v1.ImageService`: `ListImages` only.
-#[derive(Debug, Clone)]
-struct Images(FakeCri);
-
-impl NamedService for Images {
-    const NAME: &'static str = "runtime.v1.ImageService";
-}
-
-impl Service<http::Request<tonic::body::Body>> for Images {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Infallible>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let cri = self.0.clone();
-        Box::pin(async move {
-            Ok(if req.uri().path().ends_with("/ListImages") {
-                unary(req, move |_: cri::ListImagesRequest| {
-                    Ok(cri::ListImagesResponse {
-                        images: cri.state().images.clone(),
-                    })
-                })
-                .await
-            } else {
-                Status::unimplemented("fake CRI image service").into_http()
-            })
-        })
-    }
-}
-
-/// A fix-up that changes nothing (the fix-ups have their own tests).
-#[derive(Debug)]
-struct NoFixup;
-
-#[tonic::async_trait]
-impl Fixup for NoFixup {
-    async fn apply(&self, _: &SlotFacts, _: &cri::PodSandboxConfig) -> Result<(), FixupFailed> {
-        Ok(())
-    }
-    async fn complete(&self, _: &SlotFacts, _: &cri::PodSandboxConfig) -> Result<(), FixupFailed> {
-        Ok(())
-    }
-    async fn after_remove(&self, _: &SlotFacts, _: &cri::PodSandboxConfig) {}
-    async fn discard(&self, _: &SlotFacts) {}
-}
-
-fn key() -> PoolKey {
-    PoolKey {
-        upstream_handler: "runc".into(),
-        shape: Shape::default(),
-    }
-}
-
-/// The fake upstream and a pool manager keeping `POOL_SIZE` slots; agents
-/// are started (and stopped) in front of it with [`Rig::start_agent`].
-struct Rig {
-    _dir: tempfile::TempDir,
-    upstream: Channel,
-    manager: Arc<PoolManager>,
-}
 
 /// A running node agent.
 struct Agent {
@@ -278,107 +47,26 @@ impl Agent {
     }
 }
 
-async fn rig() -> Rig {
-    let cri = FakeCri::default();
-    cri.state().images.push(cri::Image {
-        id: "sha256:1".into(),
-        repo_tags: vec!["127.0.0.1:5000/busybox:v1".into()],
-        repo_digests: vec!["127.0.0.1:5000/busybox@sha256:1".into()],
-        size: 1_234_567,
-        ..Default::default()
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind fake CRI");
-    let upstream_addr = listener.local_addr().expect("fake CRI address");
-    tokio::spawn(
-        Server::builder()
-            .add_service(Runtime(cri.clone()))
-            .add_service(Images(cri.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let upstream = Channel::from_shared(format!("http://{upstream_addr}"))
-        .expect("fake CRI URI")
-        .connect_lazy();
-
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = ManagerConfig {
-        state_dir: dir.path().join("state"),
-        placeholder_cgroup_root: "/fast-sandbox-test".into(),
-        placeholder_namespace: "fast-sandbox-slots".into(),
-        upstream_timeout: Duration::from_secs(5),
-        refill_interval: Duration::from_millis(1),
-        // No refill of claimed slots during a test: a claim's change is
-        // the only one.
-        refill_delay: Duration::from_secs(600),
-        health_interval: Duration::from_secs(600),
-        cni: fast_sandbox_node::network::CniSettings {
-            conf_dir: dir.path().join("cni"),
-            bin_dirs: Vec::new(),
-            timeout: Duration::from_secs(1),
-        },
-    };
-    let specs = vec![PoolSpec {
-        name: HANDLER.into(),
-        exposed_handler: HANDLER.into(),
-        key: key(),
-        size: POOL_SIZE,
-        network: Default::default(),
-    }];
-    let manager = PoolManager::start(
-        specs,
-        cfg,
-        upstream.clone(),
-        Arc::new(NoFixup),
-        Arc::new(Metrics::default()),
-    )
-    .await
-    .expect("pool manager starts");
-    tokio::spawn(Arc::clone(&manager).run(std::future::pending()));
-    Rig {
-        _dir: dir,
-        upstream,
-        manager,
-    }
+/// The fake upstream and a pool manager keeping `POOL_SIZE` slots in pool
+/// `HANDLER`; agents are started (and stopped) in front of it with
+/// [`start_agent`].
+async fn rig() -> PoolRig {
+    PoolRig::start(HANDLER, POOL_SIZE).await
 }
 
-impl Rig {
-    /// Serves the node agent on `address` (port 0: any free one).
-    async fn start_agent(&self, address: SocketAddr) -> Agent {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (address, server) = node_agent::bind(
-            address,
-            AgentParts {
-                pools: Some(Arc::clone(&self.manager)),
-                upstream: self.upstream.clone(),
-                upstream_timeout: Duration::from_secs(5),
-                token: Token::new(TOKEN),
-                node_name: NODE.into(),
-                image_interval: Duration::from_secs(600),
-            },
-            async move {
-                let _ = stopped.await;
-            },
-        )
-        .await
-        .expect("agent binds");
-        Agent {
-            address,
-            stop,
-            served: tokio::spawn(server),
-        }
-    }
-
-    async fn claim(&self) {
-        self.manager
-            .claim(&Claim {
-                exposed_handler: HANDLER.into(),
-                key: key(),
-                config: cri::PodSandboxConfig::default(),
-            })
-            .await
-            .expect("claim")
-            .expect("a free slot");
+/// Serves the node agent of `NODE` in front of `rig` on `address` (port 0:
+/// any free one).
+async fn start_agent(rig: &PoolRig, address: SocketAddr) -> Agent {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (address, server) = node_agent::bind(address, rig.agent_parts(NODE, TOKEN), async move {
+        let _ = stopped.await;
+    })
+    .await
+    .expect("agent binds");
+    Agent {
+        address,
+        stop,
+        served: tokio::spawn(server),
     }
 }
 
@@ -475,7 +163,7 @@ async fn follow(directory: &AgentDirectory, agent: &Agent) {
 #[tokio::test]
 async fn a_claim_on_the_node_is_in_the_snapshot_within_100ms() {
     let rig = rig().await;
-    let agent = rig.start_agent("127.0.0.1:0".parse().expect("addr")).await;
+    let agent = start_agent(&rig, "127.0.0.1:0".parse().expect("addr")).await;
     let directory = directory(TOKEN);
     follow(&directory, &agent).await;
     let snapshot = directory.snapshot();
@@ -529,7 +217,7 @@ async fn a_claim_on_the_node_is_in_the_snapshot_within_100ms() {
 #[tokio::test]
 async fn a_wrong_token_gets_no_data_and_the_node_is_unhealthy() {
     let rig = rig().await;
-    let agent = rig.start_agent("127.0.0.1:0".parse().expect("addr")).await;
+    let agent = start_agent(&rig, "127.0.0.1:0".parse().expect("addr")).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "wrong-token\n").expect("write token");
@@ -592,7 +280,7 @@ async fn a_wrong_token_gets_no_data_and_the_node_is_unhealthy() {
 #[tokio::test]
 async fn set_pool_size_reaches_the_nodes_pool() {
     let rig = rig().await;
-    let agent = rig.start_agent("127.0.0.1:0".parse().expect("addr")).await;
+    let agent = start_agent(&rig, "127.0.0.1:0".parse().expect("addr")).await;
     let directory = directory(TOKEN);
     follow(&directory, &agent).await;
 
@@ -641,7 +329,7 @@ async fn set_pool_size_reaches_the_nodes_pool() {
 #[tokio::test]
 async fn a_stopped_agent_makes_the_node_stale_and_a_restarted_one_is_followed_again() {
     let rig = rig().await;
-    let agent = rig.start_agent("127.0.0.1:0".parse().expect("addr")).await;
+    let agent = start_agent(&rig, "127.0.0.1:0".parse().expect("addr")).await;
     let address = agent.address;
     let directory = directory(TOKEN);
     follow(&directory, &agent).await;
@@ -679,7 +367,7 @@ async fn a_stopped_agent_makes_the_node_stale_and_a_restarted_one_is_followed_ag
     assert!(!health.connected, "{health:?}");
 
     // Back on the same address: the directory reconnects by itself.
-    let agent = rig.start_agent(address).await;
+    let agent = start_agent(&rig, address).await;
     let up = snapshot_until(&directory, Duration::from_secs(10), "ready again", |s| {
         pool(s) == Some((true, 2, 2))
     })
@@ -701,7 +389,7 @@ async fn a_stopped_agent_makes_the_node_stale_and_a_restarted_one_is_followed_ag
 #[tokio::test]
 async fn a_node_removed_from_the_directory_is_dropped_from_the_snapshot() {
     let rig = rig().await;
-    let agent = rig.start_agent("127.0.0.1:0".parse().expect("addr")).await;
+    let agent = start_agent(&rig, "127.0.0.1:0".parse().expect("addr")).await;
     let directory = directory(TOKEN);
     follow(&directory, &agent).await;
     // A second node whose agent is not there: listed, never ready.
@@ -784,7 +472,7 @@ async fn next_request(
 #[tokio::test]
 async fn nodes_are_discovered_from_the_node_watch_and_dropped_when_deleted() {
     let rig = rig().await;
-    let agent = rig.start_agent("127.0.0.1:0".parse().expect("addr")).await;
+    let agent = start_agent(&rig, "127.0.0.1:0".parse().expect("addr")).await;
     let (mock, mut handle) = tower_test::mock::pair::<ApiRequest, ApiResponse>();
     let client = kube::Client::new(mock, "default");
     let directory = Arc::new(directory(TOKEN));

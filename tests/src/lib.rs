@@ -9,6 +9,7 @@
 
 pub mod census;
 pub mod equiv;
+pub mod fake_cri;
 pub mod kubelet;
 pub mod pod;
 
