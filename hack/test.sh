@@ -64,3 +64,4 @@ cargo build --release --locked -p fast-sandbox-bench -p fast-sandbox-node
 target_dir=$(fsb_cargo_target_dir)
 "$target_dir/release/fast-sandbox-bench" proxy --calls 200 --pods 3
 "$target_dir/release/fast-sandbox-bench" warm --pods 3 --concurrent 4 --idle-slots 4
+"$target_dir/release/fast-sandbox-bench" load --pods 20 --duration 10

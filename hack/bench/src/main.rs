@@ -3,6 +3,7 @@
 //! hits both sides alike; report the ratio, not the absolute times.
 
 mod common;
+mod load;
 mod proxy;
 mod stats;
 mod warm;
@@ -25,6 +26,10 @@ enum Cmd {
     /// RunPodSandbox and pod start (to container running), concurrent
     /// claims, and the memory an idle slot costs.
     Warm(warm::Opts),
+    /// Sustained mixed load: kubelet's relist and status polls for many
+    /// pods every second plus create/delete churn (warm and cold), p50/p99
+    /// per call type, straight to containerd vs through the shim.
+    Load(load::Opts),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -32,5 +37,6 @@ async fn main() -> anyhow::Result<()> {
     match Args::parse().cmd {
         Cmd::Proxy(opts) => proxy::run(opts).await,
         Cmd::Warm(opts) => warm::run(opts).await,
+        Cmd::Load(opts) => load::run(opts).await,
     }
 }

@@ -57,7 +57,7 @@ pub struct Opts {
     idle_slots: usize,
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?)
 }
@@ -76,6 +76,19 @@ async fn start_node(
         config.push_str(&format!(
             "[[pool]]\nhandler = \"fast-{handler}\"\nupstream = \"{handler}\"\nsize = {size}\n"
         ));
+        if handler == "runsc" {
+            // The dev node's runsc keeps its state under the handler's
+            // `Root` (`<instance>/runtime/runsc`), not containerd's default.
+            let root = opts
+                .containerd_root
+                .parent()
+                .unwrap_or(&opts.containerd_root)
+                .join("runtime/runsc/k8s.io");
+            config.push_str(&format!(
+                "guest_exec = [\"/usr/bin/runsc\", \"--root\", {:?}, \"exec\", \"--cap\", \"CAP_SYS_ADMIN\", \"{{sandbox_id}}\", \"/pause\", \"--set-hostname\", \"{{hostname}}\"]\n",
+                root.display().to_string()
+            ));
+        }
     }
     let binary = common::node_binary(opts.node_binary.as_deref())?;
     let node = NodeProcess::spawn(&binary, &opts.upstream, &config).await?;
@@ -102,7 +115,7 @@ async fn free_slots(admin: SocketAddr) -> anyhow::Result<Vec<(String, u64, u64)>
 }
 
 /// Waits until pool `pool` has at least `n` free slots (bounded).
-async fn wait_free(
+pub(crate) async fn wait_free(
     admin: SocketAddr,
     pool: &str,
     n: u64,
@@ -125,7 +138,7 @@ async fn wait_free(
 }
 
 /// Claims served so far by `pool`, from the metrics.
-async fn hits(admin: SocketAddr, pool: &str) -> anyhow::Result<u64> {
+pub(crate) async fn hits(admin: SocketAddr, pool: &str) -> anyhow::Result<u64> {
     let text = common::http_get(admin, "/metrics").await?;
     let prefix = format!("fast_sandbox_claims_total{{pool=\"{pool}\",outcome=\"hit\"}} ");
     Ok(text
