@@ -29,7 +29,10 @@ enum Input {
     /// Whatever arrives on the wire as a `RunPodSandboxRequest`.
     Wire(Vec<u8>),
     /// A well-formed request of an arbitrary pod.
-    Pod { handler: Str, pod: Option<ArbPod> },
+    Pod {
+        handler: Str,
+        pod: Option<Box<ArbPod>>,
+    },
 }
 
 fn check(request: &RunPodSandboxRequest) {
@@ -153,7 +156,7 @@ fuzz_target!(|input: Input| {
         },
         Input::Pod { handler, pod } => RunPodSandboxRequest {
             runtime_handler: pod_string(&handler),
-            config: pod.as_ref().map(ArbPod::build),
+            config: pod.as_deref().map(ArbPod::build),
         },
     };
     check(&request);

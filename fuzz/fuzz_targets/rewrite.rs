@@ -69,7 +69,7 @@ enum ArbSlot {
     Unclaimed,
     Claimed {
         exposed: u8,
-        pod: ArbPod,
+        pod: Box<ArbPod>,
         claimed_at_ns: i64,
         /// The pod's own IPs (`network = "rebind"`).
         network: Option<(Str, Vec<Str>)>,
