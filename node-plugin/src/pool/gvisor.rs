@@ -183,10 +183,7 @@ impl GuestExecFixup {
 /// `runsc start` of every later container joins it to spawn that
 /// container's gofer (which the adapter then moves to the container's
 /// cgroup); with the leaf gone, `runsc start` fails.
-fn move_all(
-    guest: &dyn GuestOps,
-    cgroup: &CgroupMove,
-) -> Result<(), GuestError> {
+fn move_all(guest: &dyn GuestOps, cgroup: &CgroupMove) -> Result<(), GuestError> {
     if cgroup.is_noop() {
         return Ok(());
     }
