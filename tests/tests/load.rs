@@ -129,14 +129,12 @@ async fn hundred_concurrent_runs_twenty_warm_eighty_cold() {
     let hits = warm.hits() - hits_before;
     let misses = warm.metrics.misses.get_or_create(&pool_empty).get() - misses_before;
     assert_eq!(hits, POOL as u64, "warm claims (hit metric)");
-    // Cold starts are counted exactly in `check_burst`, from containerd's
-    // view (answers that are not pool slots). The miss metric is checked
-    // loosely: today an empty-pool miss is counted twice (by the pool
-    // manager's `claim` and again by the shim's `missed`), reported to the
-    // node plugin's owner; tighten to `==` once that is fixed.
-    assert!(
-        misses >= (PODS - POOL) as u64,
-        "cold starts (pool_empty misses): {misses}"
+    // Cold starts are also counted in `check_burst`, from containerd's view
+    // (answers that are not pool slots); each is one miss, counted once.
+    assert_eq!(
+        misses,
+        (PODS - POOL) as u64,
+        "cold starts (pool_empty misses)"
     );
 
     assert_eq!(

@@ -919,22 +919,11 @@ enum Work {
 impl SlotSource for PoolManager {
     async fn claim(&self, claim: &Claim) -> Result<Result<ClaimedSlot, NoSlot>, ClaimFailed> {
         let started = Instant::now();
+        // A miss is counted once, by the shim's `missed` (it knows the
+        // reason, eligibility misses included).
         let (i, facts) = match self.take_free(&claim.key, &claim.exposed_handler) {
             Ok(found) => found,
-            Err(no) => {
-                let reason = match no {
-                    NoSlot::NoPool => "no_pool",
-                    NoSlot::PoolEmpty => "pool_empty",
-                };
-                self.metrics
-                    .misses
-                    .get_or_create(&Miss {
-                        handler: claim.exposed_handler.clone(),
-                        reason,
-                    })
-                    .inc();
-                return Ok(Err(no));
-            }
+            Err(no) => return Ok(Err(no)),
         };
         let result = self.claim_slot(claim, i, &facts).await;
         let pool = self.specs[i].name.clone();
