@@ -1,14 +1,16 @@
 //! The node plugin's config file, from arbitrary text, exactly as
 //! `fast-sandbox-node serve --config` reads it: TOML → `FileConfig` →
-//! `pool_specs` and `Settings::resolve`. Never panics; an error has a
-//! message; accepted pools satisfy what `pool_specs` promises.
+//! `pool_specs`, `fixup_mechanisms`, `agent_settings` and
+//! `Settings::resolve`. Never panics; an error has a message; accepted
+//! pools satisfy what `pool_specs` promises.
 
 #![no_main]
 
 use std::collections::HashMap;
 
 use fast_sandbox_node::config::{
-    pool_specs, FileConfig, HumanDuration, Overrides, Settings, MAX_POOL_SIZE,
+    agent_settings, fixup_mechanisms, pool_specs, FileConfig, HumanDuration, Overrides, Settings,
+    MAX_POOL_SIZE,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -57,6 +59,20 @@ fuzz_target!(|data: &[u8]| {
                 assert!(groups.windows(2).all(|w| w[0] < w[1]));
             }
         }
+        Err(err) => assert!(!format!("{err:#}").is_empty()),
+    }
+    match fixup_mechanisms(&file.pools) {
+        // One mechanism per upstream handler named by a pool.
+        Ok(mechanisms) => assert!(file
+            .pools
+            .iter()
+            .all(|p| mechanisms.contains_key(&p.upstream))),
+        Err(err) => assert!(!format!("{err:#}").is_empty()),
+    }
+    // A node name from the flag, so the host's name is not read.
+    match agent_settings(&file.agent, Some("node-0".to_owned())) {
+        Ok(Some(agent)) => assert_eq!(agent.node_name, "node-0"),
+        Ok(None) => assert!(file.agent.address.as_deref().is_none_or(str::is_empty)),
         Err(err) => assert!(!format!("{err:#}").is_empty()),
     }
     let settings = Settings::resolve(file, Overrides::default());
