@@ -1,14 +1,29 @@
+//! Security invariants of the pools, without root or containerd.
+//!
+//! Handler isolation: the real pool manager, over a fake upstream, hands a
+//! claim only a slot created with the claim's upstream handler and for its
+//! exposed handler, whatever other pools hold.
+//!
 //! Names from requests never become paths outside the node plugin's state
 //! directory, and links planted there are never followed for a write or a
 //! removal. The claim record store is the one place a sandbox id becomes a
 //! file name (`<state_dir>/claims/<id>.json`); the fix-ups' paths in
 //! containerd's state dir and the cgroup paths are checked by the unit
-//! tests of `fixup::plan` and `fixup::real`. No root needed.
+//! tests of `fixup::plan` and `fixup::real`.
 
-use std::{fs, os::unix::fs::symlink, path::Path};
+use std::{fs, os::unix::fs::symlink, path::Path, sync::Arc, time::Duration};
 
-use fast_sandbox_node::pool::records::{is_sandbox_id, ClaimRecord, RecordError, RecordStore};
+use fast_sandbox_node::{
+    metrics::Metrics,
+    network::CniSettings,
+    pool::{
+        records::{is_sandbox_id, ClaimRecord, RecordError, RecordStore},
+        ManagerConfig, PoolManager, PoolSpec,
+    },
+};
 use fast_sandbox_proto::cri::PodSandboxConfig;
+use fast_sandbox_shim::slots::{Claim, NoSlot, PoolKey, Shape, SlotSource};
+use fast_sandbox_tests::fake_cri::{FakeCri, NoFixup};
 
 const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -115,4 +130,121 @@ fn a_planted_link_is_replaced_or_refused_never_followed() {
     assert!(good.is_empty() && bad.is_empty(), "{good:?} {bad:?}");
     assert!(fs::symlink_metadata(&tmp).is_err(), "the link is gone");
     assert_eq!(fs::read(&victim).expect("victim"), b"precious");
+}
+
+fn key(upstream: &str) -> PoolKey {
+    PoolKey {
+        upstream_handler: upstream.into(),
+        shape: Shape::default(),
+    }
+}
+
+fn claim(exposed: &str, upstream: &str) -> Claim {
+    Claim {
+        exposed_handler: exposed.into(),
+        key: key(upstream),
+        config: PodSandboxConfig::default(),
+    }
+}
+
+#[tokio::test]
+async fn a_pool_only_serves_its_own_runtime_and_handler() {
+    let cri = FakeCri::default();
+    let upstream = cri.serve().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = ManagerConfig {
+        state_dir: dir.path().join("state"),
+        placeholder_cgroup_root: "/fast-sandbox-test".into(),
+        placeholder_namespace: "fast-sandbox-slots".into(),
+        upstream_timeout: Duration::from_secs(5),
+        refill_interval: Duration::from_millis(1),
+        // No refill while the test runs: each claim's effect stays visible.
+        refill_delay: Duration::from_secs(600),
+        health_interval: Duration::from_secs(600),
+        cni: CniSettings {
+            conf_dir: dir.path().join("cni"),
+            bin_dirs: Vec::new(),
+            timeout: Duration::from_secs(1),
+        },
+    };
+    let pool = |name: &str, upstream: &str, size| PoolSpec {
+        name: name.into(),
+        exposed_handler: name.into(),
+        key: key(upstream),
+        size,
+        network: Default::default(),
+    };
+    let specs = vec![
+        pool("fast-runc", "runc", 1),
+        pool("fast-gvisor", "runsc", 3),
+    ];
+    let manager = PoolManager::start(
+        specs,
+        cfg,
+        upstream,
+        Arc::new(NoFixup),
+        Arc::new(Metrics::default()),
+    )
+    .await
+    .expect("pool manager starts");
+    let mut changes = manager.subscribe();
+    tokio::spawn(Arc::clone(&manager).run(std::future::pending()));
+    let full = |m: &PoolManager| m.stats().iter().all(|s| s.free == s.desired);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !full(&manager) {
+            changes.changed().await.expect("manager alive");
+        }
+    })
+    .await
+    .expect("both pools fill");
+    let handler_of = |id: &str| {
+        cri.state()
+            .sandboxes
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.runtime_handler.clone())
+            .expect("a sandbox upstream")
+    };
+
+    // A runc claim gets the one runc slot, then none: never a runsc one.
+    let slot = manager
+        .claim(&claim("fast-runc", "runc"))
+        .await
+        .expect("claim")
+        .expect("a runc slot");
+    assert_eq!(handler_of(&slot.sandbox_id), "runc");
+    let again = manager
+        .claim(&claim("fast-runc", "runc"))
+        .await
+        .expect("claim");
+    assert_eq!(
+        again.err(),
+        Some(NoSlot::PoolEmpty),
+        "runsc slots are free, but not runc's"
+    );
+
+    // Keys and handlers that do not belong together find no pool at all.
+    for (exposed, upstream) in [
+        ("fast-runc", "runsc"),
+        ("fast-gvisor", "runc"),
+        ("runc", "runc"),
+    ] {
+        let answer = manager
+            .claim(&claim(exposed, upstream))
+            .await
+            .expect("claim");
+        assert_eq!(answer.err(), Some(NoSlot::NoPool), "{exposed} → {upstream}");
+    }
+    let gvisor = manager
+        .claim(&claim("fast-gvisor", "runsc"))
+        .await
+        .expect("claim")
+        .expect("a runsc slot");
+    assert_eq!(handler_of(&gvisor.sandbox_id), "runsc");
+    let stats = manager.stats();
+    let claimed: Vec<(&str, usize, usize)> = stats
+        .iter()
+        .map(|s| (s.name.as_str(), s.free, s.claimed))
+        .collect();
+    assert_eq!(claimed, [("fast-runc", 0, 1), ("fast-gvisor", 2, 1)]);
 }
