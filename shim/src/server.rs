@@ -611,18 +611,48 @@ cri_service! {
         .await
     }
 
+    /// Guarded like [`Shim::port_forward`], and held until the sandbox may
+    /// get containers ([`SlotSource::ready_for_containers`]): a claimed
+    /// slot whose identity step runs after the claim's answer (a gVisor
+    /// slot's hostname) gets its first container only once that step is
+    /// done, so no process in the pod ever sees the placeholder's identity.
+    /// Only `CreateContainer` needs the barrier: every other call that runs
+    /// something in a sandbox (`ExecSync`, `Exec`, `Attach`, `StartContainer`)
+    /// names a container, which exists only once this call passed.
     async fn create_container(
         &self,
         request: Request<cri::CreateContainerRequest>,
     ) -> Result<Response<cri::CreateContainerResponse>, Status> {
-        guarded!(
-            self, INFO, "CreateContainer", create_container, request,
-            |req| &req.pod_sandbox_id,
-            |requested| Err(ShimError::HiddenSandboxCreateContainer {
-                requested_id: requested.to_owned(),
+        let Some(slots) = &self.slots else {
+            return forward!(self, runtime, INFO, "CreateContainer", create_container, request);
+        };
+        let span = cri_span!(INFO, "CreateContainer", request.get_ref());
+        async move {
+            let requested = request.get_ref().pod_sandbox_id.clone();
+            let id = match self.named(slots, &request, &requested).await {
+                Named::Unclaimed => {
+                    tracing::info!("names an unclaimed slot: answered as for an unknown sandbox");
+                    return Err(ShimError::HiddenSandboxCreateContainer {
+                        requested_id: requested,
+                    }
+                    .into());
+                }
+                Named::Visible(full_id) => full_id.unwrap_or(requested),
+            };
+            let started = Instant::now();
+            if let Err(not_ready) = slots.source.ready_for_containers(&id).await {
+                tracing::error!(
+                    sandbox = %id,
+                    error = %not_ready,
+                    elapsed_us = elapsed_us(started),
+                    "refusing CreateContainer: the claimed sandbox is not ready for containers"
+                );
+                return Err(not_ready.into());
             }
-            .into())
-        )
+            forward_in_span!(self, runtime, INFO, "CreateContainer", create_container, request)
+        }
+        .instrument(span)
+        .await
     }
 
     /// Streaming URLs are upstream's, returned unchanged.

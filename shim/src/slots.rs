@@ -181,6 +181,37 @@ pub struct ClaimFailed {
     pub reason: String,
 }
 
+/// Why a claimed sandbox may not get containers (yet): its pending identity
+/// step ([`SlotSource::ready_for_containers`]) did not finish in time or
+/// failed. `CreateContainer` fails with it and is not forwarded, so no
+/// container ever runs in a half-fixed sandbox; kubelet retries the call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// Still running when the wait's bound passed.
+    #[error("sandbox {sandbox_id} is not ready for containers: setting up its identity (hostname) did not finish within {waited:?}")]
+    Pending {
+        sandbox_id: String,
+        waited: std::time::Duration,
+    },
+    /// Failed (after a retry), or was abandoned because the sandbox is
+    /// being removed: no container is created in it.
+    #[error("sandbox {sandbox_id} is not ready for containers: setting up its identity (hostname) failed: {reason}")]
+    Failed { sandbox_id: String, reason: String },
+}
+
+// The shim's own errors map to the wire in `error.rs`; this one belongs to
+// the slot seam, whose source produces it.
+impl From<NotReady> for tonic::Status {
+    fn from(err: NotReady) -> Self {
+        let code = match &err {
+            // Transient: the step may still finish.
+            NotReady::Pending { .. } => tonic::Code::Unavailable,
+            NotReady::Failed { .. } => tonic::Code::Internal,
+        };
+        tonic::Status::new(code, err.to_string())
+    }
+}
+
 /// The identity a claimed slot is reported with.
 #[derive(Debug, Clone)]
 pub struct ClaimedPod {
@@ -254,6 +285,19 @@ pub trait SlotSource: fmt::Debug + Send + Sync + 'static {
     /// the pod's identity (a rebound network). Called for every stop of a
     /// claimed slot, so it must be idempotent.
     async fn stopping(&self, _sandbox_id: &str) {}
+
+    /// Waits until sandbox `id` may get containers: a claimed slot whose
+    /// identity step was deferred past the claim's answer (a gVisor slot's
+    /// UTS hostname, set inside the sandbox; nothing in a pod can observe
+    /// it before the pod's first container exists) has finished it.
+    /// Called before every `CreateContainer` the shim forwards (with the
+    /// full id), so for any other sandbox — unknown ids, cold sandboxes,
+    /// slots with nothing pending (runc, crun) — it must answer at once
+    /// without I/O. The wait must be bounded. `Err`: the container is not
+    /// created.
+    async fn ready_for_containers(&self, _sandbox_id: &str) -> Result<(), NotReady> {
+        Ok(())
+    }
 
     /// CPU and memory of claimed sandbox `id` measured on the pod's own
     /// cgroup (upstream measures the placeholder's), for `PodSandboxStats`;

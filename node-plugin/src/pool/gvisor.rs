@@ -12,7 +12,12 @@
 //! - the UTS hostname is set by a configured command run inside the
 //!   sandbox: by default `runsc exec --cap CAP_SYS_ADMIN <id> /pause
 //!   --set-hostname <name>` (our pause image has that mode). Containers of
-//!   the pod share the sandbox's UTS namespace, so they see it;
+//!   the pod share the sandbox's UTS namespace, so they see it. Nothing
+//!   can read it before the pod's first container exists, so it runs right
+//!   after the claim is answered ([`Fixup::settle`]) and the shim holds the
+//!   pod's `CreateContainer` until it has finished; every new slot runs it
+//!   once with its own name first ([`Fixup::prepare`]), so a mechanism that
+//!   cannot work fails refills (pods start cold), not pods;
 //! - sysctls: runsc does not apply a spec's sysctls (the sentry has no
 //!   `/proc/sys/net/ipv4/ip_unprivileged_port_start` at all, cold or warm),
 //!   so `guest_sysctls = "ignore"`; a runtime that applies them in the guest
@@ -165,6 +170,23 @@ impl GuestExecFixup {
         }
     }
 
+    /// Runs the configured command that sets `hostname` inside the sandbox.
+    async fn set_hostname(&self, slot: &SlotFacts, hostname: &str) -> Result<(), FixupFailed> {
+        if hostname.is_empty() {
+            return Err(FixupFailed(
+                "no hostname to set inside the sandbox".to_owned(),
+            ));
+        }
+        let argv = self
+            .settings
+            .command
+            .render(&slot.sandbox_id, hostname, &exec_id());
+        self.guest
+            .run(&argv, self.deadline)
+            .await
+            .map_err(|e| FixupFailed(format!("setting the hostname inside the sandbox: {e}")))
+    }
+
     fn plan(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<FixupPlan, FixupFailed> {
         FixupPlan::from_config(
             &slot.sandbox_id,
@@ -252,16 +274,33 @@ impl Fixup for GuestExecFixup {
             Ok(Err(e)) => return Err(FixupFailed(format!("sandbox files: {e}"))),
             Err(_) => return Err(FixupFailed("sandbox files: deadline passed".to_owned())),
         }
-        let argv = self
-            .settings
-            .command
-            .render(&slot.sandbox_id, plan.hostname(), &exec_id());
-        self.guest
-            .run(&argv, self.deadline)
-            .await
-            .map_err(|e| FixupFailed(format!("setting the hostname inside the sandbox: {e}")))?;
-        tracing::debug!(sandbox = %slot.sandbox_id, "identity fixed up inside the sandbox");
         Ok(())
+    }
+
+    /// The hostname inside the sandbox is [`Fixup::settle`]'s: the command
+    /// takes 20–50 ms (runsc's start-up and an exec in the sentry), and
+    /// nothing can read the UTS hostname before the pod's first container.
+    fn settles(&self, _slot: &SlotFacts) -> bool {
+        true
+    }
+
+    async fn settle(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        let plan = self.plan(slot, real)?;
+        self.set_hostname(slot, plan.hostname()).await?;
+        tracing::debug!(sandbox = %slot.sandbox_id, "hostname set inside the sandbox");
+        Ok(())
+    }
+
+    /// Sets the placeholder's own hostname (what it already is): a pause
+    /// without `--set-hostname`, a wrong runsc root or a missing
+    /// capability fails here, at refill, so pods start cold instead of
+    /// failing their first container.
+    async fn prepare(
+        &self,
+        slot: &SlotFacts,
+        placeholder: &PodSandboxConfig,
+    ) -> Result<(), FixupFailed> {
+        self.set_hostname(slot, &placeholder.hostname).await
     }
 
     async fn complete(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
@@ -387,6 +426,19 @@ impl ByRuntime {
 impl Fixup for ByRuntime {
     async fn apply(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
         self.pick(slot).apply(slot, real).await
+    }
+    fn settles(&self, slot: &SlotFacts) -> bool {
+        self.pick(slot).settles(slot)
+    }
+    async fn settle(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        self.pick(slot).settle(slot, real).await
+    }
+    async fn prepare(
+        &self,
+        slot: &SlotFacts,
+        placeholder: &PodSandboxConfig,
+    ) -> Result<(), FixupFailed> {
+        self.pick(slot).prepare(slot, placeholder).await
     }
     async fn complete(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
         self.pick(slot).complete(slot, real).await

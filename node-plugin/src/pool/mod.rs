@@ -35,8 +35,8 @@ use fast_sandbox_proto::cri::{
     RunPodSandboxRequest, StopPodSandboxRequest,
 };
 use fast_sandbox_shim::slots::{
-    Claim, ClaimFailed, ClaimedPod, ClaimedSlot, MissReason, NoSlot, PodIps, PodUsage, PoolKey,
-    SlotSource, SlotView, SLOT_TOKEN_LABEL,
+    Claim, ClaimFailed, ClaimedPod, ClaimedSlot, MissReason, NoSlot, NotReady, PodIps, PodUsage,
+    PoolKey, SlotSource, SlotView, SLOT_TOKEN_LABEL,
 };
 use tokio::sync::Notify;
 use tonic::transport::Channel;
@@ -91,6 +91,32 @@ pub trait Fixup: fmt::Debug + Send + Sync + 'static {
     /// Makes the slot look like a cold sandbox of `real` from inside: runs
     /// before the claim is answered.
     async fn apply(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed>;
+    /// Whether claims of `slot` have a [`Fixup::settle`] step. No I/O: asked
+    /// on every claim.
+    fn settles(&self, _slot: &SlotFacts) -> bool {
+        false
+    }
+    /// The part of the identity nothing in the pod can observe before its
+    /// first container exists (a gVisor sentry's UTS hostname, set by a
+    /// command inside the sandbox): runs at once after the claim is
+    /// answered, and the pod's `CreateContainer` waits for it
+    /// ([`SlotSource::ready_for_containers`]). Retried once on failure; run
+    /// again for every claimed slot found at start-up, so it must be
+    /// idempotent. Only called when [`Fixup::settles`].
+    async fn settle(&self, _slot: &SlotFacts, _real: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        Ok(())
+    }
+    /// Checks a new, unclaimed slot whose claims will settle (runs the
+    /// settle mechanism with the placeholder's own identity), so a
+    /// mechanism that cannot work there fails the slot's creation — the
+    /// pod then starts cold — rather than its claim's first container.
+    async fn prepare(
+        &self,
+        _slot: &SlotFacts,
+        _placeholder: &PodSandboxConfig,
+    ) -> Result<(), FixupFailed> {
+        Ok(())
+    }
     /// The rest, which nothing in the pod waits for (the pause's cgroup):
     /// runs right after the claim is answered, and again for every claimed
     /// slot found at start-up, so it must be idempotent.
@@ -144,6 +170,18 @@ struct Slot {
     status: Status,
     /// The deferred part of a claim's fix-up, while it may still run.
     completion: Option<Completion>,
+    /// Where the claim's [`Fixup::settle`] stands; `None`: nothing to wait
+    /// for (an unclaimed slot, or a mechanism without that step).
+    identity: Option<tokio::sync::watch::Receiver<Identity>>,
+}
+
+/// The state of a claimed slot's [`Fixup::settle`] step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Identity {
+    Pending,
+    Settled,
+    /// Failed twice: no container may be created in the sandbox.
+    Failed(String),
 }
 
 /// A scheduled [`Fixup::complete`]: cancellable while it waits.
@@ -424,6 +462,7 @@ impl PoolManager {
                                 facts: facts.clone(),
                                 status: Status::Claimed(Arc::clone(&pod)),
                                 completion: None,
+                                identity: None,
                             },
                         );
                         // The deferred part may not have run before the crash.
@@ -456,6 +495,7 @@ impl PoolManager {
                                     facts: self.orphan_facts(sb),
                                     status: Status::Claimed(pod),
                                     completion: None,
+                                    identity: None,
                                 },
                             );
                         }
@@ -587,31 +627,47 @@ impl PoolManager {
         let mut up = self.upstream.clone();
         let id = up
             .run_pod_sandbox(self.request(RunPodSandboxRequest {
-                config: Some(config),
+                config: Some(config.clone()),
                 runtime_handler: self.specs[i].key.upstream_handler.clone(),
             }))
             .await?
             .into_inner()
             .pod_sandbox_id;
+        let mut facts = SlotFacts {
+            sandbox_id: id.clone(),
+            pause_pid: 0,
+            placeholder_cgroup_parent: cgroup_parent,
+            upstream_handler: self.specs[i].key.upstream_handler.clone(),
+        };
         let ready = match crate::fault::pass(crate::fault::REFILL_CREATED).await {
             Ok(()) => self.pause_pid(&id).await,
             Err(e) => Err(e.into()),
         };
-        match ready {
+        let ready = match ready {
             Ok(pid) => {
+                facts.pause_pid = pid;
+                if self.fixup.settles(&facts) {
+                    self.fixup
+                        .prepare(&facts, &config)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("slot {id} cannot be fixed up: {e}"))
+                } else {
+                    Ok(())
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match ready {
+            Ok(()) => {
                 let mut t = self.table();
                 t.slots.insert(
                     id.clone(),
                     Slot {
                         pool: i,
-                        facts: SlotFacts {
-                            sandbox_id: id.clone(),
-                            pause_pid: pid,
-                            placeholder_cgroup_parent: cgroup_parent,
-                            upstream_handler: self.specs[i].key.upstream_handler.clone(),
-                        },
+                        facts,
                         status: Status::Free,
                         completion: None,
+                        identity: None,
                     },
                 );
                 t.free[i].push_back(id.clone());
@@ -619,13 +675,7 @@ impl PoolManager {
                 Ok(id)
             }
             Err(e) => {
-                self.destroy_slot(&SlotFacts {
-                    sandbox_id: id.clone(),
-                    pause_pid: 0,
-                    placeholder_cgroup_parent: cgroup_parent,
-                    upstream_handler: self.specs[i].key.upstream_handler.clone(),
-                })
-                .await;
+                self.destroy_slot(&facts).await;
                 Err(e)
             }
         }
@@ -908,6 +958,22 @@ impl PoolManager {
     }
 }
 
+/// [`Fixup::settle`], once more if it fails.
+async fn settle_retrying(
+    fixup: &dyn Fixup,
+    facts: &SlotFacts,
+    real: &PodSandboxConfig,
+) -> Result<(), FixupFailed> {
+    match fixup.settle(facts, real).await {
+        Ok(()) => Ok(()),
+        Err(first) => {
+            tracing::warn!(sandbox = %facts.sandbox_id, error = %first,
+                "setting up the claimed sandbox's identity failed; retrying once");
+            fixup.settle(facts, real).await
+        }
+    }
+}
+
 enum Work {
     Create(usize),
     Trim(SlotFacts),
@@ -950,6 +1016,43 @@ impl SlotSource for PoolManager {
 
     async fn removed(&self, sandbox_id: &str) {
         self.forget(sandbox_id).await;
+    }
+
+    /// Waits until claimed slot `sandbox_id` may get containers: its
+    /// [`Fixup::settle`] step has succeeded. A map lookup for anything
+    /// else. Bounded by the pool's upstream call timeout (the step itself
+    /// is bounded by the fix-up's deadline per attempt).
+    async fn ready_for_containers(&self, sandbox_id: &str) -> Result<(), NotReady> {
+        let identity = self
+            .table()
+            .slots
+            .get(sandbox_id)
+            .and_then(|slot| slot.identity.clone());
+        let Some(mut identity) = identity else {
+            return Ok(());
+        };
+        let bound = self.cfg.upstream_timeout;
+        let waited = tokio::time::timeout(
+            bound,
+            identity.wait_for(|state| *state != Identity::Pending),
+        )
+        .await;
+        let failed = |reason: String| NotReady::Failed {
+            sandbox_id: sandbox_id.to_owned(),
+            reason,
+        };
+        match waited {
+            Ok(Ok(state)) => match &*state {
+                Identity::Settled => Ok(()),
+                Identity::Failed(reason) => Err(failed(reason.clone())),
+                Identity::Pending => Err(failed("still pending".to_owned())),
+            },
+            Ok(Err(_)) => Err(failed("abandoned: the sandbox is being removed".to_owned())),
+            Err(_) => Err(NotReady::Pending {
+                sandbox_id: sandbox_id.to_owned(),
+                waited: bound,
+            }),
+        }
     }
 
     fn pod_usage(&self, sandbox_id: &str, pod: &ClaimedPod) -> Option<PodUsage> {
@@ -1062,11 +1165,13 @@ impl PoolManager {
             claimed_at_ns: record.claimed_at_ns,
             network: record.network,
         });
+        // The barrier first: the slot is claimed (visible, and its id soon
+        // kubelet's) only with its pending identity step registered.
+        self.spawn_complete(facts.clone(), Arc::clone(&pod));
         if let Some(slot) = self.table().slots.get_mut(&facts.sandbox_id) {
-            slot.status = Status::Claimed(Arc::clone(&pod));
+            slot.status = Status::Claimed(pod);
         }
         self.changed();
-        self.spawn_complete(facts.clone(), pod);
         Ok(ClaimedSlot {
             sandbox_id: facts.sandbox_id.clone(),
         })
@@ -1118,19 +1223,45 @@ impl PoolManager {
         self.specs.iter().position(|s| s.name == name).unwrap_or(0)
     }
 
-    /// Schedules the fix-up's deferred part: after `refill_delay`, so the
+    /// Schedules the fix-up's deferred parts. First, at once, the
+    /// identity step nothing in the pod can observe before its first
+    /// container ([`Fixup::settle`], retried once), which the pod's
+    /// `CreateContainer` waits for ([`SlotSource::ready_for_containers`]).
+    /// Then, `refill_delay` after the claim, [`Fixup::complete`], so the
     /// pod's own `CreateContainer`/`StartContainer` have the node to
     /// themselves (the cgroup move stalls thread creation system-wide for
     /// an RCU grace period). Cancelled if the pod is removed first.
     fn spawn_complete(&self, facts: SlotFacts, pod: Arc<ClaimedPod>) {
         let fixup = Arc::clone(&self.fixup);
         let cancel = Arc::new(Notify::new());
-        let delay = self.cfg.refill_delay;
+        let until = tokio::time::Instant::now() + self.cfg.refill_delay;
         let id = facts.sandbox_id.clone();
         let cancelled = Arc::clone(&cancel);
+        let (settled, identity) = if self.fixup.settles(&facts) {
+            let (tx, rx) = tokio::sync::watch::channel(Identity::Pending);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let task = tokio::spawn(async move {
+            if let Some(settled) = settled {
+                let outcome = tokio::select! {
+                    outcome = settle_retrying(&*fixup, &facts, &pod.config) => outcome,
+                    // Dropping the step kills its command; waiters see the
+                    // sender gone.
+                    () = cancelled.notified() => return,
+                };
+                settled.send_replace(match outcome {
+                    Ok(()) => Identity::Settled,
+                    Err(e) => {
+                        tracing::error!(sandbox = %facts.sandbox_id, error = %e,
+                            "setting up the claimed sandbox's identity failed twice: CreateContainer in it will fail; remove the pod's sandbox to get a new one");
+                        Identity::Failed(e.0)
+                    }
+                });
+            }
             tokio::select! {
-                () = tokio::time::sleep(delay) => {}
+                () = tokio::time::sleep_until(until) => {}
                 () = cancelled.notified() => return,
             }
             if let Err(e) = fixup.complete(&facts, &pod.config).await {
@@ -1140,6 +1271,7 @@ impl PoolManager {
         });
         if let Some(slot) = self.table().slots.get_mut(&id) {
             slot.completion = Some(Completion { cancel, task });
+            slot.identity = identity;
         }
     }
 

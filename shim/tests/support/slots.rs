@@ -18,12 +18,15 @@ use fast_sandbox_proto::cri::{
 use fast_sandbox_shim::{
     cri_channel,
     slots::{
-        Claim, ClaimFailed, ClaimedPod, ClaimedSlot, HandlerMap, MissReason, NoSlot, Placeholder,
-        PoolKey, SeccompShape, Shape, SlotSource, SlotView, SLOT_NAMESPACE,
+        Claim, ClaimFailed, ClaimedPod, ClaimedSlot, HandlerMap, MissReason, NoSlot, NotReady,
+        Placeholder, PoolKey, SeccompShape, Shape, SlotSource, SlotView, SLOT_NAMESPACE,
     },
     Shim, MAX_MESSAGE_SIZE,
 };
-use tokio::{net::UnixListener, sync::oneshot};
+use tokio::{
+    net::UnixListener,
+    sync::{oneshot, watch, Notify},
+};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Server};
 
@@ -56,7 +59,14 @@ pub struct Record {
     pub claims: Vec<Claim>,
     pub removed: Vec<String>,
     pub misses: Vec<(String, Option<PoolKey>, MissReason)>,
+    /// Ids `ready_for_containers` was asked about, in order.
+    pub readiness_asked: Vec<String>,
+    /// Sandboxes whose containers wait: see [`FakeSlots::hold`].
+    held: HashMap<String, watch::Receiver<Option<Result<(), NotReady>>>>,
 }
+
+/// Ends the wait of a sandbox held by [`FakeSlots::hold`].
+pub type Release = watch::Sender<Option<Result<(), NotReady>>>;
 
 /// A slot source that knows its slots by id (never by labels), like the
 /// node plugin's pools.
@@ -66,6 +76,9 @@ pub struct FakeSlots {
     /// Makes the next claims fail after taking a slot.
     pub fail_claims: AtomicBool,
     clock: AtomicI64,
+    /// Notified each time `ready_for_containers` starts waiting on a held
+    /// sandbox.
+    pub waiting: Notify,
 }
 
 impl FakeSlots {
@@ -108,6 +121,14 @@ impl FakeSlots {
             Some(SlotState::Claimed(pod)) => Some(Arc::clone(pod)),
             _ => None,
         }
+    }
+
+    /// Makes `ready_for_containers(id)` wait until the returned sender
+    /// sends its answer (as a pending identity step of a gVisor slot).
+    pub fn hold(&self, id: &str) -> Release {
+        let (tx, rx) = watch::channel(None);
+        self.record().held.insert(id.to_owned(), rx);
+        tx
     }
 
     pub fn misses(&self) -> Vec<MissReason> {
@@ -154,6 +175,23 @@ impl SlotSource for FakeSlots {
             Some(SlotState::Free | SlotState::Dead) => SlotView::Unclaimed,
             Some(SlotState::Claimed(pod)) => SlotView::Claimed(Arc::clone(pod)),
         }
+    }
+
+    async fn ready_for_containers(&self, sandbox_id: &str) -> Result<(), NotReady> {
+        let held = {
+            let mut record = self.record();
+            record.readiness_asked.push(sandbox_id.to_owned());
+            record.held.get(sandbox_id).cloned()
+        };
+        let Some(mut held) = held else {
+            return Ok(());
+        };
+        self.waiting.notify_one();
+        let answer = held
+            .wait_for(Option::is_some)
+            .await
+            .expect("the test keeps the release");
+        answer.clone().expect("an answer")
     }
 
     async fn removed(&self, sandbox_id: &str) {

@@ -68,11 +68,31 @@ fn sandbox_dir() -> PathBuf {
     PathBuf::from(ROOT).join(format!("io.containerd.grpc.v1.cri/sandboxes/{ID}"))
 }
 
+fn set_hostname(name: &str) -> GuestCall {
+    GuestCall::Run(
+        [
+            "/usr/bin/runsc",
+            "--root",
+            "/run/containerd/runc/k8s.io",
+            "exec",
+            "--cap",
+            "CAP_SYS_ADMIN",
+            ID,
+            "/pause",
+            "--set-hostname",
+            name,
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    )
+}
+
 #[tokio::test]
-async fn apply_rewrites_the_files_then_sets_the_hostname_inside() {
+async fn apply_rewrites_the_files_and_settle_sets_the_hostname_inside() {
     let node = Arc::new(RecordingOps::new());
     let guest = Arc::new(RecordingGuestOps::default());
-    fixup(&node, &guest, SysctlPolicy::Ignore)
+    let fixup = fixup(&node, &guest, SysctlPolicy::Ignore);
+    fixup
         .apply(&facts("runsc"), &real(&[]))
         .await
         .expect("apply");
@@ -92,25 +112,43 @@ async fn apply_rewrites_the_files_then_sets_the_hostname_inside() {
         ],
         "no setns, no sysctl writes"
     );
+    assert!(
+        guest.calls().is_empty(),
+        "the claim's answer does not wait for the exec inside the sandbox"
+    );
+    assert!(fixup.settles(&facts("runsc")));
+    fixup
+        .settle(&facts("runsc"), &real(&[]))
+        .await
+        .expect("settle");
+    assert_eq!(guest.calls(), vec![set_hostname("web-0")]);
+    assert_eq!(node.calls().len(), 2, "settle writes no files");
+}
+
+#[tokio::test]
+async fn prepare_sets_the_placeholders_own_hostname() {
+    let node = Arc::new(RecordingOps::new());
+    let guest = Arc::new(RecordingGuestOps::default());
+    let placeholder = PodSandboxConfig {
+        hostname: "slot-fast-gvisor-0123456789ab".to_owned(),
+        ..Default::default()
+    };
+    fixup(&node, &guest, SysctlPolicy::Ignore)
+        .prepare(&facts("runsc"), &placeholder)
+        .await
+        .expect("prepare");
     assert_eq!(
         guest.calls(),
-        vec![GuestCall::Run(
-            [
-                "/usr/bin/runsc",
-                "--root",
-                "/run/containerd/runc/k8s.io",
-                "exec",
-                "--cap",
-                "CAP_SYS_ADMIN",
-                ID,
-                "/pause",
-                "--set-hostname",
-                "web-0",
-            ]
-            .map(str::to_owned)
-            .to_vec()
-        )]
+        vec![set_hostname("slot-fast-gvisor-0123456789ab")]
     );
+    assert!(node.calls().is_empty());
+
+    let guest = Arc::new(RecordingGuestOps::failing_run());
+    let err = fixup(&node, &guest, SysctlPolicy::Ignore)
+        .prepare(&facts("runsc"), &placeholder)
+        .await
+        .expect_err("a pause without --set-hostname fails the slot");
+    assert!(err.0.contains("fake failure"), "{err}");
 }
 
 #[tokio::test]
@@ -137,7 +175,7 @@ async fn sysctls_are_ignored_or_refused_as_configured() {
 }
 
 #[tokio::test]
-async fn an_empty_hostname_or_a_failed_exec_fails_the_claim() {
+async fn an_empty_hostname_fails_the_claim_and_a_failed_exec_the_settle() {
     let node = Arc::new(RecordingOps::new());
     let guest = Arc::new(RecordingGuestOps::default());
     let mut pod = real(&[]);
@@ -148,10 +186,11 @@ async fn an_empty_hostname_or_a_failed_exec_fails_the_claim() {
         .expect_err("empty hostname");
     assert!(err.0.contains("hostname"), "{err}");
     assert!(guest.calls().is_empty());
+    assert!(node.calls().is_empty(), "nothing touched");
 
     let guest = Arc::new(RecordingGuestOps::failing_run());
     let err = fixup(&node, &guest, SysctlPolicy::Ignore)
-        .apply(&facts("runsc"), &real(&[]))
+        .settle(&facts("runsc"), &real(&[]))
         .await
         .expect_err("exec failed");
     assert!(err.0.contains("fake failure"), "{err}");
@@ -263,6 +302,23 @@ impl Fixup for Tag {
             .push(format!("apply {}", slot.upstream_handler));
         Ok(())
     }
+    fn settles(&self, slot: &SlotFacts) -> bool {
+        slot.upstream_handler == "runsc"
+    }
+    async fn settle(&self, slot: &SlotFacts, _: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        self.0
+            .lock()
+            .expect("lock")
+            .push(format!("settle {}", slot.upstream_handler));
+        Ok(())
+    }
+    async fn prepare(&self, slot: &SlotFacts, _: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        self.0
+            .lock()
+            .expect("lock")
+            .push(format!("prepare {}", slot.upstream_handler));
+        Ok(())
+    }
     async fn complete(&self, slot: &SlotFacts, _: &PodSandboxConfig) -> Result<(), FixupFailed> {
         self.0
             .lock()
@@ -292,16 +348,20 @@ async fn by_runtime_dispatches_on_the_slot_upstream_handler() {
         .with("runsc", Arc::clone(&guest) as Arc<dyn Fixup>);
     let pod = real(&[]);
     by.apply(&facts("runsc"), &pod).await.expect("apply");
+    by.settle(&facts("runsc"), &pod).await.expect("settle");
+    by.prepare(&facts("crun"), &pod).await.expect("prepare");
     by.complete(&facts("runc"), &pod).await.expect("complete");
     by.after_remove(&facts("runsc"), &pod).await;
     by.discard(&facts("crun")).await;
+    assert!(by.settles(&facts("runsc")));
+    assert!(!by.settles(&facts("runc")));
     assert_eq!(
         *guest.0.lock().expect("lock"),
-        vec!["apply runsc", "after_remove runsc"]
+        vec!["apply runsc", "settle runsc", "after_remove runsc"]
     );
     assert_eq!(
         *setns.0.lock().expect("lock"),
-        vec!["complete runc", "discard crun"]
+        vec!["prepare crun", "complete runc", "discard crun"]
     );
 }
 
