@@ -132,10 +132,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         Some(start_pools(&settings, specs, &mechanisms, &metrics).await?)
     };
+    let mut refill = None;
     let shim = match &pools {
         None => Shim::new(upstream),
         Some((manager, handlers)) => {
-            tokio::spawn(Arc::clone(manager).run(stopped()));
+            refill = Some(tokio::spawn(Arc::clone(manager).run(stopped())));
             Shim::with_slots(
                 upstream,
                 handlers.clone(),
@@ -173,9 +174,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     fast_sandbox_shim::serve(shim, &settings.socket, stopped())
         .await
         .with_context(|| format!("serving CRI on {}", settings.socket.path.display()))?;
+    // A slot being created is finished, not cancelled: containerd cleans up
+    // a cancelled RunPodSandbox but not the cgroup parent runc made for it.
+    if let Some(refill) = refill {
+        if tokio::time::timeout(REFILL_STOP_TIMEOUT, refill)
+            .await
+            .is_err()
+        {
+            tracing::warn!(timeout = ?REFILL_STOP_TIMEOUT, "a slot creation was still running at shutdown; abandoning it");
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long shutdown waits for a slot creation in flight.
+const REFILL_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Starts the node agent (the controller's NodeAgent API) in the background.
 async fn serve_agent(

@@ -246,6 +246,25 @@ pub struct PoolManager {
     changes: tokio::sync::watch::Sender<u64>,
 }
 
+/// The per-slot placeholder cgroup parents (`<root>/<slot uid>`, 32 hex
+/// digits) that exist in any mounted hierarchy.
+fn placeholder_dirs(root: &str) -> HashSet<String> {
+    let rel = root.trim_start_matches('/');
+    let cgroupfs = Path::new("/sys/fs/cgroup");
+    let mut bases = vec![cgroupfs.join(rel)];
+    if let Ok(hierarchies) = std::fs::read_dir(cgroupfs) {
+        bases.extend(hierarchies.flatten().map(|h| h.path().join(rel)));
+    }
+    bases
+        .iter()
+        .filter_map(|b| std::fs::read_dir(b).ok())
+        .flat_map(|d| d.flatten())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|n| n.len() == 32 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect()
+}
+
 fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -527,6 +546,28 @@ impl PoolManager {
         for facts in orphans {
             tracing::info!(sandbox = %facts.sandbox_id, "removing unclaimed slot left by a previous run");
             self.destroy_slot(&facts).await;
+        }
+        // A slot creation killed mid-way leaves the cgroup parent runc made
+        // for it (containerd cleans up the sandbox, not that directory).
+        let known: HashSet<String> = listed
+            .iter()
+            .filter_map(|sb| sb.metadata.as_ref().map(|m| m.uid.clone()))
+            .collect();
+        for uid in placeholder_dirs(&self.cfg.placeholder_cgroup_root) {
+            if !known.contains(&uid) {
+                tracing::info!(uid = %uid, "removing a placeholder cgroup left by an unfinished slot creation");
+                self.fixup
+                    .discard(&SlotFacts {
+                        sandbox_id: String::new(),
+                        pause_pid: 0,
+                        placeholder_cgroup_parent: format!(
+                            "{}/{uid}",
+                            self.cfg.placeholder_cgroup_root
+                        ),
+                        upstream_handler: String::new(),
+                    })
+                    .await;
+            }
         }
         // Claims the previous run died in the middle of: kubelet was never
         // answered, but its next sync finds the sandbox by the pod's uid and
