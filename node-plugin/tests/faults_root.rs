@@ -30,6 +30,11 @@ use fast_sandbox_shim::slots::SLOT_TOKEN_LABEL;
 use fast_sandbox_tests::{census::Census, pod::TestPod, wait_for, CaseGuard, Cri, DevNode};
 
 mod support;
+
+/// The tests of this file count what the whole containerd holds, so they
+/// must not run at the same time (the harness runs a file's tests in
+/// parallel threads).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 use support::{pool_ids, records, remove_pool_slots, Node, PoolSlotsGuard, Setup};
 
 /// `RunPodSandbox` for `pod` on `fast-runc` through the shim.
@@ -128,6 +133,7 @@ async fn finish(node: &DevNode, plugin: Node, before: &Census, roots: &[String],
 
 #[tokio::test]
 async fn kill_9_while_a_refill_is_held_leaks_no_slot() {
+    let _serial = SERIAL.lock().await;
     let test = "kill_9_while_a_refill_is_held_leaks_no_slot";
     let Some(node) = DevNode::require(test) else {
         return;
@@ -214,6 +220,7 @@ async fn kill_9_while_a_refill_is_held_leaks_no_slot() {
 
 #[tokio::test]
 async fn injected_failures_start_pods_cold_and_leave_nothing() {
+    let _serial = SERIAL.lock().await;
     let test = "injected_failures_start_pods_cold_and_leave_nothing";
     let Some(node) = DevNode::require(test) else {
         return;
@@ -306,6 +313,7 @@ async fn injected_failures_start_pods_cold_and_leave_nothing() {
 
 #[tokio::test]
 async fn corrupted_claim_records_are_reported_and_no_claimed_sandbox_is_destroyed() {
+    let _serial = SERIAL.lock().await;
     let test = "corrupted_claim_records_are_reported_and_no_claimed_sandbox_is_destroyed";
     let Some(node) = DevNode::require(test) else {
         return;
@@ -562,6 +570,7 @@ impl Drop for Instance {
 
 #[tokio::test]
 async fn containerd_restart_keeps_claimed_pods_and_free_slots() {
+    let _serial = SERIAL.lock().await;
     let test = "containerd_restart_keeps_claimed_pods_and_free_slots";
     let Some(dev) = DevNode::require(test) else {
         return;
