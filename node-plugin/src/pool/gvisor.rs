@@ -37,7 +37,7 @@ use super::{setns::SetnsFixup, Fixup, FixupFailed, SlotFacts};
 use crate::fixup::{
     self,
     gvisor::{GuestError, GuestOps},
-    CgroupLeaf, CgroupMove, FixupPlan, NodeOps, SandboxId,
+    CgroupMove, FixupPlan, NodeOps,
 };
 
 /// The argument of a guest command replaced by the sandbox id.
@@ -319,36 +319,11 @@ impl Fixup for GuestExecFixup {
     }
 
     async fn after_remove(&self, slot: &SlotFacts, real: &PodSandboxConfig) {
-        let real_parent = real
-            .linux
-            .as_ref()
-            .map(|l| l.cgroup_parent.as_str())
-            .unwrap_or_default();
-        let cgroup = SandboxId::parse(&slot.sandbox_id)
-            .and_then(|id| CgroupMove::new(&id, &slot.placeholder_cgroup_parent, real_parent));
-        let result = match cgroup {
-            Ok(cgroup) => {
-                fixup::cleanup_after_remove(Arc::clone(&self.node), cgroup, self.deadline).await
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = result {
-            tracing::warn!(sandbox = %slot.sandbox_id, error = %e, "cleaning up the claimed slot's cgroup failed");
-        }
+        super::setns::cleanup_claimed_cgroup(&self.node, self.deadline, slot, real).await;
     }
 
     async fn discard(&self, slot: &SlotFacts) {
-        let node = Arc::clone(&self.node);
-        let parent = slot.placeholder_cgroup_parent.clone();
-        let removed = tokio::task::spawn_blocking(move || {
-            let dir = CgroupLeaf::owned_dir(&parent, "placeholder cgroup parent")?;
-            node.remove_cgroup(&dir)
-        })
-        .await;
-        if let Ok(Err(e)) = removed {
-            tracing::warn!(sandbox = %slot.sandbox_id, error = %e,
-                "removing the slot's placeholder cgroup parent failed");
-        }
+        super::setns::remove_placeholder_parent(&self.node, slot).await;
     }
 }
 

@@ -66,38 +66,55 @@ impl Fixup for SetnsFixup {
     }
 
     async fn after_remove(&self, slot: &SlotFacts, real: &PodSandboxConfig) {
-        let real_parent = real
-            .linux
-            .as_ref()
-            .map(|l| l.cgroup_parent.as_str())
-            .unwrap_or_default();
-        let cgroup = SandboxId::parse(&slot.sandbox_id)
-            .and_then(|id| CgroupMove::new(&id, &slot.placeholder_cgroup_parent, real_parent));
-        let result = match cgroup {
-            Ok(cgroup) => {
-                fixup::cleanup_after_remove(Arc::clone(&self.ops), cgroup, self.deadline).await
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = result {
-            tracing::warn!(sandbox = %slot.sandbox_id, error = %e, "cleaning up the claimed slot's cgroup failed");
-        }
+        cleanup_claimed_cgroup(&self.ops, self.deadline, slot, real).await;
     }
 
     async fn discard(&self, slot: &SlotFacts) {
-        let ops = Arc::clone(&self.ops);
-        let parent = slot.placeholder_cgroup_parent.clone();
-        let removed = tokio::task::spawn_blocking(move || {
-            let dir = CgroupLeaf::owned_dir(&parent, "placeholder cgroup parent")?;
-            ops.remove_cgroup(&dir)
-        })
-        .await;
-        match removed {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(sandbox = %slot.sandbox_id, error = %e,
-                "removing the slot's placeholder cgroup parent failed"),
-            Err(e) => tracing::warn!(sandbox = %slot.sandbox_id, error = %e,
-                "removing the slot's placeholder cgroup parent panicked"),
-        }
+        remove_placeholder_parent(&self.ops, slot).await;
+    }
+}
+
+/// Removes what a claim left in the pod's cgroup once the sandbox is gone
+/// (the moved pause's leaf; the placeholder leaf if a claim failed between
+/// the move and its removal), logging failures. Shared by every mechanism
+/// that moves a slot's processes into the pod's cgroup.
+pub(super) async fn cleanup_claimed_cgroup(
+    ops: &Arc<dyn NodeOps>,
+    deadline: Duration,
+    slot: &SlotFacts,
+    real: &PodSandboxConfig,
+) {
+    let real_parent = real
+        .linux
+        .as_ref()
+        .map(|l| l.cgroup_parent.as_str())
+        .unwrap_or_default();
+    let cgroup = SandboxId::parse(&slot.sandbox_id)
+        .and_then(|id| CgroupMove::new(&id, &slot.placeholder_cgroup_parent, real_parent));
+    let result = match cgroup {
+        Ok(cgroup) => fixup::cleanup_after_remove(Arc::clone(ops), cgroup, deadline).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        tracing::warn!(sandbox = %slot.sandbox_id, error = %e, "cleaning up the claimed slot's cgroup failed");
+    }
+}
+
+/// Removes the slot's own placeholder cgroup parent (`<root>/<slot uid>`),
+/// logging failures.
+pub(super) async fn remove_placeholder_parent(ops: &Arc<dyn NodeOps>, slot: &SlotFacts) {
+    let ops = Arc::clone(ops);
+    let parent = slot.placeholder_cgroup_parent.clone();
+    let removed = tokio::task::spawn_blocking(move || {
+        let dir = CgroupLeaf::owned_dir(&parent, "placeholder cgroup parent")?;
+        ops.remove_cgroup(&dir)
+    })
+    .await;
+    match removed {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(sandbox = %slot.sandbox_id, error = %e,
+            "removing the slot's placeholder cgroup parent failed"),
+        Err(e) => tracing::warn!(sandbox = %slot.sandbox_id, error = %e,
+            "removing the slot's placeholder cgroup parent panicked"),
     }
 }
