@@ -178,6 +178,13 @@ cmd_start() {
 	[[ -z $owner ]] || fsb_die "bridge $bridge is already used by the running instance at $owner"
 
 	fsb_ensure_packages containerd runc crun containernetworking-plugins iptables iproute2
+	# portmap creates its top-level nat chains on first use, and two pods
+	# started at once race to create them ("CHAIN_USER_ADD failed (File
+	# exists)"): make them up front, as the first pods of a node find them.
+	local chain
+	for chain in CNI-HOSTPORT-DNAT CNI-HOSTPORT-SETMARK CNI-HOSTPORT-MASQ; do
+		iptables -t nat -N "$chain" 2>/dev/null || true
+	done
 	devtool=$(fsb_devtool)
 	mkdir -p "$DIR"
 
