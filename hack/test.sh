@@ -29,8 +29,9 @@ cleanup() {
 trap cleanup EXIT
 
 # protoc: build scripts (k8s-cri, proto/) run it, and clippy below is the
-# first build on a fresh machine, before dev-node.sh installs the rest.
-fsb_ensure_packages protobuf-compiler
+# first build on a fresh machine, before dev-node.sh installs the rest;
+# curl is a real HTTP/2 client for the shim's :authority test.
+fsb_ensure_packages protobuf-compiler curl
 
 fsb_log "checking format and lints"
 cargo fmt --all -- --check

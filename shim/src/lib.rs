@@ -14,6 +14,7 @@
 //! # }
 //! ```
 
+mod authority;
 mod deadline;
 mod error;
 #[cfg(feature = "fuzzing")]

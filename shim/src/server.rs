@@ -28,6 +28,7 @@ use tonic::{transport::Server, Request, Response, Status};
 use tracing::Instrument;
 
 use crate::{
+    authority::Normalized,
     deadline::{CallerDeadline, CallerDeadlineLayer},
     error::ShimError,
     intercept::make_cold,
@@ -209,7 +210,10 @@ pub async fn serve(
         .layer(CallerDeadlineLayer)
         .add_service(runtime)
         .add_service(image)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener).map(|accepted| accepted.map(Normalized::new)),
+            signal,
+        );
     let drain_expired = async {
         match draining_rx.await {
             Ok(()) => tokio::time::sleep(DRAIN_TIMEOUT).await,
