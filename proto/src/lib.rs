@@ -4,6 +4,12 @@
 /// CRI v1, the API kubelet speaks (v1.26+ speaks nothing else).
 pub mod cri {
     pub use k8s_cri::v1::*;
+
+    /// The encoded `FileDescriptorSet` of `proto/cri/api.proto`: the schema
+    /// of the types above, for code that must know a field's type without
+    /// a Rust type for it (the shim keeps fields unknown to these types).
+    pub const DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/cri_descriptor.bin"));
 }
 
 /// fast-sandbox's node API (`proto/nodeagent.proto`): node status with free

@@ -22,6 +22,7 @@ mod error;
 pub mod fuzzing;
 mod h2channel;
 mod intercept;
+mod preserve;
 mod request;
 mod rewrite;
 mod server;
