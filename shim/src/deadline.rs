@@ -1,20 +1,12 @@
 //! Per-call deadlines: the caller's `grpc-timeout`, or a default per kind of call.
 //!
-//! The caller's deadline is taken when the request *arrives* (by
-//! [`CallerDeadlineLayer`], before tonic's own `grpc-timeout` guard arms its
-//! timer), not when the handler starts. tonic answers `Cancelled` when its
-//! guard fires; anchoring our deadline no later than its timer means ours fires
-//! in the same timer tick or earlier, and because tonic polls the handler
-//! before its timer, the caller sees `DeadlineExceeded`.
+//! The caller's deadline is taken when the request *arrives* (server.rs
+//! records it before anything else runs), not when the handler starts.
 
-use std::{
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tonic::codegen::http;
-use tower::{Layer, Service};
 
 use crate::error::DeadlineSource;
 
@@ -136,48 +128,48 @@ fn parse_grpc_timeout(raw: &[u8]) -> Option<Duration> {
     })
 }
 
-/// Records the caller's deadline as a request extension when the request
-/// arrives. Installed on the whole server in [`crate::serve`].
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct CallerDeadlineLayer;
-
-impl<S> Layer<S> for CallerDeadlineLayer {
-    type Service = CallerDeadlineService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        CallerDeadlineService { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct CallerDeadlineService<S> {
-    inner: S,
-}
-
-impl<S, B> Service<http::Request<B>> for CallerDeadlineService<S>
-where
-    S: Service<http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let now = Instant::now();
-        if let Some(deadline) = CallerDeadline::from_header(req.headers().get(GRPC_TIMEOUT), now) {
-            req.extensions_mut().insert(deadline);
-        }
-        self.inner.call(req)
-    }
+/// `duration` as a `grpc-timeout` value: the finest unit whose value fits
+/// in 8 digits (as gRPC libraries send it), rounded down.
+pub(crate) fn encode_timeout(duration: Duration) -> http::HeaderValue {
+    let nanos = duration.min(MAX_WIRE_TIMEOUT).as_nanos();
+    let units: [(u128, char); 6] = [
+        (1, 'n'),
+        (1_000, 'u'),
+        (1_000_000, 'm'),
+        (1_000_000_000, 'S'),
+        (60_000_000_000, 'M'),
+        (3_600_000_000_000, 'H'),
+    ];
+    let (value, unit) = units
+        .iter()
+        .map(|(per, unit)| (nanos / per, *unit))
+        .find(|(value, _)| *value < 100_000_000)
+        .unwrap_or((99_999_999, 'H'));
+    http::HeaderValue::from_str(&format!("{value}{unit}"))
+        .unwrap_or_else(|_| http::HeaderValue::from_static("99999999H"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoded_timeouts_parse_back_within_a_unit() {
+        for d in [
+            Duration::from_nanos(7),
+            Duration::from_millis(250),
+            Duration::from_secs(120),
+            Duration::from_secs(30 * 60),
+            Duration::from_secs(5 * 86_400),
+        ] {
+            let encoded = encode_timeout(d);
+            let back = parse_grpc_timeout(encoded.as_bytes()).unwrap_or_default();
+            assert!(
+                back <= d && d - back < d / 1_000_000 + Duration::from_secs(1),
+                "{d:?} -> {encoded:?}"
+            );
+        }
+    }
 
     #[test]
     fn parses_every_unit() {

@@ -139,10 +139,6 @@ pub enum ShimError {
     /// for an unknown sandbox id.
     #[error("failed to find sandbox {}: not found", go_quote(.requested_id))]
     HiddenSandboxPortForward { requested_id: String },
-
-    /// The gRPC server failed while serving.
-    #[error("CRI server failed")]
-    Serve(#[source] tonic::transport::Error),
 }
 
 impl From<ShimError> for Status {
@@ -166,8 +162,7 @@ impl From<ShimError> for Status {
             | ShimError::RemoveStaleSocket { .. }
             | ShimError::BindSocket { .. }
             | ShimError::SocketPermissions { .. }
-            | ShimError::LookupGroup { .. }
-            | ShimError::Serve(_) => Code::Internal,
+            | ShimError::LookupGroup { .. } => Code::Internal,
         };
         Status::new(code, err.to_string())
     }

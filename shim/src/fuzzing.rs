@@ -11,8 +11,7 @@ use crate::{
     error::ShimError,
     intercept::make_cold,
     rewrite,
-    server::Slots,
-    slots::{HandlerMap, SlotSource},
+    slots::{HandlerMap, SlotSource, Slots},
 };
 
 /// The shim's view of slots: its exposed handlers and a slot source.

@@ -15,13 +15,17 @@
 //! ```
 
 mod authority;
+mod capture;
+mod codec;
 mod deadline;
 mod error;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 mod h2channel;
+mod handlers;
 mod intercept;
+mod methods;
 mod preserve;
 mod request;
 mod rewrite;
@@ -30,6 +34,7 @@ pub mod slots;
 mod socket;
 mod upstream;
 
+pub use capture::Capture;
 pub use error::{DeadlineSource, ShimError};
 pub use server::{serve, Shim};
 pub use socket::{SocketConfig, SocketGroup};

@@ -25,7 +25,9 @@ use std::{
 
 use bytes::{Buf, BufMut, Bytes};
 use prost::{
-    encoding::{decode_key, decode_varint, encode_key, encode_varint, skip_field, DecodeContext, WireType},
+    encoding::{
+        decode_key, decode_varint, encode_key, encode_varint, skip_field, DecodeContext, WireType,
+    },
     DecodeError, Message,
 };
 
@@ -59,8 +61,13 @@ impl Schema {
     pub(crate) fn cri() -> &'static Schema {
         static CRI: OnceLock<Schema> = OnceLock::new();
         CRI.get_or_init(|| {
-            Schema::from_descriptor_set(fast_sandbox_proto::cri::DESCRIPTOR_SET)
-                .unwrap_or_else(|e| unreachable!("the CRI descriptor set built into the binary does not decode: {e}"))
+            Schema::from_descriptor_set(fast_sandbox_proto::cri::DESCRIPTOR_SET).unwrap_or_else(
+                |e| {
+                    unreachable!(
+                        "the CRI descriptor set built into the binary does not decode: {e}"
+                    )
+                },
+            )
         })
     }
 
@@ -114,8 +121,9 @@ impl Schema {
         self.messages.get(message)?.get(&number)
     }
 
-    /// Whether the schema knows `message` (tests and start-up checks).
-    pub(crate) fn knows(&self, message: &str) -> bool {
+    /// Whether the schema knows `message`.
+    #[cfg(test)]
+    fn knows(&self, message: &str) -> bool {
         self.messages.contains_key(message)
     }
 }
@@ -138,7 +146,8 @@ fn fields(data: &[u8]) -> Result<Vec<Field<'_>>, WireError> {
         let start = data.len() - buf.len();
         let (number, wire_type) = decode_key(&mut buf)?;
         let payload = if wire_type == WireType::LengthDelimited {
-            let len = usize::try_from(decode_varint(&mut buf)?).map_err(|_| WireError::Truncated)?;
+            let len =
+                usize::try_from(decode_varint(&mut buf)?).map_err(|_| WireError::Truncated)?;
             if len > buf.len() {
                 return Err(WireError::Truncated);
             }
@@ -173,7 +182,8 @@ fn same(a: Option<&Vec<Field<'_>>>, b: Option<&Vec<Field<'_>>>) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.raw == y.raw)
 }
 
-fn put_message_field(out: &mut Vec<u8>, number: u32, payload: &[u8]) {
+/// Appends message field `number` holding `payload`.
+pub(crate) fn put_message_field(out: &mut Vec<u8>, number: u32, payload: &[u8]) {
     encode_key(number, WireType::LengthDelimited, out);
     encode_varint(payload.len() as u64, out);
     out.put_slice(payload);
@@ -208,9 +218,20 @@ pub(crate) fn merge(
             out.put_slice(field.raw);
         } else if !done.contains(&field.number) {
             done.push(field.number);
-            let originals: Vec<Field<'_>> =
-                orig.iter().filter(|f| f.number == field.number).copied().collect();
-            replace(schema, message, field.number, &originals, &before, &after, &mut out)?;
+            let originals: Vec<Field<'_>> = orig
+                .iter()
+                .filter(|f| f.number == field.number)
+                .copied()
+                .collect();
+            replace(
+                schema,
+                message,
+                field.number,
+                &originals,
+                &before,
+                &after,
+                &mut out,
+            )?;
         }
     }
     for number in changed {
@@ -342,13 +363,13 @@ where
     })
 }
 
-/// The encoded items (repeated message field `items`) of a list answer, each
-/// as key and value, in order: to build a list from the items of others.
+/// The encoded items (repeated message field `items`) of a message, in
+/// order: to copy entries between messages ([`put_message_field`]).
 pub(crate) fn items(original: &[u8], items: u32) -> Result<Vec<&[u8]>, WireError> {
     Ok(fields(original)?
         .into_iter()
-        .filter(|f| f.number == items && f.payload.is_some())
-        .map(|f| f.raw)
+        .filter(|f| f.number == items)
+        .filter_map(|f| f.payload)
         .collect())
 }
 
@@ -411,11 +432,7 @@ mod tests {
         put_message_field(&mut inner, 2, &meta);
         put_message_field(&mut inner, 5, &network);
         inner.extend(unknown(920));
-        let mut top = cri::PodSandboxStatusResponse {
-            status: None,
-            ..r
-        }
-        .encode_to_vec();
+        let mut top = cri::PodSandboxStatusResponse { status: None, ..r }.encode_to_vec();
         put_message_field(&mut top, 1, &inner);
         top.extend(unknown(930));
         Bytes::from(top)
@@ -561,7 +578,11 @@ mod tests {
 
     #[test]
     fn malformed_input_is_an_error_not_a_panic() {
-        for bad in [&[0xff_u8; 8][..], &[0x0a, 0x80, 0x80, 0x80, 0x80, 0x01][..], &[0x0f][..]] {
+        for bad in [
+            &[0xff_u8; 8][..],
+            &[0x0a, 0x80, 0x80, 0x80, 0x80, 0x01][..],
+            &[0x0f][..],
+        ] {
             let bad = Bytes::copy_from_slice(bad);
             assert!(rewrite::<cri::PodSandboxStatusResponse, _>(
                 ".runtime.v1.PodSandboxStatusResponse",

@@ -21,31 +21,6 @@ pub(crate) trait CriRequest {
     }
 }
 
-/// Creates the `cri` span for one call at a fixed level, with every field a
-/// request may fill declared up front (tracing needs them at creation).
-macro_rules! cri_span {
-    ($level:ident, $method:literal, $request:expr) => {{
-        let span = ::tracing::span!(
-            ::tracing::Level::$level,
-            "cri",
-            method = $method,
-            pod_namespace = ::tracing::field::Empty,
-            pod_name = ::tracing::field::Empty,
-            pod_uid = ::tracing::field::Empty,
-            pod_sandbox_id = ::tracing::field::Empty,
-            container_id = ::tracing::field::Empty,
-            container_name = ::tracing::field::Empty,
-            image = ::tracing::field::Empty,
-            runtime_handler = ::tracing::field::Empty,
-        );
-        if !span.is_disabled() {
-            $crate::request::CriRequest::record($request, &span);
-        }
-        span
-    }};
-}
-pub(crate) use cri_span;
-
 fn record_pod(span: &Span, config: Option<&cri::PodSandboxConfig>) {
     if let Some(meta) = config.and_then(|c| c.metadata.as_ref()) {
         span.record("pod_namespace", meta.namespace.as_str());

@@ -56,8 +56,7 @@ use fast_sandbox_proto::cri;
 
 use crate::{
     error::ShimError,
-    server::Slots,
-    slots::{ClaimedPod, HandlerMap, SlotView, RUNTIME_HANDLER_LABEL},
+    slots::{ClaimedPod, HandlerMap, SlotView, Slots, RUNTIME_HANDLER_LABEL},
 };
 
 /// Key of containerd's verbose JSON in `PodSandboxStatusResponse.info`.
@@ -126,7 +125,13 @@ pub(crate) fn list_pod_sandbox(
     items: &mut Vec<cri::PodSandbox>,
     selector: &Selector,
 ) {
-    items.retain_mut(|item| match slots.source.view(&item.id, &item.labels) {
+    items.retain_mut(|item| sandbox_item(slots, item, selector));
+}
+
+/// One item of a `ListPodSandbox` answer: rewritten, and whether it stays
+/// (see [`list_pod_sandbox`]).
+pub(crate) fn sandbox_item(slots: &Slots, item: &mut cri::PodSandbox, selector: &Selector) -> bool {
+    match slots.source.view(&item.id, &item.labels) {
         SlotView::NotASlot => {
             let cold = take_cold_label(
                 &slots.handlers,
@@ -150,7 +155,7 @@ pub(crate) fn list_pod_sandbox(
             item.created_at = pod.claimed_at_ns;
             true
         }
-    });
+    }
 }
 
 /// Rewrites a `PodSandboxStatus` answer; an unclaimed slot becomes
@@ -293,12 +298,23 @@ fn view_stats(slots: &Slots, stats: &cri::PodSandboxStats) -> Option<SlotView> {
 
 /// Hides unclaimed slots, rewrites the attributes of claimed ones (see
 /// [`pod_sandbox_stats`]) and cold starts, then applies `selector`.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn list_pod_sandbox_stats(
     slots: &Slots,
     stats: &mut Vec<cri::PodSandboxStats>,
     selector: &Selector,
 ) {
-    stats.retain_mut(|item| match view_stats(slots, item) {
+    stats.retain_mut(|item| stats_item(slots, item, selector));
+}
+
+/// One item of a `ListPodSandboxStats` answer: rewritten, and whether it
+/// stays (see [`list_pod_sandbox_stats`]).
+pub(crate) fn stats_item(
+    slots: &Slots,
+    item: &mut cri::PodSandboxStats,
+    selector: &Selector,
+) -> bool {
+    match view_stats(slots, item) {
         None => selector.is_empty(),
         Some(SlotView::Unclaimed) => false,
         Some(SlotView::NotASlot) => item.attributes.as_mut().is_some_and(|a| {
@@ -312,7 +328,7 @@ pub(crate) fn list_pod_sandbox_stats(
             rewrite_claimed_stats(slots, item, &pod);
             true
         }
-    });
+    }
 }
 
 /// Rewrites a `PodSandboxStats` answer: attributes (metadata, labels,

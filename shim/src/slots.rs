@@ -32,6 +32,14 @@ pub const RUNTIME_HANDLER_LABEL: &str = "fast-sandbox.io/runtime-handler";
 
 pub use crate::intercept::{Ineligible, MissReason};
 
+/// The warm handlers and where their slots come from: what the server and
+/// the rewriting know of slots.
+#[derive(Debug)]
+pub(crate) struct Slots {
+    pub(crate) handlers: HandlerMap,
+    pub(crate) source: Arc<dyn SlotSource>,
+}
+
 /// What the pool chooses for one placeholder sandbox; everything else in the
 /// placeholder's config follows from its [`PoolKey`] ([`placeholder_config`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -26,9 +26,8 @@ use std::{
     time::Duration,
 };
 
-use fast_sandbox_proto::cri::{
-    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
-};
+use bytes::Bytes;
+use fast_sandbox_proto::cri::runtime_service_client::RuntimeServiceClient;
 use futures::FutureExt;
 use hyper_util::rt::TokioIo;
 use tokio::{net::UnixStream, time::Instant};
@@ -42,9 +41,11 @@ use tonic::{
 use tower::Service;
 
 use crate::{
-    deadline::{CallerDeadline, Deadline, Timeouts, GRPC_TIMEOUT},
+    codec::RawCodec,
+    deadline::{Budget, CallerDeadline, Deadline, Timeouts, GRPC_TIMEOUT},
     error::ShimError,
     h2channel::H2Channel,
+    methods::Method,
     request::CriRequest,
 };
 
@@ -162,16 +163,38 @@ fn lazy_channel(endpoint: &str, connect_timeout: Duration) -> Result<Channel, Sh
 }
 
 type RuntimeClient = RuntimeServiceClient<UpstreamChannel>;
-type ImageClient = ImageServiceClient<UpstreamChannel>;
 
 /// A cloneable handle on the upstream CRI endpoint. Clones share one
 /// connection.
 #[derive(Debug, Clone)]
 pub struct Upstream {
     runtime: RuntimeClient,
-    image: ImageClient,
+    channel: UpstreamChannel,
     timeouts: Timeouts,
 }
+
+/// A request whose message the shim holds as bytes, with the deadline
+/// budget read from it.
+#[derive(Debug, Clone)]
+pub(crate) struct RawRequest {
+    pub(crate) bytes: Bytes,
+    pub(crate) budget: Budget,
+}
+
+impl CriRequest for RawRequest {
+    fn budget(&self) -> Budget {
+        self.budget
+    }
+}
+
+/// Request headers that describe the caller's hop and are not relayed:
+/// the deadline is re-derived, the length may differ, the authority is the
+/// shim's own.
+const RELAY_DROPPED: [HeaderName; 3] = [
+    HeaderName::from_static("grpc-timeout"),
+    HeaderName::from_static("content-length"),
+    HeaderName::from_static("host"),
+];
 
 impl Upstream {
     /// Prepares the client without connecting: the first call dials, and a
@@ -189,7 +212,7 @@ impl Upstream {
         Ok(Upstream {
             runtime: RuntimeServiceClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_SIZE),
-            image: ImageServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_SIZE),
+            channel,
             timeouts: Timeouts {
                 call: cfg.call_timeout,
                 pull_image: cfg.pull_image_timeout,
@@ -201,12 +224,8 @@ impl Upstream {
         self.runtime.clone()
     }
 
-    pub(crate) fn image(&self) -> ImageClient {
-        self.image.clone()
-    }
-
     /// Forwards one call: `call` receives the outgoing request and performs
-    /// the RPC on a client from [`Upstream::runtime`] / [`Upstream::image`].
+    /// the RPC (on a client from [`Upstream::runtime`], or raw).
     /// For a server-streaming call the deadline covers getting the response
     /// headers; the stream itself is bounded by the caller (and by upstream,
     /// which receives the caller's deadline).
@@ -260,6 +279,114 @@ impl Upstream {
             Err(status) => Err(pass_status(status)),
         }
     }
+}
+
+impl Upstream {
+    /// Forwards one unary call whose message the shim holds as bytes, with
+    /// the deadline and error handling of [`Upstream::forward`]; the answer
+    /// is upstream's message bytes.
+    pub(crate) async fn unary_raw(
+        &self,
+        method: &'static Method,
+        request: Request<RawRequest>,
+    ) -> Result<Response<Bytes>, Status> {
+        let channel = self.channel.clone();
+        self.forward(method.name, request, |request| async move {
+            let mut grpc =
+                tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_MESSAGE_SIZE);
+            grpc.ready().await.map_err(Status::from_error)?;
+            let request = request.map(|raw| raw.bytes);
+            let path = http::uri::PathAndQuery::from_static(method.path);
+            grpc.unary(request, path, RawCodec).await
+        })
+        .await
+    }
+
+    /// Opens one server-streaming call whose messages the shim handles as
+    /// bytes; the deadline covers getting the answer's headers.
+    pub(crate) async fn streaming_raw(
+        &self,
+        method: &'static Method,
+        request: Request<RawRequest>,
+    ) -> Result<Response<tonic::Streaming<Bytes>>, Status> {
+        let channel = self.channel.clone();
+        self.forward(method.name, request, |request| async move {
+            let mut grpc =
+                tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_MESSAGE_SIZE);
+            grpc.ready().await.map_err(Status::from_error)?;
+            let request = request.map(|raw| raw.bytes);
+            let path = http::uri::PathAndQuery::from_static(method.path);
+            grpc.server_streaming(request, path, RawCodec).await
+        })
+        .await
+    }
+
+    /// Relays one call as it came: the caller's headers (minus
+    /// [`RELAY_DROPPED`]) and body bytes go upstream, upstream's answer
+    /// (headers, body, trailers) comes back unchanged. The deadline is the
+    /// caller's or the default for `budget`; it bounds getting the answer's
+    /// headers and is sent upstream as its `grpc-timeout`. The shim's own
+    /// failures (upstream unreachable, deadline) are gRPC statuses.
+    pub(crate) async fn relay(
+        &self,
+        name: &str,
+        mut parts: http::request::Parts,
+        body: Bytes,
+        budget: Budget,
+    ) -> http::Response<Body> {
+        let now = Instant::now();
+        let caller = parts
+            .extensions
+            .get::<CallerDeadline>()
+            .copied()
+            .or_else(|| CallerDeadline::from_header(parts.headers.get(GRPC_TIMEOUT), now));
+        let deadline = Deadline::choose(caller, budget, &self.timeouts, now);
+        for header in &RELAY_DROPPED {
+            parts.headers.remove(header);
+        }
+        if let Some(deadline) = deadline {
+            let Some(remaining) = deadline.remaining(now) else {
+                return relay_deadline(name, deadline).into_http();
+            };
+            parts
+                .headers
+                .insert(GRPC_TIMEOUT, crate::deadline::encode_timeout(remaining));
+        }
+        let request = http::Request::from_parts(parts, Body::new(http_body_util::Full::new(body)));
+        let mut channel = self.channel.clone();
+        let call = channel.call(request);
+        let answer = match deadline {
+            None => call.await,
+            Some(deadline) => match tokio::time::timeout_at(deadline.at, call).await {
+                Ok(answer) => answer,
+                Err(_) => return relay_deadline(name, deadline).into_http(),
+            },
+        };
+        match answer {
+            Ok(response) => response,
+            Err(err) => match err.downcast::<Status>() {
+                Ok(status) => status.into_http(),
+                Err(err) if err.is::<DeadlinePassed>() => match deadline {
+                    Some(deadline) => relay_deadline(name, deadline).into_http(),
+                    None => Status::unavailable(err.to_string()).into_http(),
+                },
+                Err(err) => Status::unavailable(err.to_string()).into_http(),
+            },
+        }
+    }
+}
+
+fn relay_deadline(name: &str, deadline: Deadline) -> Status {
+    tracing::warn!(
+        method = name,
+        timeout = ?deadline.total,
+        deadline = %deadline.source,
+        "upstream CRI call timed out"
+    );
+    Status::deadline_exceeded(format!(
+        "upstream CRI call {name} did not complete within {:?} ({})",
+        deadline.total, deadline.source
+    ))
 }
 
 /// The channel enforces the `grpc-timeout` we send upstream with its own

@@ -411,29 +411,46 @@ async fn malformed_request_bytes_are_rejected_without_reaching_upstream() {
         .expect("still serving");
 }
 
+/// A call the shim does not change is relayed as bytes: upstream's answer
+/// reaches the caller as upstream sent it, however broken (a message that
+/// does not decode, status details that are not base64), exactly as if the
+/// caller talked to upstream; the shim itself is not disturbed by it.
 #[tokio::test]
-async fn broken_upstream_replies_do_not_take_the_shim_down() {
+async fn broken_upstream_replies_pass_unchanged_and_do_not_take_the_shim_down() {
     let dir = tempfile::tempdir().expect("tempdir");
     let upstream_path = dir.path().join("upstream.sock");
     let upstream = start_broken_upstream(&upstream_path);
     let cfg = upstream_config(&upstream_path);
     let shim = ShimUnderTest::start(&cfg, dir.path().join("shim.sock")).await;
-    let mut client = shim.runtime();
 
-    let err = client
-        .version(cri::VersionRequest::default())
-        .await
-        .expect_err("undecodable reply");
-    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    let answer = raw_call(
+        shim.channel(),
+        "/runtime.v1.RuntimeService/Version",
+        Vec::new(),
+    )
+    .await
+    .expect("upstream's bytes");
+    assert_eq!(answer, b"\xff\xff\xff\xff");
 
-    let err = client
-        .container_status(status_request("x"))
-        .await
-        .expect_err("bad status details");
-    assert_eq!(err.code(), Code::Internal, "{err:?}");
-    assert!(err.message().contains("malformed"), "{}", err.message());
+    let (head, _) = plain_http_call(
+        &shim.socket,
+        "/runtime.v1.RuntimeService/ContainerStatus",
+        &status_request("x"),
+    )
+    .await;
+    let header = |name: &str| {
+        head.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(header("grpc-status").as_deref(), Some("5"), "{head:?}");
+    assert_eq!(
+        header("grpc-status-details-bin").as_deref(),
+        Some("!!! not base64 !!!")
+    );
 
-    client
+    shim.runtime()
         .status(cri::StatusRequest::default())
         .await
         .expect("a good reply still goes through");

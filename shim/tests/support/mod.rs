@@ -564,6 +564,33 @@ pub fn plain_runtime_client(socket: &Path) -> PlainClient {
     RuntimeServiceClient::with_origin(client, http::Uri::from_static("http://localhost"))
 }
 
+/// One unary call over plain hyper, `message` framed as gRPC: the answer's
+/// head and body as received, nothing interpreted.
+pub async fn plain_http_call(
+    socket: &Path,
+    path: &str,
+    message: &impl prost::Message,
+) -> (http::response::Parts, bytes::Bytes) {
+    use http_body_util::BodyExt as _;
+    let client: LegacyClient<UnixConnector, http_body_util::Full<bytes::Bytes>> =
+        LegacyClient::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(UnixConnector(socket.to_owned()));
+    let encoded = message.encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&u32::try_from(encoded.len()).expect("small").to_be_bytes());
+    body.extend_from_slice(&encoded);
+    let request = http::Request::post(format!("http://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .expect("request");
+    let response = client.request(request).await.expect("an HTTP answer");
+    let (head, body) = response.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    (head, body)
+}
+
 /// Upstream settings for tests: short timeouts, everything else default.
 pub fn upstream_config(endpoint: &Path) -> UpstreamConfig {
     UpstreamConfig {
