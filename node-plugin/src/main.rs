@@ -61,6 +61,11 @@ struct ServeArgs {
     /// TOML config file; flags and environment variables override it.
     #[arg(long, env = "FAST_SANDBOX_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Write every CRI call (method, request and answer as JSON and as
+    /// base64 protobuf, timing) to FILE, one JSON object a line. Off by
+    /// default; for recording what a real kubelet sends.
+    #[arg(long, env = "FAST_SANDBOX_CRI_CAPTURE", value_name = "FILE")]
+    cri_capture: Option<PathBuf>,
     #[command(flatten)]
     overrides: Overrides,
 }
@@ -142,6 +147,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 handlers.clone(),
                 Arc::clone(manager) as Arc<dyn SlotSource>,
             )
+        }
+    };
+    let shim = match &args.cri_capture {
+        None => shim,
+        Some(path) => {
+            let capture = fast_sandbox_shim::Capture::open(path)
+                .with_context(|| format!("opening the CRI capture file {}", path.display()))?;
+            tracing::warn!(path = %path.display(), "capturing every CRI call (pod specs and env included)");
+            shim.with_capture(capture)
         }
     };
     if let Some(address) = &settings.admin {
