@@ -281,7 +281,20 @@ impl Shim {
                     Ok(budget) => budget,
                     Err(err) => {
                         tracing::debug!(error = %err, "refusing a malformed request");
-                        return decode_status(&err).into_http();
+                        let refused = decode_status(&err).into_http();
+                        let head = refused.headers();
+                        self.captured(
+                            &path,
+                            Some(method),
+                            authority.as_deref(),
+                            wall,
+                            started,
+                            &body,
+                            None,
+                            head,
+                            None,
+                        );
+                        return refused;
                     }
                 }
             }
