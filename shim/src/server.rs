@@ -183,8 +183,13 @@ async fn read_body(body: Incoming) -> Result<Bytes, Status> {
 }
 
 /// The gRPC status of an answer: from its trailers, or its headers for a
-/// trailers-only answer.
-fn answer_status(headers: &http::HeaderMap, trailers: Option<&http::HeaderMap>) -> (i32, String) {
+/// trailers-only answer. Neither says: `Unknown` (2), as gRPC clients read
+/// it; for a stream just opened, its trailers are still to come (OK so far).
+fn answer_status(
+    headers: &http::HeaderMap,
+    trailers: Option<&http::HeaderMap>,
+    open_stream: bool,
+) -> (i32, String) {
     let field = |name: &str| {
         trailers
             .and_then(|t| t.get(name))
@@ -193,7 +198,7 @@ fn answer_status(headers: &http::HeaderMap, trailers: Option<&http::HeaderMap>) 
     };
     let code = field("grpc-status")
         .and_then(|c| c.parse().ok())
-        .unwrap_or(2);
+        .unwrap_or(if open_stream { 0 } else { 2 });
     let message = field("grpc-message").map(percent_decode);
     (code, message.unwrap_or_default())
 }
@@ -338,7 +343,7 @@ impl Shim {
         };
         let trailers = collected.trailers().cloned();
         let data = collected.to_bytes();
-        let (code, message_text) = answer_status(&head.headers, trailers.as_ref());
+        let (code, message_text) = answer_status(&head.headers, trailers.as_ref(), false);
         if code == 0 {
             tracing::event!(target: "fast_sandbox_shim::server", tracing::Level::DEBUG, elapsed_us = elapsed_us(started), "ok");
         } else {
@@ -383,7 +388,7 @@ impl Shim {
             return;
         };
         let request = methods::message_of(body).unwrap_or_default();
-        let (code, message) = answer_status(headers, trailers);
+        let (code, message) = answer_status(headers, trailers, answer.is_none() && trailers.is_none());
         capture.record(&capture::Call {
             path,
             method,
