@@ -25,7 +25,6 @@
 //! which then answers it as HTTP/2 says.
 
 use std::{
-    borrow::Cow,
     io,
     pin::Pin,
     task::{Context, Poll},
@@ -66,6 +65,7 @@ pub(crate) struct Normalized<IO> {
     /// The header block being collected (HEADERS, then CONTINUATIONs).
     pending: Option<Block>,
     hpack: Hpack,
+    scratch: Scratch,
     /// What was refused, logged once per connection.
     warned: bool,
     /// Socket EOF seen.
@@ -91,6 +91,14 @@ struct Block {
     fragment: BytesMut,
     /// The frames as received, to pass on unchanged.
     original: BytesMut,
+}
+
+/// One decoded header block: names and values back to back, and where each
+/// header starts with its name's and value's lengths.
+#[derive(Debug, Default)]
+struct Scratch {
+    bytes: Vec<u8>,
+    spans: Vec<(usize, usize, usize)>,
 }
 
 struct Hpack {
@@ -141,6 +149,7 @@ impl<IO> Normalized<IO> {
                 decoder: loona_hpack::Decoder::new(),
                 encoder: None,
             },
+            scratch: Scratch::default(),
             warned: false,
             eof: false,
         }
@@ -262,17 +271,31 @@ impl<IO> Normalized<IO> {
         let Some(block) = self.pending.take() else {
             return Ok(());
         };
-        let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        let mut refused: Option<Vec<u8>> = None;
+        // Decoded headers go into one reused buffer: no allocation per
+        // header on the path every call takes.
+        let scratch = &mut self.scratch;
+        scratch.bytes.clear();
+        scratch.spans.clear();
+        let mut refused = false;
         let decoded = self
             .hpack
             .decoder
             .decode_with_cb(&block.fragment, |name, value| {
+                let start = scratch.bytes.len();
+                scratch.bytes.extend_from_slice(&name);
                 if name.as_ref() == b":authority" && !acceptable(&value) {
-                    refused.get_or_insert_with(|| value.to_vec());
-                    headers.push((name.into_owned(), REPLACEMENT.to_vec()));
+                    if !refused {
+                        tracing::debug!(
+                            authority = %String::from_utf8_lossy(&value),
+                            "CRI client sends an :authority HTTP/2 servers refuse; reading it as localhost"
+                        );
+                    }
+                    refused = true;
+                    scratch.bytes.extend_from_slice(REPLACEMENT);
+                    scratch.spans.push((start, name.len(), REPLACEMENT.len()));
                 } else {
-                    headers.push((name.into_owned(), Cow::into_owned(value)));
+                    scratch.bytes.extend_from_slice(&value);
+                    scratch.spans.push((start, name.len(), value.len()));
                 }
             });
         if let Err(reason) = decoded {
@@ -280,15 +303,9 @@ impl<IO> Normalized<IO> {
             self.pending = Some(block);
             return Err(Unparsed::Hpack { stream_id, reason });
         }
-        if self.hpack.encoder.is_none() {
-            let Some(authority) = refused else {
-                self.out.put(block.original);
-                return Ok(());
-            };
-            tracing::debug!(
-                authority = %String::from_utf8_lossy(&authority),
-                "CRI client sends an :authority HTTP/2 servers refuse; reading it as localhost on this connection"
-            );
+        if self.hpack.encoder.is_none() && !refused {
+            self.out.put(block.original);
+            return Ok(());
         }
         let mut encoded = Vec::with_capacity(block.fragment.len() + 16);
         let encoder = match &mut self.hpack.encoder {
@@ -300,7 +317,9 @@ impl<IO> Normalized<IO> {
                 self.hpack.encoder.insert(loona_hpack::Encoder::new())
             }
         };
-        for (name, value) in &headers {
+        for &(start, name_len, value_len) in &self.scratch.spans {
+            let name = &self.scratch.bytes[start..start + name_len];
+            let value = &self.scratch.bytes[start + name_len..start + name_len + value_len];
             encoder
                 .encode_header_into((name, value), &mut encoded)
                 .unwrap_or_else(|never: io::Error| unreachable!("writing to a Vec: {never}"));

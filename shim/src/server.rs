@@ -159,7 +159,23 @@ fn connection_ended(err: &hyper::Error) {
         chain.push_str(&cause.to_string());
         source = cause.source();
     }
-    if err.is_closed() || err.is_canceled() || err.is_incomplete_message() {
+    let peer_gone = {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        let mut gone = false;
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                gone |= matches!(
+                    io.kind(),
+                    std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::UnexpectedEof
+                );
+            }
+            cause = e.source();
+        }
+        gone
+    };
+    if peer_gone || err.is_closed() || err.is_canceled() || err.is_incomplete_message() {
         tracing::debug!(error = %chain, "CRI client connection closed");
     } else {
         tracing::warn!(error = %chain, "CRI client connection refused at the HTTP/2 level");
@@ -388,7 +404,8 @@ impl Shim {
             return;
         };
         let request = methods::message_of(body).unwrap_or_default();
-        let (code, message) = answer_status(headers, trailers, answer.is_none() && trailers.is_none());
+        let (code, message) =
+            answer_status(headers, trailers, answer.is_none() && trailers.is_none());
         capture.record(&capture::Call {
             path,
             method,
