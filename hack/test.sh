@@ -5,7 +5,9 @@
 # integration tests against the real containerd, a short run of each
 # benchmark so it stays working, and stops everything it started.
 #
-# usage: sudo hack/test.sh [cargo test args...]
+# usage: hack/test.sh [cargo test args...]
+#   as root, or as a user with sudo (the script re-runs itself under sudo,
+#   keeping PATH and the Rust toolchain).
 #
 # Under CI=true no test may skip: a test that cannot reach the development
 # node fails instead.
@@ -14,7 +16,7 @@ set -Eeuo pipefail
 FSB_LOG_NAME=test
 # shellcheck source=hack/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-fsb_require_root
+fsb_become_root "$@"
 cd "$FSB_REPO"
 
 started=0
