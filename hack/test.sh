@@ -42,6 +42,10 @@ started=1
 "$FSB_REPO/hack/dev-node.sh" up
 # shellcheck disable=SC1090
 . "${FAST_SANDBOX_DEV_DIR:-/var/lib/fast-sandbox-dev}/env"
+# Go (Debian, offline) and Python (PyPI grpcio) CRI clients: real_clients.rs.
+"$FSB_REPO/hack/clients.sh"
+# shellcheck disable=SC1091
+. "$FAST_SANDBOX_DEV_DIR/clients/env"
 
 fsb_log "running the tests (unit, in-process, and against containerd)"
 cargo test --workspace --locked "$@"
