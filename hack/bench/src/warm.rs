@@ -68,9 +68,24 @@ async fn start_node(
     sizes: &[(String, usize)],
 ) -> anyhow::Result<(NodeProcess, SocketAddr)> {
     let admin = free_port()?;
+    let config = node_config(admin, &opts.containerd_root, sizes);
+    let binary = common::node_binary(opts.node_binary.as_deref())?;
+    let node = NodeProcess::spawn(&binary, &opts.upstream, &config).await?;
+    let mut rt = common::client(&node.endpoint())?;
+    common::wait_ready(&mut rt, Duration::from_secs(10)).await?;
+    Ok((node, admin))
+}
+
+/// The node plugin's config: one pool per handler of `size` slots, each of
+/// the default shape (what kubelet sends, as [`common::sandbox_config`]).
+fn node_config(
+    admin: SocketAddr,
+    containerd_root: &std::path::Path,
+    sizes: &[(String, usize)],
+) -> String {
     let mut config = format!(
         "[admin]\naddress = \"{admin}\"\n[slots]\nstate_dir = \"{{dir}}/state\"\ncontainerd_root = {:?}\nrefill_interval = \"0ms\"\n",
-        opts.containerd_root.display().to_string()
+        containerd_root.display().to_string()
     );
     for (handler, size) in sizes {
         config.push_str(&format!(
@@ -79,10 +94,9 @@ async fn start_node(
         if handler == "runsc" {
             // The dev node's runsc keeps its state under the handler's
             // `Root` (`<instance>/runtime/runsc`), not containerd's default.
-            let root = opts
-                .containerd_root
+            let root = containerd_root
                 .parent()
-                .unwrap_or(&opts.containerd_root)
+                .unwrap_or(containerd_root)
                 .join("runtime/runsc/k8s.io");
             config.push_str(&format!(
                 "guest_exec = [\"/usr/bin/runsc\", \"--root\", {:?}, \"exec\", \"--cap\", \"CAP_SYS_ADMIN\", \"{{sandbox_id}}\", \"/pause\", \"--set-hostname\", \"{{hostname}}\"]\n",
@@ -90,11 +104,7 @@ async fn start_node(
             ));
         }
     }
-    let binary = common::node_binary(opts.node_binary.as_deref())?;
-    let node = NodeProcess::spawn(&binary, &opts.upstream, &config).await?;
-    let mut rt = common::client(&node.endpoint())?;
-    common::wait_ready(&mut rt, Duration::from_secs(10)).await?;
-    Ok((node, admin))
+    config
 }
 
 /// Free slots per pool, from the admin endpoint.
@@ -350,4 +360,45 @@ async fn measure(opts: &Opts) -> anyhow::Result<()> {
         node.stop().await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fast_sandbox_shim::slots::{Claim, HandlerMap};
+
+    /// The quickstart's pods are kubelet-shaped and its pools serve them:
+    /// every warm-side pod of the benchmark is a claim of a configured pool.
+    #[test]
+    fn bench_pods_match_the_bench_pools() {
+        let sizes = vec![("runc".to_owned(), 4), ("crun".to_owned(), 2)];
+        let text = node_config(
+            "127.0.0.1:9464".parse().expect("addr"),
+            std::path::Path::new("/var/lib/containerd"),
+            &sizes,
+        );
+        let file: fast_sandbox_node::config::FileConfig =
+            toml::from_str(&text).expect("the bench's config parses");
+        let specs = fast_sandbox_node::config::pool_specs(&file.pools).expect("valid pools");
+        let handlers = HandlerMap::new(
+            specs
+                .iter()
+                .map(|s| (s.exposed_handler.clone(), s.key.upstream_handler.clone())),
+        );
+        for (handler, _) in &sizes {
+            let claim = Claim::from_request(
+                &RunPodSandboxRequest {
+                    config: Some(common::sandbox_config("bench-pod")),
+                    runtime_handler: format!("fast-{handler}"),
+                },
+                &handlers,
+            )
+            .expect("a bench pod is eligible");
+            assert!(
+                specs.iter().any(|s| s.key == claim.key),
+                "fast-{handler}: the bench pod asks {}, no pool serves it",
+                claim.key
+            );
+        }
+    }
 }
