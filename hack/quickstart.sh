@@ -4,7 +4,8 @@
 # of it with warm pools for fast-runc and fast-crun, and the same demo pod
 # started N times cold and N times warm, printed as a table (RunPodSandbox
 # and pod start to container running, p50/p99, warm/cold ratio), then the
-# proxy overhead for calls that are only forwarded.
+# proxy overhead for calls that are only forwarded. Beside the table it prints
+# the warm hits and the misses by reason the node plugin counted (its /metrics).
 #
 # usage: hack/quickstart.sh [--keep]
 #   as root, or as a user with sudo (the script re-runs itself under sudo)

@@ -158,6 +158,52 @@ pub(crate) async fn hits(admin: SocketAddr, pool: &str) -> anyhow::Result<u64> {
         .map_or(0, |v| v as u64))
 }
 
+/// Warm hits of pool `pool` and misses of handler `pool` by reason, from
+/// the node plugin's metrics text (the bench's pools are named after their
+/// handler).
+fn claim_counts(metrics: &str, pool: &str) -> (u64, Vec<(String, u64)>) {
+    let value = |v: &str| v.trim().parse::<f64>().map_or(0, |v| v as u64);
+    let hit = format!("fast_sandbox_claims_total{{pool=\"{pool}\",outcome=\"hit\"}} ");
+    let miss = format!("fast_sandbox_misses_total{{handler=\"{pool}\",reason=\"");
+    let hits = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&hit))
+        .map_or(0, value);
+    let misses = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&miss))
+        .filter_map(|rest| rest.split_once("\"} "))
+        .map(|(reason, v)| (reason.to_owned(), value(v)))
+        .collect();
+    (hits, misses)
+}
+
+/// Prints, beside the table, the hits and misses the node plugin counted
+/// (its `/metrics`): what an operator would see for these pods.
+async fn print_claim_counts(admin: SocketAddr, handlers: &[String]) -> anyhow::Result<()> {
+    let text = common::http_get(admin, "/metrics").await?;
+    println!("node plugin metrics (http://{admin}/metrics):");
+    println!(
+        "{:<12} {:>6} {:>7}  misses by reason",
+        "handler", "hits", "misses"
+    );
+    for h in handlers {
+        let pool = format!("fast-{h}");
+        let (hits, misses) = claim_counts(&text, &pool);
+        let total: u64 = misses.iter().map(|(_, n)| n).sum();
+        let reasons: Vec<String> = misses.iter().map(|(r, n)| format!("{r}={n}")).collect();
+        println!(
+            "{pool:<12} {hits:>6} {total:>7}  {}",
+            if reasons.is_empty() {
+                "-".to_owned()
+            } else {
+                reasons.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
 #[derive(Default)]
 struct Side {
     run: Samples,
@@ -278,6 +324,7 @@ async fn measure(opts: &Opts) -> anyhow::Result<()> {
         rows.push((h.clone(), cold, warm));
     }
     print_sequential(&rows);
+    print_claim_counts(admin, &opts.handlers).await?;
 
     if opts.concurrent > 0 {
         let h = &opts.handlers[0];
@@ -365,6 +412,23 @@ async fn measure(opts: &Opts) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hits_and_misses_are_read_from_the_metrics_text() {
+        let text = "# TYPE fast_sandbox_claims counter\n\
+            fast_sandbox_claims_total{pool=\"fast-runc\",outcome=\"hit\"} 30\n\
+            fast_sandbox_claims_total{pool=\"fast-crun\",outcome=\"hit\"} 2\n\
+            fast_sandbox_misses_total{handler=\"fast-runc\",reason=\"no_pool\"} 3\n\
+            fast_sandbox_misses_total{handler=\"fast-runc\",reason=\"pool_empty\"} 1\n";
+        let (hits, misses) = claim_counts(text, "fast-runc");
+        assert_eq!(hits, 30);
+        assert_eq!(
+            misses,
+            vec![("no_pool".to_owned(), 3), ("pool_empty".to_owned(), 1)]
+        );
+        assert_eq!(claim_counts(text, "fast-crun"), (2, Vec::new()));
+        assert_eq!(claim_counts(text, "fast-x"), (0, Vec::new()));
+    }
     use fast_sandbox_shim::slots::{Claim, HandlerMap};
 
     /// The quickstart's pods are kubelet-shaped and its pools serve them:
