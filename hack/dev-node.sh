@@ -250,8 +250,14 @@ cmd_env() {
 }
 
 case ${1:-} in
-up) cmd_up ;;
-down) cmd_down ;;
+up)
+	fsb_become_root "$@"
+	cmd_up
+	;;
+down)
+	fsb_become_root "$@"
+	cmd_down
+	;;
 env) cmd_env ;;
 *)
 	sed -n '2,/^set -Eeuo/{/^set -Eeuo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" >&2

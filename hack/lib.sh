@@ -21,6 +21,29 @@ fsb_require_root() {
 	[[ $(id -u) -eq 0 ]] || fsb_die "must run as root (containerd, mounts, bridges, iptables)"
 }
 
+# Re-runs the calling script as root when it is not, with the same
+# arguments: through sudo, keeping the caller's PATH (rustup's cargo lives
+# in ~/.cargo/bin), the caller's Rust toolchain homes and the settings the
+# scripts read (CI, CARGO_TARGET_DIR, RUST_LOG, FAST_SANDBOX_*). As root
+# (a fresh Debian root shell has no sudo) it returns at once.
+fsb_become_root() {
+	[[ $(id -u) -eq 0 ]] && return 0
+	command -v sudo >/dev/null ||
+		fsb_die "must run as root (containerd, mounts, bridges, iptables), and sudo is not installed: run it from a root shell"
+	local keep=("PATH=$PATH") name home
+	home=${CARGO_HOME:-$HOME/.cargo}
+	[[ -d $home ]] && keep+=("CARGO_HOME=$home")
+	home=${RUSTUP_HOME:-$HOME/.rustup}
+	[[ -d $home ]] && keep+=("RUSTUP_HOME=$home")
+	for name in $(compgen -e); do
+		case $name in
+		CI | CARGO_TARGET_DIR | RUST_LOG | FAST_SANDBOX_*) keep+=("$name=${!name}") ;;
+		esac
+	done
+	fsb_log "not root: re-running as root with sudo"
+	exec sudo -- env "${keep[@]}" "$(realpath -- "$0")" "$@"
+}
+
 # Cargo's target directory for this workspace (honours CARGO_TARGET_DIR and
 # cargo config).
 fsb_cargo_target_dir() {

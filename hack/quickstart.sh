@@ -4,18 +4,20 @@
 # of it with warm pools for fast-runc and fast-crun, and the same demo pod
 # started N times cold and N times warm, printed as a table (RunPodSandbox
 # and pod start to container running, p50/p99, warm/cold ratio), then the
-# proxy overhead for calls that are only forwarded.
+# proxy overhead for calls that are only forwarded. Beside the table it prints
+# the warm hits and the misses by reason the node plugin counted (its /metrics).
 #
-# usage: sudo hack/quickstart.sh [--keep]
+# usage: hack/quickstart.sh [--keep]
+#   as root, or as a user with sudo (the script re-runs itself under sudo)
 #   FAST_SANDBOX_DEMO_PODS   pods per side and handler (default 30)
 #   --keep   leave the development node running afterwards
-#            (stop it with `sudo hack/dev-node.sh down`)
+#            (stop it with `hack/dev-node.sh down`)
 set -Eeuo pipefail
 
 FSB_LOG_NAME=quickstart
 # shellcheck source=hack/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-fsb_require_root
+fsb_become_root "$@"
 cd "$FSB_REPO"
 
 keep=0

@@ -5,7 +5,9 @@
 # integration tests against the real containerd, a short run of each
 # benchmark so it stays working, and stops everything it started.
 #
-# usage: sudo hack/test.sh [cargo test args...]
+# usage: hack/test.sh [cargo test args...]
+#   as root, or as a user with sudo (the script re-runs itself under sudo,
+#   keeping PATH and the Rust toolchain).
 #
 # Under CI=true no test may skip: a test that cannot reach the development
 # node fails instead.
@@ -14,7 +16,7 @@ set -Eeuo pipefail
 FSB_LOG_NAME=test
 # shellcheck source=hack/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-fsb_require_root
+fsb_become_root "$@"
 cd "$FSB_REPO"
 
 started=0
@@ -41,6 +43,10 @@ started=1
 "$FSB_REPO/hack/dev-node.sh" up
 # shellcheck disable=SC1090
 . "${FAST_SANDBOX_DEV_DIR:-/var/lib/fast-sandbox-dev}/env"
+# Go (Debian, offline) and Python (PyPI grpcio) CRI clients: real_clients.rs.
+"$FSB_REPO/hack/clients.sh"
+# shellcheck disable=SC1091
+. "$FAST_SANDBOX_DEV_DIR/clients/env"
 
 fsb_log "running the tests (unit, in-process, and against containerd)"
 cargo test --workspace --locked "$@"

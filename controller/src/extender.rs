@@ -126,8 +126,9 @@ pub struct ExtenderConfig {
     /// RuntimeClass name → the handler it names (its `handler` field).
     pub fast_classes: HashMap<String, String>,
     pub policy: Policy,
-    /// The seccomp shape of a pod that sets none: what kubelet gives the
-    /// sandbox (`unconfined`, or `runtime-default` with `seccompDefault`).
+    /// The seccomp shape of every pod's sandbox: kubelet (v1.26 on) always
+    /// asks `RuntimeDefault` for it, whatever the pod's own profile
+    /// (docs/warm-slots.md, "What kubelet sends"), so `runtime-default`.
     pub default_seccomp: String,
     /// After a fast pod's prioritize call, count a slot of the node it
     /// scored highest as taken for this long (ms), so the next pods are not
@@ -145,7 +146,7 @@ impl Default for ExtenderConfig {
                 .map(|c| ((*c).to_owned(), (*c).to_owned()))
                 .collect(),
             policy: Policy::default(),
-            default_seccomp: "unconfined".into(),
+            default_seccomp: "runtime-default".into(),
             assume_ttl_ms: Some(DEFAULT_ASSUME_TTL_MS),
         }
     }
@@ -429,20 +430,12 @@ pub fn to_extender_priority(score: u8) -> i64 {
 /// The pool shape key of a pod: the sandbox fields a warm slot cannot
 /// change once it runs (see the shim's `Shape`), from the pod-level
 /// security context as kubelet passes it to the sandbox. `fsGroup` joins the
-/// supplemental groups, as kubelet does.
-pub fn pod_shape(security: Option<&PodSecurityContext>, default_seccomp: &str) -> String {
-    let seccomp = security
-        .and_then(|s| s.seccomp_profile.as_ref())
-        .map(|p| match p.type_.as_str() {
-            "Unconfined" => "unconfined".to_owned(),
-            "RuntimeDefault" => "runtime-default".to_owned(),
-            "Localhost" => format!(
-                "localhost/{}",
-                p.localhost_profile.as_deref().unwrap_or_default()
-            ),
-            other => other.to_ascii_lowercase(),
-        })
-        .unwrap_or_else(|| default_seccomp.to_owned());
+/// supplemental groups, as kubelet does. The seccomp part is always
+/// `sandbox_seccomp`: kubelet gives every pod sandbox `RuntimeDefault`
+/// whatever the pod's `seccompProfile` says (that profile applies to its
+/// containers; kubelet v1.26 `kuberuntime_sandbox.go:170-178`).
+pub fn pod_shape(security: Option<&PodSecurityContext>, sandbox_seccomp: &str) -> String {
+    let seccomp = sandbox_seccomp;
     let mut shape = format!("seccomp={seccomp}");
     let Some(security) = security else {
         return shape;
@@ -559,7 +552,7 @@ mod tests {
             pools: vec![PoolState {
                 handler: "fast-runc".into(),
                 upstream_handler: "runc".into(),
-                shape: "seccomp=unconfined".into(),
+                shape: "seccomp=runtime-default".into(),
                 free: 1,
                 total: 4,
             }],
@@ -650,6 +643,11 @@ mod tests {
 
     #[test]
     fn shape_of_a_pod_without_security_context() {
+        assert_eq!(
+            pod_shape(None, &ExtenderConfig::default().default_seccomp),
+            "seccomp=runtime-default",
+            "kubelet's sandbox seccomp"
+        );
         assert_eq!(pod_shape(None, "unconfined"), "seccomp=unconfined");
         let empty = PodSecurityContext::default();
         assert_eq!(
@@ -675,9 +673,11 @@ mod tests {
             }),
             ..Default::default()
         };
+        // The pod's own seccomp profile is its containers', not the
+        // sandbox's: kubelet asks RuntimeDefault for the sandbox anyway.
         assert_eq!(
-            pod_shape(Some(&security), "unconfined"),
-            "seccomp=localhost/profiles/agent.json;uid=1000;gid=3000;groups=4000,2000;selinux=:::s0:c1,c2"
+            pod_shape(Some(&security), "runtime-default"),
+            "seccomp=runtime-default;uid=1000;gid=3000;groups=4000,2000;selinux=:::s0:c1,c2"
         );
     }
 }

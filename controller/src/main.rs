@@ -54,8 +54,9 @@ enum Command {
         /// Filter out nodes whose status is older than this.
         #[arg(long)]
         stale_after_ms: Option<u64>,
-        /// The seccomp shape of pods that set none (kubelet's default).
-        #[arg(long, default_value = "unconfined")]
+        /// The seccomp shape of every pod's sandbox: kubelet always asks
+        /// RuntimeDefault for it.
+        #[arg(long, default_value = "runtime-default")]
         default_seccomp: String,
         /// Count the best node of each fast pod as one slot fewer for this
         /// long (ms), until its status shows the claim; 0 turns it off.
@@ -113,8 +114,9 @@ enum Command {
         /// Ignore nodes whose status is older than this.
         #[arg(long)]
         stale_after_ms: Option<u64>,
-        /// The seccomp shape of pods, pools and sandboxes that set none.
-        #[arg(long, default_value = "unconfined")]
+        /// The seccomp shape of every pod's sandbox (kubelet always asks
+        /// RuntimeDefault), and of pools that set none.
+        #[arg(long, default_value = "runtime-default")]
         default_seccomp: String,
         /// Extender: how long a fast pod's best node counts one slot fewer
         /// (ms); 0 turns it off.

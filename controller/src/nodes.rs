@@ -46,8 +46,8 @@ pub trait NodeDirectory: Send + Sync + 'static {
 #[serde(rename_all = "camelCase")]
 pub struct SandboxShape {
     /// `unconfined`, `runtime-default` or `localhost/<profile>`; unset:
-    /// the controller's default (kubelet's, `unconfined` unless
-    /// `seccompDefault` is on).
+    /// the controller's default, `runtime-default` (kubelet always asks
+    /// RuntimeDefault for a pod sandbox).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seccomp: Option<String>,
     /// The pod's `securityContext.runAsUser`.
@@ -294,8 +294,10 @@ mod tests {
     #[test]
     fn shape_key_matches_the_extenders_encoding() {
         use k8s_openapi::api::core::v1::{PodSecurityContext, SeccompProfile};
+        // A pool of the default seccomp serves the pod whatever its own
+        // profile: kubelet asks RuntimeDefault for every sandbox.
         let shape = SandboxShape {
-            seccomp: Some("localhost/p.json".into()),
+            seccomp: None,
             run_as_user: Some(1000),
             run_as_group: Some(1001),
             supplemental_groups: vec![5, 6],
@@ -311,8 +313,8 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            shape.key("unconfined"),
-            crate::extender::pod_shape(Some(&pod), "unconfined")
+            shape.key("runtime-default"),
+            crate::extender::pod_shape(Some(&pod), "runtime-default")
         );
         assert_eq!(
             SandboxShape::default().key("runtime-default"),

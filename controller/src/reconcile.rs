@@ -21,7 +21,8 @@ use crate::scoring::{Policy, SlotPolicy};
 pub struct ReconcileConfig {
     /// RuntimeClass name → the runtime handler it names.
     pub fast_classes: HashMap<String, String>,
-    /// The seccomp shape of a pool or sandbox that sets none.
+    /// The seccomp shape of a pool or sandbox that sets none: what kubelet
+    /// asks for every pod sandbox (`runtime-default`).
     pub default_seccomp: String,
     /// How the direct `Sandbox` path filters and scores nodes; under
     /// [`SlotPolicy::Require`] a `Sandbox` waits for a free warm slot.
@@ -35,7 +36,7 @@ impl Default for ReconcileConfig {
                 .iter()
                 .map(|c| ((*c).to_owned(), (*c).to_owned()))
                 .collect(),
-            default_seccomp: "unconfined".into(),
+            default_seccomp: "runtime-default".into(),
             sandbox_policy: Policy {
                 slots: SlotPolicy::Require,
                 stale_after_ms: None,

@@ -17,7 +17,10 @@ pub const HANDLERS: [(&str, &str, f64); 4] = [
 
 /// Shapes a pool can be built for, in the extender's encoding
 /// ([`crate::extender::pod_shape`]): kubelet's default, and `runAsUser: 1000`.
-pub const SHAPES: [&str; 2] = ["seccomp=unconfined", "seccomp=unconfined;uid=1000"];
+pub const SHAPES: [&str; 2] = [
+    "seccomp=runtime-default",
+    "seccomp=runtime-default;uid=1000",
+];
 
 /// SplitMix64: small, fast, and the same sequence on every platform and
 /// version, which a committed simulation result needs.

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const SHAPE: &str = "seccomp=unconfined";
+const SHAPE: &str = "seccomp=runtime-default";
 
 fn node(name: &str, free: Option<u32>, images: Vec<CachedImage>) -> NodeState {
     NodeState {

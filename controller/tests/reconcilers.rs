@@ -29,7 +29,7 @@ type Respond = tower_test::mock::SendResponse<Response<Body>>;
 
 const NOW_MS: u64 = 1_700_000_000_000;
 const HANDLER: &str = "fast-runc";
-const SHAPE: &str = "seccomp=unconfined";
+const SHAPE: &str = "seccomp=runtime-default";
 const MIB: u64 = 1024 * 1024;
 
 // ---- the scripted API server ------------------------------------------------
@@ -885,7 +885,7 @@ async fn sandbox_with_no_eligible_node_gets_a_condition_and_no_pod() {
             assert_eq!(scheduled["reason"], "NoEligibleNode");
             assert_eq!(
                 scheduled["message"],
-                "no eligible node among 3 reporting for handler fast-runc and shape seccomp=unconfined \
+                "no eligible node among 3 reporting for handler fast-runc and shape seccomp=runtime-default \
                  (1: fast-sandbox node plugin not ready; 1: no warm pool for this runtime handler and shape; \
                  1: warm pool has no free slot)"
             );

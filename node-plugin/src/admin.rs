@@ -2,7 +2,8 @@
 //! CLI and benchmarks, and a health check for the DaemonSet's probes.
 //!
 //! - `GET /metrics`: OpenMetrics text.
-//! - `GET /pools`: JSON array of [`PoolStats`].
+//! - `GET /pools`: JSON array of [`PoolStats`] (with the misses of each
+//!   pool's handler by reason).
 //! - `GET /claims`: JSON array of [`ClaimInfo`] (claimed slots and their pods).
 //! - `GET /healthz`: `ok`.
 

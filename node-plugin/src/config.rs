@@ -31,7 +31,7 @@
 //! upstream = "runc"         # containerd's handler
 //! size = 4                  # free slots kept
 //! network = "keep"          # "keep" (identity-free CNI only) or "rebind"
-//! shape = { seccomp = "unconfined" }   # or "runtime-default", "localhost/<path>"
+//! shape = { seccomp = "runtime-default" }   # the default: what kubelet sends; or "unconfined", "localhost/<path>"
 //! fixup = "setns"           # or "guest-exec" (default for runsc*/gvisor*/kata* upstreams)
 //! # guest_exec = ["/usr/bin/runsc", "--root", "/run/containerd/runc/k8s.io", "exec",
 //! #   "--cap", "CAP_SYS_ADMIN", "{sandbox_id}", "/pause", "--set-hostname", "{hostname}"]
@@ -240,10 +240,15 @@ pub enum NetworkMode {
     Rebind,
 }
 
-/// The pool's shape: sandbox fields fixed once the pause runs.
+/// The pool's shape: sandbox fields fixed once the pause runs. Each unset
+/// field is what kubelet sends for an ordinary pod's sandbox
+/// (docs/warm-slots.md, "What kubelet sends"), so a pool without a `shape`
+/// serves kubelet's pods.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShapeSection {
+    /// Default `runtime-default`: kubelet (v1.26 on) always asks seccomp
+    /// `RuntimeDefault` for a pod sandbox, whatever the pod says.
     pub seccomp: Option<String>,
     pub run_as_user: Option<i64>,
     pub run_as_group: Option<i64>,
@@ -566,8 +571,8 @@ pub fn pool_specs(pools: &[PoolSection]) -> anyhow::Result<Vec<PoolSpec>> {
             p.size
         );
         let seccomp = match p.shape.seccomp.as_deref() {
-            None | Some("unconfined") => SeccompShape::Unconfined,
-            Some("runtime-default") => SeccompShape::RuntimeDefault,
+            Some("unconfined") => SeccompShape::Unconfined,
+            None | Some("runtime-default") => SeccompShape::RuntimeDefault,
             Some(other) => match other.strip_prefix("localhost/") {
                 Some(path) if !path.is_empty() => SeccompShape::Localhost(path.to_owned()),
                 _ => anyhow::bail!(
@@ -847,7 +852,14 @@ mod tests {
         .expect("valid");
         assert_eq!(specs.len(), 3);
         assert_eq!(specs[0].name, "fast-runc");
-        assert_eq!(specs[0].key.shape, Shape::default());
+        assert_eq!(
+            specs[0].key.shape,
+            Shape {
+                seccomp: SeccompShape::RuntimeDefault,
+                ..Shape::default()
+            },
+            "a pool without a shape serves what kubelet sends"
+        );
         assert_eq!(specs[1].key.shape.seccomp, SeccompShape::RuntimeDefault);
         assert_eq!(specs[1].key.shape.supplemental_groups, vec![1, 3]);
         assert_eq!(specs[2].name, "default");
@@ -874,7 +886,7 @@ mod tests {
             (one("") + &one(""), "duplicates"),
             (
                 one("")
-                    + &one("name = \"b\"\nshape = { seccomp = \"runtime-default\" }\n")
+                    + &one("name = \"b\"\nshape = { seccomp = \"unconfined\" }\n")
                     + &one("name = \"c\"").replace("\"runc\"", "\"crun\""),
                 "already maps",
             ),

@@ -243,20 +243,31 @@ async fn show_pools(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
     let pools: Vec<serde_json::Value> =
         serde_json::from_str(&body).context("the admin endpoint's /pools is not a JSON list")?;
     println!(
-        "{:<20} {:<14} {:<10} {:>5} {:>7} {:>7}",
+        "{:<20} {:<14} {:<10} {:>5} {:>7} {:>7}  MISSES (per handler)",
         "POOL", "HANDLER", "UPSTREAM", "FREE", "DESIRED", "CLAIMED"
     );
     for p in &pools {
         let s = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
         let n = |k: &str| p[k].as_u64().unwrap_or(0);
+        let misses: Vec<String> = p["misses"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(reason, count)| format!("{reason}={}", count.as_u64().unwrap_or(0)))
+            .collect();
         println!(
-            "{:<20} {:<14} {:<10} {:>5} {:>7} {:>7}",
+            "{:<20} {:<14} {:<10} {:>5} {:>7} {:>7}  {}",
             s("name"),
             s("exposed_handler"),
             s("upstream_handler"),
             n("free"),
             n("desired"),
-            n("claimed")
+            n("claimed"),
+            if misses.is_empty() {
+                "-".to_owned()
+            } else {
+                misses.join(",")
+            }
         );
     }
     Ok(())

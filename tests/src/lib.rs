@@ -8,6 +8,7 @@
 //! CI run can never pass by skipping.
 
 pub mod census;
+pub mod clients;
 pub mod equiv;
 pub mod fake_cri;
 pub mod kubelet;

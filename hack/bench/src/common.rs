@@ -10,10 +10,11 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use fast_sandbox_proto::cri::{
-    runtime_service_client::RuntimeServiceClient, ContainerConfig, ContainerMetadata,
-    CreateContainerRequest, DnsConfig, ImageSpec, LinuxPodSandboxConfig, ListPodSandboxRequest,
-    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, StartContainerRequest,
-    StopPodSandboxRequest, VersionRequest,
+    runtime_service_client::RuntimeServiceClient, security_profile, ContainerConfig,
+    ContainerMetadata, CreateContainerRequest, DnsConfig, ImageSpec, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, SecurityProfile,
+    StartContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
 use tonic::transport::Channel;
 
@@ -133,7 +134,28 @@ pub fn sandbox_config(name: &str) -> PodSandboxConfig {
         labels: HashMap::from([("fast-sandbox.bench".into(), "pod".into())]),
         linux: Some(LinuxPodSandboxConfig {
             cgroup_parent: format!("/kubepods/besteffort/pod{uid}"),
+            security_context: Some(kubelet_sandbox_security()),
             ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The sandbox security context kubelet (v1.26 on) sends for an ordinary
+/// pod: its own network and IPC namespaces, a PID namespace per container,
+/// seccomp `RuntimeDefault` always (docs/warm-slots.md, "What kubelet
+/// sends"). A warm pool without a `shape` serves exactly this.
+pub fn kubelet_sandbox_security() -> LinuxSandboxSecurityContext {
+    LinuxSandboxSecurityContext {
+        namespace_options: Some(NamespaceOption {
+            network: NamespaceMode::Pod as i32,
+            pid: NamespaceMode::Container as i32,
+            ipc: NamespaceMode::Pod as i32,
+            ..Default::default()
+        }),
+        seccomp: Some(SecurityProfile {
+            profile_type: security_profile::ProfileType::RuntimeDefault as i32,
+            localhost_ref: String::new(),
         }),
         ..Default::default()
     }

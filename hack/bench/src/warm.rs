@@ -68,9 +68,24 @@ async fn start_node(
     sizes: &[(String, usize)],
 ) -> anyhow::Result<(NodeProcess, SocketAddr)> {
     let admin = free_port()?;
+    let config = node_config(admin, &opts.containerd_root, sizes);
+    let binary = common::node_binary(opts.node_binary.as_deref())?;
+    let node = NodeProcess::spawn(&binary, &opts.upstream, &config).await?;
+    let mut rt = common::client(&node.endpoint())?;
+    common::wait_ready(&mut rt, Duration::from_secs(10)).await?;
+    Ok((node, admin))
+}
+
+/// The node plugin's config: one pool per handler of `size` slots, each of
+/// the default shape (what kubelet sends, as [`common::sandbox_config`]).
+fn node_config(
+    admin: SocketAddr,
+    containerd_root: &std::path::Path,
+    sizes: &[(String, usize)],
+) -> String {
     let mut config = format!(
         "[admin]\naddress = \"{admin}\"\n[slots]\nstate_dir = \"{{dir}}/state\"\ncontainerd_root = {:?}\nrefill_interval = \"0ms\"\n",
-        opts.containerd_root.display().to_string()
+        containerd_root.display().to_string()
     );
     for (handler, size) in sizes {
         config.push_str(&format!(
@@ -79,10 +94,9 @@ async fn start_node(
         if handler == "runsc" {
             // The dev node's runsc keeps its state under the handler's
             // `Root` (`<instance>/runtime/runsc`), not containerd's default.
-            let root = opts
-                .containerd_root
+            let root = containerd_root
                 .parent()
-                .unwrap_or(&opts.containerd_root)
+                .unwrap_or(containerd_root)
                 .join("runtime/runsc/k8s.io");
             config.push_str(&format!(
                 "guest_exec = [\"/usr/bin/runsc\", \"--root\", {:?}, \"exec\", \"--cap\", \"CAP_SYS_ADMIN\", \"{{sandbox_id}}\", \"/pause\", \"--set-hostname\", \"{{hostname}}\"]\n",
@@ -90,11 +104,7 @@ async fn start_node(
             ));
         }
     }
-    let binary = common::node_binary(opts.node_binary.as_deref())?;
-    let node = NodeProcess::spawn(&binary, &opts.upstream, &config).await?;
-    let mut rt = common::client(&node.endpoint())?;
-    common::wait_ready(&mut rt, Duration::from_secs(10)).await?;
-    Ok((node, admin))
+    config
 }
 
 /// Free slots per pool, from the admin endpoint.
@@ -146,6 +156,52 @@ pub(crate) async fn hits(admin: SocketAddr, pool: &str) -> anyhow::Result<u64> {
         .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map_or(0, |v| v as u64))
+}
+
+/// Warm hits of pool `pool` and misses of handler `pool` by reason, from
+/// the node plugin's metrics text (the bench's pools are named after their
+/// handler).
+fn claim_counts(metrics: &str, pool: &str) -> (u64, Vec<(String, u64)>) {
+    let value = |v: &str| v.trim().parse::<f64>().map_or(0, |v| v as u64);
+    let hit = format!("fast_sandbox_claims_total{{pool=\"{pool}\",outcome=\"hit\"}} ");
+    let miss = format!("fast_sandbox_misses_total{{handler=\"{pool}\",reason=\"");
+    let hits = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&hit))
+        .map_or(0, value);
+    let misses = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&miss))
+        .filter_map(|rest| rest.split_once("\"} "))
+        .map(|(reason, v)| (reason.to_owned(), value(v)))
+        .collect();
+    (hits, misses)
+}
+
+/// Prints, beside the table, the hits and misses the node plugin counted
+/// (its `/metrics`): what an operator would see for these pods.
+async fn print_claim_counts(admin: SocketAddr, handlers: &[String]) -> anyhow::Result<()> {
+    let text = common::http_get(admin, "/metrics").await?;
+    println!("node plugin metrics (http://{admin}/metrics):");
+    println!(
+        "{:<12} {:>6} {:>7}  misses by reason",
+        "handler", "hits", "misses"
+    );
+    for h in handlers {
+        let pool = format!("fast-{h}");
+        let (hits, misses) = claim_counts(&text, &pool);
+        let total: u64 = misses.iter().map(|(_, n)| n).sum();
+        let reasons: Vec<String> = misses.iter().map(|(r, n)| format!("{r}={n}")).collect();
+        println!(
+            "{pool:<12} {hits:>6} {total:>7}  {}",
+            if reasons.is_empty() {
+                "-".to_owned()
+            } else {
+                reasons.join(", ")
+            }
+        );
+    }
+    Ok(())
 }
 
 #[derive(Default)]
@@ -268,6 +324,7 @@ async fn measure(opts: &Opts) -> anyhow::Result<()> {
         rows.push((h.clone(), cold, warm));
     }
     print_sequential(&rows);
+    print_claim_counts(admin, &opts.handlers).await?;
 
     if opts.concurrent > 0 {
         let h = &opts.handlers[0];
@@ -350,4 +407,62 @@ async fn measure(opts: &Opts) -> anyhow::Result<()> {
         node.stop().await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hits_and_misses_are_read_from_the_metrics_text() {
+        let text = "# TYPE fast_sandbox_claims counter\n\
+            fast_sandbox_claims_total{pool=\"fast-runc\",outcome=\"hit\"} 30\n\
+            fast_sandbox_claims_total{pool=\"fast-crun\",outcome=\"hit\"} 2\n\
+            fast_sandbox_misses_total{handler=\"fast-runc\",reason=\"no_pool\"} 3\n\
+            fast_sandbox_misses_total{handler=\"fast-runc\",reason=\"pool_empty\"} 1\n";
+        let (hits, misses) = claim_counts(text, "fast-runc");
+        assert_eq!(hits, 30);
+        assert_eq!(
+            misses,
+            vec![("no_pool".to_owned(), 3), ("pool_empty".to_owned(), 1)]
+        );
+        assert_eq!(claim_counts(text, "fast-crun"), (2, Vec::new()));
+        assert_eq!(claim_counts(text, "fast-x"), (0, Vec::new()));
+    }
+    use fast_sandbox_shim::slots::{Claim, HandlerMap};
+
+    /// The quickstart's pods are kubelet-shaped and its pools serve them:
+    /// every warm-side pod of the benchmark is a claim of a configured pool.
+    #[test]
+    fn bench_pods_match_the_bench_pools() {
+        let sizes = vec![("runc".to_owned(), 4), ("crun".to_owned(), 2)];
+        let text = node_config(
+            "127.0.0.1:9464".parse().expect("addr"),
+            std::path::Path::new("/var/lib/containerd"),
+            &sizes,
+        );
+        let file: fast_sandbox_node::config::FileConfig =
+            toml::from_str(&text).expect("the bench's config parses");
+        let specs = fast_sandbox_node::config::pool_specs(&file.pools).expect("valid pools");
+        let handlers = HandlerMap::new(
+            specs
+                .iter()
+                .map(|s| (s.exposed_handler.clone(), s.key.upstream_handler.clone())),
+        );
+        for (handler, _) in &sizes {
+            let claim = Claim::from_request(
+                &RunPodSandboxRequest {
+                    config: Some(common::sandbox_config("bench-pod")),
+                    runtime_handler: format!("fast-{handler}"),
+                },
+                &handlers,
+            )
+            .expect("a bench pod is eligible");
+            assert!(
+                specs.iter().any(|s| s.key == claim.key),
+                "fast-{handler}: the bench pod asks {}, no pool serves it",
+                claim.key
+            );
+        }
+    }
 }

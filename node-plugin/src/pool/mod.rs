@@ -18,6 +18,7 @@
 //! it briefly.
 
 pub mod gvisor;
+pub mod misses;
 pub mod records;
 pub mod setns;
 
@@ -211,6 +212,10 @@ pub struct PoolStats {
     pub desired: usize,
     pub free: usize,
     pub claimed: usize,
+    /// Cold starts of this pool's exposed handler, by reason (`no_pool`,
+    /// `pool_empty`, `host_network`, ...): per handler, so pools sharing a
+    /// handler show the same counts.
+    pub misses: std::collections::BTreeMap<String, u64>,
 }
 
 /// One claimed slot, for the CLI.
@@ -239,6 +244,8 @@ pub struct PoolManager {
     /// Previous CPU samples of claimed pods, for `usage_nano_cores`.
     usage: UsageTracker,
     metrics: Arc<Metrics>,
+    /// Misses by handler and reason, and the shape differences logged.
+    misses: misses::MissBook,
     table: Mutex<Table>,
     refill: Notify,
     /// Bumped on every change of the pools' counters (claim, release,
@@ -328,6 +335,7 @@ impl PoolManager {
             cni,
             usage: UsageTracker::default(),
             metrics,
+            misses: misses::MissBook::default(),
             table: Mutex::new(table),
             refill: Notify::new(),
             changes: tokio::sync::watch::channel(0).0,
@@ -381,6 +389,7 @@ impl PoolManager {
                     .values()
                     .filter(|sl| sl.pool == i && matches!(sl.status, Status::Claimed(_)))
                     .count(),
+                misses: self.misses.of(&s.exposed_handler),
             })
             .collect()
     }
@@ -1133,16 +1142,33 @@ impl SlotSource for PoolManager {
         }
     }
 
-    fn missed(&self, handler: &str, _key: Option<&PoolKey>, reason: MissReason) {
+    fn missed(&self, handler: &str, key: Option<&PoolKey>, reason: MissReason) {
         // Handlers that are not ours are not misses of this node's pools.
-        if reason != MissReason::NotFastHandler {
-            self.metrics
-                .misses
-                .get_or_create(&Miss {
-                    handler: handler.to_owned(),
-                    reason: reason.as_str(),
-                })
-                .inc();
+        if reason == MissReason::NotFastHandler {
+            return;
+        }
+        self.metrics
+            .misses
+            .get_or_create(&Miss {
+                handler: handler.to_owned(),
+                reason: reason.as_str(),
+            })
+            .inc();
+        self.misses.count(handler, reason);
+        if let (MissReason::NoPool, Some(asked)) = (reason, key) {
+            let served: Vec<&PoolKey> = self
+                .specs
+                .iter()
+                .filter(|s| s.exposed_handler == handler)
+                .map(|s| &s.key)
+                .collect();
+            for message in self.misses.first_explanations(handler, asked, &served) {
+                tracing::warn!(
+                    handler,
+                    pool_key = %asked,
+                    "{message}: these pods start cold (logged once per handler and field)"
+                );
+            }
         }
     }
 }
