@@ -8,6 +8,7 @@
 #                                     [--sandbox-image REF] [--import TAR]...
 #                                     [--plain-http-registry 127.0.0.1:PORT]...
 #                                     [--runtime NAME=BINARY]...
+#                                     [--containerd-bin DIR]
 #                                     [--timeout SECONDS]
 #   containerd-instance.sh stop   DIR [--purge]
 #   containerd-instance.sh status DIR
@@ -30,6 +31,12 @@
 # --runtime adds handler NAME on containerd's runc v2 shim with BinaryName
 #   BINARY, e.g. runsc=/path/to/fast-sandbox-runsc (gVisor, see
 #   docs/runtimes.md); recorded, so a restart keeps it.
+# --containerd-bin DIR runs the containerd, containerd-shim-runc-v2 and ctr
+#   in DIR instead of the system's (e.g. containerd 2.1 unpacked from
+#   Debian unstable's package by dev-node.sh; DIR goes first on containerd's
+#   PATH so its own shim is used). The config is written in that containerd's
+#   own format (version 3 for containerd 2.x). Recorded, so a restart and
+#   stop use the same binaries.
 #
 # Defaults come from the dev-node env file when it is sourced, else from the
 # development node at ${FAST_SANDBOX_DEV_DIR:-/var/lib/fast-sandbox-dev}:
@@ -70,7 +77,7 @@ RUNTIMES=(runc crun)
 # The command for a runtime in RUNTIMES, when not its own name (--runtime).
 declare -A RUNTIME_BIN=()
 
-OPT_SUBNET='' OPT_BRIDGE='' OPT_IMAGE='' OPT_TIMEOUT=60 OPT_PURGE=''
+OPT_SUBNET='' OPT_BRIDGE='' OPT_IMAGE='' OPT_TIMEOUT=60 OPT_PURGE='' OPT_BIN=''
 OPT_IMPORTS=() OPT_REGISTRIES=() OPT_RUNTIMES=()
 while (($# > 0)); do
 	case $1 in
@@ -80,6 +87,7 @@ while (($# > 0)); do
 	--import) OPT_IMPORTS+=("$(realpath -- "${2:?--import needs a tar}")"); shift 2 ;;
 	--plain-http-registry) OPT_REGISTRIES+=("${2:?--plain-http-registry needs HOST:PORT}"); shift 2 ;;
 	--runtime) OPT_RUNTIMES+=("${2:?--runtime needs NAME=BINARY}"); shift 2 ;;
+	--containerd-bin) OPT_BIN=$(realpath -- "${2:?--containerd-bin needs a directory}"); shift 2 ;;
 	--timeout) OPT_TIMEOUT=${2:?--timeout needs seconds}; shift 2 ;;
 	--purge) OPT_PURGE=1; shift ;;
 	-h | --help) usage ;;
@@ -131,12 +139,22 @@ bridge_owner() {
 }
 
 # The network settings this instance was started with (instance.env).
-STORED_SUBNET='' STORED_BRIDGE='' STORED_RUNTIMES=''
+STORED_SUBNET='' STORED_BRIDGE='' STORED_RUNTIMES='' STORED_BIN=''
 load_stored() {
 	[[ -f $INSTANCE_ENV ]] || return 0
 	STORED_SUBNET=$(sed -n 's/^FSB_CNI_SUBNET=//p' "$INSTANCE_ENV")
 	STORED_BRIDGE=$(sed -n 's/^FSB_BRIDGE=//p' "$INSTANCE_ENV")
 	STORED_RUNTIMES=$(sed -n 's/^FSB_RUNTIMES=//p' "$INSTANCE_ENV")
+	STORED_BIN=$(sed -n 's/^FSB_CONTAINERD_BIN=//p' "$INSTANCE_ENV")
+}
+
+# The containerd and ctr commands of this instance (--containerd-bin).
+CONTAINERD=containerd CTR=ctr SHIM_PATH=$FSB_PATH
+use_bin_dir() {
+	[[ -n $1 ]] || return 0
+	[[ -x $1/containerd && -x $1/ctr && -x $1/containerd-shim-runc-v2 ]] ||
+		fsb_die "--containerd-bin $1: containerd, ctr and containerd-shim-runc-v2 expected there"
+	CONTAINERD=$1/containerd CTR=$1/ctr SHIM_PATH=$1:$FSB_PATH
 }
 
 # Adds NAME=BINARY runtimes to RUNTIMES/RUNTIME_BIN (for the leftover sweep).
@@ -155,6 +173,8 @@ cmd_start() {
 	load_stored
 	subnet=${OPT_SUBNET:-$STORED_SUBNET}
 	bridge=${OPT_BRIDGE:-$STORED_BRIDGE}
+	local bin_dir=${OPT_BIN:-$STORED_BIN}
+	use_bin_dir "$bin_dir"
 	if [[ -n $OPT_SUBNET && -n $STORED_SUBNET && ($OPT_SUBNET != "$STORED_SUBNET" || $OPT_BRIDGE != "$STORED_BRIDGE") ]]; then
 		fsb_die "$DIR was started with --cni-subnet $STORED_SUBNET --bridge $STORED_BRIDGE; stop it before changing its network"
 	fi
@@ -177,7 +197,11 @@ cmd_start() {
 	owner=$(bridge_owner "$bridge")
 	[[ -z $owner ]] || fsb_die "bridge $bridge is already used by the running instance at $owner"
 
-	fsb_ensure_packages containerd runc crun containernetworking-plugins iptables iproute2
+	if [[ -n $bin_dir ]]; then
+		fsb_ensure_packages runc crun containernetworking-plugins iptables iproute2
+	else
+		fsb_ensure_packages containerd runc crun containernetworking-plugins iptables iproute2
+	fi
 	# portmap creates its top-level nat chains on first use, and two pods
 	# started at once race to create them ("CHAIN_USER_ADD failed (File
 	# exists)"): make them up front, as the first pods of a node find them.
@@ -201,12 +225,13 @@ cmd_start() {
 		config_args+=(--runtime "$runtime")
 	done
 	add_runtimes "${OPT_RUNTIMES[@]}"
-	containerd config default >"$DIR/config.default.toml"
+	"$CONTAINERD" config default >"$DIR/config.default.toml"
 	before=$({ cat "$CONFIG" 2>/dev/null || true; } | sha256sum)
 	"$devtool" instance-config "${config_args[@]}"
 	after=$(sha256sum <"$CONFIG")
 	# Recorded before anything is created that stop must know about.
-	printf 'FSB_CNI_SUBNET=%s\nFSB_BRIDGE=%s\nFSB_RUNTIMES=%s\n' "$subnet" "$bridge" "${OPT_RUNTIMES[*]}" >"$INSTANCE_ENV"
+	printf 'FSB_CNI_SUBNET=%s\nFSB_BRIDGE=%s\nFSB_RUNTIMES=%s\nFSB_CONTAINERD_BIN=%s\n' \
+		"$subnet" "$bridge" "${OPT_RUNTIMES[*]}" "$bin_dir" >"$INSTANCE_ENV"
 	fsb_ensure_hugetlb_cgroup
 
 	pid=$(running_pid)
@@ -216,10 +241,10 @@ cmd_start() {
 			fsb_log "warning: $CONFIG changed while containerd runs; stop and start the instance to apply it"
 	else
 		mkdir -p "$DIR"/{root,state,tmp,opt,cni/ipam} "${RUNTIMES[@]/#/$DIR/runtime/}"
-		fsb_log "starting containerd at $DIR (log $LOG)"
+		fsb_log "starting $("$CONTAINERD" --version | awk '{print $1, $3}') at $DIR (log $LOG)"
 		printf -- '--- %s start\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$LOG"
 		# setsid: a daemon, not a member of the caller's process group or session.
-		(cd / && PATH=$FSB_PATH exec setsid containerd --config "$CONFIG") </dev/null >>"$LOG" 2>&1 &
+		(cd / && PATH=$SHIM_PATH exec setsid "$CONTAINERD" --config "$CONFIG") </dev/null >>"$LOG" 2>&1 &
 		pid=$!
 		printf '%s\n' "$pid" >"$PIDFILE"
 	fi
@@ -240,11 +265,11 @@ cmd_start() {
 	local tar
 	for tar in "${OPT_IMPORTS[@]}"; do
 		fsb_log "importing $(basename "$tar")"
-		ctr --address "$SOCK" --namespace k8s.io images import "$tar" >/dev/null ||
+		"$CTR" --address "$SOCK" --namespace k8s.io images import "$tar" >/dev/null ||
 			die_with_log "import of $tar failed"
 	done
 	local images
-	images=$(ctr --address "$SOCK" --namespace k8s.io images list --quiet)
+	images=$("$CTR" --address "$SOCK" --namespace k8s.io images list --quiet)
 	if ! grep -qxF "$image" <<<"$images"; then
 		fsb_log "warning: sandbox image $image is not in this instance: RunPodSandbox would try to pull it (--import its tar)"
 	fi

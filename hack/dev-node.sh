@@ -24,6 +24,19 @@
 #   FAST_SANDBOX_CNI_SUBNET   default 10.209.0.0/16
 #   FAST_SANDBOX_REGISTRY_PORT  first port to try for the registry, default 5000
 #   FAST_SANDBOX_SKIP_SMOKE=1 skip the smoke pods at the end of `up`
+#   FAST_SANDBOX_CONTAINERD2=1  also start a second instance, containerd 2.x
+#         from Debian unstable's package: downloaded with apt-get into
+#         $DEV_DIR/cache (never installed: the system keeps its glibc and
+#         containerd 1.6), unpacked with dpkg -x into $DEV_DIR/containerd2-pkg,
+#         run at $DEV_DIR/containerd2 with its own socket, state, root, config
+#         (containerd 2's format, version 3) and CNI bridge; its endpoint goes
+#         into the env file as FAST_SANDBOX_CONTAINERD2_ENDPOINT (and _ROOT,
+#         _STATE, _LOG, _VERSION). Tests run against it with
+#         FAST_SANDBOX_UPSTREAM=containerd2. `down` stops it too.
+#   FAST_SANDBOX_CONTAINERD2_VERSION  an exact Debian version to download
+#         (default: unstable's current containerd; a cached .deb is reused)
+#   FAST_SANDBOX_BRIDGE2      default fsb2 (the containerd 2 instance's bridge)
+#   FAST_SANDBOX_CNI_SUBNET2  default 10.219.0.0/16
 set -Eeuo pipefail
 
 FSB_LOG_NAME=dev-node
@@ -34,9 +47,15 @@ DEV_DIR=$(realpath -m -- "${FAST_SANDBOX_DEV_DIR:-/var/lib/fast-sandbox-dev}")
 BRIDGE=${FAST_SANDBOX_BRIDGE:-fsb0}
 SUBNET=${FAST_SANDBOX_CNI_SUBNET:-10.209.0.0/16}
 FIRST_PORT=${FAST_SANDBOX_REGISTRY_PORT:-5000}
+BRIDGE2=${FAST_SANDBOX_BRIDGE2:-fsb2}
+SUBNET2=${FAST_SANDBOX_CNI_SUBNET2:-10.219.0.0/16}
 
 INSTANCE_SCRIPT=$FSB_REPO/hack/containerd-instance.sh
 INSTANCE_DIR=$DEV_DIR/containerd
+INSTANCE2_DIR=$DEV_DIR/containerd2
+# containerd 2.x: the downloaded .deb (cache) and its unpacked files.
+CACHE_DIR=$DEV_DIR/cache
+PKG2_DIR=$DEV_DIR/containerd2-pkg
 IMAGES_DIR=$DEV_DIR/images
 BUILD_DIR=$DEV_DIR/build
 # The runsc handler's BinaryName: a copy, so a rebuild never swaps the
@@ -139,6 +158,50 @@ start_registry() {
 	REGISTRY_PORT=$port
 }
 
+# Downloads (once; the .deb is cached) and unpacks containerd 2.x from
+# Debian unstable without installing it; sets CONTAINERD2_BIN and
+# CONTAINERD2_VERSION.
+unpack_containerd2() {
+	local glibc
+	glibc=$(getconf GNU_LIBC_VERSION | awk '{print $2}')
+	if [[ $(printf '%s\n2.34\n' "$glibc" | sort -V | head -n 1) != 2.34 ]]; then
+		on_error "$LINENO" "containerd 2.x from Debian unstable needs glibc >= 2.34; this machine has $glibc"
+	fi
+	local debs=$CACHE_DIR/debs apt_dir=$CACHE_DIR/apt pkg=containerd deb
+	[[ -n ${FAST_SANDBOX_CONTAINERD2_VERSION:-} ]] && pkg=containerd=$FAST_SANDBOX_CONTAINERD2_VERSION
+	mkdir -p "$debs" "$apt_dir/lists/partial"
+	deb=$(find "$debs" -maxdepth 1 -name "containerd_${FAST_SANDBOX_CONTAINERD2_VERSION:-2.}*_amd64.deb" | sort -V | tail -n 1)
+	if [[ -z $deb ]]; then
+		# A sources file of our own: unstable is never a system source here.
+		printf 'deb http://deb.debian.org/debian unstable main\n' >"$apt_dir/sources.list"
+		local apt=(apt-get -q -o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o Dir::Etc::sourceparts=-
+			-o "Dir::State::Lists=$apt_dir/lists")
+		fsb_log "apt-get update (Debian unstable, private lists in $apt_dir)"
+		"${apt[@]}" update >"$apt_dir/update.log" 2>&1 || on_error "$LINENO" "apt-get update for unstable failed (log $apt_dir/update.log)"
+		fsb_log "downloading $pkg from Debian unstable into $debs"
+		(cd "$debs" && "${apt[@]}" download "$pkg") >"$apt_dir/download.log" 2>&1 ||
+			on_error "$LINENO" "apt-get download $pkg failed (log $apt_dir/download.log)"
+		deb=$(find "$debs" -maxdepth 1 -name 'containerd_*_amd64.deb' | sort -V | tail -n 1)
+		[[ -n $deb ]] || on_error "$LINENO" "apt-get download $pkg left no .deb in $debs"
+	else
+		fsb_log "using the cached $(basename "$deb")"
+	fi
+	CONTAINERD2_BIN=$PKG2_DIR/usr/bin
+	local stamp=$PKG2_DIR/.from
+	if [[ $(cat "$stamp" 2>/dev/null) != "$(basename "$deb")" ]]; then
+		fsb_log "unpacking $(basename "$deb") into $PKG2_DIR (dpkg -x, not installed)"
+		rm -rf "$PKG2_DIR"
+		dpkg -x "$deb" "$PKG2_DIR"
+		basename "$deb" >"$stamp"
+	fi
+	CONTAINERD2_VERSION=$("$CONTAINERD2_BIN/containerd" --version | awk '{print $3}')
+	[[ $CONTAINERD2_VERSION == 2.* ]] ||
+		on_error "$LINENO" "$(basename "$deb") is containerd $CONTAINERD2_VERSION, not 2.x"
+	[[ $CONTAINERD2_VERSION == 2.1.* ]] ||
+		fsb_log "warning: Debian unstable now has containerd $CONTAINERD2_VERSION, not 2.1.x (pin FAST_SANDBOX_CONTAINERD2_VERSION)"
+	fsb_log "containerd $CONTAINERD2_VERSION unpacked"
+}
+
 cmd_up() {
 	trap 'on_error $LINENO "$BASH_COMMAND"' ERR
 	fsb_require_root
@@ -183,8 +246,28 @@ cmd_up() {
 		--sandbox-image "$PAUSE_IMAGE" --import "$IMAGES_DIR/pause.tar" --import "$IMAGES_DIR/busybox.tar" \
 		--plain-http-registry "$registry" --runtime "runsc=$RUNSC_ADAPTER"
 
+	local c2_exports=()
+	if [[ ${FAST_SANDBOX_CONTAINERD2:-} == 1 ]]; then
+		step "getting containerd 2.x from Debian unstable"
+		unpack_containerd2
+		step "starting containerd $CONTAINERD2_VERSION at $INSTANCE2_DIR" "$INSTANCE2_DIR/containerd.log"
+		"$INSTANCE_SCRIPT" start "$INSTANCE2_DIR" --containerd-bin "$CONTAINERD2_BIN" \
+			--cni-subnet "$SUBNET2" --bridge "$BRIDGE2" \
+			--sandbox-image "$PAUSE_IMAGE" --import "$IMAGES_DIR/pause.tar" --import "$IMAGES_DIR/busybox.tar" \
+			--plain-http-registry "$registry" --runtime "runsc=$RUNSC_ADAPTER"
+		c2_exports=(
+			"FAST_SANDBOX_CONTAINERD2_VERSION=$CONTAINERD2_VERSION"
+			"FAST_SANDBOX_CONTAINERD2_ENDPOINT=unix://$INSTANCE2_DIR/containerd.sock"
+			"FAST_SANDBOX_CONTAINERD2_ROOT=$INSTANCE2_DIR/root"
+			"FAST_SANDBOX_CONTAINERD2_STATE=$INSTANCE2_DIR/state"
+			"FAST_SANDBOX_CONTAINERD2_LOG=$INSTANCE2_DIR/containerd.log"
+			"FAST_SANDBOX_CONTAINERD2_CNI_SUBNET=$SUBNET2"
+			"FAST_SANDBOX_CONTAINERD2_BRIDGE=$BRIDGE2"
+		)
+	fi
+
 	step "writing $ENV_FILE"
-	fsb_write_exports "$ENV_FILE" \
+	fsb_write_exports "$ENV_FILE" "${c2_exports[@]}" \
 		"FAST_SANDBOX_DEV_DIR=$DEV_DIR" \
 		"FAST_SANDBOX_CONTAINERD_ENDPOINT=unix://$INSTANCE_DIR/containerd.sock" \
 		"FAST_SANDBOX_CONTAINERD_ROOT=$INSTANCE_DIR/root" \
@@ -208,6 +291,15 @@ cmd_up() {
 			"$devtool" cri smoke --endpoint "unix://$INSTANCE_DIR/containerd.sock" --image "$TEST_IMAGE" \
 				--handler "$handler" --dns-server "$(gateway "$SUBNET")" >/dev/null
 		done
+		if [[ ${FAST_SANDBOX_CONTAINERD2:-} == 1 ]]; then
+			# Not crun: Debian 12's crun 1.8.1 refuses containerd 2.1's OCI
+			# spec ("OCI runtime create failed: unknown version specified").
+			for handler in runc runsc; do
+				step "smoke pod with handler $handler on containerd $CONTAINERD2_VERSION" "$INSTANCE2_DIR/containerd.log"
+				"$devtool" cri smoke --endpoint "unix://$INSTANCE2_DIR/containerd.sock" --image "$TEST_IMAGE" \
+					--handler "$handler" --dns-server "$(gateway "$SUBNET2")" >/dev/null
+			done
+		fi
 	fi
 	step "checking PullImage of $registry_image" "$INSTANCE_DIR/containerd.log"
 	"$devtool" cri pull --endpoint "unix://$INSTANCE_DIR/containerd.sock" --image "$registry_image" \
@@ -231,6 +323,12 @@ cmd_down() {
 		"$INSTANCE_SCRIPT" stop "$INSTANCE_DIR" --purge
 	elif [[ -d $INSTANCE_DIR ]] || ip link show dev "$BRIDGE" >/dev/null 2>&1; then
 		"$INSTANCE_SCRIPT" stop "$INSTANCE_DIR" --purge --cni-subnet "$SUBNET" --bridge "$BRIDGE"
+	fi
+	if [[ -f $INSTANCE2_DIR/instance.env ]]; then
+		fsb_log "stopping the containerd 2 instance"
+		"$INSTANCE_SCRIPT" stop "$INSTANCE2_DIR" --purge
+	elif [[ -d $INSTANCE2_DIR ]]; then
+		"$INSTANCE_SCRIPT" stop "$INSTANCE2_DIR" --purge --cni-subnet "$SUBNET2" --bridge "$BRIDGE2"
 	fi
 	local pid
 	pid=$(registry_pid)

@@ -283,7 +283,18 @@ fn rewrite_claimed_stats(slots: &Slots, stats: &mut cri::PodSandboxStats, pod: &
     rewrite_attributes(attributes, pod);
     if let Some(linux) = stats.linux.as_mut() {
         if let Some(usage) = slots.source.pod_usage(&attributes.id, pod) {
-            linux.cpu = Some(usage.cpu);
+            let mut cpu = usage.cpu;
+            // containerd 2.x reports no pod-level `usage_nano_cores` on
+            // Linux (1.6 does): a cold pod's answer has none, so neither
+            // does a warm one's.
+            if linux
+                .cpu
+                .as_ref()
+                .is_some_and(|c| c.usage_nano_cores.is_none())
+            {
+                cpu.usage_nano_cores = None;
+            }
+            linux.cpu = Some(cpu);
             linux.memory = Some(usage.memory);
         }
     }

@@ -192,15 +192,30 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
+/// Which of the development node's containerd instances the tests use:
+/// `FAST_SANDBOX_UPSTREAM=containerd2` picks the containerd 2.x instance
+/// (`FAST_SANDBOX_CONTAINERD2_*`, started by `FAST_SANDBOX_CONTAINERD2=1
+/// hack/dev-node.sh up`); unset or `containerd` the default (1.6) one.
+pub fn upstream_prefix() -> Result<&'static str, String> {
+    match std::env::var("FAST_SANDBOX_UPSTREAM").as_deref() {
+        Err(_) | Ok("" | "containerd") => Ok("FAST_SANDBOX_CONTAINERD"),
+        Ok("containerd2") => Ok("FAST_SANDBOX_CONTAINERD2"),
+        Ok(other) => Err(format!(
+            "FAST_SANDBOX_UPSTREAM={other:?}: expected containerd or containerd2"
+        )),
+    }
+}
+
 impl DevNode {
     fn from_env() -> Result<Self, String> {
         if !nix::unistd::geteuid().is_root() {
             return Err("the test needs root (containerd's socket, netns, cgroups)".into());
         }
+        let upstream = upstream_prefix()?;
         Ok(Self {
-            containerd_endpoint: var("FAST_SANDBOX_CONTAINERD_ENDPOINT")?,
-            containerd_root: var("FAST_SANDBOX_CONTAINERD_ROOT")?.into(),
-            containerd_state: var("FAST_SANDBOX_CONTAINERD_STATE")?.into(),
+            containerd_endpoint: var(&format!("{upstream}_ENDPOINT"))?,
+            containerd_root: var(&format!("{upstream}_ROOT"))?.into(),
+            containerd_state: var(&format!("{upstream}_STATE"))?.into(),
             test_image: var("FAST_SANDBOX_TEST_IMAGE")?,
             registry_image: var("FAST_SANDBOX_REGISTRY_IMAGE")?,
             instance_script: var("FAST_SANDBOX_INSTANCE_SCRIPT")?.into(),

@@ -177,15 +177,49 @@ fn check_registry(host: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where a CRI setting lives in one containerd config format.
+struct CriKeys {
+    /// Image service settings (sandbox image, registry).
+    images: &'static [&'static str],
+    /// Runtime settings (OOM score, netns, CNI, runtimes).
+    runtime: &'static [&'static str],
+    /// The CRI gRPC service (streaming server).
+    grpc: &'static [&'static str],
+    /// The key naming the sandbox ("pause") image, under `images`.
+    sandbox_image: &'static [&'static str],
+}
+
+/// containerd 1.6/1.7 (config version 2): one CRI plugin table.
+const CRI_V2: CriKeys = CriKeys {
+    images: &["plugins", CRI],
+    runtime: &["plugins", CRI],
+    grpc: &["plugins", CRI],
+    sandbox_image: &["sandbox_image"],
+};
+
+/// containerd 2.x (config version 3): the CRI plugin split into images,
+/// runtime and the gRPC service.
+const CRI_V3: CriKeys = CriKeys {
+    images: &["plugins", "io.containerd.cri.v1.images"],
+    runtime: &["plugins", "io.containerd.cri.v1.runtime"],
+    grpc: &["plugins", CRI],
+    sandbox_image: &["pinned_images", "sandbox"],
+};
+
 /// `containerd config default` with this instance's paths and the tweaks
-/// these machines need.
+/// these machines need. The base's `version` picks the format: 2
+/// (containerd 1.6) or 3 (containerd 2.x, written in its own format rather
+/// than migrated at start-up).
 pub fn render_config(base: &str, layout: &Layout, settings: &Settings) -> Result<String> {
     let mut config: Table = base.parse().context("parse the base containerd config")?;
     let version = config.get("version").and_then(Value::as_integer);
-    ensure!(
-        version == Some(2),
-        "base config has version {version:?}; containerd 1.6 config version 2 expected"
-    );
+    let keys = match version {
+        Some(2) => &CRI_V2,
+        Some(3) => &CRI_V3,
+        _ => bail!(
+            "base config has version {version:?}; expected 2 (containerd 1.6) or 3 (containerd 2.x)"
+        ),
+    };
 
     let s = |v: &str| Value::String(v.to_owned());
     set(&mut config, &["root"], s(&layout.path("root")))?;
@@ -209,59 +243,71 @@ pub fn render_config(base: &str, layout: &Layout, settings: &Settings) -> Result
         s(&layout.path("opt")),
     )?;
 
-    let cri =
-        |rest: &[&'static str]| -> Vec<&'static str> { [&["plugins", CRI][..], rest].concat() };
+    let at = |table: &[&'static str], rest: &[&'static str]| -> Vec<&'static str> {
+        [table, rest].concat()
+    };
+    let images = |rest: &[&'static str]| at(keys.images, rest);
+    let rt = |rest: &[&'static str]| at(keys.runtime, rest);
+    let grpc = |rest: &[&'static str]| at(keys.grpc, rest);
     set(
         &mut config,
-        &cri(&["sandbox_image"]),
+        &images(keys.sandbox_image),
         s(&settings.sandbox_image),
     )?;
     // Without it, sandbox start fails on oom_score_adj permission errors.
     set(
         &mut config,
-        &cri(&["restrict_oom_score_adj"]),
+        &rt(&["restrict_oom_score_adj"]),
         Value::Boolean(true),
     )?;
     // Pod network namespaces under the instance's state dir, not /run/netns.
     set(
         &mut config,
-        &cri(&["netns_mounts_under_state_dir"]),
+        &rt(&["netns_mounts_under_state_dir"]),
         Value::Boolean(true),
     )?;
     set(
         &mut config,
-        &cri(&["stream_server_address"]),
+        &grpc(&["stream_server_address"]),
         s("127.0.0.1"),
     )?;
-    set(&mut config, &cri(&["stream_server_port"]), s("0"))?;
+    set(&mut config, &grpc(&["stream_server_port"]), s("0"))?;
+    if version == Some(2) {
+        // Version 3 has no such key: the runc options' SystemdCgroup decides.
+        set(&mut config, &rt(&["systemd_cgroup"]), Value::Boolean(false))?;
+    }
+    if version == Some(3) {
+        // containerd 2.1 searches `bin_dirs` (`bin_dir` is deprecated there).
+        set(
+            &mut config,
+            &rt(&["cni", "bin_dirs"]),
+            Value::Array(vec![s(CNI_BIN_DIR)]),
+        )?;
+    } else {
+        set(&mut config, &rt(&["cni", "bin_dir"]), s(CNI_BIN_DIR))?;
+    }
     set(
         &mut config,
-        &cri(&["systemd_cgroup"]),
-        Value::Boolean(false),
-    )?;
-    set(&mut config, &cri(&["cni", "bin_dir"]), s(CNI_BIN_DIR))?;
-    set(
-        &mut config,
-        &cri(&["cni", "conf_dir"]),
+        &rt(&["cni", "conf_dir"]),
         s(&layout.cni_conf_dir().display().to_string()),
     )?;
     set(
         &mut config,
-        &cri(&["cni", "max_conf_num"]),
+        &rt(&["cni", "max_conf_num"]),
         Value::Integer(1),
     )?;
     set(
         &mut config,
-        &cri(&["registry", "config_path"]),
+        &images(&["registry", "config_path"]),
         s(&layout.certs_dir().display().to_string()),
     )?;
     set(
         &mut config,
-        &cri(&["containerd", "default_runtime_name"]),
+        &rt(&["containerd", "default_runtime_name"]),
         s("runc"),
     )?;
 
-    let runtimes = cri(&["containerd", "runtimes"]);
+    let runtimes = rt(&["containerd", "runtimes"]);
     let runc_path: Vec<&str> = [&runtimes[..], &["runc"]].concat();
     let mut runc = match get(&config, &runc_path) {
         Some(Value::Table(t)) => t.clone(),
@@ -566,6 +612,115 @@ state = "/run/containerd"
                 Some(root.as_str())
             );
         }
+    }
+
+    /// The parts of containerd 2.1.9's `config default` (version 3) that
+    /// matter here.
+    const BASE_V3: &str = r#"
+version = 3
+root = '/var/lib/containerd'
+state = '/run/containerd'
+[grpc]
+  address = '/run/containerd/containerd.sock'
+[plugins]
+  [plugins.'io.containerd.cri.v1.images']
+    snapshotter = 'overlayfs'
+    [plugins.'io.containerd.cri.v1.images'.pinned_images]
+      sandbox = 'registry.k8s.io/pause:3.10'
+    [plugins.'io.containerd.cri.v1.images'.registry]
+      config_path = ''
+  [plugins.'io.containerd.cri.v1.runtime']
+    restrict_oom_score_adj = false
+    netns_mounts_under_state_dir = false
+    [plugins.'io.containerd.cri.v1.runtime'.containerd]
+      default_runtime_name = 'runc'
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes]
+        [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+          runtime_type = 'io.containerd.runc.v2'
+          sandboxer = 'podsandbox'
+          [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+            BinaryName = ''
+            Root = ''
+            SystemdCgroup = false
+    [plugins.'io.containerd.cri.v1.runtime'.cni]
+      bin_dir = ''
+      bin_dirs = ['/usr/lib/cni', '/opt/cni/bin']
+      conf_dir = '/etc/cni/net.d'
+      max_conf_num = 1
+  [plugins.'io.containerd.grpc.v1.cri']
+    disable_tcp_service = true
+    stream_server_address = '127.0.0.1'
+    stream_server_port = '0'
+  [plugins.'io.containerd.internal.v1.opt']
+    path = '/opt/containerd'
+"#;
+
+    #[test]
+    fn version_3_is_written_in_its_own_format() {
+        let layout = Layout::new(Path::new("/srv/inst")).expect("layout");
+        let config: Table = render_config(BASE_V3, &layout, &settings())
+            .expect("render")
+            .parse()
+            .expect("valid TOML");
+        assert_eq!(config["version"].as_integer(), Some(3));
+        let images = ["plugins", "io.containerd.cri.v1.images"];
+        let runtime = ["plugins", "io.containerd.cri.v1.runtime"];
+        let at = |table: &[&str], rest: &[&str]| -> Value {
+            let path = [table, rest].concat();
+            get(&config, &path)
+                .cloned()
+                .unwrap_or_else(|| panic!("{path:?} missing"))
+        };
+        assert_eq!(
+            at(&images, &["pinned_images", "sandbox"]).as_str(),
+            Some("localhost/fast-sandbox/pause:v1")
+        );
+        assert_eq!(
+            at(&images, &["registry", "config_path"]).as_str(),
+            Some("/srv/inst/certs.d")
+        );
+        assert_eq!(
+            at(&runtime, &["restrict_oom_score_adj"]),
+            Value::Boolean(true)
+        );
+        assert_eq!(
+            at(&runtime, &["netns_mounts_under_state_dir"]),
+            Value::Boolean(true)
+        );
+        assert_eq!(
+            at(&runtime, &["cni", "bin_dirs"]),
+            Value::Array(vec![Value::String(CNI_BIN_DIR.into())])
+        );
+        assert_eq!(
+            at(&runtime, &["cni", "conf_dir"]).as_str(),
+            Some("/srv/inst/cni/conf")
+        );
+        for (name, binary) in [
+            ("runc", "/usr/bin/runc"),
+            ("crun", "/usr/bin/crun"),
+            ("runsc", "/opt/fsb/fast-sandbox-runsc"),
+        ] {
+            let r = ["containerd", "runtimes", name];
+            assert_eq!(
+                at(&runtime, &[&r[..], &["options", "BinaryName"]].concat()).as_str(),
+                Some(binary)
+            );
+            assert_eq!(
+                at(&runtime, &[&r[..], &["sandboxer"]].concat()).as_str(),
+                Some("podsandbox")
+            );
+        }
+        // Nothing in the version-2 places, which containerd 2 would migrate.
+        assert!(get(&config, &["plugins", CRI, "sandbox_image"]).is_none());
+        assert!(get(&config, &["plugins", CRI, "containerd"]).is_none());
+        assert!(get(&runtime_table(&config), &["systemd_cgroup"]).is_none());
+    }
+
+    fn runtime_table(config: &Table) -> Table {
+        get(config, &["plugins", "io.containerd.cri.v1.runtime"])
+            .and_then(Value::as_table)
+            .cloned()
+            .expect("runtime table")
     }
 
     #[test]
