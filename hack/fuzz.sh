@@ -24,7 +24,7 @@ cd "$FSB_REPO"
 
 seconds=${1:-60}
 [[ $seconds =~ ^[1-9][0-9]*$ ]] || fsb_die "seconds must be a positive integer, got '$seconds'"
-targets=(config claim rewrite)
+targets=(config claim rewrite preserve)
 
 if ! command -v cargo-fuzz >/dev/null; then
 	fsb_log "installing cargo-fuzz"

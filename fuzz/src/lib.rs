@@ -3,6 +3,9 @@
 //! the names that matter (reserved `fast-sandbox.io/*` labels, the exposed
 //! and upstream handlers, the annotations that make a pod ineligible), so
 //! the fuzzer reaches the interesting branches without guessing them.
+//! [`wire`]: the `preserve` target's oracle.
+
+pub mod wire;
 
 use std::collections::HashMap;
 

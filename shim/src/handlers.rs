@@ -406,7 +406,10 @@ impl Shim {
     /// failing sandbox (one being created or stopped, a runtime crashing on
     /// its metrics) fails the whole call — the shim lists sandboxes, selects
     /// on the labels kubelet sees, and asks for the stats of the selected
-    /// ones only, as containerd itself would.
+    /// ones only, as containerd itself would: each with the caller's
+    /// request, its id set and its selector taken off. The answer holds the
+    /// items of those answers (their other fields, if any, have no single
+    /// source and are not kept).
     async fn list_pod_sandbox_stats(
         &self,
         slots: &Slots,
@@ -475,17 +478,19 @@ impl Shim {
         rewrite::list_pod_sandbox(slots, &mut items, &filter.label_selector);
         let mut out = Vec::new();
         for item in items {
-            let one = cri::ListPodSandboxStatsRequest {
-                filter: Some(cri::PodSandboxStatsFilter {
-                    id: item.id,
-                    label_selector: HashMap::new(),
-                }),
-            };
-            let answer = match self
-                .upstream
-                .unary_raw(method, call.request(Bytes::from(one.encode_to_vec())))
-                .await
-            {
+            // The caller's request for this one sandbox: every field the
+            // shim does not own (a newer kubelet's filter fields) goes too.
+            let (one, ()) = preserve::rewrite::<cri::ListPodSandboxStatsRequest, _>(
+                ".runtime.v1.ListPodSandboxStatsRequest",
+                &call.bytes,
+                |r| {
+                    let filter = r.filter.get_or_insert_with(Default::default);
+                    filter.id = item.id;
+                    filter.label_selector.clear();
+                },
+            )
+            .map_err(|e| decode_status(&e))?;
+            let answer = match self.upstream.unary_raw(method, call.request(one)).await {
                 Ok(answer) => answer.into_inner(),
                 // Removed since it was listed: as if listed a moment later.
                 Err(status) if status.code() == tonic::Code::NotFound => continue,

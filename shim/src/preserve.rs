@@ -33,7 +33,7 @@ use prost::{
 
 /// A message that cannot be read as protobuf.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum WireError {
+pub enum WireError {
     #[error("malformed protobuf message")]
     Decode(#[from] DecodeError),
     #[error("a length-delimited field runs past the end of its message")]

@@ -17,21 +17,7 @@ use tonic::Code;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn create_request(sandbox_id: &str) -> cri::CreateContainerRequest {
-    cri::CreateContainerRequest {
-        pod_sandbox_id: sandbox_id.to_owned(),
-        config: Some(cri::ContainerConfig {
-            metadata: Some(cri::ContainerMetadata {
-                name: "app".into(),
-                attempt: 0,
-            }),
-            image: Some(cri::ImageSpec {
-                image: "busybox".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        sandbox_config: Some(kubelet_pod("web-0")),
-    }
+    support::slots::create_request(sandbox_id, "web-0")
 }
 
 /// Claims a slot of a rig with one free slot; returns its id.

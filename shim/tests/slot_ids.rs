@@ -24,21 +24,7 @@ async fn run(client: &mut Client, handler: &str, name: &str) -> String {
 }
 
 fn container(sandbox: &str) -> cri::CreateContainerRequest {
-    cri::CreateContainerRequest {
-        pod_sandbox_id: sandbox.into(),
-        config: Some(cri::ContainerConfig {
-            metadata: Some(cri::ContainerMetadata {
-                name: "app".into(),
-                attempt: 0,
-            }),
-            image: Some(cri::ImageSpec {
-                image: "busybox".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        sandbox_config: Some(kubelet_pod("web")),
-    }
+    support::slots::create_request(sandbox, "web")
 }
 
 /// What every id-naming call answered: errors as (code, message), the rest

@@ -194,6 +194,7 @@ type EventStream =
     Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send + 'static>>;
 
 pub mod pods;
+pub mod scripted;
 pub mod slots;
 
 fake_service! {

@@ -4,6 +4,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    path::Path,
     sync::{
         atomic::{AtomicBool, AtomicI64, Ordering},
         Arc, Mutex,
@@ -19,9 +20,9 @@ use fast_sandbox_shim::{
     cri_channel,
     slots::{
         Claim, ClaimFailed, ClaimedPod, ClaimedSlot, HandlerMap, MissReason, NoSlot, NotReady,
-        Placeholder, PoolKey, SeccompShape, Shape, SlotSource, SlotView, SLOT_NAMESPACE,
+        Placeholder, PodIps, PoolKey, SeccompShape, Shape, SlotSource, SlotView, SLOT_NAMESPACE,
     },
-    Shim, MAX_MESSAGE_SIZE,
+    Shim, UpstreamConfig, MAX_MESSAGE_SIZE,
 };
 use tokio::{
     net::UnixListener,
@@ -102,13 +103,19 @@ impl FakeSlots {
         );
     }
 
-    /// Marks slot `id` claimed by `config`, as a claim would.
-    pub fn mark_claimed(&self, id: &str, config: cri::PodSandboxConfig) -> Arc<ClaimedPod> {
+    /// Marks slot `id` claimed on `fast-runc` by `config`, as a claim
+    /// would; `network`: the pod's own IPs, when its network was rebound.
+    pub fn mark_claimed(
+        &self,
+        id: &str,
+        config: cri::PodSandboxConfig,
+        network: Option<PodIps>,
+    ) -> Arc<ClaimedPod> {
         let pod = Arc::new(ClaimedPod {
             config,
             exposed_handler: "fast-runc".into(),
             claimed_at_ns: FIRST_CLAIM_NS + self.clock.fetch_add(1, Ordering::SeqCst),
-            network: None,
+            network,
         });
         let mut record = self.record();
         let slot = record.slots.get_mut(id).expect("a slot");
@@ -274,6 +281,26 @@ pub fn kubelet_pod(name: &str) -> cri::PodSandboxConfig {
     }
 }
 
+/// A `CreateContainerRequest` for container `app` (busybox) in sandbox
+/// `sandbox_id` of pod `pod`.
+pub fn create_request(sandbox_id: &str, pod: &str) -> cri::CreateContainerRequest {
+    cri::CreateContainerRequest {
+        pod_sandbox_id: sandbox_id.to_owned(),
+        config: Some(cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: "app".into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: "busybox".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        sandbox_config: Some(kubelet_pod(pod)),
+    }
+}
+
 pub fn run_request(handler: &str, config: cri::PodSandboxConfig) -> cri::RunPodSandboxRequest {
     cri::RunPodSandboxRequest {
         config: Some(config),
@@ -321,12 +348,7 @@ impl SlotsRig {
         let upstream = start_pods(&upstream_path, pods.clone());
         let cfg = upstream_config(&upstream_path);
         let slots = Arc::new(FakeSlots::default());
-        let source: Arc<dyn SlotSource> = slots.clone();
-        let shim = ShimUnderTest::start_shim(&cfg, dir.path().join("shim.sock"), |upstream| {
-            Shim::with_slots(upstream, handlers(), source)
-        })
-        .await;
-        let plain = ShimUnderTest::start(&cfg, dir.path().join("plain.sock")).await;
+        let (shim, plain) = start_shims(dir.path(), &cfg, slots.clone()).await;
         SlotsRig {
             dir,
             pods,
@@ -375,12 +397,33 @@ impl SlotsRig {
     }
 
     pub async fn stop(self) {
-        for shim in [self.shim, self.plain] {
-            tokio::time::timeout(Duration::from_secs(5), shim.stop())
-                .await
-                .expect("shim stops")
-                .expect("shim served");
-        }
+        stop_shims(self.shim, self.plain).await;
         self.upstream.stop().await;
+    }
+}
+
+/// Serves, in `dir`, a shim with slots from `source` (socket `shim.sock`)
+/// and a plain forwarding shim (`plain.sock`), both on the upstream of
+/// `cfg`.
+pub async fn start_shims(
+    dir: &Path,
+    cfg: &UpstreamConfig,
+    source: Arc<dyn SlotSource>,
+) -> (ShimUnderTest, ShimUnderTest) {
+    let shim = ShimUnderTest::start_shim(cfg, dir.join("shim.sock"), |upstream| {
+        Shim::with_slots(upstream, handlers(), source)
+    })
+    .await;
+    let plain = ShimUnderTest::start(cfg, dir.join("plain.sock")).await;
+    (shim, plain)
+}
+
+/// Stops the shims of [`start_shims`].
+pub async fn stop_shims(shim: ShimUnderTest, plain: ShimUnderTest) {
+    for shim in [shim, plain] {
+        tokio::time::timeout(Duration::from_secs(5), shim.stop())
+            .await
+            .expect("shim stops")
+            .expect("shim served");
     }
 }
