@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{transport::Channel, Request, Response, Status};
 
-use crate::{config::MAX_POOL_SIZE, pool::PoolManager};
+use crate::pool::{PoolManager, MAX_POOL_SIZE};
 
 /// A bearer token, never printed.
 #[derive(Clone)]

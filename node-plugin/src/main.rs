@@ -1,5 +1,7 @@
-//! `fast-sandbox-node`: the DaemonSet process. For now it serves the
-//! forwarding CRI shim; slot pools come next.
+//! `fast-sandbox-node`: the DaemonSet process. `serve` runs the CRI shim
+//! with the node's warm slot pools behind it, the NodeAgent server and the
+//! admin endpoint (metrics, pools, claims); `pools` and `claims` read that
+//! endpoint of a running node plugin.
 
 use std::{
     collections::HashMap, future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration,
@@ -9,12 +11,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use fast_sandbox_node::{
     admin,
-    fixup::{gvisor::RealGuestOps, RealOps},
+    fixup::{ByRuntime, Mechanism, RealGuestOps, RealOps},
     metrics::Metrics,
-    pool::{
-        gvisor::{ByRuntime, Mechanism},
-        ManagerConfig, PoolManager, PoolSpec,
-    },
+    pool::{ManagerConfig, PoolManager, PoolSpec},
 };
 use fast_sandbox_shim::{
     slots::{HandlerMap, SlotSource, SLOT_NAMESPACE},
@@ -72,12 +71,17 @@ struct ServeArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // One thread serves CRI: the proxy hop is dominated by kernel wakeups,
-    // and cross-thread handoffs only add to them. Blocking-pool threads
-    // (fix-ups) are kept instead of re-created: creating a thread waits
-    // behind any cgroup attach on the node, which would put container
-    // starts elsewhere on the claim path.
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // One worker thread serves CRI: the proxy hop is dominated by kernel
+    // wakeups, and cross-thread handoffs only add to them. A multi-thread
+    // runtime with that one worker rather than a current-thread one, so a
+    // synchronous call that must wait for the blocking pool (a pod's
+    // cgroup read for `PodSandboxStats`) hands the worker's other tasks to
+    // another thread instead of stalling them (`blocking::wait_in_place`).
+    // Blocking-pool threads (fix-ups) are kept instead of re-created:
+    // creating a thread waits behind any cgroup attach on the node, which
+    // would put container starts elsewhere on the claim path.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE)
         .build()

@@ -20,8 +20,9 @@ use std::{
 };
 
 use fast_sandbox_node::{
+    fixup::{Fixup, FixupFailed, SlotFacts},
     metrics::Metrics,
-    pool::{Fixup, FixupFailed, ManagerConfig, PoolManager, PoolSpec, SlotFacts},
+    pool::{ManagerConfig, PoolManager, PoolSpec},
 };
 use fast_sandbox_proto::cri;
 use fast_sandbox_shim::slots::{HandlerMap, PoolKey, SeccompShape, Shape, SlotSource};

@@ -15,8 +15,9 @@ use std::{
 };
 
 use fast_sandbox_node::{
+    fixup::{Fixup, FixupFailed, GuestError, GuestStep, SlotFacts},
     metrics::Metrics,
-    pool::{Fixup, FixupFailed, ManagerConfig, PoolManager, PoolSpec, SlotFacts},
+    pool::{ManagerConfig, PoolManager, PoolSpec},
 };
 use fast_sandbox_proto::cri;
 use fast_sandbox_shim::slots::{Claim, NotReady, PoolKey, Shape, SlotSource};
@@ -25,6 +26,18 @@ use tokio::sync::{watch, Notify};
 
 /// Bound of every wait in these tests (none is expected to take long).
 const WAIT: Duration = Duration::from_secs(10);
+
+/// What a failed `runsc exec` in the sandbox reports.
+fn guest_failed(step: GuestStep, status: &str, stderr: &str) -> FixupFailed {
+    FixupFailed::Guest {
+        step,
+        source: GuestError::Failed {
+            program: "/usr/bin/runsc".to_owned(),
+            status: status.to_owned(),
+            stderr: stderr.to_owned(),
+        },
+    }
+}
 
 /// A fix-up whose `settle` (for `runsc` slots only, as the real dispatch)
 /// waits until the test opens its gate, and fails as many times as told.
@@ -87,7 +100,7 @@ impl Fixup for Gated {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         if failed {
-            return Err(FixupFailed("runsc exec: exit status 1".into()));
+            return Err(guest_failed(GuestStep::Hostname, "exit status 1", ""));
         }
         Ok(())
     }
@@ -95,7 +108,11 @@ impl Fixup for Gated {
         self.record("prepare");
         self.prepared.notify_one();
         if self.fail_prepare.load(Ordering::SeqCst) {
-            return Err(FixupFailed("pause has no --set-hostname".into()));
+            return Err(guest_failed(
+                GuestStep::Hostname,
+                "exit status: 2",
+                "pause has no --set-hostname",
+            ));
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 
 use std::{io, path::PathBuf, time::Duration};
 
-use super::ops::Namespace;
+use super::kernel::Namespace;
 
 /// A fix-up could not be planned (bad input) or an operation failed.
 #[derive(Debug, thiserror::Error)]
