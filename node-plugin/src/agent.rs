@@ -55,7 +55,7 @@ impl fmt::Debug for Token {
 /// Why a token could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("reading the agent token file {path}: {source}")]
+    #[error("reading the agent token file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -374,19 +374,16 @@ async fn poll_images(
     }
 }
 
-/// A random id telling this process's generations from a previous one's.
+/// A random id telling this process's generations from a previous one's
+/// (the process id and the time when the kernel gives no randomness: it
+/// only has to differ from the previous run's).
 fn boot_id() -> String {
-    let mut buf = [0u8; 8];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
-        .is_err()
-    {
+    crate::random::hex(8).unwrap_or_else(|_| {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        buf = (now as u64 ^ u64::from(std::process::id())).to_le_bytes();
-    }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+        format!("{:016x}", now as u64 ^ u64::from(std::process::id()))
+    })
 }
 
 /// What [`bind`] serves.

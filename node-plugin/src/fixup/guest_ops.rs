@@ -18,7 +18,7 @@ use crate::{blocking::BlockingError, random::NoRandomness};
 /// What can fail in a guest operation.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
-    #[error("starting {program:?}: {source}")]
+    #[error("starting {program:?}")]
     Spawn {
         program: String,
         source: std::io::Error,

@@ -90,7 +90,7 @@ pub(super) async fn cleanup_claimed_cgroup(
         Err(e) => Err(e),
     };
     if let Err(e) = result {
-        tracing::warn!(sandbox = %slot.sandbox_id, error = %e, "cleaning up the claimed slot's cgroup failed");
+        tracing::warn!(sandbox = %slot.sandbox_id, error = %crate::blocking::chain(&e), "cleaning up the claimed slot's cgroup failed");
     }
 }
 
