@@ -116,18 +116,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("configuring the upstream CRI client")?;
     // Install the handlers before binding, so a signal that arrives once the
     // socket exists is never lost.
-    let signal = shutdown_signal()?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        signal.await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
+    let stopped = stop_on_signal()?;
     tracing::info!(
         upstream = %settings.upstream.endpoint,
         socket = %settings.socket.path.display(),
@@ -163,22 +152,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     if let Some(address) = &settings.admin {
-        let addr: SocketAddr = address
-            .parse()
-            .with_context(|| format!("invalid admin address {address:?}"))?;
-        let (bound, server) = admin::bind(
-            addr,
+        serve_admin(
+            address,
             pools.as_ref().map(|(m, _)| Arc::clone(m)),
             metrics,
             stopped(),
         )
         .await?;
-        tracing::info!(address = %bound, "serving metrics on /metrics, pools on /pools");
-        tokio::spawn(async move {
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "admin endpoint failed");
-            }
-        });
     }
     if let Some(agent) = agent {
         serve_agent(
@@ -203,6 +183,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Starts the admin endpoint (metrics, pools, claims) in the background.
+async fn serve_admin(
+    address: &str,
+    pools: Option<Arc<PoolManager>>,
+    metrics: Arc<Metrics>,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr: SocketAddr = address
+        .parse()
+        .with_context(|| format!("invalid admin address {address:?}"))?;
+    let (bound, server) = admin::bind(addr, pools, metrics, stopped).await?;
+    tracing::info!(address = %bound, "serving metrics on /metrics, pools on /pools");
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "admin endpoint failed");
+        }
+    });
     Ok(())
 }
 
@@ -364,6 +364,26 @@ fn init_logging(settings: &Settings) -> anyhow::Result<()> {
     };
     installed.map_err(|e| anyhow::anyhow!(e).context("installing the log subscriber"))
 }
+
+/// A maker of futures that resolve once SIGTERM or SIGINT has arrived
+/// (the handlers are installed now).
+fn stop_on_signal() -> anyhow::Result<impl Fn() -> BoxedStop + Clone> {
+    let signal = shutdown_signal()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        signal.await;
+        let _ = stop_tx.send(true);
+    });
+    Ok(move || -> BoxedStop {
+        let mut rx = stop_rx.clone();
+        Box::pin(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })
+    })
+}
+
+/// A future that resolves at shutdown.
+type BoxedStop = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// Completes on the first SIGTERM or SIGINT.
 fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
