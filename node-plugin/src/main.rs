@@ -172,15 +172,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     fast_sandbox_shim::serve(shim, &settings.socket, stopped())
         .await
         .with_context(|| format!("serving CRI on {}", settings.socket.path.display()))?;
-    // A slot being created is finished, not cancelled: containerd cleans up
-    // a cancelled RunPodSandbox but not the cgroup parent runc made for it.
     if let Some(refill) = refill {
-        if tokio::time::timeout(REFILL_STOP_TIMEOUT, refill)
-            .await
-            .is_err()
-        {
-            tracing::warn!(timeout = ?REFILL_STOP_TIMEOUT, "a slot creation was still running at shutdown; abandoning it");
-        }
+        finish_refill(refill).await;
     }
     tracing::info!("stopped");
     Ok(())
@@ -204,6 +197,18 @@ async fn serve_admin(
         }
     });
     Ok(())
+}
+
+/// Waits for the refill task to end at shutdown. A slot being created is
+/// finished, not cancelled: containerd cleans up a cancelled
+/// RunPodSandbox but not the cgroup parent runc made for it.
+async fn finish_refill(refill: tokio::task::JoinHandle<()>) {
+    if tokio::time::timeout(REFILL_STOP_TIMEOUT, refill)
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?REFILL_STOP_TIMEOUT, "a slot creation was still running at shutdown; abandoning it");
+    }
 }
 
 /// How long shutdown waits for a slot creation in flight.

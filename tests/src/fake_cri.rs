@@ -120,6 +120,13 @@ impl FakeCri {
         }
     }
 
+    /// The runtime and image services.
+    fn router(&self) -> tonic::transport::server::Router {
+        Server::builder()
+            .add_service(Served::<Runtime>::new(self))
+            .add_service(Served::<Images>::new(self))
+    }
+
     /// Serves the runtime and image services on a free port of 127.0.0.1
     /// until the test's runtime ends; returns a lazy channel to them.
     pub async fn serve(&self) -> Channel {
@@ -128,9 +135,7 @@ impl FakeCri {
             .expect("bind fake CRI");
         let address = listener.local_addr().expect("fake CRI address");
         tokio::spawn(
-            Server::builder()
-                .add_service(Served::<Runtime>::new(self))
-                .add_service(Served::<Images>::new(self))
+            self.router()
                 .serve_with_incoming(TcpIncoming::from(listener)),
         );
         Channel::from_shared(format!("http://{address}"))
@@ -144,9 +149,7 @@ impl FakeCri {
     pub fn serve_unix(&self, path: &Path) -> String {
         let listener = tokio::net::UnixListener::bind(path).expect("bind fake CRI socket");
         tokio::spawn(
-            Server::builder()
-                .add_service(Served::<Runtime>::new(self))
-                .add_service(Served::<Images>::new(self))
+            self.router()
                 .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
         );
         format!("unix://{}", path.display())
