@@ -31,6 +31,9 @@
 //!
 //! Every call carries `authorization: Bearer <token>`.
 
+use fast_sandbox_proto::token::{
+    parse_token, read_token_file, TokenFileError, TokenProblem, BEARER_PREFIX,
+};
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -79,51 +82,38 @@ impl fmt::Debug for AgentToken {
 /// Why a token cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("reading the agent token file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the agent token ({origin}) is empty")]
-    Empty { origin: String },
-    #[error("the agent token ({origin}) holds characters not allowed in an HTTP header")]
-    NotAHeaderValue { origin: String },
+    #[error(transparent)]
+    File(#[from] TokenFileError),
+    #[error("the agent token (given) {0}")]
+    Given(TokenProblem),
 }
 
 impl AgentToken {
     /// A token from its text, without surrounding whitespace.
     pub fn new(token: &str) -> Result<AgentToken, TokenError> {
-        Self::parse(token.as_bytes(), "given")
+        parse_token(token.as_bytes())
+            .map_err(TokenError::Given)
+            .and_then(|t| Self::header(t).map_err(TokenError::Given))
     }
 
     /// The token in `path`, without surrounding whitespace (a Secret made
     /// with `echo` ends in a newline), as the node plugin reads it.
     pub fn from_file(path: &Path) -> Result<AgentToken, TokenError> {
-        let bytes = std::fs::read(path).map_err(|source| TokenError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&bytes, &format!("file {}", path.display()))
+        let token = read_token_file(path)?;
+        Self::header(&token).map_err(|problem| {
+            TokenError::File(TokenFileError::Invalid {
+                path: path.to_owned(),
+                problem,
+            })
+        })
     }
 
-    fn parse(bytes: &[u8], origin: &str) -> Result<AgentToken, TokenError> {
-        let token = bytes.trim_ascii();
-        if token.is_empty() {
-            return Err(TokenError::Empty {
-                origin: origin.to_owned(),
-            });
-        }
-        let not_header = || TokenError::NotAHeaderValue {
-            origin: origin.to_owned(),
-        };
-        if !token.iter().all(u8::is_ascii_graphic) {
-            return Err(not_header());
-        }
-        let mut value = b"Bearer ".to_vec();
+    fn header(token: &[u8]) -> Result<AgentToken, TokenProblem> {
+        let mut value = BEARER_PREFIX.as_bytes().to_vec();
         value.extend_from_slice(token);
         MetadataValue::try_from(value)
             .map(AgentToken)
-            .map_err(|_| not_header())
+            .map_err(|_| TokenProblem::NotAHeaderValue)
     }
 }
 
@@ -997,11 +987,11 @@ mod tests {
         assert_eq!(format!("{token:?}"), "AgentToken(<redacted>)");
         assert!(matches!(
             AgentToken::new(" \n"),
-            Err(TokenError::Empty { .. })
+            Err(TokenError::Given(TokenProblem::Empty))
         ));
         assert!(matches!(
             AgentToken::new("a b"),
-            Err(TokenError::NotAHeaderValue { .. })
+            Err(TokenError::Given(TokenProblem::NotAHeaderValue))
         ));
         let missing = Path::new("/nonexistent/fast-sandbox/token");
         let error = AgentToken::from_file(missing).unwrap_err().to_string();

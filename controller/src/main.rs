@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -41,91 +41,12 @@ enum Command {
         /// A JSON list of node states (see docs/scheduling.md).
         #[arg(long)]
         snapshot: PathBuf,
-        /// Fast RuntimeClasses, `CLASS` or `CLASS=HANDLER` (comma-separated).
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "fast-runc,fast-crun,fast-gvisor,fast-kata"
-        )]
-        fast_class: Vec<String>,
-        /// Whether a node needs a free warm slot to pass the filter.
-        #[arg(long, value_enum, default_value_t = Slots::Prefer)]
-        slots: Slots,
-        /// Filter out nodes whose status is older than this.
-        #[arg(long)]
-        stale_after_ms: Option<u64>,
-        /// The seccomp shape of every pod's sandbox: kubelet always asks
-        /// RuntimeDefault for it.
-        #[arg(long, default_value = "runtime-default")]
-        default_seccomp: String,
-        /// Count the best node of each fast pod as one slot fewer for this
-        /// long (ms), until its status shows the claim; 0 turns it off.
-        #[arg(long, default_value_t = extender::DEFAULT_ASSUME_TTL_MS)]
-        assume_ttl_ms: u64,
-        /// Log as JSON lines.
-        #[arg(long)]
-        log_json: bool,
+        #[command(flatten)]
+        placement: PlacementArgs,
     },
     /// Reconcile SandboxPools and Sandboxes against a cluster and serve the
     /// extender verbs, from one node directory.
-    Run {
-        /// A kubeconfig file; without it: KUBECONFIG, ~/.kube/config, or
-        /// the in-cluster service account.
-        #[arg(long, env = "KUBECONFIG")]
-        kubeconfig: Option<PathBuf>,
-        /// The kubeconfig context (default: its current context).
-        #[arg(long)]
-        context: Option<String>,
-        /// Where the extender listens.
-        #[arg(long, default_value = "0.0.0.0:8888")]
-        listen: SocketAddr,
-        /// Node states from a JSON file (re-read on SIGHUP) instead of the
-        /// node agents (tests, demos).
-        #[arg(long)]
-        snapshot: Option<PathBuf>,
-        /// A node agent, `NODE=HOST:PORT` (repeatable): follow these instead
-        /// of discovering agents from the Kubernetes Nodes (development).
-        #[arg(long, value_name = "NODE=ADDR", conflicts_with = "snapshot")]
-        agent: Vec<String>,
-        /// The bearer token node agents require (the
-        /// fast-sandbox-agent-token Secret); re-read when an agent refuses it.
-        #[arg(long, default_value = agent::DEFAULT_TOKEN_FILE)]
-        agent_token_file: PathBuf,
-        /// The port node agents serve on, at each Node's InternalIP.
-        #[arg(long, default_value_t = agent::DEFAULT_AGENT_PORT)]
-        agent_port: u16,
-        /// The Nodes that run a node agent (label selector; "" for all).
-        #[arg(long, default_value = agent::DEFAULT_NODE_SELECTOR)]
-        agent_node_selector: String,
-        /// Fast RuntimeClasses, `CLASS` or `CLASS=HANDLER` (comma-separated).
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "fast-runc,fast-crun,fast-gvisor,fast-kata"
-        )]
-        fast_class: Vec<String>,
-        /// Extender: whether a node needs a free warm slot to pass the filter.
-        #[arg(long, value_enum, default_value_t = Slots::Prefer)]
-        slots: Slots,
-        /// Sandboxes: whether a node needs a free warm slot to be chosen
-        /// (`require`: a Sandbox waits for one).
-        #[arg(long, value_enum, default_value_t = Slots::Require)]
-        sandbox_slots: Slots,
-        /// Ignore nodes whose status is older than this.
-        #[arg(long)]
-        stale_after_ms: Option<u64>,
-        /// The seccomp shape of every pod's sandbox (kubelet always asks
-        /// RuntimeDefault), and of pools that set none.
-        #[arg(long, default_value = "runtime-default")]
-        default_seccomp: String,
-        /// Extender: how long a fast pod's best node counts one slot fewer
-        /// (ms); 0 turns it off.
-        #[arg(long, default_value_t = extender::DEFAULT_ASSUME_TTL_MS)]
-        assume_ttl_ms: u64,
-        /// Log as JSON lines.
-        #[arg(long)]
-        log_json: bool,
-    },
+    Run(RunArgs),
     /// Write the CRD YAML generated from the Rust types, one file per CRD.
     Crdgen {
         #[arg(long, default_value = "deploy/crds")]
@@ -187,6 +108,113 @@ enum Slots {
     Prefer,
 }
 
+/// The flags of `run`.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// A kubeconfig file; without it: KUBECONFIG, ~/.kube/config, or
+    /// the in-cluster service account.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (default: its current context).
+    #[arg(long)]
+    context: Option<String>,
+    /// Where the extender listens.
+    #[arg(long, default_value = "0.0.0.0:8888")]
+    listen: SocketAddr,
+    /// Node states from a JSON file (re-read on SIGHUP) instead of the
+    /// node agents (tests, demos).
+    #[arg(long)]
+    snapshot: Option<PathBuf>,
+    /// A node agent, `NODE=HOST:PORT` (repeatable): follow these instead
+    /// of discovering agents from the Kubernetes Nodes (development).
+    #[arg(long, value_name = "NODE=ADDR", conflicts_with = "snapshot")]
+    agent: Vec<String>,
+    /// The bearer token node agents require (the
+    /// fast-sandbox-agent-token Secret); re-read when an agent refuses it.
+    #[arg(long, default_value = agent::DEFAULT_TOKEN_FILE)]
+    agent_token_file: PathBuf,
+    /// The port node agents serve on, at each Node's InternalIP.
+    #[arg(long, default_value_t = agent::DEFAULT_AGENT_PORT)]
+    agent_port: u16,
+    /// The Nodes that run a node agent (label selector; "" for all).
+    #[arg(long, default_value = agent::DEFAULT_NODE_SELECTOR)]
+    agent_node_selector: String,
+    /// Sandboxes: whether a node needs a free warm slot to be chosen
+    /// (`require`: a Sandbox waits for one).
+    #[arg(long, value_enum, default_value_t = Slots::Require)]
+    sandbox_slots: Slots,
+    #[command(flatten)]
+    placement: PlacementArgs,
+}
+
+/// How fast pods are recognised and nodes judged: the flags `extender`
+/// and `run` share.
+#[derive(Debug, clap::Args)]
+struct PlacementArgs {
+    /// Fast RuntimeClasses, `CLASS` or `CLASS=HANDLER` (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "fast-runc,fast-crun,fast-gvisor,fast-kata"
+    )]
+    fast_class: Vec<String>,
+    /// Extender: whether a node needs a free warm slot to pass the filter.
+    #[arg(long, value_enum, default_value_t = Slots::Prefer)]
+    slots: Slots,
+    /// Ignore nodes whose status is older than this.
+    #[arg(long)]
+    stale_after_ms: Option<u64>,
+    /// The seccomp shape of every pod's sandbox (kubelet always asks
+    /// RuntimeDefault for it), and of pools that set none.
+    #[arg(long, default_value = "runtime-default")]
+    default_seccomp: String,
+    /// Extender: count the best node of each fast pod as one slot fewer for
+    /// this long (ms), until its status shows the claim; 0 turns it off.
+    #[arg(long, default_value_t = extender::DEFAULT_ASSUME_TTL_MS)]
+    assume_ttl_ms: u64,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+impl PlacementArgs {
+    fn extender_config(&self) -> anyhow::Result<ExtenderConfig> {
+        Ok(ExtenderConfig {
+            fast_classes: fast_classes(&self.fast_class)?,
+            policy: policy(self.slots, self.stale_after_ms),
+            default_seccomp: self.default_seccomp.clone(),
+            assume_ttl_ms: (self.assume_ttl_ms > 0).then_some(self.assume_ttl_ms),
+        })
+    }
+}
+
+/// The node states in the JSON file `path`.
+fn read_snapshot(path: &Path) -> anyhow::Result<Snapshot> {
+    let json = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    extender::parse_snapshot(&json).with_context(|| format!("loading {}", path.display()))
+}
+
+/// Re-reads the snapshot file `path` on every SIGHUP and hands it to
+/// `replace`; a file that does not load keeps the current snapshot.
+fn reload_on_sighup(
+    path: PathBuf,
+    replace: impl Fn(Snapshot) + Send + 'static,
+) -> anyhow::Result<()> {
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match read_snapshot(&path) {
+                Ok(snapshot) => {
+                    tracing::info!(nodes = snapshot.len(), "snapshot reloaded");
+                    replace(snapshot);
+                }
+                Err(error) => tracing::warn!(error = format!("{error:#}"), "snapshot not reloaded"),
+            }
+        }
+    });
+    Ok(())
+}
+
 fn fast_classes(specs: &[String]) -> anyhow::Result<HashMap<String, String>> {
     specs
         .iter()
@@ -218,22 +246,8 @@ fn agent_entries(specs: &[String]) -> anyhow::Result<Vec<(String, String)>> {
 /// current snapshot).
 fn static_nodes(path: PathBuf, initial: Snapshot) -> anyhow::Result<Arc<dyn NodeDirectory>> {
     let nodes = Arc::new(StaticNodes::new(initial));
-    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let reloaded = nodes.clone();
-    tokio::spawn(async move {
-        while hangup.recv().await.is_some() {
-            let loaded = std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|json| extender::parse_snapshot(&json).map_err(|e| e.to_string()));
-            match loaded {
-                Ok(snapshot) => {
-                    tracing::info!(nodes = snapshot.len(), "snapshot reloaded");
-                    reloaded.replace(snapshot);
-                }
-                Err(error) => tracing::warn!(%error, "snapshot not reloaded"),
-            }
-        }
-    });
+    reload_on_sighup(path, move |snapshot| reloaded.replace(snapshot))?;
     Ok(nodes)
 }
 
@@ -288,152 +302,117 @@ fn init_logging(json: bool) {
     }
 }
 
+/// `extender`: the extender verbs from a snapshot file.
+fn serve_extender(
+    listen: SocketAddr,
+    snapshot: PathBuf,
+    placement: &PlacementArgs,
+) -> anyhow::Result<()> {
+    init_logging(placement.log_json);
+    let nodes = read_snapshot(&snapshot)?;
+    let extender = Arc::new(Extender::new(placement.extender_config()?, nodes));
+    tokio::runtime::Runtime::new()
+        .context("starting the async runtime")?
+        .block_on(async {
+            let reloaded = extender.clone();
+            reload_on_sighup(snapshot, move |nodes| reloaded.replace_snapshot(nodes))?;
+            extender::listen(listen, extender)
+                .await
+                .with_context(|| format!("serving the extender on {listen}"))
+        })
+}
+
+/// `run`: the reconcilers and the extender against a cluster.
+fn run_controller(args: RunArgs) -> anyhow::Result<()> {
+    let placement = &args.placement;
+    init_logging(placement.log_json);
+    let agents = agent_entries(&args.agent)?;
+    let initial = match &args.snapshot {
+        Some(path) => read_snapshot(path)?,
+        None => Snapshot::default(),
+    };
+    // Without a snapshot file the node agents are the source; their
+    // token is needed before anything starts.
+    let token = match &args.snapshot {
+        Some(_) => None,
+        None => Some(AgentToken::from_file(&args.agent_token_file).context(
+            "the node agents' bearer token (--agent-token-file; the \
+             fast-sandbox-agent-token Secret)",
+        )?),
+    };
+    let extender_config = placement.extender_config()?;
+    let config = ReconcileConfig {
+        fast_classes: extender_config.fast_classes.clone(),
+        default_seccomp: placement.default_seccomp.clone(),
+        sandbox_policy: policy(args.sandbox_slots, placement.stale_after_ms),
+    };
+    let extender = Arc::new(Extender::new(extender_config, initial.clone()));
+    tokio::runtime::Runtime::new()
+        .context("starting the async runtime")?
+        .block_on(async move {
+            let client = kube_client(args.kubeconfig.clone(), args.context.clone()).await?;
+            let nodes: Arc<dyn NodeDirectory> = match (args.snapshot.clone(), token) {
+                (Some(path), _) => static_nodes(path, initial)?,
+                (None, Some(token)) => agent_nodes(&args, token, &agents, &client)?,
+                (None, None) => anyhow::bail!("no node source: neither a snapshot nor a token"),
+            };
+            let mut terminate =
+                signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+            let shutdown = async move {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+                tracing::info!("shutting down");
+            };
+            let listen = args.listen;
+            let server = extender::listen(listen, extender.clone());
+            tracing::info!(%listen, "serving the extender; reconciling SandboxPools and Sandboxes");
+            tokio::select! {
+                result = server => result.with_context(|| format!("serving the extender on {listen}")),
+                () = run::controllers(client, nodes, config, Some(extender), shutdown) => Ok(()),
+            }
+        })
+}
+
+/// The node agents' directory: the agents given with `--agent`, or those
+/// of the Nodes the selector picks.
+fn agent_nodes(
+    args: &RunArgs,
+    token: AgentToken,
+    agents: &[(String, String)],
+    client: &kube::Client,
+) -> anyhow::Result<Arc<dyn NodeDirectory>> {
+    let mut agent_config = AgentConfig::new(token);
+    agent_config.token_file = Some(args.agent_token_file.clone());
+    let directory = Arc::new(AgentDirectory::new(agent_config));
+    if agents.is_empty() {
+        let discovering = directory.clone();
+        let nodes = kube::Api::all(client.clone());
+        let selector = args.agent_node_selector.clone();
+        let port = args.agent_port;
+        tracing::info!(selector = %selector, port, "following the node agents of the selected Nodes");
+        tokio::spawn(async move {
+            discovering.discover(nodes, Some(&selector), port).await;
+        });
+    } else {
+        for (node, address) in agents {
+            directory
+                .upsert(node, address)
+                .with_context(|| format!("--agent {node}={address}"))?;
+        }
+    }
+    Ok(directory)
+}
+
 fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Extender {
             listen,
             snapshot,
-            fast_class,
-            slots,
-            stale_after_ms,
-            default_seccomp,
-            assume_ttl_ms,
-            log_json,
-        } => {
-            init_logging(log_json);
-            let json = std::fs::read(&snapshot)
-                .with_context(|| format!("reading {}", snapshot.display()))?;
-            let nodes = extender::parse_snapshot(&json)
-                .with_context(|| format!("loading {}", snapshot.display()))?;
-            let config = ExtenderConfig {
-                fast_classes: fast_classes(&fast_class)?,
-                policy: policy(slots, stale_after_ms),
-                default_seccomp,
-                assume_ttl_ms: (assume_ttl_ms > 0).then_some(assume_ttl_ms),
-            };
-            let extender = Arc::new(Extender::new(config, nodes));
-            tokio::runtime::Runtime::new()
-                .context("starting the async runtime")?
-                .block_on(async {
-                    let mut hangup =
-                        signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-                    let reloader = extender.clone();
-                    tokio::spawn(async move {
-                        while hangup.recv().await.is_some() {
-                            match reloader.reload(&snapshot) {
-                                Ok(nodes) => tracing::info!(nodes, "snapshot reloaded"),
-                                Err(error) => tracing::warn!(%error, "snapshot not reloaded"),
-                            }
-                        }
-                    });
-                    extender::listen(listen, extender)
-                        .await
-                        .with_context(|| format!("serving the extender on {listen}"))
-                })?;
-        }
-        Command::Run {
-            kubeconfig,
-            context,
-            listen,
-            snapshot,
-            agent,
-            agent_token_file,
-            agent_port,
-            agent_node_selector,
-            fast_class,
-            slots,
-            sandbox_slots,
-            stale_after_ms,
-            default_seccomp,
-            assume_ttl_ms,
-            log_json,
-        } => {
-            init_logging(log_json);
-            let classes = fast_classes(&fast_class)?;
-            let agents = agent_entries(&agent)?;
-            let initial = match &snapshot {
-                Some(path) => {
-                    let json = std::fs::read(path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    extender::parse_snapshot(&json)
-                        .with_context(|| format!("loading {}", path.display()))?
-                }
-                None => Snapshot::default(),
-            };
-            // Without a snapshot file the node agents are the source; their
-            // token is needed before anything starts.
-            let token = match &snapshot {
-                Some(_) => None,
-                None => Some(AgentToken::from_file(&agent_token_file).context(
-                    "the node agents' bearer token (--agent-token-file; the \
-                     fast-sandbox-agent-token Secret)",
-                )?),
-            };
-            let extender = Arc::new(Extender::new(
-                ExtenderConfig {
-                    fast_classes: classes.clone(),
-                    policy: policy(slots, stale_after_ms),
-                    default_seccomp: default_seccomp.clone(),
-                    assume_ttl_ms: (assume_ttl_ms > 0).then_some(assume_ttl_ms),
-                },
-                initial.clone(),
-            ));
-            let config = ReconcileConfig {
-                fast_classes: classes,
-                default_seccomp,
-                sandbox_policy: policy(sandbox_slots, stale_after_ms),
-            };
-            tokio::runtime::Runtime::new()
-                .context("starting the async runtime")?
-                .block_on(async move {
-                    let client = kube_client(kubeconfig, context).await?;
-                    let nodes: Arc<dyn NodeDirectory> = match (snapshot, token) {
-                        (Some(path), _) => static_nodes(path, initial)?,
-                        (None, Some(token)) => {
-                            let mut agent_config = AgentConfig::new(token);
-                            agent_config.token_file = Some(agent_token_file);
-                            let directory = Arc::new(AgentDirectory::new(agent_config));
-                            if agents.is_empty() {
-                                let discovering = directory.clone();
-                                let nodes = kube::Api::all(client.clone());
-                                tracing::info!(
-                                    selector = %agent_node_selector,
-                                    port = agent_port,
-                                    "following the node agents of the selected Nodes"
-                                );
-                                tokio::spawn(async move {
-                                    discovering
-                                        .discover(nodes, Some(&agent_node_selector), agent_port)
-                                        .await;
-                                });
-                            } else {
-                                for (node, address) in &agents {
-                                    directory
-                                        .upsert(node, address)
-                                        .with_context(|| format!("--agent {node}={address}"))?;
-                                }
-                            }
-                            directory
-                        }
-                        (None, None) => anyhow::bail!("no node source: neither a snapshot nor a token"),
-                    };
-                    let mut terminate = signal(SignalKind::terminate())
-                        .context("installing the SIGTERM handler")?;
-                    let shutdown = async move {
-                        tokio::select! {
-                            _ = tokio::signal::ctrl_c() => {}
-                            _ = terminate.recv() => {}
-                        }
-                        tracing::info!("shutting down");
-                    };
-                    let server = extender::listen(listen, extender.clone());
-                    tracing::info!(%listen, "serving the extender; reconciling SandboxPools and Sandboxes");
-                    tokio::select! {
-                        result = server => result.with_context(|| format!("serving the extender on {listen}")),
-                        () = run::controllers(client, nodes, config, Some(extender), shutdown) => Ok(()),
-                    }
-                })?;
-        }
+            placement,
+        } => serve_extender(listen, snapshot, &placement)?,
+        Command::Run(args) => run_controller(args)?,
         Command::Crdgen { out } => {
             for path in crd::write_crds(&out)? {
                 println!("{}", path.display());
@@ -519,13 +498,13 @@ mod tests {
             Args::try_parse_from(argv).map(|a| a.command)
         };
         match run(&[]).unwrap() {
-            Command::Run {
+            Command::Run(RunArgs {
                 agent_token_file,
                 agent_port,
                 agent_node_selector,
                 snapshot: None,
                 ..
-            } => {
+            }) => {
                 assert_eq!(
                     agent_token_file,
                     PathBuf::from("/etc/fast-sandbox-agent/token")
@@ -553,11 +532,11 @@ mod tests {
         let pod = deployment.spec.unwrap().template.spec.unwrap();
         let container = &pod.containers[0];
         let command = container.command.clone().unwrap();
-        let Command::Run {
+        let Command::Run(RunArgs {
             agent_token_file,
             snapshot: None,
             ..
-        } = Args::try_parse_from(&command).unwrap().command
+        }) = Args::try_parse_from(&command).unwrap().command
         else {
             panic!("{command:?} is not `run` fed by the node agents");
         };

@@ -15,16 +15,14 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event};
 use kube::{Api, ResourceExt};
-use serde_json::json;
 use tracing::Instrument;
 
 use crate::crd::{NodePoolStatus, SandboxPool, SandboxPoolStatus, SlotRange};
 use crate::nodes::PoolSize;
-use crate::reconcile::{backoff_key, condition, Context, Error};
+use crate::reconcile::{backoff_key, condition, write_status, Context, Error};
 use crate::scoring::PoolState;
 
 /// The finalizer that lets a deleted pool be drained from its nodes first.
@@ -284,21 +282,6 @@ async fn cleanup(pool: &SandboxPool, ctx: &Context) -> Result<Action, Error> {
     }
     tracing::info!(nodes = served.len(), "pool deleted; nodes told to drain it");
     Ok(Action::await_change())
-}
-
-async fn write_status(
-    api: &Api<SandboxPool>,
-    name: &str,
-    old: &SandboxPoolStatus,
-    status: SandboxPoolStatus,
-) -> Result<(), Error> {
-    if &status == old {
-        return Ok(());
-    }
-    let patch = json!({ "status": status });
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(())
 }
 
 #[cfg(test)]

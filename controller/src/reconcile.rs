@@ -7,10 +7,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::crd::SandboxPool;
 use crate::nodes::NodeDirectory;
@@ -155,6 +156,22 @@ impl Context {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(key);
     }
+}
+
+/// Patches `.status` of object `name` to `status`, unless it is `old`
+/// already (a reconcile that changes nothing writes nothing).
+pub async fn write_status<K, S>(api: &Api<K>, name: &str, old: &S, status: S) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: serde::Serialize + PartialEq,
+{
+    if &status == old {
+        return Ok(());
+    }
+    let patch = serde_json::json!({ "status": status });
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
 }
 
 /// 1 s, 2 s, 4 s … capped at 5 minutes.

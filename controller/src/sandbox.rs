@@ -33,15 +33,14 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodSecurityContext, PodSpec, SeccompProfile};
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 use tracing::Instrument;
 
 use crate::crd::{Sandbox, SandboxPhase, SandboxPool, SandboxStatus, POOL_LABEL, SANDBOX_LABEL};
 use crate::nodes::SandboxShape;
-use crate::reconcile::{backoff_key, condition, selector_matches, Context, Error};
+use crate::reconcile::{backoff_key, condition, selector_matches, write_status, Context, Error};
 use crate::scoring::{Rejection, Request, RequestedImage, Scorer};
 
 /// The container's name in a `Sandbox`'s pod.
@@ -586,19 +585,4 @@ fn build_pod(
         }),
         status: None,
     })
-}
-
-async fn write_status(
-    api: &Api<Sandbox>,
-    name: &str,
-    old: &SandboxStatus,
-    status: SandboxStatus,
-) -> Result<(), Error> {
-    if &status == old {
-        return Ok(());
-    }
-    let patch = json!({ "status": status });
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(())
 }

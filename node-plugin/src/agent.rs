@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{transport::Channel, Request, Response, Status};
 
-use crate::{config::MAX_POOL_SIZE, pool::PoolManager};
+use crate::pool::{PoolManager, MAX_POOL_SIZE};
 
 /// A bearer token, never printed.
 #[derive(Clone)]
@@ -53,39 +53,13 @@ impl fmt::Debug for Token {
 }
 
 /// Why a token could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    #[error("reading the agent token file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the agent token file {path} is empty")]
-    Empty { path: PathBuf },
-    #[error("the agent token file {path} holds characters not allowed in an HTTP header")]
-    NotAHeaderValue { path: PathBuf },
-}
+pub use fast_sandbox_proto::token::TokenFileError as TokenError;
 
 impl Token {
     /// The token in `path`, without surrounding whitespace (a Secret
     /// created with `echo` ends in a newline).
     pub fn from_file(path: &Path) -> Result<Token, TokenError> {
-        let bytes = std::fs::read(path).map_err(|source| TokenError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let token = bytes.trim_ascii();
-        if token.is_empty() {
-            return Err(TokenError::Empty {
-                path: path.to_owned(),
-            });
-        }
-        if !token.iter().all(|b| b.is_ascii_graphic()) {
-            return Err(TokenError::NotAHeaderValue {
-                path: path.to_owned(),
-            });
-        }
-        Ok(Token(token.into()))
+        fast_sandbox_proto::token::read_token_file(path).map(|t| Token(t.into()))
     }
 
     /// A token from bytes (tests, and callers that hold it already).
@@ -95,7 +69,11 @@ impl Token {
 
     /// The `authorization` header value that carries this token.
     pub fn bearer(&self) -> String {
-        format!("Bearer {}", String::from_utf8_lossy(&self.0))
+        format!(
+            "{}{}",
+            fast_sandbox_proto::token::BEARER_PREFIX,
+            String::from_utf8_lossy(&self.0)
+        )
     }
 
     /// Whether `presented` is this token, in time that depends only on the
@@ -111,10 +89,10 @@ impl Token {
 
 /// Checks a request's `authorization: Bearer <token>`.
 fn authenticate<T>(token: &Token, request: &Request<T>) -> Result<(), Status> {
-    let presented = request
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    let presented = request.metadata().get("authorization").and_then(|v| {
+        v.as_bytes()
+            .strip_prefix(fast_sandbox_proto::token::BEARER_PREFIX.as_bytes())
+    });
     match presented {
         Some(p) if token.matches(p) => Ok(()),
         _ => Err(Status::unauthenticated(
@@ -374,19 +352,16 @@ async fn poll_images(
     }
 }
 
-/// A random id telling this process's generations from a previous one's.
+/// A random id telling this process's generations from a previous one's
+/// (the process id and the time when the kernel gives no randomness: it
+/// only has to differ from the previous run's).
 fn boot_id() -> String {
-    let mut buf = [0u8; 8];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
-        .is_err()
-    {
+    crate::random::hex(8).unwrap_or_else(|_| {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        buf = (now as u64 ^ u64::from(std::process::id())).to_le_bytes();
-    }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+        format!("{:016x}", now as u64 ^ u64::from(std::process::id()))
+    })
 }
 
 /// What [`bind`] serves.
@@ -485,7 +460,10 @@ mod tests {
         std::fs::write(&path, "a b").expect("write");
         assert!(matches!(
             Token::from_file(&path),
-            Err(TokenError::NotAHeaderValue { .. })
+            Err(TokenError::Invalid {
+                problem: fast_sandbox_proto::token::TokenProblem::NotAHeaderValue,
+                ..
+            })
         ));
         let missing = dir.path().join("missing");
         let err = Token::from_file(&missing).expect_err("missing").to_string();

@@ -53,9 +53,10 @@ use fast_sandbox_shim::{
 };
 use serde::Deserialize;
 
-use crate::pool::{
-    gvisor::{ExecTemplate, GuestExecSettings, Mechanism, SysctlPolicy},
-    PoolSpec,
+pub use crate::pool::{NetworkMode, MAX_POOL_SIZE};
+use crate::{
+    fixup::{ExecTemplate, GuestExecSettings, Mechanism, SysctlPolicy},
+    pool::PoolSpec,
 };
 
 /// The config file as written. Every field is optional; unknown fields are
@@ -227,19 +228,6 @@ pub fn fixup_mechanisms(pools: &[PoolSection]) -> anyhow::Result<HashMap<String,
     Ok(out)
 }
 
-/// How a slot's network identity is handled at claim (DESIGN.md, "Network
-/// identity").
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkMode {
-    /// Serve the slot's CNI attachment as is: only for identity-free CNIs
-    /// (bridge/host-local), never for policy-aware ones.
-    #[default]
-    Keep,
-    /// CNI DEL/ADD with the real pod's identity at claim.
-    Rebind,
-}
-
 /// The pool's shape: sandbox fields fixed once the pause runs. Each unset
 /// field is what kubelet sends for an ordinary pod's sandbox
 /// (docs/warm-slots.md, "What kubelet sends"), so a pool without a `shape`
@@ -254,10 +242,6 @@ pub struct ShapeSection {
     pub run_as_group: Option<i64>,
     pub supplemental_groups: Vec<i64>,
 }
-
-/// Largest pool a config may ask for: each slot holds a netns, an IP, a
-/// shim and a pause, so typos like `size = 4000` are refused.
-pub const MAX_POOL_SIZE: usize = 256;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -2,10 +2,12 @@
 
 pub mod admin;
 pub mod agent;
+pub mod blocking;
 pub mod config;
 pub mod fault;
 pub mod fixup;
 pub mod metrics;
 pub mod network;
 pub mod pool;
+pub mod random;
 pub mod usage;

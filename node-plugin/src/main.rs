@@ -1,5 +1,7 @@
-//! `fast-sandbox-node`: the DaemonSet process. For now it serves the
-//! forwarding CRI shim; slot pools come next.
+//! `fast-sandbox-node`: the DaemonSet process. `serve` runs the CRI shim
+//! with the node's warm slot pools behind it, the NodeAgent server and the
+//! admin endpoint (metrics, pools, claims); `pools` and `claims` read that
+//! endpoint of a running node plugin.
 
 use std::{
     collections::HashMap, future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration,
@@ -9,12 +11,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use fast_sandbox_node::{
     admin,
-    fixup::{gvisor::RealGuestOps, RealOps},
+    fixup::{ByRuntime, Mechanism, RealGuestOps, RealOps},
     metrics::Metrics,
-    pool::{
-        gvisor::{ByRuntime, Mechanism},
-        ManagerConfig, PoolManager, PoolSpec,
-    },
+    pool::{ManagerConfig, PoolManager, PoolSpec},
 };
 use fast_sandbox_shim::{
     slots::{HandlerMap, SlotSource, SLOT_NAMESPACE},
@@ -72,12 +71,17 @@ struct ServeArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // One thread serves CRI: the proxy hop is dominated by kernel wakeups,
-    // and cross-thread handoffs only add to them. Blocking-pool threads
-    // (fix-ups) are kept instead of re-created: creating a thread waits
-    // behind any cgroup attach on the node, which would put container
-    // starts elsewhere on the claim path.
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // One worker thread serves CRI: the proxy hop is dominated by kernel
+    // wakeups, and cross-thread handoffs only add to them. A multi-thread
+    // runtime with that one worker rather than a current-thread one, so a
+    // synchronous call that must wait for the blocking pool (a pod's
+    // cgroup read for `PodSandboxStats`) hands the worker's other tasks to
+    // another thread instead of stalling them (`blocking::wait_in_place`).
+    // Blocking-pool threads (fix-ups) are kept instead of re-created:
+    // creating a thread waits behind any cgroup attach on the node, which
+    // would put container starts elsewhere on the claim path.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE)
         .build()
@@ -112,18 +116,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("configuring the upstream CRI client")?;
     // Install the handlers before binding, so a signal that arrives once the
     // socket exists is never lost.
-    let signal = shutdown_signal()?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        signal.await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
+    let stopped = stop_on_signal()?;
     tracing::info!(
         upstream = %settings.upstream.endpoint,
         socket = %settings.socket.path.display(),
@@ -159,22 +152,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     if let Some(address) = &settings.admin {
-        let addr: SocketAddr = address
-            .parse()
-            .with_context(|| format!("invalid admin address {address:?}"))?;
-        let (bound, server) = admin::bind(
-            addr,
+        serve_admin(
+            address,
             pools.as_ref().map(|(m, _)| Arc::clone(m)),
             metrics,
             stopped(),
         )
         .await?;
-        tracing::info!(address = %bound, "serving metrics on /metrics, pools on /pools");
-        tokio::spawn(async move {
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "admin endpoint failed");
-            }
-        });
     }
     if let Some(agent) = agent {
         serve_agent(
@@ -188,18 +172,43 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     fast_sandbox_shim::serve(shim, &settings.socket, stopped())
         .await
         .with_context(|| format!("serving CRI on {}", settings.socket.path.display()))?;
-    // A slot being created is finished, not cancelled: containerd cleans up
-    // a cancelled RunPodSandbox but not the cgroup parent runc made for it.
     if let Some(refill) = refill {
-        if tokio::time::timeout(REFILL_STOP_TIMEOUT, refill)
-            .await
-            .is_err()
-        {
-            tracing::warn!(timeout = ?REFILL_STOP_TIMEOUT, "a slot creation was still running at shutdown; abandoning it");
-        }
+        finish_refill(refill).await;
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts the admin endpoint (metrics, pools, claims) in the background.
+async fn serve_admin(
+    address: &str,
+    pools: Option<Arc<PoolManager>>,
+    metrics: Arc<Metrics>,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr: SocketAddr = address
+        .parse()
+        .with_context(|| format!("invalid admin address {address:?}"))?;
+    let (bound, server) = admin::bind(addr, pools, metrics, stopped).await?;
+    tracing::info!(address = %bound, "serving metrics on /metrics, pools on /pools");
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "admin endpoint failed");
+        }
+    });
+    Ok(())
+}
+
+/// Waits for the refill task to end at shutdown. A slot being created is
+/// finished, not cancelled: containerd cleans up a cancelled
+/// RunPodSandbox but not the cgroup parent runc made for it.
+async fn finish_refill(refill: tokio::task::JoinHandle<()>) {
+    if tokio::time::timeout(REFILL_STOP_TIMEOUT, refill)
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?REFILL_STOP_TIMEOUT, "a slot creation was still running at shutdown; abandoning it");
+    }
 }
 
 /// How long shutdown waits for a slot creation in flight.
@@ -371,6 +380,26 @@ fn init_logging(settings: &Settings) -> anyhow::Result<()> {
     };
     installed.map_err(|e| anyhow::anyhow!(e).context("installing the log subscriber"))
 }
+
+/// A maker of futures that resolve once SIGTERM or SIGINT has arrived
+/// (the handlers are installed now).
+fn stop_on_signal() -> anyhow::Result<impl Fn() -> BoxedStop + Clone> {
+    let signal = shutdown_signal()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        signal.await;
+        let _ = stop_tx.send(true);
+    });
+    Ok(move || -> BoxedStop {
+        let mut rx = stop_rx.clone();
+        Box::pin(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })
+    })
+}
+
+/// A future that resolves at shutdown.
+type BoxedStop = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// Completes on the first SIGTERM or SIGINT.
 fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {

@@ -1,5 +1,5 @@
 //! `network = "rebind"`: give a claimed slot the pod's own network identity
-//! (DESIGN.md, "Network identity").
+//! (docs/design.md, "Network identity").
 //!
 //! A slot's interface was attached by containerd's CNI ADD for the
 //! placeholder pod. Policy-aware CNIs (Calico, Cilium) bind the endpoint, and

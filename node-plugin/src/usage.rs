@@ -26,7 +26,8 @@
 //! gone gives `None`, and the shim then passes upstream's numbers on.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    fmt,
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -106,6 +107,55 @@ pub fn read(root: &Path, leaf: &CgroupLeaf) -> Option<Sample> {
         pgfault: get("total_pgfault"),
         pgmajfault: get("total_pgmajfault"),
     })
+}
+
+/// The cgroupfs reads of the pool: a pod cgroup's numbers for stats, and
+/// the placeholder cgroups found at start. Blocking: the pool calls them on
+/// a blocking thread with a deadline. Behind a trait so tests can hold a
+/// read (and show that nothing else waits for it).
+pub trait CgroupReader: Send + Sync + fmt::Debug {
+    /// CPU and memory of the pod cgroup `leaf`; `None` when it is gone.
+    fn pod_sample(&self, leaf: &CgroupLeaf) -> Option<Sample>;
+
+    /// The per-slot placeholder cgroup parents (`<root>/<slot uid>`, 32
+    /// hex digits) that exist in any mounted hierarchy.
+    fn placeholder_dirs(&self, root: &str) -> HashSet<String>;
+}
+
+/// [`CgroupReader`] of the cgroup mount at `root` (`/sys/fs/cgroup`).
+#[derive(Debug, Clone)]
+pub struct RealCgroups {
+    root: PathBuf,
+}
+
+impl Default for RealCgroups {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/sys/fs/cgroup"),
+        }
+    }
+}
+
+impl CgroupReader for RealCgroups {
+    fn pod_sample(&self, leaf: &CgroupLeaf) -> Option<Sample> {
+        read(&self.root, leaf)
+    }
+
+    fn placeholder_dirs(&self, root: &str) -> HashSet<String> {
+        let rel = root.trim_start_matches('/');
+        let mut bases = vec![self.root.join(rel)];
+        if let Ok(hierarchies) = std::fs::read_dir(&self.root) {
+            bases.extend(hierarchies.flatten().map(|h| h.path().join(rel)));
+        }
+        bases
+            .iter()
+            .filter_map(|b| std::fs::read_dir(b).ok())
+            .flat_map(|d| d.flatten())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .filter(|n| n.len() == 32 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+            .collect()
+    }
 }
 
 /// Converts samples into CRI usage, remembering the previous CPU sample of

@@ -11,19 +11,15 @@
 //! containerd's state dir and the cgroup paths are checked by the unit
 //! tests of `fixup::plan` and `fixup::real`.
 
-use std::{fs, os::unix::fs::symlink, path::Path, sync::Arc, time::Duration};
+use std::{fs, os::unix::fs::symlink, path::Path, time::Duration};
 
-use fast_sandbox_node::{
-    metrics::Metrics,
-    network::CniSettings,
-    pool::{
-        records::{is_sandbox_id, ClaimRecord, RecordError, RecordStore},
-        ManagerConfig, PoolManager, PoolSpec,
-    },
+use fast_sandbox_node::pool::{
+    records::{is_sandbox_id, ClaimRecord, RecordError, RecordStore},
+    PoolManager,
 };
 use fast_sandbox_proto::cri::PodSandboxConfig;
 use fast_sandbox_shim::slots::{Claim, NoSlot, PoolKey, Shape, SlotSource};
-use fast_sandbox_tests::fake_cri::{FakeCri, NoFixup};
+use fast_sandbox_tests::fake_cri::PoolRig;
 
 const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -149,49 +145,17 @@ fn claim(exposed: &str, upstream: &str) -> Claim {
 
 #[tokio::test]
 async fn a_pool_only_serves_its_own_runtime_and_handler() {
-    let cri = FakeCri::default();
-    let upstream = cri.serve().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = ManagerConfig {
-        state_dir: dir.path().join("state"),
-        placeholder_cgroup_root: "/fast-sandbox-test".into(),
-        placeholder_namespace: "fast-sandbox-slots".into(),
-        upstream_timeout: Duration::from_secs(5),
-        refill_interval: Duration::from_millis(1),
-        // No refill while the test runs: each claim's effect stays visible.
-        refill_delay: Duration::from_secs(600),
-        health_interval: Duration::from_secs(600),
-        cni: CniSettings {
-            conf_dir: dir.path().join("cni"),
-            bin_dirs: Vec::new(),
-            timeout: Duration::from_secs(1),
-        },
-    };
-    let pool = |name: &str, upstream: &str, size| PoolSpec {
-        name: name.into(),
-        exposed_handler: name.into(),
-        key: key(upstream),
-        size,
-        network: Default::default(),
-    };
-    let specs = vec![
-        pool("fast-runc", "runc", 1),
-        pool("fast-gvisor", "runsc", 3),
-    ];
-    let manager = PoolManager::start(
-        specs,
-        cfg,
-        upstream,
-        Arc::new(NoFixup),
-        Arc::new(Metrics::default()),
-    )
-    .await
-    .expect("pool manager starts");
+    // No refill while the test runs: each claim's effect stays visible.
+    let rig = PoolRig::builder()
+        .pool("fast-runc", "fast-runc", key("runc"), 1)
+        .pool("fast-gvisor", "fast-gvisor", key("runsc"), 3)
+        .start()
+        .await;
+    let (cri, manager) = (&rig.cri, &rig.manager);
     let mut changes = manager.subscribe();
-    tokio::spawn(Arc::clone(&manager).run(std::future::pending()));
     let full = |m: &PoolManager| m.stats().iter().all(|s| s.free == s.desired);
     tokio::time::timeout(Duration::from_secs(10), async {
-        while !full(&manager) {
+        while !full(manager) {
             changes.changed().await.expect("manager alive");
         }
     })

@@ -14,17 +14,26 @@ use std::{
     time::Duration,
 };
 
-use fast_sandbox_node::{
-    metrics::Metrics,
-    pool::{Fixup, FixupFailed, ManagerConfig, PoolManager, PoolSpec, SlotFacts},
-};
+use fast_sandbox_node::fixup::{Fixup, FixupFailed, GuestError, GuestStep, SlotFacts};
 use fast_sandbox_proto::cri;
-use fast_sandbox_shim::slots::{Claim, NotReady, PoolKey, Shape, SlotSource};
-use fast_sandbox_tests::fake_cri::FakeCri;
+use fast_sandbox_shim::slots::{NotReady, PoolKey, Shape, SlotSource};
+use fast_sandbox_tests::fake_cri::PoolRig;
 use tokio::sync::{watch, Notify};
 
 /// Bound of every wait in these tests (none is expected to take long).
 const WAIT: Duration = Duration::from_secs(10);
+
+/// What a failed `runsc exec` in the sandbox reports.
+fn guest_failed(step: GuestStep, status: &str, stderr: &str) -> FixupFailed {
+    FixupFailed::Guest {
+        step,
+        source: GuestError::Failed {
+            program: "/usr/bin/runsc".to_owned(),
+            status: status.to_owned(),
+            stderr: stderr.to_owned(),
+        },
+    }
+}
 
 /// A fix-up whose `settle` (for `runsc` slots only, as the real dispatch)
 /// waits until the test opens its gate, and fails as many times as told.
@@ -87,7 +96,7 @@ impl Fixup for Gated {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         if failed {
-            return Err(FixupFailed("runsc exec: exit status 1".into()));
+            return Err(guest_failed(GuestStep::Hostname, "exit status 1", ""));
         }
         Ok(())
     }
@@ -95,7 +104,11 @@ impl Fixup for Gated {
         self.record("prepare");
         self.prepared.notify_one();
         if self.fail_prepare.load(Ordering::SeqCst) {
-            return Err(FixupFailed("pause has no --set-hostname".into()));
+            return Err(guest_failed(
+                GuestStep::Hostname,
+                "exit status: 2",
+                "pause has no --set-hostname",
+            ));
         }
         Ok(())
     }
@@ -114,83 +127,36 @@ fn key(upstream: &str) -> PoolKey {
     }
 }
 
-struct Rig {
-    cri: FakeCri,
-    manager: Arc<PoolManager>,
-    upstream: String,
-    _dir: tempfile::TempDir,
+/// A [`PoolRig`] of one pool `fast-<upstream>` with a [`Gated`] fix-up.
+struct Rig(PoolRig);
+
+impl std::ops::Deref for Rig {
+    type Target = PoolRig;
+    fn deref(&self) -> &PoolRig {
+        &self.0
+    }
 }
 
 impl Rig {
     /// A pool of `size` slots of `upstream` with `fixup`.
     async fn start(upstream: &str, size: usize, fixup: Arc<Gated>) -> Self {
-        let cri = FakeCri::default();
-        let channel = cri.serve().await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = ManagerConfig {
-            state_dir: dir.path().join("state"),
-            placeholder_cgroup_root: "/fast-sandbox-test".into(),
-            placeholder_namespace: "fast-sandbox-slots".into(),
-            upstream_timeout: Duration::from_secs(5),
-            refill_interval: Duration::from_millis(1),
-            refill_delay: Duration::from_secs(600),
-            health_interval: Duration::from_secs(600),
-            cni: fast_sandbox_node::network::CniSettings {
-                conf_dir: dir.path().join("cni"),
-                bin_dirs: Vec::new(),
-                timeout: Duration::from_secs(1),
-            },
-        };
-        let specs = vec![PoolSpec {
-            name: format!("fast-{upstream}"),
-            exposed_handler: format!("fast-{upstream}"),
-            key: key(upstream),
-            size,
-            network: Default::default(),
-        }];
-        let manager = PoolManager::start(
-            specs,
-            cfg,
-            channel,
-            fixup as Arc<dyn Fixup>,
-            Arc::new(Metrics::default()),
+        let name = format!("fast-{upstream}");
+        Self(
+            PoolRig::builder()
+                .pool(&name, &name, key(upstream), size)
+                .fixup(fixup)
+                .start()
+                .await,
         )
-        .await
-        .expect("pool manager starts");
-        tokio::spawn(Arc::clone(&manager).run(std::future::pending()));
-        Self {
-            cri,
-            manager,
-            upstream: upstream.into(),
-            _dir: dir,
-        }
-    }
-
-    async fn wait_free(&self, n: usize) {
-        let mut changes = self.manager.subscribe();
-        tokio::time::timeout(WAIT, async {
-            while self.manager.stats()[0].free < n {
-                changes.changed().await.expect("manager alive");
-            }
-        })
-        .await
-        .expect("slots created");
     }
 
     async fn claim(&self) -> String {
-        self.manager
-            .claim(&Claim {
-                exposed_handler: format!("fast-{}", self.upstream),
-                key: key(&self.upstream),
-                config: cri::PodSandboxConfig {
-                    hostname: "web-0".into(),
-                    ..Default::default()
-                },
+        self.0
+            .claim_for(cri::PodSandboxConfig {
+                hostname: "web-0".into(),
+                ..Default::default()
             })
             .await
-            .expect("claim")
-            .expect("a free slot")
-            .sandbox_id
     }
 }
 

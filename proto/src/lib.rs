@@ -1,5 +1,8 @@
-//! Generated gRPC code only. Conversions to domain types live at the edges
-//! (the `shim`, `node-plugin` and `controller` crates), not here.
+//! Generated gRPC code, and the NodeAgent API's token rule ([`token`]).
+//! Conversions to domain types live at the edges (the `shim`,
+//! `node-plugin` and `controller` crates), not here.
+
+pub mod token;
 
 /// CRI v1, the API kubelet speaks (v1.26+ speaks nothing else).
 pub mod cri {

@@ -5,10 +5,11 @@
 //! that speaks to the pool manager or to upstream) in front of it.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     convert::Infallible,
     future::Future,
     marker::PhantomData,
+    path::Path,
     sync::{Arc, Mutex, MutexGuard},
     task::{Context, Poll},
     time::Duration,
@@ -16,11 +17,14 @@ use std::{
 
 use fast_sandbox_node::{
     agent::{AgentParts, Token},
+    fixup::{Fixup, FixupFailed, SlotFacts},
     metrics::Metrics,
-    pool::{Fixup, FixupFailed, ManagerConfig, PoolManager, PoolSpec, SlotFacts},
+    pool::{ManagerConfig, PoolManager, PoolParts, PoolSpec},
+    usage::CgroupReader,
 };
 use fast_sandbox_proto::cri;
 use fast_sandbox_shim::slots::{Claim, PoolKey, Shape, SlotSource};
+use tokio::sync::watch;
 use tonic::{
     codegen::{http, BoxFuture, Service},
     server::{Grpc, NamedService, UnaryService},
@@ -36,19 +40,91 @@ pub struct CriState {
     pub sandboxes: Vec<cri::PodSandbox>,
     /// What `ListImages` answers.
     pub images: Vec<cri::Image>,
+    /// Methods (`RunPodSandbox`, …) that never answer from now on.
+    hung: HashSet<String>,
+    /// Calls that reached a hang, by method.
+    hung_calls: HashMap<String, usize>,
+    /// Methods whose calls wait until their gate opens.
+    gates: HashMap<String, watch::Receiver<bool>>,
 }
 
-/// A fake containerd with the CRI calls a pool manager and a node agent
-/// make: `RunPodSandbox`, `ListPodSandbox` (by label), `PodSandboxStatus`,
+/// A fake containerd with the CRI calls a pool manager, a node agent and
+/// the shim in front of them make: `Version`, `RunPodSandbox`,
+/// `ListPodSandbox` (by label), `PodSandboxStatus`, `PodSandboxStats`,
 /// `StopPodSandbox`, `RemovePodSandbox` and `ListImages`. Every other call
-/// is `Unimplemented`. Clones share one state.
+/// is `Unimplemented`. Any method can be made to hang ([`FakeCri::hang`])
+/// or to wait for a gate ([`FakeCri::gate`]). Clones share one state.
 #[derive(Debug, Clone, Default)]
 pub struct FakeCri(Arc<Mutex<CriState>>);
+
+/// Holds the calls of one method of a [`FakeCri`] until opened (or
+/// dropped).
+#[derive(Debug)]
+pub struct Gate(watch::Sender<bool>);
+
+impl Gate {
+    /// Lets every waiting and later call through.
+    pub fn open(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.open();
+    }
+}
 
 impl FakeCri {
     /// The shared state, to seed it or look at it.
     pub fn state(&self) -> MutexGuard<'_, CriState> {
         self.0.lock().expect("fake CRI state")
+    }
+
+    /// From now on, calls of `method` (e.g. `"RunPodSandbox"`) never
+    /// answer; each is counted in [`FakeCri::hung_calls`].
+    pub fn hang(&self, method: &str) {
+        self.state().hung.insert(method.to_owned());
+    }
+
+    /// How many calls of `method` reached a hang.
+    pub fn hung_calls(&self, method: &str) -> usize {
+        self.state().hung_calls.get(method).copied().unwrap_or(0)
+    }
+
+    /// Calls of `method` wait, from now on, until the returned gate is
+    /// opened or dropped.
+    pub fn gate(&self, method: &str) -> Gate {
+        let (tx, rx) = watch::channel(false);
+        self.state().gates.insert(method.to_owned(), rx);
+        Gate(tx)
+    }
+
+    /// Waits as a hang or a gate of `method` says.
+    async fn hold(&self, method: &str) {
+        let gate = {
+            let mut state = self.state();
+            if state.hung.contains(method) {
+                *state.hung_calls.entry(method.to_owned()).or_default() += 1;
+                None
+            } else {
+                Some(state.gates.get(method).cloned())
+            }
+        };
+        match gate {
+            None => std::future::pending().await,
+            Some(Some(mut gate)) => {
+                let _ = gate.wait_for(|open| *open).await;
+            }
+            Some(None) => {}
+        }
+    }
+
+    /// The runtime and image services.
+    fn router(&self) -> tonic::transport::server::Router {
+        Server::builder()
+            .add_service(Served::<Runtime>::new(self))
+            .add_service(Served::<Images>::new(self))
     }
 
     /// Serves the runtime and image services on a free port of 127.0.0.1
@@ -59,14 +135,24 @@ impl FakeCri {
             .expect("bind fake CRI");
         let address = listener.local_addr().expect("fake CRI address");
         tokio::spawn(
-            Server::builder()
-                .add_service(Served::<Runtime>::new(self))
-                .add_service(Served::<Images>::new(self))
+            self.router()
                 .serve_with_incoming(TcpIncoming::from(listener)),
         );
         Channel::from_shared(format!("http://{address}"))
             .expect("fake CRI URI")
             .connect_lazy()
+    }
+
+    /// Serves the runtime and image services on the unix socket `path`
+    /// (as containerd does; what the shim's upstream connects to) until the
+    /// test's runtime ends; returns the endpoint, `unix://<path>`.
+    pub fn serve_unix(&self, path: &Path) -> String {
+        let listener = tokio::net::UnixListener::bind(path).expect("bind fake CRI socket");
+        tokio::spawn(
+            self.router()
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+        );
+        format!("unix://{}", path.display())
     }
 
     fn list(&self, req: cri::ListPodSandboxRequest) -> cri::ListPodSandboxResponse {
@@ -114,10 +200,37 @@ impl FakeCri {
                 id: sb.id.clone(),
                 metadata: sb.metadata.clone(),
                 state: sb.state,
+                labels: sb.labels.clone(),
                 ..Default::default()
             }),
             info: HashMap::from([("info".to_owned(), r#"{"pid": 4242}"#.to_owned())]),
             ..Default::default()
+        })
+    }
+
+    /// Stats of a sandbox: its attributes and empty Linux numbers (those of
+    /// a claimed slot are the pool's to fill in).
+    fn stats(
+        &self,
+        req: &cri::PodSandboxStatsRequest,
+    ) -> Result<cri::PodSandboxStatsResponse, Status> {
+        let state = self.state();
+        let sb = state
+            .sandboxes
+            .iter()
+            .find(|s| s.id == req.pod_sandbox_id)
+            .ok_or_else(|| Status::not_found("no such sandbox"))?;
+        Ok(cri::PodSandboxStatsResponse {
+            stats: Some(cri::PodSandboxStats {
+                attributes: Some(cri::PodSandboxAttributes {
+                    id: sb.id.clone(),
+                    metadata: sb.metadata.clone(),
+                    labels: sb.labels.clone(),
+                    annotations: sb.annotations.clone(),
+                }),
+                linux: Some(cri::LinuxPodSandboxStats::default()),
+                windows: None,
+            }),
         })
     }
 
@@ -214,6 +327,7 @@ impl<S: CriService> Service<http::Request<tonic::body::Body>> for Served<S> {
                 .next()
                 .unwrap_or_default()
                 .to_owned();
+            cri.hold(&method).await;
             Ok(S::answer(cri, &method, req).await)
         })
     }
@@ -232,7 +346,19 @@ impl CriService for Runtime {
         req: http::Request<tonic::body::Body>,
     ) -> http::Response<tonic::body::Body> {
         match method {
+            "Version" => {
+                unary(req, |_: cri::VersionRequest| {
+                    Ok(cri::VersionResponse {
+                        version: "0.1.0".into(),
+                        runtime_name: "fake".into(),
+                        runtime_version: "1".into(),
+                        runtime_api_version: "v1".into(),
+                    })
+                })
+                .await
+            }
             "ListPodSandbox" => unary(req, move |r| Ok(cri.list(r))).await,
+            "PodSandboxStats" => unary(req, move |r| cri.stats(&r)).await,
             "RunPodSandbox" => unary(req, move |r| Ok(cri.run(r))).await,
             "PodSandboxStatus" => unary(req, move |r| cri.status(r)).await,
             "StopPodSandbox" => {
@@ -317,33 +443,97 @@ pub fn busybox_image() -> cri::Image {
 }
 
 /// A [`FakeCri`] holding [`busybox_image`], served on 127.0.0.1, and a
-/// [`PoolManager`] keeping one pool of warm slots in it. Both run until the
-/// test's runtime ends; the manager's state directory lives as long as the
-/// rig.
+/// [`PoolManager`] keeping warm slots in it. Both run until the test's
+/// runtime ends; the manager's state directory lives as long as the rig.
 #[derive(Debug)]
 pub struct PoolRig {
     /// The fake upstream's state.
     pub cri: FakeCri,
     /// A channel to the fake upstream.
     pub upstream: Channel,
+    /// The fake upstream's unix socket endpoint, when asked for
+    /// ([`RigBuilder::unix_socket`]), for a shim in front of the pools.
+    pub endpoint: Option<String>,
     /// The pool manager.
     pub manager: Arc<PoolManager>,
-    /// The pool's name, which is also its exposed handler.
+    /// The first pool's exposed handler.
     pool: String,
+    /// The first pool's key.
+    key: PoolKey,
     _dir: tempfile::TempDir,
 }
 
-impl PoolRig {
-    /// Starts the fake upstream and a pool manager keeping `size` slots in
-    /// one pool named `pool` (exposed as runtime handler `pool`, with key
-    /// [`runc_key`]). Claimed slots are not refilled while a test runs, so
-    /// a claim's change is the only one.
-    pub async fn start(pool: &str, size: usize) -> Self {
+/// How a [`PoolRig`] is built: its pools, fix-up, cgroup reader and
+/// manager settings.
+#[derive(Debug)]
+pub struct RigBuilder {
+    pools: Vec<PoolSpec>,
+    fixup: Arc<dyn Fixup>,
+    cgroups: Option<Arc<dyn CgroupReader>>,
+    unix_socket: bool,
+    tune: Vec<fn(&mut ManagerConfig)>,
+}
+
+impl RigBuilder {
+    /// Adds a pool `name` exposed as handler `exposed`, keyed `key`,
+    /// keeping `size` free slots.
+    #[must_use]
+    pub fn pool(mut self, name: &str, exposed: &str, key: PoolKey, size: usize) -> Self {
+        self.pools.push(PoolSpec {
+            name: name.into(),
+            exposed_handler: exposed.into(),
+            key,
+            size,
+            network: Default::default(),
+        });
+        self
+    }
+
+    /// Uses `fixup` instead of [`NoFixup`].
+    #[must_use]
+    pub fn fixup(mut self, fixup: Arc<dyn Fixup>) -> Self {
+        self.fixup = fixup;
+        self
+    }
+
+    /// Reads pods' cgroups through `cgroups` instead of cgroupfs.
+    #[must_use]
+    pub fn cgroups(mut self, cgroups: Arc<dyn CgroupReader>) -> Self {
+        self.cgroups = Some(cgroups);
+        self
+    }
+
+    /// Serves the fake upstream on a unix socket too ([`PoolRig::endpoint`]).
+    #[must_use]
+    pub fn unix_socket(mut self) -> Self {
+        self.unix_socket = true;
+        self
+    }
+
+    /// Changes the manager's settings (the defaults: 5 s upstream deadline,
+    /// refill every 1 ms, no refill for 10 min after a claim, health check
+    /// every 10 min).
+    #[must_use]
+    pub fn tune(mut self, f: fn(&mut ManagerConfig)) -> Self {
+        self.tune.push(f);
+        self
+    }
+
+    /// Starts the fake upstream and the pool manager (its refill task
+    /// too).
+    ///
+    /// # Panics
+    /// When no pool was added or the manager does not start.
+    pub async fn start(self) -> PoolRig {
+        let first = self.pools.first().expect("a rig has a pool").clone();
         let cri = FakeCri::default();
         cri.state().images.push(busybox_image());
         let upstream = cri.serve().await;
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = ManagerConfig {
+        let endpoint = self
+            .unix_socket
+            .then(|| cri.serve_unix(&dir.path().join("upstream.sock")));
+        let mut cfg = ManagerConfig {
             state_dir: dir.path().join("state"),
             placeholder_cgroup_root: "/fast-sandbox-test".into(),
             placeholder_namespace: "fast-sandbox-slots".into(),
@@ -357,30 +547,69 @@ impl PoolRig {
                 timeout: Duration::from_secs(1),
             },
         };
-        let specs = vec![PoolSpec {
-            name: pool.into(),
-            exposed_handler: pool.into(),
-            key: runc_key(),
-            size,
-            network: Default::default(),
-        }];
-        let manager = PoolManager::start(
-            specs,
-            cfg,
-            upstream.clone(),
-            Arc::new(NoFixup),
-            Arc::new(Metrics::default()),
-        )
-        .await
-        .expect("pool manager starts");
+        for tune in self.tune {
+            tune(&mut cfg);
+        }
+        let channel = match &endpoint {
+            Some(endpoint) => fast_sandbox_shim::cri_channel(endpoint).expect("channel"),
+            None => upstream.clone(),
+        };
+        let mut parts = PoolParts::new(channel, self.fixup, Arc::new(Metrics::default()));
+        if let Some(cgroups) = self.cgroups {
+            parts = parts.with_cgroups(cgroups);
+        }
+        let manager = PoolManager::start_with(self.pools, cfg, parts)
+            .await
+            .expect("pool manager starts");
         tokio::spawn(Arc::clone(&manager).run(std::future::pending()));
-        Self {
+        PoolRig {
             cri,
             upstream,
+            endpoint,
             manager,
-            pool: pool.into(),
+            pool: first.exposed_handler,
+            key: first.key,
             _dir: dir,
         }
+    }
+}
+
+impl PoolRig {
+    /// Starts the fake upstream and a pool manager keeping `size` slots in
+    /// one pool named `pool` (exposed as runtime handler `pool`, with key
+    /// [`runc_key`]). Claimed slots are not refilled while a test runs, so
+    /// a claim's change is the only one.
+    pub async fn start(pool: &str, size: usize) -> Self {
+        Self::builder()
+            .pool(pool, pool, runc_key(), size)
+            .start()
+            .await
+    }
+
+    /// A rig with no pool yet and [`NoFixup`].
+    pub fn builder() -> RigBuilder {
+        RigBuilder {
+            pools: Vec::new(),
+            fixup: Arc::new(NoFixup),
+            cgroups: None,
+            unix_socket: false,
+            tune: Vec::new(),
+        }
+    }
+
+    /// Waits until the first pool has `n` free slots.
+    ///
+    /// # Panics
+    /// After 10 s.
+    pub async fn wait_free(&self, n: usize) {
+        let mut changes = self.manager.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while self.manager.stats()[0].free < n {
+                changes.changed().await.expect("manager alive");
+            }
+        })
+        .await
+        .expect("slots created");
     }
 
     /// What a node agent named `node_name`, accepting `token`, needs to
@@ -397,17 +626,25 @@ impl PoolRig {
         }
     }
 
-    /// Claims a slot of the pool for a default pod config, as the shim
-    /// does for a pod; returns the claimed sandbox's id.
+    /// Claims a slot of the first pool for a default pod config, as the
+    /// shim does for a pod; returns the claimed sandbox's id.
     ///
     /// # Panics
     /// When the claim fails or no slot is free.
     pub async fn claim(&self) -> String {
+        self.claim_for(cri::PodSandboxConfig::default()).await
+    }
+
+    /// Claims a slot of the first pool for a pod of `config`.
+    ///
+    /// # Panics
+    /// When the claim fails or no slot is free.
+    pub async fn claim_for(&self, config: cri::PodSandboxConfig) -> String {
         self.manager
             .claim(&Claim {
                 exposed_handler: self.pool.clone(),
-                key: runc_key(),
-                config: cri::PodSandboxConfig::default(),
+                key: self.key.clone(),
+                config,
             })
             .await
             .expect("claim")

@@ -4,7 +4,7 @@
 
 use std::{io, path::PathBuf, time::Duration};
 
-use super::ops::Namespace;
+use super::kernel::Namespace;
 
 /// A fix-up could not be planned (bad input) or an operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -67,41 +67,41 @@ pub enum FixupError {
     },
 
     // ---- node reads ----
-    #[error("reading the node's hostname: {source}")]
+    #[error("reading the node's hostname")]
     NodeHostname { source: io::Error },
 
     #[error("the node's hostname {hostname:?} is not UTF-8")]
     NodeHostnameNotUtf8 { hostname: String },
 
-    #[error("reading the node's resolv.conf {path:?}: {source}")]
+    #[error("reading the node's resolv.conf {path:?}")]
     NodeResolvConf { path: PathBuf, source: io::Error },
 
     // ---- sandbox files ----
     #[error("sandbox file name {name:?} is not a single path component")]
     InvalidFileName { name: String },
 
-    #[error("opening sandbox directory {path:?}: {source}")]
+    #[error("opening sandbox directory {path:?}")]
     OpenSandboxDir { path: PathBuf, source: io::Error },
 
     /// Missing, a symlink (`ELOOP` from `O_NOFOLLOW`), or unreadable.
-    #[error("opening sandbox file {path:?} for writing: {source}")]
+    #[error("opening sandbox file {path:?} for writing")]
     OpenSandboxFile { path: PathBuf, source: io::Error },
 
     #[error("sandbox file {path:?} is not a regular file")]
     NotARegularFile { path: PathBuf },
 
-    #[error("rewriting sandbox file {path:?}: {source}")]
+    #[error("rewriting sandbox file {path:?}")]
     WriteSandboxFile { path: PathBuf, source: io::Error },
 
     // ---- namespaces ----
-    #[error("opening the {ns} namespace of pid {pid}: {source}")]
+    #[error("opening the {ns} namespace of pid {pid}")]
     OpenNamespace {
         pid: i32,
         ns: Namespace,
         source: io::Error,
     },
 
-    #[error("starting a thread to enter the {ns} namespace of pid {pid}: {source}")]
+    #[error("starting a thread to enter the {ns} namespace of pid {pid}")]
     SpawnNamespaceThread {
         pid: i32,
         ns: Namespace,
@@ -111,21 +111,21 @@ pub enum FixupError {
     #[error("the thread in the {ns} namespace of pid {pid} panicked")]
     NamespaceThreadPanicked { pid: i32, ns: Namespace },
 
-    #[error("entering the {ns} namespace of pid {pid}: {source}")]
+    #[error("entering the {ns} namespace of pid {pid}")]
     EnterNamespace {
         pid: i32,
         ns: Namespace,
         source: io::Error,
     },
 
-    #[error("setting hostname {hostname:?} in the UTS namespace of pid {pid}: {source}")]
+    #[error("setting hostname {hostname:?} in the UTS namespace of pid {pid}")]
     SetHostname {
         pid: i32,
         hostname: String,
         source: io::Error,
     },
 
-    #[error("writing sysctl {name} ({path:?}) in the {ns} namespace of pid {pid}: {source}")]
+    #[error("writing sysctl {name} ({path:?}) in the {ns} namespace of pid {pid}")]
     WriteSysctl {
         pid: i32,
         ns: Namespace,
@@ -135,10 +135,10 @@ pub enum FixupError {
     },
 
     // ---- cgroups ----
-    #[error("reading the cgroup mounts of this process: {source}")]
+    #[error("reading the cgroup mounts of this process")]
     CgroupMounts { source: io::Error },
 
-    #[error("reading the cgroups of pid {pid}: {source}")]
+    #[error("reading the cgroups of pid {pid}")]
     ProcessCgroups { pid: i32, source: io::Error },
 
     /// `/proc/<pid>/cgroup` names a hierarchy that is not mounted here with
@@ -159,20 +159,20 @@ pub enum FixupError {
         actual: String,
     },
 
-    #[error("creating cgroup {path:?}: {source}")]
+    #[error("creating cgroup {path:?}")]
     CreateCgroup { path: PathBuf, source: io::Error },
 
-    #[error("reading cgroup file {path:?}: {source}")]
+    #[error("reading cgroup file {path:?}")]
     ReadCgroupFile { path: PathBuf, source: io::Error },
 
-    #[error("writing {value:?} to cgroup file {path:?}: {source}")]
+    #[error("writing {value:?} to cgroup file {path:?}")]
     WriteCgroupFile {
         path: PathBuf,
         value: String,
         source: io::Error,
     },
 
-    #[error("removing cgroup {path:?}: {source}")]
+    #[error("removing cgroup {path:?}")]
     RemoveCgroup { path: PathBuf, source: io::Error },
 
     // ---- the claim as a whole ----

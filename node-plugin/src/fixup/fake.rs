@@ -8,7 +8,8 @@ use std::{
 };
 
 use super::{
-    ops::{Namespace, NodeOps, Sysctl},
+    kernel::{Namespace, Sysctl},
+    ops::NodeOps,
     plan::CgroupLeaf,
     FixupError,
 };

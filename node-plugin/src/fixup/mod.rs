@@ -1,375 +1,190 @@
 //! Claim-time fix-ups: make a slot created from a placeholder
 //! `PodSandboxConfig` indistinguishable, from inside the pod and for
 //! kubelet's accounting, from a sandbox cold-started with the real one
-//! (DESIGN.md, "Fix-ups"; the state involved is listed in
-//! `docs/containerd-1.6-sandbox-state.md`). For runc/crun sandboxes.
+//! (docs/design.md, "Fix-ups"; the state involved is listed in
+//! `docs/containerd-1.6-sandbox-state.md`).
 //!
-//! [`FixupPlan::from_config`] validates the real config once and decides
-//! everything; [`apply`] executes the plan through a [`NodeOps`] on a
-//! blocking thread with a deadline, step by step:
+//! The pool sees one trait, [`Fixup`]; each upstream runtime gets a
+//! mechanism, picked per slot by [`ByRuntime`]:
 //!
-//! 1. `hostname` in the sandbox's root dir: `<hostname>\n` (the node's
-//!    hostname when the pod's is empty), rewritten in place;
-//! 2. `resolv.conf` there: the pod's `dns_config` rendered like containerd
-//!    ([`render_resolv_conf`]) or a copy of the node's, in place, so the
-//!    pause's existing bind mount (same inode) sees it too;
-//! 3. the UTS hostname, from a thread that `setns`'d into the pause's UTS
-//!    namespace;
-//! 4. the pod's sysctls, from a thread in the pause's net, IPC or UTS
-//!    namespace (`/proc/sys` resolves against the namespaces of the task
-//!    that looks the file up, so a `setns`'d thread is enough; the root test
-//!    reads the values back from inside a container);
-//! 5. the pause moves from `<placeholder parent>/<id>` to
-//!    `<pod cgroup_parent>/<id>` in every hierarchy (cgroup v1, v2, hybrid),
-//!    with what runc had set on its leaf (`cpu.shares` 2, the device list,
-//!    cpuset);
-//! 6. the placeholder leaf, now empty, is removed.
+//! | file | what it holds |
+//! |---|---|
+//! | `setns.rs` | [`SetnsFixup`], runc/crun: the pause is a host process |
+//! | `steps.rs` | the ordered steps of `setns` and their timings ([`apply`]) |
+//! | `guest.rs` | [`GuestExecFixup`], gVisor/Kata: a command inside the sandbox |
+//! | `by_runtime.rs` | [`ByRuntime`], the per-upstream-handler dispatch |
+//! | `plan.rs` | [`FixupPlan`]: the real config validated once |
+//! | `ops.rs`, `real.rs`, `fake.rs` | [`NodeOps`], the privileged calls, real and recording |
+//! | `guest_ops.rs` | [`GuestOps`], the same for `guest-exec` |
+//! | `cgroup.rs` | cgroupfs: following a pid through its hierarchies |
+//! | `kernel.rs`, `resolv.rs`, `error.rs` | namespaces and sysctls, `resolv.conf`, [`FixupError`] |
 //!
-//! A failed step leaves the earlier ones done ([`ApplyError::completed`]):
-//! such a slot is half-changed and must be destroyed, never served or put
-//! back; the claim takes the cold path.
-//!
-//! # Cgroups after a move (measured: containerd 1.6.20, runc 1.1.5, crun 1.8.1, v1 hybrid)
-//!
-//! runc placed the pause at `<placeholder parent>/<id>` in all ten v1
-//! hierarchies *and* the unified v2 one (hybrid mode); crun does the same.
-//! runc's `state.json` keeps those placeholder paths (`cgroup_paths`,
-//! `config.cgroups.path`) after the move. At `StopPodSandbox`, `runc delete`
-//! / `crun delete` remove the recorded paths (gone already after step 6: no
-//! error; without step 6 they remove the old leaf themselves) and nothing
-//! touches the new leaf: **`<pod cgroup_parent>/<id>` stays behind, empty,
-//! in all eleven hierarchies**, after `RemovePodSandbox` too. The app
-//! containers' cgroups come from the `CreateContainer` request and are
-//! removed normally. So the pool manager must call [`cleanup_after_remove`]
-//! once the sandbox is stopped (after `StopPodSandbox` or
-//! `RemovePodSandbox`, also for a claimed slot found at restart): it
-//! removes the new leaf, and the placeholder leaf in case a claim failed
-//! between the move and step 6. (Kubelet removes a pod's cgroup
-//! recursively when the pod goes away — runc's `RemovePath`, which kubelet
-//! vendors — so a leaf left by a crash goes with the pod; without the
-//! cleanup a pod whose sandbox is recreated would collect one per
-//! sandbox.) `fixup_root.rs` asserts both the leftover and the cleanup.
-//!
-//! The placeholder *parent* is the pool manager's: shared by its slots,
-//! created by runc on the first slot, never removed here.
-//!
-//! Left as they were, not observable by the pod: memory already charged to
-//! the pause stays with the placeholder parent (v1 does not move charges;
-//! a few pages); the shim's OOM eventfd for the pause watches the old
-//! memory cgroup (no `TaskOOM` appeared in containerd's log after the old
-//! leaf was removed).
-//!
-//! On a pure cgroup v2 host the move copies `cpu.weight` but not runc's
-//! eBPF device filter (see `cgroup.rs`): **unverified**, no v2 host here.
-//!
-//! Systemd-style parents (`….slice`) are converted as runc's systemd driver
-//! would place the pause (`/kubepods.slice/…/cri-containerd-<id>.scope`) and
-//! moved with cgroupfs writes. On a host where systemd manages those slices
-//! this should go through systemd instead (a transient scope with the pause
-//! pid, as runc does): **unverified**, there is no systemd on these
-//! machines.
-//!
-//! # Cost (release build, 2 vCPUs, 30 claims one at a time, runc and crun)
-//!
-//! `apply` took 2.1-2.3 ms p50 (p90 2.7-9 ms) with other builds keeping the
-//! load average near 3, and 5-15 ms p50 near 4.5. Nearly all of the spread
-//! is the cgroup move (1.3 ms p50 at load 3, 1.7-11.7 ms at 4.5): the first
-//! write to a `cgroup.procs` waits for an RCU grace period (the kernel's
-//! `cgroup_threadgroup_rwsem`; strace showed 16 ms for the first write and
-//! ~15 µs for each of the other ten), which grows with load; runc takes the
-//! same lock whenever it starts a container. The rest is steady: removing
-//! the placeholder leaf 0.35-0.4 ms (eleven `rmdir`s; could be left to
-//! `runc delete`, which removes it too), each namespace step 0.1-0.2 ms (a
-//! thread each, with 2-4 ms outliers from scheduling under load), the two
-//! files 0.03-0.15 ms. The files are not fsync'd (containerd does not
-//! either; it cost 0.15-0.6 ms per file).
-//!
-//! # Requirements
-//!
-//! Root; the host's `/proc`, `/sys/fs/cgroup` (hierarchies mounted at their
-//! roots) and cgroup namespace; the host UTS namespace (the node hostname
-//! is read from this process); the node's `resolv.conf` (see
-//! [`RealOps::with_node_resolv_conf`]). The placeholder config must set no
-//! sysctls and must not use host namespaces.
+//! A new runtime that needs another mechanism gets a file here with its
+//! `impl Fixup`, a [`Mechanism`] variant and a line in
+//! [`ByRuntime::real`]; its privileged calls go behind a trait like
+//! [`NodeOps`] so the sequencing is tested with a recording fake.
 
+mod by_runtime;
 mod cgroup;
 mod error;
 mod fake;
-pub mod gvisor;
+mod guest;
+mod guest_ops;
+mod kernel;
 mod ops;
 mod plan;
 mod real;
 mod resolv;
+mod setns;
+mod steps;
 
-use std::{
-    fmt,
-    sync::{Arc, Mutex, PoisonError},
-    time::{Duration, Instant},
-};
+use std::fmt;
 
+use fast_sandbox_proto::cri::PodSandboxConfig;
+
+pub use by_runtime::{ByRuntime, Mechanism};
 pub use error::FixupError;
 pub use fake::{Call, RecordingOps};
-pub use ops::{Namespace, NodeOps, Sysctl};
+pub use guest::{
+    ExecTemplate, GuestExecFixup, GuestExecSettings, SysctlPolicy, TemplateError, EXEC_ID_ARG,
+    HOSTNAME_ARG, SANDBOX_ID_ARG,
+};
+pub use guest_ops::{GuestCall, GuestError, GuestOps, RealGuestOps, RecordingGuestOps};
+pub use kernel::{Namespace, Sysctl};
+pub use ops::NodeOps;
 pub use plan::{CgroupLeaf, CgroupMove, FixupPlan, SandboxId};
 pub use real::RealOps;
 pub use resolv::render_resolv_conf;
+pub use setns::SetnsFixup;
+pub use steps::{
+    apply, apply_phase, cleanup_after_remove, ApplyError, FixupReport, Phase, Step, StepTiming,
+};
 
-/// The sandbox files a fix-up rewrites, in the sandbox's root directory.
-const HOSTNAME_FILE: &str = "hostname";
-const RESOLV_CONF_FILE: &str = "resolv.conf";
-
-/// One step of [`apply`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    HostnameFile,
-    ResolvConf,
-    UtsHostname,
-    Sysctls(Namespace),
-    MoveCgroup,
-    RemovePlaceholderCgroup,
-}
-
-impl fmt::Display for Step {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::HostnameFile => f.write_str("hostname file"),
-            Self::ResolvConf => f.write_str("resolv.conf"),
-            Self::UtsHostname => f.write_str("UTS hostname"),
-            Self::Sysctls(ns) => write!(f, "{ns} sysctls"),
-            Self::MoveCgroup => f.write_str("cgroup move"),
-            Self::RemovePlaceholderCgroup => f.write_str("placeholder cgroup removal"),
-        }
-    }
-}
-
-/// A completed step and how long it took.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StepTiming {
-    pub step: Step,
-    pub elapsed: Duration,
-}
-
-/// What [`apply`] did.
+/// What is known about a running slot, for fix-ups.
 #[derive(Debug, Clone)]
-pub struct FixupReport {
+pub struct SlotFacts {
     pub sandbox_id: String,
-    /// In the order they ran.
-    pub steps: Vec<StepTiming>,
-    /// From the call to the result, including the wait for a blocking
-    /// thread.
-    pub total: Duration,
+    /// PID of the pause (or sentry) process on the host.
+    pub pause_pid: i32,
+    /// The placeholder's cgroup parent, where runc put the pause.
+    pub placeholder_cgroup_parent: String,
+    /// containerd's handler the slot was created with: picks the fix-up
+    /// mechanism ([`ByRuntime`]).
+    pub upstream_handler: String,
 }
 
-/// [`apply`] failed: `step` did not complete, the `completed` ones did.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "fix-up of sandbox {sandbox_id} failed at {} after {} completed step(s)",
-    step.map_or_else(|| "start".to_owned(), |s| s.to_string()),
-    completed.len()
-)]
-pub struct ApplyError {
-    pub sandbox_id: String,
-    /// `None` when the deadline passed before the first step started.
-    pub step: Option<Step>,
-    pub completed: Vec<StepTiming>,
-    #[source]
-    pub source: FixupError,
-}
-
-#[derive(Debug, Default)]
-struct Progress {
-    current: Option<Step>,
-    completed: Vec<StepTiming>,
-}
-
-type SharedProgress = Arc<Mutex<Progress>>;
-
-fn lock(p: &SharedProgress) -> std::sync::MutexGuard<'_, Progress> {
-    p.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Which steps of a plan to run.
+/// A step of the `guest-exec` fix-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Everything the pod can observe from inside: the sandbox files, the
-    /// UTS hostname and the sysctls. Must complete before the claim is
-    /// answered (before the first `CreateContainer`).
-    Identity,
-    /// The pause's cgroup: accounting only, nothing in the pod depends on
-    /// it, and its first `cgroup.procs` write waits for an RCU grace period
-    /// (~1–17 ms here), so the pool runs it right after answering.
-    Cgroup,
-    /// Both, in order.
-    All,
+pub enum GuestStep {
+    /// Rewriting `hostname` and `resolv.conf` in containerd's sandbox dir.
+    SandboxFiles,
+    /// The command that sets the hostname inside the sandbox.
+    Hostname,
+    /// Moving the sandbox's processes to the pod's cgroup.
+    MoveProcesses,
 }
 
-/// Applies all of `plan` on a blocking thread and waits at most `deadline`.
-///
-/// On timeout the blocking thread cannot be stopped and may still finish
-/// the step it is in: the slot must be destroyed, as after any failure.
-pub async fn apply(
-    ops: Arc<dyn NodeOps>,
-    plan: FixupPlan,
-    deadline: Duration,
-) -> Result<FixupReport, ApplyError> {
-    apply_phase(ops, plan, Phase::All, deadline).await
-}
-
-/// Applies the steps of `phase` of `plan`, like [`apply`].
-pub async fn apply_phase(
-    ops: Arc<dyn NodeOps>,
-    plan: FixupPlan,
-    phase: Phase,
-    deadline: Duration,
-) -> Result<FixupReport, ApplyError> {
-    let start = Instant::now();
-    let sandbox_id = plan.sandbox_id().to_string();
-    let progress = SharedProgress::default();
-    let span = tracing::debug_span!("fixup", sandbox_id = %sandbox_id, pid = plan.pause_pid());
-    let task = {
-        let progress = progress.clone();
-        tokio::task::spawn_blocking(move || span.in_scope(|| run(&*ops, &plan, phase, &progress)))
-    };
-    let source = match tokio::time::timeout(deadline, task).await {
-        Ok(Ok(Ok(()))) => {
-            let steps = std::mem::take(&mut lock(&progress).completed);
-            return Ok(FixupReport {
-                sandbox_id,
-                steps,
-                total: start.elapsed(),
-            });
-        }
-        Ok(Ok(Err(e))) => e,
-        Ok(Err(_join)) => FixupError::Panicked {
-            sandbox_id: sandbox_id.clone(),
-        },
-        Err(_elapsed) => FixupError::Timeout {
-            sandbox_id: sandbox_id.clone(),
-            deadline,
-        },
-    };
-    let p = lock(&progress);
-    Err(ApplyError {
-        sandbox_id,
-        step: p.current,
-        completed: p.completed.clone(),
-        source,
-    })
-}
-
-/// Runs the steps of `phase` of `plan` in order on the calling thread.
-fn run(
-    ops: &dyn NodeOps,
-    plan: &FixupPlan,
-    phase: Phase,
-    progress: &SharedProgress,
-) -> Result<(), FixupError> {
-    if phase != Phase::Cgroup {
-        run_identity(ops, plan, progress)?;
+impl fmt::Display for GuestStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::SandboxFiles => "rewriting the sandbox files",
+            Self::Hostname => "setting the hostname inside the sandbox",
+            Self::MoveProcesses => "moving the sandbox's processes to the pod's cgroup",
+        })
     }
-    if phase != Phase::Identity {
-        run_cgroup(plan, ops, progress)?;
+}
+
+/// A fix-up that failed, and where; the slot is destroyed and the pod
+/// starts cold.
+#[derive(Debug, thiserror::Error)]
+pub enum FixupFailed {
+    /// The pod's config, or the slot's record, cannot be served by a slot.
+    #[error("planning the fix-up")]
+    Plan(#[source] FixupError),
+    /// A `setns` step failed; the error names the step and what was done.
+    #[error(transparent)]
+    Setns(Box<ApplyError>),
+    /// What a sentry or guest names itself without a hostname is the
+    /// runtime's choice: not guessed.
+    #[error("PodSandboxConfig field hostname: empty; a guest-exec slot needs one")]
+    NoHostname,
+    #[error(
+        "PodSandboxConfig field linux.sysctls: this runtime applies them only at sandbox start"
+    )]
+    SysctlsAtStartOnly,
+    #[error("guest-exec fix-up: {step}")]
+    Guest {
+        step: GuestStep,
+        #[source]
+        source: GuestError,
+    },
+}
+
+impl From<ApplyError> for FixupFailed {
+    fn from(e: ApplyError) -> Self {
+        Self::Setns(Box::new(e))
     }
-    Ok(())
 }
 
-fn run_identity(
-    ops: &dyn NodeOps,
-    plan: &FixupPlan,
-    progress: &SharedProgress,
-) -> Result<(), FixupError> {
-    let pid = plan.pause_pid();
-    let dir = plan.sandbox_root_dir();
-    let mut hostname = plan.hostname().to_owned();
-
-    step(progress, Step::HostnameFile, || {
-        if hostname.is_empty() {
-            hostname = ops.node_hostname()?;
-        }
-        ops.write_file_in_place(dir, HOSTNAME_FILE, format!("{hostname}\n").as_bytes())
-    })?;
-    step(progress, Step::ResolvConf, || {
-        let contents = match plan.resolv_conf() {
-            Some(text) => text.as_bytes().to_vec(),
-            None => ops.node_resolv_conf()?,
-        };
-        ops.write_file_in_place(dir, RESOLV_CONF_FILE, &contents)
-    })?;
-    step(progress, Step::UtsHostname, || {
-        ops.set_hostname_in_uts_ns(pid, &hostname)
-    })?;
-    for ns in [Namespace::Net, Namespace::Ipc, Namespace::Uts] {
-        let sysctls = plan.sysctls_in(ns);
-        if !sysctls.is_empty() {
-            step(progress, Step::Sysctls(ns), || {
-                ops.write_sysctls_in_ns(pid, ns, sysctls)
-            })?;
-        }
+/// How a claimed slot is made to look like the pod's own sandbox: one
+/// mechanism per upstream runtime type (setns for runc/crun; gVisor and
+/// Kata need others), behind this trait so the pool can be tested with a
+/// fake.
+#[tonic::async_trait]
+pub trait Fixup: fmt::Debug + Send + Sync + 'static {
+    /// Makes the slot look like a cold sandbox of `real` from inside: runs
+    /// before the claim is answered.
+    async fn apply(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed>;
+    /// Whether claims of `slot` have a [`Fixup::settle`] step. No I/O: asked
+    /// on every claim.
+    fn settles(&self, _slot: &SlotFacts) -> bool {
+        false
     }
-    Ok(())
-}
-
-fn run_cgroup(
-    plan: &FixupPlan,
-    ops: &dyn NodeOps,
-    progress: &SharedProgress,
-) -> Result<(), FixupError> {
-    let pid = plan.pause_pid();
-    let cgroup = plan.cgroup();
-    if !cgroup.is_noop() {
-        step(progress, Step::MoveCgroup, || {
-            ops.move_to_cgroup(pid, &cgroup.from, &cgroup.to)
-        })?;
-        step(progress, Step::RemovePlaceholderCgroup, || {
-            ops.remove_cgroup(&cgroup.from)
-        })?;
-    }
-    Ok(())
-}
-
-fn step(
-    progress: &SharedProgress,
-    step: Step,
-    f: impl FnOnce() -> Result<(), FixupError>,
-) -> Result<(), FixupError> {
-    lock(progress).current = Some(step);
-    let start = Instant::now();
-    f()?;
-    let elapsed = start.elapsed();
-    tracing::debug!(%step, ?elapsed, "fix-up step done");
-    let mut p = lock(progress);
-    p.completed.push(StepTiming { step, elapsed });
-    p.current = None;
-    Ok(())
-}
-
-/// Removes what a claim's cgroup move leaves behind once the sandbox's pause
-/// has exited: the leaf in the pod's parent (runc never learns about it)
-/// and, in case the claim failed half-way, the placeholder leaf. Call it
-/// after `StopPodSandbox` or `RemovePodSandbox` of a claimed slot. Missing
-/// leaves are fine; a leaf that still has a process is an error.
-pub async fn cleanup_after_remove(
-    ops: Arc<dyn NodeOps>,
-    cgroup: CgroupMove,
-    deadline: Duration,
-) -> Result<(), FixupError> {
-    let sandbox_id = cgroup.sandbox_id.to_string();
-    let task = tokio::task::spawn_blocking(move || {
-        ops.remove_cgroup(&cgroup.to)?;
-        if !cgroup.is_noop() {
-            ops.remove_cgroup(&cgroup.from)?;
-        }
+    /// The part of the identity nothing in the pod can observe before its
+    /// first container exists (a gVisor sentry's UTS hostname, set by a
+    /// command inside the sandbox): runs at once after the claim is
+    /// answered, and the pod's `CreateContainer` waits for it
+    /// (`SlotSource::ready_for_containers`). Retried once on failure; run
+    /// again for every claimed slot found at start-up, so it must be
+    /// idempotent. Only called when [`Fixup::settles`].
+    async fn settle(&self, _slot: &SlotFacts, _real: &PodSandboxConfig) -> Result<(), FixupFailed> {
         Ok(())
-    });
-    match tokio::time::timeout(deadline, task).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(_join)) => Err(FixupError::Panicked { sandbox_id }),
-        Err(_elapsed) => Err(FixupError::Timeout {
-            sandbox_id,
-            deadline,
-        }),
     }
+    /// Checks a new, unclaimed slot whose claims will settle (runs the
+    /// settle mechanism with the placeholder's own identity), so a
+    /// mechanism that cannot work there fails the slot's creation — the
+    /// pod then starts cold — rather than its claim's first container.
+    async fn prepare(
+        &self,
+        _slot: &SlotFacts,
+        _placeholder: &PodSandboxConfig,
+    ) -> Result<(), FixupFailed> {
+        Ok(())
+    }
+    /// The rest, which nothing in the pod waits for (the pause's cgroup):
+    /// runs right after the claim is answered, and again for every claimed
+    /// slot found at start-up, so it must be idempotent.
+    async fn complete(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed>;
+    /// Cleans up what `apply` created outside containerd's knowledge, once
+    /// upstream has removed the sandbox.
+    async fn after_remove(&self, slot: &SlotFacts, real: &PodSandboxConfig);
+    /// The slot's sandbox is gone upstream (claimed or not): remove what the
+    /// pool created for it (its placeholder cgroup parent).
+    async fn discard(&self, slot: &SlotFacts);
 }
 
-#[cfg(test)]
-mod tests;
+/// The plan of a claim of `slot` by `real`, for the mechanisms here.
+fn plan(
+    slot: &SlotFacts,
+    containerd_root: &std::path::Path,
+    real: &PodSandboxConfig,
+) -> Result<FixupPlan, FixupFailed> {
+    FixupPlan::from_config(
+        &slot.sandbox_id,
+        slot.pause_pid,
+        containerd_root,
+        &slot.placeholder_cgroup_parent,
+        real,
+    )
+    .map_err(FixupFailed::Plan)
+}

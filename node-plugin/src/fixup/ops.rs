@@ -4,43 +4,11 @@
 
 use std::{fmt, path::Path};
 
-use super::{plan::CgroupLeaf, FixupError};
-
-/// A namespace of the pause process that a fix-up enters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Namespace {
-    /// Hostname and `kernel.domainname`.
-    Uts,
-    /// `net.*` sysctls.
-    Net,
-    /// `kernel.shm*`, `kernel.msg*`, `kernel.sem`, `fs.mqueue.*` sysctls.
-    Ipc,
-}
-
-impl Namespace {
-    /// The file name under `/proc/<pid>/ns/`.
-    pub fn proc_name(self) -> &'static str {
-        match self {
-            Self::Uts => "uts",
-            Self::Net => "net",
-            Self::Ipc => "ipc",
-        }
-    }
-}
-
-impl fmt::Display for Namespace {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.proc_name())
-    }
-}
-
-/// One namespaced sysctl, validated: `name` is dotted as in the CRI request
-/// and maps to `/proc/sys/<name with . replaced by />` (as runc writes it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sysctl {
-    pub name: String,
-    pub value: String,
-}
+use super::{
+    kernel::{Namespace, Sysctl},
+    plan::CgroupLeaf,
+    FixupError,
+};
 
 /// The privileged operations of a fix-up. Each is one step an operator could
 /// do by hand; none of them decides anything (that is the plan's job).

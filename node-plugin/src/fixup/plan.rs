@@ -10,7 +10,7 @@ use std::{
 use fast_sandbox_proto::cri::{NamespaceMode, PodSandboxConfig};
 
 use super::{
-    ops::{Namespace, Sysctl},
+    kernel::{Namespace, Sysctl},
     render_resolv_conf, FixupError,
 };
 

@@ -15,7 +15,8 @@ use rustix::fs::{Mode, OFlags};
 
 use super::{
     cgroup,
-    ops::{Namespace, NodeOps, Sysctl},
+    kernel::{Namespace, Sysctl},
+    ops::NodeOps,
     plan::{proc_sys_path, CgroupLeaf},
     FixupError,
 };

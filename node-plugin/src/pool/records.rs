@@ -1,6 +1,6 @@
-//! Durable claim records: one file per claimed slot, written and fsynced
-//! *before* kubelet is told the slot's id, so a crash at any later point
-//! still knows which pod owns which sandbox.
+//! Durable claim records: one file per claimed slot, written (renamed into
+//! place) *before* kubelet is told the slot's id, so a crash of the node
+//! plugin at any later point still knows which pod owns which sandbox.
 //!
 //! Layout under the state directory:
 //! - `token`: the node's secret slot token (0600), created once.
@@ -29,31 +29,33 @@ use serde::{Deserialize, Serialize};
 /// Errors of the record store; each names the path involved.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("creating state directory {path}: {source}")]
+    #[error("creating state directory {path}")]
     CreateDir {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("removing {path}: {source}")]
+    #[error("removing {path}")]
     Remove {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("encoding the claim record of {sandbox_id}: {source}")]
+    #[error("encoding the claim record of {sandbox_id}")]
     Encode {
         sandbox_id: String,
         source: serde_json::Error,
     },
+    #[error("the slot token")]
+    Token(#[from] crate::random::NoRandomness),
     #[error("sandbox id {0:?} is not 64 lowercase hex digits")]
     BadId(String),
 }
@@ -162,14 +164,7 @@ impl RecordStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(RecordError::Read { path, source }),
         }
-        let mut bytes = [0u8; 16];
-        fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-            .map_err(|source| RecordError::Read {
-                path: "/dev/urandom".into(),
-                source,
-            })?;
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let token = crate::random::hex(16)?;
         write_atomically(&path, token.as_bytes(), 0o600)?;
         Ok(token)
     }

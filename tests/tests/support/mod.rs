@@ -7,13 +7,12 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use fast_sandbox_node::{
     config::NetworkMode,
-    fixup::{gvisor::RealGuestOps, RealOps},
+    fixup::{
+        ByRuntime, ExecTemplate, GuestExecSettings, Mechanism, RealGuestOps, RealOps, SysctlPolicy,
+    },
     metrics::Metrics,
     network::CniSettings,
-    pool::{
-        gvisor::{ByRuntime, ExecTemplate, GuestExecSettings, Mechanism, SysctlPolicy},
-        ManagerConfig, PoolManager, PoolSpec,
-    },
+    pool::{ManagerConfig, PoolManager, PoolSpec},
 };
 use fast_sandbox_shim::{
     slots::{HandlerMap, PoolKey, SeccompShape, Shape, SlotSource, POOL_LABEL, SLOT_NAMESPACE},

@@ -1,14 +1,19 @@
 //! The fix-up mechanism for runtimes whose pause is an ordinary host process
 //! (runc, crun): rewrite containerd's per-sandbox files in place, `setns`
 //! into the pause's namespaces for the hostname and sysctls, and move the
-//! pause into the pod's cgroup (see [`crate::fixup`]).
+//! pause into the pod's cgroup (the steps are in `steps.rs`).
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use fast_sandbox_proto::cri::PodSandboxConfig;
 
-use super::{Fixup, FixupFailed, SlotFacts};
-use crate::fixup::{self, CgroupLeaf, CgroupMove, FixupPlan, NodeOps, Phase, SandboxId};
+use super::{
+    ops::NodeOps,
+    plan::{CgroupLeaf, CgroupMove, FixupPlan, SandboxId},
+    steps::{apply_phase, cleanup_after_remove, Phase},
+    Fixup, FixupFailed, SlotFacts,
+};
+use crate::blocking::asyncify;
 
 /// [`Fixup`] through host namespaces and cgroupfs.
 #[derive(Debug)]
@@ -33,14 +38,7 @@ impl SetnsFixup {
 
 impl SetnsFixup {
     fn plan(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<FixupPlan, FixupFailed> {
-        FixupPlan::from_config(
-            &slot.sandbox_id,
-            slot.pause_pid,
-            &self.containerd_root,
-            &slot.placeholder_cgroup_parent,
-            real,
-        )
-        .map_err(|e| FixupFailed(e.to_string()))
+        super::plan(slot, &self.containerd_root, real)
     }
 }
 
@@ -49,18 +47,14 @@ impl Fixup for SetnsFixup {
     async fn apply(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
         let plan = self.plan(slot, real)?;
         let report =
-            fixup::apply_phase(Arc::clone(&self.ops), plan, Phase::Identity, self.deadline)
-                .await
-                .map_err(|e| FixupFailed(format!("{e}: {}", e.source)))?;
+            apply_phase(Arc::clone(&self.ops), plan, Phase::Identity, self.deadline).await?;
         tracing::debug!(sandbox = %slot.sandbox_id, total = ?report.total, "identity fixed up");
         Ok(())
     }
 
     async fn complete(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
         let plan = self.plan(slot, real)?;
-        let report = fixup::apply_phase(Arc::clone(&self.ops), plan, Phase::Cgroup, self.deadline)
-            .await
-            .map_err(|e| FixupFailed(format!("{e}: {}", e.source)))?;
+        let report = apply_phase(Arc::clone(&self.ops), plan, Phase::Cgroup, self.deadline).await?;
         tracing::debug!(sandbox = %slot.sandbox_id, total = ?report.total, "cgroup moved");
         Ok(())
     }
@@ -70,7 +64,7 @@ impl Fixup for SetnsFixup {
     }
 
     async fn discard(&self, slot: &SlotFacts) {
-        remove_placeholder_parent(&self.ops, slot).await;
+        remove_placeholder_parent(&self.ops, self.deadline, slot).await;
     }
 }
 
@@ -92,29 +86,35 @@ pub(super) async fn cleanup_claimed_cgroup(
     let cgroup = SandboxId::parse(&slot.sandbox_id)
         .and_then(|id| CgroupMove::new(&id, &slot.placeholder_cgroup_parent, real_parent));
     let result = match cgroup {
-        Ok(cgroup) => fixup::cleanup_after_remove(Arc::clone(ops), cgroup, deadline).await,
+        Ok(cgroup) => cleanup_after_remove(Arc::clone(ops), cgroup, deadline).await,
         Err(e) => Err(e),
     };
     if let Err(e) = result {
-        tracing::warn!(sandbox = %slot.sandbox_id, error = %e, "cleaning up the claimed slot's cgroup failed");
+        tracing::warn!(sandbox = %slot.sandbox_id, error = %crate::blocking::chain(&e), "cleaning up the claimed slot's cgroup failed");
     }
 }
 
 /// Removes the slot's own placeholder cgroup parent (`<root>/<slot uid>`),
 /// logging failures.
-pub(super) async fn remove_placeholder_parent(ops: &Arc<dyn NodeOps>, slot: &SlotFacts) {
+pub(super) async fn remove_placeholder_parent(
+    ops: &Arc<dyn NodeOps>,
+    deadline: Duration,
+    slot: &SlotFacts,
+) {
     let ops = Arc::clone(ops);
     let parent = slot.placeholder_cgroup_parent.clone();
-    let removed = tokio::task::spawn_blocking(move || {
+    let removed = asyncify(deadline, move || {
         let dir = CgroupLeaf::owned_dir(&parent, "placeholder cgroup parent")?;
         ops.remove_cgroup(&dir)
     })
     .await;
-    match removed {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(sandbox = %slot.sandbox_id, error = %e,
-            "removing the slot's placeholder cgroup parent failed"),
-        Err(e) => tracing::warn!(sandbox = %slot.sandbox_id, error = %e,
-            "removing the slot's placeholder cgroup parent panicked"),
+    let failed: Option<&(dyn std::error::Error + 'static)> = match &removed {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(e) => Some(e),
+    };
+    if let Some(e) = failed {
+        tracing::warn!(sandbox = %slot.sandbox_id, error = %crate::blocking::chain(e),
+            "removing the slot's placeholder cgroup parent failed");
     }
 }

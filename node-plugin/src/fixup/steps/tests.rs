@@ -11,6 +11,7 @@ use std::{
 use fast_sandbox_proto::cri::{DnsConfig, LinuxPodSandboxConfig, PodSandboxConfig};
 
 use super::*;
+use crate::fixup::{Call, CgroupLeaf, FixupError, RecordingOps, SandboxId, Sysctl};
 
 const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const PID: i32 = 4242;

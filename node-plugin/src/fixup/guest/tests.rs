@@ -6,10 +6,7 @@ use std::collections::HashMap;
 use fast_sandbox_proto::cri::{DnsConfig, LinuxPodSandboxConfig, PodSandboxConfig};
 
 use super::*;
-use crate::fixup::{
-    gvisor::{GuestCall, RecordingGuestOps},
-    Call, RecordingOps,
-};
+use crate::fixup::{ByRuntime, Call, GuestCall, Mechanism, RecordingGuestOps, RecordingOps};
 
 const ID: &str = "a7383993ee782e34155b70d1d3208393ffc7c82e0b4145ba9e4ea1adcb8906fd";
 const ROOT: &str = "/var/lib/containerd";
@@ -148,7 +145,10 @@ async fn prepare_sets_the_placeholders_own_hostname() {
         .prepare(&facts("runsc"), &placeholder)
         .await
         .expect_err("a pause without --set-hostname fails the slot");
-    assert!(err.0.contains("fake failure"), "{err}");
+    assert!(
+        crate::blocking::chain(&err).contains("fake failure"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -167,7 +167,10 @@ async fn sysctls_are_ignored_or_refused_as_configured() {
         .apply(&facts("kata"), &pod)
         .await
         .expect_err("a VM applies sysctls at boot only");
-    assert!(err.0.contains("linux.sysctls"), "{err}");
+    assert!(
+        crate::blocking::chain(&err).contains("linux.sysctls"),
+        "{err}"
+    );
     assert!(
         node.calls().is_empty() && guest.calls().is_empty(),
         "nothing touched"
@@ -184,7 +187,7 @@ async fn an_empty_hostname_fails_the_claim_and_a_failed_exec_the_settle() {
         .apply(&facts("runsc"), &pod)
         .await
         .expect_err("empty hostname");
-    assert!(err.0.contains("hostname"), "{err}");
+    assert!(crate::blocking::chain(&err).contains("hostname"), "{err}");
     assert!(guest.calls().is_empty());
     assert!(node.calls().is_empty(), "nothing touched");
 
@@ -193,7 +196,10 @@ async fn an_empty_hostname_fails_the_claim_and_a_failed_exec_the_settle() {
         .settle(&facts("runsc"), &real(&[]))
         .await
         .expect_err("exec failed");
-    assert!(err.0.contains("fake failure"), "{err}");
+    assert!(
+        crate::blocking::chain(&err).contains("fake failure"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -244,7 +250,7 @@ async fn complete_gives_up_on_a_leaf_that_never_empties() {
         .complete(&facts("runsc"), &real(&[]))
         .await
         .expect_err("never empty");
-    assert!(err.0.contains("[7]"), "{err}");
+    assert!(crate::blocking::chain(&err).contains("[7]"), "{err}");
 }
 
 #[test]

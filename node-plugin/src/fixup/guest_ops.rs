@@ -3,7 +3,7 @@
 //! command run *inside* the sandbox, and every host process of the sandbox
 //! (sentry, gofer, the adapter's waiter; a VMM, virtiofsd) moves to the
 //! pod's cgroup, not just one pause pid. Behind [`GuestOps`] so the
-//! sequencing in `pool::gvisor` is tested with [`RecordingGuestOps`].
+//! sequencing in `guest.rs` is tested with [`RecordingGuestOps`].
 
 use std::{
     fmt,
@@ -13,11 +13,12 @@ use std::{
 };
 
 use super::{cgroup, plan::CgroupLeaf, FixupError};
+use crate::{blocking::BlockingError, random::NoRandomness};
 
 /// What can fail in a guest operation.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
-    #[error("starting {program:?}: {source}")]
+    #[error("starting {program:?}")]
     Spawn {
         program: String,
         source: std::io::Error,
@@ -30,8 +31,13 @@ pub enum GuestError {
     },
     #[error("{program:?} did not finish within {deadline:?}")]
     Timeout { program: String, deadline: Duration },
+    /// A node operation (sandbox files, cgroupfs) failed.
     #[error(transparent)]
-    Cgroup(#[from] FixupError),
+    Node(#[from] FixupError),
+    #[error("the blocking task")]
+    Blocking(#[from] BlockingError),
+    #[error(transparent)]
+    Random(#[from] NoRandomness),
     #[error("processes still in cgroup {leaf} after {rounds} rounds of moves: {pids:?}")]
     LeafNotEmpty {
         leaf: String,

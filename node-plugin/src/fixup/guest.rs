@@ -1,6 +1,6 @@
 //! Fix-ups for runtimes whose pause is not a host process: gVisor (the
 //! sentry has its own UTS namespace, not a host one to `setns` into) and
-//! Kata (a guest kernel). Chosen per upstream handler by [`ByRuntime`]
+//! Kata (a guest kernel). Chosen per upstream handler by [`super::ByRuntime`]
 //! (`fixup = "setns" | "guest-exec"` in a `[[pool]]`).
 //!
 //! `guest-exec`, measured on runsc release-20221219.0 with the
@@ -29,16 +29,18 @@
 //!   placeholder leaf stays until the sandbox is removed (runsc spawns each
 //!   later container's gofer in it).
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use fast_sandbox_proto::cri::PodSandboxConfig;
 
-use super::{setns::SetnsFixup, Fixup, FixupFailed, SlotFacts};
-use crate::fixup::{
-    self,
-    gvisor::{GuestError, GuestOps},
-    CgroupMove, FixupPlan, NodeOps,
+use super::{
+    guest_ops::{GuestError, GuestOps},
+    kernel::Namespace,
+    ops::NodeOps,
+    plan::{CgroupMove, FixupPlan},
+    setns, Fixup, FixupFailed, GuestStep, SlotFacts,
 };
+use crate::blocking::asyncify;
 
 /// The argument of a guest command replaced by the sandbox id.
 pub const SANDBOX_ID_ARG: &str = "{sandbox_id}";
@@ -173,29 +175,42 @@ impl GuestExecFixup {
     /// Runs the configured command that sets `hostname` inside the sandbox.
     async fn set_hostname(&self, slot: &SlotFacts, hostname: &str) -> Result<(), FixupFailed> {
         if hostname.is_empty() {
-            return Err(FixupFailed(
-                "no hostname to set inside the sandbox".to_owned(),
-            ));
+            return Err(FixupFailed::NoHostname);
         }
-        let argv = self
-            .settings
-            .command
-            .render(&slot.sandbox_id, hostname, &exec_id());
-        self.guest
-            .run(&argv, self.deadline)
-            .await
-            .map_err(|e| FixupFailed(format!("setting the hostname inside the sandbox: {e}")))
+        let run = async {
+            let argv = self
+                .settings
+                .command
+                .render(&slot.sandbox_id, hostname, &exec_id()?);
+            self.guest.run(&argv, self.deadline).await
+        };
+        run.await.map_err(|source| FixupFailed::Guest {
+            step: GuestStep::Hostname,
+            source,
+        })
     }
 
     fn plan(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<FixupPlan, FixupFailed> {
-        FixupPlan::from_config(
-            &slot.sandbox_id,
-            slot.pause_pid,
-            &self.containerd_root,
-            &slot.placeholder_cgroup_parent,
-            real,
-        )
-        .map_err(|e| FixupFailed(e.to_string()))
+        super::plan(slot, &self.containerd_root, real)
+    }
+
+    /// `hostname` and `resolv.conf` in the sandbox's directory, exactly as
+    /// for runc (no UTS step, no sysctls), on a blocking thread.
+    async fn write_sandbox_files(&self, plan: &FixupPlan) -> Result<(), GuestError> {
+        let node = Arc::clone(&self.node);
+        let dir = plan.sandbox_root_dir().to_owned();
+        let hostname = format!("{}\n", plan.hostname());
+        let resolv = plan.resolv_conf().map(str::to_owned);
+        asyncify(self.deadline, move || {
+            node.write_file_in_place(&dir, "hostname", hostname.as_bytes())?;
+            let contents = match resolv {
+                Some(text) => text.into_bytes(),
+                None => node.node_resolv_conf()?,
+            };
+            node.write_file_in_place(&dir, "resolv.conf", &contents)
+        })
+        .await??;
+        Ok(())
     }
 }
 
@@ -225,8 +240,8 @@ fn move_all(guest: &dyn GuestOps, cgroup: &CgroupMove) -> Result<(), GuestError>
     })
 }
 
-fn exec_id() -> String {
-    format!("fsb-hostname-{}", super::random_hex(6))
+fn exec_id() -> Result<String, GuestError> {
+    Ok(format!("fsb-hostname-{}", crate::random::hex(6)?))
 }
 
 #[tonic::async_trait]
@@ -236,45 +251,20 @@ impl Fixup for GuestExecFixup {
         if plan.hostname().is_empty() {
             // What the sentry or guest names itself without one is the
             // runtime's choice: do not guess, start cold.
-            return Err(FixupFailed(
-                "PodSandboxConfig field hostname: empty; a guest-exec slot needs one".to_owned(),
-            ));
+            return Err(FixupFailed::NoHostname);
         }
-        let has_sysctls = [
-            fixup::Namespace::Net,
-            fixup::Namespace::Ipc,
-            fixup::Namespace::Uts,
-        ]
-        .iter()
-        .any(|ns| !plan.sysctls_in(*ns).is_empty());
+        let has_sysctls = [Namespace::Net, Namespace::Ipc, Namespace::Uts]
+            .iter()
+            .any(|ns| !plan.sysctls_in(*ns).is_empty());
         if has_sysctls && self.settings.sysctls == SysctlPolicy::Refuse {
-            return Err(FixupFailed(
-                "PodSandboxConfig field linux.sysctls: this runtime applies them only at sandbox start"
-                    .to_owned(),
-            ));
+            return Err(FixupFailed::SysctlsAtStartOnly);
         }
-        // The sandbox files, exactly as for runc (no UTS step, no sysctls).
-        let files = {
-            let node = Arc::clone(&self.node);
-            let dir = plan.sandbox_root_dir().to_owned();
-            let hostname = format!("{}\n", plan.hostname());
-            let resolv = plan.resolv_conf().map(str::to_owned);
-            tokio::task::spawn_blocking(move || {
-                node.write_file_in_place(&dir, "hostname", hostname.as_bytes())?;
-                let contents = match resolv {
-                    Some(text) => text.into_bytes(),
-                    None => node.node_resolv_conf()?,
-                };
-                node.write_file_in_place(&dir, "resolv.conf", &contents)
+        self.write_sandbox_files(&plan)
+            .await
+            .map_err(|source| FixupFailed::Guest {
+                step: GuestStep::SandboxFiles,
+                source,
             })
-        };
-        match tokio::time::timeout(self.deadline, files).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => return Err(FixupFailed(e.to_string())),
-            Ok(Err(e)) => return Err(FixupFailed(format!("sandbox files: {e}"))),
-            Err(_) => return Err(FixupFailed("sandbox files: deadline passed".to_owned())),
-        }
-        Ok(())
     }
 
     /// The hostname inside the sandbox is [`Fixup::settle`]'s: the command
@@ -307,122 +297,22 @@ impl Fixup for GuestExecFixup {
         let plan = self.plan(slot, real)?;
         let cgroup = plan.cgroup().clone();
         let guest = Arc::clone(&self.guest);
-        let task = tokio::task::spawn_blocking(move || move_all(&*guest, &cgroup));
-        match tokio::time::timeout(self.deadline, task).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(FixupFailed(format!("moving the sandbox's processes: {e}"))),
-            Ok(Err(e)) => Err(FixupFailed(format!("moving the sandbox's processes: {e}"))),
-            Err(_) => Err(FixupFailed(
-                "moving the sandbox's processes: deadline passed".to_owned(),
-            )),
-        }
+        let moved = match asyncify(self.deadline, move || move_all(&*guest, &cgroup)).await {
+            Ok(result) => result,
+            Err(blocked) => Err(blocked.into()),
+        };
+        moved.map_err(|source| FixupFailed::Guest {
+            step: GuestStep::MoveProcesses,
+            source,
+        })
     }
 
     async fn after_remove(&self, slot: &SlotFacts, real: &PodSandboxConfig) {
-        super::setns::cleanup_claimed_cgroup(&self.node, self.deadline, slot, real).await;
+        setns::cleanup_claimed_cgroup(&self.node, self.deadline, slot, real).await;
     }
 
     async fn discard(&self, slot: &SlotFacts) {
-        super::setns::remove_placeholder_parent(&self.node, slot).await;
-    }
-}
-
-/// Which fix-up mechanism a pool's upstream runtime needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Mechanism {
-    /// runc, crun: `setns` into the pause's namespaces.
-    Setns,
-    /// gVisor, Kata: a command inside the sandbox.
-    GuestExec(GuestExecSettings),
-}
-
-/// Dispatches each slot to the mechanism of its upstream handler; handlers
-/// not listed use `setns`.
-#[derive(Debug)]
-pub struct ByRuntime {
-    by_upstream: HashMap<String, Arc<dyn Fixup>>,
-    default: Arc<dyn Fixup>,
-}
-
-impl ByRuntime {
-    pub fn new(default: Arc<dyn Fixup>) -> Self {
-        Self {
-            by_upstream: HashMap::new(),
-            default,
-        }
-    }
-
-    /// Serves slots of `upstream` with `fixup`.
-    #[must_use]
-    pub fn with(mut self, upstream: &str, fixup: Arc<dyn Fixup>) -> Self {
-        self.by_upstream.insert(upstream.to_owned(), fixup);
-        self
-    }
-
-    /// The real mechanisms for `choices` (upstream handler → mechanism).
-    pub fn real(
-        node: Arc<dyn NodeOps>,
-        guest: Arc<dyn GuestOps>,
-        containerd_root: PathBuf,
-        choices: &HashMap<String, Mechanism>,
-        deadline: Duration,
-    ) -> Self {
-        let setns: Arc<dyn Fixup> = Arc::new(SetnsFixup::new(
-            Arc::clone(&node),
-            containerd_root.clone(),
-            deadline,
-        ));
-        let mut out = Self::new(Arc::clone(&setns));
-        for (upstream, mechanism) in choices {
-            let fixup: Arc<dyn Fixup> = match mechanism {
-                Mechanism::Setns => Arc::clone(&setns),
-                Mechanism::GuestExec(settings) => Arc::new(GuestExecFixup::new(
-                    Arc::clone(&node),
-                    Arc::clone(&guest),
-                    containerd_root.clone(),
-                    settings.clone(),
-                    deadline,
-                )),
-            };
-            out = out.with(upstream, fixup);
-        }
-        out
-    }
-
-    fn pick(&self, slot: &SlotFacts) -> &dyn Fixup {
-        self.by_upstream
-            .get(&slot.upstream_handler)
-            .unwrap_or(&self.default)
-            .as_ref()
-    }
-}
-
-#[tonic::async_trait]
-impl Fixup for ByRuntime {
-    async fn apply(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
-        self.pick(slot).apply(slot, real).await
-    }
-    fn settles(&self, slot: &SlotFacts) -> bool {
-        self.pick(slot).settles(slot)
-    }
-    async fn settle(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
-        self.pick(slot).settle(slot, real).await
-    }
-    async fn prepare(
-        &self,
-        slot: &SlotFacts,
-        placeholder: &PodSandboxConfig,
-    ) -> Result<(), FixupFailed> {
-        self.pick(slot).prepare(slot, placeholder).await
-    }
-    async fn complete(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
-        self.pick(slot).complete(slot, real).await
-    }
-    async fn after_remove(&self, slot: &SlotFacts, real: &PodSandboxConfig) {
-        self.pick(slot).after_remove(slot, real).await;
-    }
-    async fn discard(&self, slot: &SlotFacts) {
-        self.pick(slot).discard(slot).await;
+        setns::remove_placeholder_parent(&self.node, self.deadline, slot).await;
     }
 }
 
