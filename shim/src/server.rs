@@ -379,14 +379,32 @@ impl Shim {
                 trailers.as_ref(),
             );
         }
-        let mut frames = vec![Ok::<_, Infallible>(http_body::Frame::data(data))];
-        if let Some(trailers) = trailers {
-            frames.push(Ok(http_body::Frame::trailers(trailers)));
-        }
-        let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
-        http::Response::from_parts(head, Body::new(body))
+        http::Response::from_parts(head, replayed_body(data, trailers))
     }
+}
 
+/// A collected answer body sent on as it came. A trailers-only answer (an
+/// error: status in the headers, no message) stays trailers-only: an empty
+/// body, so the headers end the stream. An empty DATA frame after them
+/// would make gRPC-Go clients (kubelet) read `Internal: server closed the
+/// stream without sending trailers` instead of upstream's status.
+fn replayed_body(data: Bytes, trailers: Option<http::HeaderMap>) -> Body {
+    if data.is_empty() && trailers.is_none() {
+        return Body::default();
+    }
+    let mut frames = Vec::with_capacity(2);
+    if !data.is_empty() {
+        frames.push(Ok::<_, Infallible>(http_body::Frame::data(data)));
+    }
+    if let Some(trailers) = trailers {
+        frames.push(Ok(http_body::Frame::trailers(trailers)));
+    }
+    Body::new(http_body_util::StreamBody::new(futures::stream::iter(
+        frames,
+    )))
+}
+
+impl Shim {
     #[allow(clippy::too_many_arguments)]
     fn captured(
         &self,

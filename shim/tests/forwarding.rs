@@ -490,3 +490,47 @@ async fn serve_refuses_a_regular_file() {
     );
     assert_eq!(std::fs::read(&path).expect("kept"), b"not a socket");
 }
+
+/// An upstream error is a trailers-only answer (the status in headers that
+/// end the stream). Relayed, it must stay one: gRPC-Go (kubelet) reads
+/// headers with a status followed by an empty DATA frame as `Internal:
+/// server closed the stream without sending trailers`. Seen by the raw h2
+/// client, which shows where the stream ended.
+#[tokio::test]
+async fn a_relayed_error_stays_trailers_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream_path = dir.path().join("upstream.sock");
+    let upstream = start_broken_upstream(&upstream_path);
+    let cfg = upstream_config(&upstream_path);
+    let shim = ShimUnderTest::start(&cfg, dir.path().join("shim.sock")).await;
+
+    let io = tokio::net::UnixStream::connect(&shim.socket)
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(io).await.expect("handshake");
+    let driver = tokio::spawn(connection);
+    let request = http::Request::post("http://localhost/runtime.v1.RuntimeService/ContainerStatus")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (answer, mut stream) = sender.send_request(request, false).expect("send");
+    let mut body = vec![0u8, 0, 0, 0, 0];
+    let message = prost::Message::encode_to_vec(&status_request("x"));
+    body[1..5].copy_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
+    body.extend_from_slice(&message);
+    stream.send_data(body.into(), true).expect("data");
+    let answer = answer.await.expect("an answer");
+    assert_eq!(
+        answer.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"5"[..]),
+        "{answer:?}"
+    );
+    assert!(
+        answer.body().is_end_stream(),
+        "the status headers must end the stream: {answer:?}"
+    );
+    driver.abort();
+    upstream.stop().await;
+    shim.stop().await.expect("clean shutdown");
+}
