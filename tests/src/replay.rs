@@ -104,7 +104,9 @@ impl Transcript {
         let mut out = Vec::new();
         let mut stack = vec![dir.to_owned()];
         while let Some(d) = stack.pop() {
-            for entry in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            for entry in
+                std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))?
+            {
                 let p = entry?.path();
                 if p.is_dir() {
                     stack.push(p);
@@ -181,7 +183,8 @@ pub fn shipped_configs() -> anyhow::Result<Vec<ShippedConfig>> {
     let rel = "deploy/node-plugin/configmap.yaml";
     out.push(ShippedConfig {
         source: rel.into(),
-        toml: yaml_block(&read(rel)?, "node.toml").with_context(|| format!("{rel}: no node.toml"))?,
+        toml: yaml_block(&read(rel)?, "node.toml")
+            .with_context(|| format!("{rel}: no node.toml"))?,
     });
 
     for rel in ["README.md", "docs/warm-slots.md"] {
@@ -190,7 +193,10 @@ pub fn shipped_configs() -> anyhow::Result<Vec<ShippedConfig>> {
             .into_iter()
             .filter(|(_, b)| b.contains("[[pool]]"))
             .collect();
-        anyhow::ensure!(!with_pools.is_empty(), "{rel}: no ```toml block with a [[pool]]");
+        anyhow::ensure!(
+            !with_pools.is_empty(),
+            "{rel}: no ```toml block with a [[pool]]"
+        );
         for (line, toml) in with_pools {
             out.push(ShippedConfig {
                 source: format!("{rel}:{line}"),
@@ -632,7 +638,10 @@ impl Report {
                     "pod {} ({}) should be warm from pool {pool} but started cold{}",
                     p.pod,
                     p.handler,
-                    p.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                    p.error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
                 )),
                 (Expect::Cold { why }, Some(true)) => out.push(format!(
                     "pod {} ({}) must start cold ({why}) but got a warm slot",
@@ -642,7 +651,10 @@ impl Report {
                     "pod {} ({}): expected {expect:?}, got {got:?}{}",
                     p.pod,
                     p.handler,
-                    p.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                    p.error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
                 )),
             }
         }
@@ -743,89 +755,118 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Sends `payload` as the request of gRPC method `path`, bytes as they are.
-pub async fn raw_unary(
-    channel: tonic::transport::Channel,
-    path: &str,
-    payload: Vec<u8>,
-) -> Result<Vec<u8>, tonic::Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let path = tonic::codegen::http::uri::PathAndQuery::try_from(path.to_owned())
-        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-    let response = grpc
-        .unary(tonic::Request::new(payload), path, RawCodec)
-        .await?;
-    Ok(response.into_inner())
+/// One gRPC answer as gRPC-Go (kubelet's client) reads it.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// gRPC status code; 13 (`Internal`) when the status came in response
+    /// headers that did not end the stream and no trailers followed, which
+    /// gRPC-Go reports as "server closed the stream without sending
+    /// trailers".
+    pub code: i32,
+    pub message: String,
+    /// The answer's message bytes (gRPC framing removed).
+    pub message_bytes: Vec<u8>,
 }
 
-/// A codec that sends and receives message bytes as they are.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawCodec;
-
-#[derive(Debug)]
-pub struct RawEncoder;
-
-#[derive(Debug)]
-pub struct RawDecoder;
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
+/// A plain HTTP/2 connection to a CRI socket: every answer is judged as
+/// gRPC-Go judges it. A status in the response headers counts only when
+/// those headers end the stream ("trailers-only", as containerd answers
+/// every error); tonic's client is more lenient and would hide a relay that
+/// breaks this for kubelet.
+#[derive(Debug, Clone)]
+pub struct H2Client {
+    send: h2::client::SendRequest<prost::bytes::Bytes>,
 }
 
-impl tonic::codec::Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        use bytes_buf::BufMut as _;
-        dst.put_slice(&item);
-        Ok(())
+impl H2Client {
+    pub async fn connect(socket: &Path) -> anyhow::Result<Self> {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .with_context(|| format!("connecting to {}", socket.display()))?;
+        let (send, connection) = h2::client::handshake(stream).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Self { send })
     }
-}
 
-impl tonic::codec::Decoder for RawDecoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Vec<u8>>, tonic::Status> {
-        use bytes_buf::Buf as _;
-        let mut out = vec![0; src.remaining()];
-        src.copy_to_slice(&mut out);
-        Ok(Some(out))
+    /// Sends `payload` as the request message of gRPC method `path`.
+    pub async fn unary(&self, path: &str, payload: &[u8]) -> anyhow::Result<Answer> {
+        use tonic::codegen::http;
+        let mut send = self.send.clone().ready().await?;
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://localhost{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())?;
+        let (response, mut body_tx) = send.send_request(request, false)?;
+        let mut framed = Vec::with_capacity(payload.len() + 5);
+        framed.push(0);
+        framed.extend_from_slice(&u32::try_from(payload.len())?.to_be_bytes());
+        framed.extend_from_slice(payload);
+        body_tx.send_data(framed.into(), true)?;
+        let (parts, mut body) = response.await?.into_parts();
+        let trailers_only = body.is_end_stream();
+        let mut data = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        let trailers = if trailers_only {
+            None
+        } else {
+            body.trailers().await?
+        };
+        let status_of = |map: &http::HeaderMap| {
+            map.get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok())
+                .map(|code| {
+                    let message = map
+                        .get("grpc-message")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    (code, message)
+                })
+        };
+        let (code, message) = if trailers_only {
+            status_of(&parts.headers)
+                .unwrap_or((2, "trailers-only answer without grpc-status".into()))
+        } else if let Some((code, message)) = trailers.as_ref().and_then(status_of) {
+            (code, message)
+        } else {
+            let in_headers = status_of(&parts.headers)
+                .map(|(c, m)| {
+                    format!(" (status {c} {m:?} sent in headers that did not end the stream)")
+                })
+                .unwrap_or_default();
+            (
+                13,
+                format!("server closed the stream without sending trailers{in_headers}"),
+            )
+        };
+        let message_bytes = if data.len() >= 5 {
+            let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+            data.get(5..5 + len).unwrap_or_default().to_vec()
+        } else {
+            Vec::new()
+        };
+        Ok(Answer {
+            code,
+            message,
+            message_bytes,
+        })
     }
-}
-
-/// `bytes`' buffer traits, as prost re-exports them.
-mod bytes_buf {
-    pub use prost::bytes::{Buf, BufMut};
 }
 
 /// Replays `transcript` through `node`'s shim: every unary call in order,
 /// with ids mapped, and each recorded pod judged warm or cold against what
 /// `node`'s pools should give it.
 pub async fn replay(node: &ReplayNode, transcript: &Transcript) -> anyhow::Result<Report> {
-    let channel = fast_sandbox_shim::cri_channel(&node.shim.endpoint())?;
+    let client = H2Client::connect(node.shim.socket()).await?;
     let mut report = Report::default();
     let mut ids: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
     // Recorded ids of pods (and their containers) not replayed.
@@ -927,16 +968,30 @@ pub async fn replay(node: &ReplayNode, transcript: &Transcript) -> anyhow::Resul
             _ => {}
         }
 
-        let result = tokio::time::timeout(
+        let answer = tokio::time::timeout(
             Duration::from_secs(120),
-            raw_unary(channel.clone(), &call.method, request),
+            client.unary(&call.method, &request),
         )
         .await
-        .with_context(|| format!("seq {} {name}: no answer in 120 s", call.seq))?;
+        .with_context(|| format!("seq {} {name}: no answer in 120 s", call.seq))?
+        .with_context(|| format!("seq {} {name}", call.seq))?;
         *report.replayed.entry(name.clone()).or_default() += 1;
-        let code = match &result {
-            Ok(_) => 0,
-            Err(s) => s.code() as i32,
+        let code = answer.code;
+        if code == 13
+            && answer
+                .message
+                .starts_with("server closed the stream without sending trailers")
+        {
+            report.failures.push(format!(
+                "seq {} {name}: kubelet's gRPC-Go would read this answer as Internal: {} \
+                 (recorded: code {} {:?})",
+                call.seq, answer.message, call.code, call.message
+            ));
+        }
+        let result: Result<Vec<u8>, String> = if code == 0 {
+            Ok(answer.message_bytes.clone())
+        } else {
+            Err(answer.message.clone())
         };
         if code != call.code {
             let what = format!(
@@ -945,7 +1000,7 @@ pub async fn replay(node: &ReplayNode, transcript: &Transcript) -> anyhow::Resul
                 call.code,
                 call.message,
                 code,
-                result.as_ref().err().map(|s| s.message()).unwrap_or("OK")
+                result.as_ref().err().map(String::as_str).unwrap_or("OK")
             );
             // A lifecycle call that worked for kubelet must work in the
             // replay. The reverse is timing: kubelet's probes race the
@@ -994,8 +1049,10 @@ pub async fn replay(node: &ReplayNode, transcript: &Transcript) -> anyhow::Resul
                 .is_ok()
                 .then(|| node.handler_hits(&handler) > before_hits);
             let error = match (&result, &expect, warm) {
-                (Err(s), _, _) => Some(format!("RunPodSandbox failed: {}", s.message())),
-                (Ok(_), Expect::Warm { .. }, Some(false)) => Some(explain_miss(node, &handler, &config)),
+                (Err(s), _, _) => Some(format!("RunPodSandbox failed: {s}")),
+                (Ok(_), Expect::Warm { .. }, Some(false)) => {
+                    Some(explain_miss(node, &handler, &config))
+                }
                 _ => None,
             };
             report.pods.push(PodOutcome {

@@ -150,7 +150,11 @@ async fn replay_on_the_quickstart_config() {
 #[tokio::test]
 async fn replay_on_runtime_default_pools() {
     let mut toml = String::new();
-    for (handler, upstream) in [("fast-runc", "runc"), ("fast-crun", "crun"), ("fast-gvisor", "runsc")] {
+    for (handler, upstream) in [
+        ("fast-runc", "runc"),
+        ("fast-crun", "crun"),
+        ("fast-gvisor", "runsc"),
+    ] {
         toml.push_str(&format!(
             "[[pool]]\nhandler = \"{handler}\"\nupstream = \"{upstream}\"\nsize = 2\n\
              shape = {{ seccomp = \"runtime-default\" }}\n"
