@@ -13,6 +13,7 @@ pub mod equiv;
 pub mod fake_cri;
 pub mod kubelet;
 pub mod pod;
+pub mod replay;
 
 use std::{
     path::{Path, PathBuf},
