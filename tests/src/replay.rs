@@ -19,10 +19,10 @@ use std::{
 use anyhow::{bail, Context as _};
 use fast_sandbox_node::{
     config::{FileConfig, PoolSection, Settings},
-    fixup::{gvisor::RealGuestOps, RealOps},
+    fixup::{ByRuntime, RealGuestOps, RealOps},
     metrics::{Metrics, PoolOutcome},
     network::CniSettings,
-    pool::{gvisor::ByRuntime, ManagerConfig, PoolManager, PoolSpec},
+    pool::{ManagerConfig, PoolManager, PoolSpec},
 };
 use fast_sandbox_proto::cri::{
     ContainerConfig, CreateContainerRequest, CreateContainerResponse, NamespaceMode,
