@@ -295,6 +295,14 @@ impl Shim {
             Ok(body) => body,
             Err(status) => return status.into_http(),
         };
+        let seen = Seen {
+            path: &path,
+            method,
+            authority: authority.as_deref(),
+            wall,
+            started,
+            body: &body,
+        };
         let message = methods::message_of(&body);
         let budget = match (method, &message) {
             (Some(method), Some(message)) => {
@@ -304,17 +312,7 @@ impl Shim {
                         tracing::debug!(error = %err, "refusing a malformed request");
                         let refused = decode_status(&err).into_http();
                         let head = refused.headers();
-                        self.captured(
-                            &path,
-                            Some(method),
-                            authority.as_deref(),
-                            wall,
-                            started,
-                            &body,
-                            None,
-                            head,
-                            None,
-                        );
+                        self.captured(&seen, None, head, None);
                         return refused;
                     }
                 }
@@ -336,17 +334,7 @@ impl Shim {
         }
         let (head, answer) = response.into_parts();
         if streaming {
-            self.captured(
-                &path,
-                method,
-                authority.as_deref(),
-                wall,
-                started,
-                &body,
-                None,
-                &head.headers,
-                None,
-            );
+            self.captured(&seen, None, &head.headers, None);
             return http::Response::from_parts(head, answer);
         }
         let collected = match answer.collect().await {
@@ -367,20 +355,21 @@ impl Shim {
         }
         if self.capture.is_some() {
             let answer = methods::message_of(&data);
-            self.captured(
-                &path,
-                method,
-                authority.as_deref(),
-                wall,
-                started,
-                &body,
-                answer.as_ref(),
-                &head.headers,
-                trailers.as_ref(),
-            );
+            self.captured(&seen, answer.as_ref(), &head.headers, trailers.as_ref());
         }
         http::Response::from_parts(head, replayed_body(data, trailers))
     }
+}
+
+/// What the capture file needs of a relayed call.
+#[derive(Debug)]
+struct Seen<'a> {
+    path: &'a str,
+    method: Option<&'static Method>,
+    authority: Option<&'a str>,
+    wall: SystemTime,
+    started: Instant,
+    body: &'a Bytes,
 }
 
 /// A collected answer body sent on as it came. A trailers-only answer (an
@@ -405,15 +394,10 @@ fn replayed_body(data: Bytes, trailers: Option<http::HeaderMap>) -> Body {
 }
 
 impl Shim {
-    #[allow(clippy::too_many_arguments)]
+    /// Writes a relayed call to the capture file, if one is configured.
     fn captured(
         &self,
-        path: &str,
-        method: Option<&'static Method>,
-        authority: Option<&str>,
-        wall: SystemTime,
-        started: Instant,
-        body: &Bytes,
+        seen: &Seen<'_>,
         answer: Option<&Bytes>,
         headers: &http::HeaderMap,
         trailers: Option<&http::HeaderMap>,
@@ -421,15 +405,15 @@ impl Shim {
         let Some(capture) = &self.capture else {
             return;
         };
-        let request = methods::message_of(body).unwrap_or_default();
+        let request = methods::message_of(seen.body).unwrap_or_default();
         let (code, message) =
             answer_status(headers, trailers, answer.is_none() && trailers.is_none());
         capture.record(&capture::Call {
-            path,
-            method,
-            authority,
-            started: wall,
-            elapsed: started.elapsed(),
+            path: seen.path,
+            method: seen.method,
+            authority: seen.authority,
+            started: seen.wall,
+            elapsed: seen.started.elapsed(),
             request: &request,
             response: answer.filter(|_| code == 0),
             code,

@@ -292,11 +292,7 @@ impl Upstream {
     ) -> Result<Response<Bytes>, Status> {
         let channel = self.channel.clone();
         self.forward(method.name, request, |request| async move {
-            let mut grpc =
-                tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_MESSAGE_SIZE);
-            grpc.ready().await.map_err(Status::from_error)?;
-            let request = request.map(|raw| raw.bytes);
-            let path = http::uri::PathAndQuery::from_static(method.path);
+            let (mut grpc, request, path) = raw_call(channel, method, request).await?;
             grpc.unary(request, path, RawCodec).await
         })
         .await
@@ -311,11 +307,7 @@ impl Upstream {
     ) -> Result<Response<tonic::Streaming<Bytes>>, Status> {
         let channel = self.channel.clone();
         self.forward(method.name, request, |request| async move {
-            let mut grpc =
-                tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_MESSAGE_SIZE);
-            grpc.ready().await.map_err(Status::from_error)?;
-            let request = request.map(|raw| raw.bytes);
-            let path = http::uri::PathAndQuery::from_static(method.path);
+            let (mut grpc, request, path) = raw_call(channel, method, request).await?;
             grpc.server_streaming(request, path, RawCodec).await
         })
         .await
@@ -374,6 +366,26 @@ impl Upstream {
             },
         }
     }
+}
+
+/// A ready raw-bytes client on `channel`, the message and the path of one
+/// call of `method`.
+async fn raw_call(
+    channel: UpstreamChannel,
+    method: &'static Method,
+    request: Request<RawRequest>,
+) -> Result<
+    (
+        tonic::client::Grpc<UpstreamChannel>,
+        Request<Bytes>,
+        http::uri::PathAndQuery,
+    ),
+    Status,
+> {
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_MESSAGE_SIZE);
+    grpc.ready().await.map_err(Status::from_error)?;
+    let path = http::uri::PathAndQuery::from_static(method.path);
+    Ok((grpc, request.map(|raw| raw.bytes), path))
 }
 
 fn relay_deadline(name: &str, deadline: Deadline) -> Status {
