@@ -47,7 +47,8 @@ pub enum ShimError {
         "upstream CRI call {method} did not complete within {timeout:?} ({source_of_deadline})"
     )]
     DeadlineExceeded {
-        method: &'static str,
+        /// A method name, or the gRPC path of a method the shim does not know.
+        method: String,
         timeout: Duration,
         source_of_deadline: DeadlineSource,
     },
@@ -254,7 +255,7 @@ mod tests {
             .contains("unix:///run/containerd/containerd.sock"));
 
         let deadline = ShimError::DeadlineExceeded {
-            method: "Version",
+            method: "Version".to_owned(),
             timeout: Duration::from_secs(2),
             source_of_deadline: DeadlineSource::Caller,
         };

@@ -338,7 +338,7 @@ impl Upstream {
         }
         if let Some(deadline) = deadline {
             let Some(remaining) = deadline.remaining(now) else {
-                return relay_deadline(name, deadline).into_http();
+                return deadline_exceeded(name, deadline).into_http();
             };
             parts
                 .headers
@@ -351,7 +351,7 @@ impl Upstream {
             None => call.await,
             Some(deadline) => match tokio::time::timeout_at(deadline.at, call).await {
                 Ok(answer) => answer,
-                Err(_) => return relay_deadline(name, deadline).into_http(),
+                Err(_) => return deadline_exceeded(name, deadline).into_http(),
             },
         };
         match answer {
@@ -359,7 +359,7 @@ impl Upstream {
             Err(err) => match err.downcast::<Status>() {
                 Ok(status) => status.into_http(),
                 Err(err) if err.is::<DeadlinePassed>() => match deadline {
-                    Some(deadline) => relay_deadline(name, deadline).into_http(),
+                    Some(deadline) => deadline_exceeded(name, deadline).into_http(),
                     None => Status::unavailable(err.to_string()).into_http(),
                 },
                 Err(err) => Status::unavailable(err.to_string()).into_http(),
@@ -386,19 +386,6 @@ async fn raw_call(
     grpc.ready().await.map_err(Status::from_error)?;
     let path = http::uri::PathAndQuery::from_static(method.path);
     Ok((grpc, request.map(|raw| raw.bytes), path))
-}
-
-fn relay_deadline(name: &str, deadline: Deadline) -> Status {
-    tracing::warn!(
-        method = name,
-        timeout = ?deadline.total,
-        deadline = %deadline.source,
-        "upstream CRI call timed out"
-    );
-    Status::deadline_exceeded(format!(
-        "upstream CRI call {name} did not complete within {:?} ({})",
-        deadline.total, deadline.source
-    ))
 }
 
 /// The channel enforces the `grpc-timeout` we send upstream with its own
@@ -447,7 +434,7 @@ fn malformed_reply(method: &'static str, panic: &(dyn std::any::Any + Send)) -> 
     ShimError::MalformedReply { method, reason }.into()
 }
 
-fn deadline_exceeded(method: &'static str, deadline: Deadline) -> Status {
+fn deadline_exceeded(method: &str, deadline: Deadline) -> Status {
     tracing::warn!(
         method,
         timeout = ?deadline.total,
@@ -455,7 +442,7 @@ fn deadline_exceeded(method: &'static str, deadline: Deadline) -> Status {
         "upstream CRI call timed out"
     );
     ShimError::DeadlineExceeded {
-        method,
+        method: method.to_owned(),
         timeout: deadline.total,
         source_of_deadline: deadline.source,
     }
