@@ -24,6 +24,7 @@ mod error;
 pub mod fuzzing;
 mod h2channel;
 mod handlers;
+mod hpack_scan;
 mod intercept;
 mod methods;
 mod preserve;

@@ -4,6 +4,7 @@
 
 mod common;
 mod load;
+mod pipe;
 mod proxy;
 mod stats;
 mod warm;
@@ -30,6 +31,10 @@ enum Cmd {
     /// pods every second plus create/delete churn (warm and cold), p50/p99
     /// per call type, straight to containerd vs through the shim.
     Load(load::Opts),
+    /// (Used by `proxy`.) A byte pipe between a socket and containerd: the
+    /// cost of one more process hop, the floor for any proxy.
+    #[command(hide = true)]
+    Pipe(pipe::Opts),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -38,5 +43,6 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Proxy(opts) => proxy::run(opts).await,
         Cmd::Warm(opts) => warm::run(opts).await,
         Cmd::Load(opts) => load::run(opts).await,
+        Cmd::Pipe(opts) => pipe::run(&opts).await,
     }
 }
