@@ -27,12 +27,14 @@ mod handlers;
 mod hpack_scan;
 mod intercept;
 mod methods;
+mod misses;
 mod preserve;
 mod request;
 mod rewrite;
 mod server;
 pub mod slots;
 mod socket;
+mod state;
 mod upstream;
 
 pub use capture::Capture;
