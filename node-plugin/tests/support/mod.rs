@@ -52,7 +52,8 @@ impl Setup<'_> {
     }
 }
 
-/// A `fast-sandbox-node serve` process; killed when dropped.
+/// A `fast-sandbox-node serve` process (or `supervise -- serve`); killed
+/// when dropped.
 pub struct Node {
     pub child: std::process::Child,
     pub socket: PathBuf,
@@ -65,6 +66,15 @@ pub struct Node {
 impl Node {
     /// Starts the binary on `dir`'s config; its log goes to `dir/<log>`.
     pub fn spawn(setup: &Setup<'_>, dir: &Path, failpoints: &str, log: &str) -> Self {
+        Self::start(setup, dir, failpoints, log, &["serve"])
+    }
+
+    /// `supervise -- serve` on `dir`'s config: `child` is the supervisor.
+    pub fn supervised(setup: &Setup<'_>, dir: &Path, log: &str) -> Self {
+        Self::start(setup, dir, "", log, &["supervise", "--", "serve"])
+    }
+
+    fn start(setup: &Setup<'_>, dir: &Path, failpoints: &str, log: &str, args: &[&str]) -> Self {
         let admin = free_port();
         let config = setup.write(dir, admin);
         let log = dir.join(log);
@@ -76,7 +86,7 @@ impl Node {
                 "RUST_LOG",
                 std::env::var("FS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
-            .arg("serve")
+            .args(args)
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())
