@@ -25,14 +25,14 @@ use fast_sandbox_proto::cri::{
     runtime_service_client::RuntimeServiceClient, PodSandboxStatusRequest, RunPodSandboxRequest,
     VersionRequest,
 };
-use fast_sandbox_tests::{pod::TestPod, wait_for, CaseGuard, Cri, DevNode};
+use fast_sandbox_tests::{pod::TestPod, wait_for, Cri, DevNode};
 use nix::{
     sys::signal::{kill, Signal},
     unistd::Pid,
 };
 
 mod support;
-use support::{pool_ids, remove_pool_slots, Node, PoolSlotsGuard, Setup};
+use support::{clean_slate, pool_ids, remove_pool_slots, Node, Setup};
 
 const POOL: &str = "supervise";
 const SIZE: usize = 4;
@@ -187,14 +187,7 @@ async fn kill_9_twenty_times_during_claims_is_served_again_within_200ms() {
     let Some(node) = DevNode::require(test) else {
         return;
     };
-    let _guard = CaseGuard::new(&node, test).await.expect("clean slate");
-    remove_pool_slots(&node.containerd_endpoint, POOL)
-        .await
-        .expect("no slots of an earlier run");
-    let _slots = PoolSlotsGuard {
-        endpoint: node.containerd_endpoint.clone(),
-        pool: POOL.to_owned(),
-    };
+    let _guards = clean_slate(&node, test, POOL).await;
     let cg_root = format!("/fast-sandbox-test/{POOL}");
     let before = node.census(&[&cg_root]).await.expect("census");
 

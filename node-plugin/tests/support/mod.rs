@@ -15,7 +15,7 @@ use std::{
 
 use fast_sandbox_proto::cri::VersionRequest;
 use fast_sandbox_shim::slots::POOL_LABEL;
-use fast_sandbox_tests::{wait_for, Cri, DevNode};
+use fast_sandbox_tests::{wait_for, CaseGuard, Cri, DevNode};
 
 /// How a test's node plugin is set up.
 pub struct Setup<'a> {
@@ -235,6 +235,21 @@ impl Drop for PoolSlotsGuard {
         })
         .join();
     }
+}
+
+/// A clean slate for test `case` with pool `pool`: the case's sandboxes and
+/// the pool's slots of an earlier run removed, and guards that remove them
+/// again when the test ends, however it ends.
+pub async fn clean_slate(node: &DevNode, case: &str, pool: &str) -> (CaseGuard, PoolSlotsGuard) {
+    let guard = CaseGuard::new(node, case).await.expect("clean slate");
+    remove_pool_slots(&node.containerd_endpoint, pool)
+        .await
+        .expect("no slots of an earlier run");
+    let slots = PoolSlotsGuard {
+        endpoint: node.containerd_endpoint.clone(),
+        pool: pool.to_owned(),
+    };
+    (guard, slots)
 }
 
 /// The ids of the pool's sandboxes upstream (free, claimed or in flight).
