@@ -15,7 +15,7 @@ use std::{
 
 use fast_sandbox_proto::cri::VersionRequest;
 use fast_sandbox_shim::slots::POOL_LABEL;
-use fast_sandbox_tests::{wait_for, Cri, DevNode};
+use fast_sandbox_tests::{wait_for, CaseGuard, Cri, DevNode};
 
 /// How a test's node plugin is set up.
 pub struct Setup<'a> {
@@ -52,7 +52,8 @@ impl Setup<'_> {
     }
 }
 
-/// A `fast-sandbox-node serve` process; killed when dropped.
+/// A `fast-sandbox-node serve` process (or `supervise -- serve`); killed
+/// when dropped.
 pub struct Node {
     pub child: std::process::Child,
     pub socket: PathBuf,
@@ -65,6 +66,15 @@ pub struct Node {
 impl Node {
     /// Starts the binary on `dir`'s config; its log goes to `dir/<log>`.
     pub fn spawn(setup: &Setup<'_>, dir: &Path, failpoints: &str, log: &str) -> Self {
+        Self::start(setup, dir, failpoints, log, &["serve"])
+    }
+
+    /// `supervise -- serve` on `dir`'s config: `child` is the supervisor.
+    pub fn supervised(setup: &Setup<'_>, dir: &Path, log: &str) -> Self {
+        Self::start(setup, dir, "", log, &["supervise", "--", "serve"])
+    }
+
+    fn start(setup: &Setup<'_>, dir: &Path, failpoints: &str, log: &str, args: &[&str]) -> Self {
         let admin = free_port();
         let config = setup.write(dir, admin);
         let log = dir.join(log);
@@ -76,7 +86,7 @@ impl Node {
                 "RUST_LOG",
                 std::env::var("FS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
-            .arg("serve")
+            .args(args)
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())
@@ -225,6 +235,21 @@ impl Drop for PoolSlotsGuard {
         })
         .join();
     }
+}
+
+/// A clean slate for test `case` with pool `pool`: the case's sandboxes and
+/// the pool's slots of an earlier run removed, and guards that remove them
+/// again when the test ends, however it ends.
+pub async fn clean_slate(node: &DevNode, case: &str, pool: &str) -> (CaseGuard, PoolSlotsGuard) {
+    let guard = CaseGuard::new(node, case).await.expect("clean slate");
+    remove_pool_slots(&node.containerd_endpoint, pool)
+        .await
+        .expect("no slots of an earlier run");
+    let slots = PoolSlotsGuard {
+        endpoint: node.containerd_endpoint.clone(),
+        pool: pool.to_owned(),
+    };
+    (guard, slots)
 }
 
 /// The ids of the pool's sandboxes upstream (free, claimed or in flight).
