@@ -23,9 +23,12 @@ use fast_sandbox_controller::scoring::Snapshot;
 use fast_sandbox_controller::scoring::{Policy, SlotPolicy};
 use fast_sandbox_controller::sim::{self, SimConfig};
 
+/// `--version`, with the git revision.
+const VERSION: &str = fast_sandbox_proto::version!();
+
 /// Cluster side of fast-sandbox.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = VERSION, about)]
 struct Args {
     #[command(subcommand)]
     command: Command,

@@ -230,6 +230,8 @@ fn every_document_parses_into_its_type_with_no_field_left_over() {
             }
             // Not an API object: checked by scheduler_config_calls_the_extender.
             ("kubescheduler.config.k8s.io/v1", "KubeSchedulerConfiguration") => Ok(()),
+            // kustomize's input: checked by the_kustomization_applies_every_object.
+            ("kustomize.config.k8s.io/v1beta1", "Kustomization") => Ok(()),
             (v, k) => Err(format!("unexpected apiVersion {v:?} kind {k:?}")),
         };
         if let Err(e) = result {
@@ -243,6 +245,7 @@ fn every_document_parses_into_its_type_with_no_field_left_over() {
                 | "ClusterRoleBinding"
                 | "CustomResourceDefinition"
                 | "KubeSchedulerConfiguration"
+                | "Kustomization"
         );
         let namespace = doc.value["metadata"]["namespace"].as_str();
         if namespaced && namespace != Some(NAMESPACE) {
@@ -253,6 +256,56 @@ fn every_document_parses_into_its_type_with_no_field_left_over() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `kubectl apply -k deploy/` installs every API object under `deploy/`
+/// once, CRDs and namespace before what uses them; and both images are
+/// named at the workspace version (`hack/images.sh` builds them).
+#[test]
+fn the_kustomization_applies_every_object() {
+    let docs = docs();
+    let kustomization = docs
+        .iter()
+        .find(|d| d.kind() == "Kustomization")
+        .expect("deploy/kustomization.yaml");
+    assert_eq!(kustomization.file, "kustomization.yaml");
+    let listed: Vec<&str> = kustomization.value["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| r.as_str().expect("a resource is a path"))
+        .collect();
+    let mut objects: Vec<&str> = docs
+        .iter()
+        .filter(|d| !matches!(d.kind(), "Kustomization" | "KubeSchedulerConfiguration"))
+        .map(|d| d.file.as_str())
+        .collect();
+    objects.dedup();
+    let mut sorted = listed.clone();
+    sorted.sort_unstable();
+    let mut expected = objects.clone();
+    expected.sort_unstable();
+    assert_eq!(sorted, expected, "every manifest with API objects, once");
+    let position = |file: &str| listed.iter().position(|f| *f == file);
+    for first in ["namespace.yaml", "crds/sandboxpools.yaml", "crds/sandboxes.yaml"] {
+        for then in ["node-plugin/daemonset.yaml", "controller/deployment.yaml"] {
+            assert!(position(first) < position(then), "{first} before {then}");
+        }
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    for (kind, name, image) in [
+        ("DaemonSet", "fast-sandbox-node", "fast-sandbox/node"),
+        ("Deployment", "fast-sandbox-controller", "fast-sandbox/controller"),
+    ] {
+        let doc = docs
+            .iter()
+            .find(|d| d.kind() == kind && d.value["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind} {name}"));
+        let used = doc.value["spec"]["template"]["spec"]["containers"][0]["image"]
+            .as_str()
+            .unwrap_or_default();
+        assert_eq!(used, format!("{image}:{version}"), "{kind} {name}");
+    }
 }
 
 #[test]

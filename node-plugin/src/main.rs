@@ -26,8 +26,11 @@ use tracing_subscriber::EnvFilter;
 
 use fast_sandbox_node::config::{self, FileConfig, LogFormat, Overrides, Settings};
 
+/// `--version`, with the git revision.
+const VERSION: &str = fast_sandbox_proto::version!();
+
 #[derive(Debug, Parser)]
-#[command(name = "fast-sandbox-node", version, about)]
+#[command(name = "fast-sandbox-node", version = VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

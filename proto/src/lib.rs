@@ -4,6 +4,25 @@
 
 pub mod token;
 
+#[doc(hidden)]
+pub use git_version;
+
+/// The `--version` of the binary that expands it: its crate's version and
+/// the git revision it was built from (`-modified` when the tree had
+/// uncommitted changes), e.g. `0.1.0 (git 54d8da9c1e2f)`. A macro so that
+/// the revision is read when that binary is built, not this crate.
+#[macro_export]
+macro_rules! version {
+    () => {
+        $crate::git_version::git_version!(
+            prefix = concat!(env!("CARGO_PKG_VERSION"), " (git "),
+            suffix = ")",
+            args = ["--always", "--abbrev=12", "--dirty=-modified"],
+            fallback = concat!(env!("CARGO_PKG_VERSION"), " (git revision unknown)")
+        )
+    };
+}
+
 /// CRI v1, the API kubelet speaks (v1.26+ speaks nothing else).
 pub mod cri {
     pub use k8s_cri::v1::*;
