@@ -1,10 +1,11 @@
 //! What both reconcilers share: the [`Context`] they run in, their
 //! [`Error`], the retry policy, and condition bookkeeping.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
@@ -13,7 +14,9 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 
-use crate::crd::SandboxPool;
+use fast_sandbox_proto::shape::KUBELET_SANDBOX_SECCOMP;
+
+use crate::crd::{Sandbox, SandboxPool};
 use crate::nodes::NodeDirectory;
 use crate::scoring::{Policy, SlotPolicy};
 
@@ -28,7 +31,13 @@ pub struct ReconcileConfig {
     /// How the direct `Sandbox` path filters and scores nodes; under
     /// [`SlotPolicy::Require`] a `Sandbox` waits for a free warm slot.
     pub sandbox_policy: Policy,
+    /// How long a `Sandbox`'s pod may fail to pull its image before the
+    /// `Sandbox` fails and the pod is deleted (its warm slot released).
+    pub image_pull_grace: Duration,
 }
+
+/// Default of [`ReconcileConfig::image_pull_grace`].
+pub const DEFAULT_IMAGE_PULL_GRACE: Duration = Duration::from_secs(120);
 
 impl Default for ReconcileConfig {
     fn default() -> Self {
@@ -37,11 +46,12 @@ impl Default for ReconcileConfig {
                 .iter()
                 .map(|c| ((*c).to_owned(), (*c).to_owned()))
                 .collect(),
-            default_seccomp: "runtime-default".into(),
+            default_seccomp: KUBELET_SANDBOX_SECCOMP.into(),
             sandbox_policy: Policy {
                 slots: SlotPolicy::Require,
                 stale_after_ms: None,
             },
+            image_pull_grace: DEFAULT_IMAGE_PULL_GRACE,
         }
     }
 }
@@ -71,6 +81,11 @@ pub struct Context {
     /// `Sandbox` reconciles never both take a pool's last free slot.
     pub(crate) placement: Mutex<()>,
     failures: Mutex<HashMap<String, u32>>,
+    /// `Sandbox`es waiting for a free slot: reconciled again whenever the
+    /// node directory changes ([`Context::waiting_on_nodes`]).
+    waiting: Mutex<HashSet<ObjectRef<Sandbox>>>,
+    /// (object, node) → the problem last logged at WARN for it.
+    warned: Mutex<HashMap<(String, String), String>>,
     clock: Box<dyn Fn() -> u64 + Send + Sync>,
 }
 
@@ -99,6 +114,8 @@ impl Context {
             config,
             placement: Mutex::new(()),
             failures: Mutex::new(HashMap::new()),
+            warned: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashSet::new()),
             clock: Box::new(unix_now_ms),
         }
     }
@@ -147,6 +164,61 @@ impl Context {
         let count = failures.entry(key).or_insert(0);
         *count = count.saturating_add(1);
         backoff_delay(*count)
+    }
+
+    /// Marks `sandbox` as waiting for a free slot.
+    pub(crate) fn wait_for_slot(&self, sandbox: ObjectRef<Sandbox>) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(sandbox);
+    }
+
+    /// `sandbox` no longer waits (placed, invalid or deleted).
+    pub(crate) fn stop_waiting(&self, sandbox: &ObjectRef<Sandbox>) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(sandbox);
+    }
+
+    /// The `Sandbox`es waiting for a slot, each time the node directory
+    /// changes (a report with a freed or refilled slot): the `Sandbox`
+    /// controller's extra trigger, so a waiting `Sandbox` is placed as soon
+    /// as a slot frees instead of on its retry timer.
+    pub fn waiting_on_nodes(
+        self: &Arc<Self>,
+    ) -> impl futures::Stream<Item = ObjectRef<Sandbox>> + Send + 'static {
+        let ctx = self.clone();
+        futures::stream::unfold(
+            (ctx.nodes.subscribe(), ctx),
+            |(mut changes, ctx)| async move {
+                changes.changed().await.ok()?;
+                let waiting: Vec<ObjectRef<Sandbox>> = ctx
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                    .cloned()
+                    .collect();
+                Some((futures::stream::iter(waiting), (changes, ctx)))
+            },
+        )
+        .flatten()
+    }
+
+    /// Whether `problem` of `object` on `node` is news (to log at WARN):
+    /// the same problem again is not; `None` (it went away) forgets it.
+    pub(crate) fn warned_once(&self, object: &str, node: &str, problem: Option<&str>) -> bool {
+        let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (object.to_owned(), node.to_owned());
+        match problem {
+            None => {
+                warned.remove(&key);
+                false
+            }
+            Some(p) => warned.insert(key, p.to_owned()).as_deref() != Some(p),
+        }
     }
 
     /// Forgets the failures of `key` (it reconciled).

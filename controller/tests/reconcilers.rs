@@ -230,6 +230,25 @@ fn condition<'v>(status: &'v Value, type_: &str) -> &'v Value {
 
 // ---- SandboxPool ------------------------------------------------------------
 
+/// A pool status that says the pool pushed a size to each of `nodes`.
+fn pushed_to(nodes: &[&str]) -> SandboxPoolStatus {
+    SandboxPoolStatus {
+        nodes: nodes
+            .iter()
+            .map(|n| NodePoolStatus {
+                node: (*n).into(),
+                ready: true,
+                free: 2,
+                total: 2,
+                desired: 2,
+                pushed: Some(2),
+                message: None,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
 fn two_node_directory() -> Arc<StaticNodes> {
     Arc::new(StaticNodes::new(
         Snapshot::new(vec![
@@ -259,8 +278,8 @@ async fn pool_created_pushes_sizes_to_matching_nodes_and_writes_status() {
             assert_eq!(
                 status["nodes"],
                 json!([
-                    {"node": "a", "ready": true, "free": 1, "total": 2, "desired": 3},
-                    {"node": "b", "ready": false, "free": 0, "total": 0, "desired": 2,
+                    {"node": "a", "ready": true, "free": 1, "total": 2, "desired": 3, "pushed": 3},
+                    {"node": "b", "ready": false, "free": 0, "total": 0, "desired": 2, "pushed": 2,
                      "message": "waiting for the node to report the pool"}
                 ])
             );
@@ -330,6 +349,7 @@ async fn node_lost_is_reported_and_gets_no_push() {
         free: 2,
         total: 2,
         desired: 2,
+        pushed: Some(2),
         message: None,
     };
     let pool = pool_object(
@@ -444,7 +464,7 @@ async fn pool_with_min_above_max_gets_a_condition_naming_the_field() {
 #[tokio::test]
 async fn deleted_pool_is_drained_from_its_nodes_then_released() {
     let nodes = two_node_directory();
-    let mut pool = pool_object("p", 2, 6, None);
+    let mut pool = pool_object("p", 2, 6, Some(pushed_to(&["a", "b"])));
     pool.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
         k8s_openapi::jiff::Timestamp::from_second(1).expect("a time"),
     ));

@@ -34,6 +34,7 @@ use fast_sandbox_proto::{
         CachedImage, GetNodeStatusRequest, Health, NodeStatus, PoolStatus, SetPoolSizeRequest,
         SetPoolSizeResponse, WatchNodeStatusRequest,
     },
+    shape::ShapeKey,
 };
 use fast_sandbox_shim::slots::{SeccompShape, Shape};
 use tokio::sync::{mpsc, watch};
@@ -112,36 +113,29 @@ pub struct AgentSettings {
     pub image_interval: Duration,
 }
 
-/// The pool shape key as the controller derives it from a pod
-/// (`seccomp=<profile>[;uid=N][;gid=N][;groups=A,B][;selinux=u:r:t:l]`).
+/// The pool shape key as the controller derives it from a pod: the one
+/// encoding both ends share ([`fast_sandbox_proto::shape::ShapeKey`]).
 pub fn shape_key(shape: &Shape) -> String {
+    let localhost;
     let seccomp = match &shape.seccomp {
-        SeccompShape::Unconfined => "unconfined".to_owned(),
-        SeccompShape::RuntimeDefault => "runtime-default".to_owned(),
-        SeccompShape::Localhost(p) => format!("localhost/{p}"),
+        SeccompShape::Unconfined => "unconfined",
+        SeccompShape::RuntimeDefault => "runtime-default",
+        SeccompShape::Localhost(p) => {
+            localhost = format!("localhost/{p}");
+            localhost.as_str()
+        }
     };
-    let mut key = format!("seccomp={seccomp}");
-    if let Some(uid) = shape.run_as_user {
-        key.push_str(&format!(";uid={uid}"));
+    ShapeKey {
+        seccomp,
+        run_as_user: shape.run_as_user,
+        run_as_group: shape.run_as_group,
+        supplemental_groups: &shape.supplemental_groups,
+        selinux: shape
+            .selinux
+            .as_ref()
+            .map(|se| [&*se.user, &*se.role, &*se.r#type, &*se.level]),
     }
-    if let Some(gid) = shape.run_as_group {
-        key.push_str(&format!(";gid={gid}"));
-    }
-    if !shape.supplemental_groups.is_empty() {
-        let list: Vec<String> = shape
-            .supplemental_groups
-            .iter()
-            .map(i64::to_string)
-            .collect();
-        key.push_str(&format!(";groups={}", list.join(",")));
-    }
-    if let Some(se) = &shape.selinux {
-        key.push_str(&format!(
-            ";selinux={}:{}:{}:{}",
-            se.user, se.role, se.r#type, se.level
-        ));
-    }
-    key
+    .encode()
 }
 
 /// What the image poller last saw.
