@@ -35,6 +35,7 @@ const CONTROLLER_API_CALLS: &[(&str, &str, &str)] = &[
     ("", "pods", "list"),
     ("", "pods", "watch"),
     ("", "pods", "create"),
+    ("", "pods", "delete"),
     ("", "nodes", "list"),
     ("", "nodes", "watch"),
     ("fast-sandbox.io", "sandboxpools", "list"),
