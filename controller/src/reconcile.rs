@@ -210,15 +210,7 @@ impl Context {
     /// Whether `problem` of `object` on `node` is news (to log at WARN):
     /// the same problem again is not; `None` (it went away) forgets it.
     pub(crate) fn warned_once(&self, object: &str, node: &str, problem: Option<&str>) -> bool {
-        let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = (object.to_owned(), node.to_owned());
-        match problem {
-            None => {
-                warned.remove(&key);
-                false
-            }
-            Some(p) => warned.insert(key, p.to_owned()).as_deref() != Some(p),
-        }
+        warned_once(&self.warned, object, node, problem)
     }
 
     /// Forgets the failures of `key` (it reconciled).
@@ -227,6 +219,24 @@ impl Context {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(key);
+    }
+}
+
+/// [`Context::warned_once`] over the map `warned`.
+fn warned_once(
+    warned: &Mutex<HashMap<(String, String), String>>,
+    object: &str,
+    node: &str,
+    problem: Option<&str>,
+) -> bool {
+    let mut warned = warned.lock().unwrap_or_else(PoisonError::into_inner);
+    let key = (object.to_owned(), node.to_owned());
+    match problem {
+        None => {
+            warned.remove(&key);
+            false
+        }
+        Some(p) => warned.insert(key, p.to_owned()).as_deref() != Some(p),
     }
 }
 
@@ -240,10 +250,25 @@ where
     if &status == old {
         return Ok(());
     }
-    let patch = serde_json::json!({ "status": status });
+    let patch = serde_json::json!({ "status": status_patch(old, &status) });
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     Ok(())
+}
+
+/// `new` as a merge patch over `old`: a field `new` leaves out (an empty
+/// list, an unset option) is sent as `null`, or the API server would keep
+/// the old value (a pool's node list would keep nodes it no longer has).
+fn status_patch<S: serde::Serialize>(old: &S, new: &S) -> serde_json::Value {
+    let mut patch = serde_json::to_value(new).unwrap_or_default();
+    if let (Ok(serde_json::Value::Object(old)), serde_json::Value::Object(fields)) =
+        (serde_json::to_value(old), &mut patch)
+    {
+        for key in old.keys() {
+            fields.entry(key.clone()).or_insert(serde_json::Value::Null);
+        }
+    }
+    patch
 }
 
 /// 1 s, 2 s, 4 s … capped at 5 minutes.
@@ -330,6 +355,39 @@ fn unix_now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_patch_clears_what_the_new_status_leaves_out() {
+        use crate::crd::{NodePoolStatus, SandboxPoolStatus};
+        let old = SandboxPoolStatus {
+            ready_nodes: 1,
+            nodes: vec![NodePoolStatus {
+                node: "gone".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let new = SandboxPoolStatus::default();
+        let patch = status_patch(&old, &new);
+        assert_eq!(patch["nodes"], serde_json::Value::Null);
+        assert!(patch.as_object().is_some_and(|o| o.contains_key("nodes")));
+        assert_eq!(patch["readyNodes"], 0);
+        // Nothing added for fields neither has.
+        assert!(!patch
+            .as_object()
+            .is_some_and(|o| o.contains_key("conditions")));
+    }
+
+    #[test]
+    fn a_problem_is_warned_once_until_it_changes_or_clears() {
+        let ctx_warned = std::sync::Mutex::new(HashMap::new());
+        let warn = |problem: Option<&str>| warned_once(&ctx_warned, "p", "a", problem);
+        assert!(warn(Some("no pool")));
+        assert!(!warn(Some("no pool")));
+        assert!(warn(Some("unreachable")));
+        assert!(!warn(None));
+        assert!(warn(Some("unreachable")));
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -40,10 +40,17 @@ fn releases_only(
                 (method, path(&uri)),
                 (Method::PATCH, format!("{POOLS}/{name}").as_str())
             );
-            assert_eq!(body[1], json!({"op": "remove", "path": "/metadata/finalizers/0"}));
-            reply(respond, 200, &json!({"apiVersion": "fast-sandbox.io/v1alpha1",
+            assert_eq!(
+                body[1],
+                json!({"op": "remove", "path": "/metadata/finalizers/0"})
+            );
+            reply(
+                respond,
+                200,
+                &json!({"apiVersion": "fast-sandbox.io/v1alpha1",
                 "kind": "SandboxPool", "metadata": {"name": name},
-                "spec": {"runtimeClassName": "fast-runc", "slotsPerNode": {"min": 0, "max": 0}}}));
+                "spec": {"runtimeClassName": "fast-runc", "slotsPerNode": {"min": 0, "max": 0}}}),
+            );
             handle
         })
     }
@@ -138,7 +145,9 @@ async fn a_refused_token_is_the_pools_condition() {
             assert_eq!(ready["status"], "False");
             assert_eq!(ready["reason"], "AgentTokenRejected");
             assert!(
-                ready["message"].as_str().is_some_and(|m| m.contains("fast-sandbox-agent-token")),
+                ready["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("fast-sandbox-agent-token")),
                 "{ready}"
             );
             reply(respond, 200, &answer);
@@ -162,33 +171,43 @@ async fn a_pod_the_api_server_rejects_is_a_condition() {
     ));
     let (client, handle) = mock();
     let ctx = context(client, nodes, &[]);
-    let action = scenario(ctx, handle, run_sandbox(sandbox_object("sb1", None)), |mut handle| {
-        Box::pin(async move {
-            let (method, _, _, respond) = next(&mut handle).await;
-            assert_eq!(method, Method::GET);
-            not_found(respond, "pod");
-            let (method, uri, _, respond) = next(&mut handle).await;
-            assert_eq!((method, path(&uri)), (Method::POST, PODS));
-            let message = "Pod \"sb1\" is invalid: spec.containers[0].env[0].name: Invalid value: \"1x\"";
-            reply(respond, 422, &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "message": message, "reason": "Invalid", "code": 422}));
-            let (method, uri, body, respond) = next(&mut handle).await;
-            assert_eq!(
-                (method, path(&uri)),
-                (Method::PATCH, format!("{SANDBOXES}/sb1/status").as_str())
-            );
-            let status = &body["status"];
-            assert_eq!(status["phase"], "Failed");
-            let scheduled = condition(status, "Scheduled");
-            assert_eq!(scheduled["reason"], "PodRejected");
-            assert_eq!(
-                scheduled["message"],
-                format!("the API server rejected the pod: {message}")
-            );
-            reply(respond, 200, &sandbox_answer("sb1"));
-            handle
-        })
-    })
+    let action = scenario(
+        ctx,
+        handle,
+        run_sandbox(sandbox_object("sb1", None)),
+        |mut handle| {
+            Box::pin(async move {
+                let (method, _, _, respond) = next(&mut handle).await;
+                assert_eq!(method, Method::GET);
+                not_found(respond, "pod");
+                let (method, uri, _, respond) = next(&mut handle).await;
+                assert_eq!((method, path(&uri)), (Method::POST, PODS));
+                let message =
+                    "Pod \"sb1\" is invalid: spec.containers[0].env[0].name: Invalid value: \"1x\"";
+                reply(
+                    respond,
+                    422,
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": message, "reason": "Invalid", "code": 422}),
+                );
+                let (method, uri, body, respond) = next(&mut handle).await;
+                assert_eq!(
+                    (method, path(&uri)),
+                    (Method::PATCH, format!("{SANDBOXES}/sb1/status").as_str())
+                );
+                let status = &body["status"];
+                assert_eq!(status["phase"], "Failed");
+                let scheduled = condition(status, "Scheduled");
+                assert_eq!(scheduled["reason"], "PodRejected");
+                assert_eq!(
+                    scheduled["message"],
+                    format!("the API server rejected the pod: {message}")
+                );
+                reply(respond, 200, &sandbox_answer("sb1"));
+                handle
+            })
+        },
+    )
     .await;
     assert_eq!(action, Action::await_change());
 }
@@ -218,25 +237,32 @@ fn pulling_pod(name: &str) -> Value {
 async fn an_image_pull_failure_is_reported_within_the_grace() {
     let (client, handle) = mock();
     let ctx = context(client, sandbox_directory(), &[]);
-    let action = scenario(ctx, handle, run_sandbox(placed("sb1", 20_000)), |mut handle| {
-        Box::pin(async move {
-            let (method, _, _, respond) = next(&mut handle).await;
-            assert_eq!(method, Method::GET);
-            reply(respond, 200, &pulling_pod("sb1"));
-            let (method, _, body, respond) = next(&mut handle).await;
-            assert_eq!(method, Method::PATCH);
-            let status = &body["status"];
-            assert_eq!(status["phase"], "Pending");
-            let ready = condition(status, "Ready");
-            assert_eq!(ready["reason"], "ImagePullFailing");
-            assert!(
-                ready["message"].as_str().is_some_and(|m| m.contains("ImagePullBackOff")),
-                "{ready}"
-            );
-            reply(respond, 200, &sandbox_answer("sb1"));
-            handle
-        })
-    })
+    let action = scenario(
+        ctx,
+        handle,
+        run_sandbox(placed("sb1", 20_000)),
+        |mut handle| {
+            Box::pin(async move {
+                let (method, _, _, respond) = next(&mut handle).await;
+                assert_eq!(method, Method::GET);
+                reply(respond, 200, &pulling_pod("sb1"));
+                let (method, _, body, respond) = next(&mut handle).await;
+                assert_eq!(method, Method::PATCH);
+                let status = &body["status"];
+                assert_eq!(status["phase"], "Pending");
+                let ready = condition(status, "Ready");
+                assert_eq!(ready["reason"], "ImagePullFailing");
+                assert!(
+                    ready["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("ImagePullBackOff")),
+                    "{ready}"
+                );
+                reply(respond, 200, &sandbox_answer("sb1"));
+                handle
+            })
+        },
+    )
     .await;
     // Looked at again when the grace (120 s by default) runs out.
     assert_eq!(action, Action::requeue(Duration::from_secs(100)));
@@ -246,28 +272,33 @@ async fn an_image_pull_failure_is_reported_within_the_grace() {
 async fn an_image_pull_failure_past_the_grace_fails_the_sandbox_and_frees_its_slot() {
     let (client, handle) = mock();
     let ctx = context(client, sandbox_directory(), &[]);
-    let action = scenario(ctx, handle, run_sandbox(placed("sb1", 200_000)), |mut handle| {
-        Box::pin(async move {
-            let (method, _, _, respond) = next(&mut handle).await;
-            assert_eq!(method, Method::GET);
-            reply(respond, 200, &pulling_pod("sb1"));
-            let (method, _, body, respond) = next(&mut handle).await;
-            assert_eq!(method, Method::PATCH);
-            let status = &body["status"];
-            assert_eq!(status["phase"], "Failed");
-            let ready = condition(status, "Ready");
-            assert_eq!(ready["reason"], "ImagePullFailed");
-            reply(respond, 200, &sandbox_answer("sb1"));
-            // The pod goes, and with it the warm slot it holds.
-            let (method, uri, _, respond) = next(&mut handle).await;
-            assert_eq!(
-                (method, path(&uri)),
-                (Method::DELETE, format!("{PODS}/sb1").as_str())
-            );
-            reply(respond, 200, &pulling_pod("sb1"));
-            handle
-        })
-    })
+    let action = scenario(
+        ctx,
+        handle,
+        run_sandbox(placed("sb1", 200_000)),
+        |mut handle| {
+            Box::pin(async move {
+                let (method, _, _, respond) = next(&mut handle).await;
+                assert_eq!(method, Method::GET);
+                reply(respond, 200, &pulling_pod("sb1"));
+                let (method, _, body, respond) = next(&mut handle).await;
+                assert_eq!(method, Method::PATCH);
+                let status = &body["status"];
+                assert_eq!(status["phase"], "Failed");
+                let ready = condition(status, "Ready");
+                assert_eq!(ready["reason"], "ImagePullFailed");
+                reply(respond, 200, &sandbox_answer("sb1"));
+                // The pod goes, and with it the warm slot it holds.
+                let (method, uri, _, respond) = next(&mut handle).await;
+                assert_eq!(
+                    (method, path(&uri)),
+                    (Method::DELETE, format!("{PODS}/sb1").as_str())
+                );
+                reply(respond, 200, &pulling_pod("sb1"));
+                handle
+            })
+        },
+    )
     .await;
     assert_eq!(action, Action::await_change());
 }
@@ -279,10 +310,8 @@ async fn time_to_running_counts_from_the_sandboxs_creation() {
     // Created 6 s ago; it waited for a slot, its pod is 500 ms old.
     let mut sb = placed("sb1", 500);
     sb.metadata.creation_timestamp = Some(Time(
-        k8s_openapi::jiff::Timestamp::from_millisecond(
-            i64::try_from(NOW_MS - 6_000).expect("ms"),
-        )
-        .expect("a time"),
+        k8s_openapi::jiff::Timestamp::from_millisecond(i64::try_from(NOW_MS - 6_000).expect("ms"))
+            .expect("a time"),
     ));
     scenario(ctx, handle, run_sandbox(sb), |mut handle| {
         Box::pin(async move {
@@ -300,9 +329,7 @@ async fn time_to_running_counts_from_the_sandboxs_creation() {
 
 #[tokio::test]
 async fn a_waiting_sandbox_is_retried_as_soon_as_a_node_reports() {
-    let full = || {
-        Snapshot::new(vec![node_state("a", vec![warm(0, 4)], vec![])]).expect("snapshot")
-    };
+    let full = || Snapshot::new(vec![node_state("a", vec![warm(0, 4)], vec![])]).expect("snapshot");
     let nodes = Arc::new(StaticNodes::new(full()));
     let (client, handle) = mock();
     let ctx = Arc::new(context(client, nodes.clone(), &[]));
@@ -318,16 +345,18 @@ async fn a_waiting_sandbox_is_retried_as_soon_as_a_node_reports() {
     let (_, _, _, respond) = next(&mut handle).await;
     not_found(respond, "pod");
     let (_, _, body, respond) = next(&mut handle).await;
-    assert_eq!(condition(&body["status"], "Scheduled")["reason"], "NoEligibleNode");
+    assert_eq!(
+        condition(&body["status"], "Scheduled")["reason"],
+        "NoEligibleNode"
+    );
     reply(respond, 200, &sandbox_answer("sb1"));
     let action = reconciled.await.expect("joined").expect("reconciled");
     // The timer is only the fallback.
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
 
     // A report with a freed slot: the Sandbox is handed back at once.
-    nodes.replace(
-        Snapshot::new(vec![node_state("a", vec![warm(1, 4)], vec![])]).expect("snapshot"),
-    );
+    nodes
+        .replace(Snapshot::new(vec![node_state("a", vec![warm(1, 4)], vec![])]).expect("snapshot"));
     let retried = tokio::time::timeout(Duration::from_secs(1), retries.next())
         .await
         .expect("retried well before the 5 s timer")
@@ -342,19 +371,29 @@ async fn the_controller_starts_without_the_sandbox_crd() {
     let script = tokio::spawn(async move {
         let (method, uri, _, respond) = next(&mut handle).await;
         assert_eq!((method, uri.as_str()), (Method::GET, "/version"));
-        reply(respond, 200, &json!({"major": "1", "minor": "26", "gitVersion": "v1.26.0",
+        reply(
+            respond,
+            200,
+            &json!({"major": "1", "minor": "26", "gitVersion": "v1.26.0",
             "gitCommit": "", "gitTreeState": "", "buildDate": "", "goVersion": "",
-            "compiler": "", "platform": ""}));
+            "compiler": "", "platform": ""}),
+        );
         let (_, uri, _, respond) = next(&mut handle).await;
         assert_eq!(path(&uri), POOLS);
-        reply(respond, 200, &json!({"apiVersion": "fast-sandbox.io/v1alpha1",
-            "kind": "SandboxPoolList", "metadata": {}, "items": []}));
+        reply(
+            respond,
+            200,
+            &json!({"apiVersion": "fast-sandbox.io/v1alpha1",
+            "kind": "SandboxPoolList", "metadata": {}, "items": []}),
+        );
         let (_, uri, _, respond) = next(&mut handle).await;
         assert_eq!(path(&uri), "/apis/fast-sandbox.io/v1alpha1/sandboxes");
         not_found(respond, "the server could not find the requested resource");
         handle
     });
-    let served = run::preflight(&client, "https://test").await.expect("starts");
+    let served = run::preflight(&client, "https://test")
+        .await
+        .expect("starts");
     assert_eq!(
         served,
         run::Served {
@@ -376,10 +415,17 @@ async fn uninstall_removes_only_the_controllers_finalizer() {
         ours["metadata"]["finalizers"] = json!(["example.com/keep", "fast-sandbox.io/pool"]);
         let mut theirs = serde_json::to_value(pool_object("q", 1, 2, None)).expect("JSON");
         theirs["metadata"]["finalizers"] = json!(["example.com/keep"]);
-        reply(respond, 200, &json!({"apiVersion": "fast-sandbox.io/v1alpha1",
-            "kind": "SandboxPoolList", "metadata": {}, "items": [ours.clone(), theirs]}));
+        reply(
+            respond,
+            200,
+            &json!({"apiVersion": "fast-sandbox.io/v1alpha1",
+            "kind": "SandboxPoolList", "metadata": {}, "items": [ours.clone(), theirs]}),
+        );
         let (method, uri, body, respond) = next(&mut handle).await;
-        assert_eq!((method, path(&uri)), (Method::PATCH, format!("{POOLS}/p").as_str()));
+        assert_eq!(
+            (method, path(&uri)),
+            (Method::PATCH, format!("{POOLS}/p").as_str())
+        );
         assert_eq!(
             body,
             json!({"metadata": {"finalizers": ["example.com/keep"], "resourceVersion": "1"}})
@@ -414,21 +460,25 @@ async fn a_sandbox_says_why_a_node_is_not_ready() {
     );
     let (client, handle) = mock();
     let ctx: Context = context(client, nodes, &[]);
-    scenario(ctx, handle, run_sandbox(sandbox_object("sb1", None)), |mut handle| {
-        Box::pin(async move {
-            let (_, _, _, respond) = next(&mut handle).await;
-            not_found(respond, "pod");
-            let (_, _, body, respond) = next(&mut handle).await;
-            let message = condition(&body["status"], "Scheduled")["message"].clone();
-            assert!(
-                message.as_str().is_some_and(|m| m.contains(
-                    "1: NodeNotReady: the node plugin cannot reach its containerd"
-                )),
-                "{message}"
-            );
-            reply(respond, 200, &sandbox_answer("sb1"));
-            handle
-        })
-    })
+    scenario(
+        ctx,
+        handle,
+        run_sandbox(sandbox_object("sb1", None)),
+        |mut handle| {
+            Box::pin(async move {
+                let (_, _, _, respond) = next(&mut handle).await;
+                not_found(respond, "pod");
+                let (_, _, body, respond) = next(&mut handle).await;
+                let message = condition(&body["status"], "Scheduled")["message"].clone();
+                assert!(
+                    message.as_str().is_some_and(|m| m
+                        .contains("1: NodeNotReady: the node plugin cannot reach its containerd")),
+                    "{message}"
+                );
+                reply(respond, 200, &sandbox_answer("sb1"));
+                handle
+            })
+        },
+    )
     .await;
 }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use fast_sandbox_controller::crd::{NodePoolStatus, SandboxPoolStatus, SandboxStatus, POOL_LABEL, SANDBOX_LABEL};
+use fast_sandbox_controller::crd::{
+    NodePoolStatus, SandboxPoolStatus, SandboxStatus, POOL_LABEL, SANDBOX_LABEL,
+};
 use fast_sandbox_controller::nodes::{NodeDirectory, SandboxShape, StaticNodes};
 use fast_sandbox_controller::scoring::{NodeState, PoolState, Snapshot};
 use http::Method;

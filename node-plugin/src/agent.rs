@@ -406,7 +406,11 @@ fn bind_may_succeed_later(error: &std::io::Error) -> bool {
 /// Binds `addr` with `bind`, retrying with `retry`'s backoff while the
 /// error may go away (address not assigned yet, port still in use); any
 /// other error, or the last try's, is returned at once.
-async fn bind_listener<L, F, Fut>(addr: SocketAddr, retry: BindRetry, mut bind: F) -> anyhow::Result<L>
+async fn bind_listener<L, F, Fut>(
+    addr: SocketAddr,
+    retry: BindRetry,
+    mut bind: F,
+) -> anyhow::Result<L>
 where
     F: FnMut(SocketAddr) -> Fut,
     Fut: Future<Output = std::io::Result<L>>,
@@ -431,7 +435,10 @@ where
             }
             Err(error) => {
                 return Err(error).with_context(|| {
-                    format!("binding the node agent on {addr} (try {attempt} of {})", retry.attempts)
+                    format!(
+                        "binding the node agent on {addr} (try {attempt} of {})",
+                        retry.attempts
+                    )
                 })
             }
         }
@@ -446,8 +453,7 @@ pub async fn bind(
     parts: AgentParts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(SocketAddr, impl Future<Output = anyhow::Result<()>>)> {
-    let listener =
-        bind_listener(addr, BindRetry::default(), tokio::net::TcpListener::bind).await?;
+    let listener = bind_listener(addr, BindRetry::default(), tokio::net::TcpListener::bind).await?;
     let bound = listener.local_addr().context("the agent's bound address")?;
     let (stop_tx, stopped) = watch::channel(false);
     let (images_tx, images) = watch::channel(Images::default());
@@ -558,7 +564,9 @@ mod tests {
         errors: Vec<std::io::ErrorKind>,
     ) -> (
         Arc<std::sync::Mutex<u32>>,
-        impl FnMut(SocketAddr) -> Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpListener>>>>,
+        impl FnMut(
+            SocketAddr,
+        ) -> Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpListener>>>>,
     ) {
         let calls = Arc::new(std::sync::Mutex::new(0u32));
         let counted = calls.clone();
@@ -587,7 +595,9 @@ mod tests {
         use std::io::ErrorKind::{AddrInUse, AddrNotAvailable};
         let addr: SocketAddr = "10.1.2.3:9465".parse().expect("addr");
         let (calls, bind) = flaky(vec![AddrNotAvailable, AddrInUse]);
-        let listener = bind_listener(addr, FAST, bind).await.expect("bound on the 3rd try");
+        let listener = bind_listener(addr, FAST, bind)
+            .await
+            .expect("bound on the 3rd try");
         assert!(listener.local_addr().expect("addr").ip().is_loopback());
         assert_eq!(*calls.lock().expect("lock"), 3);
 
@@ -597,7 +607,10 @@ mod tests {
         let error = bind_listener(addr, FAST, bind).await.expect_err("gives up");
         assert_eq!(*calls.lock().expect("lock"), 4);
         let text = format!("{error:#}");
-        assert!(text.contains("10.1.2.3:9465") && text.contains("try 4 of 4"), "{text}");
+        assert!(
+            text.contains("10.1.2.3:9465") && text.contains("try 4 of 4"),
+            "{text}"
+        );
 
         // An error that cannot go away is not retried.
         let (calls, bind) = flaky(vec![std::io::ErrorKind::PermissionDenied]);

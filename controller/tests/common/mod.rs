@@ -138,7 +138,12 @@ pub fn api_node(name: &str, labels: &[(&str, &str)]) -> PartialObjectMeta<Node> 
     .into_response_partial::<Node>()
 }
 
-pub fn pool_object(name: &str, min: u32, max: u32, status: Option<SandboxPoolStatus>) -> SandboxPool {
+pub fn pool_object(
+    name: &str,
+    min: u32,
+    max: u32,
+    status: Option<SandboxPoolStatus>,
+) -> SandboxPool {
     let mut pool = SandboxPool::new(
         name,
         SandboxPoolSpec {
@@ -297,4 +302,3 @@ pub fn owned_pod(name: &str, node: &str, phase: &str) -> Value {
         "status": {"phase": phase, "podIP": "10.0.0.7"}
     })
 }
-
