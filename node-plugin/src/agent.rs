@@ -559,14 +559,14 @@ mod tests {
         }
     }
 
+    type Binding = Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpListener>>>>;
+
     /// A binder that fails with `errors` first, then binds 127.0.0.1:0.
     fn flaky(
         errors: Vec<std::io::ErrorKind>,
     ) -> (
         Arc<std::sync::Mutex<u32>>,
-        impl FnMut(
-            SocketAddr,
-        ) -> Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpListener>>>>,
+        impl FnMut(SocketAddr) -> Binding,
     ) {
         let calls = Arc::new(std::sync::Mutex::new(0u32));
         let counted = calls.clone();
@@ -579,7 +579,7 @@ mod tests {
                     Some(kind) => Err(std::io::Error::from(kind)),
                     None => tokio::net::TcpListener::bind("127.0.0.1:0").await,
                 }
-            }) as Pin<Box<dyn Future<Output = _>>>
+            }) as Binding
         };
         (calls, bind)
     }
