@@ -482,3 +482,33 @@ async fn a_sandbox_says_why_a_node_is_not_ready() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_pool_whose_nodes_all_left_clears_them_from_its_status() {
+    let nodes = Arc::new(StaticNodes::new(
+        Snapshot::new(vec![node_state("a", vec![warm(2, 2)], vec![])]).expect("snapshot"),
+    ));
+    let mut pool = pool_object("p", 2, 6, Some(pushed_to(&["a"])));
+    pool.spec.node_selector = [("pool".to_owned(), "none".to_owned())].into();
+    let (client, handle) = mock();
+    let ctx = context(client, nodes.clone(), std::slice::from_ref(&pool));
+    let answer = serde_json::to_value(&pool).expect("JSON");
+    scenario(ctx, handle, run_pool(pool), |mut handle| {
+        Box::pin(async move {
+            let (method, _, body, respond) = next(&mut handle).await;
+            assert_eq!(method, Method::PATCH);
+            let status = body["status"].as_object().expect("a status object");
+            // A merge patch without the key would keep node a forever.
+            assert_eq!(status.get("nodes"), Some(&Value::Null), "{body}");
+            assert_eq!(
+                condition(&body["status"], "Ready")["reason"],
+                "NoMatchingNodes"
+            );
+            reply(respond, 200, &answer);
+            handle
+        })
+    })
+    .await;
+    // The node it left is drained.
+    assert_eq!(sizes(&nodes), [("a".to_owned(), 0)]);
+}
