@@ -121,13 +121,7 @@ async fn apply(pool: &SandboxPool, ctx: &Context, api: &Api<SandboxPool>) -> Res
             return Ok(Action::await_change());
         }
     };
-    let size = PoolSize {
-        pool: name.clone(),
-        handler,
-        shape: pool.spec.shape.clone(),
-        shape_key: pool.spec.shape.key(&ctx.config.default_seccomp),
-        size: 0,
-    };
+    let size = zero_size(pool, ctx, handler);
     let matching = ctx.nodes_matching(&pool.spec.node_selector);
     let mut outcome = Outcome::default();
     let mut nodes = Vec::with_capacity(matching.len());
@@ -172,6 +166,17 @@ async fn apply(pool: &SandboxPool, ctx: &Context, api: &Api<SandboxPool>) -> Res
     } else {
         RESYNC
     }))
+}
+
+/// The pool's size message for its `handler` (validated), at size 0.
+fn zero_size(pool: &SandboxPool, ctx: &Context, handler: String) -> PoolSize {
+    PoolSize {
+        pool: pool.name_any(),
+        handler,
+        shape: pool.spec.shape.clone(),
+        shape_key: pool.spec.shape.key(&ctx.config.default_seccomp),
+        size: 0,
+    }
 }
 
 /// What went wrong across a pool's nodes, for its `Ready` condition.
@@ -365,13 +370,7 @@ async fn cleanup(pool: &SandboxPool, ctx: &Context) -> Result<Action, Error> {
         tracing::info!("invalid pool deleted; it never pushed a size, nothing to drain");
         return Ok(Action::await_change());
     };
-    let size = PoolSize {
-        pool: pool.name_any(),
-        handler,
-        shape: pool.spec.shape.clone(),
-        shape_key: pool.spec.shape.key(&ctx.config.default_seccomp),
-        size: 0,
-    };
+    let size = zero_size(pool, ctx, handler);
     let pushed: Vec<&str> = pool
         .status
         .iter()

@@ -181,6 +181,39 @@ impl Scope<'_> {
     async fn write(&self, status: SandboxStatus) -> Result<(), Error> {
         write_status(&self.sandboxes, &self.name, &self.old, status).await
     }
+
+    /// The old status with condition `type_` set false for `reason`.
+    fn with_condition(
+        &self,
+        mut status: SandboxStatus,
+        type_: &str,
+        reason: &str,
+        message: String,
+    ) -> SandboxStatus {
+        let generation = self.sandbox.metadata.generation;
+        status.observed_generation = generation;
+        let now = self.ctx.now();
+        let new = condition(
+            &self.old.conditions,
+            type_,
+            false,
+            reason,
+            message,
+            generation,
+            &now,
+        );
+        set_condition(&mut status, new);
+        status
+    }
+
+    /// Fails the `Sandbox` for good: phase `Failed`, condition `type_`
+    /// false for `reason`.
+    async fn fail(&self, type_: &str, reason: &str, message: String) -> Result<Action, Error> {
+        let mut status = self.with_condition(self.old.clone(), type_, reason, message);
+        status.phase = Some(SandboxPhase::Failed);
+        self.write(status).await?;
+        Ok(Action::await_change())
+    }
 }
 
 async fn reconcile_inner(sandbox: &Sandbox, ctx: &Context) -> Result<Action, Error> {
@@ -362,30 +395,14 @@ fn finished(status: &SandboxStatus) -> bool {
 
 /// The pod is gone after it was created: the `Sandbox` has failed.
 async fn lost(scope: &Scope<'_>) -> Result<Action, Error> {
-    let generation = scope.sandbox.metadata.generation;
-    let mut status = scope.old.clone();
-    if finished(&status) {
+    if finished(&scope.old) {
         return Ok(Action::await_change());
     }
-    status.phase = Some(SandboxPhase::Failed);
-    status.observed_generation = generation;
-    set_condition(
-        &mut status,
-        condition(
-            &scope.old.conditions,
-            "Ready",
-            false,
-            "PodLost",
-            format!(
-                "pod {} is gone; a Sandbox runs once and is not re-placed",
-                scope.name
-            ),
-            generation,
-            &scope.ctx.now(),
-        ),
+    let message = format!(
+        "pod {} is gone; a Sandbox runs once and is not re-placed",
+        scope.name
     );
-    scope.write(status).await?;
-    Ok(Action::await_change())
+    scope.fail("Ready", "PodLost", message).await
 }
 
 /// Container waiting reasons that mean the image cannot be had.
@@ -429,7 +446,7 @@ fn since_created_ms(scope: &Scope<'_>, pod_created_ms: Option<u64>) -> Option<u6
 /// `Sandbox` fails and the pod is deleted, so its warm slot is released.
 async fn fail_on_image(
     scope: &Scope<'_>,
-    mut status: SandboxStatus,
+    status: SandboxStatus,
     (reason, detail): (String, String),
 ) -> Result<Action, Error> {
     let grace = scope.ctx.config.image_pull_grace;
@@ -437,41 +454,20 @@ async fn fail_on_image(
         .pod_created_unix_ms
         .map(|c| scope.ctx.now_ms().saturating_sub(c))
         .unwrap_or(0);
-    let generation = scope.sandbox.metadata.generation;
     let message = format!(
         "image {:?} cannot be pulled ({reason}: {detail})",
         scope.sandbox.spec.image
     );
     if u128::from(waited) < grace.as_millis() {
-        set_condition(
-            &mut status,
-            condition(
-                &scope.old.conditions,
-                "Ready",
-                false,
-                "ImagePullFailing",
-                format!("{message}; the Sandbox fails after {} s", grace.as_secs()),
-                generation,
-                &scope.ctx.now(),
-            ),
-        );
+        let message = format!("{message}; the Sandbox fails after {} s", grace.as_secs());
+        let status = scope.with_condition(status, "Ready", "ImagePullFailing", message);
         scope.write(status).await?;
         let left = grace.saturating_sub(Duration::from_millis(waited));
         return Ok(Action::requeue(left.max(Duration::from_secs(1))));
     }
+    let message = format!("{message} for {} s; pod deleted", waited / 1000);
+    let mut status = scope.with_condition(status, "Ready", "ImagePullFailed", message);
     status.phase = Some(SandboxPhase::Failed);
-    set_condition(
-        &mut status,
-        condition(
-            &scope.old.conditions,
-            "Ready",
-            false,
-            "ImagePullFailed",
-            format!("{message} for {} s; pod deleted", waited / 1000),
-            generation,
-            &scope.ctx.now(),
-        ),
-    );
     scope.write(status).await?;
     tracing::warn!(image = %scope.sandbox.spec.image, %reason, "sandbox failed: image cannot be pulled; deleting its pod");
     match scope.pods.delete(&scope.name, &Default::default()).await {
@@ -484,27 +480,11 @@ async fn fail_on_image(
 
 /// The pod exists but is not the `Sandbox`'s: it fails.
 async fn name_taken(scope: &Scope<'_>) -> Result<Action, Error> {
-    let generation = scope.sandbox.metadata.generation;
-    let mut status = scope.old.clone();
-    status.phase = Some(SandboxPhase::Failed);
-    status.observed_generation = generation;
-    set_condition(
-        &mut status,
-        condition(
-            &scope.old.conditions,
-            "Scheduled",
-            false,
-            "PodNameTaken",
-            format!(
-                "a pod named {} exists and is not this Sandbox's",
-                scope.name
-            ),
-            generation,
-            &scope.ctx.now(),
-        ),
+    let message = format!(
+        "a pod named {} exists and is not this Sandbox's",
+        scope.name
     );
-    scope.write(status).await?;
-    Ok(Action::await_change())
+    scope.fail("Scheduled", "PodNameTaken", message).await
 }
 
 /// Status from the existing pod.

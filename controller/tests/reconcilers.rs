@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use fast_sandbox_controller::crd::{
-    NodePoolStatus, SandboxPoolStatus, SandboxStatus, POOL_LABEL, SANDBOX_LABEL,
-};
+use fast_sandbox_controller::crd::{SandboxPoolStatus, SandboxStatus, POOL_LABEL, SANDBOX_LABEL};
 use fast_sandbox_controller::nodes::{NodeDirectory, SandboxShape, StaticNodes};
 use fast_sandbox_controller::scoring::{NodeState, PoolState, Snapshot};
 use http::Method;
@@ -113,15 +111,6 @@ async fn new_pool_gets_its_finalizer_before_anything_is_pushed() {
 #[tokio::test]
 async fn node_lost_is_reported_and_gets_no_push() {
     let nodes = two_node_directory();
-    let served = |node: &str| NodePoolStatus {
-        node: node.into(),
-        ready: true,
-        free: 2,
-        total: 2,
-        desired: 2,
-        pushed: Some(2),
-        message: None,
-    };
     let pool = pool_object(
         "p",
         2,
@@ -131,8 +120,7 @@ async fn node_lost_is_reported_and_gets_no_push() {
             ready_nodes: 2,
             free: 4,
             total: 4,
-            nodes: vec![served("a"), served("b")],
-            conditions: vec![],
+            ..pushed_to(&["a", "b"])
         }),
     );
     // b's node plugin is gone from the directory.
