@@ -139,22 +139,16 @@ pub async fn remove_finalizers(client: &Client) -> Result<usize, kube::Error> {
     Ok(removed)
 }
 
-/// Runs the controllers of the `served` CRDs until `shutdown` resolves, and
-/// keeps `extender` (if any) fed with the node directory's snapshots.
-pub async fn controllers(
-    client: Client,
-    nodes: Arc<dyn NodeDirectory>,
-    config: ReconcileConfig,
-    extender: Option<Arc<Extender>>,
-    served: Served,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+/// A store of Node labels (metadata only: a Node's status carries its image
+/// list) and a stream that fires when a Node's labels change.
+fn node_label_events(
+    client: &Client,
+) -> (
+    reflector::Store<PartialObjectMeta<Node>>,
+    impl futures::Stream<Item = ()> + Send + 'static,
 ) {
-    let shutdown = shutdown.shared();
-    let controller_config = ControllerConfig::default().debounce(Duration::from_millis(200));
-
-    // Node labels, metadata only (a Node's status carries its image list).
     let (node_labels, node_writer) = reflector::store();
-    let node_events = reflector(
+    let events = reflector(
         node_writer,
         watcher(
             Api::<PartialObjectMeta<Node>>::all(client.clone()),
@@ -173,23 +167,43 @@ pub async fn controllers(
             }
         }
     });
+    (node_labels, events)
+}
 
-    // Every change of the node directory re-runs every pool (and refreshes
-    // the extender's snapshot).
-    let directory_changes = {
+/// Fires on every change of the node directory (every pool re-runs on it),
+/// and refreshes the extender's snapshot first.
+fn directory_changes(
+    nodes: Arc<dyn NodeDirectory>,
+    extender: Option<Arc<Extender>>,
+) -> impl futures::Stream<Item = ()> + Send + 'static {
+    stream::unfold(nodes.subscribe(), move |mut changes| {
         let nodes = nodes.clone();
-        stream::unfold(nodes.subscribe(), move |mut changes| {
-            let nodes = nodes.clone();
-            let extender = extender.clone();
-            async move {
-                changes.changed().await.ok()?;
-                if let Some(extender) = &extender {
-                    extender.replace_snapshot((*nodes.snapshot()).clone());
-                }
-                Some(((), changes))
+        let extender = extender.clone();
+        async move {
+            changes.changed().await.ok()?;
+            if let Some(extender) = &extender {
+                extender.replace_snapshot((*nodes.snapshot()).clone());
             }
-        })
-    };
+            Some(((), changes))
+        }
+    })
+}
+
+/// Runs the controllers of the `served` CRDs until `shutdown` resolves, and
+/// keeps `extender` (if any) fed with the node directory's snapshots.
+pub async fn controllers(
+    client: Client,
+    nodes: Arc<dyn NodeDirectory>,
+    config: ReconcileConfig,
+    extender: Option<Arc<Extender>>,
+    served: Served,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let shutdown = shutdown.shared();
+    let controller_config = ControllerConfig::default().debounce(Duration::from_millis(200));
+
+    let (node_labels, node_events) = node_label_events(&client);
+    let directory_changes = directory_changes(nodes.clone(), extender);
 
     let pool_controller = Controller::new(
         Api::<SandboxPool>::all(client.clone()),

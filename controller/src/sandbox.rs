@@ -341,17 +341,26 @@ async fn place(scope: &Scope<'_>, target: &Target) -> Result<Action, Error> {
         }
     };
     tracing::info!(node = %node, score, pool = pool_name.as_deref().unwrap_or(""), "sandbox bound");
-    let generation = sandbox.metadata.generation;
-    let now = ctx.now();
+    let status = bound_status(scope, &pod, node, score, pool_name, created_ms);
+    scope.write(status).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// The status of a `Sandbox` whose pod was just created on `node`.
+fn bound_status(
+    scope: &Scope<'_>,
+    pod: &Pod,
+    node: String,
+    score: u8,
+    pool: Option<String>,
+    created_ms: u64,
+) -> SandboxStatus {
+    let generation = scope.sandbox.metadata.generation;
+    let now = scope.ctx.now();
     let old = &scope.old.conditions;
-    let status = SandboxStatus {
+    SandboxStatus {
         observed_generation: generation,
         phase: Some(SandboxPhase::Pending),
-        node_name: Some(node.clone()),
-        pool: pool_name,
-        pod_ip: None,
-        pod_created_unix_ms: Some(created_ms),
-        time_to_running_ms: None,
         conditions: vec![
             condition(
                 old,
@@ -372,9 +381,12 @@ async fn place(scope: &Scope<'_>, target: &Target) -> Result<Action, Error> {
                 &now,
             ),
         ],
-    };
-    scope.write(status).await?;
-    Ok(Action::requeue(RESYNC))
+        node_name: Some(node),
+        pool,
+        pod_ip: None,
+        pod_created_unix_ms: Some(created_ms),
+        time_to_running_ms: None,
+    }
 }
 
 /// A placed `Sandbox` whose pool went away: follow its pod all the same.
@@ -489,9 +501,7 @@ async fn name_taken(scope: &Scope<'_>) -> Result<Action, Error> {
 
 /// Status from the existing pod.
 async fn observe(scope: &Scope<'_>, pod: &Pod) -> Result<Action, Error> {
-    let (sandbox, ctx, old, name) = (scope.sandbox, scope.ctx, &scope.old, &scope.name);
-    let generation = sandbox.metadata.generation;
-    let now = ctx.now();
+    let sandbox = scope.sandbox;
     let owned = sandbox.meta().uid.as_deref().is_some_and(|uid| {
         pod.owner_references()
             .iter()
@@ -500,7 +510,7 @@ async fn observe(scope: &Scope<'_>, pod: &Pod) -> Result<Action, Error> {
     if !owned {
         return name_taken(scope).await;
     }
-    if finished(old) {
+    if finished(&scope.old) {
         // Failed by the controller (an image that never came): final.
         return Ok(Action::await_change());
     }
@@ -512,6 +522,48 @@ async fn observe(scope: &Scope<'_>, pod: &Pod) -> Result<Action, Error> {
         Some("Unknown") => SandboxPhase::Unknown,
         _ => SandboxPhase::Pending,
     };
+    let status = status_of_pod(scope, pod, phase);
+    if phase == SandboxPhase::Pending {
+        if let Some(failure) = image_pull_failure(pod) {
+            return fail_on_image(scope, status, failure).await;
+        }
+    }
+    let (ready, reason) = match phase {
+        SandboxPhase::Running => (true, "PodRunning"),
+        SandboxPhase::Pending => (false, "PodPending"),
+        SandboxPhase::Succeeded => (false, "PodSucceeded"),
+        SandboxPhase::Failed => (false, "PodFailed"),
+        SandboxPhase::Unknown => (false, "PodUnknown"),
+    };
+    let message = pod_status
+        .message
+        .clone()
+        .unwrap_or_else(|| format!("pod {} is {phase:?}", scope.name));
+    let generation = sandbox.metadata.generation;
+    let mut status = status;
+    let now = scope.ctx.now();
+    let ready = condition(
+        &scope.old.conditions,
+        "Ready",
+        ready,
+        reason,
+        message,
+        generation,
+        &now,
+    );
+    set_condition(&mut status, ready);
+    scope.write(status).await?;
+    Ok(match phase {
+        SandboxPhase::Succeeded | SandboxPhase::Failed => Action::await_change(),
+        _ => Action::requeue(RESYNC),
+    })
+}
+
+/// The status an existing pod of `phase` shows: node, IP, times, and
+/// `Scheduled=True`.
+fn status_of_pod(scope: &Scope<'_>, pod: &Pod, phase: SandboxPhase) -> SandboxStatus {
+    let old = &scope.old;
+    let generation = scope.sandbox.metadata.generation;
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     let created_ms = old.pod_created_unix_ms.or_else(|| {
         pod.metadata
@@ -532,56 +584,22 @@ async fn observe(scope: &Scope<'_>, pod: &Pod) -> Result<Action, Error> {
             .pool
             .clone()
             .or_else(|| pod.labels().get(POOL_LABEL).cloned()),
-        pod_ip: pod_status.pod_ip.clone(),
+        pod_ip: pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
         pod_created_unix_ms: created_ms,
         time_to_running_ms,
         conditions: old.conditions.clone(),
     };
-    set_condition(
-        &mut status,
-        condition(
-            &old.conditions,
-            "Scheduled",
-            true,
-            "Bound",
-            format!("bound to node {}", node.as_deref().unwrap_or("?")),
-            generation,
-            &now,
-        ),
+    let bound = condition(
+        &old.conditions,
+        "Scheduled",
+        true,
+        "Bound",
+        format!("bound to node {}", node.as_deref().unwrap_or("?")),
+        generation,
+        &scope.ctx.now(),
     );
-    if phase == SandboxPhase::Pending {
-        if let Some(failure) = image_pull_failure(pod) {
-            return fail_on_image(scope, status, failure).await;
-        }
-    }
-    let (ready, reason) = match phase {
-        SandboxPhase::Running => (true, "PodRunning"),
-        SandboxPhase::Pending => (false, "PodPending"),
-        SandboxPhase::Succeeded => (false, "PodSucceeded"),
-        SandboxPhase::Failed => (false, "PodFailed"),
-        SandboxPhase::Unknown => (false, "PodUnknown"),
-    };
-    let message = pod_status
-        .message
-        .clone()
-        .unwrap_or_else(|| format!("pod {name} is {phase:?}"));
-    set_condition(
-        &mut status,
-        condition(
-            &old.conditions,
-            "Ready",
-            ready,
-            reason,
-            message,
-            generation,
-            &now,
-        ),
-    );
-    scope.write(status).await?;
-    Ok(match phase {
-        SandboxPhase::Succeeded | SandboxPhase::Failed => Action::await_change(),
-        _ => Action::requeue(RESYNC),
-    })
+    set_condition(&mut status, bound);
+    status
 }
 
 /// Replaces the condition of the same type, or adds it.
