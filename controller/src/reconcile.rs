@@ -185,23 +185,24 @@ impl Context {
     /// The `Sandbox`es waiting for a slot, each time the node directory
     /// changes (a report with a freed or refilled slot): the `Sandbox`
     /// controller's extra trigger, so a waiting `Sandbox` is placed as soon
-    /// as a slot frees instead of on its retry timer.
+    /// as a slot frees instead of on its retry timer. One that no longer
+    /// `exists` (deleted while waiting) is forgotten.
     pub fn waiting_on_nodes(
         self: &Arc<Self>,
+        exists: impl Fn(&ObjectRef<Sandbox>) -> bool + Send + Sync + 'static,
     ) -> impl futures::Stream<Item = ObjectRef<Sandbox>> + Send + 'static {
         let ctx = self.clone();
+        let exists = Arc::new(exists);
         futures::stream::unfold(
-            (ctx.nodes.subscribe(), ctx),
-            |(mut changes, ctx)| async move {
+            (ctx.nodes.subscribe(), ctx, exists),
+            |(mut changes, ctx, exists)| async move {
                 changes.changed().await.ok()?;
-                let waiting: Vec<ObjectRef<Sandbox>> = ctx
-                    .waiting
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .iter()
-                    .cloned()
-                    .collect();
-                Some((futures::stream::iter(waiting), (changes, ctx)))
+                let waiting: Vec<ObjectRef<Sandbox>> = {
+                    let mut waiting = ctx.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+                    waiting.retain(|sandbox| exists(sandbox));
+                    waiting.iter().cloned().collect()
+                };
+                Some((futures::stream::iter(waiting), (changes, ctx, exists)))
             },
         )
         .flatten()

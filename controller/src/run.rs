@@ -226,24 +226,27 @@ pub async fn controllers(
                 tracing::debug!(%error, "SandboxPool controller");
             }
         });
-    let sandboxes = Controller::new(
+    let sandbox_controller = Controller::new(
         Api::<Sandbox>::all(client.clone()),
         watcher::Config::default(),
-    )
-    .owns(
-        Api::<Pod>::all(client),
-        watcher::Config::default().labels(SANDBOX_LABEL),
-    )
-    // A Sandbox waiting for a slot is tried again on every node report.
-    .reconcile_on(ctx.waiting_on_nodes())
-    .with_config(controller_config)
-    .graceful_shutdown_on(shutdown)
-    .run(sandbox::reconcile, error_policy, ctx)
-    .for_each(|result| async move {
-        if let Err(error) = result {
-            tracing::debug!(%error, "Sandbox controller");
-        }
-    });
+    );
+    let sandbox_store = sandbox_controller.store();
+    let waiting = ctx.waiting_on_nodes(move |sandbox| sandbox_store.get(sandbox).is_some());
+    let sandboxes = sandbox_controller
+        .owns(
+            Api::<Pod>::all(client),
+            watcher::Config::default().labels(SANDBOX_LABEL),
+        )
+        // A Sandbox waiting for a slot is tried again on every node report.
+        .reconcile_on(waiting)
+        .with_config(controller_config)
+        .graceful_shutdown_on(shutdown)
+        .run(sandbox::reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "Sandbox controller");
+            }
+        });
     // A CRD that is not served has no controller (preflight warned).
     let pools = if served.sandbox_pools {
         pools.left_future()

@@ -333,7 +333,7 @@ async fn a_waiting_sandbox_is_retried_as_soon_as_a_node_reports() {
     let nodes = Arc::new(StaticNodes::new(full()));
     let (client, handle) = mock();
     let ctx = Arc::new(context(client, nodes.clone(), &[]));
-    let mut retries = Box::pin(ctx.waiting_on_nodes());
+    let mut retries = Box::pin(ctx.waiting_on_nodes(|_| true));
     let sb = sandbox_object("sb1", None);
     let reconciled = {
         let ctx = ctx.clone();
@@ -362,6 +362,15 @@ async fn a_waiting_sandbox_is_retried_as_soon_as_a_node_reports() {
         .expect("retried well before the 5 s timer")
         .expect("the stream lives");
     assert_eq!(retried, ObjectRef::from_obj(&sb));
+
+    // Deleted while waiting: forgotten, never handed back.
+    let mut gone = Box::pin(ctx.waiting_on_nodes(|_| false));
+    nodes.replace(full());
+    let next = tokio::time::timeout(Duration::from_millis(200), gone.next()).await;
+    assert!(next.is_err(), "a deleted Sandbox was handed back: {next:?}");
+    nodes.replace(full());
+    let next = tokio::time::timeout(Duration::from_millis(200), retries.next()).await;
+    assert!(next.is_err(), "forgotten for good: {next:?}");
 }
 
 #[tokio::test]
