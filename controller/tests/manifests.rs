@@ -789,15 +789,13 @@ fn fast_pod(class: &str, security: serde_json::Value) -> Value {
 
 /// The extender as `run` configures it from the Deployment (the Deployment
 /// passes no extender flag, so it runs on the defaults), against nodes that
-/// serve the ConfigMap's pools: no pod that would start without the
+/// serve the pools of every shipped config (the ConfigMap, the README's and
+/// docs' examples, the quickstart's): no pod that would start without the
 /// extender (warm or cold) is filtered out of any node, whatever its shape
 /// and whatever the nodes' slots, and a node with a free slot of the pod's
 /// shape still scores above one without.
 #[test]
 fn no_shipped_config_strands_a_fast_pod() {
-    use fast_sandbox_controller::extender::{Extender, ExtenderArgs, ExtenderConfig};
-    use fast_sandbox_controller::scoring::{NodeState, PoolState, Snapshot};
-
     let docs = docs();
     let deployment: Deployment = one(&docs, "Deployment", "fast-sandbox-controller");
     let pod = pod_spec(
@@ -814,8 +812,29 @@ fn no_shipped_config_strands_a_fast_pod() {
         !command.iter().any(|a| a.starts_with("--extender-filter")),
         "the Deployment must not opt into filtering: {command:?}"
     );
-    let file = load_node_config(&node_config(&docs));
-    let specs = fast_sandbox_node::config::pool_specs(&file.pools).expect("pools");
+    let configs = fast_sandbox_tests::replay::shipped_configs().expect("the shipped configs");
+    assert!(configs.len() >= 3, "{} shipped configs", configs.len());
+    let mut preferred = 0;
+    for config in configs {
+        let file = load_node_config(&config.toml);
+        let specs = fast_sandbox_node::config::pool_specs(&file.pools)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", config.source));
+        preferred += no_pod_is_stranded(&config.source, &specs);
+    }
+    assert!(
+        preferred > 0,
+        "no config has a warm pool of the default shape"
+    );
+}
+
+/// [`no_shipped_config_strands_a_fast_pod`] for the pools `specs` of the
+/// config `source`; returns how many classes it checked the warm node is
+/// preferred for.
+fn no_pod_is_stranded(source: &str, specs: &[fast_sandbox_node::pool::PoolSpec]) -> usize {
+    let mut preferred = 0;
+    use fast_sandbox_controller::extender::{Extender, ExtenderArgs, ExtenderConfig};
+    use fast_sandbox_controller::scoring::{NodeState, PoolState, Snapshot};
+
     let pools = |free: u32| -> Vec<PoolState> {
         specs
             .iter()
@@ -857,18 +876,16 @@ fn no_shipped_config_strands_a_fast_pod() {
     ];
     for class in FAST_CLASSES {
         for (what, security) in &shapes {
-            let args = || -> ExtenderArgs {
-                serde_json::from_value(serde_json::json!({
-                    "Pod": fast_pod(class, security.clone()),
-                    "NodeNames": all,
-                }))
-                .expect("extender args")
-            };
-            let filtered = extender.filter(args(), 0);
+            let args: ExtenderArgs = serde_json::from_value(serde_json::json!({
+                "Pod": fast_pod(class, security.clone()),
+                "NodeNames": all,
+            }))
+            .expect("extender args");
+            let filtered = extender.filter(args, 0);
             assert_eq!(
                 filtered.node_names.as_deref(),
                 Some(&all.map(String::from)[..]),
-                "{class} pod with {what}: filtered out {:?}",
+                "{source}: {class} pod with {what}: filtered out {:?}",
                 filtered.failed_and_unresolvable_nodes
             );
             assert!(filtered.failed_and_unresolvable_nodes.is_empty());
@@ -881,11 +898,19 @@ fn no_shipped_config_strands_a_fast_pod() {
         }))
         .expect("extender args");
         let scores = extender.prioritize(args, 0).expect("scores");
-        let warm_pool = specs
-            .iter()
-            .any(|s| s.exposed_handler == class && s.size > 0);
+        let plain = fast_sandbox_controller::extender::pod_shape(None, "runtime-default");
+        let warm_pool = specs.iter().any(|s| {
+            s.exposed_handler == class
+                && s.size > 0
+                && fast_sandbox_node::agent::shape_key(&s.key.shape) == plain
+        });
         if warm_pool {
-            assert!(scores[0].score > scores[1].score, "{class}: {scores:?}");
+            assert!(
+                scores[0].score > scores[1].score,
+                "{source}: {class}: {scores:?}"
+            );
+            preferred += 1;
         }
     }
+    preferred
 }
