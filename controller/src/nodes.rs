@@ -7,7 +7,7 @@
 //! [`StaticNodes`] is the in-memory one that tests and the snapshot-file mode
 //! use.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -195,7 +195,8 @@ pub enum NodeError {
 pub struct StaticNodes {
     snapshot: RwLock<Arc<Snapshot>>,
     pushed: Mutex<Vec<(String, PoolSize)>>,
-    unreachable: Mutex<HashSet<String>>,
+    /// Pushes to these nodes fail with the error (tests).
+    refusals: Mutex<HashMap<String, NodeError>>,
     problems: Mutex<HashMap<String, NodeProblem>>,
     changes: watch::Sender<u64>,
 }
@@ -215,7 +216,7 @@ impl StaticNodes {
         StaticNodes {
             snapshot: RwLock::new(Arc::new(snapshot)),
             pushed: Mutex::new(Vec::new()),
-            unreachable: Mutex::new(HashSet::new()),
+            refusals: Mutex::new(HashMap::new()),
             problems: Mutex::new(HashMap::new()),
             changes: watch::channel(0).0,
         }
@@ -251,15 +252,20 @@ impl StaticNodes {
 
     /// Makes pushes to `node` fail as if it were unreachable (tests).
     pub fn set_unreachable(&self, node: &str, unreachable: bool) {
-        let mut set = self
-            .unreachable
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if unreachable {
-            set.insert(node.to_owned());
-        } else {
-            set.remove(node);
-        }
+        let error = NodeError::Unreachable {
+            node: node.to_owned(),
+            reason: "marked unreachable".into(),
+        };
+        self.refuse(node, unreachable.then_some(error));
+    }
+
+    /// Makes pushes to `node` fail with `error` (or work again) (tests).
+    pub fn refuse(&self, node: &str, error: Option<NodeError>) {
+        let mut refusals = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        match error {
+            Some(error) => refusals.insert(node.to_owned(), error),
+            None => refusals.remove(node),
+        };
     }
 }
 
@@ -286,16 +292,13 @@ impl NodeDirectory for StaticNodes {
         if self.snapshot().node(node).is_none() {
             return Err(NodeError::UnknownNode(node.to_owned()));
         }
-        if self
-            .unreachable
+        if let Some(error) = self
+            .refusals
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .contains(node)
+            .get(node)
         {
-            return Err(NodeError::Unreachable {
-                node: node.to_owned(),
-                reason: "marked unreachable".into(),
-            });
+            return Err(error.clone());
         }
         self.pushed
             .lock()

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use fast_sandbox_controller::crd::{SandboxPool, SandboxStatus};
-use fast_sandbox_controller::nodes::{NodeProblem, StaticNodes};
+use fast_sandbox_controller::nodes::{NodeError, NodeProblem, StaticNodes};
 use fast_sandbox_controller::reconcile::Context;
 use fast_sandbox_controller::run;
 use fast_sandbox_controller::scoring::{NodeState, Snapshot};
@@ -157,6 +157,52 @@ async fn a_refused_token_is_the_pools_condition() {
     .await;
     // Nothing pushed to the node that refused.
     assert_eq!(sizes(&nodes), [("a".to_owned(), 2)]);
+}
+
+#[tokio::test]
+async fn a_node_without_the_pool_is_the_pools_condition() {
+    let nodes = Arc::new(StaticNodes::new(
+        Snapshot::new(vec![
+            node_state("a", vec![warm(2, 2)], vec![]),
+            node_state("b", vec![], vec![]),
+        ])
+        .expect("snapshot"),
+    ));
+    // b's node plugin has no pool of this handler and shape (its agent
+    // answers NOT_FOUND).
+    let reason =
+        "no pool for handler \"fast-runc\" and shape \"seccomp=runtime-default\" on this node";
+    nodes.refuse(
+        "b",
+        Some(NodeError::NoSuchPool {
+            node: "b".into(),
+            reason: reason.into(),
+        }),
+    );
+    let pool = pool_object("p", 2, 6, None);
+    let (client, handle) = mock();
+    let ctx = context(client, nodes.clone(), std::slice::from_ref(&pool));
+    let answer = serde_json::to_value(&pool).expect("JSON");
+    let action = scenario(ctx, handle, run_pool(pool), |mut handle| {
+        Box::pin(async move {
+            let (_, _, body, respond) = next(&mut handle).await;
+            let status = &body["status"];
+            assert_eq!(status["nodes"][1]["node"], "b");
+            assert!(status["nodes"][1].get("pushed").is_none(), "{status}");
+            let message = status["nodes"][1]["message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains("node plugin's config") && message.contains(reason),
+                "{message}"
+            );
+            let ready = condition(status, "Ready");
+            assert_eq!(ready["reason"], "PoolMissingOnNode");
+            reply(respond, 200, &answer);
+            handle
+        })
+    })
+    .await;
+    // Not a push failure to retry in 10 s: the node's config must change.
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
 }
 
 fn sandbox_answer(name: &str) -> Value {
@@ -355,6 +401,7 @@ async fn a_waiting_sandbox_is_retried_as_soon_as_a_node_reports() {
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
 
     // A report with a freed slot: the Sandbox is handed back at once.
+    let freed_at = std::time::Instant::now();
     nodes
         .replace(Snapshot::new(vec![node_state("a", vec![warm(1, 4)], vec![])]).expect("snapshot"));
     let retried = tokio::time::timeout(Duration::from_secs(1), retries.next())
@@ -362,6 +409,10 @@ async fn a_waiting_sandbox_is_retried_as_soon_as_a_node_reports() {
         .expect("retried well before the 5 s timer")
         .expect("the stream lives");
     assert_eq!(retried, ObjectRef::from_obj(&sb));
+    eprintln!(
+        "slot freed → waiting Sandbox handed back for placement: {:?}",
+        freed_at.elapsed()
+    );
 
     // Deleted while waiting: forgotten, never handed back.
     let mut gone = Box::pin(ctx.waiting_on_nodes(|_| false));
