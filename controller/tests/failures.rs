@@ -279,6 +279,17 @@ fn pulling_pod(name: &str) -> Value {
     pod
 }
 
+/// Script: `GET` the pod → one stuck pulling its image; then the status
+/// `PATCH`, returned with its responder.
+async fn pulling_then_status(handle: &mut Handle) -> (Value, Respond) {
+    let (method, _, _, respond) = next(handle).await;
+    assert_eq!(method, Method::GET);
+    reply(respond, 200, &pulling_pod("sb1"));
+    let (method, _, body, respond) = next(handle).await;
+    assert_eq!(method, Method::PATCH);
+    (body, respond)
+}
+
 #[tokio::test]
 async fn an_image_pull_failure_is_reported_within_the_grace() {
     let (client, handle) = mock();
@@ -289,11 +300,7 @@ async fn an_image_pull_failure_is_reported_within_the_grace() {
         run_sandbox(placed("sb1", 20_000)),
         |mut handle| {
             Box::pin(async move {
-                let (method, _, _, respond) = next(&mut handle).await;
-                assert_eq!(method, Method::GET);
-                reply(respond, 200, &pulling_pod("sb1"));
-                let (method, _, body, respond) = next(&mut handle).await;
-                assert_eq!(method, Method::PATCH);
+                let (body, respond) = pulling_then_status(&mut handle).await;
                 let status = &body["status"];
                 assert_eq!(status["phase"], "Pending");
                 let ready = condition(status, "Ready");
@@ -324,11 +331,7 @@ async fn an_image_pull_failure_past_the_grace_fails_the_sandbox_and_frees_its_sl
         run_sandbox(placed("sb1", 200_000)),
         |mut handle| {
             Box::pin(async move {
-                let (method, _, _, respond) = next(&mut handle).await;
-                assert_eq!(method, Method::GET);
-                reply(respond, 200, &pulling_pod("sb1"));
-                let (method, _, body, respond) = next(&mut handle).await;
-                assert_eq!(method, Method::PATCH);
+                let (body, respond) = pulling_then_status(&mut handle).await;
                 let status = &body["status"];
                 assert_eq!(status["phase"], "Failed");
                 let ready = condition(status, "Ready");
