@@ -56,7 +56,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
-use crate::nodes::{NodeDirectory, NodeError, PoolSize};
+use crate::nodes::{NodeDirectory, NodeError, NodeProblem, PoolSize};
 use crate::scoring::{CachedImage, NodeState, PoolState, Snapshot};
 use crate::synth::Rng;
 
@@ -243,6 +243,8 @@ struct Entry {
     boot_id: String,
     /// Claimed slots per pool in the last report.
     claimed: HashMap<PoolKey, u32>,
+    /// Health as last reported.
+    health: Option<fast_sandbox_proto::nodeagent::Health>,
     /// The last size pushed per pool, while reports agree with it.
     pushed: HashMap<PoolKey, u32>,
     assumed: Vec<Assumed>,
@@ -301,15 +303,20 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// A node's state as the controller scores it, from its agent's report.
-/// `total` is the pool's desired size (or its free count while a lowered
-/// size is being trimmed), so `total − free` is the slots taken and not yet
-/// refilled, as the pool reconciler reads it. A pool key reported twice
-/// keeps its first entry.
+/// `total` is the pool's slots, free or held by pods (`free + claimed`),
+/// so `total − free` is exactly the slots pods hold, as the pool
+/// reconciler reads it; slots the node has yet to build (a raised size
+/// not reached yet) are in neither. A node is ready when its agent says
+/// so and can reach containerd. A pool key reported twice keeps its first
+/// entry.
 fn node_state(name: &str, status: &NodeStatus, now_ms: u64) -> NodeState {
     let mut keys = std::collections::HashSet::new();
     NodeState {
         name: name.to_owned(),
-        ready: status.health.as_ref().is_some_and(|h| h.ready),
+        ready: status
+            .health
+            .as_ref()
+            .is_some_and(|h| h.ready && h.upstream_reachable),
         pools: status
             .pools
             .iter()
@@ -319,7 +326,7 @@ fn node_state(name: &str, status: &NodeStatus, now_ms: u64) -> NodeState {
                 upstream_handler: p.upstream_handler.clone(),
                 shape: p.shape.clone(),
                 free: p.free,
-                total: p.desired.max(p.free),
+                total: p.free.saturating_add(p.claimed),
             })
             .collect(),
         images: status
@@ -346,17 +353,14 @@ fn unknown_state(name: &str) -> NodeState {
     }
 }
 
-/// Whether `new` differs from `old` in free counts only (and last-seen
+/// Whether `new` differs from `old` in slot counts only (and last-seen
 /// time), so the snapshot can be updated in place.
 fn free_counts_only(old: &NodeState, new: &NodeState) -> bool {
     old.ready == new.ready
         && old.images == new.images
         && old.pools.len() == new.pools.len()
         && old.pools.iter().zip(&new.pools).all(|(a, b)| {
-            a.handler == b.handler
-                && a.upstream_handler == b.upstream_handler
-                && a.shape == b.shape
-                && a.total == b.total
+            a.handler == b.handler && a.upstream_handler == b.upstream_handler && a.shape == b.shape
         })
 }
 
@@ -452,6 +456,7 @@ impl Inner {
             tracing::info!(node, address = %entry.address, "node agent connected");
         }
         entry.connected = true;
+        entry.health.clone_from(&status.health);
         entry.reports = entry.reports.saturating_add(1);
         entry.failures = 0;
 
@@ -496,12 +501,12 @@ impl Inner {
                 .unwrap_or_else(PoisonError::into_inner)
                 .node(node)
                 .is_some();
-        let changed_free: Vec<(String, String, u32)> = new
+        let changed_free: Vec<(String, String, u32, u32)> = new
             .pools
             .iter()
             .zip(&entry.state.pools)
-            .filter(|(n, o)| n.free != o.free)
-            .map(|(n, _)| (n.handler.clone(), n.shape.clone(), n.free))
+            .filter(|(n, o)| (n.free, n.total) != (o.free, o.total))
+            .map(|(n, _)| (n.handler.clone(), n.shape.clone(), n.free, n.total))
             .collect();
         let last_seen = entry.state.last_seen_unix_ms;
         entry.state = new;
@@ -516,8 +521,10 @@ impl Inner {
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
             let snapshot = Arc::make_mut(&mut snapshot);
-            for (handler, shape, free) in &changed_free {
-                if let Err(error) = snapshot.set_pool_free(node, handler, shape, *free) {
+            for (handler, shape, free, total) in &changed_free {
+                if let Err(error) =
+                    snapshot.set_pool_counts(node, handler, shape, *free, Some(*total))
+                {
                     tracing::warn!(node, %error, "free count not recorded");
                 }
             }
@@ -748,6 +755,7 @@ impl AgentDirectory {
                 last_error: None,
                 boot_id: String::new(),
                 claimed: HashMap::new(),
+                health: None,
                 pushed: HashMap::new(),
                 assumed: Vec::new(),
             },
@@ -930,6 +938,10 @@ impl NodeDirectory for AgentDirectory {
                         node: node.to_owned(),
                         reason,
                     },
+                    (Code::NotFound, _) => NodeError::NoSuchPool {
+                        node: node.to_owned(),
+                        reason: status.message().to_owned(),
+                    },
                     (_, error) => node_error(error.to_string()),
                 })
             }
@@ -942,6 +954,37 @@ impl NodeDirectory for AgentDirectory {
                 Ok(())
             }
         }
+    }
+
+    fn problem(&self, node: &str) -> Option<NodeProblem> {
+        let nodes = self.inner.lock();
+        let entry = nodes.map.get(node)?;
+        if !entry.connected {
+            return Some(match &entry.last_error {
+                Some(error @ AgentError::Unauthenticated { .. }) => {
+                    NodeProblem::TokenRejected(error.to_string())
+                }
+                Some(error) => NodeProblem::AgentUnreachable(error.to_string()),
+                None => NodeProblem::AgentUnreachable(format!(
+                    "no status from the node agent at {} yet",
+                    entry.address
+                )),
+            });
+        }
+        if entry.state.ready {
+            return None;
+        }
+        let health = entry.health.clone().unwrap_or_default();
+        let detail = if health.message.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", health.message)
+        };
+        Some(NodeProblem::AgentNotReady(if health.ready {
+            format!("the node plugin cannot reach its containerd{detail}")
+        } else {
+            format!("the node plugin reports not ready{detail}")
+        }))
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
@@ -1009,12 +1052,19 @@ mod tests {
         let state = node_state("a", &s, 42);
         assert!(state.ready);
         assert_eq!(state.last_seen_unix_ms, 42);
-        assert_eq!((state.pools[0].free, state.pools[0].total), (2, 3));
+        assert_eq!(
+            (state.pools[0].free, state.pools[0].total),
+            (2, 3),
+            "free + claimed"
+        );
         assert_eq!(state.images[0].tags, ["busybox:1"]);
         assert_eq!(state.images[0].size_bytes, 7);
         // A lowered size being trimmed: free above desired stays valid.
         let trimming = node_state("a", &status(5, 1, 0), 0);
         assert_eq!((trimming.pools[0].free, trimming.pools[0].total), (5, 5));
+        // A raised size not built yet: the missing slots are not taken.
+        let building = node_state("a", &status(3, 10, 0), 0);
+        assert_eq!((building.pools[0].free, building.pools[0].total), (3, 3));
         assert!(Snapshot::new(vec![trimming]).is_ok());
         // The same pool twice: the first counts.
         let mut twice = status(1, 3, 0);
@@ -1026,6 +1076,73 @@ mod tests {
         let mut unhealthy = status(1, 1, 0);
         unhealthy.health = None;
         assert!(!node_state("a", &unhealthy, 0).ready);
+        // An agent that cannot reach containerd: not ready either.
+        let mut cut_off = status(1, 1, 0);
+        if let Some(h) = cut_off.health.as_mut() {
+            h.upstream_reachable = false;
+        }
+        assert!(!node_state("a", &cut_off, 0).ready);
+    }
+
+    /// A node agent as the pool reconciler sees it: it takes the size
+    /// pushed, builds one slot per report towards it (trims at once), and
+    /// reports; the controller pushes a size only when it changes (the
+    /// directory does not repeat a size the reports agree with).
+    struct SizedNode {
+        desired: u32,
+        free: u32,
+        claimed: u32,
+        pushes: Vec<u32>,
+    }
+
+    impl SizedNode {
+        fn settle(&mut self, range: crate::crd::SlotRange) {
+            for _ in 0..100 {
+                let report = node_state("a", &status(self.free, self.desired, self.claimed), 0);
+                let want = crate::pool::desired_size(range, report.pools.first());
+                if want != self.desired {
+                    self.pushes.push(want);
+                    self.desired = want;
+                }
+                if self.free < self.desired {
+                    self.free += 1;
+                } else {
+                    self.free = self.desired;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scaling_pushes_each_size_once() {
+        use crate::crd::SlotRange;
+        let mut node = SizedNode {
+            desired: 3,
+            free: 3,
+            claimed: 0,
+            pushes: vec![],
+        };
+        node.settle(SlotRange { min: 3, max: 20 });
+        assert_eq!(node.pushes, [] as [u32; 0]);
+        // min 3 → 10: one push of 10, however slowly the node builds.
+        node.settle(SlotRange { min: 10, max: 20 });
+        assert_eq!(node.pushes, [10]);
+        assert_eq!(node.free, 10);
+        // Two pods take slots: 2 more, once; they end: back to min.
+        node.free -= 2;
+        node.claimed = 2;
+        node.settle(SlotRange { min: 10, max: 20 });
+        assert_eq!(node.pushes, [10, 12]);
+        node.claimed = 0;
+        node.settle(SlotRange { min: 10, max: 20 });
+        assert_eq!(node.pushes, [10, 12, 10]);
+        // Lower bounds: straight to the new size.
+        node.settle(SlotRange { min: 2, max: 5 });
+        assert_eq!(node.pushes, [10, 12, 10, 2]);
+        // Pods beyond max: capped.
+        node.claimed = 9;
+        node.settle(SlotRange { min: 2, max: 5 });
+        assert_eq!(node.pushes, [10, 12, 10, 2, 5]);
     }
 
     #[test]
@@ -1035,10 +1152,14 @@ mod tests {
             &old,
             &node_state("a", &status(1, 3, 2), 2)
         ));
-        assert!(!free_counts_only(
+        // A refill (one more slot) too: counts only.
+        assert!(free_counts_only(
             &old,
-            &node_state("a", &status(1, 4, 2), 2)
+            &node_state("a", &status(3, 4, 1), 2)
         ));
+        let mut not_ready = status(2, 3, 1);
+        not_ready.health = None;
+        assert!(!free_counts_only(&old, &node_state("a", &not_ready, 2)));
         let mut more = status(2, 3, 1);
         let mut other = more.pools[0].clone();
         other.shape = "seccomp=runtime-default".into();

@@ -130,6 +130,8 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
     let extender = Extender::new(
         ExtenderConfig {
             policy,
+            // The filter's cost is what is measured.
+            filter_nodes: true,
             ..ExtenderConfig::default()
         },
         snapshot.clone(),
@@ -241,7 +243,11 @@ mod tests {
         let nodes = synth::cluster(&mut rng, &catalog, 50, 0);
         let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
         let snapshot = Snapshot::new(nodes).unwrap();
-        let extender = Extender::new(ExtenderConfig::default(), snapshot.clone());
+        let config = ExtenderConfig {
+            filter_nodes: true,
+            ..ExtenderConfig::default()
+        };
+        let extender = Extender::new(config, snapshot.clone());
         for _ in 0..20 {
             let request = synth::request(&mut rng, &catalog);
             let args: ExtenderArgs =

@@ -107,6 +107,10 @@ pub struct NodePoolStatus {
     pub total: u32,
     /// The free-slot count the controller asked for.
     pub desired: u32,
+    /// The size this pool last pushed to the node and the node accepted:
+    /// only such nodes are drained when the pool is deleted or leaves them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed: Option<u32>,
     /// Why the node does not serve the pool, if it does not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

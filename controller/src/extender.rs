@@ -29,6 +29,8 @@ use k8s_openapi::api::core::v1::{Node, Pod, PodSecurityContext};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+use fast_sandbox_proto::shape::{ShapeKey, KUBELET_SANDBOX_SECCOMP};
+
 use crate::scoring::{Policy, Rejection, Request, RequestedImage, Scorer, Snapshot, MAX_SCORE};
 
 /// `MaxExtenderPriority` of the v1 extender API: answers are 0..=10.
@@ -126,6 +128,15 @@ pub struct ExtenderConfig {
     /// RuntimeClass name → the handler it names (its `handler` field).
     pub fast_classes: HashMap<String, String>,
     pub policy: Policy,
+    /// Whether the filter verb removes nodes at all (`--extender-filter`).
+    /// Off (the default), every candidate passes and nodes are only
+    /// scored, so a fast pod is placed wherever it would be without the
+    /// extender, and at worst starts cold. On, nodes the scoring rejects
+    /// ([`Rejection`]: no warm pool of the pod's handler and shape, node
+    /// plugin not ready or stale, and under [`crate::scoring::SlotPolicy::Require`]
+    /// no free slot) are filtered out: a pod that no warm slot fits then
+    /// stays Pending although it could start cold.
+    pub filter_nodes: bool,
     /// The seccomp shape of every pod's sandbox: kubelet (v1.26 on) always
     /// asks `RuntimeDefault` for it, whatever the pod's own profile
     /// (docs/warm-slots.md, "What kubelet sends"), so `runtime-default`.
@@ -146,7 +157,8 @@ impl Default for ExtenderConfig {
                 .map(|c| ((*c).to_owned(), (*c).to_owned()))
                 .collect(),
             policy: Policy::default(),
-            default_seccomp: "runtime-default".into(),
+            filter_nodes: false,
+            default_seccomp: KUBELET_SANDBOX_SECCOMP.into(),
             assume_ttl_ms: Some(DEFAULT_ASSUME_TTL_MS),
         }
     }
@@ -261,6 +273,25 @@ impl Extender {
                 ..Default::default()
             };
         };
+        if !self.config.filter_nodes {
+            let passed = args
+                .node_names
+                .as_ref()
+                .map_or(0, Vec::len)
+                .max(args.nodes.as_ref().map_or(0, |l| l.items.len()));
+            tracing::info!(
+                pod = %pod_name(pod),
+                handler = %request.handler,
+                shape = %request.shape,
+                passed,
+                "filter: every node passes (--extender-filter is off)"
+            );
+            return ExtenderFilterResult {
+                nodes: args.nodes,
+                node_names: args.node_names,
+                ..Default::default()
+            };
+        }
         let mut state = self.lock();
         state.settle(now_ms, None);
         let scorer = Scorer::new(&state.snapshot, &request, self.config.policy, now_ms);
@@ -287,7 +318,7 @@ impl Extender {
             }
             result.nodes = Some(NodeList { items });
         }
-        tracing::debug!(
+        tracing::info!(
             pod = %pod_name(pod),
             handler = %request.handler,
             shape = %request.shape,
@@ -342,6 +373,14 @@ impl Extender {
             });
         }
         let top = top.map(|(_, at)| priorities[at].host.clone());
+        tracing::info!(
+            pod = %pod_name(pod),
+            handler = %request.handler,
+            shape = %request.shape,
+            nodes = priorities.len(),
+            best = top.as_deref().unwrap_or("none with a free slot"),
+            "prioritize"
+        );
         drop(scorer);
         if let (Some(node), Some(ttl)) = (top, self.config.assume_ttl_ms) {
             if state
@@ -428,40 +467,37 @@ pub fn to_extender_priority(score: u8) -> i64 {
 }
 
 /// The pool shape key of a pod: the sandbox fields a warm slot cannot
-/// change once it runs (see the shim's `Shape`), from the pod-level
-/// security context as kubelet passes it to the sandbox. `fsGroup` joins the
-/// supplemental groups, as kubelet does. The seccomp part is always
-/// `sandbox_seccomp`: kubelet gives every pod sandbox `RuntimeDefault`
-/// whatever the pod's `seccompProfile` says (that profile applies to its
-/// containers; kubelet v1.26 `kuberuntime_sandbox.go:170-178`).
+/// change once it runs, derived as kubelet builds the sandbox's
+/// `LinuxSandboxSecurityContext` (docs/warm-slots.md, "What kubelet sends")
+/// and encoded as the node plugin reports pools ([`ShapeKey`]):
+/// - seccomp is always `sandbox_seccomp`: kubelet gives every pod sandbox
+///   `RuntimeDefault` whatever the pod's `seccompProfile` says (that
+///   profile applies to its containers);
+/// - `runAsUser`, `runAsGroup` and `seLinuxOptions` are the pod's;
+/// - the groups are `fsGroup` and `supplementalGroups` (kubelet sends
+///   `fsGroup` first; the key sorts them, as the node plugin does).
 pub fn pod_shape(security: Option<&PodSecurityContext>, sandbox_seccomp: &str) -> String {
-    let seccomp = sandbox_seccomp;
-    let mut shape = format!("seccomp={seccomp}");
     let Some(security) = security else {
-        return shape;
+        return ShapeKey {
+            seccomp: sandbox_seccomp,
+            ..Default::default()
+        }
+        .encode();
     };
-    if let Some(uid) = security.run_as_user {
-        shape.push_str(&format!(";uid={uid}"));
+    let mut groups: Vec<i64> = security.fs_group.into_iter().collect();
+    groups.extend(security.supplemental_groups.iter().flatten());
+    let selinux = security.se_linux_options.as_ref().map(|se| {
+        [&se.user, &se.role, &se.type_, &se.level].map(|part| part.as_deref().unwrap_or_default())
+    });
+    ShapeKey {
+        seccomp: sandbox_seccomp,
+        run_as_user: security.run_as_user,
+        run_as_group: security.run_as_group,
+        supplemental_groups: &groups,
+        // All-empty options are no options, as the node plugin reads them.
+        selinux: selinux.filter(|parts| parts.iter().any(|p| !p.is_empty())),
     }
-    if let Some(gid) = security.run_as_group {
-        shape.push_str(&format!(";gid={gid}"));
-    }
-    let mut groups: Vec<i64> = security.supplemental_groups.clone().unwrap_or_default();
-    groups.extend(security.fs_group);
-    if !groups.is_empty() {
-        let list: Vec<String> = groups.iter().map(i64::to_string).collect();
-        shape.push_str(&format!(";groups={}", list.join(",")));
-    }
-    if let Some(se) = &security.se_linux_options {
-        shape.push_str(&format!(
-            ";selinux={}:{}:{}:{}",
-            se.user.as_deref().unwrap_or_default(),
-            se.role.as_deref().unwrap_or_default(),
-            se.type_.as_deref().unwrap_or_default(),
-            se.level.as_deref().unwrap_or_default()
-        ));
-    }
-    shape
+    .encode()
 }
 
 /// What identifies a pod across its scheduling attempts: its UID, else its
@@ -599,6 +635,7 @@ mod tests {
                     slots: crate::scoring::SlotPolicy::Require,
                     stale_after_ms: None,
                 },
+                filter_nodes: true,
                 ..ExtenderConfig::default()
             },
             two_nodes(),
@@ -677,7 +714,7 @@ mod tests {
         // sandbox's: kubelet asks RuntimeDefault for the sandbox anyway.
         assert_eq!(
             pod_shape(Some(&security), "runtime-default"),
-            "seccomp=runtime-default;uid=1000;gid=3000;groups=4000,2000;selinux=:::s0:c1,c2"
+            "seccomp=runtime-default;uid=1000;gid=3000;groups=2000,4000;selinux=:::s0:c1,c2"
         );
     }
 }

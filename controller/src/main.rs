@@ -6,6 +6,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use fast_sandbox_proto::shape::KUBELET_SANDBOX_SECCOMP;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use fast_sandbox_controller::bench::{self, BenchConfig};
 use fast_sandbox_controller::crd;
 use fast_sandbox_controller::extender::{self, Extender, ExtenderConfig};
 use fast_sandbox_controller::nodes::{NodeDirectory, StaticNodes};
-use fast_sandbox_controller::reconcile::ReconcileConfig;
+use fast_sandbox_controller::reconcile::{ReconcileConfig, DEFAULT_IMAGE_PULL_GRACE};
 use fast_sandbox_controller::run;
 use fast_sandbox_controller::scoring::Snapshot;
 use fast_sandbox_controller::scoring::{Policy, SlotPolicy};
@@ -50,6 +51,18 @@ enum Command {
     /// Reconcile SandboxPools and Sandboxes against a cluster and serve the
     /// extender verbs, from one node directory.
     Run(RunArgs),
+    /// Remove the controller's finalizer from every SandboxPool, so that
+    /// pools and CRDs can be deleted without a controller running (see
+    /// docs/deploy.md, "Uninstall").
+    Uninstall {
+        /// A kubeconfig file; without it: KUBECONFIG, ~/.kube/config, or
+        /// the in-cluster service account.
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// The kubeconfig context (default: its current context).
+        #[arg(long)]
+        context: Option<String>,
+    },
     /// Write the CRD YAML generated from the Rust types, one file per CRD.
     Crdgen {
         #[arg(long, default_value = "deploy/crds")]
@@ -146,6 +159,16 @@ struct RunArgs {
     /// (`require`: a Sandbox waits for one).
     #[arg(long, value_enum, default_value_t = Slots::Require)]
     sandbox_slots: Slots,
+    /// Sandboxes: how long a pod may fail to pull its image before the
+    /// Sandbox fails and the pod is deleted (releasing its warm slot).
+    #[arg(long, default_value_t = DEFAULT_IMAGE_PULL_GRACE.as_secs())]
+    image_pull_grace_seconds: u64,
+    /// On shutdown, remove the controller's finalizer from every
+    /// SandboxPool, so pools and CRDs can then be deleted in any order
+    /// without a controller (for uninstalling; `uninstall` does the same
+    /// once).
+    #[arg(long)]
+    remove_finalizers_on_shutdown: bool,
     #[command(flatten)]
     placement: PlacementArgs,
 }
@@ -161,7 +184,18 @@ struct PlacementArgs {
         default_value = "fast-runc,fast-crun,fast-gvisor,fast-kata"
     )]
     fast_class: Vec<String>,
-    /// Extender: whether a node needs a free warm slot to pass the filter.
+    /// Extender: let the filter verb remove nodes (opt-in). Off, every
+    /// node passes and nodes are only scored, so a fast pod goes wherever
+    /// it would go without the extender and at worst starts cold. On, nodes
+    /// without a warm pool of the pod's handler and shape, whose node
+    /// plugin is not ready, or (with --slots require) without a free slot
+    /// are filtered out. The cost: a pod no warm slot fits (another shape,
+    /// every slot taken, node plugin down) stays Pending instead of
+    /// starting cold.
+    #[arg(long)]
+    extender_filter: bool,
+    /// Extender, with --extender-filter: whether a node needs a free warm
+    /// slot to pass the filter.
     #[arg(long, value_enum, default_value_t = Slots::Prefer)]
     slots: Slots,
     /// Ignore nodes whose status is older than this.
@@ -169,7 +203,7 @@ struct PlacementArgs {
     stale_after_ms: Option<u64>,
     /// The seccomp shape of every pod's sandbox (kubelet always asks
     /// RuntimeDefault for it), and of pools that set none.
-    #[arg(long, default_value = "runtime-default")]
+    #[arg(long, default_value = KUBELET_SANDBOX_SECCOMP)]
     default_seccomp: String,
     /// Extender: count the best node of each fast pod as one slot fewer for
     /// this long (ms), until its status shows the claim; 0 turns it off.
@@ -185,6 +219,7 @@ impl PlacementArgs {
         Ok(ExtenderConfig {
             fast_classes: fast_classes(&self.fast_class)?,
             policy: policy(self.slots, self.stale_after_ms),
+            filter_nodes: self.extender_filter,
             default_seccomp: self.default_seccomp.clone(),
             assume_ttl_ms: (self.assume_ttl_ms > 0).then_some(self.assume_ttl_ms),
         })
@@ -267,7 +302,7 @@ fn policy(slots: Slots, stale_after_ms: Option<u64>) -> Policy {
 async fn kube_client(
     kubeconfig: Option<PathBuf>,
     context: Option<String>,
-) -> anyhow::Result<kube::Client> {
+) -> anyhow::Result<(kube::Client, run::Served)> {
     let options = kube::config::KubeConfigOptions {
         context,
         ..Default::default()
@@ -290,8 +325,8 @@ async fn kube_client(
     let url = config.cluster_url.to_string();
     let client =
         kube::Client::try_from(config).with_context(|| format!("building a client for {url}"))?;
-    run::preflight(&client, &url).await?;
-    Ok(client)
+    let served = run::preflight(&client, &url).await?;
+    Ok((client, served))
 }
 
 fn init_logging(json: bool) {
@@ -348,12 +383,13 @@ fn run_controller(args: RunArgs) -> anyhow::Result<()> {
         fast_classes: extender_config.fast_classes.clone(),
         default_seccomp: placement.default_seccomp.clone(),
         sandbox_policy: policy(args.sandbox_slots, placement.stale_after_ms),
+        image_pull_grace: std::time::Duration::from_secs(args.image_pull_grace_seconds),
     };
     let extender = Arc::new(Extender::new(extender_config, initial.clone()));
     tokio::runtime::Runtime::new()
         .context("starting the async runtime")?
         .block_on(async move {
-            let client = kube_client(args.kubeconfig.clone(), args.context.clone()).await?;
+            let (client, served) = kube_client(args.kubeconfig.clone(), args.context.clone()).await?;
             let nodes: Arc<dyn NodeDirectory> = match (args.snapshot.clone(), token) {
                 (Some(path), _) => static_nodes(path, initial)?,
                 (None, Some(token)) => agent_nodes(&args, token, &agents, &client)?,
@@ -371,10 +407,19 @@ fn run_controller(args: RunArgs) -> anyhow::Result<()> {
             let listen = args.listen;
             let server = extender::listen(listen, extender.clone());
             tracing::info!(%listen, "serving the extender; reconciling SandboxPools and Sandboxes");
+            let controllers =
+                run::controllers(client.clone(), nodes, config, Some(extender), served, shutdown);
             tokio::select! {
-                result = server => result.with_context(|| format!("serving the extender on {listen}")),
-                () = run::controllers(client, nodes, config, Some(extender), shutdown) => Ok(()),
+                result = server => result.with_context(|| format!("serving the extender on {listen}"))?,
+                () = controllers => {}
             }
+            if args.remove_finalizers_on_shutdown {
+                let removed = run::remove_finalizers(&client)
+                    .await
+                    .context("removing the SandboxPool finalizers")?;
+                tracing::info!(removed, "SandboxPool finalizers removed on shutdown");
+            }
+            Ok(())
         })
 }
 
@@ -416,6 +461,22 @@ fn main() -> anyhow::Result<()> {
             placement,
         } => serve_extender(listen, snapshot, &placement)?,
         Command::Run(args) => run_controller(args)?,
+        Command::Uninstall {
+            kubeconfig,
+            context,
+        } => {
+            init_logging(false);
+            tokio::runtime::Runtime::new()
+                .context("starting the async runtime")?
+                .block_on(async {
+                    let (client, _) = kube_client(kubeconfig, context).await?;
+                    let removed = run::remove_finalizers(&client)
+                        .await
+                        .context("removing the SandboxPool finalizers")?;
+                    println!("removed the finalizer of {removed} SandboxPools");
+                    anyhow::Ok(())
+                })?;
+        }
         Command::Crdgen { out } => {
             for path in crd::write_crds(&out)? {
                 println!("{}", path.display());
@@ -519,6 +580,29 @@ mod tests {
         }
         assert!(run(&["--agent=a=127.0.0.1:1", "--agent=b=127.0.0.1:2"]).is_ok());
         assert!(run(&["--agent=a=127.0.0.1:1", "--snapshot=nodes.json"]).is_err());
+    }
+
+    /// `run` with the flags it is deployed with judges pods like
+    /// `ExtenderConfig::default()` (what tests/manifests.rs checks against
+    /// the shipped pools): no filtering, kubelet's sandbox seccomp.
+    #[test]
+    fn default_flags_never_filter_and_use_kubelets_sandbox_seccomp() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["fast-sandbox-controller", "run"];
+            argv.extend_from_slice(extra);
+            match Args::try_parse_from(argv).unwrap().command {
+                Command::Run(args) => args.placement.extender_config().unwrap(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let config = parse(&[]);
+        let defaults = ExtenderConfig::default();
+        assert!(!config.filter_nodes);
+        assert_eq!(config.filter_nodes, defaults.filter_nodes);
+        assert_eq!(config.default_seccomp, "runtime-default");
+        assert_eq!(config.default_seccomp, defaults.default_seccomp);
+        assert_eq!(config.policy, defaults.policy);
+        assert!(parse(&["--extender-filter"]).filter_nodes);
     }
 
     /// The Deployment's command is one `run` accepts, and its token file is

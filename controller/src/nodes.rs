@@ -7,11 +7,12 @@
 //! [`StaticNodes`] is the in-memory one that tests and the snapshot-file mode
 //! use.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use async_trait::async_trait;
+use fast_sandbox_proto::shape::ShapeKey;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -37,6 +38,38 @@ pub trait NodeDirectory: Send + Sync + 'static {
     /// A counter that moves whenever the snapshot changed (a node came, went,
     /// or reported different pools): the pool reconciler re-runs on it.
     fn subscribe(&self) -> watch::Receiver<u64>;
+
+    /// Why a node the directory knows is not ready, when it knows why.
+    fn problem(&self, _node: &str) -> Option<NodeProblem> {
+        None
+    }
+}
+
+/// Why a node's plugin does not serve pools, as the directory knows it;
+/// reconcilers put it in status conditions.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeProblem {
+    /// The node agent refused the controller's bearer token.
+    #[error("{0}")]
+    TokenRejected(String),
+    /// No status stream from the node agent.
+    #[error("{0}")]
+    AgentUnreachable(String),
+    /// The node agent reports that it is not ready, or cannot reach its
+    /// containerd.
+    #[error("{0}")]
+    AgentNotReady(String),
+}
+
+impl NodeProblem {
+    /// The condition reason for it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            NodeProblem::TokenRejected(_) => "AgentTokenRejected",
+            NodeProblem::AgentUnreachable(_) => "AgentUnreachable",
+            NodeProblem::AgentNotReady(_) => "NodeNotReady",
+        }
+    }
 }
 
 /// The sandbox fields a warm slot fixes once its pause runs: a pod only
@@ -108,29 +141,19 @@ impl SandboxShape {
         Ok(())
     }
 
-    /// The pool key's shape, in the encoding the extender derives from a
-    /// pod (`extender::pod_shape`) and node status reports:
-    /// `seccomp=<profile>[;uid=N][;gid=N][;groups=A,B]`.
+    /// The pool key's shape, in the encoding the node plugin reports and
+    /// the extender derives from a pod ([`ShapeKey`], shared with the node
+    /// plugin): `seccomp=<profile>[;uid=N][;gid=N][;groups=A,B]`, groups
+    /// sorted.
     pub fn key(&self, default_seccomp: &str) -> String {
-        let mut key = format!(
-            "seccomp={}",
-            self.seccomp.as_deref().unwrap_or(default_seccomp)
-        );
-        if let Some(uid) = self.run_as_user {
-            key.push_str(&format!(";uid={uid}"));
+        ShapeKey {
+            seccomp: self.seccomp.as_deref().unwrap_or(default_seccomp),
+            run_as_user: self.run_as_user,
+            run_as_group: self.run_as_group,
+            supplemental_groups: &self.supplemental_groups,
+            selinux: None,
         }
-        if let Some(gid) = self.run_as_group {
-            key.push_str(&format!(";gid={gid}"));
-        }
-        if !self.supplemental_groups.is_empty() {
-            let list: Vec<String> = self
-                .supplemental_groups
-                .iter()
-                .map(i64::to_string)
-                .collect();
-            key.push_str(&format!(";groups={}", list.join(",")));
-        }
-        key
+        .encode()
     }
 }
 
@@ -158,6 +181,11 @@ pub enum NodeError {
     Unreachable { node: String, reason: String },
     #[error("node {node:?} refused the pool size: {reason}")]
     Refused { node: String, reason: String },
+    #[error(
+        "node {node:?} has no pool of this handler and shape (its node plugin's config \
+         defines the pools the controller can size): {reason}"
+    )]
+    NoSuchPool { node: String, reason: String },
     #[error("node {node:?} did not answer within {timeout_ms} ms")]
     Timeout { node: String, timeout_ms: u64 },
 }
@@ -167,7 +195,9 @@ pub enum NodeError {
 pub struct StaticNodes {
     snapshot: RwLock<Arc<Snapshot>>,
     pushed: Mutex<Vec<(String, PoolSize)>>,
-    unreachable: Mutex<HashSet<String>>,
+    /// Pushes to these nodes fail with the error (tests).
+    refusals: Mutex<HashMap<String, NodeError>>,
+    problems: Mutex<HashMap<String, NodeProblem>>,
     changes: watch::Sender<u64>,
 }
 
@@ -186,7 +216,8 @@ impl StaticNodes {
         StaticNodes {
             snapshot: RwLock::new(Arc::new(snapshot)),
             pushed: Mutex::new(Vec::new()),
-            unreachable: Mutex::new(HashSet::new()),
+            refusals: Mutex::new(HashMap::new()),
+            problems: Mutex::new(HashMap::new()),
             changes: watch::channel(0).0,
         }
     }
@@ -209,17 +240,32 @@ impl StaticNodes {
             .clone()
     }
 
+    /// Sets (or clears) what [`NodeDirectory::problem`] says of `node`
+    /// (tests).
+    pub fn set_problem(&self, node: &str, problem: Option<NodeProblem>) {
+        let mut problems = self.problems.lock().unwrap_or_else(PoisonError::into_inner);
+        match problem {
+            Some(p) => problems.insert(node.to_owned(), p),
+            None => problems.remove(node),
+        };
+    }
+
     /// Makes pushes to `node` fail as if it were unreachable (tests).
     pub fn set_unreachable(&self, node: &str, unreachable: bool) {
-        let mut set = self
-            .unreachable
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if unreachable {
-            set.insert(node.to_owned());
-        } else {
-            set.remove(node);
-        }
+        let error = NodeError::Unreachable {
+            node: node.to_owned(),
+            reason: "marked unreachable".into(),
+        };
+        self.refuse(node, unreachable.then_some(error));
+    }
+
+    /// Makes pushes to `node` fail with `error` (or work again) (tests).
+    pub fn refuse(&self, node: &str, error: Option<NodeError>) {
+        let mut refusals = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        match error {
+            Some(error) => refusals.insert(node.to_owned(), error),
+            None => refusals.remove(node),
+        };
     }
 }
 
@@ -246,16 +292,13 @@ impl NodeDirectory for StaticNodes {
         if self.snapshot().node(node).is_none() {
             return Err(NodeError::UnknownNode(node.to_owned()));
         }
-        if self
-            .unreachable
+        if let Some(error) = self
+            .refusals
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .contains(node)
+            .get(node)
         {
-            return Err(NodeError::Unreachable {
-                node: node.to_owned(),
-                reason: "marked unreachable".into(),
-            });
+            return Err(error.clone());
         }
         self.pushed
             .lock()
@@ -266,6 +309,14 @@ impl NodeDirectory for StaticNodes {
 
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    fn problem(&self, node: &str) -> Option<NodeProblem> {
+        self.problems
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node)
+            .cloned()
     }
 }
 

@@ -21,7 +21,7 @@ use kube::{Api, ResourceExt};
 use tracing::Instrument;
 
 use crate::crd::{NodePoolStatus, SandboxPool, SandboxPoolStatus, SlotRange};
-use crate::nodes::PoolSize;
+use crate::nodes::{NodeError, PoolSize};
 use crate::reconcile::{backoff_key, condition, write_status, Context, Error};
 use crate::scoring::PoolState;
 
@@ -35,9 +35,11 @@ const RESYNC: Duration = Duration::from_secs(300);
 const PUSH_RETRY: Duration = Duration::from_secs(10);
 
 /// The free slots to ask of one node: `min` when the pool is idle, plus
-/// the slots taken and not yet refilled (`total − free` as last reported),
-/// capped at `max`. A node whose pool drains faster than it refills is asked
-/// for more, up to `max`; when demand stops, refills bring it back to `min`.
+/// the slots pods hold (`total − free` as last reported: the agent reports
+/// `total` as free + claimed), capped at `max`. A node whose pods use the
+/// pool keeps that much more headroom, up to `max`; when they end it goes
+/// back to `min`. Slots the node has not built yet count for nothing, so a
+/// raised size is pushed once, not grown on its own shortfall.
 pub fn desired_size(range: SlotRange, reported: Option<&PoolState>) -> u32 {
     let in_flight = reported.map_or(0, |p| p.total.saturating_sub(p.free));
     range
@@ -119,113 +121,29 @@ async fn apply(pool: &SandboxPool, ctx: &Context, api: &Api<SandboxPool>) -> Res
             return Ok(Action::await_change());
         }
     };
-    let shape_key = pool.spec.shape.key(&ctx.config.default_seccomp);
-    let snapshot = ctx.nodes.snapshot();
+    let size = zero_size(pool, ctx, handler);
     let matching = ctx.nodes_matching(&pool.spec.node_selector);
+    let mut outcome = Outcome::default();
     let mut nodes = Vec::with_capacity(matching.len());
-    let mut push_failed = false;
     for node in &matching {
-        let state = snapshot.node(node).filter(|s| s.ready);
-        let reported = state.and_then(|s| {
-            s.pools
-                .iter()
-                .find(|p| p.handler == handler && p.shape == shape_key)
-        });
-        let desired = desired_size(pool.spec.slots_per_node, reported);
-        let mut entry = NodePoolStatus {
-            node: node.clone(),
-            ready: false,
-            free: reported.map_or(0, |p| p.free),
-            total: reported.map_or(0, |p| p.total),
-            desired,
-            message: None,
-        };
-        if state.is_none() {
-            entry.message = Some(match snapshot.node(node) {
-                Some(_) => "node plugin not ready".into(),
-                None => "no report from a node plugin on this node".into(),
-            });
-            nodes.push(entry);
-            continue;
-        }
-        let size = PoolSize {
-            pool: name.clone(),
-            handler: handler.clone(),
-            shape: pool.spec.shape.clone(),
-            shape_key: shape_key.clone(),
-            size: desired,
-        };
-        match ctx.nodes.set_pool_size(node, &size).await {
-            Ok(()) if reported.is_some() => entry.ready = true,
-            Ok(()) => entry.message = Some("waiting for the node to report the pool".into()),
-            Err(error) => {
-                tracing::warn!(node = %node, %error, "pool size not pushed");
-                push_failed = true;
-                entry.message = Some(error.to_string());
-            }
-        }
-        nodes.push(entry);
+        let before = old.nodes.iter().find(|n| &n.node == node);
+        nodes.push(serve_node(pool, ctx, &size, node, before, &mut outcome).await);
     }
-    // Nodes the pool served before but no longer matches keep no slots.
+    // Nodes the pool pushed to before but no longer matches keep no slots
+    // for it (unless another pool asks for the same slots there).
     let matching_set: BTreeSet<&String> = matching.iter().collect();
-    for gone in old.nodes.iter().filter(|n| !matching_set.contains(&n.node)) {
-        if snapshot.node(&gone.node).is_none_or(|s| !s.ready) {
-            continue;
-        }
-        let size = PoolSize {
-            pool: name.clone(),
-            handler: handler.clone(),
-            shape: pool.spec.shape.clone(),
-            shape_key: shape_key.clone(),
-            size: 0,
-        };
-        if let Err(error) = ctx.nodes.set_pool_size(&gone.node, &size).await {
+    let left = old
+        .nodes
+        .iter()
+        .filter(|n| !matching_set.contains(&n.node) && n.pushed.is_some());
+    for gone in left {
+        if let Err(error) = drain(pool, ctx, &size, &gone.node).await {
             tracing::warn!(node = %gone.node, %error, "pool not drained from a node it left");
-            push_failed = true;
+            outcome.push_failed = true;
         }
     }
     let ready_nodes = nodes.iter().filter(|n| n.ready).count();
-    let (ok, reason, message) = if matching.is_empty() {
-        (
-            false,
-            "NoMatchingNodes",
-            "no node matches spec.nodeSelector".to_owned(),
-        )
-    } else if ready_nodes == nodes.len() {
-        (
-            true,
-            "PoolServed",
-            format!("{ready_nodes} nodes serve the pool"),
-        )
-    } else {
-        let missing: Vec<String> = nodes
-            .iter()
-            .filter(|n| !n.ready)
-            .take(5)
-            .map(|n| {
-                format!(
-                    "{} ({})",
-                    n.node,
-                    n.message.as_deref().unwrap_or("not ready")
-                )
-            })
-            .collect();
-        let reason = if push_failed {
-            "PushFailed"
-        } else {
-            "NodesNotReady"
-        };
-        let more = nodes.len() - ready_nodes;
-        (
-            false,
-            reason,
-            format!(
-                "{more} of {} nodes do not serve the pool: {}",
-                nodes.len(),
-                missing.join(", ")
-            ),
-        )
-    };
+    let (ok, reason, message) = ready_condition(&nodes, matching.is_empty(), &outcome);
     let status = SandboxPoolStatus {
         observed_generation: generation,
         ready_nodes: u32::try_from(ready_nodes).unwrap_or(u32::MAX),
@@ -243,44 +161,232 @@ async fn apply(pool: &SandboxPool, ctx: &Context, api: &Api<SandboxPool>) -> Res
         nodes,
     };
     write_status(api, &name, &old, status).await?;
-    Ok(Action::requeue(if push_failed {
+    Ok(Action::requeue(if outcome.push_failed {
         PUSH_RETRY
     } else {
         RESYNC
     }))
 }
 
-/// A deleted pool: tell every node it served to keep no slots for it. A
-/// node that does not answer does not hold the deletion up (it drops pools
-/// no controller asks for when it restarts).
-async fn cleanup(pool: &SandboxPool, ctx: &Context) -> Result<Action, Error> {
-    let name = pool.name_any();
-    let Some(handler) = ctx.config.fast_classes.get(&pool.spec.runtime_class_name) else {
-        return Ok(Action::await_change());
-    };
-    let snapshot = ctx.nodes.snapshot();
-    let mut served: BTreeSet<String> = ctx
-        .nodes_matching(&pool.spec.node_selector)
-        .into_iter()
-        .collect();
-    served.extend(
-        pool.status
-            .iter()
-            .flat_map(|s| s.nodes.iter().map(|n| n.node.clone())),
-    );
-    let size = PoolSize {
-        pool: name.clone(),
-        handler: handler.clone(),
+/// The pool's size message for its `handler` (validated), at size 0.
+fn zero_size(pool: &SandboxPool, ctx: &Context, handler: String) -> PoolSize {
+    PoolSize {
+        pool: pool.name_any(),
+        handler,
         shape: pool.spec.shape.clone(),
         shape_key: pool.spec.shape.key(&ctx.config.default_seccomp),
         size: 0,
+    }
+}
+
+/// What went wrong across a pool's nodes, for its `Ready` condition.
+#[derive(Debug, Default)]
+struct Outcome {
+    push_failed: bool,
+    /// The most telling reason seen: a node-side problem or a missing pool.
+    reason: Option<&'static str>,
+}
+
+impl Outcome {
+    fn saw(&mut self, reason: &'static str) {
+        // A rejected token explains every other symptom: it wins.
+        if self.reason != Some("AgentTokenRejected") {
+            self.reason = Some(reason);
+        }
+    }
+}
+
+/// Pushes the pool's desired size to one matching node and describes the
+/// pool there.
+async fn serve_node(
+    pool: &SandboxPool,
+    ctx: &Context,
+    size: &PoolSize,
+    node: &str,
+    before: Option<&NodePoolStatus>,
+    outcome: &mut Outcome,
+) -> NodePoolStatus {
+    let snapshot = ctx.nodes.snapshot();
+    let state = snapshot.node(node).filter(|s| s.ready);
+    let reported = state.and_then(|s| {
+        s.pools
+            .iter()
+            .find(|p| p.handler == size.handler && p.shape == size.shape_key)
+    });
+    let desired = desired_size(pool.spec.slots_per_node, reported);
+    let mut entry = NodePoolStatus {
+        node: node.to_owned(),
+        ready: false,
+        free: reported.map_or(0, |p| p.free),
+        total: reported.map_or(0, |p| p.total),
+        desired,
+        // Still ours until a push to the node changes it.
+        pushed: before.and_then(|b| b.pushed),
+        message: None,
     };
-    for node in served.iter().filter(|n| snapshot.node(n).is_some()) {
-        if let Err(error) = ctx.nodes.set_pool_size(node, &size).await {
+    if state.is_none() {
+        entry.message = Some(match (snapshot.node(node), ctx.nodes.problem(node)) {
+            (_, Some(problem)) => {
+                outcome.saw(problem.reason());
+                problem.to_string()
+            }
+            (Some(_), None) => "node plugin not ready".into(),
+            (None, None) => "no report from a node plugin on this node".into(),
+        });
+        return entry;
+    }
+    let size = PoolSize {
+        size: desired,
+        ..size.clone()
+    };
+    match ctx.nodes.set_pool_size(node, &size).await {
+        Ok(()) => {
+            entry.pushed = Some(desired);
+            ctx.warned_once(&pool.name_any(), node, None);
+            if reported.is_some() {
+                entry.ready = true;
+            } else {
+                entry.message = Some("waiting for the node to report the pool".into());
+            }
+        }
+        Err(error) => {
+            if ctx.warned_once(&pool.name_any(), node, Some(&error.to_string())) {
+                tracing::warn!(node = %node, %error, "pool size not pushed");
+            } else {
+                tracing::debug!(node = %node, %error, "pool size still not pushed");
+            }
+            match error {
+                NodeError::NoSuchPool { .. } => outcome.saw("PoolMissingOnNode"),
+                _ => outcome.push_failed = true,
+            }
+            entry.message = Some(error.to_string());
+        }
+    }
+    entry
+}
+
+/// The pool's `Ready` condition: (status, reason, message).
+fn ready_condition(
+    nodes: &[NodePoolStatus],
+    none_match: bool,
+    outcome: &Outcome,
+) -> (bool, &'static str, String) {
+    let ready_nodes = nodes.iter().filter(|n| n.ready).count();
+    if none_match {
+        return (
+            false,
+            "NoMatchingNodes",
+            "no node matches spec.nodeSelector".to_owned(),
+        );
+    }
+    if ready_nodes == nodes.len() {
+        return (
+            true,
+            "PoolServed",
+            format!("{ready_nodes} nodes serve the pool"),
+        );
+    }
+    let missing: Vec<String> = nodes
+        .iter()
+        .filter(|n| !n.ready)
+        .take(5)
+        .map(|n| {
+            format!(
+                "{} ({})",
+                n.node,
+                n.message.as_deref().unwrap_or("not ready")
+            )
+        })
+        .collect();
+    let reason = match outcome.reason {
+        Some(reason) => reason,
+        None if outcome.push_failed => "PushFailed",
+        None => "NodesNotReady",
+    };
+    let more = nodes.len() - ready_nodes;
+    (
+        false,
+        reason,
+        format!(
+            "{more} of {} nodes do not serve the pool: {}",
+            nodes.len(),
+            missing.join(", ")
+        ),
+    )
+}
+
+/// Another live, valid pool asks `node` for the same slots (handler and
+/// shape) as `pool`: draining them would take that pool's slots.
+fn shared_with_another_pool(
+    pool: &SandboxPool,
+    ctx: &Context,
+    size: &PoolSize,
+    node: &str,
+) -> bool {
+    ctx.pools.state().iter().any(|other| {
+        other.name_any() != pool.name_any()
+            && other.metadata.deletion_timestamp.is_none()
+            && validate(other, ctx).is_ok_and(|h| h == size.handler)
+            && other.spec.shape.key(&ctx.config.default_seccomp) == size.shape_key
+            && ctx
+                .nodes_matching(&other.spec.node_selector)
+                .iter()
+                .any(|n| n == node)
+    })
+}
+
+/// Tells `node` to keep no slots for `pool`, unless another pool shares
+/// them there (that pool's own reconcile keeps its size).
+async fn drain(
+    pool: &SandboxPool,
+    ctx: &Context,
+    size: &PoolSize,
+    node: &str,
+) -> Result<(), NodeError> {
+    if ctx.nodes.snapshot().node(node).is_none_or(|s| !s.ready) {
+        return Ok(());
+    }
+    if shared_with_another_pool(pool, ctx, size, node) {
+        tracing::info!(
+            node,
+            "not drained: another SandboxPool asks for the same slots there"
+        );
+        return Ok(());
+    }
+    let zero = PoolSize {
+        size: 0,
+        ..size.clone()
+    };
+    ctx.nodes.set_pool_size(node, &zero).await
+}
+
+/// A deleted pool: tell every node it pushed a size to (and that accepted
+/// it) to keep no slots for it. An invalid pool never pushed, so it drains
+/// nothing; a node another pool shares the slots with is left alone. A node
+/// that does not answer does not hold the deletion up (it drops pools no
+/// controller asks for when it restarts).
+async fn cleanup(pool: &SandboxPool, ctx: &Context) -> Result<Action, Error> {
+    let Ok(handler) = validate(pool, ctx) else {
+        tracing::info!("invalid pool deleted; it never pushed a size, nothing to drain");
+        return Ok(Action::await_change());
+    };
+    let size = zero_size(pool, ctx, handler);
+    let pushed: Vec<&str> = pool
+        .status
+        .iter()
+        .flat_map(|s| &s.nodes)
+        .filter(|n| n.pushed.is_some())
+        .map(|n| n.node.as_str())
+        .collect();
+    for node in &pushed {
+        if let Err(error) = drain(pool, ctx, &size, node).await {
             tracing::warn!(node = %node, %error, "deleted pool not drained from a node");
         }
     }
-    tracing::info!(nodes = served.len(), "pool deleted; nodes told to drain it");
+    tracing::info!(
+        nodes = pushed.len(),
+        "pool deleted; nodes it sized told to drain it"
+    );
     Ok(Action::await_change())
 }
 

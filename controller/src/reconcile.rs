@@ -1,10 +1,11 @@
 //! What both reconcilers share: the [`Context`] they run in, their
 //! [`Error`], the retry policy, and condition bookkeeping.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
@@ -13,7 +14,9 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 
-use crate::crd::SandboxPool;
+use fast_sandbox_proto::shape::KUBELET_SANDBOX_SECCOMP;
+
+use crate::crd::{Sandbox, SandboxPool};
 use crate::nodes::NodeDirectory;
 use crate::scoring::{Policy, SlotPolicy};
 
@@ -28,7 +31,13 @@ pub struct ReconcileConfig {
     /// How the direct `Sandbox` path filters and scores nodes; under
     /// [`SlotPolicy::Require`] a `Sandbox` waits for a free warm slot.
     pub sandbox_policy: Policy,
+    /// How long a `Sandbox`'s pod may fail to pull its image before the
+    /// `Sandbox` fails and the pod is deleted (its warm slot released).
+    pub image_pull_grace: Duration,
 }
+
+/// Default of [`ReconcileConfig::image_pull_grace`].
+pub const DEFAULT_IMAGE_PULL_GRACE: Duration = Duration::from_secs(120);
 
 impl Default for ReconcileConfig {
     fn default() -> Self {
@@ -37,11 +46,12 @@ impl Default for ReconcileConfig {
                 .iter()
                 .map(|c| ((*c).to_owned(), (*c).to_owned()))
                 .collect(),
-            default_seccomp: "runtime-default".into(),
+            default_seccomp: KUBELET_SANDBOX_SECCOMP.into(),
             sandbox_policy: Policy {
                 slots: SlotPolicy::Require,
                 stale_after_ms: None,
             },
+            image_pull_grace: DEFAULT_IMAGE_PULL_GRACE,
         }
     }
 }
@@ -71,6 +81,11 @@ pub struct Context {
     /// `Sandbox` reconciles never both take a pool's last free slot.
     pub(crate) placement: Mutex<()>,
     failures: Mutex<HashMap<String, u32>>,
+    /// `Sandbox`es waiting for a free slot: reconciled again whenever the
+    /// node directory changes ([`Context::waiting_on_nodes`]).
+    waiting: Mutex<HashSet<ObjectRef<Sandbox>>>,
+    /// (object, node) → the problem last logged at WARN for it.
+    warned: Mutex<HashMap<(String, String), String>>,
     clock: Box<dyn Fn() -> u64 + Send + Sync>,
 }
 
@@ -99,6 +114,8 @@ impl Context {
             config,
             placement: Mutex::new(()),
             failures: Mutex::new(HashMap::new()),
+            warned: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashSet::new()),
             clock: Box::new(unix_now_ms),
         }
     }
@@ -149,12 +166,78 @@ impl Context {
         backoff_delay(*count)
     }
 
+    /// Marks `sandbox` as waiting for a free slot.
+    pub(crate) fn wait_for_slot(&self, sandbox: ObjectRef<Sandbox>) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(sandbox);
+    }
+
+    /// `sandbox` no longer waits (placed, invalid or deleted).
+    pub(crate) fn stop_waiting(&self, sandbox: &ObjectRef<Sandbox>) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(sandbox);
+    }
+
+    /// The `Sandbox`es waiting for a slot, each time the node directory
+    /// changes (a report with a freed or refilled slot): the `Sandbox`
+    /// controller's extra trigger, so a waiting `Sandbox` is placed as soon
+    /// as a slot frees instead of on its retry timer. One that no longer
+    /// `exists` (deleted while waiting) is forgotten.
+    pub fn waiting_on_nodes(
+        self: &Arc<Self>,
+        exists: impl Fn(&ObjectRef<Sandbox>) -> bool + Send + Sync + 'static,
+    ) -> impl futures::Stream<Item = ObjectRef<Sandbox>> + Send + 'static {
+        let ctx = self.clone();
+        let exists = Arc::new(exists);
+        futures::stream::unfold(
+            (ctx.nodes.subscribe(), ctx, exists),
+            |(mut changes, ctx, exists)| async move {
+                changes.changed().await.ok()?;
+                let waiting: Vec<ObjectRef<Sandbox>> = {
+                    let mut waiting = ctx.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+                    waiting.retain(|sandbox| exists(sandbox));
+                    waiting.iter().cloned().collect()
+                };
+                Some((futures::stream::iter(waiting), (changes, ctx, exists)))
+            },
+        )
+        .flatten()
+    }
+
+    /// Whether `problem` of `object` on `node` is news (to log at WARN):
+    /// the same problem again is not; `None` (it went away) forgets it.
+    pub(crate) fn warned_once(&self, object: &str, node: &str, problem: Option<&str>) -> bool {
+        warned_once(&self.warned, object, node, problem)
+    }
+
     /// Forgets the failures of `key` (it reconciled).
     pub(crate) fn reset_backoff(&self, key: &str) {
         self.failures
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(key);
+    }
+}
+
+/// [`Context::warned_once`] over the map `warned`.
+fn warned_once(
+    warned: &Mutex<HashMap<(String, String), String>>,
+    object: &str,
+    node: &str,
+    problem: Option<&str>,
+) -> bool {
+    let mut warned = warned.lock().unwrap_or_else(PoisonError::into_inner);
+    let key = (object.to_owned(), node.to_owned());
+    match problem {
+        None => {
+            warned.remove(&key);
+            false
+        }
+        Some(p) => warned.insert(key, p.to_owned()).as_deref() != Some(p),
     }
 }
 
@@ -168,10 +251,25 @@ where
     if &status == old {
         return Ok(());
     }
-    let patch = serde_json::json!({ "status": status });
+    let patch = serde_json::json!({ "status": status_patch(old, &status) });
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     Ok(())
+}
+
+/// `new` as a merge patch over `old`: a field `new` leaves out (an empty
+/// list, an unset option) is sent as `null`, or the API server would keep
+/// the old value (a pool's node list would keep nodes it no longer has).
+fn status_patch<S: serde::Serialize>(old: &S, new: &S) -> serde_json::Value {
+    let mut patch = serde_json::to_value(new).unwrap_or_default();
+    if let (Ok(serde_json::Value::Object(old)), serde_json::Value::Object(fields)) =
+        (serde_json::to_value(old), &mut patch)
+    {
+        for key in old.keys() {
+            fields.entry(key.clone()).or_insert(serde_json::Value::Null);
+        }
+    }
+    patch
 }
 
 /// 1 s, 2 s, 4 s … capped at 5 minutes.
@@ -258,6 +356,39 @@ fn unix_now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_patch_clears_what_the_new_status_leaves_out() {
+        use crate::crd::{NodePoolStatus, SandboxPoolStatus};
+        let old = SandboxPoolStatus {
+            ready_nodes: 1,
+            nodes: vec![NodePoolStatus {
+                node: "gone".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let new = SandboxPoolStatus::default();
+        let patch = status_patch(&old, &new);
+        assert_eq!(patch["nodes"], serde_json::Value::Null);
+        assert!(patch.as_object().is_some_and(|o| o.contains_key("nodes")));
+        assert_eq!(patch["readyNodes"], 0);
+        // Nothing added for fields neither has.
+        assert!(!patch
+            .as_object()
+            .is_some_and(|o| o.contains_key("conditions")));
+    }
+
+    #[test]
+    fn a_problem_is_warned_once_until_it_changes_or_clears() {
+        let ctx_warned = std::sync::Mutex::new(HashMap::new());
+        let warn = |problem: Option<&str>| warned_once(&ctx_warned, "p", "a", problem);
+        assert!(warn(Some("no pool")));
+        assert!(!warn(Some("no pool")));
+        assert!(warn(Some("unreachable")));
+        assert!(!warn(None));
+        assert!(warn(Some("unreachable")));
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

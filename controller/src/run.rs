@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use futures::{stream, FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::ListParams;
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{predicates, watcher, Controller, WatchStreamExt};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 
 use crate::crd::{Sandbox, SandboxPool, SANDBOX_LABEL};
 use crate::extender::Extender;
@@ -40,9 +40,42 @@ pub enum StartError {
     },
 }
 
-/// Checks that the API server answers and both CRDs are served, so a
-/// misconfigured controller fails at once with a message that says why.
-pub async fn preflight(client: &Client, url: &str) -> Result<(), StartError> {
+/// Which of the project's CRDs the API server serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    pub sandbox_pools: bool,
+    pub sandboxes: bool,
+}
+
+/// Whether the CRD of `K` is served: a 404 (not installed, or being
+/// deleted) is `false` with a WARN; any other error stops the start.
+async fn crd_served<K>(client: &Client, kind: &'static str) -> Result<bool, StartError>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match Api::<K>::all(client.clone())
+        .list(&ListParams::default().limit(1))
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(response)) if response.code == 404 => {
+            tracing::warn!(
+                kind,
+                "the {kind} CRD is not installed: running without its controller \
+                 (apply deploy/crds/ and restart to enable it)"
+            );
+            Ok(false)
+        }
+        Err(source) => Err(StartError::Crd { kind, source }),
+    }
+}
+
+/// Checks that the API server answers and which CRDs are served, so a
+/// misconfigured controller fails at once with a message that says why. A
+/// missing CRD is not fatal (the controller runs degraded, without that
+/// controller): an uninstall or a partial install must never leave it
+/// crash-looping.
+pub async fn preflight(client: &Client, url: &str) -> Result<Served, StartError> {
     const SECONDS: u64 = 10;
     match tokio::time::timeout(Duration::from_secs(SECONDS), client.apiserver_version()).await {
         Err(_) => {
@@ -59,39 +92,63 @@ pub async fn preflight(client: &Client, url: &str) -> Result<(), StartError> {
         }
         Ok(Ok(version)) => tracing::info!(version = %version.git_version, "API server reachable"),
     }
-    let one = ListParams::default().limit(1);
-    Api::<SandboxPool>::all(client.clone())
-        .list(&one)
-        .await
-        .map_err(|source| StartError::Crd {
-            kind: "SandboxPool",
-            source,
-        })?;
-    Api::<Sandbox>::all(client.clone())
-        .list(&one)
-        .await
-        .map_err(|source| StartError::Crd {
-            kind: "Sandbox",
-            source,
-        })?;
-    Ok(())
+    Ok(Served {
+        sandbox_pools: crd_served::<SandboxPool>(client, "SandboxPool").await?,
+        sandboxes: crd_served::<Sandbox>(client, "Sandbox").await?,
+    })
 }
 
-/// Runs both controllers until `shutdown` resolves, and keeps `extender`
-/// (if any) fed with the node directory's snapshots.
-pub async fn controllers(
-    client: Client,
-    nodes: Arc<dyn NodeDirectory>,
-    config: ReconcileConfig,
-    extender: Option<Arc<Extender>>,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) {
-    let shutdown = shutdown.shared();
-    let controller_config = ControllerConfig::default().debounce(Duration::from_millis(200));
+/// Removes the controller's finalizer from every `SandboxPool`, so pools
+/// and their CRD can be deleted without a controller running (uninstall).
+/// Nodes are not drained: uninstalling removes the node plugins too, and a
+/// node plugin drops pools no controller asks for when it restarts.
+/// Returns how many pools had the finalizer.
+pub async fn remove_finalizers(client: &Client) -> Result<usize, kube::Error> {
+    let api = Api::<SandboxPool>::all(client.clone());
+    let mut removed = 0;
+    for pool in api.list(&ListParams::default()).await? {
+        let finalizers = pool.metadata.finalizers.clone().unwrap_or_default();
+        if !finalizers.iter().any(|f| f == pool::FINALIZER) {
+            continue;
+        }
+        let rest: Vec<&String> = finalizers
+            .iter()
+            .filter(|f| *f != pool::FINALIZER)
+            .collect();
+        // The resourceVersion makes it conditional: a pool changed meanwhile
+        // answers 409 and is not patched blindly.
+        let patch = serde_json::json!({
+            "metadata": {
+                "finalizers": rest,
+                "resourceVersion": pool.metadata.resource_version,
+            }
+        });
+        let name = pool.name_any();
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            // Gone meanwhile: nothing to remove.
+            Err(kube::Error::Api(response)) if response.code == 404 => continue,
+            Err(error) => return Err(error),
+        }
+        tracing::info!(pool = %name, "finalizer removed");
+        removed += 1;
+    }
+    Ok(removed)
+}
 
-    // Node labels, metadata only (a Node's status carries its image list).
+/// A store of Node labels (metadata only: a Node's status carries its image
+/// list) and a stream that fires when a Node's labels change.
+fn node_label_events(
+    client: &Client,
+) -> (
+    reflector::Store<PartialObjectMeta<Node>>,
+    impl futures::Stream<Item = ()> + Send + 'static,
+) {
     let (node_labels, node_writer) = reflector::store();
-    let node_events = reflector(
+    let events = reflector(
         node_writer,
         watcher(
             Api::<PartialObjectMeta<Node>>::all(client.clone()),
@@ -110,23 +167,43 @@ pub async fn controllers(
             }
         }
     });
+    (node_labels, events)
+}
 
-    // Every change of the node directory re-runs every pool (and refreshes
-    // the extender's snapshot).
-    let directory_changes = {
+/// Fires on every change of the node directory (every pool re-runs on it),
+/// and refreshes the extender's snapshot first.
+fn directory_changes(
+    nodes: Arc<dyn NodeDirectory>,
+    extender: Option<Arc<Extender>>,
+) -> impl futures::Stream<Item = ()> + Send + 'static {
+    stream::unfold(nodes.subscribe(), move |mut changes| {
         let nodes = nodes.clone();
-        stream::unfold(nodes.subscribe(), move |mut changes| {
-            let nodes = nodes.clone();
-            let extender = extender.clone();
-            async move {
-                changes.changed().await.ok()?;
-                if let Some(extender) = &extender {
-                    extender.replace_snapshot((*nodes.snapshot()).clone());
-                }
-                Some(((), changes))
+        let extender = extender.clone();
+        async move {
+            changes.changed().await.ok()?;
+            if let Some(extender) = &extender {
+                extender.replace_snapshot((*nodes.snapshot()).clone());
             }
-        })
-    };
+            Some(((), changes))
+        }
+    })
+}
+
+/// Runs the controllers of the `served` CRDs until `shutdown` resolves, and
+/// keeps `extender` (if any) fed with the node directory's snapshots.
+pub async fn controllers(
+    client: Client,
+    nodes: Arc<dyn NodeDirectory>,
+    config: ReconcileConfig,
+    extender: Option<Arc<Extender>>,
+    served: Served,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let shutdown = shutdown.shared();
+    let controller_config = ControllerConfig::default().debounce(Duration::from_millis(200));
+
+    let (node_labels, node_events) = node_label_events(&client);
+    let directory_changes = directory_changes(nodes.clone(), extender);
 
     let pool_controller = Controller::new(
         Api::<SandboxPool>::all(client.clone()),
@@ -149,21 +226,37 @@ pub async fn controllers(
                 tracing::debug!(%error, "SandboxPool controller");
             }
         });
-    let sandboxes = Controller::new(
+    let sandbox_controller = Controller::new(
         Api::<Sandbox>::all(client.clone()),
         watcher::Config::default(),
-    )
-    .owns(
-        Api::<Pod>::all(client),
-        watcher::Config::default().labels(SANDBOX_LABEL),
-    )
-    .with_config(controller_config)
-    .graceful_shutdown_on(shutdown)
-    .run(sandbox::reconcile, error_policy, ctx)
-    .for_each(|result| async move {
-        if let Err(error) = result {
-            tracing::debug!(%error, "Sandbox controller");
-        }
-    });
+    );
+    let sandbox_store = sandbox_controller.store();
+    let waiting = ctx.waiting_on_nodes(move |sandbox| sandbox_store.get(sandbox).is_some());
+    let sandboxes = sandbox_controller
+        .owns(
+            Api::<Pod>::all(client),
+            watcher::Config::default().labels(SANDBOX_LABEL),
+        )
+        // A Sandbox waiting for a slot is tried again on every node report.
+        .reconcile_on(waiting)
+        .with_config(controller_config)
+        .graceful_shutdown_on(shutdown)
+        .run(sandbox::reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "Sandbox controller");
+            }
+        });
+    // A CRD that is not served has no controller (preflight warned).
+    let pools = if served.sandbox_pools {
+        pools.left_future()
+    } else {
+        futures::future::ready(()).right_future()
+    };
+    let sandboxes = if served.sandboxes {
+        sandboxes.left_future()
+    } else {
+        futures::future::ready(()).right_future()
+    };
     futures::join!(pools, sandboxes);
 }

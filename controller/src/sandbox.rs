@@ -35,6 +35,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Container, Pod, PodSecurityContext, PodSpec, SeccompProfile};
 use kube::api::PostParams;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use tracing::Instrument;
 
@@ -147,128 +148,222 @@ pub async fn reconcile(sandbox: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Actio
     Ok(action)
 }
 
-async fn reconcile_inner(sandbox: &Sandbox, ctx: &Context) -> Result<Action, Error> {
-    if sandbox.meta().deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
+/// The APIs and the old status one reconcile of a `Sandbox` works with.
+struct Scope<'a> {
+    sandbox: &'a Sandbox,
+    ctx: &'a Context,
+    name: String,
+    sandboxes: Api<Sandbox>,
+    pods: Api<Pod>,
+    old: SandboxStatus,
+}
+
+impl Scope<'_> {
+    /// A status that says the `Sandbox` is not (or no longer) placed.
+    fn not_scheduled(&self, phase: SandboxPhase, reason: &str, message: String) -> SandboxStatus {
+        let generation = self.sandbox.metadata.generation;
+        SandboxStatus {
+            observed_generation: generation,
+            phase: Some(phase),
+            conditions: vec![condition(
+                &self.old.conditions,
+                "Scheduled",
+                false,
+                reason,
+                message,
+                generation,
+                &self.ctx.now(),
+            )],
+            ..Default::default()
+        }
     }
-    let namespace = sandbox
-        .namespace()
-        .ok_or(Error::MissingMetadata("namespace"))?;
-    let name = sandbox.name_any();
-    let sandboxes: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &namespace);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let old = sandbox.status.clone().unwrap_or_default();
-    let generation = sandbox.metadata.generation;
-    let now = ctx.now();
-    let not_scheduled = |phase, reason: &str, message: String| SandboxStatus {
-        observed_generation: generation,
-        phase: Some(phase),
-        conditions: vec![condition(
-            &old.conditions,
-            "Scheduled",
+
+    async fn write(&self, status: SandboxStatus) -> Result<(), Error> {
+        write_status(&self.sandboxes, &self.name, &self.old, status).await
+    }
+
+    /// The old status with condition `type_` set false for `reason`.
+    fn with_condition(
+        &self,
+        mut status: SandboxStatus,
+        type_: &str,
+        reason: &str,
+        message: String,
+    ) -> SandboxStatus {
+        let generation = self.sandbox.metadata.generation;
+        status.observed_generation = generation;
+        let now = self.ctx.now();
+        let new = condition(
+            &self.old.conditions,
+            type_,
             false,
             reason,
             message,
             generation,
             &now,
-        )],
-        ..Default::default()
-    };
+        );
+        set_condition(&mut status, new);
+        status
+    }
 
+    /// Fails the `Sandbox` for good: phase `Failed`, condition `type_`
+    /// false for `reason`.
+    async fn fail(&self, type_: &str, reason: &str, message: String) -> Result<Action, Error> {
+        let mut status = self.with_condition(self.old.clone(), type_, reason, message);
+        status.phase = Some(SandboxPhase::Failed);
+        self.write(status).await?;
+        Ok(Action::await_change())
+    }
+}
+
+async fn reconcile_inner(sandbox: &Sandbox, ctx: &Context) -> Result<Action, Error> {
+    if sandbox.meta().deletion_timestamp.is_some() {
+        ctx.stop_waiting(&ObjectRef::from_obj(sandbox));
+        return Ok(Action::await_change());
+    }
+    let namespace = sandbox
+        .namespace()
+        .ok_or(Error::MissingMetadata("namespace"))?;
+    let scope = Scope {
+        sandbox,
+        ctx,
+        name: sandbox.name_any(),
+        sandboxes: Api::namespaced(ctx.client.clone(), &namespace),
+        pods: Api::namespaced(ctx.client.clone(), &namespace),
+        old: sandbox.status.clone().unwrap_or_default(),
+    };
     let target = match resolve(sandbox, ctx) {
         Ok(target) => target,
         Err(SpecProblem::Invalid(message)) => {
             tracing::warn!(%message, "invalid Sandbox");
-            let status = not_scheduled(SandboxPhase::Failed, "InvalidSpec", message);
-            write_status(&sandboxes, &name, &old, status).await?;
+            ctx.stop_waiting(&ObjectRef::from_obj(sandbox));
+            let status = scope.not_scheduled(SandboxPhase::Failed, "InvalidSpec", message);
+            scope.write(status).await?;
             return Ok(Action::await_change());
         }
-        Err(SpecProblem::NoSuchPool(pool)) if old.node_name.is_none() => {
+        Err(SpecProblem::NoSuchPool(pool)) if scope.old.node_name.is_none() => {
             let message = format!("spec.pool: no SandboxPool {pool:?}");
-            let status = not_scheduled(SandboxPhase::Pending, "PoolNotFound", message);
-            write_status(&sandboxes, &name, &old, status).await?;
+            let status = scope.not_scheduled(SandboxPhase::Pending, "PoolNotFound", message);
+            scope.write(status).await?;
             return Ok(Action::requeue(UNSCHEDULABLE_RETRY));
         }
         // Placed already: the pool only mattered for placing it.
-        Err(SpecProblem::NoSuchPool(_)) => {
-            return observe_existing(sandbox, ctx, &pods, &sandboxes, &old).await
-        }
+        Err(SpecProblem::NoSuchPool(_)) => return observe_existing(&scope).await,
     };
-
-    if let Some(pod) = pods.get_opt(&name).await? {
-        return observe(sandbox, ctx, &sandboxes, &old, &pod).await;
+    if let Some(pod) = scope.pods.get_opt(&scope.name).await? {
+        return observe(&scope, &pod).await;
     }
-    if old.node_name.is_some() {
-        return lost(ctx, &sandboxes, &name, &old, generation).await;
+    if scope.old.node_name.is_some() {
+        return lost(&scope).await;
     }
+    place(&scope, &target).await
+}
 
-    // Place it.
-    let chosen = {
-        let _guard = ctx.placement.lock().unwrap_or_else(PoisonError::into_inner);
-        let snapshot = ctx.nodes.snapshot();
-        let request = Request {
-            handler: target.handler.clone(),
-            shape: target.shape_key.clone(),
-            images: vec![RequestedImage {
-                reference: sandbox.spec.image.clone(),
-                size_bytes: None,
-            }],
-        };
-        let scorer = Scorer::new(&snapshot, &request, ctx.config.sandbox_policy, ctx.now_ms());
-        let in_pool = |node: &str| match &target.pool {
-            Some(pool) => ctx
-                .labels_of(node)
-                .is_some_and(|labels| selector_matches(&pool.spec.node_selector, &labels)),
-            None => true,
-        };
-        match scorer.best_where(in_pool) {
-            Some(best) => {
-                ctx.nodes
-                    .assume(best.node, &target.handler, &target.shape_key);
-                Ok((best.node.to_owned(), best.score))
-            }
-            None => Err(why_unschedulable(&scorer, in_pool, &target)),
-        }
+/// The best node for `target`, counted as taken at once; or why there is
+/// none.
+fn choose(scope: &Scope<'_>, target: &Target) -> Result<(String, u8), String> {
+    let ctx = scope.ctx;
+    let _guard = ctx.placement.lock().unwrap_or_else(PoisonError::into_inner);
+    let snapshot = ctx.nodes.snapshot();
+    let request = Request {
+        handler: target.handler.clone(),
+        shape: target.shape_key.clone(),
+        images: vec![RequestedImage {
+            reference: scope.sandbox.spec.image.clone(),
+            size_bytes: None,
+        }],
     };
-    let (node, score) = match chosen {
+    let scorer = Scorer::new(&snapshot, &request, ctx.config.sandbox_policy, ctx.now_ms());
+    let in_pool = |node: &str| match &target.pool {
+        Some(pool) => ctx
+            .labels_of(node)
+            .is_some_and(|labels| selector_matches(&pool.spec.node_selector, &labels)),
+        None => true,
+    };
+    match scorer.best_where(in_pool) {
+        Some(best) => {
+            ctx.nodes
+                .assume(best.node, &target.handler, &target.shape_key);
+            Ok((best.node.to_owned(), best.score))
+        }
+        None => Err(why_unschedulable(ctx, &scorer, in_pool, target)),
+    }
+}
+
+/// Chooses a node and creates the pod bound to it.
+async fn place(scope: &Scope<'_>, target: &Target) -> Result<Action, Error> {
+    let (ctx, sandbox, name) = (scope.ctx, scope.sandbox, &scope.name);
+    let this = ObjectRef::from_obj(sandbox);
+    let (node, score) = match choose(scope, target) {
         Ok(chosen) => chosen,
         Err(message) => {
             tracing::info!(%message, "no node for the sandbox");
-            let status = not_scheduled(SandboxPhase::Pending, "NoEligibleNode", message);
-            write_status(&sandboxes, &name, &old, status).await?;
+            // Placed again as soon as a node's report changes (a slot
+            // freed), not only on the timer.
+            ctx.wait_for_slot(this);
+            let status = scope.not_scheduled(SandboxPhase::Pending, "NoEligibleNode", message);
+            scope.write(status).await?;
             return Ok(Action::requeue(UNSCHEDULABLE_RETRY));
         }
     };
+    ctx.stop_waiting(&this);
     let pool_name = target
         .pool
         .as_ref()
         .map(|p| p.name_any())
-        .or_else(|| serving_pool(ctx, &target, &node));
-    let pod = build_pod(sandbox, &target, &node, pool_name.as_deref())?;
+        .or_else(|| serving_pool(ctx, target, &node));
+    let pod = build_pod(sandbox, target, &node, pool_name.as_deref())?;
     let created_ms = ctx.now_ms();
-    let pod = match pods.create(&PostParams::default(), &pod).await {
+    let pod = match scope.pods.create(&PostParams::default(), &pod).await {
         Ok(pod) => pod,
         Err(kube::Error::Api(response)) if response.code == 409 => {
             // Created by an earlier attempt whose answer was lost.
-            match pods.get_opt(&name).await? {
-                Some(pod) => return observe(sandbox, ctx, &sandboxes, &old, &pod).await,
+            match scope.pods.get_opt(name).await? {
+                Some(pod) => return observe(scope, &pod).await,
                 None => return Ok(Action::requeue(Duration::from_secs(1))),
             }
         }
-        Err(error) => return Err(error.into()),
+        Err(kube::Error::Api(response)) if matches!(response.code, 400 | 422) => {
+            // The spec makes a pod the API server refuses (a bad env name,
+            // requests above limits): only a spec change can help.
+            let message = format!("the API server rejected the pod: {}", response.message);
+            tracing::warn!(%message, "sandbox pod rejected");
+            let status = scope.not_scheduled(SandboxPhase::Failed, "PodRejected", message);
+            scope.write(status).await?;
+            return Ok(Action::await_change());
+        }
+        Err(error) => {
+            // Retried with backoff (the error policy); the status says why.
+            let message = format!("creating the pod failed: {error}");
+            let status = scope.not_scheduled(SandboxPhase::Pending, "PodCreateFailed", message);
+            scope.write(status).await?;
+            return Err(error.into());
+        }
     };
     tracing::info!(node = %node, score, pool = pool_name.as_deref().unwrap_or(""), "sandbox bound");
-    let status = SandboxStatus {
+    let status = bound_status(scope, &pod, node, score, pool_name, created_ms);
+    scope.write(status).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// The status of a `Sandbox` whose pod was just created on `node`.
+fn bound_status(
+    scope: &Scope<'_>,
+    pod: &Pod,
+    node: String,
+    score: u8,
+    pool: Option<String>,
+    created_ms: u64,
+) -> SandboxStatus {
+    let generation = scope.sandbox.metadata.generation;
+    let now = scope.ctx.now();
+    let old = &scope.old.conditions;
+    SandboxStatus {
         observed_generation: generation,
         phase: Some(SandboxPhase::Pending),
-        node_name: Some(node.clone()),
-        pool: pool_name,
-        pod_ip: None,
-        pod_created_unix_ms: Some(created_ms),
-        time_to_running_ms: None,
         conditions: vec![
             condition(
-                &old.conditions,
+                old,
                 "Scheduled",
                 true,
                 "Bound",
@@ -277,7 +372,7 @@ async fn reconcile_inner(sandbox: &Sandbox, ctx: &Context) -> Result<Action, Err
                 &now,
             ),
             condition(
-                &old.conditions,
+                old,
                 "Ready",
                 false,
                 "PodPending",
@@ -286,93 +381,137 @@ async fn reconcile_inner(sandbox: &Sandbox, ctx: &Context) -> Result<Action, Err
                 &now,
             ),
         ],
-    };
-    write_status(&sandboxes, &name, &old, status).await?;
-    Ok(Action::requeue(RESYNC))
+        node_name: Some(node),
+        pool,
+        pod_ip: None,
+        pod_created_unix_ms: Some(created_ms),
+        time_to_running_ms: None,
+    }
 }
 
 /// A placed `Sandbox` whose pool went away: follow its pod all the same.
-async fn observe_existing(
-    sandbox: &Sandbox,
-    ctx: &Context,
-    pods: &Api<Pod>,
-    sandboxes: &Api<Sandbox>,
-    old: &SandboxStatus,
-) -> Result<Action, Error> {
-    let name = sandbox.name_any();
-    match pods.get_opt(&name).await? {
-        Some(pod) => observe(sandbox, ctx, sandboxes, old, &pod).await,
-        None => lost(ctx, sandboxes, &name, old, sandbox.metadata.generation).await,
+async fn observe_existing(scope: &Scope<'_>) -> Result<Action, Error> {
+    match scope.pods.get_opt(&scope.name).await? {
+        Some(pod) => observe(scope, &pod).await,
+        None => lost(scope).await,
     }
+}
+
+/// A finished `Sandbox` stays as it ended.
+fn finished(status: &SandboxStatus) -> bool {
+    matches!(
+        status.phase,
+        Some(SandboxPhase::Succeeded | SandboxPhase::Failed)
+    )
 }
 
 /// The pod is gone after it was created: the `Sandbox` has failed.
-async fn lost(
-    ctx: &Context,
-    sandboxes: &Api<Sandbox>,
-    name: &str,
-    old: &SandboxStatus,
-    generation: Option<i64>,
-) -> Result<Action, Error> {
-    let now = ctx.now();
-    let mut status = old.clone();
-    if matches!(
-        status.phase,
-        Some(SandboxPhase::Succeeded | SandboxPhase::Failed)
-    ) {
+async fn lost(scope: &Scope<'_>) -> Result<Action, Error> {
+    if finished(&scope.old) {
         return Ok(Action::await_change());
     }
-    status.phase = Some(SandboxPhase::Failed);
-    status.observed_generation = generation;
-    set_condition(
-        &mut status,
-        condition(
-            &old.conditions,
-            "Ready",
-            false,
-            "PodLost",
-            format!("pod {name} is gone; a Sandbox runs once and is not re-placed"),
-            generation,
-            &now,
-        ),
+    let message = format!(
+        "pod {} is gone; a Sandbox runs once and is not re-placed",
+        scope.name
     );
-    write_status(sandboxes, name, old, status).await?;
+    scope.fail("Ready", "PodLost", message).await
+}
+
+/// Container waiting reasons that mean the image cannot be had.
+const IMAGE_PULL_FAILURES: [&str; 4] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+];
+
+/// The image-pull failure the pod's container waits on, as (reason,
+/// message).
+fn image_pull_failure(pod: &Pod) -> Option<(String, String)> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find_map(|c| {
+        let waiting = c.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.as_deref()?;
+        IMAGE_PULL_FAILURES.contains(&reason).then(|| {
+            (
+                reason.to_owned(),
+                waiting.message.clone().unwrap_or_default(),
+            )
+        })
+    })
+}
+
+/// Milliseconds since the `Sandbox` was created (its `creationTimestamp`,
+/// whole seconds as the API server records it), else since its pod was.
+fn since_created_ms(scope: &Scope<'_>, pod_created_ms: Option<u64>) -> Option<u64> {
+    let created = scope
+        .sandbox
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .and_then(|t| u64::try_from(t.0.as_millisecond()).ok())
+        .or(pod_created_ms)?;
+    Some(scope.ctx.now_ms().saturating_sub(created))
+}
+
+/// A pod that cannot get its image for longer than the grace: the
+/// `Sandbox` fails and the pod is deleted, so its warm slot is released.
+async fn fail_on_image(
+    scope: &Scope<'_>,
+    status: SandboxStatus,
+    (reason, detail): (String, String),
+) -> Result<Action, Error> {
+    let grace = scope.ctx.config.image_pull_grace;
+    let waited = status
+        .pod_created_unix_ms
+        .map(|c| scope.ctx.now_ms().saturating_sub(c))
+        .unwrap_or(0);
+    let message = format!(
+        "image {:?} cannot be pulled ({reason}: {detail})",
+        scope.sandbox.spec.image
+    );
+    if u128::from(waited) < grace.as_millis() {
+        let message = format!("{message}; the Sandbox fails after {} s", grace.as_secs());
+        let status = scope.with_condition(status, "Ready", "ImagePullFailing", message);
+        scope.write(status).await?;
+        let left = grace.saturating_sub(Duration::from_millis(waited));
+        return Ok(Action::requeue(left.max(Duration::from_secs(1))));
+    }
+    let message = format!("{message} for {} s; pod deleted", waited / 1000);
+    let mut status = scope.with_condition(status, "Ready", "ImagePullFailed", message);
+    status.phase = Some(SandboxPhase::Failed);
+    scope.write(status).await?;
+    tracing::warn!(image = %scope.sandbox.spec.image, %reason, "sandbox failed: image cannot be pulled; deleting its pod");
+    match scope.pods.delete(&scope.name, &Default::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(response)) if response.code == 404 => {}
+        Err(error) => return Err(error.into()),
+    }
     Ok(Action::await_change())
 }
 
+/// The pod exists but is not the `Sandbox`'s: it fails.
+async fn name_taken(scope: &Scope<'_>) -> Result<Action, Error> {
+    let message = format!(
+        "a pod named {} exists and is not this Sandbox's",
+        scope.name
+    );
+    scope.fail("Scheduled", "PodNameTaken", message).await
+}
+
 /// Status from the existing pod.
-async fn observe(
-    sandbox: &Sandbox,
-    ctx: &Context,
-    sandboxes: &Api<Sandbox>,
-    old: &SandboxStatus,
-    pod: &Pod,
-) -> Result<Action, Error> {
-    let name = sandbox.name_any();
-    let generation = sandbox.metadata.generation;
-    let now = ctx.now();
+async fn observe(scope: &Scope<'_>, pod: &Pod) -> Result<Action, Error> {
+    let sandbox = scope.sandbox;
     let owned = sandbox.meta().uid.as_deref().is_some_and(|uid| {
         pod.owner_references()
             .iter()
             .any(|o| o.uid == uid && o.controller == Some(true))
     });
     if !owned {
-        let mut status = old.clone();
-        status.phase = Some(SandboxPhase::Failed);
-        status.observed_generation = generation;
-        set_condition(
-            &mut status,
-            condition(
-                &old.conditions,
-                "Scheduled",
-                false,
-                "PodNameTaken",
-                format!("a pod named {name} exists and is not this Sandbox's"),
-                generation,
-                &now,
-            ),
-        );
-        write_status(sandboxes, &name, old, status).await?;
+        return name_taken(scope).await;
+    }
+    if finished(&scope.old) {
+        // Failed by the controller (an image that never came): final.
         return Ok(Action::await_change());
     }
     let pod_status = pod.status.clone().unwrap_or_default();
@@ -383,43 +522,12 @@ async fn observe(
         Some("Unknown") => SandboxPhase::Unknown,
         _ => SandboxPhase::Pending,
     };
-    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-    let created_ms = old.pod_created_unix_ms.or_else(|| {
-        pod.metadata
-            .creation_timestamp
-            .as_ref()
-            .and_then(|t| u64::try_from(t.0.as_millisecond()).ok())
-    });
-    let time_to_running_ms = old.time_to_running_ms.or_else(|| {
-        (phase != SandboxPhase::Pending)
-            .then(|| created_ms.map(|c| ctx.now_ms().saturating_sub(c)))
-            .flatten()
-    });
-    let mut status = SandboxStatus {
-        observed_generation: generation,
-        phase: Some(phase),
-        node_name: node.clone(),
-        pool: old
-            .pool
-            .clone()
-            .or_else(|| pod.labels().get(POOL_LABEL).cloned()),
-        pod_ip: pod_status.pod_ip.clone(),
-        pod_created_unix_ms: created_ms,
-        time_to_running_ms,
-        conditions: old.conditions.clone(),
-    };
-    set_condition(
-        &mut status,
-        condition(
-            &old.conditions,
-            "Scheduled",
-            true,
-            "Bound",
-            format!("bound to node {}", node.as_deref().unwrap_or("?")),
-            generation,
-            &now,
-        ),
-    );
+    let status = status_of_pod(scope, pod, phase);
+    if phase == SandboxPhase::Pending {
+        if let Some(failure) = image_pull_failure(pod) {
+            return fail_on_image(scope, status, failure).await;
+        }
+    }
     let (ready, reason) = match phase {
         SandboxPhase::Running => (true, "PodRunning"),
         SandboxPhase::Pending => (false, "PodPending"),
@@ -430,24 +538,68 @@ async fn observe(
     let message = pod_status
         .message
         .clone()
-        .unwrap_or_else(|| format!("pod {name} is {phase:?}"));
-    set_condition(
-        &mut status,
-        condition(
-            &old.conditions,
-            "Ready",
-            ready,
-            reason,
-            message,
-            generation,
-            &now,
-        ),
+        .unwrap_or_else(|| format!("pod {} is {phase:?}", scope.name));
+    let generation = sandbox.metadata.generation;
+    let mut status = status;
+    let now = scope.ctx.now();
+    let ready = condition(
+        &scope.old.conditions,
+        "Ready",
+        ready,
+        reason,
+        message,
+        generation,
+        &now,
     );
-    write_status(sandboxes, &name, old, status).await?;
+    set_condition(&mut status, ready);
+    scope.write(status).await?;
     Ok(match phase {
         SandboxPhase::Succeeded | SandboxPhase::Failed => Action::await_change(),
         _ => Action::requeue(RESYNC),
     })
+}
+
+/// The status an existing pod of `phase` shows: node, IP, times, and
+/// `Scheduled=True`.
+fn status_of_pod(scope: &Scope<'_>, pod: &Pod, phase: SandboxPhase) -> SandboxStatus {
+    let old = &scope.old;
+    let generation = scope.sandbox.metadata.generation;
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let created_ms = old.pod_created_unix_ms.or_else(|| {
+        pod.metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| u64::try_from(t.0.as_millisecond()).ok())
+    });
+    let time_to_running_ms = old.time_to_running_ms.or_else(|| {
+        (phase != SandboxPhase::Pending)
+            .then(|| since_created_ms(scope, created_ms))
+            .flatten()
+    });
+    let mut status = SandboxStatus {
+        observed_generation: generation,
+        phase: Some(phase),
+        node_name: node.clone(),
+        pool: old
+            .pool
+            .clone()
+            .or_else(|| pod.labels().get(POOL_LABEL).cloned()),
+        pod_ip: pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
+        pod_created_unix_ms: created_ms,
+        time_to_running_ms,
+        conditions: old.conditions.clone(),
+    };
+    let bound = condition(
+        &old.conditions,
+        "Scheduled",
+        true,
+        "Bound",
+        format!("bound to node {}", node.as_deref().unwrap_or("?")),
+        generation,
+        &scope.ctx.now(),
+    );
+    set_condition(&mut status, bound);
+    status
 }
 
 /// Replaces the condition of the same type, or adds it.
@@ -463,6 +615,7 @@ fn set_condition(
 
 /// Rejections of the candidate nodes, counted by reason.
 fn why_unschedulable(
+    ctx: &Context,
     scorer: &Scorer<'_>,
     in_pool: impl Fn(&str) -> bool,
     target: &Target,
@@ -475,9 +628,11 @@ fn why_unschedulable(
         }
         candidates += 1;
         if let Err(rejection) = verdict {
-            let reason = match rejection {
-                Rejection::Stale { .. } => "status too old".to_owned(),
-                other => other.to_string(),
+            let reason = match (rejection, ctx.nodes.problem(node)) {
+                (Rejection::Stale { .. }, _) => "status too old".to_owned(),
+                // Say why the node plugin is not ready, when it is known.
+                (Rejection::NotReady, Some(problem)) => format!("{}: {problem}", problem.reason()),
+                (other, _) => other.to_string(),
             };
             *reasons.entry(reason).or_default() += 1;
         }

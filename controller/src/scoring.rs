@@ -286,6 +286,19 @@ impl Snapshot {
         shape: &str,
         free: u32,
     ) -> Result<(), SnapshotError> {
+        self.set_pool_counts(node, handler, shape, free, None)
+    }
+
+    /// Records a pool's free count and, if given, its total (slots free or
+    /// held by pods) without re-indexing.
+    pub fn set_pool_counts(
+        &mut self,
+        node: &str,
+        handler: &str,
+        shape: &str,
+        free: u32,
+        total: Option<u32>,
+    ) -> Result<(), SnapshotError> {
         let index = *self
             .by_name
             .get(node)
@@ -300,16 +313,18 @@ impl Snapshot {
                 handler: handler.to_owned(),
                 shape: shape.to_owned(),
             })?;
-        if free > pool.total {
+        let total = total.unwrap_or(pool.total);
+        if free > total {
             return Err(SnapshotError::FreeExceedsTotal {
                 node: node.to_owned(),
                 handler: handler.to_owned(),
                 shape: shape.to_owned(),
                 free,
-                total: pool.total,
+                total,
             });
         }
         pool.free = free;
+        pool.total = total;
         let key = (handler.to_owned(), shape.to_owned());
         if let Some(&id) = self.pool_keys.get(&key) {
             self.pool_free[id][index] = free;

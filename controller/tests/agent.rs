@@ -183,8 +183,10 @@ async fn a_claim_on_the_node_is_in_the_snapshot_within_100ms() {
     for want in (0..POOL_SIZE as u32).rev() {
         let claimed_at = Instant::now();
         rig.claim().await;
+        // Free one fewer, claimed one more (total = free + claimed: while
+        // the claim is under way the slot is in neither).
         let snapshot = snapshot_until(&directory, Duration::from_millis(100), "the claim", |s| {
-            pool(s).map(|p| p.1) == Some(want)
+            pool(s) == Some((true, want, 2))
         })
         .await;
         let latency = claimed_at.elapsed();
@@ -200,15 +202,23 @@ async fn a_claim_on_the_node_is_in_the_snapshot_within_100ms() {
     .await;
     eprintln!("claim → controller snapshot latency: {latencies:?}");
 
-    // A pool change on the node (its desired size) reaches the snapshot too.
+    // A pool change on the node (its desired size) is reported at once,
+    // and a slot not built yet counts neither as free nor as taken: the
+    // total stays the slots that exist (free + claimed).
     let resized_at = Instant::now();
+    let reports = directory.health(NODE).expect("health").reports;
     assert!(rig.manager.set_size(HANDLER, 3));
-    snapshot_until(&directory, Duration::from_millis(100), "total 3", |s| {
-        pool(s).map(|p| p.2) == Some(3)
-    })
+    health_until(
+        &directory,
+        NODE,
+        Duration::from_millis(100),
+        "the resize reported",
+        |h| h.reports > reports,
+    )
     .await;
+    assert_eq!(pool(&directory.snapshot()), Some((true, 0, 2)));
     eprintln!(
-        "pool resize → controller snapshot latency: {:?}",
+        "pool resize → controller report latency: {:?}",
         resized_at.elapsed()
     );
     agent.stop().await;
@@ -294,11 +304,12 @@ async fn set_pool_size_reaches_the_nodes_pool() {
     })
     .await;
 
-    // A pool the node does not have: refused with the node's reason.
+    // A pool the node does not have: refused as such, with the node's
+    // reason.
     let mut other = size(1);
     other.shape_key = "seccomp=runtime-default".into();
     match directory.set_pool_size(NODE, &other).await {
-        Err(NodeError::Refused { reason, .. }) => {
+        Err(NodeError::NoSuchPool { reason, .. }) => {
             assert!(reason.contains("runtime-default"), "{reason}")
         }
         other => panic!("expected a refusal, got {other:?}"),

@@ -61,6 +61,7 @@ async fn start(slots: SlotPolicy) -> SocketAddr {
             slots,
             stale_after_ms: None,
         },
+        filter_nodes: true,
         ..ExtenderConfig::default()
     };
     let listener = TcpListener::bind("127.0.0.1:0")
@@ -272,7 +273,11 @@ async fn health_and_unknown_routes() {
 
 #[tokio::test]
 async fn a_reload_changes_answers_and_a_bad_file_keeps_the_old_snapshot() {
-    let extender = Arc::new(Extender::new(ExtenderConfig::default(), snapshot()));
+    let config = ExtenderConfig {
+        filter_nodes: true,
+        ..ExtenderConfig::default()
+    };
+    let extender = Arc::new(Extender::new(config, snapshot()));
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind 127.0.0.1:0");

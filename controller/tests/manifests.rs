@@ -35,6 +35,7 @@ const CONTROLLER_API_CALLS: &[(&str, &str, &str)] = &[
     ("", "pods", "list"),
     ("", "pods", "watch"),
     ("", "pods", "create"),
+    ("", "pods", "delete"),
     ("", "nodes", "list"),
     ("", "nodes", "watch"),
     ("fast-sandbox.io", "sandboxpools", "list"),
@@ -834,4 +835,144 @@ fn containerd_snippet_defines_every_upstream_handler_the_pools_use() {
     assert!(["runc", "crun", "runsc"]
         .iter()
         .all(|u| upstreams.contains(*u)));
+}
+
+/// A fast pod with `security`, as kube-scheduler sends it to the extender.
+fn fast_pod(class: &str, security: serde_json::Value) -> Value {
+    serde_json::json!({
+        "metadata": {"name": "p", "namespace": "d", "uid": format!("{class}-{security}")},
+        "spec": {
+            "runtimeClassName": class,
+            "securityContext": security,
+            "containers": [{"name": "c", "image": "busybox"}]
+        }
+    })
+}
+
+/// The extender as `run` configures it from the Deployment (the Deployment
+/// passes no extender flag, so it runs on the defaults), against nodes that
+/// serve the pools of every shipped config (the ConfigMap, the README's and
+/// docs' examples, the quickstart's): no pod that would start without the
+/// extender (warm or cold) is filtered out of any node, whatever its shape
+/// and whatever the nodes' slots, and a node with a free slot of the pod's
+/// shape still scores above one without.
+#[test]
+fn no_shipped_config_strands_a_fast_pod() {
+    let docs = docs();
+    let deployment: Deployment = one(&docs, "Deployment", "fast-sandbox-controller");
+    let pod = pod_spec(
+        deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref()),
+        "Deployment",
+    );
+    let command = only_container(&pod, "Deployment")
+        .command
+        .unwrap_or_default();
+    assert!(
+        !command.iter().any(|a| a.starts_with("--extender-filter")),
+        "the Deployment must not opt into filtering: {command:?}"
+    );
+    let configs = fast_sandbox_tests::replay::shipped_configs().expect("the shipped configs");
+    assert!(configs.len() >= 3, "{} shipped configs", configs.len());
+    let mut preferred = 0;
+    for config in configs {
+        let file = load_node_config(&config.toml);
+        let specs = fast_sandbox_node::config::pool_specs(&file.pools)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", config.source));
+        preferred += no_pod_is_stranded(&config.source, &specs);
+    }
+    assert!(
+        preferred > 0,
+        "no config has a warm pool of the default shape"
+    );
+}
+
+/// [`no_shipped_config_strands_a_fast_pod`] for the pools `specs` of the
+/// config `source`; returns how many classes it checked the warm node is
+/// preferred for.
+fn no_pod_is_stranded(source: &str, specs: &[fast_sandbox_node::pool::PoolSpec]) -> usize {
+    let mut preferred = 0;
+    use fast_sandbox_controller::extender::{Extender, ExtenderArgs, ExtenderConfig};
+    use fast_sandbox_controller::scoring::{NodeState, PoolState, Snapshot};
+
+    let pools = |free: u32| -> Vec<PoolState> {
+        specs
+            .iter()
+            .map(|s| PoolState {
+                handler: s.exposed_handler.clone(),
+                upstream_handler: s.key.upstream_handler.clone(),
+                shape: fast_sandbox_node::agent::shape_key(&s.key.shape),
+                free: free.min(u32::try_from(s.size).unwrap_or(u32::MAX)),
+                total: u32::try_from(s.size).unwrap_or(u32::MAX),
+            })
+            .collect()
+    };
+    let node = |name: &str, ready: bool, pools: Vec<PoolState>| NodeState {
+        name: name.into(),
+        ready,
+        pools,
+        images: vec![],
+        last_seen_unix_ms: 0,
+    };
+    let snapshot = Snapshot::new(vec![
+        node("warm", true, pools(u32::MAX)),
+        node("taken", true, pools(0)),
+        node("agent-down", false, pools(u32::MAX)),
+    ])
+    .expect("snapshot");
+    let extender = Extender::new(ExtenderConfig::default(), snapshot);
+    let all = ["warm", "taken", "agent-down", "not-reporting"];
+    let shapes = [
+        ("plain", serde_json::json!({})),
+        (
+            "seccompProfile: Unconfined",
+            serde_json::json!({"seccompProfile": {"type": "Unconfined"}}),
+        ),
+        ("runAsUser: 1000", serde_json::json!({"runAsUser": 1000})),
+        (
+            "fsGroup and supplementalGroups",
+            serde_json::json!({"fsGroup": 2000, "supplementalGroups": [5, 3]}),
+        ),
+    ];
+    for class in FAST_CLASSES {
+        for (what, security) in &shapes {
+            let args: ExtenderArgs = serde_json::from_value(serde_json::json!({
+                "Pod": fast_pod(class, security.clone()),
+                "NodeNames": all,
+            }))
+            .expect("extender args");
+            let filtered = extender.filter(args, 0);
+            assert_eq!(
+                filtered.node_names.as_deref(),
+                Some(&all.map(String::from)[..]),
+                "{source}: {class} pod with {what}: filtered out {:?}",
+                filtered.failed_and_unresolvable_nodes
+            );
+            assert!(filtered.failed_and_unresolvable_nodes.is_empty());
+            assert!(filtered.error.is_empty());
+        }
+        // A node with a free slot of a plain pod's shape is preferred.
+        let args: ExtenderArgs = serde_json::from_value(serde_json::json!({
+            "Pod": fast_pod(class, serde_json::json!({})),
+            "NodeNames": ["warm", "taken"],
+        }))
+        .expect("extender args");
+        let scores = extender.prioritize(args, 0).expect("scores");
+        let plain = fast_sandbox_controller::extender::pod_shape(None, "runtime-default");
+        let warm_pool = specs.iter().any(|s| {
+            s.exposed_handler == class
+                && s.size > 0
+                && fast_sandbox_node::agent::shape_key(&s.key.shape) == plain
+        });
+        if warm_pool {
+            assert!(
+                scores[0].score > scores[1].score,
+                "{source}: {class}: {scores:?}"
+            );
+            preferred += 1;
+        }
+    }
+    preferred
 }

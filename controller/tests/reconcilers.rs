@@ -2,231 +2,18 @@
 //! each scenario lists the exact HTTP requests the reconcile must make, in
 //! order, answers them, and then checks that no other request came.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use fast_sandbox_controller::crd::{
-    NodePoolStatus, Sandbox, SandboxPool, SandboxPoolSpec, SandboxPoolStatus, SandboxSpec,
-    SandboxStatus, SlotRange, POOL_LABEL, SANDBOX_LABEL,
-};
+use common::*;
+use fast_sandbox_controller::crd::{SandboxPoolStatus, SandboxStatus, POOL_LABEL, SANDBOX_LABEL};
 use fast_sandbox_controller::nodes::{NodeDirectory, SandboxShape, StaticNodes};
-use fast_sandbox_controller::reconcile::{Context, ReconcileConfig};
-use fast_sandbox_controller::scoring::{CachedImage, NodeState, PoolState, Snapshot};
-use fast_sandbox_controller::{pool, sandbox};
-use http::{Method, Request, Response};
-use k8s_openapi::api::core::v1::Node;
-use kube::client::Body;
-use kube::core::{ObjectMeta, PartialObjectMeta, PartialObjectMetaExt};
+use fast_sandbox_controller::scoring::{NodeState, PoolState, Snapshot};
+use http::Method;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector;
-use kube::runtime::watcher;
-use kube::Client;
 use serde_json::{json, Value};
-
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-type Respond = tower_test::mock::SendResponse<Response<Body>>;
-
-const NOW_MS: u64 = 1_700_000_000_000;
-const HANDLER: &str = "fast-runc";
-const SHAPE: &str = "seccomp=runtime-default";
-const MIB: u64 = 1024 * 1024;
-
-// ---- the scripted API server ------------------------------------------------
-
-/// The next request: method, path with query, JSON body (Null if none).
-async fn next(handle: &mut Handle) -> (Method, String, Value, Respond) {
-    let (request, respond) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-        .await
-        .expect("the reconciler sent a request in time")
-        .expect("the client is alive");
-    let method = request.method().clone();
-    let uri = request.uri().to_string();
-    let bytes = request
-        .into_body()
-        .collect_bytes()
-        .await
-        .expect("a readable body");
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).expect("a JSON body")
-    };
-    (method, uri, body, respond)
-}
-
-fn reply(respond: Respond, status: u16, body: &Value) {
-    respond.send_response(
-        Response::builder()
-            .status(status)
-            .body(Body::from(serde_json::to_vec(body).expect("JSON")))
-            .expect("a response"),
-    );
-}
-
-fn not_found(respond: Respond, what: &str) {
-    reply(
-        respond,
-        404,
-        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "message": format!("{what} not found"), "reason": "NotFound", "code": 404}),
-    );
-}
-
-/// Runs `reconcile` against `script`, then checks that the script saw every
-/// request: once the reconcile is done and the client dropped, no request
-/// may be left.
-async fn scenario<R, S>(ctx: Context, mut handle: Handle, reconcile: R, script: S) -> Action
-where
-    R: FnOnce(Arc<Context>) -> futures::future::BoxFuture<'static, Result<Action, String>>,
-    S: FnOnce(Handle) -> futures::future::BoxFuture<'static, Handle>,
-{
-    let ctx = Arc::new(ctx);
-    handle.allow(100);
-    let server = tokio::spawn(script(handle));
-    let action = reconcile(ctx)
-        .await
-        .unwrap_or_else(|e| panic!("reconcile failed: {e}"));
-    let mut handle = tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("the script finished")
-        .expect("the script did not panic");
-    let extra = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-        .await
-        .expect("the client was dropped");
-    if let Some((request, _)) = extra {
-        panic!("unexpected request {} {}", request.method(), request.uri());
-    }
-    action
-}
-
-// ---- fixtures ---------------------------------------------------------------
-
-fn node_state(name: &str, pools: Vec<PoolState>, images: Vec<CachedImage>) -> NodeState {
-    NodeState {
-        name: name.into(),
-        ready: true,
-        pools,
-        images,
-        last_seen_unix_ms: NOW_MS,
-    }
-}
-
-fn warm(free: u32, total: u32) -> PoolState {
-    PoolState {
-        handler: HANDLER.into(),
-        upstream_handler: "runc".into(),
-        shape: SHAPE.into(),
-        free,
-        total,
-    }
-}
-
-fn api_node(name: &str, labels: &[(&str, &str)]) -> PartialObjectMeta<Node> {
-    ObjectMeta {
-        name: Some(name.into()),
-        labels: Some(
-            labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        ),
-        ..Default::default()
-    }
-    .into_response_partial::<Node>()
-}
-
-fn pool_object(name: &str, min: u32, max: u32, status: Option<SandboxPoolStatus>) -> SandboxPool {
-    let mut pool = SandboxPool::new(
-        name,
-        SandboxPoolSpec {
-            node_selector: BTreeMap::from([("pool".to_owned(), "fast".to_owned())]),
-            runtime_class_name: "fast-runc".into(),
-            slots_per_node: SlotRange { min, max },
-            shape: SandboxShape::default(),
-        },
-    );
-    pool.metadata.uid = Some(format!("uid-{name}"));
-    pool.metadata.generation = Some(1);
-    pool.metadata.resource_version = Some("1".into());
-    pool.metadata.finalizers = Some(vec![pool::FINALIZER.into()]);
-    pool.status = status;
-    pool
-}
-
-/// A context over the directory `nodes`, API nodes a, b (`pool=fast`) and c
-/// (`pool=slow`), and the pools given.
-fn context(client: Client, nodes: Arc<StaticNodes>, pools: &[SandboxPool]) -> Context {
-    let (node_labels, mut node_writer) = reflector::store();
-    node_writer.apply_watcher_event(&watcher::Event::Init);
-    for node in [
-        api_node("a", &[("pool", "fast")]),
-        api_node("b", &[("pool", "fast")]),
-        api_node("c", &[("pool", "slow")]),
-    ] {
-        node_writer.apply_watcher_event(&watcher::Event::InitApply(node));
-    }
-    node_writer.apply_watcher_event(&watcher::Event::InitDone);
-    let (pool_store, mut pool_writer) = reflector::store();
-    pool_writer.apply_watcher_event(&watcher::Event::Init);
-    for pool in pools {
-        pool_writer.apply_watcher_event(&watcher::Event::InitApply(pool.clone()));
-    }
-    pool_writer.apply_watcher_event(&watcher::Event::InitDone);
-    Context::new(
-        client,
-        nodes,
-        node_labels,
-        pool_store,
-        ReconcileConfig::default(),
-    )
-    .with_clock(|| NOW_MS)
-}
-
-fn mock() -> (Client, Handle) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    (Client::new(service, "default"), handle)
-}
-
-fn run_pool(
-    pool: SandboxPool,
-) -> impl FnOnce(Arc<Context>) -> futures::future::BoxFuture<'static, Result<Action, String>> {
-    move |ctx| {
-        Box::pin(async move {
-            pool::reconcile(Arc::new(pool), ctx)
-                .await
-                .map_err(|e| e.to_string())
-        })
-    }
-}
-
-fn run_sandbox(
-    sb: Sandbox,
-) -> impl FnOnce(Arc<Context>) -> futures::future::BoxFuture<'static, Result<Action, String>> {
-    move |ctx| {
-        Box::pin(async move {
-            sandbox::reconcile(Arc::new(sb), ctx)
-                .await
-                .map_err(|e| e.to_string())
-        })
-    }
-}
-
-const POOLS: &str = "/apis/fast-sandbox.io/v1alpha1/sandboxpools";
-const SANDBOXES: &str = "/apis/fast-sandbox.io/v1alpha1/namespaces/team/sandboxes";
-const PODS: &str = "/api/v1/namespaces/team/pods";
-
-/// The path of a request without its query.
-fn path(uri: &str) -> &str {
-    uri.split('?').next().unwrap_or(uri)
-}
-
-fn condition<'v>(status: &'v Value, type_: &str) -> &'v Value {
-    status["conditions"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
-        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
-}
 
 // ---- SandboxPool ------------------------------------------------------------
 
@@ -259,8 +46,8 @@ async fn pool_created_pushes_sizes_to_matching_nodes_and_writes_status() {
             assert_eq!(
                 status["nodes"],
                 json!([
-                    {"node": "a", "ready": true, "free": 1, "total": 2, "desired": 3},
-                    {"node": "b", "ready": false, "free": 0, "total": 0, "desired": 2,
+                    {"node": "a", "ready": true, "free": 1, "total": 2, "desired": 3, "pushed": 3},
+                    {"node": "b", "ready": false, "free": 0, "total": 0, "desired": 2, "pushed": 2,
                      "message": "waiting for the node to report the pool"}
                 ])
             );
@@ -324,14 +111,6 @@ async fn new_pool_gets_its_finalizer_before_anything_is_pushed() {
 #[tokio::test]
 async fn node_lost_is_reported_and_gets_no_push() {
     let nodes = two_node_directory();
-    let served = |node: &str| NodePoolStatus {
-        node: node.into(),
-        ready: true,
-        free: 2,
-        total: 2,
-        desired: 2,
-        message: None,
-    };
     let pool = pool_object(
         "p",
         2,
@@ -341,8 +120,7 @@ async fn node_lost_is_reported_and_gets_no_push() {
             ready_nodes: 2,
             free: 4,
             total: 4,
-            nodes: vec![served("a"), served("b")],
-            conditions: vec![],
+            ..pushed_to(&["a", "b"])
         }),
     );
     // b's node plugin is gone from the directory.
@@ -444,7 +222,7 @@ async fn pool_with_min_above_max_gets_a_condition_naming_the_field() {
 #[tokio::test]
 async fn deleted_pool_is_drained_from_its_nodes_then_released() {
     let nodes = two_node_directory();
-    let mut pool = pool_object("p", 2, 6, None);
+    let mut pool = pool_object("p", 2, 6, Some(pushed_to(&["a", "b"])));
     pool.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
         k8s_openapi::jiff::Timestamp::from_second(1).expect("a time"),
     ));
@@ -476,42 +254,6 @@ async fn deleted_pool_is_drained_from_its_nodes_then_released() {
 }
 
 // ---- Sandbox ----------------------------------------------------------------
-
-fn sandbox_object(name: &str, pool: Option<&str>) -> Sandbox {
-    let mut sb = Sandbox::new(
-        name,
-        SandboxSpec {
-            image: "registry.example/agent:1".into(),
-            command: vec!["python".into()],
-            args: vec!["-c".into(), "print(1)".into()],
-            env: vec![],
-            resources: None,
-            runtime_class_name: pool.is_none().then(|| "fast-runc".to_owned()),
-            pool: pool.map(str::to_owned),
-        },
-    );
-    sb.metadata.namespace = Some("team".into());
-    sb.metadata.uid = Some(format!("uid-{name}"));
-    sb.metadata.generation = Some(1);
-    sb
-}
-
-/// a: one free slot and the image (1000 MiB, on half the nodes: +9);
-/// b: three free slots, no image. a scores 64 + 9 = 73, b 68.
-fn sandbox_directory() -> Arc<StaticNodes> {
-    let image = CachedImage {
-        tags: vec!["registry.example/agent:1".into()],
-        digests: vec![],
-        size_bytes: 1000 * MIB,
-    };
-    Arc::new(StaticNodes::new(
-        Snapshot::new(vec![
-            node_state("a", vec![warm(1, 4)], vec![image]),
-            node_state("b", vec![warm(3, 4)], vec![]),
-        ])
-        .expect("a snapshot"),
-    ))
-}
 
 /// Script: GET pod → 404, POST pod → 201 (asserting node), PATCH status.
 fn binds_to(
@@ -700,19 +442,6 @@ async fn sandbox_in_a_pool_goes_only_to_the_pools_nodes_with_its_shape() {
         },
     )
     .await;
-}
-
-fn owned_pod(name: &str, node: &str, phase: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "team", "uid": "pod-uid",
-                     "creationTimestamp": "2023-11-14T22:13:20Z",
-                     "labels": {POOL_LABEL: "p", SANDBOX_LABEL: name},
-                     "ownerReferences": [{"apiVersion": "fast-sandbox.io/v1alpha1", "kind": "Sandbox",
-                        "name": name, "uid": format!("uid-{name}"), "controller": true}]},
-        "spec": {"nodeName": node, "containers": [{"name": "sandbox", "image": "x"}]},
-        "status": {"phase": phase, "podIP": "10.0.0.7"}
-    })
 }
 
 #[tokio::test]

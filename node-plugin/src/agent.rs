@@ -37,6 +37,7 @@ use fast_sandbox_proto::{
         CachedImage, GetNodeStatusRequest, Health, NodeStatus, PoolStatus, SetPoolSizeRequest,
         SetPoolSizeResponse, WatchNodeStatusRequest,
     },
+    shape::ShapeKey,
 };
 use fast_sandbox_shim::slots::{SeccompShape, Shape};
 use tokio::sync::{mpsc, watch};
@@ -118,36 +119,29 @@ pub struct AgentSettings {
     pub image_interval: Duration,
 }
 
-/// The pool shape key as the controller derives it from a pod
-/// (`seccomp=<profile>[;uid=N][;gid=N][;groups=A,B][;selinux=u:r:t:l]`).
+/// The pool shape key as the controller derives it from a pod: the one
+/// encoding both ends share ([`fast_sandbox_proto::shape::ShapeKey`]).
 pub fn shape_key(shape: &Shape) -> String {
+    let localhost;
     let seccomp = match &shape.seccomp {
-        SeccompShape::Unconfined => "unconfined".to_owned(),
-        SeccompShape::RuntimeDefault => "runtime-default".to_owned(),
-        SeccompShape::Localhost(p) => format!("localhost/{p}"),
+        SeccompShape::Unconfined => "unconfined",
+        SeccompShape::RuntimeDefault => "runtime-default",
+        SeccompShape::Localhost(p) => {
+            localhost = format!("localhost/{p}");
+            localhost.as_str()
+        }
     };
-    let mut key = format!("seccomp={seccomp}");
-    if let Some(uid) = shape.run_as_user {
-        key.push_str(&format!(";uid={uid}"));
+    ShapeKey {
+        seccomp,
+        run_as_user: shape.run_as_user,
+        run_as_group: shape.run_as_group,
+        supplemental_groups: &shape.supplemental_groups,
+        selinux: shape
+            .selinux
+            .as_ref()
+            .map(|se| [&*se.user, &*se.role, &*se.r#type, &*se.level]),
     }
-    if let Some(gid) = shape.run_as_group {
-        key.push_str(&format!(";gid={gid}"));
-    }
-    if !shape.supplemental_groups.is_empty() {
-        let list: Vec<String> = shape
-            .supplemental_groups
-            .iter()
-            .map(i64::to_string)
-            .collect();
-        key.push_str(&format!(";groups={}", list.join(",")));
-    }
-    if let Some(se) = &shape.selinux {
-        key.push_str(&format!(
-            ";selinux={}:{}:{}:{}",
-            se.user, se.role, se.r#type, se.level
-        ));
-    }
-    key
+    .encode()
 }
 
 /// What the image poller last saw.
@@ -407,16 +401,88 @@ pub struct AgentParts {
     pub health: health::Health,
 }
 
-/// Binds `addr` and serves `NodeAgent` until `shutdown` resolves. Returns
-/// the bound address (useful with port 0) and the serving future.
+/// How binding the agent's address is retried: a node's address may not be
+/// assigned yet when the node plugin starts (`Cannot assign requested
+/// address`), or a previous process may still hold the port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindRetry {
+    /// Tries in all, the first included.
+    pub attempts: u32,
+    /// The first wait; each next one doubles, up to `max`.
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for BindRetry {
+    /// 20 tries over about 80 s.
+    fn default() -> Self {
+        BindRetry {
+            attempts: 20,
+            initial: Duration::from_millis(250),
+            max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Whether a failed bind may work later.
+fn bind_may_succeed_later(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::AddrInUse
+    )
+}
+
+/// Binds `addr` with `bind`, retrying with `retry`'s backoff while the
+/// error may go away (address not assigned yet, port still in use); any
+/// other error, or the last try's, is returned at once.
+async fn bind_listener<L, F, Fut>(
+    addr: SocketAddr,
+    retry: BindRetry,
+    mut bind: F,
+) -> anyhow::Result<L>
+where
+    F: FnMut(SocketAddr) -> Fut,
+    Fut: Future<Output = std::io::Result<L>>,
+{
+    let mut delay = retry.initial;
+    let mut attempt = 1;
+    loop {
+        match bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(error) if bind_may_succeed_later(&error) && attempt < retry.attempts => {
+                tracing::warn!(
+                    %addr,
+                    %error,
+                    attempt,
+                    of = retry.attempts,
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "cannot bind the node agent's address yet; retrying"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(retry.max);
+                attempt += 1;
+            }
+            Err(error) => {
+                return Err(error).with_context(|| {
+                    format!(
+                        "binding the node agent on {addr} (try {attempt} of {})",
+                        retry.attempts
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// Binds `addr` (retrying while it is not assigned yet, [`BindRetry`]) and
+/// serves `NodeAgent` until `shutdown` resolves. Returns the bound address
+/// (useful with port 0) and the serving future.
 pub async fn bind(
     addr: SocketAddr,
     parts: AgentParts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(SocketAddr, impl Future<Output = anyhow::Result<()>>)> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the node agent on {addr}"))?;
+    let listener = bind_listener(addr, BindRetry::default(), tokio::net::TcpListener::bind).await?;
     let bound = listener.local_addr().context("the agent's bound address")?;
     let (stop_tx, stopped) = watch::channel(false);
     let (images_tx, images) = watch::channel(Images::default());
@@ -521,6 +587,65 @@ mod tests {
         ] {
             assert_eq!(with(bad), Err(tonic::Code::Unauthenticated), "{bad:?}");
         }
+    }
+
+    type Binding = Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpListener>>>>;
+
+    /// A binder that fails with `errors` first, then binds 127.0.0.1:0.
+    fn flaky(
+        errors: Vec<std::io::ErrorKind>,
+    ) -> (
+        Arc<std::sync::Mutex<u32>>,
+        impl FnMut(SocketAddr) -> Binding,
+    ) {
+        let calls = Arc::new(std::sync::Mutex::new(0u32));
+        let counted = calls.clone();
+        let mut errors = errors.into_iter();
+        let bind = move |_addr: SocketAddr| {
+            *counted.lock().expect("lock") += 1;
+            let next = errors.next();
+            Box::pin(async move {
+                match next {
+                    Some(kind) => Err(std::io::Error::from(kind)),
+                    None => tokio::net::TcpListener::bind("127.0.0.1:0").await,
+                }
+            }) as Binding
+        };
+        (calls, bind)
+    }
+
+    const FAST: BindRetry = BindRetry {
+        attempts: 4,
+        initial: Duration::from_millis(1),
+        max: Duration::from_millis(4),
+    };
+
+    #[tokio::test]
+    async fn binding_waits_for_the_address_to_be_assigned() {
+        use std::io::ErrorKind::{AddrInUse, AddrNotAvailable};
+        let addr: SocketAddr = "10.1.2.3:9465".parse().expect("addr");
+        let (calls, bind) = flaky(vec![AddrNotAvailable, AddrInUse]);
+        let listener = bind_listener(addr, FAST, bind)
+            .await
+            .expect("bound on the 3rd try");
+        assert!(listener.local_addr().expect("addr").ip().is_loopback());
+        assert_eq!(*calls.lock().expect("lock"), 3);
+
+        // Bounded: after `attempts` tries the last error is returned, naming
+        // the address and the tries.
+        let (calls, bind) = flaky(vec![AddrNotAvailable; 10]);
+        let error = bind_listener(addr, FAST, bind).await.expect_err("gives up");
+        assert_eq!(*calls.lock().expect("lock"), 4);
+        let text = format!("{error:#}");
+        assert!(
+            text.contains("10.1.2.3:9465") && text.contains("try 4 of 4"),
+            "{text}"
+        );
+
+        // An error that cannot go away is not retried.
+        let (calls, bind) = flaky(vec![std::io::ErrorKind::PermissionDenied]);
+        assert!(bind_listener(addr, FAST, bind).await.is_err());
+        assert_eq!(*calls.lock().expect("lock"), 1);
     }
 
     #[test]

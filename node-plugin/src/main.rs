@@ -269,7 +269,10 @@ async fn finish_refill(refill: tokio::task::JoinHandle<()>) {
 /// How long shutdown waits for a slot creation in flight.
 const REFILL_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Starts the node agent (the controller's NodeAgent API) in the background.
+/// Starts the node agent (the controller's NodeAgent API) in the background:
+/// binding its address is retried there (the node's address may not be
+/// assigned yet), so CRI is served meanwhile and a node agent that cannot
+/// bind never takes kubelet's runtime down with it.
 async fn serve_agent(
     agent: fast_sandbox_node::agent::AgentSettings,
     settings: &Settings,
@@ -289,9 +292,19 @@ async fn serve_agent(
         image_interval: agent.image_interval,
         health,
     };
-    let (bound, server) = fast_sandbox_node::agent::bind(agent.address, parts, stopped).await?;
-    tracing::info!(address = %bound, node = %agent.node_name, "serving the node agent");
     tokio::spawn(async move {
+        let (bound, server) =
+            match fast_sandbox_node::agent::bind(agent.address, parts, stopped).await {
+                Ok(bound) => bound,
+                Err(e) => {
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "node agent not served: the controller cannot see or size this node's pools"
+                    );
+                    return;
+                }
+            };
+        tracing::info!(address = %bound, node = %agent.node_name, "serving the node agent");
         if let Err(e) = server.await {
             tracing::error!(error = format!("{e:#}"), "node agent failed");
         }

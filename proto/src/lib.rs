@@ -1,7 +1,9 @@
-//! Generated gRPC code, and the NodeAgent API's token rule ([`token`]).
+//! Generated gRPC code, and the NodeAgent API's token rule ([`token`]) and
+//! pool shape key ([`shape`]).
 //! Conversions to domain types live at the edges (the `shim`,
 //! `node-plugin` and `controller` crates), not here.
 
+pub mod shape;
 pub mod token;
 
 #[doc(hidden)]
