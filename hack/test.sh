@@ -87,3 +87,18 @@ target_dir=$(fsb_cargo_target_dir)
 "$target_dir/release/fast-sandbox-bench" proxy --calls 200 --pods 3
 "$target_dir/release/fast-sandbox-bench" warm --pods 3 --concurrent 4 --idle-slots 4
 "$target_dir/release/fast-sandbox-bench" load --pods 20 --duration 10
+
+# The images (hack/images.sh): built with the project's own tooling, then
+# run for real on the development node's containerd: the node image's
+# binary must answer --version with this tree's revision.
+fsb_log "building the node and controller images"
+"$FSB_REPO/hack/images.sh" "$target_dir/images" >"$target_dir/images.txt"
+node_image=$(grep '/node:' "$target_dir/images.txt")
+ctr_address=${FAST_SANDBOX_CONTAINERD_ENDPOINT#unix://}
+ctr -a "$ctr_address" -n fast-sandbox-images images import "$target_dir/images/node.tar" >/dev/null
+reported=$(timeout 60 ctr -a "$ctr_address" -n fast-sandbox-images run --rm "$node_image" \
+	images-version fast-sandbox-node --version)
+ctr -a "$ctr_address" -n fast-sandbox-images images rm "$node_image" >/dev/null
+[[ $reported == *"git $(git -C "$FSB_REPO" rev-parse --short=12 HEAD)"* ]] ||
+	fsb_die "the node image reports '$reported', not this tree's revision"
+fsb_log "node image runs: $reported"
