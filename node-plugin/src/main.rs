@@ -13,7 +13,7 @@ use fast_sandbox_node::{
     admin,
     fixup::{ByRuntime, Mechanism, RealGuestOps, RealOps},
     metrics::Metrics,
-    pool::{ManagerConfig, PoolManager, PoolSpec},
+    pool::{records, ManagerConfig, PoolManager, PoolSpec},
 };
 use fast_sandbox_shim::{
     slots::{HandlerMap, SlotSource, SLOT_NAMESPACE},
@@ -333,9 +333,11 @@ async fn start_pools(
         mechanisms,
         FIXUP_DEADLINE,
     ));
+    let token = instance_token(&settings.slots.state_dir)?;
     let cfg = ManagerConfig {
         state_dir: settings.slots.state_dir.clone(),
-        placeholder_cgroup_root: settings.slots.placeholder_cgroup_root.clone(),
+        record_copies: Some(records::sandboxes_dir(&settings.slots.containerd_root)),
+        placeholder_cgroup_root: settings.slots.cgroup_root_of(&token),
         placeholder_namespace: SLOT_NAMESPACE.to_owned(),
         upstream_timeout: settings.upstream.call_timeout,
         refill_interval: settings.slots.refill_interval,
@@ -351,6 +353,14 @@ async fn start_pools(
         .await
         .context("starting the warm pools (reconciling with upstream)")?;
     Ok((manager, handlers))
+}
+
+/// The slot token of the instance whose state is in `state_dir` (created
+/// on first use).
+fn instance_token(state_dir: &std::path::Path) -> anyhow::Result<String> {
+    records::RecordStore::open(state_dir)
+        .and_then(|r| r.token())
+        .with_context(|| format!("reading the slot token in {}", state_dir.display()))
 }
 
 /// Upper bound of one claim's fix-up; past it the slot is destroyed and the

@@ -535,6 +535,7 @@ impl RigBuilder {
             .then(|| cri.serve_unix(&dir.path().join("upstream.sock")));
         let mut cfg = ManagerConfig {
             state_dir: dir.path().join("state"),
+            record_copies: None,
             placeholder_cgroup_root: "/fast-sandbox-test".into(),
             placeholder_namespace: "fast-sandbox-slots".into(),
             upstream_timeout: Duration::from_secs(5),
