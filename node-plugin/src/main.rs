@@ -35,6 +35,11 @@ struct Cli {
 enum Command {
     /// Serve CRI on the shim's socket, forwarding to the upstream runtime.
     Serve(ServeArgs),
+    /// Remove every slot (free and claimed), claim record, token and
+    /// placeholder cgroup of this node plugin: the uninstall path. The node
+    /// plugin must be stopped first; a graceful stop keeps free slots for
+    /// the next run, this removes them.
+    Uninstall(UninstallArgs),
     /// Show the warm pools of a running node plugin.
     Pools {
         /// The node plugin's admin endpoint.
@@ -69,6 +74,15 @@ struct ServeArgs {
     overrides: Overrides,
 }
 
+#[derive(Debug, clap::Args)]
+struct UninstallArgs {
+    /// The node plugin's TOML config file (the same as `serve`'s).
+    #[arg(long, env = "FAST_SANDBOX_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: Overrides,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // One worker thread serves CRI: the proxy hop is dominated by kernel
@@ -89,6 +103,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Uninstall(args) => uninstall(args).await,
             Command::Pools { admin, json } => show_pools(admin, json).await,
             Command::Claims { admin, json } => show_claims(admin, json).await,
         }
@@ -132,7 +147,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let mut refill = None;
     let shim = match &pools {
-        None => Shim::new(upstream),
+        // No pools: still hide the slots a run with pools left.
+        None => Shim::with_slots(
+            upstream,
+            HandlerMap::default(),
+            Arc::new(
+                fast_sandbox_node::pool::TokenOnly::open(&settings.slots.state_dir)
+                    .context("reading the slot token and claim records")?,
+            ),
+        ),
         Some((manager, handlers)) => {
             refill = Some(tokio::spawn(Arc::clone(manager).run(stopped())));
             Shim::with_slots(
@@ -176,6 +199,41 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         finish_refill(refill).await;
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `fast-sandbox-node uninstall`: everything `serve` left on the node.
+async fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => config::load(path)?,
+        None => FileConfig::default(),
+    };
+    let specs = config::pool_specs(&file.pools).context("invalid [[pool]] configuration")?;
+    let mechanisms =
+        config::fixup_mechanisms(&file.pools).context("invalid [[pool]] configuration")?;
+    let settings = Settings::resolve(file, args.overrides);
+    init_logging(&settings)?;
+    if std::os::unix::net::UnixStream::connect(&settings.socket.path).is_ok() {
+        anyhow::bail!(
+            "a node plugin is serving on {}; stop it before uninstalling",
+            settings.socket.path.display()
+        );
+    }
+    let metrics = Arc::new(Metrics::default());
+    let (manager, _) = start_pools(&settings, specs, &mechanisms, &metrics).await?;
+    let removed = manager
+        .remove_everything()
+        .await
+        .context("removing the node's slots")?;
+    match std::fs::remove_file(&settings.socket.path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| {
+                format!("removing the socket {}", settings.socket.path.display())
+            })
+        }
+        _ => {}
+    }
+    println!("removed {removed} slots and the node plugin's state");
     Ok(())
 }
 

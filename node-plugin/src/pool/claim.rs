@@ -416,9 +416,17 @@ async fn deferred_fixup(
         () = tokio::time::sleep_until(until) => {}
         () = cancelled.notified() => return,
     }
-    if let Err(e) = fixup.complete(&facts, &pod.config).await {
-        tracing::error!(sandbox = %facts.sandbox_id, error = %chain(&e),
-            "completing the fix-up failed; the pod runs, but its pause stays in the placeholder cgroup");
+    match fixup.complete(&facts, &pod.config).await {
+        Ok(()) => {}
+        // The pod was stopped meanwhile: nothing left to move.
+        Err(e) if e.process_gone() => {
+            tracing::debug!(sandbox = %facts.sandbox_id, error = %chain(&e),
+                "the pod's pause exited before the fix-up completed; nothing to move");
+        }
+        Err(e) => {
+            tracing::error!(sandbox = %facts.sandbox_id, error = %chain(&e),
+                "completing the fix-up failed; the pod runs, but its pause stays in the placeholder cgroup");
+        }
     }
 }
 

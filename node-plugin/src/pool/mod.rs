@@ -32,6 +32,8 @@ mod recovery;
 mod refill;
 mod spec;
 mod table;
+mod token_only;
+mod uninstall;
 
 use std::{
     collections::HashMap,
@@ -52,6 +54,7 @@ pub use self::{
     error::PoolError,
     spec::{ManagerConfig, NetworkMode, PoolSpec, MAX_POOL_SIZE},
     table::{ClaimInfo, PoolStats},
+    token_only::TokenOnly,
 };
 use self::{
     records::RecordStore,
@@ -315,10 +318,11 @@ impl PoolManager {
 
     /// The upstream handler of the pool named `pool` (a claim record's).
     fn upstream_of(&self, pool: &str) -> String {
-        self.specs[self.pool_index(pool)]
-            .key
-            .upstream_handler
-            .clone()
+        // No pools at all: `uninstall` with a config without pools.
+        self.specs
+            .get(self.pool_index(pool))
+            .map(|s| s.key.upstream_handler.clone())
+            .unwrap_or_default()
     }
 
     /// The placeholder config of a new slot of pool `i`.

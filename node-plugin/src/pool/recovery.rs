@@ -202,7 +202,7 @@ impl PoolManager {
     /// Claimed slots of the table (from records) whose sandbox is gone
     /// upstream: the pod was removed while we were down. And unreadable
     /// records whose sandbox is gone: nothing left to keep.
-    async fn forget_vanished(&self, listed: &[PodSandbox]) {
+    pub(super) async fn forget_vanished(&self, listed: &[PodSandbox]) {
         let present: HashSet<&str> = listed.iter().map(|sb| sb.id.as_str()).collect();
         let gone: Vec<(String, Slot)> = {
             let mut t = self.table();

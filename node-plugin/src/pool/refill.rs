@@ -253,7 +253,7 @@ impl PoolManager {
     }
 
     /// Stops and removes a sandbox upstream, logging failures.
-    async fn destroy(&self, id: &str) {
+    pub(super) async fn destroy(&self, id: &str) {
         let mut up = self.upstream.clone();
         if let Err(e) = up
             .stop_pod_sandbox(self.request(StopPodSandboxRequest {
