@@ -32,10 +32,21 @@ impl Setup<'_> {
 
     /// Writes the node plugin's config into `dir`.
     pub fn write(&self, dir: &Path, admin: SocketAddr) -> PathBuf {
+        self.write_with(dir, admin, true)
+    }
+
+    /// As [`Setup::write`]; without `explicit_cgroup_root` the config leaves
+    /// `placeholder_cgroup_root` to its per-instance default.
+    pub fn write_with(&self, dir: &Path, admin: SocketAddr, explicit_cgroup_root: bool) -> PathBuf {
         let path = dir.join("node.toml");
+        let cg = if explicit_cgroup_root {
+            format!("placeholder_cgroup_root = {:?}\n", self.cgroup_root())
+        } else {
+            String::new()
+        };
         let text = format!(
             "[upstream]\nendpoint = {endpoint:?}\n[socket]\npath = {socket:?}\n[admin]\naddress = \"{admin}\"\n\
-             [slots]\nstate_dir = {state:?}\ncontainerd_root = {root:?}\nplaceholder_cgroup_root = {cg:?}\n\
+             [slots]\nstate_dir = {state:?}\ncontainerd_root = {root:?}\n{cg}\
              refill_interval = \"0ms\"\nrefill_delay = \"100ms\"\nhealth_interval = \"1s\"\n\
              [[pool]]\nname = \"{pool}\"\nhandler = \"fast-runc\"\nupstream = \"runc\"\nsize = {size}\n\
              shape = {{ seccomp = \"runtime-default\" }}\n",
@@ -43,7 +54,6 @@ impl Setup<'_> {
             socket = dir.join("cri.sock").display().to_string(),
             state = dir.join("state").display().to_string(),
             root = self.node.containerd_root.display().to_string(),
-            cg = self.cgroup_root(),
             pool = self.pool,
             size = self.size,
         );
@@ -65,8 +75,19 @@ pub struct Node {
 impl Node {
     /// Starts the binary on `dir`'s config; its log goes to `dir/<log>`.
     pub fn spawn(setup: &Setup<'_>, dir: &Path, failpoints: &str, log: &str) -> Self {
+        Self::spawn_with(setup, dir, failpoints, log, true)
+    }
+
+    /// As [`Node::spawn`]; see [`Setup::write_with`].
+    pub fn spawn_with(
+        setup: &Setup<'_>,
+        dir: &Path,
+        failpoints: &str,
+        log: &str,
+        explicit_cgroup_root: bool,
+    ) -> Self {
         let admin = free_port();
-        let config = setup.write(dir, admin);
+        let config = setup.write_with(dir, admin, explicit_cgroup_root);
         let log = dir.join(log);
         let stderr = std::fs::File::create(&log).expect("log file");
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_fast-sandbox-node"))

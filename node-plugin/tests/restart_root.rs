@@ -1,0 +1,347 @@
+//! Issue 11: a restart, an upgrade or an uninstall of the node plugin, with
+//! the real binary against the development node's containerd.
+//!
+//! - kill -9 and graceful stop with claimed and free slots (the upgrade
+//!   path: the binary is replaced between two runs on the same state):
+//!   CRI is served with the claimed pods' identity, the claimed pods are
+//!   untouched, every free slot is adopted (none rebuilt).
+//! - `claims/` deleted while claimed pods run: the records come back from
+//!   their copies in the sandboxes' directories; no pod is stopped.
+//! - Two instances with the default placeholder cgroup root: restarting
+//!   one never touches the other's slots, cgroups or records; then
+//!   `fast-sandbox-node uninstall` leaves nothing of either.
+//!
+//! Needs root and the development node (`hack/dev-node.sh up`); skips
+//! locally without them, fails under `CI=true`.
+
+use std::{collections::HashSet, path::Path, time::Duration};
+
+use fast_sandbox_proto::cri::{PodSandboxState, RunPodSandboxRequest};
+use fast_sandbox_tests::{pod::TestPod, CaseGuard, Cri, DevNode};
+
+mod support;
+use support::{pool_ids, records, remove_pool_slots, Node, PoolSlotsGuard, Setup};
+
+/// The tests of this file count what the whole containerd holds.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn claim(cri: &mut Cri, pod: &TestPod) -> String {
+    cri.runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod.sandbox_config()),
+            runtime_handler: "fast-runc".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox of {}: {e:?}", pod.name))
+        .into_inner()
+        .pod_sandbox_id
+}
+
+/// `pod` has exactly sandbox `id` through the shim, ready, with its own
+/// name and hostname.
+async fn assert_intact(cri: &mut Cri, pod: &TestPod, id: &str) {
+    let listed = cri
+        .list_by_label("io.kubernetes.pod.uid", &pod.uid)
+        .await
+        .expect("list");
+    let ids: Vec<&str> = listed.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, [id], "pod {} keeps exactly its sandbox", pod.name);
+    assert_eq!(
+        listed[0].state,
+        PodSandboxState::SandboxReady as i32,
+        "pod {}'s sandbox still runs",
+        pod.name
+    );
+    let meta = listed[0].metadata.as_ref().expect("metadata");
+    assert_eq!(meta.name, pod.name, "pod {}'s identity", pod.name);
+    assert_eq!(cri.uts_hostname(id).await.expect("hostname"), pod.name);
+}
+
+async fn remove_pods(cri: &mut Cri, pods: &[TestPod]) {
+    for pod in pods {
+        for sb in cri
+            .list_by_label("io.kubernetes.pod.uid", &pod.uid)
+            .await
+            .expect("list")
+        {
+            cri.remove_sandbox(&sb.id).await.expect("remove");
+        }
+        pod.remove_pod_cgroups();
+    }
+}
+
+/// The free slots upstream: the pool's sandboxes less the claimed ones.
+async fn free_ids(node: &DevNode, pool: &str, claimed: &[String]) -> HashSet<String> {
+    let mut ids = pool_ids(&node.containerd_endpoint, pool).await;
+    for c in claimed {
+        ids.remove(c);
+    }
+    ids
+}
+
+/// Restarts on the same state: the claimed pods are untouched and every
+/// free slot is adopted, whether the previous run was killed or stopped.
+#[tokio::test]
+async fn restart_keeps_claimed_pods_and_adopts_free_slots() {
+    let _serial = SERIAL.lock().await;
+    let test = "restart_keeps_claimed_pods_and_adopts_free_slots";
+    let Some(node) = DevNode::require(test) else {
+        return;
+    };
+    let setup = Setup {
+        pool: "restart-adopt",
+        size: 6,
+        node: &node,
+    };
+    let _case = CaseGuard::new(&node, test).await.expect("clean slate");
+    remove_pool_slots(&node.containerd_endpoint, setup.pool)
+        .await
+        .expect("no slots of an earlier run");
+    let _slots = PoolSlotsGuard {
+        endpoint: node.containerd_endpoint.clone(),
+        pool: setup.pool.to_owned(),
+    };
+    let logs = tempfile::tempdir().expect("tempdir");
+    let pods: Vec<TestPod> = (0..2)
+        .map(|i| TestPod::new(test, &format!("adopt-{i}"), logs.path()))
+        .collect();
+    let mut roots = vec![setup.cgroup_root()];
+    roots.extend(pods.iter().map(TestPod::cgroup_parent));
+    let root_refs: Vec<&str> = roots.iter().map(String::as_str).collect();
+    let before = node.census(&root_refs).await.expect("census");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut plugin = Node::spawn(&setup, dir.path(), "", "run-0.log");
+    plugin.wait_full().await;
+    let mut cri = plugin.cri().await;
+    let mut claimed = Vec::new();
+    for pod in &pods {
+        claimed.push(claim(&mut cri, pod).await);
+    }
+    plugin.wait_full().await;
+    let mut free = free_ids(&node, setup.pool, &claimed).await;
+    assert_eq!(free.len(), setup.size);
+    drop(cri);
+
+    for (run, kill) in [(1, true), (2, false)] {
+        if kill {
+            plugin.kill9();
+        } else {
+            plugin.stop().await;
+        }
+        plugin = Node::spawn(&setup, dir.path(), "", &format!("run-{run}.log"));
+        let mut cri = plugin.cri().await;
+        for (pod, id) in pods.iter().zip(&claimed) {
+            assert_intact(&mut cri, pod, id).await;
+        }
+        plugin.wait_full().await;
+        let now = free_ids(&node, setup.pool, &claimed).await;
+        assert_eq!(
+            now,
+            free,
+            "run {run} (after {}): every free slot adopted, none rebuilt; log:\n{}",
+            if kill { "kill -9" } else { "a graceful stop" },
+            plugin.log()
+        );
+        free = now;
+    }
+
+    let mut cri = plugin.cri().await;
+    remove_pods(&mut cri, &pods).await;
+    drop(cri);
+    plugin.stop().await;
+    assert!(records(&dir.path().join("state")).is_empty(), "records gone");
+    let removed = remove_pool_slots(&node.containerd_endpoint, setup.pool)
+        .await
+        .expect("remove slots");
+    assert_eq!(removed, setup.size, "exactly the pool's free slots remain");
+    let after = node
+        .settled_census(&before, &root_refs, Duration::from_secs(15))
+        .await
+        .expect("census");
+    assert_eq!(before, after, "resources leaked across the restarts");
+}
+
+/// `claims/` deleted while claimed pods run: recovery stops none of them;
+/// their records come back from the copies.
+#[tokio::test]
+async fn lost_claims_dir_stops_no_pod() {
+    let _serial = SERIAL.lock().await;
+    let test = "lost_claims_dir_stops_no_pod";
+    let Some(node) = DevNode::require(test) else {
+        return;
+    };
+    let setup = Setup {
+        pool: "restart-lost",
+        size: 2,
+        node: &node,
+    };
+    let _case = CaseGuard::new(&node, test).await.expect("clean slate");
+    remove_pool_slots(&node.containerd_endpoint, setup.pool)
+        .await
+        .expect("no slots of an earlier run");
+    let _slots = PoolSlotsGuard {
+        endpoint: node.containerd_endpoint.clone(),
+        pool: setup.pool.to_owned(),
+    };
+    let logs = tempfile::tempdir().expect("tempdir");
+    let pods: Vec<TestPod> = (0..2)
+        .map(|i| TestPod::new(test, &format!("lost-{i}"), logs.path()))
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut plugin = Node::spawn(&setup, dir.path(), "", "first.log");
+    plugin.wait_full().await;
+    let mut cri = plugin.cri().await;
+    let mut claimed = Vec::new();
+    for pod in &pods {
+        claimed.push(claim(&mut cri, pod).await);
+    }
+    drop(cri);
+    plugin.kill9();
+    let state = dir.path().join("state");
+    std::fs::remove_dir_all(state.join("claims")).expect("delete claims/");
+
+    let plugin = Node::spawn(&setup, dir.path(), "", "second.log");
+    plugin.wait_full().await;
+    let mut cri = plugin.cri().await;
+    for (pod, id) in pods.iter().zip(&claimed) {
+        assert_intact(&mut cri, pod, id).await;
+    }
+    assert_eq!(records(&state).len(), pods.len(), "records rebuilt");
+    assert!(
+        plugin.log().contains("rebuilt from its copy"),
+        "log:\n{}",
+        plugin.log()
+    );
+    remove_pods(&mut cri, &pods).await;
+    drop(cri);
+    plugin.stop().await;
+}
+
+/// The placeholder cgroup root an instance with default settings uses.
+fn default_root(dir: &Path) -> String {
+    let token = std::fs::read_to_string(dir.join("state/token")).expect("token");
+    format!(
+        "/fast-sandbox-slots/{}",
+        fast_sandbox_node::pool::records::instance_id(token.trim())
+    )
+}
+
+/// Directories in the cpu hierarchy under `root`.
+fn cgroup_children(root: &str) -> usize {
+    std::fs::read_dir(format!("/sys/fs/cgroup/cpu{root}"))
+        .map(|d| d.flatten().filter(|e| e.path().is_dir()).count())
+        .unwrap_or(0)
+}
+
+/// Two node plugins with default cgroup roots never touch each other's
+/// slots, cgroups or records; `uninstall` then leaves nothing of either.
+#[tokio::test]
+async fn two_instances_keep_apart_and_uninstall_leaves_nothing() {
+    let _serial = SERIAL.lock().await;
+    let test = "two_instances_keep_apart_and_uninstall_leaves_nothing";
+    let Some(node) = DevNode::require(test) else {
+        return;
+    };
+    let _case = CaseGuard::new(&node, test).await.expect("clean slate");
+    let setups = [("restart-two-a", 3), ("restart-two-b", 2)].map(|(pool, size)| Setup {
+        pool,
+        size,
+        node: &node,
+    });
+    for s in &setups {
+        remove_pool_slots(&node.containerd_endpoint, s.pool)
+            .await
+            .expect("no slots of an earlier run");
+    }
+    let _guards = setups.each_ref().map(|s| PoolSlotsGuard {
+        endpoint: node.containerd_endpoint.clone(),
+        pool: s.pool.to_owned(),
+    });
+    let logs = tempfile::tempdir().expect("tempdir");
+    let pod = TestPod::new(test, "two-a-pod", logs.path());
+    let roots = ["/fast-sandbox-slots".to_owned(), pod.cgroup_parent()];
+    let root_refs: Vec<&str> = roots.iter().map(String::as_str).collect();
+    let before = node.census(&root_refs).await.expect("census");
+
+    let dirs = [tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir")];
+    let mut plugins: Vec<Node> = setups
+        .iter()
+        .zip(&dirs)
+        .map(|(s, d)| Node::spawn_with(s, d.path(), "", "run-0.log", false))
+        .collect();
+    for p in &plugins {
+        p.wait_full().await;
+    }
+    let cg = dirs.each_ref().map(|d| default_root(d.path()));
+    assert_ne!(cg[0], cg[1], "each instance has its own cgroup root");
+    let mut cri = plugins[0].cri().await;
+    let claimed = claim(&mut cri, &pod).await;
+    drop(cri);
+    plugins[0].wait_full().await;
+    let mut slots = Vec::new();
+    for s in &setups {
+        slots.push(pool_ids(&node.containerd_endpoint, s.pool).await);
+    }
+    let cgroups = cg.each_ref().map(|r| cgroup_children(r));
+    assert_eq!(cgroups, [3, 2], "one placeholder cgroup per free slot");
+
+    // Each restarts (kill -9) while the other runs: nothing of the other
+    // is touched, its own slots are adopted.
+    for i in [0, 1] {
+        plugins[i].kill9();
+        plugins[i] = Node::spawn_with(&setups[i], dirs[i].path(), "", "run-1.log", false);
+        plugins[i].wait_full().await;
+        for j in [0, 1] {
+            assert_eq!(
+                pool_ids(&node.containerd_endpoint, setups[j].pool).await,
+                slots[j],
+                "instance {j}'s slots after instance {i} restarted"
+            );
+            assert_eq!(cgroup_children(&cg[j]), cgroups[j], "instance {j}'s cgroups");
+        }
+        assert!(
+            !plugins[i].log().contains("removing"),
+            "instance {i} removed something at restart:\n{}",
+            plugins[i].log()
+        );
+    }
+    let mut cri = plugins[0].cri().await;
+    assert_intact(&mut cri, &pod, &claimed).await;
+    drop(cri);
+
+    // Uninstall both (the claimed slot of the first too), as an
+    // administrator would: stop, then `uninstall` with the same config.
+    for (p, d) in plugins.into_iter().zip(&dirs) {
+        p.stop().await;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fast-sandbox-node"))
+            .arg("uninstall")
+            .arg("--config")
+            .arg(d.path().join("node.toml"))
+            .output()
+            .expect("run uninstall");
+        assert!(
+            out.status.success(),
+            "uninstall failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!d.path().join("state").exists(), "state removed");
+        assert!(!d.path().join("cri.sock").exists(), "socket removed");
+    }
+    for s in &setups {
+        assert!(pool_ids(&node.containerd_endpoint, s.pool).await.is_empty());
+    }
+    for r in &cg {
+        assert!(
+            !Path::new(&format!("/sys/fs/cgroup/cpu{r}")).exists(),
+            "cgroup root {r} removed"
+        );
+    }
+    // Kubelet removes the pod's own cgroup; the test has no kubelet.
+    pod.remove_pod_cgroups();
+    let after = node
+        .settled_census(&before, &root_refs, Duration::from_secs(15))
+        .await
+        .expect("census");
+    assert_eq!(before, after, "uninstall left something behind");
+}
