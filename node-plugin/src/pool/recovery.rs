@@ -108,6 +108,8 @@ impl PoolManager {
         let mut found = Found::default();
         for sb in listed {
             let ready = sb.state == PodSandboxState::SandboxReady as i32;
+            // An unreadable record is replaced if its copy is readable.
+            let unreadable = self.pending().unreadable.remove(&sb.id);
             let claimed = match self.table().slots.get(&sb.id).map(|s| &s.status) {
                 Some(Status::Claimed(pod)) => Some(Arc::clone(pod)),
                 Some(Status::Free | Status::Claiming) => continue,
@@ -127,7 +129,6 @@ impl PoolManager {
                 }
                 continue;
             }
-            let unreadable = self.pending().unreadable.remove(&sb.id);
             if let Some(path) = unreadable {
                 tracing::error!(sandbox = %sb.id, path = %path.display(),
                     "claimed sandbox without a readable record: reported under its placeholder identity, as a pod kubelet does not know, so kubelet stops and removes it and recreates its pod's sandbox; never served again");
