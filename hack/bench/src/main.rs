@@ -5,6 +5,7 @@
 mod common;
 mod load;
 mod proxy;
+mod restart;
 mod stats;
 mod warm;
 
@@ -30,6 +31,9 @@ enum Cmd {
     /// pods every second plus create/delete churn (warm and cold), p50/p99
     /// per call type, straight to containerd vs through the shim.
     Load(load::Opts),
+    /// Restart of the node plugin with a full pool: time to the first CRI
+    /// answer and free slots adopted, after kill -9 and a graceful stop.
+    Restart(restart::Opts),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -38,5 +42,6 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Proxy(opts) => proxy::run(opts).await,
         Cmd::Warm(opts) => warm::run(opts).await,
         Cmd::Load(opts) => load::run(opts).await,
+        Cmd::Restart(opts) => restart::run(opts).await,
     }
 }
