@@ -227,9 +227,8 @@ async fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
         .context("removing the node's slots")?;
     match std::fs::remove_file(&settings.socket.path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| {
-                format!("removing the socket {}", settings.socket.path.display())
-            })
+            return Err(e)
+                .with_context(|| format!("removing the socket {}", settings.socket.path.display()))
         }
         _ => {}
     }

@@ -208,7 +208,10 @@ async fn kill_9_while_a_refill_is_held_leaks_no_slot() {
     );
     let id_b = run(&mut cri, &b).await;
     assert_ne!(id_b, id_a, "a slot is never handed out twice");
-    assert!(now.contains(&id_b), "pod b got a warm slot after the restart");
+    assert!(
+        now.contains(&id_b),
+        "pod b got a warm slot after the restart"
+    );
     assert_intact(&mut cri, &b, &id_b).await;
     plugin.wait_full().await;
 

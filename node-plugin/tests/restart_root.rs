@@ -150,7 +150,10 @@ async fn restart_keeps_claimed_pods_and_adopts_free_slots() {
     remove_pods(&mut cri, &pods).await;
     drop(cri);
     plugin.stop().await;
-    assert!(records(&dir.path().join("state")).is_empty(), "records gone");
+    assert!(
+        records(&dir.path().join("state")).is_empty(),
+        "records gone"
+    );
     let removed = remove_pool_slots(&node.containerd_endpoint, setup.pool)
         .await
         .expect("remove slots");
@@ -264,7 +267,10 @@ async fn two_instances_keep_apart_and_uninstall_leaves_nothing() {
     let root_refs: Vec<&str> = roots.iter().map(String::as_str).collect();
     let before = node.census(&root_refs).await.expect("census");
 
-    let dirs = [tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir")];
+    let dirs = [
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    ];
     let mut plugins: Vec<Node> = setups
         .iter()
         .zip(&dirs)
@@ -300,7 +306,11 @@ async fn two_instances_keep_apart_and_uninstall_leaves_nothing() {
                 slots[j],
                 "instance {j}'s slots after instance {i} restarted"
             );
-            assert_eq!(cgroup_children(&cg[j]), cgroups[j], "instance {j}'s cgroups");
+            assert_eq!(
+                cgroup_children(&cg[j]),
+                cgroups[j],
+                "instance {j}'s cgroups"
+            );
         }
     }
     let mut cri = plugins[0].cri().await;

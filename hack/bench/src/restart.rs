@@ -155,7 +155,9 @@ async fn stop(mut run: Run, kill: bool) -> anyhow::Result<()> {
 }
 
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new().prefix("fs-bench-restart-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("fs-bench-restart-")
+        .tempdir()?;
     let admin = warm::free_port()?;
     let bench = Bench {
         opts: &opts,

@@ -135,8 +135,7 @@ impl FixupFailed {
             return false;
         };
         let gone = |e: &std::io::Error| {
-            e.kind() == std::io::ErrorKind::NotFound
-                || e.raw_os_error() == Some(nix::libc::ESRCH)
+            e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(nix::libc::ESRCH)
         };
         match &apply.source {
             FixupError::ProcessCgroups { source, .. } => gone(source),

@@ -111,7 +111,11 @@ impl PoolManager {
             let uid = sb.metadata.as_ref().map(|m| m.uid.as_str()).unwrap_or("");
             let mut config = self.placeholder(i, uid);
             config.metadata.clone_from(&sb.metadata);
-            config.hostname = sb.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+            config.hostname = sb
+                .metadata
+                .as_ref()
+                .map(|m| m.name.clone())
+                .unwrap_or_default();
             self.fixup
                 .prepare(&facts, &config)
                 .await

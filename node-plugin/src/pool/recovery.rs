@@ -100,11 +100,7 @@ impl PoolManager {
 
     /// Sorts each listed slot: claimed (from a record, a record's copy, or
     /// an unreadable record), unknown with containers, or free.
-    async fn sort_listed(
-        &self,
-        listed: &[PodSandbox],
-        with_containers: &HashSet<String>,
-    ) -> Found {
+    async fn sort_listed(&self, listed: &[PodSandbox], with_containers: &HashSet<String>) -> Found {
         let mut found = Found::default();
         for sb in listed {
             let ready = sb.state == PodSandboxState::SandboxReady as i32;
@@ -149,10 +145,9 @@ impl PoolManager {
     async fn rebuild_record(&self, sb: &PodSandbox) -> Option<Arc<ClaimedPod>> {
         let records = self.records.clone();
         let id = sb.id.clone();
-        let copy = crate::blocking::asyncify(self.cfg.upstream_timeout, move || {
-            records.read_copy(&id)
-        })
-        .await;
+        let copy =
+            crate::blocking::asyncify(self.cfg.upstream_timeout, move || records.read_copy(&id))
+                .await;
         let rec = match copy {
             Ok(Ok(Some(rec))) => rec,
             Ok(Ok(None)) => return None,
