@@ -114,13 +114,7 @@ fn main() -> anyhow::Result<()> {
 const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(24 * 3600);
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let file = match &args.config {
-        Some(path) => config::load(path)?,
-        None => FileConfig::default(),
-    };
-    let specs = config::pool_specs(&file.pools).context("invalid [[pool]] configuration")?;
-    let mechanisms =
-        config::fixup_mechanisms(&file.pools).context("invalid [[pool]] configuration")?;
+    let (file, specs, mechanisms) = read_config(args.config.as_deref())?;
     let agent = config::agent_settings(&file.agent, args.overrides.node_name.clone())
         .context("invalid [agent] configuration")?;
     let settings = Settings::resolve(file, args.overrides);
@@ -202,15 +196,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `fast-sandbox-node uninstall`: everything `serve` left on the node.
-async fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
-    let file = match &args.config {
+/// The config file (or the defaults) and the pools and fix-up mechanisms
+/// it configures.
+fn read_config(
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<(FileConfig, Vec<PoolSpec>, HashMap<String, Mechanism>)> {
+    let file = match path {
         Some(path) => config::load(path)?,
         None => FileConfig::default(),
     };
     let specs = config::pool_specs(&file.pools).context("invalid [[pool]] configuration")?;
     let mechanisms =
         config::fixup_mechanisms(&file.pools).context("invalid [[pool]] configuration")?;
+    Ok((file, specs, mechanisms))
+}
+
+/// `fast-sandbox-node uninstall`: everything `serve` left on the node.
+async fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
+    let (file, specs, mechanisms) = read_config(args.config.as_deref())?;
     let settings = Settings::resolve(file, args.overrides);
     init_logging(&settings)?;
     if std::os::unix::net::UnixStream::connect(&settings.socket.path).is_ok() {

@@ -26,9 +26,8 @@ use std::{
     time::Duration,
 };
 
-use fast_sandbox_proto::cri::{ListPodSandboxRequest, RunPodSandboxRequest, VersionRequest};
-use fast_sandbox_shim::slots::SLOT_TOKEN_LABEL;
-use fast_sandbox_tests::{census::Census, pod::TestPod, wait_for, CaseGuard, Cri, DevNode};
+use fast_sandbox_proto::cri::{ListPodSandboxRequest, VersionRequest};
+use fast_sandbox_tests::{census::Census, pod::TestPod, wait_for, CaseGuard, DevNode};
 
 mod support;
 
@@ -36,68 +35,10 @@ mod support;
 /// must not run at the same time (the harness runs a file's tests in
 /// parallel threads).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-use support::{pool_ids, records, remove_pool_slots, Node, PoolSlotsGuard, Setup};
-
-/// `RunPodSandbox` for `pod` on `fast-runc` through the shim.
-async fn run(cri: &mut Cri, pod: &TestPod) -> String {
-    cri.runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod.sandbox_config()),
-            runtime_handler: "fast-runc".into(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox of {}: {e:?}", pod.name))
-        .into_inner()
-        .pod_sandbox_id
-}
-
-/// Asserts that, through the shim, `pod` has exactly one sandbox, `id`,
-/// reported with its own metadata and with its hostname in its UTS
-/// namespace.
-async fn assert_intact(cri: &mut Cri, pod: &TestPod, id: &str) {
-    let listed = cri
-        .list_by_label("io.kubernetes.pod.uid", &pod.uid)
-        .await
-        .expect("list");
-    let ids: Vec<&str> = listed.iter().map(|s| s.id.as_str()).collect();
-    assert_eq!(ids, [id], "pod {} has exactly its own sandbox", pod.name);
-    let meta = listed[0].metadata.as_ref().expect("metadata");
-    assert_eq!(
-        (
-            meta.name.as_str(),
-            meta.namespace.as_str(),
-            meta.uid.as_str()
-        ),
-        (pod.name.as_str(), pod.namespace.as_str(), pod.uid.as_str()),
-        "pod {}'s sandbox reports the pod's identity",
-        pod.name
-    );
-    assert!(
-        !listed[0].labels.contains_key(SLOT_TOKEN_LABEL),
-        "the slot token never shows"
-    );
-    assert_eq!(
-        cri.uts_hostname(id).await.expect("UTS hostname"),
-        pod.name,
-        "pod {}'s sandbox has its hostname",
-        pod.name
-    );
-}
-
-/// Removes `pods` through the shim as kubelet would (sandbox, then the pod
-/// cgroup kubelet owns).
-async fn remove_pods(cri: &mut Cri, pods: &[&TestPod]) {
-    for pod in pods {
-        for sb in cri
-            .list_by_label("io.kubernetes.pod.uid", &pod.uid)
-            .await
-            .expect("list")
-        {
-            cri.remove_sandbox(&sb.id).await.expect("remove");
-        }
-        pod.remove_pod_cgroups();
-    }
-}
+use support::{
+    assert_intact, pool_ids, records, remove_pods, remove_pool_slots, run, Node, PoolSlotsGuard,
+    Setup,
+};
 
 /// The census roots of a test: the pool's placeholder cgroups and each
 /// pod's own cgroup parent (where a claim moves the pause), not the shared

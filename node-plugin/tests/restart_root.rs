@@ -16,59 +16,15 @@
 
 use std::{collections::HashSet, path::Path, time::Duration};
 
-use fast_sandbox_proto::cri::{PodSandboxState, RunPodSandboxRequest};
-use fast_sandbox_tests::{pod::TestPod, CaseGuard, Cri, DevNode};
+use fast_sandbox_tests::{pod::TestPod, CaseGuard, DevNode};
 
 mod support;
-use support::{pool_ids, records, remove_pool_slots, Node, PoolSlotsGuard, Setup};
+use support::{
+    assert_intact, clean_pool, pool_ids, records, remove_pods, remove_pool_slots, run, Node, Setup,
+};
 
 /// The tests of this file count what the whole containerd holds.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn claim(cri: &mut Cri, pod: &TestPod) -> String {
-    cri.runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod.sandbox_config()),
-            runtime_handler: "fast-runc".into(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox of {}: {e:?}", pod.name))
-        .into_inner()
-        .pod_sandbox_id
-}
-
-/// `pod` has exactly sandbox `id` through the shim, ready, with its own
-/// name and hostname.
-async fn assert_intact(cri: &mut Cri, pod: &TestPod, id: &str) {
-    let listed = cri
-        .list_by_label("io.kubernetes.pod.uid", &pod.uid)
-        .await
-        .expect("list");
-    let ids: Vec<&str> = listed.iter().map(|s| s.id.as_str()).collect();
-    assert_eq!(ids, [id], "pod {} keeps exactly its sandbox", pod.name);
-    assert_eq!(
-        listed[0].state,
-        PodSandboxState::SandboxReady as i32,
-        "pod {}'s sandbox still runs",
-        pod.name
-    );
-    let meta = listed[0].metadata.as_ref().expect("metadata");
-    assert_eq!(meta.name, pod.name, "pod {}'s identity", pod.name);
-    assert_eq!(cri.uts_hostname(id).await.expect("hostname"), pod.name);
-}
-
-async fn remove_pods(cri: &mut Cri, pods: &[TestPod]) {
-    for pod in pods {
-        for sb in cri
-            .list_by_label("io.kubernetes.pod.uid", &pod.uid)
-            .await
-            .expect("list")
-        {
-            cri.remove_sandbox(&sb.id).await.expect("remove");
-        }
-        pod.remove_pod_cgroups();
-    }
-}
 
 /// The free slots upstream: the pool's sandboxes less the claimed ones.
 async fn free_ids(node: &DevNode, pool: &str, claimed: &[String]) -> HashSet<String> {
@@ -94,13 +50,7 @@ async fn restart_keeps_claimed_pods_and_adopts_free_slots() {
         node: &node,
     };
     let _case = CaseGuard::new(&node, test).await.expect("clean slate");
-    remove_pool_slots(&node.containerd_endpoint, setup.pool)
-        .await
-        .expect("no slots of an earlier run");
-    let _slots = PoolSlotsGuard {
-        endpoint: node.containerd_endpoint.clone(),
-        pool: setup.pool.to_owned(),
-    };
+    let _slots = clean_pool(&node, setup.pool).await;
     let logs = tempfile::tempdir().expect("tempdir");
     let pods: Vec<TestPod> = (0..2)
         .map(|i| TestPod::new(test, &format!("adopt-{i}"), logs.path()))
@@ -116,7 +66,7 @@ async fn restart_keeps_claimed_pods_and_adopts_free_slots() {
     let mut cri = plugin.cri().await;
     let mut claimed = Vec::new();
     for pod in &pods {
-        claimed.push(claim(&mut cri, pod).await);
+        claimed.push(run(&mut cri, pod).await);
     }
     plugin.wait_full().await;
     let mut free = free_ids(&node, setup.pool, &claimed).await;
@@ -147,7 +97,7 @@ async fn restart_keeps_claimed_pods_and_adopts_free_slots() {
     }
 
     let mut cri = plugin.cri().await;
-    remove_pods(&mut cri, &pods).await;
+    remove_pods(&mut cri, &pods.iter().collect::<Vec<_>>()).await;
     drop(cri);
     plugin.stop().await;
     assert!(
@@ -180,13 +130,7 @@ async fn lost_claims_dir_stops_no_pod() {
         node: &node,
     };
     let _case = CaseGuard::new(&node, test).await.expect("clean slate");
-    remove_pool_slots(&node.containerd_endpoint, setup.pool)
-        .await
-        .expect("no slots of an earlier run");
-    let _slots = PoolSlotsGuard {
-        endpoint: node.containerd_endpoint.clone(),
-        pool: setup.pool.to_owned(),
-    };
+    let _slots = clean_pool(&node, setup.pool).await;
     let logs = tempfile::tempdir().expect("tempdir");
     let pods: Vec<TestPod> = (0..2)
         .map(|i| TestPod::new(test, &format!("lost-{i}"), logs.path()))
@@ -197,7 +141,7 @@ async fn lost_claims_dir_stops_no_pod() {
     let mut cri = plugin.cri().await;
     let mut claimed = Vec::new();
     for pod in &pods {
-        claimed.push(claim(&mut cri, pod).await);
+        claimed.push(run(&mut cri, pod).await);
     }
     drop(cri);
     plugin.kill9();
@@ -216,7 +160,7 @@ async fn lost_claims_dir_stops_no_pod() {
         "log:\n{}",
         plugin.log()
     );
-    remove_pods(&mut cri, &pods).await;
+    remove_pods(&mut cri, &pods.iter().collect::<Vec<_>>()).await;
     drop(cri);
     plugin.stop().await;
 }
@@ -252,15 +196,10 @@ async fn two_instances_keep_apart_and_uninstall_leaves_nothing() {
         size,
         node: &node,
     });
+    let mut _guards = Vec::new();
     for s in &setups {
-        remove_pool_slots(&node.containerd_endpoint, s.pool)
-            .await
-            .expect("no slots of an earlier run");
+        _guards.push(clean_pool(&node, s.pool).await);
     }
-    let _guards = setups.each_ref().map(|s| PoolSlotsGuard {
-        endpoint: node.containerd_endpoint.clone(),
-        pool: s.pool.to_owned(),
-    });
     let logs = tempfile::tempdir().expect("tempdir");
     let pod = TestPod::new(test, "two-a-pod", logs.path());
     let roots = ["/fast-sandbox-slots".to_owned(), pod.cgroup_parent()];
@@ -282,7 +221,7 @@ async fn two_instances_keep_apart_and_uninstall_leaves_nothing() {
     let cg = dirs.each_ref().map(|d| default_root(d.path()));
     assert_ne!(cg[0], cg[1], "each instance has its own cgroup root");
     let mut cri = plugins[0].cri().await;
-    let claimed = claim(&mut cri, &pod).await;
+    let claimed = run(&mut cri, &pod).await;
     drop(cri);
     plugins[0].wait_full().await;
     let mut slots = Vec::new();

@@ -42,6 +42,23 @@ pub fn node_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// `binary serve --config config`, logging at `RUST_LOG` (default warn),
+/// killed when dropped.
+pub fn spawn_serve(binary: &Path, config: &Path) -> anyhow::Result<tokio::process::Child> {
+    tokio::process::Command::new(binary)
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))
+}
+
 impl NodeProcess {
     /// Starts the node plugin forwarding to `upstream`. `config` is TOML
     /// appended to the generated file (pools, slots); `{dir}` in it is
@@ -56,18 +73,7 @@ impl NodeProcess {
             config.replace("{dir}", &dir.path().display().to_string())
         );
         std::fs::write(&path, text)?;
-        let child = tokio::process::Command::new(binary)
-            .arg("serve")
-            .arg("--config")
-            .arg(&path)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+        let child = spawn_serve(binary, &path)?;
         Ok(Self {
             child,
             socket,

@@ -9,7 +9,6 @@
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -66,19 +65,19 @@ struct Bench<'a> {
 impl Bench<'_> {
     fn spawn(&self) -> anyhow::Result<Run> {
         let spawned = Instant::now();
-        let child = tokio::process::Command::new(&self.binary)
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", self.binary.display()))?;
+        let child = common::spawn_serve(&self.binary, &self.config)?;
         Ok(Run { child, spawned })
+    }
+
+    /// Waits until the pool has all its free slots.
+    async fn wait_full(&self) -> anyhow::Result<()> {
+        warm::wait_free(
+            self.admin,
+            POOL,
+            self.opts.slots as u64,
+            self.opts.fill_timeout,
+        )
+        .await
     }
 
     /// Time from the spawn to the first `Version` answer (a new connection
@@ -117,13 +116,7 @@ impl Bench<'_> {
         stop(run, kill).await?;
         let run = self.spawn()?;
         let served = self.first_answer(&run).await?;
-        warm::wait_free(
-            self.admin,
-            POOL,
-            self.opts.slots as u64,
-            self.opts.fill_timeout,
-        )
-        .await?;
+        self.wait_full().await?;
         let full = run.spawned.elapsed();
         let after = self.slots().await?;
         let kept = before.intersection(&after).count();
@@ -205,13 +198,7 @@ async fn measure(bench: &Bench<'_>) -> anyhow::Result<()> {
         Pretty(served),
         bench.opts.slots
     );
-    warm::wait_free(
-        bench.admin,
-        POOL,
-        bench.opts.slots as u64,
-        bench.opts.fill_timeout,
-    )
-    .await?;
+    bench.wait_full().await?;
     let run = bench.round(run, true).await?;
     let run = bench.round(run, false).await?;
     stop(run, false).await

@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::Arc, time::Instant};
 use fast_sandbox_proto::cri::PodSandboxConfig;
 use fast_sandbox_shim::slots::{
     Claim, ClaimFailed, ClaimedPod, ClaimedSlot, NoSlot, NotReady, PodIps, PodUsage, PoolKey,
-    SlotView, SLOT_TOKEN_LABEL,
+    SlotView,
 };
 use tokio::sync::{watch, Notify};
 
@@ -352,14 +352,7 @@ impl PoolManager {
         }
         // Not in the table: a slot still being created, or one a previous
         // run left behind. Only the secret token makes it ours.
-        if upstream_labels
-            .get(SLOT_TOKEN_LABEL)
-            .is_some_and(|t| *t == self.token)
-        {
-            SlotView::Unclaimed
-        } else {
-            SlotView::NotASlot
-        }
+        super::token_only::by_token(upstream_labels, &self.token)
     }
 
     /// A sandbox was removed upstream: drops its slot, its record and what

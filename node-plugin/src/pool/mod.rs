@@ -215,17 +215,6 @@ impl PoolManager {
         *self.recovered.borrow()
     }
 
-    /// Resolves once the background recovery has reconciled with upstream.
-    pub async fn recovered(&self) {
-        let mut rx = self.recovered.subscribe();
-        let _ = rx.wait_for(|r| *r).await;
-    }
-
-    /// The node's slot token (what marks a sandbox as one of its slots).
-    pub fn token(&self) -> &str {
-        &self.token
-    }
-
     fn table(&self) -> MutexGuard<'_, Table> {
         // A panic while holding the lock cannot leave the table half-updated
         // in a way that matters more than losing the node plugin would.

@@ -35,8 +35,6 @@ use crate::{blocking::chain, fixup::SlotFacts};
 /// What the listing of upstream against the table found.
 #[derive(Default)]
 struct Found {
-    /// Placeholders without a record that cannot be adopted: removed.
-    orphans: Vec<SlotFacts>,
     /// Placeholders without a record: adopted if healthy and matching.
     candidates: Vec<PodSandbox>,
     /// Claimed slots whose deferred fix-up may not have run.
@@ -81,10 +79,6 @@ impl PoolManager {
         let with_containers = self.sandboxes_with_containers().await?;
         let found = self.sort_listed(&listed, &with_containers).await;
         self.forget_vanished(&listed).await;
-        for facts in found.orphans {
-            tracing::info!(sandbox = %facts.sandbox_id, "removing a slot left by a previous run that cannot be adopted");
-            self.destroy_slot(&facts).await;
-        }
         let rolled_back = self.finish_claims(found.unapplied).await;
         for (facts, pod) in found.completions {
             if !rolled_back.contains(&facts.sandbox_id) {

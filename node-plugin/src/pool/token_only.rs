@@ -60,6 +60,19 @@ impl TokenOnly {
     }
 }
 
+/// The view of a sandbox the pool holds no entry for: only the secret
+/// token makes it one of this node's slots (then hidden).
+pub(super) fn by_token(upstream_labels: &HashMap<String, String>, token: &str) -> SlotView {
+    if upstream_labels
+        .get(SLOT_TOKEN_LABEL)
+        .is_some_and(|t| t == token)
+    {
+        SlotView::Unclaimed
+    } else {
+        SlotView::NotASlot
+    }
+}
+
 #[tonic::async_trait]
 impl SlotSource for TokenOnly {
     async fn claim(&self, _claim: &Claim) -> Result<Result<ClaimedSlot, NoSlot>, ClaimFailed> {
@@ -70,14 +83,7 @@ impl SlotSource for TokenOnly {
         if let Some(pod) = self.claimed().get(sandbox_id) {
             return SlotView::Claimed(Arc::clone(pod));
         }
-        if upstream_labels
-            .get(SLOT_TOKEN_LABEL)
-            .is_some_and(|t| *t == self.token)
-        {
-            SlotView::Unclaimed
-        } else {
-            SlotView::NotASlot
-        }
+        by_token(upstream_labels, &self.token)
     }
 
     async fn removed(&self, sandbox_id: &str) {

@@ -13,9 +13,9 @@ use std::{
     time::Duration,
 };
 
-use fast_sandbox_proto::cri::VersionRequest;
-use fast_sandbox_shim::slots::POOL_LABEL;
-use fast_sandbox_tests::{wait_for, Cri, DevNode};
+use fast_sandbox_proto::cri::{PodSandboxState, RunPodSandboxRequest, VersionRequest};
+use fast_sandbox_shim::slots::{POOL_LABEL, SLOT_TOKEN_LABEL};
+use fast_sandbox_tests::{pod::TestPod, wait_for, Cri, DevNode};
 
 /// How a test's node plugin is set up.
 pub struct Setup<'a> {
@@ -271,4 +271,83 @@ pub fn records(state: &Path) -> Vec<PathBuf> {
                 .collect()
         },
     )
+}
+
+/// Removes the slots an earlier run of `pool` left and returns the guard
+/// that removes this run's, also when the test fails.
+pub async fn clean_pool(node: &DevNode, pool: &str) -> PoolSlotsGuard {
+    remove_pool_slots(&node.containerd_endpoint, pool)
+        .await
+        .expect("no slots of an earlier run");
+    PoolSlotsGuard {
+        endpoint: node.containerd_endpoint.clone(),
+        pool: pool.to_owned(),
+    }
+}
+
+/// `RunPodSandbox` for `pod` on `fast-runc` through the shim.
+pub async fn run(cri: &mut Cri, pod: &TestPod) -> String {
+    cri.runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod.sandbox_config()),
+            runtime_handler: "fast-runc".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox of {}: {e:?}", pod.name))
+        .into_inner()
+        .pod_sandbox_id
+}
+
+/// Asserts that, through the shim, `pod` has exactly one sandbox, `id`,
+/// ready, reported with its own metadata and without the slot token, and
+/// with its hostname in its UTS namespace.
+pub async fn assert_intact(cri: &mut Cri, pod: &TestPod, id: &str) {
+    let listed = cri
+        .list_by_label("io.kubernetes.pod.uid", &pod.uid)
+        .await
+        .expect("list");
+    let ids: Vec<&str> = listed.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, [id], "pod {} has exactly its own sandbox", pod.name);
+    assert_eq!(
+        listed[0].state,
+        PodSandboxState::SandboxReady as i32,
+        "pod {}'s sandbox still runs",
+        pod.name
+    );
+    let meta = listed[0].metadata.as_ref().expect("metadata");
+    assert_eq!(
+        (
+            meta.name.as_str(),
+            meta.namespace.as_str(),
+            meta.uid.as_str()
+        ),
+        (pod.name.as_str(), pod.namespace.as_str(), pod.uid.as_str()),
+        "pod {}'s sandbox reports the pod's identity",
+        pod.name
+    );
+    assert!(
+        !listed[0].labels.contains_key(SLOT_TOKEN_LABEL),
+        "the slot token never shows"
+    );
+    assert_eq!(
+        cri.uts_hostname(id).await.expect("UTS hostname"),
+        pod.name,
+        "pod {}'s sandbox has its hostname",
+        pod.name
+    );
+}
+
+/// Removes `pods` through the shim as kubelet would (sandbox, then the pod
+/// cgroup kubelet owns).
+pub async fn remove_pods(cri: &mut Cri, pods: &[&TestPod]) {
+    for pod in pods {
+        for sb in cri
+            .list_by_label("io.kubernetes.pod.uid", &pod.uid)
+            .await
+            .expect("list")
+        {
+            cri.remove_sandbox(&sb.id).await.expect("remove");
+        }
+        pod.remove_pod_cgroups();
+    }
 }
