@@ -291,3 +291,89 @@ async fn two_instances_keep_apart_and_uninstall_leaves_nothing() {
         .expect("census");
     assert_eq!(before, after, "uninstall left something behind");
 }
+
+/// A node plugin started without pools on the state of one that had them
+/// (after a graceful stop, which keeps the free slots): the free slots stay
+/// hidden, the claimed pod is shown with its identity.
+#[tokio::test]
+async fn without_pools_the_slots_stay_hidden() {
+    let _serial = SERIAL.lock().await;
+    let test = "without_pools_the_slots_stay_hidden";
+    let Some(node) = DevNode::require(test) else {
+        return;
+    };
+    let setup = Setup {
+        pool: "restart-nopools",
+        size: 2,
+        node: &node,
+    };
+    let _case = CaseGuard::new(&node, test).await.expect("clean slate");
+    let _slots = clean_pool(&node, setup.pool).await;
+    let logs = tempfile::tempdir().expect("tempdir");
+    let pod = TestPod::new(test, "nopools", logs.path());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plugin = Node::spawn(&setup, dir.path(), "", "with-pools.log");
+    plugin.wait_full().await;
+    let mut cri = plugin.cri().await;
+    let claimed = run(&mut cri, &pod).await;
+    plugin.wait_full().await;
+    drop(cri);
+    plugin.stop().await;
+    let free = free_ids(&node, setup.pool, std::slice::from_ref(&claimed)).await;
+    assert_eq!(
+        free.len(),
+        setup.size,
+        "a graceful stop keeps the free slots"
+    );
+
+    // The same state, socket and admin address, no [[pool]].
+    let config = std::fs::read_to_string(dir.path().join("node.toml")).expect("config");
+    let without = &config[..config.find("[[pool]]").expect("a pool section")];
+    let path = dir.path().join("no-pools.toml");
+    std::fs::write(&path, without).expect("config");
+    let log = dir.path().join("no-pools.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_fast-sandbox-node"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start fast-sandbox-node");
+    let plugin = Node {
+        child,
+        socket: dir.path().join("cri.sock"),
+        admin: plugin_admin(&config),
+        pool: setup.pool.to_owned(),
+        size: 0,
+        log,
+    };
+    let mut cri = plugin.cri().await;
+    let shown: HashSet<String> = cri
+        .runtime
+        .list_pod_sandbox(fast_sandbox_proto::cri::ListPodSandboxRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .items
+        .into_iter()
+        .map(|sb| sb.id)
+        .collect();
+    assert!(
+        shown.is_disjoint(&free),
+        "free slots listed to kubelet by a node plugin without pools"
+    );
+    assert_intact(&mut cri, &pod, &claimed).await;
+    remove_pods(&mut cri, &[&pod]).await;
+    assert!(records(&dir.path().join("state")).is_empty(), "record gone");
+    drop(cri);
+    plugin.stop().await;
+}
+
+/// The admin address in a config `Setup` wrote.
+fn plugin_admin(config: &str) -> std::net::SocketAddr {
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("address = "))
+        .and_then(|a| a.trim_matches('"').parse().ok())
+        .expect("admin address")
+}
