@@ -3,8 +3,9 @@
 //! it carries this node's token (listed by it), is ready with its pause
 //! alive, and was built for a pool configured now: the same pool name,
 //! upstream handler and [`POOL_KEY_LABEL`] (a digest of the full
-//! [`PoolKey`]), so a slot is never served for a shape it was not built
-//! for. Anything else is removed.
+//! [`PoolKey`]; a slot of a release before that label is matched by the
+//! security context containerd stored for it), so a slot is never served
+//! for a shape it was not built for. Anything else is removed.
 
 use fast_sandbox_proto::cri::{PodSandbox, PodSandboxState};
 use fast_sandbox_shim::slots::{PoolKey, POOL_LABEL};
@@ -33,7 +34,7 @@ enum NotAdopted {
     NoPool(String),
     #[error("built for upstream handler {found:?}, pool wants {wanted:?}")]
     Handler { found: String, wanted: String },
-    #[error("built for another shape of the pool (label {POOL_KEY_LABEL} differs)")]
+    #[error("built for another shape of the pool")]
     Shape,
     #[error("its pause process {0} is gone")]
     PauseGone(i32),
@@ -87,10 +88,10 @@ impl PoolManager {
                 wanted: spec.key.upstream_handler.clone(),
             });
         }
-        if sb.labels.get(POOL_KEY_LABEL) != Some(&key_digest(&spec.key)) {
+        let (pid, info) = self.sandbox_info(&sb.id).await?;
+        if !shape_matches(sb, &spec.key, &info) {
             return Err(NotAdopted::Shape);
         }
-        let (pid, info) = self.sandbox_info(&sb.id).await?;
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             return Err(NotAdopted::PauseGone(pid));
         }
@@ -128,22 +129,130 @@ impl PoolManager {
     }
 }
 
+/// Whether slot `sb` was built for `key`: by its [`POOL_KEY_LABEL`], or,
+/// for a slot of a release before that label, by the security context
+/// containerd stored for it (the verbose info's `config`, Go's JSON of the
+/// same CRI message) against the one a slot of `key` is created with.
+fn shape_matches(sb: &PodSandbox, key: &PoolKey, info: &serde_json::Value) -> bool {
+    if let Some(digest) = sb.labels.get(POOL_KEY_LABEL) {
+        return *digest == key_digest(key);
+    }
+    let Some(stored) = info.pointer("/config/linux/security_context") else {
+        return false;
+    };
+    let wanted = serde_json::to_value(key.shape.placeholder_security_context()).ok();
+    wanted.and_then(without_zero_values) == without_zero_values(stored.clone())
+}
+
+/// `value` as Go's `omitempty` would write it: without null, false, zero,
+/// empty-string and empty-list fields. An empty object stays: a message
+/// that is set but all default (seccomp `RuntimeDefault`) is not an unset
+/// one (no seccomp).
+fn without_zero_values(value: serde_json::Value) -> Option<serde_json::Value> {
+    use serde_json::Value;
+    match value {
+        Value::Null | Value::Bool(false) => None,
+        Value::Number(n) if n.as_f64() == Some(0.0) => None,
+        Value::String(s) if s.is_empty() => None,
+        Value::Array(a) if a.is_empty() => None,
+        Value::Object(fields) => Some(Value::Object(
+            fields
+                .into_iter()
+                .filter_map(|(k, v)| without_zero_values(v).map(|v| (k, v)))
+                .collect(),
+        )),
+        other => Some(other),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use fast_sandbox_shim::slots::{SeccompShape, Shape};
 
     use super::*;
 
-    #[test]
-    fn key_digests_tell_shapes_apart_and_are_stable() {
-        let key = |seccomp, uid| PoolKey {
+    fn key(seccomp: SeccompShape, uid: Option<i64>) -> PoolKey {
+        PoolKey {
             upstream_handler: "runc".into(),
             shape: Shape {
                 seccomp,
                 run_as_user: uid,
                 ..Shape::default()
             },
-        };
+        }
+    }
+
+    fn unlabelled() -> PodSandbox {
+        PodSandbox::default()
+    }
+
+    /// A slot of the release before the pool-key label, as containerd 1.6
+    /// stores its config (Go's JSON: `omitempty`, enums as numbers): the
+    /// security context of a `RuntimeDefault` pool, run as root.
+    fn stored(security_context: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "pid": 42,
+            "config": {
+                "metadata": { "name": "slot-p-0123", "uid": "0123", "namespace": "fast-sandbox-slots" },
+                "linux": {
+                    "cgroup_parent": "/fast-sandbox-slots/0123",
+                    "security_context": security_context
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn unlabelled_slots_are_matched_by_their_stored_security_context() {
+        let runtime_default = stored(serde_json::json!({
+            "namespace_options": { "pid": 1 },
+            "seccomp": {}
+        }));
+        let default = key(SeccompShape::RuntimeDefault, None);
+        assert!(shape_matches(&unlabelled(), &default, &runtime_default));
+        // Unset seccomp (an unconfined pool) is not RuntimeDefault.
+        let unconfined = stored(serde_json::json!({ "namespace_options": { "pid": 1 } }));
+        assert!(!shape_matches(&unlabelled(), &default, &unconfined));
+        assert!(shape_matches(
+            &unlabelled(),
+            &key(SeccompShape::Unconfined, None),
+            &unconfined
+        ));
+        // run_as_user 0 is written `{}` by Go, and is not "unset".
+        let as_root = stored(serde_json::json!({
+            "namespace_options": { "pid": 1 },
+            "run_as_user": {},
+            "seccomp": {}
+        }));
+        assert!(shape_matches(
+            &unlabelled(),
+            &key(SeccompShape::RuntimeDefault, Some(0)),
+            &as_root
+        ));
+        assert!(!shape_matches(&unlabelled(), &default, &as_root));
+        assert!(!shape_matches(
+            &unlabelled(),
+            &default,
+            &serde_json::json!({})
+        ));
+    }
+
+    #[test]
+    fn a_label_decides_over_the_stored_config() {
+        let mut sb = unlabelled();
+        let default = key(SeccompShape::RuntimeDefault, None);
+        sb.labels
+            .insert(POOL_KEY_LABEL.to_owned(), key_digest(&default));
+        assert!(shape_matches(&sb, &default, &serde_json::json!({})));
+        assert!(!shape_matches(
+            &sb,
+            &key(SeccompShape::Unconfined, None),
+            &serde_json::json!({})
+        ));
+    }
+
+    #[test]
+    fn key_digests_tell_shapes_apart_and_are_stable() {
         let a = key_digest(&key(SeccompShape::RuntimeDefault, None));
         assert_eq!(a, key_digest(&key(SeccompShape::RuntimeDefault, None)));
         assert_eq!(a.len(), 16);
