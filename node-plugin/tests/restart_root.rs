@@ -5,6 +5,8 @@
 //!   path: the binary is replaced between two runs on the same state):
 //!   CRI is served with the claimed pods' identity, the claimed pods are
 //!   untouched, every free slot is adopted (none rebuilt).
+//! - Upgrade from another release's binary (`FAST_SANDBOX_PREVIOUS_NODE_BINARY`,
+//!   e.g. built from the previous tag; skipped without it): the same.
 //! - `claims/` deleted while claimed pods run: the records come back from
 //!   their copies in the sandboxes' directories; no pod is stopped.
 //! - Two instances with the default placeholder cgroup root: restarting
@@ -376,4 +378,86 @@ fn plugin_admin(config: &str) -> std::net::SocketAddr {
         .find_map(|l| l.strip_prefix("address = "))
         .and_then(|a| a.trim_matches('"').parse().ok())
         .expect("admin address")
+}
+
+/// The upgrade: the previous release's binary runs the pool and claims,
+/// stops, and this one starts on its state: the claimed pods are untouched
+/// and every free slot the old binary made is adopted.
+#[tokio::test]
+async fn upgrade_from_the_previous_binary_keeps_pods_and_adopts_slots() {
+    let _serial = SERIAL.lock().await;
+    let test = "upgrade_from_the_previous_binary_keeps_pods_and_adopts_slots";
+    let Some(node) = DevNode::require(test) else {
+        return;
+    };
+    let Some(previous) = std::env::var_os("FAST_SANDBOX_PREVIOUS_NODE_BINARY") else {
+        eprintln!("{test}: skipped, FAST_SANDBOX_PREVIOUS_NODE_BINARY names no binary of the previous release");
+        return;
+    };
+    let setup = Setup {
+        pool: "restart-upgrade",
+        size: 4,
+        node: &node,
+    };
+    let _case = CaseGuard::new(&node, test).await.expect("clean slate");
+    let _slots = clean_pool(&node, setup.pool).await;
+    let logs = tempfile::tempdir().expect("tempdir");
+    let pods: Vec<TestPod> = (0..2)
+        .map(|i| TestPod::new(test, &format!("upgrade-{i}"), logs.path()))
+        .collect();
+    let mut roots = vec![setup.cgroup_root()];
+    roots.extend(pods.iter().map(TestPod::cgroup_parent));
+    let root_refs: Vec<&str> = roots.iter().map(String::as_str).collect();
+    let before = node.census(&root_refs).await.expect("census");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old = Node::spawn_binary(
+        Path::new(&previous),
+        &setup,
+        dir.path(),
+        "",
+        "old.log",
+        true,
+    );
+    old.wait_full().await;
+    let mut cri = old.cri().await;
+    let mut claimed = Vec::new();
+    for pod in &pods {
+        claimed.push(run(&mut cri, pod).await);
+    }
+    old.wait_full().await;
+    drop(cri);
+    let free = free_ids(&node, setup.pool, &claimed).await;
+    assert_eq!(free.len(), setup.size);
+    old.stop().await;
+
+    let new = Node::spawn(&setup, dir.path(), "", "new.log");
+    let mut cri = new.cri().await;
+    for (pod, id) in pods.iter().zip(&claimed) {
+        assert_intact(&mut cri, pod, id).await;
+    }
+    new.wait_full().await;
+    assert_eq!(
+        free_ids(&node, setup.pool, &claimed).await,
+        free,
+        "every free slot of the old binary adopted; log:\n{}",
+        new.log()
+    );
+
+    remove_pods(&mut cri, &pods.iter().collect::<Vec<_>>()).await;
+    drop(cri);
+    new.stop().await;
+    assert!(
+        records(&dir.path().join("state")).is_empty(),
+        "records gone"
+    );
+    let removed = remove_pool_slots(&node.containerd_endpoint, setup.pool)
+        .await
+        .expect("remove slots");
+    assert_eq!(removed, setup.size, "exactly the pool's free slots remain");
+    let after = node
+        .settled_census(&before, &root_refs, Duration::from_secs(15))
+        .await
+        .expect("census");
+    assert_eq!(before, after, "resources leaked across the upgrade");
 }

@@ -86,11 +86,30 @@ impl Node {
         log: &str,
         explicit_cgroup_root: bool,
     ) -> Self {
+        Self::spawn_binary(
+            Path::new(env!("CARGO_BIN_EXE_fast-sandbox-node")),
+            setup,
+            dir,
+            failpoints,
+            log,
+            explicit_cgroup_root,
+        )
+    }
+
+    /// As [`Node::spawn_with`], running `binary` (another release's).
+    pub fn spawn_binary(
+        binary: &Path,
+        setup: &Setup<'_>,
+        dir: &Path,
+        failpoints: &str,
+        log: &str,
+        explicit_cgroup_root: bool,
+    ) -> Self {
         let admin = free_port();
         let config = setup.write_with(dir, admin, explicit_cgroup_root);
         let log = dir.join(log);
         let stderr = std::fs::File::create(&log).expect("log file");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_fast-sandbox-node"))
+        let child = std::process::Command::new(binary)
             .env("FAST_SANDBOX_FAILPOINTS", failpoints)
             .env("NO_COLOR", "1")
             .env(
