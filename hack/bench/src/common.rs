@@ -298,3 +298,22 @@ pub fn mem_available() -> anyhow::Result<u64> {
         .context("MemAvailable missing")?;
     Ok(kb * 1024)
 }
+
+/// Removes `root` and every directory under it in each cgroup hierarchy.
+pub fn remove_cgroup_tree(root: &str) {
+    fn rm(p: &std::path::Path) {
+        if let Ok(d) = std::fs::read_dir(p) {
+            for e in d.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    rm(&e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(p);
+    }
+    if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+        for h in hierarchies.flatten() {
+            rm(&h.path().join(root.trim_start_matches('/')));
+        }
+    }
+}

@@ -237,30 +237,11 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             left += 1;
         }
     }
-    remove_cgroup_tree(PLACEHOLDER_ROOT);
+    common::remove_cgroup_tree(PLACEHOLDER_ROOT);
     if left > 0 {
         eprintln!("removed {left} sandbox(es): the pool's slots and any pod left behind");
     }
     result
-}
-
-/// Removes `root` and every directory under it in each cgroup hierarchy.
-fn remove_cgroup_tree(root: &str) {
-    fn rm(p: &std::path::Path) {
-        if let Ok(d) = std::fs::read_dir(p) {
-            for e in d.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    rm(&e.path());
-                }
-            }
-        }
-        let _ = std::fs::remove_dir(p);
-    }
-    if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
-        for h in hierarchies.flatten() {
-            rm(&h.path().join(root.trim_start_matches('/')));
-        }
-    }
 }
 
 async fn measure(opts: &Opts) -> anyhow::Result<()> {

@@ -13,7 +13,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use fast_sandbox_proto::cri::{ListPodSandboxRequest, PodSandboxFilter, VersionRequest};
+use fast_sandbox_proto::cri::{
+    ListPodSandboxRequest, PodSandboxFilter, RemovePodSandboxRequest, StopPodSandboxRequest,
+    VersionRequest,
+};
 
 use crate::{common, stats::Pretty, warm};
 
@@ -163,6 +166,24 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     let result = measure(&bench).await;
     let uninstalled = uninstall(&bench).await;
     let left = bench.slots().await?;
+    if uninstalled.is_err() || !left.is_empty() {
+        // An older binary without `uninstall`, or a failed one: remove the
+        // pool straight on containerd so the node is left clean anyway.
+        let mut direct = common::client(&opts.upstream)?;
+        for id in &left {
+            let _ = direct
+                .stop_pod_sandbox(StopPodSandboxRequest {
+                    pod_sandbox_id: id.clone(),
+                })
+                .await;
+            direct
+                .remove_pod_sandbox(RemovePodSandboxRequest {
+                    pod_sandbox_id: id.clone(),
+                })
+                .await?;
+        }
+        common::remove_cgroup_tree(PLACEHOLDER_ROOT);
+    }
     result?;
     uninstalled?;
     anyhow::ensure!(left.is_empty(), "uninstall left {} slot(s)", left.len());
