@@ -22,7 +22,8 @@ use fast_sandbox_tests::{pod::TestPod, CaseGuard, DevNode};
 
 mod support;
 use support::{
-    assert_intact, clean_pool, pool_ids, records, remove_pods, remove_pool_slots, run, Node, Setup,
+    assert_intact, clean_pool, pool_ids, records, remove_pods, remove_pool_slots, run, Node,
+    PoolSlotsGuard, Setup,
 };
 
 /// The tests of this file count what the whole containerd holds.
@@ -176,6 +177,35 @@ fn default_root(dir: &Path) -> String {
     )
 }
 
+/// Removes the pools' slots, then the instances' default cgroup roots,
+/// when dropped: also when the test fails before `uninstall`.
+#[derive(Default)]
+struct Cleanup {
+    pools: Vec<PoolSlotsGuard>,
+    trees: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // The slots first: a cgroup with a pause in it cannot be removed.
+        self.pools.clear();
+        for root in &self.trees {
+            for h in std::fs::read_dir("/sys/fs/cgroup")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let base = h.path().join(root.trim_start_matches('/'));
+                let children = std::fs::read_dir(&base).into_iter().flatten().flatten();
+                for child in children.filter(|c| c.path().is_dir()) {
+                    let _ = std::fs::remove_dir(child.path());
+                }
+                let _ = std::fs::remove_dir(base);
+            }
+        }
+    }
+}
+
 /// Directories in the cpu hierarchy under `root`.
 fn cgroup_children(root: &str) -> usize {
     std::fs::read_dir(format!("/sys/fs/cgroup/cpu{root}"))
@@ -198,9 +228,9 @@ async fn two_instances_keep_apart_and_uninstall_leaves_nothing() {
         size,
         node: &node,
     });
-    let mut _guards = Vec::new();
+    let mut cleanup = Cleanup::default();
     for s in &setups {
-        _guards.push(clean_pool(&node, s.pool).await);
+        cleanup.pools.push(clean_pool(&node, s.pool).await);
     }
     let logs = tempfile::tempdir().expect("tempdir");
     let pod = TestPod::new(test, "two-a-pod", logs.path());
@@ -221,6 +251,7 @@ async fn two_instances_keep_apart_and_uninstall_leaves_nothing() {
         p.wait_full().await;
     }
     let cg = dirs.each_ref().map(|d| default_root(d.path()));
+    cleanup.trees = cg.to_vec();
     assert_ne!(cg[0], cg[1], "each instance has its own cgroup root");
     let mut cri = plugins[0].cri().await;
     let claimed = run(&mut cri, &pod).await;
