@@ -408,8 +408,15 @@ fn daemonset_mounts_probes_and_privileges_match_the_config() {
         "see docs/deploy.md, The bootstrap loop"
     );
 
-    // The config the container is started with is the ConfigMap's.
+    // The supervisor runs `serve`, so the CRI server comes back without
+    // kubelet (docs/deploy.md, "Restarts without kubelet").
     let command = c.command.clone().unwrap_or_default();
+    assert_eq!(
+        command.get(..4),
+        Some(&["fast-sandbox-node", "supervise", "--", "serve"].map(String::from)[..]),
+        "{command:?}"
+    );
+    // The config the container is started with is the ConfigMap's.
     let config_arg = command
         .iter()
         .find_map(|a| a.strip_prefix("--config="))
@@ -466,13 +473,15 @@ fn daemonset_mounts_probes_and_privileges_match_the_config() {
     // Probes reach the admin endpoint the config serves.
     let admin = settings.admin.expect("admin endpoint enabled");
     let admin: std::net::SocketAddr = admin.parse().expect("admin address");
-    for (what, probe) in [
-        ("readiness", c.readiness_probe.as_ref()),
-        ("startup", c.startup_probe.as_ref()),
+    // Readiness follows containerd and recovery; start-up only that the
+    // process serves.
+    for (what, probe, want) in [
+        ("readiness", c.readiness_probe.as_ref(), "/healthz"),
+        ("startup", c.startup_probe.as_ref(), "/livez"),
     ] {
         let (port, path, host) = http_probe(probe, what);
         assert_eq!(port, admin.port().to_string(), "{what} probe port");
-        assert_eq!(path, "/healthz", "{what} probe path");
+        assert_eq!(path, want, "{what} probe path");
         assert_eq!(host, Some(admin.ip().to_string()), "{what} probe host");
     }
 }

@@ -5,14 +5,25 @@
 //! - `GET /pools`: JSON array of [`PoolStats`] (with the misses of each
 //!   pool's handler by reason).
 //! - `GET /claims`: JSON array of [`ClaimInfo`] (claimed slots and their pods).
-//! - `GET /healthz`: `ok`.
+//! - `GET /healthz`: `ok` when ready (start-up recovery finished and
+//!   upstream answers `Version`, [`crate::health`]); otherwise 503 with the
+//!   reasons. The DaemonSet's readiness probe.
+//! - `GET /livez`: `ok` whenever the endpoint serves. The DaemonSet's
+//!   startup probe: a process that is up but whose containerd is down is
+//!   not ready, yet restarting it would not help.
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
-use axum::{extract::State, http::header, response::IntoResponse, routing, Json, Router};
+use axum::{
+    extract::State,
+    http::{header, StatusCode},
+    response::IntoResponse,
+    routing, Json, Router,
+};
 
 use crate::{
+    health::Health,
     metrics::{Metrics, PoolState},
     pool::{ClaimInfo, PoolManager, PoolStats},
 };
@@ -22,6 +33,7 @@ struct AppState {
     pools: Option<Arc<PoolManager>>,
     metrics: Arc<Metrics>,
     registry: Arc<prometheus_client::registry::Registry>,
+    health: Health,
 }
 
 fn pool_stats(state: &AppState) -> Vec<PoolStats> {
@@ -68,12 +80,22 @@ async fn get_claims(State(state): State<AppState>) -> Json<Vec<ClaimInfo>> {
     Json(state.pools.as_ref().map(|p| p.claims()).unwrap_or_default())
 }
 
+async fn get_healthz(State(state): State<AppState>) -> (StatusCode, String) {
+    let readiness = state.health.readiness();
+    if readiness.ready {
+        (StatusCode::OK, "ok".to_owned())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, readiness.message)
+    }
+}
+
 /// Binds `addr` and serves until `shutdown` resolves. Returns the bound
 /// address (useful with port 0) and the serving future.
 pub async fn bind(
     addr: SocketAddr,
     pools: Option<Arc<PoolManager>>,
     metrics: Arc<Metrics>,
+    health: Health,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
     let registry = Arc::new(Metrics::registry(&metrics));
@@ -81,11 +103,13 @@ pub async fn bind(
         .route("/metrics", routing::get(get_metrics))
         .route("/pools", routing::get(get_pools))
         .route("/claims", routing::get(get_claims))
-        .route("/healthz", routing::get(|| async { "ok" }))
+        .route("/healthz", routing::get(get_healthz))
+        .route("/livez", routing::get(|| async { "ok" }))
         .with_state(AppState {
             pools,
             metrics,
             registry,
+            health,
         });
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -101,6 +125,13 @@ pub async fn bind(
 /// A plain HTTP/1.0 GET of `path` on the admin endpoint at `addr` (loopback):
 /// the CLI's and the benchmarks' client.
 pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let (status, body) = fetch(addr, path).await?;
+    anyhow::ensure!(status == 200, "GET {path}: status {status}: {body}");
+    Ok(body)
+}
+
+/// [`get`] that returns any status with its body.
+pub async fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
@@ -113,12 +144,13 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let (head, body) = text
         .split_once("\r\n\r\n")
         .context("malformed HTTP answer")?;
-    let status = head.lines().next().unwrap_or_default();
-    anyhow::ensure!(
-        status.split_whitespace().nth(1) == Some("200"),
-        "GET {path}: {status}"
-    );
-    Ok(body.to_owned())
+    let line = head.lines().next().unwrap_or_default();
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("GET {path}: malformed status line {line:?}"))?;
+    Ok((status, body.to_owned()))
 }
 
 #[cfg(test)]
@@ -136,13 +168,20 @@ mod tests {
             })
             .inc();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (addr, server) = bind("127.0.0.1:0".parse().unwrap(), None, metrics, async {
-            let _ = rx.await;
-        })
+        let (addr, server) = bind(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            metrics,
+            Health::ready(),
+            async {
+                let _ = rx.await;
+            },
+        )
         .await
         .unwrap();
         let server = tokio::spawn(server);
         assert_eq!(get(addr, "/healthz").await.unwrap(), "ok");
+        assert_eq!(get(addr, "/livez").await.unwrap(), "ok");
         assert_eq!(get(addr, "/pools").await.unwrap(), "[]");
         assert_eq!(get(addr, "/claims").await.unwrap(), "[]");
         let text = get(addr, "/metrics").await.unwrap();
@@ -152,6 +191,65 @@ mod tests {
         );
         let err = get(addr, "/nope").await.unwrap_err().to_string();
         assert!(err.contains("404"), "{err}");
+        tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn healthz_follows_recovery_and_upstream() {
+        let health = Health::new();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr, server) = bind(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            Arc::new(Metrics::default()),
+            health.clone(),
+            async {
+                let _ = rx.await;
+            },
+        )
+        .await
+        .unwrap();
+        let server = tokio::spawn(server);
+
+        let (status, body) = fetch(addr, "/healthz").await.unwrap();
+        assert_eq!(status, 503);
+        assert!(
+            body.contains("recovery") && body.contains("not been checked"),
+            "{body}"
+        );
+        assert_eq!(
+            get(addr, "/livez").await.unwrap(),
+            "ok",
+            "alive while not ready"
+        );
+
+        health.set_upstream(Ok(()));
+        let (status, body) = fetch(addr, "/healthz").await.unwrap();
+        assert_eq!(status, 503, "recovery still running");
+        assert!(
+            body.contains("recovery") && !body.contains("upstream"),
+            "{body}"
+        );
+
+        health.mark_recovered();
+        assert_eq!(
+            fetch(addr, "/healthz").await.unwrap(),
+            (200, "ok".to_owned())
+        );
+
+        health.set_upstream(Err(tonic::Status::unavailable("connection refused")));
+        let (status, body) = fetch(addr, "/healthz").await.unwrap();
+        assert_eq!(status, 503);
+        assert!(body.contains("connection refused"), "{body}");
+        let err = get(addr, "/healthz").await.unwrap_err().to_string();
+        assert!(
+            err.contains("503") && err.contains("connection refused"),
+            "{err}"
+        );
+
+        health.set_upstream(Ok(()));
+        assert_eq!(get(addr, "/healthz").await.unwrap(), "ok", "ready again");
         tx.send(()).unwrap();
         server.await.unwrap().unwrap();
     }

@@ -3,10 +3,13 @@
 //! controller.
 //!
 //! - `GetNodeStatus`: pools (free, desired, claimed per exposed handler and
-//!   shape), the images in containerd's store, health, and a generation.
+//!   shape), the images in containerd's store, health ([`crate::health`]:
+//!   `ready` only once start-up recovery finished and while containerd
+//!   answers `Version`), and a generation.
 //! - `WatchNodeStatus`: the status at once, then again after every change.
 //!   Changes come from [`PoolManager::subscribe`] (every claim, release,
-//!   refill, trim and size change) and from the image poller; a
+//!   refill, trim and size change), from the image poller and from health
+//!   changes; a
 //!   `tokio::sync::watch` keeps only the latest, so a slow reader gets the
 //!   newest state rather than a backlog.
 //! - `SetPoolSize`: a pool's desired free slots, the pool found by its
@@ -40,7 +43,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{transport::Channel, Request, Response, Status};
 
-use crate::pool::{PoolManager, MAX_POOL_SIZE};
+use crate::{
+    health::{self, HealthState},
+    pool::{PoolManager, MAX_POOL_SIZE},
+};
 
 /// A bearer token, never printed.
 #[derive(Clone)]
@@ -160,6 +166,7 @@ struct Images {
 pub struct Agent {
     pools: Option<Arc<PoolManager>>,
     images: watch::Receiver<Images>,
+    health: watch::Receiver<HealthState>,
     node_name: String,
     boot_id: String,
     stopped: watch::Receiver<bool>,
@@ -173,6 +180,10 @@ impl Agent {
     fn status(&self) -> NodeStatus {
         let pool_generation = self.pools.as_ref().map_or(0, |p| *p.subscribe().borrow());
         let images = self.images.borrow().clone();
+        let (readiness, health_generation) = {
+            let health = self.health.borrow();
+            (health.readiness(), health.generation)
+        };
         let pools = self
             .pools
             .as_ref()
@@ -194,20 +205,33 @@ impl Agent {
             .unwrap_or_default();
         NodeStatus {
             node_name: self.node_name.clone(),
-            // Both parts only grow, so their sum does.
-            generation: pool_generation.wrapping_add(images.generation),
+            // Every part only grows, so their sum does.
+            generation: pool_generation
+                .wrapping_add(images.generation)
+                .wrapping_add(health_generation),
             boot_id: self.boot_id.clone(),
             pools,
+            health: Some(health_message(readiness, &images)),
             images: images.list,
-            health: Some(Health {
-                ready: true,
-                upstream_reachable: images.reachable.unwrap_or(false),
-                message: images.error,
-            }),
             observed_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         }
+    }
+}
+
+/// The agent's `Health`: readiness from [`crate::health`], with the image
+/// listing's error added when that is all that fails.
+fn health_message(readiness: health::Readiness, images: &Images) -> Health {
+    let message = match (readiness.message.is_empty(), images.error.is_empty()) {
+        (_, true) => readiness.message,
+        (true, false) => images.error.clone(),
+        (false, false) => format!("{}; {}", readiness.message, images.error),
+    };
+    Health {
+        ready: readiness.ready,
+        upstream_reachable: readiness.upstream_reachable,
+        message,
     }
 }
 
@@ -234,6 +258,7 @@ impl NodeAgent for Agent {
         let agent = self.clone();
         let mut pools = self.pools.as_ref().map(|p| p.subscribe());
         let mut images = self.images.clone();
+        let mut health = self.health.clone();
         let mut stopped = self.stopped.clone();
         tokio::spawn(async move {
             loop {
@@ -241,6 +266,7 @@ impl NodeAgent for Agent {
                     p.mark_unchanged();
                 }
                 images.mark_unchanged();
+                health.mark_unchanged();
                 if tx.send(Ok(agent.status())).await.is_err() {
                     return;
                 }
@@ -253,6 +279,7 @@ impl NodeAgent for Agent {
                 tokio::select! {
                     r = pools_changed => if r.is_err() { return },
                     r = images.changed() => if r.is_err() { return },
+                    r = health.changed() => if r.is_err() { return },
                     () = tx.closed() => return,
                     _ = stopped.wait_for(|s| *s) => return,
                 }
@@ -376,6 +403,8 @@ pub struct AgentParts {
     pub token: Token,
     pub node_name: String,
     pub image_interval: Duration,
+    /// Readiness: recovery finished, upstream reachable.
+    pub health: health::Health,
 }
 
 /// Binds `addr` and serves `NodeAgent` until `shutdown` resolves. Returns
@@ -401,6 +430,7 @@ pub async fn bind(
     let agent = Agent {
         pools: parts.pools,
         images,
+        health: parts.health.subscribe(),
         node_name: parts.node_name,
         boot_id: boot_id(),
         stopped,

@@ -1,7 +1,8 @@
 //! `fast-sandbox-node`: the DaemonSet process. `serve` runs the CRI shim
 //! with the node's warm slot pools behind it, the NodeAgent server and the
-//! admin endpoint (metrics, pools, claims); `pools` and `claims` read that
-//! endpoint of a running node plugin.
+//! admin endpoint (metrics, pools, claims, health); `supervise -- serve ...`
+//! keeps `serve` running (restarts it when it dies); `pools` and `claims`
+//! read the admin endpoint of a running node plugin.
 
 use std::{
     collections::HashMap, future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration,
@@ -12,6 +13,7 @@ use clap::{Parser, Subcommand};
 use fast_sandbox_node::{
     admin,
     fixup::{ByRuntime, Mechanism, RealGuestOps, RealOps},
+    health::{self, Health},
     metrics::Metrics,
     pool::{records, ManagerConfig, PoolManager, PoolSpec},
 };
@@ -40,6 +42,9 @@ enum Command {
     /// plugin must be stopped first; a graceful stop keeps free slots for
     /// the next run, this removes them.
     Uninstall(UninstallArgs),
+    /// Run `fast-sandbox-node ARGS` (normally `serve ...`) and restart it
+    /// whenever it ends, without kubelet; forwards SIGTERM/SIGINT.
+    Supervise(fast_sandbox_node::supervisor::SuperviseArgs),
     /// Show the warm pools of a running node plugin.
     Pools {
         /// The node plugin's admin endpoint.
@@ -85,6 +90,9 @@ struct UninstallArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Supervise(args) = &cli.command {
+        return supervise(args);
+    }
     // One worker thread serves CRI: the proxy hop is dominated by kernel
     // wakeups, and cross-thread handoffs only add to them. A multi-thread
     // runtime with that one worker rather than a current-thread one, so a
@@ -106,8 +114,28 @@ fn main() -> anyhow::Result<()> {
             Command::Uninstall(args) => uninstall(args).await,
             Command::Pools { admin, json } => show_pools(admin, json).await,
             Command::Claims { admin, json } => show_claims(admin, json).await,
+            Command::Supervise(_) => unreachable!("handled before the runtime starts"),
         }
     })
+}
+
+/// `fast-sandbox-node supervise`: on its own small runtime (it only waits
+/// for signals and its child); exits with the stopped child's status.
+fn supervise(args: &fast_sandbox_node::supervisor::SuperviseArgs) -> anyhow::Result<()> {
+    let spawn = args.spawn()?;
+    init_logging(&Settings::resolve(
+        FileConfig::default(),
+        Overrides::default(),
+    ))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let code = runtime
+        .block_on(fast_sandbox_node::supervisor::run(&spawn, args.backoff()))
+        .context("supervising the serving process")?;
+    drop(runtime);
+    std::process::exit(code)
 }
 
 /// How long an idle blocking-pool thread is kept.
@@ -134,11 +162,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
 
     let metrics = Arc::new(Metrics::default());
+    let health = watch_health(&settings, stopped())?;
     let pools = if specs.is_empty() {
         None
     } else {
         Some(start_pools(&settings, specs, &mechanisms, &metrics).await?)
     };
+    // Recovered once the pools have reconciled with upstream, which they
+    // do in the background after CRI is served.
+    match &pools {
+        None => health.mark_recovered(),
+        Some((manager, _)) => {
+            let (manager, health) = (Arc::clone(manager), health.clone());
+            tokio::spawn(async move {
+                manager.recovered().await;
+                health.mark_recovered();
+            });
+        }
+    }
     let mut refill = None;
     let shim = match &pools {
         // No pools: still hide the slots a run with pools left.
@@ -173,6 +214,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             address,
             pools.as_ref().map(|(m, _)| Arc::clone(m)),
             metrics,
+            health.clone(),
             stopped(),
         )
         .await?;
@@ -182,6 +224,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             agent,
             &settings,
             pools.as_ref().map(|(m, _)| Arc::clone(m)),
+            health,
             stopped(),
         )
         .await?;
@@ -239,17 +282,37 @@ async fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the admin endpoint (metrics, pools, claims) in the background.
+/// The node plugin's health, with upstream checked in the background
+/// until `stopped` (start-up marks recovery done).
+fn watch_health(
+    settings: &Settings,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Health> {
+    let channel = fast_sandbox_shim::cri_channel(&settings.upstream.endpoint)
+        .context("configuring the health check's upstream client")?;
+    let health = Health::new();
+    tokio::spawn(health::watch_upstream(
+        health::CriVersion::new(channel, health::UPSTREAM_CHECK_TIMEOUT),
+        health.clone(),
+        health::UPSTREAM_CHECK_INTERVAL,
+        stopped,
+    ));
+    Ok(health)
+}
+
+/// Starts the admin endpoint (metrics, pools, claims, health) in the
+/// background.
 async fn serve_admin(
     address: &str,
     pools: Option<Arc<PoolManager>>,
     metrics: Arc<Metrics>,
+    health: Health,
     stopped: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr: SocketAddr = address
         .parse()
         .with_context(|| format!("invalid admin address {address:?}"))?;
-    let (bound, server) = admin::bind(addr, pools, metrics, stopped).await?;
+    let (bound, server) = admin::bind(addr, pools, metrics, health, stopped).await?;
     tracing::info!(address = %bound, "serving metrics on /metrics, pools on /pools");
     tokio::spawn(async move {
         if let Err(e) = server.await {
@@ -279,6 +342,7 @@ async fn serve_agent(
     agent: fast_sandbox_node::agent::AgentSettings,
     settings: &Settings,
     pools: Option<Arc<PoolManager>>,
+    health: Health,
     stopped: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let token = fast_sandbox_node::agent::Token::from_file(&agent.token_file)?;
@@ -291,6 +355,7 @@ async fn serve_agent(
         token,
         node_name: agent.node_name.clone(),
         image_interval: agent.image_interval,
+        health,
     };
     let (bound, server) = fast_sandbox_node::agent::bind(agent.address, parts, stopped).await?;
     tracing::info!(address = %bound, node = %agent.node_name, "serving the node agent");

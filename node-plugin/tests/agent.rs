@@ -181,6 +181,56 @@ async fn status_reports_images_and_health() {
 }
 
 #[tokio::test]
+async fn a_watcher_sees_the_node_go_unready_and_back_with_the_reason() {
+    let rig = rig().await;
+    let (mut client, mut stream) = watch(rig.agent).await;
+    let first = next_matching(&mut stream, Duration::from_secs(10), "ready", |s| {
+        s.health.as_ref().is_some_and(|h| h.ready)
+    })
+    .await;
+
+    rig.pools
+        .health
+        .set_upstream(Err(Status::deadline_exceeded("no answer within 1s")));
+    let down = next_matching(&mut stream, Duration::from_secs(1), "not ready", |s| {
+        s.health.as_ref().is_some_and(|h| !h.ready)
+    })
+    .await;
+    let health = down.health.clone().expect("health");
+    assert!(!health.upstream_reachable, "{health:?}");
+    assert!(
+        health.message.contains("does not answer Version")
+            && health.message.contains("no answer within 1s"),
+        "{health:?}"
+    );
+    assert!(
+        down.generation > first.generation,
+        "a health change is a change"
+    );
+    let pulled = client
+        .get_node_status(GetNodeStatusRequest {})
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(
+        !pulled.health.expect("health").ready,
+        "GetNodeStatus agrees"
+    );
+
+    rig.pools.health.set_upstream(Ok(()));
+    let up = next_matching(&mut stream, Duration::from_secs(1), "ready again", |s| {
+        s.health.as_ref().is_some_and(|h| h.ready)
+    })
+    .await;
+    let health = up.health.expect("health");
+    assert!(
+        health.upstream_reachable && health.message.is_empty(),
+        "{health:?}"
+    );
+    assert!(up.generation > down.generation);
+}
+
+#[tokio::test]
 async fn every_call_needs_the_token_and_gets_no_data_without_it() {
     let rig = rig().await;
     for auth in [

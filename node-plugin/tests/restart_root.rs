@@ -442,14 +442,7 @@ async fn upgrade_from_the_previous_binary_keeps_pods_and_adopts_slots() {
     let before = node.census(&root_refs).await.expect("census");
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let old = Node::spawn_binary(
-        Path::new(&previous),
-        &setup,
-        dir.path(),
-        "",
-        "old.log",
-        true,
-    );
+    let old = Node::spawn_binary(Path::new(&previous), &setup, dir.path(), "old.log");
     old.wait_full().await;
     let mut cri = old.cri().await;
     let mut claimed = Vec::new();

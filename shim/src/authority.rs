@@ -19,6 +19,13 @@
 //! the default 4096), so the server's decoder drops the entries of the blocks
 //! passed on before and its table matches our encoder's.
 //!
+//! Decoding is the normalizer's whole cost, so a block that leaves the
+//! decoder's dynamic table as it was (no literal with indexing, no size
+//! update: what gRPC clients send for a method they called before) is
+//! decoded once: while the table stays the same, the same bytes decode to
+//! the same headers, and the earlier outcome is reused. Any block that
+//! changes the table forgets those outcomes.
+//!
 //! Nothing else changes: other frames pass unchanged, and input that cannot
 //! be parsed (a broken HPACK block, a frame sequence HTTP/2 forbids) is
 //! logged once per connection at WARN and handed to the server as it came,
@@ -32,6 +39,8 @@ use std::{
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::hpack_scan::TableEffect;
 
 /// The HTTP/2 client connection preface.
 const PREFACE_LEN: usize = 24;
@@ -51,6 +60,9 @@ const TABLE_SIZE: usize = 4_096;
 const REPLACEMENT: &[u8] = b"localhost";
 /// How much to read from the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
+/// Decoded blocks kept per connection for reuse: more than the distinct
+/// calls a CRI client repeats (kubelet's relist and status polls).
+const MEMO_ENTRIES: usize = 16;
 
 /// A client connection whose header blocks carry only authorities the HTTP/2
 /// server accepts.
@@ -66,6 +78,8 @@ pub(crate) struct Normalized<IO> {
     pending: Option<Block>,
     hpack: Hpack,
     scratch: Scratch,
+    /// Blocks decoded since the decoder's table last changed.
+    memo: Vec<Memo>,
     /// What was refused, logged once per connection.
     warned: bool,
     /// Socket EOF seen.
@@ -95,10 +109,19 @@ struct Block {
 
 /// One decoded header block: names and values back to back, and where each
 /// header starts with its name's and value's lengths.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Scratch {
     bytes: Vec<u8>,
     spans: Vec<(usize, usize, usize)>,
+    /// An authority was replaced.
+    refused: bool,
+}
+
+/// A block decoded while the table was as it is now.
+#[derive(Debug)]
+struct Memo {
+    fragment: BytesMut,
+    decoded: Scratch,
 }
 
 struct Hpack {
@@ -150,6 +173,7 @@ impl<IO> Normalized<IO> {
                 encoder: None,
             },
             scratch: Scratch::default(),
+            memo: Vec::new(),
             warned: false,
             eof: false,
         }
@@ -271,62 +295,100 @@ impl<IO> Normalized<IO> {
         let Some(block) = self.pending.take() else {
             return Ok(());
         };
-        // Decoded headers go into one reused buffer: no allocation per
-        // header on the path every call takes.
+        let effect = crate::hpack_scan::table_effect(&block.fragment);
+        let reused = match effect {
+            Some(TableEffect::None) => self.memo.iter().position(|m| m.fragment == block.fragment),
+            _ => None,
+        };
+        if reused.is_none() {
+            if let Err(reason) = self.decode(&block.fragment) {
+                let stream_id = block.stream_id;
+                self.pending = Some(block);
+                return Err(Unparsed::Hpack { stream_id, reason });
+            }
+        }
+        let decoded = match reused {
+            Some(i) => &self.memo[i].decoded,
+            None => &self.scratch,
+        };
+        if self.hpack.encoder.is_none() && !decoded.refused {
+            self.out.put(&block.original[..]);
+        } else {
+            let encoded = reencode(&mut self.hpack.encoder, decoded, block.fragment.len());
+            write_block(&mut self.out, &block, &encoded);
+        }
+        match (effect, reused) {
+            (Some(TableEffect::None), None) => {
+                if self.memo.len() == MEMO_ENTRIES {
+                    self.memo.remove(0);
+                }
+                self.memo.push(Memo {
+                    fragment: block.fragment,
+                    decoded: self.scratch.clone(),
+                });
+            }
+            (Some(TableEffect::None), Some(_)) => {}
+            // The table changed (or the block is odd): earlier outcomes may
+            // name entries that moved.
+            _ => self.memo.clear(),
+        }
+        Ok(())
+    }
+
+    /// Decodes `fragment` into the scratch buffer, authorities the server
+    /// would refuse replaced. One reused buffer: no allocation per header
+    /// on the path every call takes.
+    fn decode(&mut self, fragment: &[u8]) -> Result<(), loona_hpack::decoder::DecoderError> {
         let scratch = &mut self.scratch;
         scratch.bytes.clear();
         scratch.spans.clear();
-        let mut refused = false;
-        let decoded = self
-            .hpack
-            .decoder
-            .decode_with_cb(&block.fragment, |name, value| {
-                let start = scratch.bytes.len();
-                scratch.bytes.extend_from_slice(&name);
-                if name.as_ref() == b":authority" && !acceptable(&value) {
-                    if !refused {
-                        tracing::debug!(
-                            authority = %String::from_utf8_lossy(&value),
-                            "CRI client sends an :authority HTTP/2 servers refuse; reading it as localhost"
-                        );
-                    }
-                    refused = true;
-                    scratch.bytes.extend_from_slice(REPLACEMENT);
-                    scratch.spans.push((start, name.len(), REPLACEMENT.len()));
-                } else {
-                    scratch.bytes.extend_from_slice(&value);
-                    scratch.spans.push((start, name.len(), value.len()));
+        scratch.refused = false;
+        self.hpack.decoder.decode_with_cb(fragment, |name, value| {
+            let start = scratch.bytes.len();
+            scratch.bytes.extend_from_slice(&name);
+            if name.as_ref() == b":authority" && !acceptable(&value) {
+                if !scratch.refused {
+                    tracing::debug!(
+                        authority = %String::from_utf8_lossy(&value),
+                        "CRI client sends an :authority HTTP/2 servers refuse; reading it as localhost"
+                    );
                 }
-            });
-        if let Err(reason) = decoded {
-            let stream_id = block.stream_id;
-            self.pending = Some(block);
-            return Err(Unparsed::Hpack { stream_id, reason });
-        }
-        if self.hpack.encoder.is_none() && !refused {
-            self.out.put(block.original);
-            return Ok(());
-        }
-        let mut encoded = Vec::with_capacity(block.fragment.len() + 16);
-        let encoder = match &mut self.hpack.encoder {
-            Some(encoder) => encoder,
-            None => {
-                // Empty the server's table, then give it back its size.
-                encode_size_update(0, &mut encoded);
-                encode_size_update(TABLE_SIZE, &mut encoded);
-                self.hpack.encoder.insert(loona_hpack::Encoder::new())
+                scratch.refused = true;
+                scratch.bytes.extend_from_slice(REPLACEMENT);
+                scratch.spans.push((start, name.len(), REPLACEMENT.len()));
+            } else {
+                scratch.bytes.extend_from_slice(&value);
+                scratch.spans.push((start, name.len(), value.len()));
             }
-        };
-        for &(start, name_len, value_len) in &self.scratch.spans {
-            let name = &self.scratch.bytes[start..start + name_len];
-            let value = &self.scratch.bytes[start + name_len..start + name_len + value_len];
-            encoder
-                .encode_header_into((name, value), &mut encoded)
-                .unwrap_or_else(|never: io::Error| unreachable!("writing to a Vec: {never}"));
-        }
-        write_block(&mut self.out, &block, &encoded);
-        Ok(())
+        })
     }
+}
+
+/// A decoded block encoded by the connection's own encoder, created (with
+/// the table size updates that empty the server's table) on first use.
+fn reencode(
+    encoder: &mut Option<loona_hpack::Encoder<'static>>,
+    decoded: &Scratch,
+    size_hint: usize,
+) -> Vec<u8> {
+    let mut encoded = Vec::with_capacity(size_hint + 16);
+    let encoder = match encoder {
+        Some(encoder) => encoder,
+        None => {
+            // Empty the server's table, then give it back its size.
+            encode_size_update(0, &mut encoded);
+            encode_size_update(TABLE_SIZE, &mut encoded);
+            encoder.insert(loona_hpack::Encoder::new())
+        }
+    };
+    for &(start, name_len, value_len) in &decoded.spans {
+        let name = &decoded.bytes[start..start + name_len];
+        let value = &decoded.bytes[start + name_len..start + name_len + value_len];
+        encoder
+            .encode_header_into((name, value), &mut encoded)
+            .unwrap_or_else(|never: io::Error| unreachable!("writing to a Vec: {never}"));
+    }
+    encoded
 }
 
 /// An HPACK dynamic table size update (RFC 7541 §6.3).
@@ -604,6 +666,40 @@ mod tests {
                 None
             ]
         );
+    }
+
+    /// A block repeated byte for byte is decoded once while the table stays
+    /// the same; after the table changes, the same bytes mean other headers
+    /// and are decoded again. Here `0xbe` (dynamic entry 62) is `/svc/A`,
+    /// then `/svc/B` once the third block inserts that path; every block
+    /// is re-encoded (its authority is a socket path), so a stale reuse
+    /// would send `/svc/A` four times.
+    #[tokio::test]
+    async fn repeated_blocks_are_decoded_again_after_the_table_changes() {
+        let bad = b"\x01\x09/bad.sock";
+        let insert = |path: &[u8]| {
+            let mut b = vec![0x83, 0x86, 0x44, u8::try_from(path.len()).unwrap_or(0)];
+            b.extend_from_slice(path);
+            b.extend_from_slice(bad);
+            b
+        };
+        let mut repeated = vec![0x83, 0x86, 0xbe];
+        repeated.extend_from_slice(bad);
+        let mut out = PREFACE.to_vec();
+        frame(&mut out, 0x4, 0, 0, &[]);
+        for (id, block) in [
+            (1, insert(b"/svc/A")),
+            (3, repeated.clone()),
+            (5, insert(b"/svc/B")),
+            (7, repeated.clone()),
+            (9, repeated),
+        ] {
+            frame(&mut out, HEADERS, END_HEADERS | END_STREAM, id, &block);
+        }
+        let seen = accepted(out, 5).await;
+        let paths: Vec<_> = seen.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["/svc/A", "/svc/A", "/svc/B", "/svc/B", "/svc/B"]);
+        assert!(seen.iter().all(|(_, a)| a.as_deref() == Some("localhost")));
     }
 
     /// HEADERS with padding and priority, continued by CONTINUATION frames,

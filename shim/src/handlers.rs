@@ -37,8 +37,8 @@ use crate::{
     methods::{self, Intercepted, Method},
     preserve::{self, WireError},
     rewrite,
-    server::{elapsed_us, Shim},
     slots::{Claim, HandlerMap, MissReason, NoSlot, PoolKey, SlotView, Slots},
+    state::{elapsed_us, Shim},
     upstream::{pass_status, RawRequest},
 };
 

@@ -24,14 +24,17 @@ mod error;
 pub mod fuzzing;
 mod h2channel;
 mod handlers;
+mod hpack_scan;
 mod intercept;
 mod methods;
+mod misses;
 mod preserve;
 mod request;
 mod rewrite;
 mod server;
 pub mod slots;
 mod socket;
+mod state;
 mod upstream;
 
 pub use capture::Capture;

@@ -26,21 +26,23 @@ use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::{sync::watch, time::Instant};
+use tokio::time::Instant;
 use tonic::{body::Body, codegen::http, Status};
 use tracing::Instrument;
 
 use crate::{
     authority::Normalized,
-    capture::{self, Capture},
+    capture,
     codec::decode_status,
     deadline::{Budget, CallerDeadline, GRPC_TIMEOUT},
     error::ShimError,
     methods::{self, Handling, Intercepted, Method},
-    slots::{HandlerMap, SlotSource, Slots},
     socket::{self, SocketConfig},
-    upstream::{Upstream, MAX_MESSAGE_SIZE},
+    state::elapsed_us,
+    upstream::MAX_MESSAGE_SIZE,
 };
+
+pub use crate::state::Shim;
 
 /// Server-side HTTP/2 keepalive towards kubelet: reaps connections of a
 /// wedged client holding long-lived streams. kubelet's gRPC-Go client does not
@@ -51,51 +53,6 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// After shutdown is requested, how long in-flight calls may finish before
 /// [`serve`] returns anyway (an image pull can take far longer).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The CRI service: forwards to [`Upstream`]; with slots, serves warm
-/// handlers from a [`SlotSource`] and keeps its slots out of sight.
-#[derive(Debug)]
-pub struct Shim {
-    pub(crate) upstream: Upstream,
-    pub(crate) slots: Option<Arc<Slots>>,
-    /// Set on shutdown; ends long-lived streams so the server can drain.
-    pub(crate) stopping: watch::Sender<bool>,
-    pub(crate) capture: Option<Capture>,
-}
-
-impl Shim {
-    /// A plain forwarding shim: no warm handlers, every call unchanged.
-    pub fn new(upstream: Upstream) -> Self {
-        Shim {
-            upstream,
-            slots: None,
-            stopping: watch::Sender::new(false),
-            capture: None,
-        }
-    }
-
-    /// A shim serving the exposed handlers of `handlers` from `slots`.
-    pub fn with_slots(
-        upstream: Upstream,
-        handlers: HandlerMap,
-        slots: Arc<dyn SlotSource>,
-    ) -> Self {
-        Shim {
-            slots: Some(Arc::new(Slots {
-                handlers,
-                source: slots,
-            })),
-            ..Shim::new(upstream)
-        }
-    }
-
-    /// Writes every call to `capture` (capture.rs).
-    #[must_use]
-    pub fn with_capture(mut self, capture: Capture) -> Self {
-        self.capture = Some(capture);
-        self
-    }
-}
 
 /// Serves CRI on `socket` until `shutdown` completes, then stops accepting,
 /// ends event streams, lets in-flight calls finish (bounded) and removes the
@@ -180,10 +137,6 @@ fn connection_ended(err: &hyper::Error) {
     } else {
         tracing::warn!(error = %chain, "CRI client connection refused at the HTTP/2 level");
     }
-}
-
-pub(crate) fn elapsed_us(started: Instant) -> u64 {
-    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 /// A request body, whole, bounded like a message (plus its gRPC prefix).

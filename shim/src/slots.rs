@@ -30,7 +30,7 @@ pub const SLOT_NAMESPACE: &str = "fast-sandbox-slots";
 /// replaced on fast handlers and never shown (see `rewrite.rs`).
 pub const RUNTIME_HANDLER_LABEL: &str = "fast-sandbox.io/runtime-handler";
 
-pub use crate::intercept::{Ineligible, MissReason};
+pub use crate::misses::{Ineligible, MissReason};
 
 /// The warm handlers and where their slots come from: what the server and
 /// the rewriting know of slots.

@@ -18,6 +18,7 @@ use std::{
 use fast_sandbox_node::{
     agent::{AgentParts, Token},
     fixup::{Fixup, FixupFailed, SlotFacts},
+    health::Health,
     metrics::Metrics,
     pool::{ManagerConfig, PoolManager, PoolParts, PoolSpec},
     usage::CgroupReader,
@@ -464,6 +465,9 @@ pub struct PoolRig {
     pub endpoint: Option<String>,
     /// The pool manager.
     pub manager: Arc<PoolManager>,
+    /// The health the rig's node agent reports: ready at start; a test
+    /// flips it (`set_upstream`) to play an upstream that stops answering.
+    pub health: Health,
     /// The first pool's exposed handler.
     pool: String,
     /// The first pool's key.
@@ -576,6 +580,7 @@ impl RigBuilder {
             upstream,
             endpoint,
             manager,
+            health: Health::ready(),
             pool: first.exposed_handler,
             key: first.key,
             _dir: dir,
@@ -632,6 +637,7 @@ impl PoolRig {
             token: Token::new(token),
             node_name: node_name.into(),
             image_interval: Duration::from_secs(600),
+            health: self.health.clone(),
         }
     }
 

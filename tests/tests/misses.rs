@@ -113,6 +113,7 @@ async fn no_pool_misses_are_counted_shown_and_explained_once_per_field() {
         "127.0.0.1:0".parse().expect("addr"),
         Some(Arc::clone(&rig.manager)),
         Arc::new(Metrics::default()),
+        rig.health.clone(),
         async {
             let _ = rx.await;
         },

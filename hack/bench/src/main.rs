@@ -4,6 +4,7 @@
 
 mod common;
 mod load;
+mod pipe;
 mod proxy;
 mod restart;
 mod stats;
@@ -34,6 +35,10 @@ enum Cmd {
     /// Restart of the node plugin with a full pool: time to the first CRI
     /// answer and free slots adopted, after kill -9 and a graceful stop.
     Restart(restart::Opts),
+    /// (Used by `proxy`.) A byte pipe between a socket and containerd: the
+    /// cost of one more process hop, the floor for any proxy.
+    #[command(hide = true)]
+    Pipe(pipe::Opts),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -43,5 +48,6 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Warm(opts) => warm::run(opts).await,
         Cmd::Load(opts) => load::run(opts).await,
         Cmd::Restart(opts) => restart::run(opts).await,
+        Cmd::Pipe(opts) => pipe::run(&opts).await,
     }
 }

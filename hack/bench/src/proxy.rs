@@ -14,6 +14,7 @@ use fast_sandbox_proto::cri::{
 
 use crate::{
     common::{self, NodeProcess, Runtime},
+    pipe::PipeProcess,
     stats::{ratio, Pretty, Samples},
 };
 
@@ -76,28 +77,78 @@ async fn pod_lifecycle(
     Ok(elapsed)
 }
 
+#[derive(Default)]
 struct Row {
     what: &'static str,
     direct: Samples,
+    /// Through a byte pipe process: one more hop, nothing read.
+    pipe: Samples,
     shim: Samples,
 }
 
+impl Row {
+    fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            ..Self::default()
+        }
+    }
+
+    fn side(&mut self, side: Side) -> &mut Samples {
+        match side {
+            Side::Direct => &mut self.direct,
+            Side::Pipe => &mut self.pipe,
+            Side::Shim => &mut self.shim,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Direct,
+    Pipe,
+    Shim,
+}
+
+/// `added` is the shim's p50 over direct; `hop` the pipe's p50 over direct
+/// (what any proxy process costs here); `over hop` the shim's p50 over the
+/// pipe's (what the shim's own work costs).
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<22} {:>6} {:>10} {:>10} {:>10} {:>10} {:>11} {:>8}",
-        "call", "n", "direct p50", "direct p99", "shim p50", "shim p99", "added p50", "ratio"
+        "{:<16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>7}",
+        "call",
+        "n",
+        "direct p50",
+        "direct p99",
+        "pipe p50",
+        "shim p50",
+        "shim p99",
+        "added",
+        "hop",
+        "over hop",
+        "ratio"
     );
     for r in rows {
-        let (d, s) = (r.direct.summary(), r.shim.summary());
+        let (d, p, s) = (r.direct.summary(), r.pipe.summary(), r.shim.summary());
+        let diff = |a: Duration, b: Duration| {
+            if a >= b {
+                Pretty(a - b).to_string()
+            } else {
+                format!("-{}", Pretty(b - a))
+            }
+        };
         println!(
-            "{:<22} {:>6} {:>10} {:>10} {:>10} {:>10} {:>11} {:>7.3}x",
+            "{:<16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>6.3}x",
             r.what,
             d.n,
             Pretty(d.p50).to_string(),
             Pretty(d.p99).to_string(),
+            Pretty(p.p50).to_string(),
             Pretty(s.p50).to_string(),
             Pretty(s.p99).to_string(),
-            Pretty(s.p50.saturating_sub(d.p50)).to_string(),
+            diff(s.p50, d.p50),
+            diff(p.p50, d.p50),
+            diff(s.p50, p.p50),
             ratio(s.p50, d.p50),
         );
     }
@@ -106,9 +157,12 @@ fn print_table(rows: &[Row]) {
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
     let binary = common::node_binary(opts.node_binary.as_deref())?;
     let node = NodeProcess::spawn(&binary, &opts.upstream, "").await?;
+    let pipe = PipeProcess::spawn(&opts.upstream).await?;
     let mut direct = common::client(&opts.upstream)?;
+    let mut piped = common::client(&pipe.endpoint())?;
     let mut shim = common::client(&node.endpoint())?;
     common::wait_ready(&mut shim, Duration::from_secs(10)).await?;
+    common::wait_ready(&mut piped, Duration::from_secs(10)).await?;
 
     // A pod for the status calls, created straight on containerd.
     let probe_config = common::sandbox_config("proxy-probe");
@@ -121,45 +175,52 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         .context("RunPodSandbox for the probe pod")?
         .into_inner()
         .pod_sandbox_id;
-    let result = measure(&opts, &mut direct, &mut shim, &probe).await;
+    let pid = node.pid().context("the node process has no pid")?;
+    let result = measure(&opts, [&mut direct, &mut piped, &mut shim], &probe, pid).await;
     let removed = common::remove_pod(&mut direct, &probe, &probe_config).await;
     node.stop().await?;
-    let rows = result?;
+    pipe.stop().await?;
+    let (rows, cpu) = result?;
     removed?;
     print_table(&rows);
+    println!(
+        "shim process CPU (user + system) per forwarded unary call: {}",
+        Pretty(cpu)
+    );
     Ok(())
+}
+
+/// User + system CPU time process `pid` has used so far (clock ticks).
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = procfs::process::Process::new(i32::try_from(pid)?)?.stat()?;
+    let ticks = stat.utime + stat.stime;
+    let per_second = procfs::ticks_per_second();
+    Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
 }
 
 async fn measure(
     opts: &Opts,
-    direct: &mut Runtime,
-    shim: &mut Runtime,
+    [direct, piped, shim]: [&mut Runtime; 3],
     probe: &str,
-) -> anyhow::Result<Vec<Row>> {
+    node_pid: u32,
+) -> anyhow::Result<(Vec<Row>, Duration)> {
     let mut rows = vec![
-        Row {
-            what: "Version",
-            direct: Samples::default(),
-            shim: Samples::default(),
-        },
-        Row {
-            what: "PodSandboxStatus",
-            direct: Samples::default(),
-            shim: Samples::default(),
-        },
-        Row {
-            what: "ListContainers",
-            direct: Samples::default(),
-            shim: Samples::default(),
-        },
+        Row::new("Version"),
+        Row::new("PodSandboxStatus"),
+        Row::new("ListContainers"),
     ];
     let warmup = opts.calls / 10;
     eprintln!(
-        "unary calls: {} of each kind per side (+{warmup} warm-up)",
+        "unary calls: {} of each kind per side (+{warmup} warm-up), sides interleaved call by call",
         opts.calls
     );
+    let cpu_before = cpu_time(node_pid)?;
     for i in 0..opts.calls + warmup {
-        for (side, rt) in [(0, &mut *direct), (1, &mut *shim)] {
+        for (side, rt) in [
+            (Side::Direct, &mut *direct),
+            (Side::Pipe, &mut *piped),
+            (Side::Shim, &mut *shim),
+        ] {
             let t = Instant::now();
             rt.version(VersionRequest::default()).await?;
             let v = t.elapsed();
@@ -175,35 +236,28 @@ async fn measure(
             let l = t.elapsed();
             if i >= warmup {
                 for (row, d) in rows.iter_mut().zip([v, s, l]) {
-                    if side == 0 {
-                        row.direct.push(d)
-                    } else {
-                        row.shim.push(d)
-                    }
+                    row.side(side).push(d);
                 }
             }
         }
     }
-    let mut pods = Row {
-        what: "pod lifecycle",
-        direct: Samples::default(),
-        shim: Samples::default(),
-    };
+    let shim_calls = u32::try_from((opts.calls + warmup) * 3).unwrap_or(u32::MAX);
+    let cpu_per_call = cpu_time(node_pid)?.saturating_sub(cpu_before) / shim_calls.max(1);
+    let mut pods = Row::new("pod lifecycle");
     eprintln!("pod lifecycles: {} per side on {}", opts.pods, opts.handler);
     for i in 0..opts.pods {
-        let d = pod_lifecycle(
-            direct,
-            &format!("proxy-direct-{i}"),
-            &opts.handler,
-            &opts.image,
-        )
-        .await?;
-        pods.direct.push(d);
-        let s = pod_lifecycle(shim, &format!("proxy-shim-{i}"), &opts.handler, &opts.image).await?;
-        pods.shim.push(s);
+        for (side, rt) in [
+            (Side::Direct, &mut *direct),
+            (Side::Pipe, &mut *piped),
+            (Side::Shim, &mut *shim),
+        ] {
+            let name = format!("proxy-{side:?}-{i}").to_lowercase();
+            let d = pod_lifecycle(rt, &name, &opts.handler, &opts.image).await?;
+            pods.side(side).push(d);
+        }
         eprint!("\r  {}/{}", i + 1, opts.pods);
     }
     eprintln!();
     rows.push(pods);
-    Ok(rows)
+    Ok((rows, cpu_per_call))
 }

@@ -210,9 +210,11 @@ impl PoolManager {
         Ok(mgr)
     }
 
-    /// Whether the background recovery has reconciled with upstream.
-    pub fn is_recovered(&self) -> bool {
-        *self.recovered.borrow()
+    /// Resolves once the background recovery has reconciled with upstream
+    /// (start-up reconciliation, adoption of the previous run's slots).
+    pub async fn recovered(&self) {
+        let mut rx = self.recovered.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {

@@ -15,7 +15,7 @@ use std::{
 
 use fast_sandbox_proto::cri::{PodSandboxState, RunPodSandboxRequest, VersionRequest};
 use fast_sandbox_shim::slots::{POOL_LABEL, SLOT_TOKEN_LABEL};
-use fast_sandbox_tests::{pod::TestPod, wait_for, Cri, DevNode};
+use fast_sandbox_tests::{pod::TestPod, wait_for, CaseGuard, Cri, DevNode};
 
 /// How a test's node plugin is set up.
 pub struct Setup<'a> {
@@ -62,7 +62,30 @@ impl Setup<'_> {
     }
 }
 
-/// A `fast-sandbox-node serve` process; killed when dropped.
+/// How [`Node::start`] runs the binary.
+#[derive(Clone, Copy)]
+struct Launch<'a> {
+    binary: &'a Path,
+    args: &'a [&'a str],
+    failpoints: &'a str,
+    /// Without it the config leaves `placeholder_cgroup_root` to its
+    /// per-instance default.
+    explicit_cgroup_root: bool,
+}
+
+impl Default for Launch<'_> {
+    fn default() -> Self {
+        Self {
+            binary: Path::new(env!("CARGO_BIN_EXE_fast-sandbox-node")),
+            args: &["serve"],
+            failpoints: "",
+            explicit_cgroup_root: true,
+        }
+    }
+}
+
+/// A `fast-sandbox-node serve` process (or `supervise -- serve`); killed
+/// when dropped.
 pub struct Node {
     pub child: std::process::Child,
     pub socket: PathBuf,
@@ -86,25 +109,39 @@ impl Node {
         log: &str,
         explicit_cgroup_root: bool,
     ) -> Self {
-        Self::spawn_binary(
-            Path::new(env!("CARGO_BIN_EXE_fast-sandbox-node")),
-            setup,
-            dir,
+        let launch = Launch {
             failpoints,
-            log,
             explicit_cgroup_root,
-        )
+            ..Launch::default()
+        };
+        Self::start(setup, dir, log, &launch)
     }
 
-    /// As [`Node::spawn_with`], running `binary` (another release's).
-    pub fn spawn_binary(
-        binary: &Path,
-        setup: &Setup<'_>,
-        dir: &Path,
-        failpoints: &str,
-        log: &str,
-        explicit_cgroup_root: bool,
-    ) -> Self {
+    /// As [`Node::spawn`], running `binary` (another release's).
+    pub fn spawn_binary(binary: &Path, setup: &Setup<'_>, dir: &Path, log: &str) -> Self {
+        let launch = Launch {
+            binary,
+            ..Launch::default()
+        };
+        Self::start(setup, dir, log, &launch)
+    }
+
+    /// `supervise -- serve` on `dir`'s config: `child` is the supervisor.
+    pub fn supervised(setup: &Setup<'_>, dir: &Path, log: &str) -> Self {
+        let launch = Launch {
+            args: &["supervise", "--", "serve"],
+            ..Launch::default()
+        };
+        Self::start(setup, dir, log, &launch)
+    }
+
+    fn start(setup: &Setup<'_>, dir: &Path, log: &str, launch: &Launch<'_>) -> Self {
+        let Launch {
+            binary,
+            args,
+            failpoints,
+            explicit_cgroup_root,
+        } = *launch;
         let admin = free_port();
         let config = setup.write_with(dir, admin, explicit_cgroup_root);
         let log = dir.join(log);
@@ -116,7 +153,7 @@ impl Node {
                 "RUST_LOG",
                 std::env::var("FS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
-            .arg("serve")
+            .args(args)
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())
@@ -265,6 +302,14 @@ impl Drop for PoolSlotsGuard {
         })
         .join();
     }
+}
+
+/// A clean slate for test `case` with pool `pool`: the case's sandboxes and
+/// the pool's slots of an earlier run removed, and guards that remove them
+/// again when the test ends, however it ends.
+pub async fn clean_slate(node: &DevNode, case: &str, pool: &str) -> (CaseGuard, PoolSlotsGuard) {
+    let guard = CaseGuard::new(node, case).await.expect("clean slate");
+    (guard, clean_pool(node, pool).await)
 }
 
 /// The ids of the pool's sandboxes upstream (free, claimed or in flight).
