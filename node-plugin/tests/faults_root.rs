@@ -27,7 +27,7 @@ use std::{
 };
 
 use fast_sandbox_proto::cri::{ListPodSandboxRequest, VersionRequest};
-use fast_sandbox_tests::{census::Census, pod::TestPod, wait_for, CaseGuard, DevNode};
+use fast_sandbox_tests::{pod::TestPod, wait_for, CaseGuard, DevNode};
 
 mod support;
 
@@ -36,8 +36,8 @@ mod support;
 /// parallel threads).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 use support::{
-    assert_intact, pool_ids, records, remove_pods, remove_pool_slots, run, Node, PoolSlotsGuard,
-    Setup,
+    assert_intact, census, finish, pool_ids, records, remove_pods, remove_pool_slots, run, Node,
+    PoolSlotsGuard, Setup,
 };
 
 /// The census roots of a test: the pool's placeholder cgroups and each
@@ -47,30 +47,6 @@ fn roots(setup: &Setup<'_>, pods: &[&TestPod]) -> Vec<String> {
     std::iter::once(setup.cgroup_root())
         .chain(pods.iter().map(|p| p.cgroup_parent()))
         .collect()
-}
-
-async fn census(node: &DevNode, roots: &[String]) -> Census {
-    let roots: Vec<&str> = roots.iter().map(String::as_str).collect();
-    node.census(&roots).await.expect("census")
-}
-
-/// Stops the node plugin, removes the pool's remaining (free) slots,
-/// checks there were `free` of them, and that the census is back to
-/// `before`.
-async fn finish(node: &DevNode, plugin: Node, before: &Census, roots: &[String], free: usize) {
-    let pool = plugin.pool.clone();
-    plugin.stop().await;
-    let removed = remove_pool_slots(&node.containerd_endpoint, &pool)
-        .await
-        .expect("remove slots");
-    assert_eq!(removed, free, "exactly the pool's free slots remain");
-    let roots: Vec<&str> = roots.iter().map(String::as_str).collect();
-    let after = node
-        .settled_census(before, &roots, Duration::from_secs(15))
-        .await
-        .expect("census");
-    assert_eq!(*before, after, "resources leaked");
-    eprintln!("census before and after: {after:?}");
 }
 
 #[tokio::test]

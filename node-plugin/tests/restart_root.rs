@@ -22,8 +22,8 @@ use fast_sandbox_tests::{pod::TestPod, CaseGuard, DevNode};
 
 mod support;
 use support::{
-    assert_intact, clean_pool, pool_ids, records, remove_pods, remove_pool_slots, run, Node,
-    PoolSlotsGuard, Setup,
+    assert_intact, census, clean_pool, clean_slate, finish, pool_ids, records, remove_pods, run,
+    Node, PoolSlotsGuard, Setup,
 };
 
 /// The tests of this file count what the whole containerd holds.
@@ -52,16 +52,14 @@ async fn restart_keeps_claimed_pods_and_adopts_free_slots() {
         size: 6,
         node: &node,
     };
-    let _case = CaseGuard::new(&node, test).await.expect("clean slate");
-    let _slots = clean_pool(&node, setup.pool).await;
+    let _guards = clean_slate(&node, test, setup.pool).await;
     let logs = tempfile::tempdir().expect("tempdir");
     let pods: Vec<TestPod> = (0..2)
         .map(|i| TestPod::new(test, &format!("adopt-{i}"), logs.path()))
         .collect();
     let mut roots = vec![setup.cgroup_root()];
     roots.extend(pods.iter().map(TestPod::cgroup_parent));
-    let root_refs: Vec<&str> = roots.iter().map(String::as_str).collect();
-    let before = node.census(&root_refs).await.expect("census");
+    let before = census(&node, &roots).await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let mut plugin = Node::spawn(&setup, dir.path(), "", "run-0.log");
@@ -102,20 +100,11 @@ async fn restart_keeps_claimed_pods_and_adopts_free_slots() {
     let mut cri = plugin.cri().await;
     remove_pods(&mut cri, &pods.iter().collect::<Vec<_>>()).await;
     drop(cri);
-    plugin.stop().await;
     assert!(
         records(&dir.path().join("state")).is_empty(),
         "records gone"
     );
-    let removed = remove_pool_slots(&node.containerd_endpoint, setup.pool)
-        .await
-        .expect("remove slots");
-    assert_eq!(removed, setup.size, "exactly the pool's free slots remain");
-    let after = node
-        .settled_census(&before, &root_refs, Duration::from_secs(15))
-        .await
-        .expect("census");
-    assert_eq!(before, after, "resources leaked across the restarts");
+    finish(&node, plugin, &before, &roots, setup.size).await;
 }
 
 /// `claims/` deleted while claimed pods run: recovery stops none of them;
@@ -132,8 +121,7 @@ async fn lost_claims_dir_stops_no_pod() {
         size: 2,
         node: &node,
     };
-    let _case = CaseGuard::new(&node, test).await.expect("clean slate");
-    let _slots = clean_pool(&node, setup.pool).await;
+    let _guards = clean_slate(&node, test, setup.pool).await;
     let logs = tempfile::tempdir().expect("tempdir");
     let pods: Vec<TestPod> = (0..2)
         .map(|i| TestPod::new(test, &format!("lost-{i}"), logs.path()))
@@ -235,8 +223,7 @@ async fn two_instances_keep_apart_and_uninstall_leaves_nothing() {
     let logs = tempfile::tempdir().expect("tempdir");
     let pod = TestPod::new(test, "two-a-pod", logs.path());
     let roots = ["/fast-sandbox-slots".to_owned(), pod.cgroup_parent()];
-    let root_refs: Vec<&str> = roots.iter().map(String::as_str).collect();
-    let before = node.census(&root_refs).await.expect("census");
+    let before = census(&node, &roots).await;
 
     let dirs = [
         tempfile::tempdir().expect("tempdir"),
@@ -319,7 +306,11 @@ async fn two_instances_keep_apart_and_uninstall_leaves_nothing() {
     // Kubelet removes the pod's own cgroup; the test has no kubelet.
     pod.remove_pod_cgroups();
     let after = node
-        .settled_census(&before, &root_refs, Duration::from_secs(15))
+        .settled_census(
+            &before,
+            &roots.iter().map(String::as_str).collect::<Vec<_>>(),
+            Duration::from_secs(15),
+        )
         .await
         .expect("census");
     assert_eq!(before, after, "uninstall left something behind");
@@ -340,8 +331,7 @@ async fn without_pools_the_slots_stay_hidden() {
         size: 2,
         node: &node,
     };
-    let _case = CaseGuard::new(&node, test).await.expect("clean slate");
-    let _slots = clean_pool(&node, setup.pool).await;
+    let _guards = clean_slate(&node, test, setup.pool).await;
     let logs = tempfile::tempdir().expect("tempdir");
     let pod = TestPod::new(test, "nopools", logs.path());
     let dir = tempfile::tempdir().expect("tempdir");
@@ -430,16 +420,14 @@ async fn upgrade_from_the_previous_binary_keeps_pods_and_adopts_slots() {
         size: 4,
         node: &node,
     };
-    let _case = CaseGuard::new(&node, test).await.expect("clean slate");
-    let _slots = clean_pool(&node, setup.pool).await;
+    let _guards = clean_slate(&node, test, setup.pool).await;
     let logs = tempfile::tempdir().expect("tempdir");
     let pods: Vec<TestPod> = (0..2)
         .map(|i| TestPod::new(test, &format!("upgrade-{i}"), logs.path()))
         .collect();
     let mut roots = vec![setup.cgroup_root()];
     roots.extend(pods.iter().map(TestPod::cgroup_parent));
-    let root_refs: Vec<&str> = roots.iter().map(String::as_str).collect();
-    let before = node.census(&root_refs).await.expect("census");
+    let before = census(&node, &roots).await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let old = Node::spawn_binary(Path::new(&previous), &setup, dir.path(), "old.log");
@@ -470,18 +458,9 @@ async fn upgrade_from_the_previous_binary_keeps_pods_and_adopts_slots() {
 
     remove_pods(&mut cri, &pods.iter().collect::<Vec<_>>()).await;
     drop(cri);
-    new.stop().await;
     assert!(
         records(&dir.path().join("state")).is_empty(),
         "records gone"
     );
-    let removed = remove_pool_slots(&node.containerd_endpoint, setup.pool)
-        .await
-        .expect("remove slots");
-    assert_eq!(removed, setup.size, "exactly the pool's free slots remain");
-    let after = node
-        .settled_census(&before, &root_refs, Duration::from_secs(15))
-        .await
-        .expect("census");
-    assert_eq!(before, after, "resources leaked across the upgrade");
+    finish(&node, new, &before, &roots, setup.size).await;
 }

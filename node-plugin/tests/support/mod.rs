@@ -415,3 +415,34 @@ pub async fn remove_pods(cri: &mut Cri, pods: &[&TestPod]) {
         pod.remove_pod_cgroups();
     }
 }
+
+/// Stops the node plugin, removes the pool's remaining (free) slots,
+/// checks there were `free` of them, and that the census is back to
+/// `before`.
+pub async fn finish(
+    node: &DevNode,
+    plugin: Node,
+    before: &fast_sandbox_tests::census::Census,
+    roots: &[String],
+    free: usize,
+) {
+    let pool = plugin.pool.clone();
+    plugin.stop().await;
+    let removed = remove_pool_slots(&node.containerd_endpoint, &pool)
+        .await
+        .expect("remove slots");
+    assert_eq!(removed, free, "exactly the pool's free slots remain");
+    let roots: Vec<&str> = roots.iter().map(String::as_str).collect();
+    let after = node
+        .settled_census(before, &roots, Duration::from_secs(15))
+        .await
+        .expect("census");
+    assert_eq!(*before, after, "resources leaked");
+    eprintln!("census before and after: {after:?}");
+}
+
+/// What the node holds now, counting cgroup directories under `roots`.
+pub async fn census(node: &DevNode, roots: &[String]) -> fast_sandbox_tests::census::Census {
+    let roots: Vec<&str> = roots.iter().map(String::as_str).collect();
+    node.census(&roots).await.expect("census")
+}
