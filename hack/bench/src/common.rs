@@ -23,6 +23,21 @@ pub type Runtime = RuntimeServiceClient<Channel>;
 /// Namespace of every pod a benchmark creates.
 pub const BENCH_NAMESPACE: &str = "fast-sandbox-bench";
 
+/// Where the node plugin under test runs: the options every bench that
+/// starts one shares.
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    /// containerd's CRI endpoint.
+    #[arg(long, env = "FAST_SANDBOX_CONTAINERD_ENDPOINT")]
+    pub upstream: String,
+    /// containerd's root directory (fix-ups rewrite files under it).
+    #[arg(long, env = "FAST_SANDBOX_CONTAINERD_ROOT")]
+    pub containerd_root: PathBuf,
+    /// The `fast-sandbox-node` binary; defaults to the one beside this binary.
+    #[arg(long)]
+    pub node_binary: Option<PathBuf>,
+}
+
 /// A `fast-sandbox-node serve` child process, killed when dropped.
 #[derive(Debug)]
 pub struct NodeProcess {

@@ -25,15 +25,8 @@ const PLACEHOLDER_ROOT: &str = "/fast-sandbox-bench-restart";
 
 #[derive(Debug, clap::Args)]
 pub struct Opts {
-    /// containerd's CRI endpoint.
-    #[arg(long, env = "FAST_SANDBOX_CONTAINERD_ENDPOINT")]
-    upstream: String,
-    /// containerd's root directory.
-    #[arg(long, env = "FAST_SANDBOX_CONTAINERD_ROOT")]
-    containerd_root: PathBuf,
-    /// The `fast-sandbox-node` binary; defaults to the one beside this binary.
-    #[arg(long)]
-    node_binary: Option<PathBuf>,
+    #[command(flatten)]
+    node: common::NodeArgs,
     /// Free slots in the pool.
     #[arg(long, default_value_t = 50)]
     slots: usize,
@@ -99,7 +92,7 @@ impl Bench<'_> {
     }
 
     async fn slots(&self) -> anyhow::Result<HashSet<String>> {
-        let mut direct = common::client(&self.opts.upstream)?;
+        let mut direct = common::client(&self.opts.node.upstream)?;
         let listed = direct
             .list_pod_sandbox(ListPodSandboxRequest {
                 filter: Some(PodSandboxFilter {
@@ -157,7 +150,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     let admin = warm::free_port()?;
     let bench = Bench {
         opts: &opts,
-        binary: common::node_binary(opts.node_binary.as_deref())?,
+        binary: common::node_binary(opts.node.node_binary.as_deref())?,
         config: dir.path().join("node.toml"),
         socket: dir.path().join("cri.sock"),
         admin,
@@ -169,7 +162,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     if uninstalled.is_err() || !left.is_empty() {
         // An older binary without `uninstall`, or a failed one: remove the
         // pool straight on containerd so the node is left clean anyway.
-        let mut direct = common::client(&opts.upstream)?;
+        let mut direct = common::client(&opts.node.upstream)?;
         for id in &left {
             let _ = direct
                 .stop_pod_sandbox(StopPodSandboxRequest {
@@ -199,11 +192,11 @@ fn write_config(bench: &Bench<'_>, dir: &Path) -> anyhow::Result<()> {
          placeholder_cgroup_root = {PLACEHOLDER_ROOT:?}\nrefill_interval = \"0ms\"\n\
          [[pool]]\nname = {POOL:?}\nhandler = \"fast-{h}\"\nupstream = \"{h}\"\nsize = {n}\n\
          shape = {{ seccomp = \"runtime-default\" }}\n",
-        up = o.upstream,
+        up = o.node.upstream,
         sock = bench.socket.display().to_string(),
         admin = bench.admin,
         state = dir.join("state").display().to_string(),
-        root = o.containerd_root.display().to_string(),
+        root = o.node.containerd_root.display().to_string(),
         h = o.handler,
         n = o.slots,
     );
