@@ -187,8 +187,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             upstream,
             HandlerMap::default(),
             Arc::new(
-                fast_sandbox_node::pool::TokenOnly::open(&settings.slots.state_dir)
-                    .context("reading the slot token and claim records")?,
+                fast_sandbox_node::pool::TokenOnly::open(
+                    &settings.slots.state_dir,
+                    real_fixup(&settings, &mechanisms),
+                )
+                .context("reading the slot token and claim records")?,
             ),
         ),
         Some((manager, handlers)) => {
@@ -449,15 +452,7 @@ async fn start_pools(
     );
     let channel = fast_sandbox_shim::cri_channel(&settings.upstream.endpoint)
         .context("configuring the pools' upstream client")?;
-    // One mechanism per upstream runtime: setns for runc/crun, a command
-    // inside the sandbox for gVisor/Kata (docs/runtimes.md).
-    let fixup = Arc::new(ByRuntime::real(
-        Arc::new(RealOps::new()),
-        Arc::new(RealGuestOps),
-        settings.slots.containerd_root.clone(),
-        mechanisms,
-        FIXUP_DEADLINE,
-    ));
+    let fixup = real_fixup(settings, mechanisms);
     let token = instance_token(&settings.slots.state_dir)?;
     let cfg = ManagerConfig {
         state_dir: settings.slots.state_dir.clone(),
@@ -478,6 +473,18 @@ async fn start_pools(
         .await
         .context("starting the warm pools (reconciling with upstream)")?;
     Ok((manager, handlers))
+}
+
+/// One fix-up mechanism per upstream runtime: setns for runc/crun, a
+/// command inside the sandbox for gVisor/Kata (docs/runtimes.md).
+fn real_fixup(settings: &Settings, mechanisms: &HashMap<String, Mechanism>) -> Arc<ByRuntime> {
+    Arc::new(ByRuntime::real(
+        Arc::new(RealOps::new()),
+        Arc::new(RealGuestOps),
+        settings.slots.containerd_root.clone(),
+        mechanisms,
+        FIXUP_DEADLINE,
+    ))
 }
 
 /// The slot token of the instance whose state is in `state_dir` (created

@@ -334,6 +334,8 @@ async fn without_pools_the_slots_stay_hidden() {
     let _guards = clean_slate(&node, test, setup.pool).await;
     let logs = tempfile::tempdir().expect("tempdir");
     let pod = TestPod::new(test, "nopools", logs.path());
+    let roots = [setup.cgroup_root(), pod.cgroup_parent()];
+    let before = census(&node, &roots).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let plugin = Node::spawn(&setup, dir.path(), "", "with-pools.log");
     plugin.wait_full().await;
@@ -386,10 +388,12 @@ async fn without_pools_the_slots_stay_hidden() {
         "free slots listed to kubelet by a node plugin without pools"
     );
     assert_intact(&mut cri, &pod, &claimed).await;
+    // Kubelet removes the pod: the node plugin without pools cleans up
+    // after its slot as the pools would (record, cgroups).
     remove_pods(&mut cri, &[&pod]).await;
     assert!(records(&dir.path().join("state")).is_empty(), "record gone");
     drop(cri);
-    plugin.stop().await;
+    finish(&node, plugin, &before, &roots, setup.size).await;
 }
 
 /// The admin address in a config `Setup` wrote.

@@ -3,7 +3,9 @@
 //! (a graceful stop leaves free slots for the next run to adopt, and a
 //! run without pools must not list them to kubelet, which would destroy
 //! them), and reports the pods of the claim records it finds with their
-//! own identity.
+//! own identity; when kubelet removes one of those, it cleans up after it
+//! as the pools would (the moved pause's leaf, the placeholder cgroup, the
+//! record).
 
 use std::{
     collections::HashMap,
@@ -15,49 +17,60 @@ use fast_sandbox_shim::slots::{
     Claim, ClaimFailed, ClaimedPod, ClaimedSlot, NoSlot, SlotSource, SlotView, SLOT_TOKEN_LABEL,
 };
 
-use super::records::{RecordError, RecordStore};
+use super::records::{ClaimRecord, RecordError, RecordStore};
+use crate::fixup::{Fixup, SlotFacts};
 
 /// Hides the sandboxes carrying the node's token; serves no claim.
 #[derive(Debug)]
 pub struct TokenOnly {
     token: String,
     records: RecordStore,
-    claimed: Mutex<HashMap<String, Arc<ClaimedPod>>>,
+    fixup: Arc<dyn Fixup>,
+    claimed: Mutex<HashMap<String, (SlotFacts, Arc<ClaimedPod>)>>,
 }
 
 impl TokenOnly {
-    /// Reads the token and the claim records of the state in `state_dir`.
-    pub fn open(state_dir: &Path) -> Result<Self, RecordError> {
+    /// Reads the token and the claim records of the state in `state_dir`;
+    /// `fixup` cleans up after a claimed slot once it is removed.
+    pub fn open(state_dir: &Path, fixup: Arc<dyn Fixup>) -> Result<Self, RecordError> {
         let records = RecordStore::open(state_dir)?;
         let token = records.token()?;
         let (good, bad) = records.load()?;
         for b in bad {
             tracing::error!(path = %b.path.display(), error = %b.error, "claim record unreadable");
         }
-        let claimed = good
-            .into_iter()
-            .map(|r| {
-                let pod = Arc::new(ClaimedPod {
-                    config: r.config,
-                    exposed_handler: r.exposed_handler,
-                    claimed_at_ns: r.claimed_at_ns,
-                    network: r.network,
-                });
-                (r.sandbox_id, pod)
-            })
-            .collect();
+        let claimed = good.into_iter().map(claimed_slot).collect();
         Ok(Self {
             token,
             records,
+            fixup,
             claimed: Mutex::new(claimed),
         })
     }
 
-    fn claimed(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ClaimedPod>>> {
+    fn claimed(&self) -> std::sync::MutexGuard<'_, HashMap<String, (SlotFacts, Arc<ClaimedPod>)>> {
         self.claimed
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// What a claim record says of its slot and pod. The upstream handler is
+/// not recorded: the default (setns) mechanism cleans up after it.
+fn claimed_slot(r: ClaimRecord) -> (String, (SlotFacts, Arc<ClaimedPod>)) {
+    let facts = SlotFacts {
+        sandbox_id: r.sandbox_id.clone(),
+        pause_pid: r.pause_pid,
+        placeholder_cgroup_parent: r.placeholder_cgroup_parent,
+        upstream_handler: String::new(),
+    };
+    let pod = Arc::new(ClaimedPod {
+        config: r.config,
+        exposed_handler: r.exposed_handler,
+        claimed_at_ns: r.claimed_at_ns,
+        network: r.network,
+    });
+    (r.sandbox_id, (facts, pod))
 }
 
 /// The view of a sandbox the pool holds no entry for: only the secret
@@ -80,14 +93,17 @@ impl SlotSource for TokenOnly {
     }
 
     fn view(&self, sandbox_id: &str, upstream_labels: &HashMap<String, String>) -> SlotView {
-        if let Some(pod) = self.claimed().get(sandbox_id) {
+        if let Some((_, pod)) = self.claimed().get(sandbox_id) {
             return SlotView::Claimed(Arc::clone(pod));
         }
         by_token(upstream_labels, &self.token)
     }
 
     async fn removed(&self, sandbox_id: &str) {
-        if self.claimed().remove(sandbox_id).is_some() {
+        let removed = self.claimed().remove(sandbox_id);
+        if let Some((facts, pod)) = removed {
+            self.fixup.after_remove(&facts, &pod.config).await;
+            self.fixup.discard(&facts).await;
             let records = self.records.clone();
             let id = sandbox_id.to_owned();
             let removed = tokio::task::spawn_blocking(move || records.remove(&id)).await;
@@ -122,7 +138,13 @@ mod tests {
                 network: None,
             })
             .unwrap();
-        let source = TokenOnly::open(dir.path()).unwrap();
+        let ops = Arc::new(crate::fixup::RecordingOps::new());
+        let fixup = Arc::new(crate::fixup::SetnsFixup::new(
+            Arc::clone(&ops) as Arc<dyn crate::fixup::NodeOps>,
+            "/var/lib/containerd".into(),
+            std::time::Duration::from_secs(1),
+        ));
+        let source = TokenOnly::open(dir.path(), fixup).unwrap();
         let ours = HashMap::from([(SLOT_TOKEN_LABEL.to_owned(), token)]);
         let theirs = HashMap::from([(SLOT_TOKEN_LABEL.to_owned(), "other".to_owned())]);
         assert!(matches!(source.view("b", &ours), SlotView::Unclaimed));
@@ -130,6 +152,14 @@ mod tests {
         assert!(matches!(source.view(&id, &ours), SlotView::Claimed(_)));
         source.removed(&id).await;
         assert!(store.load().unwrap().0.is_empty());
+        // The placeholder cgroup is removed as the pools would.
+        assert!(
+            ops.calls()
+                .iter()
+                .any(|c| matches!(c, crate::fixup::Call::RemoveCgroup { leaf } if leaf == "/x/y")),
+            "{:?}",
+            ops.calls()
+        );
         assert!(matches!(source.view(&id, &ours), SlotView::Unclaimed));
     }
 }
