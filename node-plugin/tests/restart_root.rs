@@ -135,6 +135,9 @@ async fn lost_claims_dir_stops_no_pod() {
         claimed.push(run(&mut cri, pod).await);
     }
     drop(cri);
+    // No slot creation in flight at the kill (containerd 1.6 leaks the shim
+    // of a cancelled RunPodSandbox).
+    plugin.wait_full().await;
     plugin.kill9();
     let state = dir.path().join("state");
     std::fs::remove_dir_all(state.join("claims")).expect("delete claims/");
