@@ -77,7 +77,6 @@ fuzz_target!(|data: &[u8]| {
     }
     let settings = Settings::resolve(file, Overrides::default());
     assert!(
-        !settings.slots.placeholder_cgroup_root.is_empty()
-            || text.contains("placeholder_cgroup_root")
+        !settings.slots.cgroup_root_of("t").is_empty() || text.contains("placeholder_cgroup_root")
     );
 });

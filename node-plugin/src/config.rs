@@ -19,7 +19,9 @@
 //! [slots]
 //! state_dir = "/var/lib/fast-sandbox"            # claim records, slot token
 //! containerd_root = "/var/lib/containerd"        # containerd's `root`
-//! placeholder_cgroup_root = "/fast-sandbox-slots"
+//! # default: "/fast-sandbox-slots/<instance id>", the id derived from the
+//! # token in state_dir, so two node plugins on one host never share it
+//! placeholder_cgroup_root = "/fast-sandbox-slots/a1b2c3d4e5f6"
 //! refill_interval = "50ms"  # pause between two slot creations
 //! refill_delay = "500ms"    # after a claim, before refilling that pool
 //! health_interval = "10s"
@@ -378,7 +380,8 @@ pub struct Settings {
 pub struct SlotSettings {
     pub state_dir: PathBuf,
     pub containerd_root: PathBuf,
-    pub placeholder_cgroup_root: String,
+    /// `None`: [`SlotSettings::cgroup_root_of`] the instance's token.
+    pub placeholder_cgroup_root: Option<String>,
     pub refill_interval: Duration,
     pub refill_delay: Duration,
     pub health_interval: Duration,
@@ -393,6 +396,20 @@ impl SlotSettings {
     pub const DEFAULT_STATE_DIR: &'static str = "/var/lib/fast-sandbox";
     pub const DEFAULT_CONTAINERD_ROOT: &'static str = "/var/lib/containerd";
     pub const DEFAULT_PLACEHOLDER_CGROUP_ROOT: &'static str = "/fast-sandbox-slots";
+
+    /// The placeholder cgroup root of the instance whose slot token is
+    /// `token`: the configured one, else one of its own under
+    /// [`Self::DEFAULT_PLACEHOLDER_CGROUP_ROOT`], named by
+    /// [`crate::pool::records::instance_id`].
+    pub fn cgroup_root_of(&self, token: &str) -> String {
+        self.placeholder_cgroup_root.clone().unwrap_or_else(|| {
+            format!(
+                "{}/{}",
+                Self::DEFAULT_PLACEHOLDER_CGROUP_ROOT,
+                crate::pool::records::instance_id(token)
+            )
+        })
+    }
 }
 
 /// Default address of the admin endpoint (loopback only).
@@ -451,10 +468,7 @@ impl Settings {
                 .slots
                 .containerd_root
                 .unwrap_or_else(|| SlotSettings::DEFAULT_CONTAINERD_ROOT.into()),
-            placeholder_cgroup_root: file
-                .slots
-                .placeholder_cgroup_root
-                .unwrap_or_else(|| SlotSettings::DEFAULT_PLACEHOLDER_CGROUP_ROOT.into()),
+            placeholder_cgroup_root: file.slots.placeholder_cgroup_root,
             refill_interval: file
                 .slots
                 .refill_interval

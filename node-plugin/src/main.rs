@@ -15,7 +15,7 @@ use fast_sandbox_node::{
     fixup::{ByRuntime, Mechanism, RealGuestOps, RealOps},
     health::{self, Health},
     metrics::Metrics,
-    pool::{ManagerConfig, PoolManager, PoolSpec},
+    pool::{records, ManagerConfig, PoolManager, PoolSpec},
 };
 use fast_sandbox_shim::{
     slots::{HandlerMap, SlotSource, SLOT_NAMESPACE},
@@ -40,6 +40,11 @@ struct Cli {
 enum Command {
     /// Serve CRI on the shim's socket, forwarding to the upstream runtime.
     Serve(ServeArgs),
+    /// Remove every slot (free and claimed), claim record, token and
+    /// placeholder cgroup of this node plugin: the uninstall path. The node
+    /// plugin must be stopped first; a graceful stop keeps free slots for
+    /// the next run, this removes them.
+    Uninstall(UninstallArgs),
     /// Run `fast-sandbox-node ARGS` (normally `serve ...`) and restart it
     /// whenever it ends, without kubelet; forwards SIGTERM/SIGINT.
     Supervise(fast_sandbox_node::supervisor::SuperviseArgs),
@@ -77,6 +82,15 @@ struct ServeArgs {
     overrides: Overrides,
 }
 
+#[derive(Debug, clap::Args)]
+struct UninstallArgs {
+    /// The node plugin's TOML config file (the same as `serve`'s).
+    #[arg(long, env = "FAST_SANDBOX_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: Overrides,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::Supervise(args) = &cli.command {
@@ -100,6 +114,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Uninstall(args) => uninstall(args).await,
             Command::Pools { admin, json } => show_pools(admin, json).await,
             Command::Claims { admin, json } => show_claims(admin, json).await,
             Command::Supervise(_) => unreachable!("handled before the runtime starts"),
@@ -130,13 +145,7 @@ fn supervise(args: &fast_sandbox_node::supervisor::SuperviseArgs) -> anyhow::Res
 const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(24 * 3600);
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let file = match &args.config {
-        Some(path) => config::load(path)?,
-        None => FileConfig::default(),
-    };
-    let specs = config::pool_specs(&file.pools).context("invalid [[pool]] configuration")?;
-    let mechanisms =
-        config::fixup_mechanisms(&file.pools).context("invalid [[pool]] configuration")?;
+    let (file, specs, mechanisms) = read_config(args.config.as_deref())?;
     let agent = config::agent_settings(&file.agent, args.overrides.node_name.clone())
         .context("invalid [agent] configuration")?;
     let settings = Settings::resolve(file, args.overrides);
@@ -162,10 +171,32 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         Some(start_pools(&settings, specs, &mechanisms, &metrics).await?)
     };
-    health.mark_recovered();
+    // Recovered once the pools have reconciled with upstream, which they
+    // do in the background after CRI is served.
+    match &pools {
+        None => health.mark_recovered(),
+        Some((manager, _)) => {
+            let (manager, health) = (Arc::clone(manager), health.clone());
+            tokio::spawn(async move {
+                manager.recovered().await;
+                health.mark_recovered();
+            });
+        }
+    }
     let mut refill = None;
     let shim = match &pools {
-        None => Shim::new(upstream),
+        // No pools: still hide the slots a run with pools left.
+        None => Shim::with_slots(
+            upstream,
+            HandlerMap::default(),
+            Arc::new(
+                fast_sandbox_node::pool::TokenOnly::open(
+                    &settings.slots.state_dir,
+                    real_fixup(&settings, &mechanisms),
+                )
+                .context("reading the slot token and claim records")?,
+            ),
+        ),
         Some((manager, handlers)) => {
             refill = Some(tokio::spawn(Arc::clone(manager).run(stopped())));
             Shim::with_slots(
@@ -211,6 +242,49 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         finish_refill(refill).await;
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// The config file (or the defaults) and the pools and fix-up mechanisms
+/// it configures.
+fn read_config(
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<(FileConfig, Vec<PoolSpec>, HashMap<String, Mechanism>)> {
+    let file = match path {
+        Some(path) => config::load(path)?,
+        None => FileConfig::default(),
+    };
+    let specs = config::pool_specs(&file.pools).context("invalid [[pool]] configuration")?;
+    let mechanisms =
+        config::fixup_mechanisms(&file.pools).context("invalid [[pool]] configuration")?;
+    Ok((file, specs, mechanisms))
+}
+
+/// `fast-sandbox-node uninstall`: everything `serve` left on the node.
+async fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
+    let (file, specs, mechanisms) = read_config(args.config.as_deref())?;
+    let settings = Settings::resolve(file, args.overrides);
+    init_logging(&settings)?;
+    if std::os::unix::net::UnixStream::connect(&settings.socket.path).is_ok() {
+        anyhow::bail!(
+            "a node plugin is serving on {}; stop it before uninstalling",
+            settings.socket.path.display()
+        );
+    }
+    let metrics = Arc::new(Metrics::default());
+    let (manager, _) = start_pools(&settings, specs, &mechanisms, &metrics).await?;
+    let removed = manager
+        .remove_everything()
+        .await
+        .context("removing the node's slots")?;
+    match std::fs::remove_file(&settings.socket.path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e)
+                .with_context(|| format!("removing the socket {}", settings.socket.path.display()))
+        }
+        _ => {}
+    }
+    println!("removed {removed} slots and the node plugin's state");
     Ok(())
 }
 
@@ -394,18 +468,12 @@ async fn start_pools(
     );
     let channel = fast_sandbox_shim::cri_channel(&settings.upstream.endpoint)
         .context("configuring the pools' upstream client")?;
-    // One mechanism per upstream runtime: setns for runc/crun, a command
-    // inside the sandbox for gVisor/Kata (docs/runtimes.md).
-    let fixup = Arc::new(ByRuntime::real(
-        Arc::new(RealOps::new()),
-        Arc::new(RealGuestOps),
-        settings.slots.containerd_root.clone(),
-        mechanisms,
-        FIXUP_DEADLINE,
-    ));
+    let fixup = real_fixup(settings, mechanisms);
+    let token = instance_token(&settings.slots.state_dir)?;
     let cfg = ManagerConfig {
         state_dir: settings.slots.state_dir.clone(),
-        placeholder_cgroup_root: settings.slots.placeholder_cgroup_root.clone(),
+        record_copies: Some(records::sandboxes_dir(&settings.slots.containerd_root)),
+        placeholder_cgroup_root: settings.slots.cgroup_root_of(&token),
         placeholder_namespace: SLOT_NAMESPACE.to_owned(),
         upstream_timeout: settings.upstream.call_timeout,
         refill_interval: settings.slots.refill_interval,
@@ -421,6 +489,26 @@ async fn start_pools(
         .await
         .context("starting the warm pools (reconciling with upstream)")?;
     Ok((manager, handlers))
+}
+
+/// One fix-up mechanism per upstream runtime: setns for runc/crun, a
+/// command inside the sandbox for gVisor/Kata (docs/runtimes.md).
+fn real_fixup(settings: &Settings, mechanisms: &HashMap<String, Mechanism>) -> Arc<ByRuntime> {
+    Arc::new(ByRuntime::real(
+        Arc::new(RealOps::new()),
+        Arc::new(RealGuestOps),
+        settings.slots.containerd_root.clone(),
+        mechanisms,
+        FIXUP_DEADLINE,
+    ))
+}
+
+/// The slot token of the instance whose state is in `state_dir` (created
+/// on first use).
+fn instance_token(state_dir: &std::path::Path) -> anyhow::Result<String> {
+    records::RecordStore::open(state_dir)
+        .and_then(|r| r.token())
+        .with_context(|| format!("reading the slot token in {}", state_dir.display()))
 }
 
 /// Upper bound of one claim's fix-up; past it the slot is destroyed and the

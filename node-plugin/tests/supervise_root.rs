@@ -9,10 +9,11 @@
 //! the pool's accounting, and once everything is removed nothing is left
 //! that was not there before.
 //!
-//! On main as of this test, the new process still tidies free slots and
-//! finishes cut-short claims before it serves (issue 11, item 2): the slow
-//! tail of the kills is that, and it can pass 200 ms (two runs: p99 169 ms,
-//! then 253 ms). Serving first brings the whole gap to the process start.
+//! Before start-up served first (issue 11, item 2) the new process tidied
+//! free slots and finished cut-short claims before serving, and the tail
+//! passed 200 ms (p99 169 ms, then 253 ms); serving first, one run gave
+//! p50 30 ms, p99 154 ms (debug build, while claims and the previous
+//! process's clean-up load containerd).
 //!
 //! Needs root and the development node (`hack/dev-node.sh up`); skips
 //! locally without them, fails under `CI=true`.

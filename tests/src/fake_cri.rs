@@ -359,6 +359,14 @@ impl CriService for Runtime {
                 .await
             }
             "ListPodSandbox" => unary(req, move |r| Ok(cri.list(r))).await,
+            // The fake runs no containers (the pool's start-up asks, to tell
+            // claimed slots from free ones).
+            "ListContainers" => {
+                unary(req, |_: cri::ListContainersRequest| {
+                    Ok(cri::ListContainersResponse::default())
+                })
+                .await
+            }
             "PodSandboxStats" => unary(req, move |r| cri.stats(&r)).await,
             "RunPodSandbox" => unary(req, move |r| Ok(cri.run(r))).await,
             "PodSandboxStatus" => unary(req, move |r| cri.status(r)).await,
@@ -539,6 +547,7 @@ impl RigBuilder {
             .then(|| cri.serve_unix(&dir.path().join("upstream.sock")));
         let mut cfg = ManagerConfig {
             state_dir: dir.path().join("state"),
+            record_copies: None,
             placeholder_cgroup_root: "/fast-sandbox-test".into(),
             placeholder_namespace: "fast-sandbox-slots".into(),
             upstream_timeout: Duration::from_secs(5),

@@ -394,6 +394,9 @@ impl ReplayNode {
         let cgroup_root = "/fast-sandbox-test/replay".to_owned();
         let cfg = ManagerConfig {
             state_dir: dir.path().join("state"),
+            record_copies: Some(fast_sandbox_node::pool::records::sandboxes_dir(
+                &node.containerd_root,
+            )),
             placeholder_cgroup_root: cgroup_root.clone(),
             placeholder_namespace: SLOT_NAMESPACE.to_owned(),
             upstream_timeout: Duration::from_secs(60),

@@ -23,6 +23,21 @@ pub type Runtime = RuntimeServiceClient<Channel>;
 /// Namespace of every pod a benchmark creates.
 pub const BENCH_NAMESPACE: &str = "fast-sandbox-bench";
 
+/// Where the node plugin under test runs: the options every bench that
+/// starts one shares.
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    /// containerd's CRI endpoint.
+    #[arg(long, env = "FAST_SANDBOX_CONTAINERD_ENDPOINT")]
+    pub upstream: String,
+    /// containerd's root directory (fix-ups rewrite files under it).
+    #[arg(long, env = "FAST_SANDBOX_CONTAINERD_ROOT")]
+    pub containerd_root: PathBuf,
+    /// The `fast-sandbox-node` binary; defaults to the one beside this binary.
+    #[arg(long)]
+    pub node_binary: Option<PathBuf>,
+}
+
 /// A `fast-sandbox-node serve` child process, killed when dropped.
 #[derive(Debug)]
 pub struct NodeProcess {
@@ -42,6 +57,23 @@ pub fn node_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// `binary serve --config config`, logging at `RUST_LOG` (default warn),
+/// killed when dropped.
+pub fn spawn_serve(binary: &Path, config: &Path) -> anyhow::Result<tokio::process::Child> {
+    tokio::process::Command::new(binary)
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))
+}
+
 impl NodeProcess {
     /// Starts the node plugin forwarding to `upstream`. `config` is TOML
     /// appended to the generated file (pools, slots); `{dir}` in it is
@@ -56,18 +88,7 @@ impl NodeProcess {
             config.replace("{dir}", &dir.path().display().to_string())
         );
         std::fs::write(&path, text)?;
-        let child = tokio::process::Command::new(binary)
-            .arg("serve")
-            .arg("--config")
-            .arg(&path)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+        let child = spawn_serve(binary, &path)?;
         Ok(Self {
             child,
             socket,
@@ -291,4 +312,23 @@ pub fn mem_available() -> anyhow::Result<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .context("MemAvailable missing")?;
     Ok(kb * 1024)
+}
+
+/// Removes `root` and every directory under it in each cgroup hierarchy.
+pub fn remove_cgroup_tree(root: &str) {
+    fn rm(p: &std::path::Path) {
+        if let Ok(d) = std::fs::read_dir(p) {
+            for e in d.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    rm(&e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(p);
+    }
+    if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+        for h in hierarchies.flatten() {
+            rm(&h.path().join(root.trim_start_matches('/')));
+        }
+    }
 }

@@ -21,7 +21,6 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -49,15 +48,8 @@ const COLD_ROW: &str = "RunPodSandbox cold";
 
 #[derive(Debug, clap::Args)]
 pub struct Opts {
-    /// containerd's CRI endpoint.
-    #[arg(long, env = "FAST_SANDBOX_CONTAINERD_ENDPOINT")]
-    upstream: String,
-    /// containerd's root directory (fix-ups rewrite files under it).
-    #[arg(long, env = "FAST_SANDBOX_CONTAINERD_ROOT")]
-    containerd_root: PathBuf,
-    /// The `fast-sandbox-node` binary; defaults to the one beside this binary.
-    #[arg(long)]
-    node_binary: Option<PathBuf>,
+    #[command(flatten)]
+    node: common::NodeArgs,
     /// Upstream handler; warm as `fast-<handler>`.
     #[arg(long, default_value = "runc")]
     handler: String,
@@ -208,7 +200,7 @@ async fn churn_pod(rt: &mut Runtime, name: &str, handler: &str) -> anyhow::Resul
 }
 
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
-    let mut direct = common::client(&opts.upstream)?;
+    let mut direct = common::client(&opts.node.upstream)?;
     let result = measure(&opts).await;
     // Whatever happened, leave no pod of this bench and no slot of its pool.
     let mut left = 0;
@@ -237,30 +229,11 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             left += 1;
         }
     }
-    remove_cgroup_tree(PLACEHOLDER_ROOT);
+    common::remove_cgroup_tree(PLACEHOLDER_ROOT);
     if left > 0 {
         eprintln!("removed {left} sandbox(es): the pool's slots and any pod left behind");
     }
     result
-}
-
-/// Removes `root` and every directory under it in each cgroup hierarchy.
-fn remove_cgroup_tree(root: &str) {
-    fn rm(p: &std::path::Path) {
-        if let Ok(d) = std::fs::read_dir(p) {
-            for e in d.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    rm(&e.path());
-                }
-            }
-        }
-        let _ = std::fs::remove_dir(p);
-    }
-    if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
-        for h in hierarchies.flatten() {
-            rm(&h.path().join(root.trim_start_matches('/')));
-        }
-    }
 }
 
 async fn measure(opts: &Opts) -> anyhow::Result<()> {
@@ -270,15 +243,15 @@ async fn measure(opts: &Opts) -> anyhow::Result<()> {
          containerd_root = {:?}\nplaceholder_cgroup_root = {PLACEHOLDER_ROOT:?}\n\
          refill_interval = \"0ms\"\n\
          [[pool]]\nname = {POOL:?}\nhandler = \"fast-{h}\"\nupstream = \"{h}\"\nsize = {}\n",
-        opts.containerd_root.display().to_string(),
+        opts.node.containerd_root.display().to_string(),
         opts.pool_size,
         h = opts.handler,
     );
-    let binary = common::node_binary(opts.node_binary.as_deref())?;
-    let node = NodeProcess::spawn(&binary, &opts.upstream, &config).await?;
+    let binary = common::node_binary(opts.node.node_binary.as_deref())?;
+    let node = NodeProcess::spawn(&binary, &opts.node.upstream, &config).await?;
     let mut shim = common::client(&node.endpoint())?;
     common::wait_ready(&mut shim, Duration::from_secs(10)).await?;
-    let mut direct = common::client(&opts.upstream)?;
+    let mut direct = common::client(&opts.node.upstream)?;
 
     eprintln!("creating {} pods straight on containerd", opts.pods);
     let mut pods = Vec::with_capacity(opts.pods);
@@ -354,7 +327,7 @@ async fn load(
     let churn = {
         let endpoint = endpoint.to_owned();
         let (upstream, handler, interval) = (
-            opts.upstream.clone(),
+            opts.node.upstream.clone(),
             opts.handler.clone(),
             opts.churn_interval,
         );
@@ -390,7 +363,10 @@ async fn load(
         })
     };
 
-    let (mut direct, mut shim) = (common::client(&opts.upstream)?, common::client(endpoint)?);
+    let (mut direct, mut shim) = (
+        common::client(&opts.node.upstream)?,
+        common::client(endpoint)?,
+    );
     let mut table = Table::new();
     let mut tick = tokio::time::interval(opts.period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

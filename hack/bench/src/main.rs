@@ -6,6 +6,7 @@ mod common;
 mod load;
 mod pipe;
 mod proxy;
+mod restart;
 mod stats;
 mod warm;
 
@@ -31,6 +32,9 @@ enum Cmd {
     /// pods every second plus create/delete churn (warm and cold), p50/p99
     /// per call type, straight to containerd vs through the shim.
     Load(load::Opts),
+    /// Restart of the node plugin with a full pool: time to the first CRI
+    /// answer and free slots adopted, after kill -9 and a graceful stop.
+    Restart(restart::Opts),
     /// (Used by `proxy`.) A byte pipe between a socket and containerd: the
     /// cost of one more process hop, the floor for any proxy.
     #[command(hide = true)]
@@ -43,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Proxy(opts) => proxy::run(opts).await,
         Cmd::Warm(opts) => warm::run(opts).await,
         Cmd::Load(opts) => load::run(opts).await,
+        Cmd::Restart(opts) => restart::run(opts).await,
         Cmd::Pipe(opts) => pipe::run(&opts).await,
     }
 }

@@ -13,7 +13,6 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -31,18 +30,11 @@ const SLOT_NAMESPACE: &str = "fast-sandbox-slots";
 
 #[derive(Debug, clap::Args)]
 pub struct Opts {
-    /// containerd's CRI endpoint.
-    #[arg(long, env = "FAST_SANDBOX_CONTAINERD_ENDPOINT")]
-    upstream: String,
-    /// containerd's root directory (fix-ups rewrite files under it).
-    #[arg(long, env = "FAST_SANDBOX_CONTAINERD_ROOT")]
-    containerd_root: PathBuf,
+    #[command(flatten)]
+    node: common::NodeArgs,
     /// Image of the pods' container (already present; never pulled).
     #[arg(long, env = "FAST_SANDBOX_TEST_IMAGE")]
     image: String,
-    /// The `fast-sandbox-node` binary; defaults to the one beside this binary.
-    #[arg(long)]
-    node_binary: Option<PathBuf>,
     /// Upstream handlers to compare, each warm as `fast-<handler>`.
     #[arg(long, value_delimiter = ',', default_value = "runc,crun")]
     handlers: Vec<String>,
@@ -68,9 +60,9 @@ async fn start_node(
     sizes: &[(String, usize)],
 ) -> anyhow::Result<(NodeProcess, SocketAddr)> {
     let admin = free_port()?;
-    let config = node_config(admin, &opts.containerd_root, sizes);
-    let binary = common::node_binary(opts.node_binary.as_deref())?;
-    let node = NodeProcess::spawn(&binary, &opts.upstream, &config).await?;
+    let config = node_config(admin, &opts.node.containerd_root, sizes);
+    let binary = common::node_binary(opts.node.node_binary.as_deref())?;
+    let node = NodeProcess::spawn(&binary, &opts.node.upstream, &config).await?;
     let mut rt = common::client(&node.endpoint())?;
     common::wait_ready(&mut rt, Duration::from_secs(10)).await?;
     Ok((node, admin))
@@ -266,7 +258,7 @@ fn print_sequential(rows: &[(String, Side, Side)]) {
 }
 
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
-    let mut direct = common::client(&opts.upstream)?;
+    let mut direct = common::client(&opts.node.upstream)?;
     let result = measure(&opts).await;
     // Whatever happened, leave no bench pod and no slot behind.
     let pods = common::remove_namespace(&mut direct, BENCH_NAMESPACE).await?;
@@ -380,7 +372,7 @@ async fn measure(opts: &Opts) -> anyhow::Result<()> {
     node.stop().await?;
 
     if opts.idle_slots > 0 {
-        let mut direct = common::client(&opts.upstream)?;
+        let mut direct = common::client(&opts.node.upstream)?;
         common::remove_namespace(&mut direct, SLOT_NAMESPACE).await?;
         let h = &opts.handlers[0];
         let before = common::mem_available()?;

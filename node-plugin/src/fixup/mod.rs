@@ -126,6 +126,27 @@ impl From<ApplyError> for FixupFailed {
     }
 }
 
+impl FixupFailed {
+    /// Whether it failed only because the pause process no longer exists
+    /// (its `/proc/<pid>/cgroup` is gone, or the kernel says no such
+    /// process): the pod was stopped meanwhile, which is not a failure.
+    pub fn process_gone(&self) -> bool {
+        let Self::Setns(apply) = self else {
+            return false;
+        };
+        let gone = |e: &std::io::Error| {
+            e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(nix::libc::ESRCH)
+        };
+        match &apply.source {
+            FixupError::ProcessCgroups { source, .. } => gone(source),
+            FixupError::WriteCgroupFile { source, .. } => {
+                source.raw_os_error() == Some(nix::libc::ESRCH)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// How a claimed slot is made to look like the pod's own sandbox: one
 /// mechanism per upstream runtime type (setns for runc/crun; gVisor and
 /// Kata need others), behind this trait so the pool can be tested with a
@@ -187,4 +208,54 @@ fn plan(
         real,
     )
     .map_err(FixupFailed::Plan)
+}
+
+#[cfg(test)]
+mod gone_tests {
+    use std::io;
+
+    use super::*;
+
+    fn failed(source: FixupError) -> FixupFailed {
+        FixupFailed::from(ApplyError {
+            sandbox_id: "a".repeat(64),
+            step: None,
+            completed: Vec::new(),
+            source,
+        })
+    }
+
+    /// Issue 11, item 8: a pod stopped right after its claim is not an
+    /// error of the deferred fix-up; anything else still is.
+    #[test]
+    fn only_a_vanished_pause_counts_as_gone() {
+        let enoent = || io::Error::from(io::ErrorKind::NotFound);
+        let errno = io::Error::from_raw_os_error;
+        let gone = failed(FixupError::ProcessCgroups {
+            pid: 7,
+            source: enoent(),
+        });
+        assert!(gone.process_gone(), "{}", crate::blocking::chain(&gone));
+        let esrch = failed(FixupError::WriteCgroupFile {
+            path: "/sys/fs/cgroup/cpu/x/cgroup.procs".into(),
+            value: "7".into(),
+            source: errno(nix::libc::ESRCH),
+        });
+        assert!(esrch.process_gone());
+        for real in [
+            failed(FixupError::ProcessCgroups {
+                pid: 7,
+                source: errno(nix::libc::EIO),
+            }),
+            failed(FixupError::WriteCgroupFile {
+                path: "/sys/fs/cgroup/cpu/x/cgroup.procs".into(),
+                value: "7".into(),
+                source: errno(nix::libc::EACCES),
+            }),
+            failed(FixupError::CgroupMounts { source: enoent() }),
+            FixupFailed::NoHostname,
+        ] {
+            assert!(!real.process_gone(), "{}", crate::blocking::chain(&real));
+        }
+    }
 }

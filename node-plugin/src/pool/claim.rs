@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::Arc, time::Instant};
 use fast_sandbox_proto::cri::PodSandboxConfig;
 use fast_sandbox_shim::slots::{
     Claim, ClaimFailed, ClaimedPod, ClaimedSlot, NoSlot, NotReady, PodIps, PodUsage, PoolKey,
-    SlotView, SLOT_TOKEN_LABEL,
+    SlotView,
 };
 use tokio::sync::{watch, Notify};
 
@@ -352,14 +352,7 @@ impl PoolManager {
         }
         // Not in the table: a slot still being created, or one a previous
         // run left behind. Only the secret token makes it ours.
-        if upstream_labels
-            .get(SLOT_TOKEN_LABEL)
-            .is_some_and(|t| *t == self.token)
-        {
-            SlotView::Unclaimed
-        } else {
-            SlotView::NotASlot
-        }
+        super::token_only::by_token(upstream_labels, &self.token)
     }
 
     /// A sandbox was removed upstream: drops its slot, its record and what
@@ -416,9 +409,17 @@ async fn deferred_fixup(
         () = tokio::time::sleep_until(until) => {}
         () = cancelled.notified() => return,
     }
-    if let Err(e) = fixup.complete(&facts, &pod.config).await {
-        tracing::error!(sandbox = %facts.sandbox_id, error = %chain(&e),
-            "completing the fix-up failed; the pod runs, but its pause stays in the placeholder cgroup");
+    match fixup.complete(&facts, &pod.config).await {
+        Ok(()) => {}
+        // The pod was stopped meanwhile: nothing left to move.
+        Err(e) if e.process_gone() => {
+            tracing::debug!(sandbox = %facts.sandbox_id, error = %chain(&e),
+                "the pod's pause exited before the fix-up completed; nothing to move");
+        }
+        Err(e) => {
+            tracing::error!(sandbox = %facts.sandbox_id, error = %chain(&e),
+                "completing the fix-up failed; the pod runs, but its pause stays in the placeholder cgroup");
+        }
     }
 }
 

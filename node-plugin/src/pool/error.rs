@@ -20,6 +20,8 @@ pub enum PoolError {
     CniConfig(#[source] CniError),
     #[error("listing this node's slots upstream")]
     List(#[source] tonic::Status),
+    #[error("listing containers upstream")]
+    ListContainers(#[source] tonic::Status),
     #[error("creating a slot upstream")]
     Create(#[source] tonic::Status),
     #[error("status of slot {id}")]

@@ -14,13 +14,16 @@
 //!    single-use. The refill task replaces it in the background, one
 //!    creation at a time, so refill never starves cold work.
 //!
-//! At start, `recovery.rs` reconciles the records with upstream.
+//! At start, `recovery.rs` loads the claim records before CRI is served,
+//! then reconciles them with upstream in the background, adopting the free
+//! slots of the previous run (`adopt.rs`) before the refill starts.
 //!
 //! Locking: one `std` mutex over the in-memory table (`table.rs`), never
 //! held across an await; `view` (called for every sandbox of every list
 //! answer) only takes it briefly. File and cgroup I/O runs on blocking
 //! threads with a deadline ([`crate::blocking`]).
 
+mod adopt;
 mod claim;
 mod error;
 pub mod misses;
@@ -29,6 +32,8 @@ mod recovery;
 mod refill;
 mod spec;
 mod table;
+mod token_only;
+mod uninstall;
 
 use std::{
     collections::HashMap,
@@ -45,9 +50,11 @@ use tokio::sync::Notify;
 use tonic::transport::Channel;
 
 pub use self::{
+    adopt::{key_digest, POOL_KEY_LABEL},
     error::PoolError,
     spec::{ManagerConfig, NetworkMode, PoolSpec, MAX_POOL_SIZE},
     table::{ClaimInfo, PoolStats},
+    token_only::TokenOnly,
 };
 use self::{
     records::RecordStore,
@@ -119,6 +126,10 @@ pub struct PoolManager {
     misses: misses::MissBook,
     table: Mutex<Table>,
     refill: Notify,
+    /// What start-up left for the background recovery.
+    pending: Mutex<recovery::Pending>,
+    /// Set once the background recovery has reconciled with upstream.
+    recovered: tokio::sync::watch::Sender<bool>,
     /// Bumped on every change of the pools' counters (claim, release,
     /// refill, trim, size change): the node agent's status watch.
     changes: tokio::sync::watch::Sender<u64>,
@@ -143,20 +154,26 @@ impl PoolManager {
         Self::start_with(specs, cfg, PoolParts::new(upstream, fixup, metrics)).await
     }
 
-    /// Opens the record store, reconciles with upstream (claimed slots keep
-    /// their identity, orphaned placeholders are removed) and returns the
-    /// manager; call [`PoolManager::run`] to keep the pools full.
+    /// Opens the record store and loads the claims (claimed slots keep
+    /// their identity from here on), without any upstream call; call
+    /// [`PoolManager::run`] to reconcile with upstream (adopting the
+    /// previous run's free slots) and keep the pools full.
     pub async fn start_with(
         specs: Vec<PoolSpec>,
         cfg: ManagerConfig,
         parts: PoolParts,
     ) -> Result<Arc<Self>, PoolError> {
-        let (records, token) = {
+        let (records, token, (good, bad)) = {
             let state_dir = cfg.state_dir.clone();
+            let copies = cfg.record_copies.clone();
             crate::blocking::asyncify(cfg.upstream_timeout, move || {
-                let records = RecordStore::open(&state_dir)?;
+                let mut records = RecordStore::open(&state_dir)?;
+                if let Some(dir) = copies {
+                    records = records.with_copies(dir);
+                }
                 let token = records.token()?;
-                Ok::<_, PoolError>((records, token))
+                let loaded = records.load()?;
+                Ok::<_, PoolError>((records, token, loaded))
             })
             .await
             .map_err(PoolError::RecordsBlocked)??
@@ -185,10 +202,19 @@ impl PoolManager {
             metrics: parts.metrics,
             misses: misses::MissBook::default(),
             refill: Notify::new(),
+            pending: Mutex::default(),
+            recovered: tokio::sync::watch::channel(false).0,
             changes: tokio::sync::watch::channel(0).0,
         });
-        mgr.recover().await?;
+        mgr.load_claims(good, &bad);
         Ok(mgr)
+    }
+
+    /// Resolves once the background recovery has reconciled with upstream
+    /// (start-up reconciliation, adoption of the previous run's slots).
+    pub async fn recovered(&self) {
+        let mut rx = self.recovered.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -283,17 +309,18 @@ impl PoolManager {
 
     /// The upstream handler of the pool named `pool` (a claim record's).
     fn upstream_of(&self, pool: &str) -> String {
-        self.specs[self.pool_index(pool)]
-            .key
-            .upstream_handler
-            .clone()
+        // No pools at all: `uninstall` with a config without pools.
+        self.specs
+            .get(self.pool_index(pool))
+            .map(|s| s.key.upstream_handler.clone())
+            .unwrap_or_default()
     }
 
     /// The placeholder config of a new slot of pool `i`.
     fn placeholder(&self, i: usize, uid: &str) -> PodSandboxConfig {
         let spec = &self.specs[i];
         let name = format!("slot-{}-{}", spec.name, uid.get(..12).unwrap_or(uid));
-        fast_sandbox_shim::slots::placeholder_config(
+        let mut config = fast_sandbox_shim::slots::placeholder_config(
             &spec.key,
             &fast_sandbox_shim::slots::Placeholder {
                 name: &name,
@@ -303,7 +330,12 @@ impl PoolManager {
                 token: &self.token,
                 cgroup_parent: &format!("{}/{uid}", self.cfg.placeholder_cgroup_root),
             },
-        )
+        );
+        // What adoption after a restart checks the slot's shape by.
+        config
+            .labels
+            .insert(POOL_KEY_LABEL.to_owned(), key_digest(&spec.key));
+        config
     }
 }
 

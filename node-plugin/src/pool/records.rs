@@ -6,6 +6,12 @@
 //! - `token`: the node's secret slot token (0600), created once.
 //! - `claims/<sandbox id>.json`: one [`ClaimRecord`] per claimed slot.
 //!
+//! A copy of each record is kept in the sandbox's own directory in
+//! containerd (`<containerd root>/io.containerd.grpc.v1.cri/sandboxes/<id>/`
+//! [`COPY_NAME`]), which containerd removes with the sandbox: if `claims/`
+//! is lost, recovery rebuilds the records from the copies instead of
+//! taking claimed sandboxes for free slots.
+//!
 //! Writes go to a temporary file that is renamed into place, so a record is
 //! either absent or complete. No fsync: the record must survive the node
 //! plugin (kill -9 at any point), which the page cache guarantees; a crash
@@ -94,6 +100,38 @@ pub struct BadRecord {
 #[derive(Debug, Clone)]
 pub struct RecordStore {
     dir: PathBuf,
+    /// containerd's directory of sandbox directories, where each record's
+    /// copy lives; `None`: no copies.
+    copies: Option<PathBuf>,
+}
+
+/// File name of a record's copy in its sandbox's containerd directory.
+pub const COPY_NAME: &str = "fast-sandbox-claim.json";
+
+/// containerd's CRI directory of sandbox directories under its root.
+pub fn sandboxes_dir(containerd_root: &Path) -> PathBuf {
+    containerd_root.join("io.containerd.grpc.v1.cri/sandboxes")
+}
+
+/// A public name of the instance whose slot token is `token` (12 hex
+/// digits of a SHA-256 over it): it names the instance's placeholder
+/// cgroup root, visible to every process on the host, and does not give
+/// the token away.
+pub fn instance_id(token: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(format!("fast-sandbox instance\0{token}"));
+    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+fn remove_if_present(path: &Path) -> Result<(), RecordError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(RecordError::Remove {
+            path: path.to_owned(),
+            source,
+        }),
+    }
 }
 
 /// True for ids containerd generates (64 lowercase hex digits): the only
@@ -140,7 +178,43 @@ impl RecordStore {
                 }
             })?;
         }
-        Ok(Self { dir })
+        Ok(Self { dir, copies: None })
+    }
+
+    /// Also keeps a copy of each record in its sandbox's directory under
+    /// `sandboxes` ([`sandboxes_dir`]).
+    #[must_use]
+    pub fn with_copies(mut self, sandboxes: PathBuf) -> Self {
+        self.copies = Some(sandboxes);
+        self
+    }
+
+    /// Where the copy of `sandbox_id`'s record lives (the id is checked).
+    fn copy_of(&self, sandbox_id: &str) -> Result<Option<PathBuf>, RecordError> {
+        if !is_sandbox_id(sandbox_id) {
+            return Err(RecordError::BadId(sandbox_id.to_owned()));
+        }
+        Ok(self
+            .copies
+            .as_ref()
+            .map(|d| d.join(sandbox_id).join(COPY_NAME)))
+    }
+
+    /// The copy of `sandbox_id`'s record, if there is a readable one that
+    /// names that sandbox.
+    pub fn read_copy(&self, sandbox_id: &str) -> Result<Option<ClaimRecord>, RecordError> {
+        let Some(path) = self.copy_of(sandbox_id)? else {
+            return Ok(None);
+        };
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(RecordError::Read { path, source }),
+        };
+        match serde_json::from_slice::<ClaimRecord>(&bytes) {
+            Ok(r) if r.sandbox_id == sandbox_id => Ok(Some(r)),
+            Ok(_) | Err(_) => Ok(None),
+        }
     }
 
     fn state_dir(&self) -> &Path {
@@ -176,17 +250,57 @@ impl RecordStore {
             sandbox_id: record.sandbox_id.clone(),
             source,
         })?;
-        write_atomically(&path, &json, 0o600)
+        write_atomically(&path, &json, 0o600)?;
+        // The copy is the second line of defence (a lost `claims/`): its
+        // failure is logged, not a failed claim.
+        if let Some(copy) = self.copy_of(&record.sandbox_id)? {
+            if let Err(e) = write_atomically(&copy, &json, 0o600) {
+                tracing::warn!(sandbox = %record.sandbox_id, error = %crate::blocking::chain(&e),
+                    "writing the copy of a claim record in the sandbox's directory failed");
+            }
+        }
+        Ok(())
     }
 
-    /// Forgets a claim; a missing record is fine.
+    /// Forgets a claim (record and copy); a missing record is fine.
     pub fn remove(&self, sandbox_id: &str) -> Result<(), RecordError> {
         let path = self.path_of(sandbox_id)?;
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(RecordError::Remove { path, source }),
+        if let Some(copy) = self.copy_of(sandbox_id)? {
+            remove_if_present(&copy)?;
         }
+        remove_if_present(&path)
+    }
+
+    /// Removes every record, its copy, the token and the state directories
+    /// themselves (uninstall). Copies of sandboxes already removed are gone
+    /// with their directory.
+    pub fn remove_all(&self) -> Result<(), RecordError> {
+        let (good, bad) = self.load()?;
+        for id in good.iter().map(|r| r.sandbox_id.as_str()).chain(
+            bad.iter()
+                .filter_map(|b| b.path.file_stem().and_then(|s| s.to_str())),
+        ) {
+            if is_sandbox_id(id) {
+                self.remove(id)?;
+            }
+        }
+        for b in &bad {
+            remove_if_present(&b.path)?;
+        }
+        remove_if_present(&self.state_dir().join("token"))?;
+        for d in [self.dir.as_path(), self.state_dir()] {
+            match fs::remove_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(RecordError::Remove {
+                        path: d.to_owned(),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every record on disk, and the files that could not be read.
@@ -314,6 +428,55 @@ mod tests {
         assert_eq!(good, vec![record('a')]);
         assert_eq!(bad.len(), 2, "{bad:?}");
         assert!(!claims.join(format!("{}.tmp", id('c'))).exists());
+    }
+
+    /// The record format of the release before copies existed (upgrade):
+    /// a record it wrote loads unchanged.
+    #[test]
+    fn records_of_the_previous_release_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path()).unwrap();
+        let old = format!(
+            r#"{{"sandbox_id":"{id}","pool":"fast-runc","exposed_handler":"fast-runc","claimed_at_ns":42,"pause_pid":7,"placeholder_cgroup_parent":"/fast-sandbox/x","config":{{"metadata":null,"hostname":"web-0","log_directory":"","dns_config":null,"port_mappings":[],"labels":{{}},"annotations":{{}},"linux":null,"windows":null}},"identity_applied":true,"network":null}}"#,
+            id = id('a')
+        );
+        fs::write(dir.path().join(format!("claims/{}.json", id('a'))), old).unwrap();
+        let (good, bad) = store.load().unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(good, vec![record('a')]);
+    }
+
+    #[test]
+    fn copies_follow_their_record_and_survive_a_lost_claims_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let sandboxes = dir.path().join("sandboxes");
+        fs::create_dir_all(sandboxes.join(id('a'))).unwrap();
+        let store = RecordStore::open(&dir.path().join("state"))
+            .unwrap()
+            .with_copies(sandboxes.clone());
+        store.put(&record('a')).unwrap();
+        // A sandbox without a directory (removed meanwhile): no copy, and
+        // the record itself is still written.
+        store.put(&record('b')).unwrap();
+        assert_eq!(store.load().unwrap().0.len(), 2);
+        fs::remove_dir_all(dir.path().join("state/claims")).unwrap();
+        assert_eq!(store.read_copy(&id('a')).unwrap(), Some(record('a')));
+        assert_eq!(store.read_copy(&id('b')).unwrap(), None);
+        store.remove(&id('a')).unwrap();
+        assert!(!sandboxes.join(id('a')).join(COPY_NAME).exists());
+        assert_eq!(store.read_copy(&id('a')).unwrap(), None);
+    }
+
+    #[test]
+    fn remove_all_leaves_no_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let store = RecordStore::open(&state).unwrap();
+        store.token().unwrap();
+        store.put(&record('a')).unwrap();
+        fs::write(state.join(format!("claims/{}.json", id('b'))), b"junk").unwrap();
+        store.remove_all().unwrap();
+        assert!(!state.exists());
     }
 
     #[test]

@@ -1,8 +1,18 @@
-//! Start-up: the in-memory table rebuilt from the claim records and
-//! upstream's list of this node's slots, after a restart or a crash at any
-//! point. Claimed slots keep their pod; claims cut short are finished or
-//! rolled back; orphans (placeholders without a record, records without a
-//! sandbox, cgroups of unfinished creations) are removed.
+//! Start-up, in two steps, so CRI is served before any slot is touched:
+//!
+//! 1. [`PoolManager::load_claims`] (before serving, no upstream call): the
+//!    claim records put every claimed slot in the table, so the shim
+//!    reports recovered pods with their own identity from the first call,
+//!    and hides every other sandbox carrying this node's token.
+//! 2. [`PoolManager::recover`] (in the background, before the refill):
+//!    upstream's list of this node's slots against the table. Claimed
+//!    slots keep their pod; claims cut short are finished or rolled back;
+//!    a slot without a record whose copy survives in its sandbox directory
+//!    gets its record back; free slots of the previous run are adopted
+//!    when healthy and of a configured pool (`adopt.rs`); only the rest,
+//!    records without a sandbox and cgroups of unfinished creations are
+//!    removed. A slot with containers but no record anywhere is never
+//!    removed: it is handed to kubelet, as for an unreadable record.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -10,21 +20,23 @@ use std::{
     sync::Arc,
 };
 
-use fast_sandbox_proto::cri::{PodSandbox, PodSandboxConfig, PodSandboxState};
+use fast_sandbox_proto::cri::{
+    ListContainersRequest, PodSandbox, PodSandboxConfig, PodSandboxState,
+};
 use fast_sandbox_shim::slots::{ClaimedPod, POOL_LABEL};
 
 use super::{
-    records::{self, ClaimRecord},
+    records::{self, BadRecord, ClaimRecord},
     table::{Slot, Status},
     PoolError, PoolManager,
 };
 use crate::{blocking::chain, fixup::SlotFacts};
 
-/// What the listing of upstream against the records found.
+/// What the listing of upstream against the table found.
 #[derive(Default)]
 struct Found {
-    /// Placeholders without a record: removed.
-    orphans: Vec<SlotFacts>,
+    /// Placeholders without a record: adopted if healthy and matching.
+    candidates: Vec<PodSandbox>,
     /// Claimed slots whose deferred fix-up may not have run.
     completions: Vec<(SlotFacts, Arc<ClaimedPod>)>,
     /// Claims cut short before their identity was applied.
@@ -32,97 +44,137 @@ struct Found {
 }
 
 impl PoolManager {
-    /// Reconciles the in-memory table with the records and upstream.
-    pub(super) async fn recover(&self) -> Result<(), PoolError> {
-        let records = self.records.clone();
-        let (records, bad) =
-            crate::blocking::asyncify(self.cfg.upstream_timeout, move || records.load())
-                .await
-                .map_err(PoolError::RecordsBlocked)??;
-        let mut unreadable = unreadable_records(&bad);
-        let listed = self.list_ours().await?;
-        let mut by_id: HashMap<String, ClaimRecord> = records
-            .into_iter()
-            .map(|r| (r.sandbox_id.clone(), r))
-            .collect();
-        let found = self.adopt(&listed, &mut by_id, &mut unreadable);
-        // Unreadable records whose sandbox is gone: nothing left to keep.
-        for (id, path) in unreadable {
-            tracing::error!(sandbox = %id, path = %path.display(),
-                "removing an unreadable claim record: its sandbox no longer exists upstream");
-            self.remove_record(&id).await?;
-        }
-        // Records whose sandbox is gone upstream: the pod was removed while
-        // we were down.
-        for (id, rec) in by_id {
-            tracing::info!(sandbox = %id, "claimed sandbox no longer exists upstream; forgetting its record");
+    /// Puts every readable claim record in the table as claimed and keeps
+    /// the unreadable ones for [`PoolManager::recover`]. No upstream call.
+    pub(super) fn load_claims(&self, good: Vec<ClaimRecord>, bad: &[BadRecord]) {
+        let mut pending = Pending {
+            unreadable: unreadable_records(bad),
+            unapplied: HashMap::new(),
+        };
+        let mut t = self.table();
+        for rec in good {
+            let pool = self.pool_index(&rec.pool);
             let facts = self.record_facts(&rec);
-            self.fixup.after_remove(&facts, &rec.config).await;
-            self.fixup.discard(&facts).await;
-            self.remove_record(&id).await?;
+            let id = rec.sandbox_id.clone();
+            if !rec.identity_applied {
+                pending.unapplied.insert(id.clone(), rec.clone());
+            }
+            t.slots
+                .insert(id, Slot::new(pool, facts, Status::Claimed(pod_of(rec))));
         }
-        for facts in found.orphans {
-            tracing::info!(sandbox = %facts.sandbox_id, "removing unclaimed slot left by a previous run");
-            self.destroy_slot(&facts).await;
-        }
-        self.sweep_placeholder_cgroups(&listed).await;
-        let rolled_back = self.finish_claims(found.unapplied).await?;
+        drop(t);
+        *self.pending() = pending;
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reconciles the table with upstream. Fails only before it changed
+    /// anything (listing upstream), so it can be retried.
+    pub(super) async fn recover(&self) -> Result<(), PoolError> {
+        let listed = self.list_ours().await?;
+        let with_containers = self.sandboxes_with_containers().await?;
+        let found = self.sort_listed(&listed, &with_containers).await;
+        self.forget_vanished(&listed).await;
+        let rolled_back = self.finish_claims(found.unapplied).await;
         for (facts, pod) in found.completions {
             if !rolled_back.contains(&facts.sandbox_id) {
                 self.spawn_complete(facts, pod);
             }
         }
+        let adopted = self.adopt_all(found.candidates).await;
+        self.sweep_placeholder_cgroups(&listed).await;
+        tracing::info!(adopted, "recovered the pools from the previous run");
+        self.changed();
         Ok(())
     }
 
-    /// Puts every listed slot that has a record (or an unreadable one) in
-    /// the table as claimed; returns the rest as orphans, with the claims
-    /// to finish.
-    fn adopt(
-        &self,
-        listed: &[PodSandbox],
-        by_id: &mut HashMap<String, ClaimRecord>,
-        unreadable: &mut HashMap<String, PathBuf>,
-    ) -> Found {
+    /// Sorts each listed slot: claimed (from a record, a record's copy, or
+    /// an unreadable record), unknown with containers, or free.
+    async fn sort_listed(&self, listed: &[PodSandbox], with_containers: &HashSet<String>) -> Found {
         let mut found = Found::default();
-        let mut t = self.table();
         for sb in listed {
-            if let Some(rec) = by_id.remove(&sb.id) {
-                let ready = sb.state == PodSandboxState::SandboxReady as i32;
-                if ready && !rec.identity_applied {
-                    found.unapplied.push(rec.clone());
-                }
-                let pool = self.pool_index(&rec.pool);
-                let facts = self.record_facts(&rec);
-                let pod = Arc::new(ClaimedPod {
-                    config: rec.config,
-                    exposed_handler: rec.exposed_handler,
-                    claimed_at_ns: rec.claimed_at_ns,
-                    network: rec.network,
-                });
-                let slot = Slot::new(pool, facts.clone(), Status::Claimed(Arc::clone(&pod)));
-                t.slots.insert(sb.id.clone(), slot);
-                // The deferred part may not have run before the crash.
-                if ready {
+            let ready = sb.state == PodSandboxState::SandboxReady as i32;
+            // An unreadable record is replaced if its copy is readable.
+            let unreadable = self.pending().unreadable.remove(&sb.id);
+            let claimed = match self.table().slots.get(&sb.id).map(|s| &s.status) {
+                Some(Status::Claimed(pod)) => Some(Arc::clone(pod)),
+                Some(Status::Free | Status::Claiming) => continue,
+                None => None,
+            };
+            let claimed = match claimed {
+                Some(pod) => Some(pod),
+                None => self.rebuild_record(sb).await,
+            };
+            if let Some(pod) = claimed {
+                let facts = self.table().slots.get(&sb.id).map(|s| s.facts.clone());
+                let unapplied = self.pending().unapplied.remove(&sb.id);
+                // The deferred part may not have run before the restart.
+                if let (true, Some(facts)) = (ready, facts) {
+                    found.unapplied.extend(unapplied);
                     found.completions.push((facts, pod));
                 }
-            } else if let Some(path) = unreadable.remove(&sb.id) {
+                continue;
+            }
+            if let Some(path) = unreadable {
                 tracing::error!(sandbox = %sb.id, path = %path.display(),
                     "claimed sandbox without a readable record: reported under its placeholder identity, as a pod kubelet does not know, so kubelet stops and removes it and recreates its pod's sandbox; never served again");
-                let (pool, pod) = self.unknown_pod(sb);
-                let slot = Slot::new(pool, self.orphan_facts(sb), Status::Claimed(pod));
-                t.slots.insert(sb.id.clone(), slot);
+                self.hand_to_kubelet(sb);
+            } else if with_containers.contains(&sb.id) {
+                tracing::error!(sandbox = %sb.id,
+                    "slot with containers but no claim record or copy (the records were lost): reported under its placeholder identity, as a pod kubelet does not know, so kubelet stops and removes it and recreates its pod's sandbox; never served again");
+                self.hand_to_kubelet(sb);
             } else {
-                found.orphans.push(self.orphan_facts(sb));
+                found.candidates.push(sb.clone());
             }
         }
         found
     }
 
-    /// The pod shown for a claimed slot whose record is unreadable: the
-    /// placeholder's metadata, no labels (the placeholder's would show the
-    /// token).
-    fn unknown_pod(&self, sb: &PodSandbox) -> (usize, Arc<ClaimedPod>) {
+    /// A listed slot without a record in `claims/`: its record is rebuilt
+    /// from the copy in its sandbox directory, if there is one.
+    async fn rebuild_record(&self, sb: &PodSandbox) -> Option<Arc<ClaimedPod>> {
+        let records = self.records.clone();
+        let id = sb.id.clone();
+        let copy =
+            crate::blocking::asyncify(self.cfg.upstream_timeout, move || records.read_copy(&id))
+                .await;
+        let rec = match copy {
+            Ok(Ok(Some(rec))) => rec,
+            Ok(Ok(None)) => return None,
+            Ok(Err(e)) => {
+                tracing::warn!(sandbox = %sb.id, error = %chain(&e), "reading the copy of a claim record");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %sb.id, error = %chain(&e), "reading the copy of a claim record");
+                return None;
+            }
+        };
+        tracing::warn!(sandbox = %sb.id, "claim record missing; rebuilt from its copy in the sandbox's directory");
+        if let Err(e) = self.put_record(&rec).await {
+            tracing::error!(sandbox = %sb.id, error = %chain(&e), "restoring a claim record failed; the pod keeps its sandbox");
+        }
+        let pool = self.pool_index(&rec.pool);
+        let facts = self.record_facts(&rec);
+        if !rec.identity_applied {
+            self.pending()
+                .unapplied
+                .insert(rec.sandbox_id.clone(), rec.clone());
+        }
+        let pod = pod_of(rec);
+        let slot = Slot::new(pool, facts, Status::Claimed(Arc::clone(&pod)));
+        self.table().slots.insert(sb.id.clone(), slot);
+        Some(pod)
+    }
+
+    /// Shows a claimed slot whose pod cannot be known to kubelet under its
+    /// placeholder's metadata (no labels: the placeholder's would show the
+    /// token), so kubelet removes it. Never stopped here.
+    fn hand_to_kubelet(&self, sb: &PodSandbox) {
         let pool = sb.labels.get(POOL_LABEL).map_or(0, |p| self.pool_index(p));
         let pod = Arc::new(ClaimedPod {
             config: PodSandboxConfig {
@@ -133,11 +185,68 @@ impl PoolManager {
             claimed_at_ns: sb.created_at,
             network: None,
         });
-        (pool, pod)
+        let slot = Slot::new(pool, self.orphan_facts(sb), Status::Claimed(pod));
+        self.table().slots.insert(sb.id.clone(), slot);
+    }
+
+    /// Claimed slots of the table (from records) whose sandbox is gone
+    /// upstream: the pod was removed while we were down. And unreadable
+    /// records whose sandbox is gone: nothing left to keep.
+    pub(super) async fn forget_vanished(&self, listed: &[PodSandbox]) {
+        let present: HashSet<&str> = listed.iter().map(|sb| sb.id.as_str()).collect();
+        let gone: Vec<(String, Slot)> = {
+            let mut t = self.table();
+            let ids: Vec<String> = t
+                .slots
+                .iter()
+                .filter(|(id, s)| {
+                    matches!(s.status, Status::Claimed(_)) && !present.contains(id.as_str())
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| t.slots.remove(&id).map(|s| (id, s)))
+                .collect()
+        };
+        for (id, slot) in gone {
+            tracing::info!(sandbox = %id, "claimed sandbox no longer exists upstream; forgetting its record");
+            if let Status::Claimed(pod) = &slot.status {
+                self.fixup.after_remove(&slot.facts, &pod.config).await;
+            }
+            self.fixup.discard(&slot.facts).await;
+            if let Err(e) = self.remove_record(&id).await {
+                tracing::error!(sandbox = %id, error = %chain(&e), "removing the claim record failed");
+            }
+        }
+        let unreadable: Vec<(String, PathBuf)> = self.pending().unreadable.drain().collect();
+        for (id, path) in unreadable {
+            tracing::error!(sandbox = %id, path = %path.display(),
+                "removing an unreadable claim record: its sandbox no longer exists upstream");
+            if let Err(e) = self.remove_record(&id).await {
+                tracing::error!(sandbox = %id, error = %chain(&e), "removing the claim record failed");
+            }
+        }
+    }
+
+    /// The ids of sandboxes that have containers (any state): a slot with
+    /// containers was claimed, whatever the records say.
+    async fn sandboxes_with_containers(&self) -> Result<HashSet<String>, PoolError> {
+        let listed = self
+            .upstream
+            .clone()
+            .list_containers(self.request(ListContainersRequest::default()))
+            .await
+            .map_err(PoolError::ListContainers)?;
+        Ok(listed
+            .into_inner()
+            .containers
+            .into_iter()
+            .map(|c| c.pod_sandbox_id)
+            .collect())
     }
 
     /// What a claim record says about its slot.
-    fn record_facts(&self, rec: &ClaimRecord) -> SlotFacts {
+    pub(super) fn record_facts(&self, rec: &ClaimRecord) -> SlotFacts {
         SlotFacts {
             sandbox_id: rec.sandbox_id.clone(),
             pause_pid: rec.pause_pid,
@@ -147,7 +256,8 @@ impl PoolManager {
     }
 
     /// A slot creation killed mid-way leaves the cgroup parent runc made
-    /// for it (containerd cleans up the sandbox, not that directory).
+    /// for it (containerd cleans up the sandbox, not that directory). Only
+    /// this instance's root is swept.
     async fn sweep_placeholder_cgroups(&self, listed: &[PodSandbox]) {
         let known: HashSet<String> = listed
             .iter()
@@ -186,10 +296,7 @@ impl PoolManager {
     /// answered, but its next sync finds the sandbox by the pod's uid and
     /// uses it, so the claim is finished here, or rolled back. Returns the
     /// rolled-back sandboxes.
-    async fn finish_claims(
-        &self,
-        unapplied: Vec<ClaimRecord>,
-    ) -> Result<HashSet<String>, PoolError> {
+    async fn finish_claims(&self, unapplied: Vec<ClaimRecord>) -> HashSet<String> {
         let mut rolled_back = HashSet::new();
         for mut rec in unapplied {
             let facts = self.record_facts(&rec);
@@ -199,7 +306,9 @@ impl PoolManager {
                     tracing::info!(sandbox = %rec.sandbox_id, "finished a claim interrupted by a restart");
                     rec.identity_applied = true;
                     rec.network.clone_from(&network);
-                    self.put_record(&rec).await?;
+                    if let Err(e) = self.put_record(&rec).await {
+                        tracing::error!(sandbox = %rec.sandbox_id, error = %chain(&e), "updating the claim record failed");
+                    }
                     if let Some(slot) = self.table().slots.get_mut(&rec.sandbox_id) {
                         if let Status::Claimed(pod) = &slot.status {
                             let mut pod = ClaimedPod::clone(pod);
@@ -216,8 +325,27 @@ impl PoolManager {
                 }
             }
         }
-        Ok(rolled_back)
+        rolled_back
     }
+}
+
+/// What [`PoolManager::load_claims`] leaves for [`PoolManager::recover`].
+#[derive(Debug, Default)]
+pub(super) struct Pending {
+    /// Unreadable records by sandbox id.
+    unreadable: HashMap<String, PathBuf>,
+    /// Records of claims whose identity was never applied.
+    unapplied: HashMap<String, ClaimRecord>,
+}
+
+/// The pod a claim record names.
+fn pod_of(rec: ClaimRecord) -> Arc<ClaimedPod> {
+    Arc::new(ClaimedPod {
+        config: rec.config,
+        exposed_handler: rec.exposed_handler,
+        claimed_at_ns: rec.claimed_at_ns,
+        network: rec.network,
+    })
 }
 
 /// Claim records that could not be read, by sandbox id. A record file

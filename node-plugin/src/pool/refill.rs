@@ -15,6 +15,9 @@ use fast_sandbox_shim::slots::SLOT_TOKEN_LABEL;
 use super::{PoolError, PoolManager};
 use crate::{blocking::chain, fault, fixup::SlotFacts, metrics::PoolOutcome};
 
+/// Longest pause between two attempts of the start-up reconciliation.
+const RECOVER_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
 /// What the refill task does next.
 enum Work {
     Create(usize),
@@ -29,6 +32,10 @@ impl PoolManager {
     /// checks free slots' health periodically.
     pub async fn run(self: std::sync::Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        tokio::select! {
+            () = self.recover_retrying() => {}
+            () = &mut shutdown => return,
+        }
         let mut last_health = Instant::now();
         let mut failures = 0u32;
         loop {
@@ -67,6 +74,24 @@ impl PoolManager {
                 () = &mut shutdown => return,
             }
         }
+    }
+
+    /// [`PoolManager::recover`] until it succeeds (upstream may be down at
+    /// start), backing off up to [`RECOVER_BACKOFF_MAX`].
+    async fn recover_retrying(&self) {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.recover().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %chain(&e), retry_in = ?pause,
+                        "reconciling with upstream failed; recovered claims are served meanwhile");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RECOVER_BACKOFF_MAX);
+                }
+            }
+        }
+        self.recovered.send_replace(true);
     }
 
     /// Creates a slot of pool `i`, counts it, and returns the number of
@@ -177,6 +202,14 @@ impl PoolManager {
 
     /// The pause PID from containerd's verbose status.
     async fn pause_pid(&self, id: &str) -> Result<i32, PoolError> {
+        self.sandbox_info(id).await.map(|(pid, _)| pid)
+    }
+
+    /// The pause PID and the whole verbose info of ready sandbox `id`.
+    pub(super) async fn sandbox_info(
+        &self,
+        id: &str,
+    ) -> Result<(i32, serde_json::Value), PoolError> {
         let resp = self
             .upstream
             .clone()
@@ -203,11 +236,13 @@ impl PoolManager {
                 id: id.to_owned(),
                 source,
             })?;
-        v.get("pid")
+        let pid = v
+            .get("pid")
             .and_then(serde_json::Value::as_i64)
             .and_then(|pid| i32::try_from(pid).ok())
             .filter(|pid| *pid > 0)
-            .ok_or_else(|| PoolError::NoPid { id: id.to_owned() })
+            .ok_or_else(|| PoolError::NoPid { id: id.to_owned() })?;
+        Ok((pid, v))
     }
 
     /// Stops and removes a slot's sandbox upstream and discards what the
@@ -218,7 +253,7 @@ impl PoolManager {
     }
 
     /// Stops and removes a sandbox upstream, logging failures.
-    async fn destroy(&self, id: &str) {
+    pub(super) async fn destroy(&self, id: &str) {
         let mut up = self.upstream.clone();
         if let Err(e) = up
             .stop_pod_sandbox(self.request(StopPodSandboxRequest {

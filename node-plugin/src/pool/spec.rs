@@ -45,6 +45,11 @@ pub struct PoolSpec {
 pub struct ManagerConfig {
     /// Where claim records and the token live.
     pub state_dir: PathBuf,
+    /// containerd's directory of sandbox directories
+    /// ([`crate::pool::records::sandboxes_dir`]): each claim record is
+    /// copied into its sandbox's, so recovery survives a lost `claims/`.
+    /// `None`: no copies.
+    pub record_copies: Option<PathBuf>,
     /// cgroup parent under which placeholders are created; each slot gets
     /// its own child (`<root>/<slot uid>`), so upstream stats of an
     /// unclaimed slot are that slot's alone.

@@ -13,9 +13,9 @@ use std::{
     time::Duration,
 };
 
-use fast_sandbox_proto::cri::VersionRequest;
-use fast_sandbox_shim::slots::POOL_LABEL;
-use fast_sandbox_tests::{wait_for, CaseGuard, Cri, DevNode};
+use fast_sandbox_proto::cri::{PodSandboxState, RunPodSandboxRequest, VersionRequest};
+use fast_sandbox_shim::slots::{POOL_LABEL, SLOT_TOKEN_LABEL};
+use fast_sandbox_tests::{pod::TestPod, wait_for, CaseGuard, Cri, DevNode};
 
 /// How a test's node plugin is set up.
 pub struct Setup<'a> {
@@ -32,10 +32,21 @@ impl Setup<'_> {
 
     /// Writes the node plugin's config into `dir`.
     pub fn write(&self, dir: &Path, admin: SocketAddr) -> PathBuf {
+        self.write_with(dir, admin, true)
+    }
+
+    /// As [`Setup::write`]; without `explicit_cgroup_root` the config leaves
+    /// `placeholder_cgroup_root` to its per-instance default.
+    pub fn write_with(&self, dir: &Path, admin: SocketAddr, explicit_cgroup_root: bool) -> PathBuf {
         let path = dir.join("node.toml");
+        let cg = if explicit_cgroup_root {
+            format!("placeholder_cgroup_root = {:?}\n", self.cgroup_root())
+        } else {
+            String::new()
+        };
         let text = format!(
             "[upstream]\nendpoint = {endpoint:?}\n[socket]\npath = {socket:?}\n[admin]\naddress = \"{admin}\"\n\
-             [slots]\nstate_dir = {state:?}\ncontainerd_root = {root:?}\nplaceholder_cgroup_root = {cg:?}\n\
+             [slots]\nstate_dir = {state:?}\ncontainerd_root = {root:?}\n{cg}\
              refill_interval = \"0ms\"\nrefill_delay = \"100ms\"\nhealth_interval = \"1s\"\n\
              [[pool]]\nname = \"{pool}\"\nhandler = \"fast-runc\"\nupstream = \"runc\"\nsize = {size}\n\
              shape = {{ seccomp = \"runtime-default\" }}\n",
@@ -43,12 +54,33 @@ impl Setup<'_> {
             socket = dir.join("cri.sock").display().to_string(),
             state = dir.join("state").display().to_string(),
             root = self.node.containerd_root.display().to_string(),
-            cg = self.cgroup_root(),
             pool = self.pool,
             size = self.size,
         );
         std::fs::write(&path, text).expect("config");
         path
+    }
+}
+
+/// How [`Node::start`] runs the binary.
+#[derive(Clone, Copy)]
+struct Launch<'a> {
+    binary: &'a Path,
+    args: &'a [&'a str],
+    failpoints: &'a str,
+    /// Without it the config leaves `placeholder_cgroup_root` to its
+    /// per-instance default.
+    explicit_cgroup_root: bool,
+}
+
+impl Default for Launch<'_> {
+    fn default() -> Self {
+        Self {
+            binary: Path::new(env!("CARGO_BIN_EXE_fast-sandbox-node")),
+            args: &["serve"],
+            failpoints: "",
+            explicit_cgroup_root: true,
+        }
     }
 }
 
@@ -66,20 +98,55 @@ pub struct Node {
 impl Node {
     /// Starts the binary on `dir`'s config; its log goes to `dir/<log>`.
     pub fn spawn(setup: &Setup<'_>, dir: &Path, failpoints: &str, log: &str) -> Self {
-        Self::start(setup, dir, failpoints, log, &["serve"])
+        Self::spawn_with(setup, dir, failpoints, log, true)
+    }
+
+    /// As [`Node::spawn`]; see [`Setup::write_with`].
+    pub fn spawn_with(
+        setup: &Setup<'_>,
+        dir: &Path,
+        failpoints: &str,
+        log: &str,
+        explicit_cgroup_root: bool,
+    ) -> Self {
+        let launch = Launch {
+            failpoints,
+            explicit_cgroup_root,
+            ..Launch::default()
+        };
+        Self::start(setup, dir, log, &launch)
+    }
+
+    /// As [`Node::spawn`], running `binary` (another release's).
+    pub fn spawn_binary(binary: &Path, setup: &Setup<'_>, dir: &Path, log: &str) -> Self {
+        let launch = Launch {
+            binary,
+            ..Launch::default()
+        };
+        Self::start(setup, dir, log, &launch)
     }
 
     /// `supervise -- serve` on `dir`'s config: `child` is the supervisor.
     pub fn supervised(setup: &Setup<'_>, dir: &Path, log: &str) -> Self {
-        Self::start(setup, dir, "", log, &["supervise", "--", "serve"])
+        let launch = Launch {
+            args: &["supervise", "--", "serve"],
+            ..Launch::default()
+        };
+        Self::start(setup, dir, log, &launch)
     }
 
-    fn start(setup: &Setup<'_>, dir: &Path, failpoints: &str, log: &str, args: &[&str]) -> Self {
+    fn start(setup: &Setup<'_>, dir: &Path, log: &str, launch: &Launch<'_>) -> Self {
+        let Launch {
+            binary,
+            args,
+            failpoints,
+            explicit_cgroup_root,
+        } = *launch;
         let admin = free_port();
-        let config = setup.write(dir, admin);
+        let config = setup.write_with(dir, admin, explicit_cgroup_root);
         let log = dir.join(log);
         let stderr = std::fs::File::create(&log).expect("log file");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_fast-sandbox-node"))
+        let child = std::process::Command::new(binary)
             .env("FAST_SANDBOX_FAILPOINTS", failpoints)
             .env("NO_COLOR", "1")
             .env(
@@ -242,14 +309,7 @@ impl Drop for PoolSlotsGuard {
 /// again when the test ends, however it ends.
 pub async fn clean_slate(node: &DevNode, case: &str, pool: &str) -> (CaseGuard, PoolSlotsGuard) {
     let guard = CaseGuard::new(node, case).await.expect("clean slate");
-    remove_pool_slots(&node.containerd_endpoint, pool)
-        .await
-        .expect("no slots of an earlier run");
-    let slots = PoolSlotsGuard {
-        endpoint: node.containerd_endpoint.clone(),
-        pool: pool.to_owned(),
-    };
-    (guard, slots)
+    (guard, clean_pool(node, pool).await)
 }
 
 /// The ids of the pool's sandboxes upstream (free, claimed or in flight).
@@ -275,4 +335,114 @@ pub fn records(state: &Path) -> Vec<PathBuf> {
                 .collect()
         },
     )
+}
+
+/// Removes the slots an earlier run of `pool` left and returns the guard
+/// that removes this run's, also when the test fails.
+pub async fn clean_pool(node: &DevNode, pool: &str) -> PoolSlotsGuard {
+    remove_pool_slots(&node.containerd_endpoint, pool)
+        .await
+        .expect("no slots of an earlier run");
+    PoolSlotsGuard {
+        endpoint: node.containerd_endpoint.clone(),
+        pool: pool.to_owned(),
+    }
+}
+
+/// `RunPodSandbox` for `pod` on `fast-runc` through the shim.
+pub async fn run(cri: &mut Cri, pod: &TestPod) -> String {
+    cri.runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod.sandbox_config()),
+            runtime_handler: "fast-runc".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox of {}: {e:?}", pod.name))
+        .into_inner()
+        .pod_sandbox_id
+}
+
+/// Asserts that, through the shim, `pod` has exactly one sandbox, `id`,
+/// ready, reported with its own metadata and without the slot token, and
+/// with its hostname in its UTS namespace.
+pub async fn assert_intact(cri: &mut Cri, pod: &TestPod, id: &str) {
+    let listed = cri
+        .list_by_label("io.kubernetes.pod.uid", &pod.uid)
+        .await
+        .expect("list");
+    let ids: Vec<&str> = listed.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, [id], "pod {} has exactly its own sandbox", pod.name);
+    assert_eq!(
+        listed[0].state,
+        PodSandboxState::SandboxReady as i32,
+        "pod {}'s sandbox still runs",
+        pod.name
+    );
+    let meta = listed[0].metadata.as_ref().expect("metadata");
+    assert_eq!(
+        (
+            meta.name.as_str(),
+            meta.namespace.as_str(),
+            meta.uid.as_str()
+        ),
+        (pod.name.as_str(), pod.namespace.as_str(), pod.uid.as_str()),
+        "pod {}'s sandbox reports the pod's identity",
+        pod.name
+    );
+    assert!(
+        !listed[0].labels.contains_key(SLOT_TOKEN_LABEL),
+        "the slot token never shows"
+    );
+    assert_eq!(
+        cri.uts_hostname(id).await.expect("UTS hostname"),
+        pod.name,
+        "pod {}'s sandbox has its hostname",
+        pod.name
+    );
+}
+
+/// Removes `pods` through the shim as kubelet would (sandbox, then the pod
+/// cgroup kubelet owns).
+pub async fn remove_pods(cri: &mut Cri, pods: &[&TestPod]) {
+    for pod in pods {
+        for sb in cri
+            .list_by_label("io.kubernetes.pod.uid", &pod.uid)
+            .await
+            .expect("list")
+        {
+            cri.remove_sandbox(&sb.id).await.expect("remove");
+        }
+        pod.remove_pod_cgroups();
+    }
+}
+
+/// Stops the node plugin, removes the pool's remaining (free) slots,
+/// checks there were `free` of them, and that the census is back to
+/// `before`.
+pub async fn finish(
+    node: &DevNode,
+    plugin: Node,
+    before: &fast_sandbox_tests::census::Census,
+    roots: &[String],
+    free: usize,
+) {
+    let pool = plugin.pool.clone();
+    plugin.stop().await;
+    let removed = remove_pool_slots(&node.containerd_endpoint, &pool)
+        .await
+        .expect("remove slots");
+    assert_eq!(removed, free, "exactly the pool's free slots remain");
+    let roots: Vec<&str> = roots.iter().map(String::as_str).collect();
+    let after = node
+        .settled_census(before, &roots, Duration::from_secs(15))
+        .await
+        .expect("census");
+    assert_eq!(*before, after, "resources leaked");
+    eprintln!("census before and after: {after:?}");
+}
+
+/// What the node holds now, counting cgroup directories under `roots`.
+pub async fn census(node: &DevNode, roots: &[String]) -> fast_sandbox_tests::census::Census {
+    let roots: Vec<&str> = roots.iter().map(String::as_str).collect();
+    node.census(&roots).await.expect("census")
 }

@@ -103,6 +103,9 @@ impl WarmNode {
         };
         let cfg = ManagerConfig {
             state_dir: state.path().join("state"),
+            record_copies: Some(fast_sandbox_node::pool::records::sandboxes_dir(
+                &node.containerd_root,
+            )),
             placeholder_cgroup_root: cgroup_root.clone(),
             placeholder_namespace: SLOT_NAMESPACE.to_owned(),
             upstream_timeout: Duration::from_secs(60),
