@@ -5,8 +5,9 @@
 //! Settings (environment, inherited from containerd through the shim):
 //! - `FAST_SANDBOX_RUNSC`: the runsc binary (default `/usr/bin/runsc`);
 //! - `FAST_SANDBOX_RUNSC_FLAGS`: global runsc flags added to every call,
-//!   space-separated (default `--network=host --platform=ptrace`, what this
-//!   node's kernel needs);
+//!   space-separated (default `--network=sandbox --platform=systrap`:
+//!   gVisor's own network stack and its current platform; anything else
+//!   only by setting this, see docs/runtimes.md for what each costs);
 //! - `FAST_SANDBOX_RUNSC_LOG`: the adapter's log file (default
 //!   `<runsc root>.adapter/adapter.log`).
 
@@ -15,13 +16,14 @@ mod cgroup;
 mod cli;
 mod error;
 mod log;
+mod netns;
 mod state;
 mod waiter;
 
 use std::{path::PathBuf, process::ExitCode};
 
 pub const DEFAULT_RUNSC: &str = "/usr/bin/runsc";
-pub const DEFAULT_FLAGS: &str = "--network=host --platform=ptrace";
+pub const DEFAULT_FLAGS: &str = "--network=sandbox --platform=systrap";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
