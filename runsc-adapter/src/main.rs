@@ -3,7 +3,9 @@
 //! this binary). See `adapter.rs` for what differs from plain runsc.
 //!
 //! Settings (environment, inherited from containerd through the shim):
-//! - `FAST_SANDBOX_RUNSC`: the runsc binary (default `/usr/bin/runsc`);
+//! - `FAST_SANDBOX_RUNSC`: the runsc binary (default: a `runsc` beside this
+//!   binary, else `/usr/bin/runsc`; shipping the two together pins the
+//!   gVisor release without a system package);
 //! - `FAST_SANDBOX_RUNSC_FLAGS`: global runsc flags added to every call,
 //!   space-separated (default `--network=sandbox --platform=systrap`:
 //!   gVisor's own network stack and its current platform; anything else
@@ -37,8 +39,7 @@ fn main() -> ExitCode {
         return ExitCode::from(waiter::run(&w, &logger));
     }
     let settings = adapter::Settings {
-        runsc: std::env::var_os("FAST_SANDBOX_RUNSC")
-            .map_or_else(|| PathBuf::from(DEFAULT_RUNSC), PathBuf::from),
+        runsc: std::env::var_os("FAST_SANDBOX_RUNSC").map_or_else(default_runsc, PathBuf::from),
         flags: std::env::var("FAST_SANDBOX_RUNSC_FLAGS")
             .unwrap_or_else(|_| DEFAULT_FLAGS.to_owned())
             .split_whitespace()
@@ -75,6 +76,15 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// A `runsc` in this binary's directory, else [`DEFAULT_RUNSC`].
+fn default_runsc() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("runsc")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_RUNSC))
 }
 
 /// `$FAST_SANDBOX_RUNSC_LOG`, else `adapter.log` in the adapter's root

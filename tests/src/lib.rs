@@ -247,6 +247,21 @@ impl DevNode {
     pub fn cri(&self) -> anyhow::Result<Cri> {
         Cri::connect(&self.containerd_endpoint)
     }
+
+    /// The runsc the node's runsc handler runs, chosen as the adapter
+    /// chooses it: `FAST_SANDBOX_RUNSC`, else a `runsc` beside
+    /// `FAST_SANDBOX_RUNSC_ADAPTER`, else `/usr/bin/runsc`. Commands that
+    /// talk to the node's sandboxes (`runsc exec`) must use this one: a
+    /// runsc of another release cannot read the sandbox's state.
+    pub fn runsc() -> PathBuf {
+        if let Some(r) = std::env::var_os("FAST_SANDBOX_RUNSC") {
+            return r.into();
+        }
+        std::env::var_os("FAST_SANDBOX_RUNSC_ADAPTER")
+            .and_then(|a| Some(PathBuf::from(a).parent()?.join("runsc")))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("/usr/bin/runsc"))
+    }
 }
 
 /// Waits until `probe` returns `Some`, retrying every `interval` until

@@ -514,7 +514,8 @@ async fn runsc_container_stats_and_pod_cgroup() {
         })
         .map(|&p| cmdline(p))
         .collect();
-    for prefix in ["runsc-gofer ", "/usr/bin/runsc "] {
+    let runsc_wait = format!("{} ", DevNode::runsc().display());
+    for prefix in ["runsc-gofer ", runsc_wait.as_str()] {
         assert!(
             in_container.iter().any(|c| c.starts_with(prefix)),
             "no {prefix:?} in {container_cgroup}: {in_container:#?}"

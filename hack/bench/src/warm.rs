@@ -37,6 +37,10 @@ pub struct Opts {
     /// containerd's root directory (fix-ups rewrite files under it).
     #[arg(long, env = "FAST_SANDBOX_CONTAINERD_ROOT")]
     containerd_root: PathBuf,
+    /// The runsc the node's runsc handler runs (the dev node exports it;
+    /// a runsc of another release cannot exec into its sandboxes).
+    #[arg(long, env = "FAST_SANDBOX_RUNSC", default_value = "/usr/bin/runsc")]
+    runsc: PathBuf,
     /// Image of the pods' container (already present; never pulled).
     #[arg(long, env = "FAST_SANDBOX_TEST_IMAGE")]
     image: String,
@@ -68,7 +72,7 @@ async fn start_node(
     sizes: &[(String, usize)],
 ) -> anyhow::Result<(NodeProcess, SocketAddr)> {
     let admin = free_port()?;
-    let config = node_config(admin, &opts.containerd_root, sizes);
+    let config = node_config(admin, &opts.containerd_root, &opts.runsc, sizes);
     let binary = common::node_binary(opts.node_binary.as_deref())?;
     let node = NodeProcess::spawn(&binary, &opts.upstream, &config).await?;
     let mut rt = common::client(&node.endpoint())?;
@@ -81,6 +85,7 @@ async fn start_node(
 fn node_config(
     admin: SocketAddr,
     containerd_root: &std::path::Path,
+    runsc: &std::path::Path,
     sizes: &[(String, usize)],
 ) -> String {
     let mut config = format!(
@@ -99,7 +104,8 @@ fn node_config(
                 .unwrap_or(containerd_root)
                 .join("runtime/runsc/k8s.io");
             config.push_str(&format!(
-                "guest_exec = [\"/usr/bin/runsc\", \"--root\", {:?}, \"exec\", \"--cap\", \"CAP_SYS_ADMIN\", \"{{sandbox_id}}\", \"/pause\", \"--set-hostname\", \"{{hostname}}\"]\n",
+                "guest_exec = [{:?}, \"--root\", {:?}, \"exec\", \"--cap\", \"CAP_SYS_ADMIN\", \"{{sandbox_id}}\", \"/pause\", \"--set-hostname\", \"{{hostname}}\"]\n",
+                runsc.display().to_string(),
                 root.display().to_string()
             ));
         }
@@ -439,6 +445,7 @@ mod tests {
         let text = node_config(
             "127.0.0.1:9464".parse().expect("addr"),
             std::path::Path::new("/var/lib/containerd"),
+            std::path::Path::new("/usr/bin/runsc"),
             &sizes,
         );
         let file: fast_sandbox_node::config::FileConfig =

@@ -121,7 +121,10 @@ impl WarmNode {
         let mechanisms = HashMap::from([(
             "runsc".to_owned(),
             Mechanism::GuestExec(GuestExecSettings {
-                command: ExecTemplate::runsc("/usr/bin/runsc", &runsc_root(node)),
+                command: ExecTemplate::runsc(
+                    &DevNode::runsc().display().to_string(),
+                    &runsc_root(node),
+                ),
                 sysctls: SysctlPolicy::Ignore,
             }),
         )]);
