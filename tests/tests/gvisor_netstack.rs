@@ -6,46 +6,13 @@
 
 use std::{os::unix::fs::MetadataExt as _, process::Command};
 
-use anyhow::Context as _;
-use fast_sandbox_proto::cri::{
-    CreateContainerRequest, ExecSyncRequest, PodSandboxStatusRequest, RunPodSandboxRequest,
-    StartContainerRequest,
-};
 use fast_sandbox_tests::{
     kubelet::{host_to_pod, SCRIPT},
-    pod::TestPod,
-    CaseGuard, Cri, DevNode,
+    pod::{exec, run_pod, start_container, TestPod},
+    CaseGuard, DevNode,
 };
 
 const HANDLER: &str = "runsc";
-
-/// The pod's IP and its network namespace path, from containerd's status.
-async fn ip_and_netns(cri: &mut Cri, sid: &str) -> anyhow::Result<(String, String)> {
-    let status = cri
-        .runtime
-        .pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: sid.to_owned(),
-            verbose: true,
-        })
-        .await?
-        .into_inner();
-    let ip = status
-        .status
-        .and_then(|s| s.network)
-        .map(|n| n.ip)
-        .filter(|ip| !ip.is_empty())
-        .context("no pod IP")?;
-    let info: serde_json::Value =
-        serde_json::from_str(status.info.get("info").context("no verbose info")?)?;
-    let netns = info["runtimeSpec"]["linux"]["namespaces"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|n| n["type"] == "network")
-        .and_then(|n| n["path"].as_str())
-        .context("no network namespace path in the sandbox's spec")?;
-    Ok((ip, netns.to_owned()))
-}
 
 /// PIDs of runsc's sentry (`runsc-sandbox`) for sandbox `sid`.
 fn sentries(sid: &str) -> Vec<u32> {
@@ -79,36 +46,13 @@ async fn runsc_pod_runs_on_gvisors_network_stack() {
     let _guard = CaseGuard::new(&node, test).await.expect("clean slate");
     let logs = tempfile::tempdir().expect("tempdir");
     let pod = TestPod::new(test, "netstack-runsc", logs.path());
-    pod.prepare_log_dirs(&["app"]).expect("log dirs");
     let mut cri = node.cri().expect("client");
-    let sid = cri
-        .runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod.sandbox_config()),
-            runtime_handler: HANDLER.into(),
-        })
+    let sid = run_pod(&mut cri, &pod, HANDLER).await.expect("pod");
+    let cid = start_container(&mut cri, &node, &pod, &sid, "app", SCRIPT, false)
         .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
-    let cid = cri
-        .runtime
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: sid.clone(),
-            config: Some(pod.container_config("app", &node.test_image, SCRIPT)),
-            sandbox_config: Some(pod.sandbox_config()),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    cri.runtime
-        .start_container(StartContainerRequest {
-            container_id: cid.clone(),
-        })
-        .await
-        .expect("StartContainer");
-    let (ip, netns) = ip_and_netns(&mut cri, &sid).await.expect("pod network");
+        .expect("container");
+    let netns = cri.netns_path(&sid).await.expect("pod netns");
+    let ip = cri.pod_ip(&sid).await.expect("pod IP");
 
     // One sentry, in the pod's namespace: not in the host's.
     let sentry = sentries(&sid);
@@ -131,17 +75,7 @@ async fn runsc_pod_runs_on_gvisors_network_stack() {
         "{ip} still on the host side of {netns}: {host_side}"
     );
     // ... and netstack has it.
-    let inside = cri
-        .runtime
-        .exec_sync(ExecSyncRequest {
-            container_id: cid.clone(),
-            cmd: vec!["ip".into(), "-4".into(), "addr".into()],
-            timeout: 10,
-        })
-        .await
-        .expect("exec ip addr")
-        .into_inner();
-    let inside = String::from_utf8_lossy(&inside.stdout);
+    let (_, inside) = exec(&mut cri, &cid, "ip -4 addr").await.expect("ip addr");
     assert!(inside.contains(&format!("inet {ip}/")), "{inside}");
 
     // The host reaches the pod on its IP, served by netstack.
