@@ -322,6 +322,42 @@ mod tests {
         }
     }
 
+    /// The real probe: this process's netns is the initial one on these
+    /// machines, a fresh one made by `unshare --net` is not (it has
+    /// `rmem_default` on this kernel, which is why runsc 20240729 erred).
+    #[test]
+    fn the_dev_weight_probe_tells_a_fresh_netns_from_the_initial_one() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: needs root (setns, another process's netns)");
+            return;
+        }
+        let mut child = std::process::Command::new("unshare")
+            .args(["--net", "sleep", "30"])
+            .spawn()
+            .expect("unshare --net");
+        let own = HostNetns.netns(None).expect("own netns");
+        let mut fresh = None;
+        for _ in 0..200 {
+            match HostNetns.netns(Some(child.id())) {
+                Ok(ns) if ns != own => {
+                    fresh = Some(ns);
+                    break;
+                }
+                _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+        let result = HostNetns.is_initial_netns(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(fresh.is_some(), "the child never entered a new netns");
+        assert!(
+            !result.expect("probe"),
+            "a fresh netns is not the initial one"
+        );
+        let me = std::process::id();
+        assert!(HostNetns.is_initial_netns(me).expect("probe"));
+    }
+
     #[test]
     fn the_first_container_is_the_one_runsc_makes_a_sandbox_for() {
         let ann = |k: &str, v: &str| HashMap::from([(k.to_owned(), v.to_owned())]);
