@@ -363,14 +363,24 @@ fn prepare_network(
                 .warn(&format!("not hiding {} from runsc: {why}", netns::NET_CORE));
             Ok(())
         }
-        Plan::Hide { sandbox_pid } => {
-            ops.hide_net_core(sandbox_pid)?;
-            ctx.log.info(&format!(
-                "hid {} of sandbox {sandbox_pid}'s network namespace from runsc start",
-                netns::NET_CORE
-            ));
-            Ok(())
-        }
+        Plan::Hide { sandbox_pid } => match ops.hide_net_core(sandbox_pid) {
+            Ok(()) => {
+                ctx.log.info(&format!(
+                    "hid {} of sandbox {sandbox_pid}'s network namespace from runsc start",
+                    netns::NET_CORE
+                ));
+                Ok(())
+            }
+            Err(e @ AdapterError::NetnsReturn(_)) => Err(e),
+            // runsc's own check decides (right on kernels where it works).
+            Err(e) => {
+                ctx.log.warn(&format!(
+                    "cannot hide {} from runsc start: {e}",
+                    netns::NET_CORE
+                ));
+                Ok(())
+            }
+        },
     }
 }
 
@@ -565,5 +575,75 @@ fn delete(ctx: &Ctx<'_>, id: &str, args: &[String]) -> Result<u8, AdapterError> 
             Err(AdapterError::DoesNotExist)
         }
         Err((_, e)) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netns::NsId;
+
+    /// The sandbox in a pod netns (not the adapter's, not the initial
+    /// one); hiding fails with `fail`.
+    struct FailingHide(fn() -> AdapterError);
+
+    impl NetnsOps for FailingHide {
+        fn netns(&self, pid: Option<u32>) -> Result<NsId, AdapterError> {
+            Ok(NsId {
+                dev: 1,
+                ino: u64::from(pid.is_some()),
+            })
+        }
+        fn is_initial_netns(&self, _pid: u32) -> Result<bool, AdapterError> {
+            Ok(false)
+        }
+        fn hide_net_core(&self, _pid: u32) -> Result<(), AdapterError> {
+            Err((self.0)())
+        }
+    }
+
+    fn state() -> ContainerState {
+        ContainerState {
+            waiter_pid: 1,
+            waiter_start_time: 1,
+            cgroups_path: None,
+            terminal: false,
+            sandbox_pid: Some(42),
+        }
+    }
+
+    #[test]
+    fn a_failed_hide_leaves_the_verdict_to_runsc_unless_the_netns_is_wrong() {
+        let settings = Settings {
+            runsc: "/bin/false".into(),
+            flags: vec!["--network=sandbox".into()],
+        };
+        let log_dir = tempfile::tempdir().unwrap();
+        let log = Logger::new(Some(log_dir.path().join("a.log")), None, "t".into());
+        let ctx = Ctx {
+            settings: &settings,
+            runsc_flags: settings.flags.clone(),
+            adapter_root: log_dir.path(),
+            log: &log,
+        };
+        let mount_failed = FailingHide(|| {
+            AdapterError::io(
+                "mount tmpfs on",
+                netns::NET_CORE,
+                std::io::ErrorKind::PermissionDenied.into(),
+            )
+        });
+        assert!(prepare_network(&ctx, &mount_failed, &state()).is_ok());
+        let logged = std::fs::read_to_string(log_dir.path().join("a.log")).unwrap();
+        assert!(
+            logged.contains("cannot hide /proc/sys/net/core"),
+            "{logged}"
+        );
+
+        let stuck = FailingHide(|| AdapterError::NetnsReturn(std::io::ErrorKind::Other.into()));
+        assert!(matches!(
+            prepare_network(&ctx, &stuck, &state()),
+            Err(AdapterError::NetnsReturn(_))
+        ));
     }
 }

@@ -61,7 +61,8 @@ pub trait NetnsOps {
     fn is_initial_netns(&self, pid: u32) -> Result<bool, AdapterError>;
     /// Moves this process into a new mount namespace (slave to the host's)
     /// and hides [`NET_CORE`] there as seen from the network namespace of
-    /// `pid`. This process stays in its own network namespace.
+    /// `pid`. This process ends in its own network namespace, or the error
+    /// is [`AdapterError::NetnsReturn`].
     fn hide_net_core(&self, pid: u32) -> Result<(), AdapterError>;
 }
 
@@ -211,8 +212,7 @@ impl NetnsOps for HostNetns {
         .map_err(|e| sys("mount tmpfs on", NET_CORE, e));
         // Back home before anything else runs: `runsc start` must start in
         // the adapter's (containerd's) network namespace, as without this.
-        setns(&own, CloneFlags::CLONE_NEWNET)
-            .map_err(|e| sys("return to network namespace", "/proc/self/ns/net", e))?;
+        setns(&own, CloneFlags::CLONE_NEWNET).map_err(|e| AdapterError::NetnsReturn(e.into()))?;
         hidden
     }
 }
