@@ -302,6 +302,17 @@ kill_leftovers() {
 		fsb_log "killing ${#shims[@]} leftover shim(s): ${shims[*]}"
 		FSB_KILL_GRACE=3 fsb_kill_pids "${shims[@]}"
 	fi
+	# The runsc adapter's waiters (docs/runtimes.md) of containers runsc no
+	# longer lists: seen on containerd 2.1 when a RunPodSandbox is cancelled
+	# during the shim's create (containerd drops the shim, its cleanup fails
+	# with "getwd: no such file or directory", nobody deletes the container).
+	# Their FIFO lies under this instance's runtime roots.
+	local waiters=()
+	mapfile -t waiters < <(fsb_pids_matching "__fast-sandbox-runsc-waiter $DIR/runtime/")
+	if ((${#waiters[@]} > 0)); then
+		fsb_log "killing ${#waiters[@]} leftover runsc adapter waiter(s): ${waiters[*]}"
+		fsb_kill_pids "${waiters[@]}"
+	fi
 	local address socket
 	for address in "$DIR"/state/io.containerd.runtime.v2.task/*/*/address; do
 		[[ -f $address ]] || continue

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A development node: containerd 1.6 with runc, crun and runsc (gVisor, through
-# the fast-sandbox-runsc adapter), a CNI bridge, the
+# the fast-sandbox-runsc adapter; runsc 2024-07-29 from Debian
+# bookworm-backports, unpacked, not installed), a CNI bridge, the
 # locally built pause and busybox images, and an image registry on
 # 127.0.0.1 — all private to $FAST_SANDBOX_DEV_DIR, nothing pulled from any
 # public registry.
@@ -35,6 +36,11 @@
 #         FAST_SANDBOX_UPSTREAM=containerd2. `down` stops it too.
 #   FAST_SANDBOX_CONTAINERD2_VERSION  an exact Debian version to download
 #         (default: unstable's current containerd; a cached .deb is reused)
+#   FAST_SANDBOX_RUNSC_VERSION  an exact Debian version of runsc to download from
+#         bookworm-backports (default: its current one; a cached .deb is
+#         reused). Unpacked into $DEV_DIR/runsc-pkg; $DEV_DIR/bin/runsc (beside
+#         the adapter, which runs the runsc next to it) links to it, and the
+#         env file exports it as FAST_SANDBOX_RUNSC.
 #   FAST_SANDBOX_BRIDGE2      default fsb2 (the containerd 2 instance's bridge)
 #   FAST_SANDBOX_CNI_SUBNET2  default 10.219.0.0/16
 set -Eeuo pipefail
@@ -56,11 +62,16 @@ INSTANCE2_DIR=$DEV_DIR/containerd2
 # containerd 2.x: the downloaded .deb (cache) and its unpacked files.
 CACHE_DIR=$DEV_DIR/cache
 PKG2_DIR=$DEV_DIR/containerd2-pkg
+# runsc from bookworm-backports, unpacked; the adapter runs the runsc beside
+# it ($DEV_DIR/bin/runsc, a link into RUNSC_PKG_DIR).
+RUNSC_PKG_DIR=$DEV_DIR/runsc-pkg
+RUNSC_SUITE=bookworm-backports
 IMAGES_DIR=$DEV_DIR/images
 BUILD_DIR=$DEV_DIR/build
 # The runsc handler's BinaryName: a copy, so a rebuild never swaps the
 # binary under a running containerd.
 RUNSC_ADAPTER=$DEV_DIR/bin/fast-sandbox-runsc
+RUNSC=$DEV_DIR/bin/runsc
 REGISTRY_DIR=$DEV_DIR/registry
 REGISTRY_CONFIG=$REGISTRY_DIR/config.yml
 REGISTRY_PIDFILE=$REGISTRY_DIR/registry.pid
@@ -73,8 +84,10 @@ PAUSE_IMAGE=localhost/fast-sandbox/pause:v1
 TEST_IMAGE=localhost/fast-sandbox/busybox:v1
 REGISTRY_REPO=fast-sandbox/busybox:v1
 
+# Not Debian 12's runsc (2022-12): the node runs bookworm-backports' (see
+# unpack_runsc), and a runsc of another release cannot read its state.
 PACKAGES=(
-	containerd runc crun runsc containernetworking-plugins iptables iproute2
+	containerd runc crun containernetworking-plugins iptables iproute2
 	busybox-static protobuf-compiler gcc libc6-dev docker-registry skopeo
 )
 
@@ -158,8 +171,40 @@ start_registry() {
 	REGISTRY_PORT=$port
 }
 
-# Downloads (once; the .deb is cached) and unpacks containerd 2.x from
-# Debian unstable without installing it; sets CONTAINERD2_BIN and
+# Downloads PKG (apt syntax, e.g. `runsc` or `runsc=VERSION`) from Debian
+# suite SUITE into $CACHE_DIR/debs once (a cached .deb matching GLOB is
+# reused) and unpacks it with dpkg -x into DEST (again only when the .deb
+# changed). SUITE is never a system source: a sources file and package lists
+# of our own under $CACHE_DIR/apt-SUITE. Sets DEB to the .deb used.
+unpack_deb() {
+	local suite=$1 pkg=$2 glob=$3 dest=$4
+	local debs=$CACHE_DIR/debs apt_dir=$CACHE_DIR/apt-$suite
+	mkdir -p "$debs" "$apt_dir/lists/partial"
+	DEB=$(find "$debs" -maxdepth 1 -name "$glob" | sort -V | tail -n 1)
+	if [[ -z $DEB ]]; then
+		printf 'deb http://deb.debian.org/debian %s main\n' "$suite" >"$apt_dir/sources.list"
+		local apt=(apt-get -q -o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o Dir::Etc::sourceparts=-
+			-o "Dir::State::Lists=$apt_dir/lists")
+		fsb_log "apt-get update (Debian $suite, private lists in $apt_dir)"
+		"${apt[@]}" update >"$apt_dir/update.log" 2>&1 || on_error "$LINENO" "apt-get update for $suite failed (log $apt_dir/update.log)"
+		fsb_log "downloading $pkg from Debian $suite into $debs"
+		(cd "$debs" && "${apt[@]}" download "$pkg") >"$apt_dir/download.log" 2>&1 ||
+			on_error "$LINENO" "apt-get download $pkg failed (log $apt_dir/download.log)"
+		DEB=$(find "$debs" -maxdepth 1 -name "$glob" | sort -V | tail -n 1)
+		[[ -n $DEB ]] || on_error "$LINENO" "apt-get download $pkg left no $glob in $debs"
+	else
+		fsb_log "using the cached $(basename "$DEB")"
+	fi
+	local stamp=$dest/.from
+	if [[ $(cat "$stamp" 2>/dev/null) != "$(basename "$DEB")" ]]; then
+		fsb_log "unpacking $(basename "$DEB") into $dest (dpkg -x, not installed)"
+		rm -rf "$dest"
+		dpkg -x "$DEB" "$dest"
+		basename "$DEB" >"$stamp"
+	fi
+}
+
+# containerd 2.x from Debian unstable, unpacked; sets CONTAINERD2_BIN and
 # CONTAINERD2_VERSION.
 unpack_containerd2() {
 	local glibc
@@ -167,39 +212,31 @@ unpack_containerd2() {
 	if [[ $(printf '%s\n2.34\n' "$glibc" | sort -V | head -n 1) != 2.34 ]]; then
 		on_error "$LINENO" "containerd 2.x from Debian unstable needs glibc >= 2.34; this machine has $glibc"
 	fi
-	local debs=$CACHE_DIR/debs apt_dir=$CACHE_DIR/apt pkg=containerd deb
-	[[ -n ${FAST_SANDBOX_CONTAINERD2_VERSION:-} ]] && pkg=containerd=$FAST_SANDBOX_CONTAINERD2_VERSION
-	mkdir -p "$debs" "$apt_dir/lists/partial"
-	deb=$(find "$debs" -maxdepth 1 -name "containerd_${FAST_SANDBOX_CONTAINERD2_VERSION:-2.}*_amd64.deb" | sort -V | tail -n 1)
-	if [[ -z $deb ]]; then
-		# A sources file of our own: unstable is never a system source here.
-		printf 'deb http://deb.debian.org/debian unstable main\n' >"$apt_dir/sources.list"
-		local apt=(apt-get -q -o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o Dir::Etc::sourceparts=-
-			-o "Dir::State::Lists=$apt_dir/lists")
-		fsb_log "apt-get update (Debian unstable, private lists in $apt_dir)"
-		"${apt[@]}" update >"$apt_dir/update.log" 2>&1 || on_error "$LINENO" "apt-get update for unstable failed (log $apt_dir/update.log)"
-		fsb_log "downloading $pkg from Debian unstable into $debs"
-		(cd "$debs" && "${apt[@]}" download "$pkg") >"$apt_dir/download.log" 2>&1 ||
-			on_error "$LINENO" "apt-get download $pkg failed (log $apt_dir/download.log)"
-		deb=$(find "$debs" -maxdepth 1 -name 'containerd_*_amd64.deb' | sort -V | tail -n 1)
-		[[ -n $deb ]] || on_error "$LINENO" "apt-get download $pkg left no .deb in $debs"
-	else
-		fsb_log "using the cached $(basename "$deb")"
-	fi
+	local version=${FAST_SANDBOX_CONTAINERD2_VERSION:-} pkg=containerd
+	[[ -n $version ]] && pkg=containerd=$version
+	unpack_deb unstable "$pkg" "containerd_${version:-2.}*_amd64.deb" "$PKG2_DIR"
 	CONTAINERD2_BIN=$PKG2_DIR/usr/bin
-	local stamp=$PKG2_DIR/.from
-	if [[ $(cat "$stamp" 2>/dev/null) != "$(basename "$deb")" ]]; then
-		fsb_log "unpacking $(basename "$deb") into $PKG2_DIR (dpkg -x, not installed)"
-		rm -rf "$PKG2_DIR"
-		dpkg -x "$deb" "$PKG2_DIR"
-		basename "$deb" >"$stamp"
-	fi
 	CONTAINERD2_VERSION=$("$CONTAINERD2_BIN/containerd" --version | awk '{print $3}')
 	[[ $CONTAINERD2_VERSION == 2.* ]] ||
-		on_error "$LINENO" "$(basename "$deb") is containerd $CONTAINERD2_VERSION, not 2.x"
+		on_error "$LINENO" "$(basename "$DEB") is containerd $CONTAINERD2_VERSION, not 2.x"
 	[[ $CONTAINERD2_VERSION == 2.1.* ]] ||
 		fsb_log "warning: Debian unstable now has containerd $CONTAINERD2_VERSION, not 2.1.x (pin FAST_SANDBOX_CONTAINERD2_VERSION)"
 	fsb_log "containerd $CONTAINERD2_VERSION unpacked"
+}
+
+# runsc from bookworm-backports (a static Go binary), unpacked and linked
+# beside the adapter as $RUNSC. Debian's version strings (0.0~20240729.0)
+# name the gVisor release.
+unpack_runsc() {
+	local version=${FAST_SANDBOX_RUNSC_VERSION:-} pkg=runsc
+	[[ -n $version ]] && pkg=runsc=$version
+	unpack_deb "$RUNSC_SUITE" "$pkg" "runsc_${version:-}*_amd64.deb" "$RUNSC_PKG_DIR"
+	local runsc_version
+	runsc_version=$("$RUNSC_PKG_DIR/usr/bin/runsc" --version | awk 'NR == 1 {print $3}') ||
+		on_error "$LINENO" "$RUNSC_PKG_DIR/usr/bin/runsc does not run"
+	mkdir -p "$(dirname "$RUNSC")"
+	ln -sfn "$RUNSC_PKG_DIR/usr/bin/runsc" "$RUNSC"
+	fsb_log "runsc $runsc_version unpacked ($RUNSC)"
 }
 
 cmd_up() {
@@ -220,6 +257,9 @@ cmd_up() {
 	mkdir -p "$(dirname "$RUNSC_ADAPTER")"
 	install -m 0755 "$(fsb_cargo_target_dir)/release/fast-sandbox-runsc" "$RUNSC_ADAPTER.tmp"
 	mv -f "$RUNSC_ADAPTER.tmp" "$RUNSC_ADAPTER"
+
+	step "getting runsc from Debian $RUNSC_SUITE"
+	unpack_runsc
 
 	step "building the pause binary" "$BUILD_DIR/pause.log"
 	gcc -static -Os -s -Wall -Wextra -Werror -o "$BUILD_DIR/pause.tmp" "$FSB_REPO/hack/pause/pause.c" >"$BUILD_DIR/pause.log" 2>&1
@@ -282,7 +322,8 @@ cmd_up() {
 		"FAST_SANDBOX_IMAGES_DIR=$IMAGES_DIR" \
 		"FAST_SANDBOX_INSTANCE_SCRIPT=$INSTANCE_SCRIPT" \
 		"FAST_SANDBOX_DEVTOOL=$devtool" \
-		"FAST_SANDBOX_RUNSC_ADAPTER=$RUNSC_ADAPTER"
+		"FAST_SANDBOX_RUNSC_ADAPTER=$RUNSC_ADAPTER" \
+		"FAST_SANDBOX_RUNSC=$RUNSC"
 
 	if [[ ${FAST_SANDBOX_SKIP_SMOKE:-} != 1 ]]; then
 		local handler

@@ -11,6 +11,7 @@
 //!   in the words the shim accepts as "already finished"/"does not exist".
 
 use std::{
+    collections::HashMap,
     fs::{File, OpenOptions},
     os::unix::{fs::OpenOptionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
@@ -25,6 +26,7 @@ use crate::{
     cli::{Command, Invocation},
     error::{classify_runsc_error, AdapterError, RunscFailure},
     log::Logger,
+    netns::{self, NetnsOps, Plan},
     state::{self, ContainerDir, ContainerState},
     waiter::{self, WaiterArgs},
 };
@@ -111,6 +113,8 @@ struct Spec {
     process: Option<SpecProcess>,
     #[serde(default)]
     linux: Option<SpecLinux>,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -158,6 +162,9 @@ fn create(
         .linux
         .and_then(|l| l.cgroups_path)
         .filter(|p| cgroup::cgroupfs_path(p).is_some());
+    // For a pod's first container runsc starts the sandbox process, whose
+    // network namespace `start` copies (see netns.rs): remember its PID.
+    let first = netns::creates_sandbox(&spec.annotations);
 
     let dir = ContainerDir::new(ctx.adapter_root, id)?;
     dir.remove()?;
@@ -166,6 +173,9 @@ fn create(
         .map_err(|e| AdapterError::io("mkfifo", dir.fifo(), e.into()))?;
 
     let mut args = vec![format!("--bundle={bundle}")];
+    if first {
+        args.push(format!("--pid-file={}", dir.sandbox_pid_file().display()));
+    }
     if let Some(s) = console_socket {
         args.push(format!("--console-socket={s}"));
     }
@@ -183,7 +193,12 @@ fn create(
         t0.elapsed().as_millis()
     ));
 
-    match spawn_waiter(ctx, id, &dir, cgroups_path, terminal, pid_file) {
+    let recorded = Recorded {
+        cgroups_path,
+        terminal,
+        sandbox_pid: if first { dir.sandbox_pid() } else { None },
+    };
+    match spawn_waiter(ctx, id, &dir, recorded, pid_file) {
         Ok(()) => Ok(0),
         Err(e) => {
             // Leave nothing half-made behind: the shim will not delete a
@@ -199,14 +214,25 @@ fn create(
     }
 }
 
+/// What `create` learnt that later commands need.
+struct Recorded {
+    cgroups_path: Option<String>,
+    terminal: bool,
+    sandbox_pid: Option<u32>,
+}
+
 fn spawn_waiter(
     ctx: &Ctx<'_>,
     id: &str,
     dir: &ContainerDir,
-    cgroups_path: Option<String>,
-    terminal: bool,
+    recorded: Recorded,
     pid_file: Option<&str>,
 ) -> Result<(), AdapterError> {
+    let Recorded {
+        cgroups_path,
+        terminal,
+        sandbox_pid,
+    } = recorded;
     // Join first so the waiter (and its `runsc wait`) is born in the
     // container's cgroup: that is what the shim will read stats from.
     if let Some(path) = &cgroups_path {
@@ -248,6 +274,7 @@ fn spawn_waiter(
         waiter_start_time: start_time,
         cgroups_path,
         terminal,
+        sandbox_pid,
     })?;
     if let Some(pid_file) = pid_file {
         state::write_atomic(Path::new(pid_file), pid.to_string().as_bytes())?;
@@ -321,8 +348,45 @@ fn waiter_fd(ctx: &Ctx<'_>, pid: u32, fd: u32, write: bool) -> Result<File, Adap
     })
 }
 
+/// Before `runsc start` of a pod's first container with gVisor's network
+/// stack: keeps runsc's misfiring root-netns check from refusing a pod
+/// namespace (netns.rs). A sandbox in a host namespace is left to runsc.
+fn prepare_network(
+    ctx: &Ctx<'_>,
+    ops: &dyn NetnsOps,
+    st: &ContainerState,
+) -> Result<(), AdapterError> {
+    match netns::plan(ops, &ctx.runsc_flags, st.sandbox_pid) {
+        Plan::Nothing => Ok(()),
+        Plan::LeaveToRunsc { why } => {
+            ctx.log
+                .warn(&format!("not hiding {} from runsc: {why}", netns::NET_CORE));
+            Ok(())
+        }
+        Plan::Hide { sandbox_pid } => match ops.hide_net_core(sandbox_pid) {
+            Ok(()) => {
+                ctx.log.info(&format!(
+                    "hid {} of sandbox {sandbox_pid}'s network namespace from runsc start",
+                    netns::NET_CORE
+                ));
+                Ok(())
+            }
+            Err(e @ AdapterError::NetnsReturn(_)) => Err(e),
+            // runsc's own check decides (right on kernels where it works).
+            Err(e) => {
+                ctx.log.warn(&format!(
+                    "cannot hide {} from runsc start: {e}",
+                    netns::NET_CORE
+                ));
+                Ok(())
+            }
+        },
+    }
+}
+
 fn start(ctx: &Ctx<'_>, id: &str) -> Result<u8, AdapterError> {
     let (dir, st) = load_live_waiter(ctx, id)?;
+    prepare_network(ctx, &netns::HostNetns, &st)?;
     let mut p = ctx.runsc("start", &[id.to_owned()]);
     if st.terminal {
         p.stdin(Stdio::null())
@@ -511,5 +575,75 @@ fn delete(ctx: &Ctx<'_>, id: &str, args: &[String]) -> Result<u8, AdapterError> 
             Err(AdapterError::DoesNotExist)
         }
         Err((_, e)) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netns::NsId;
+
+    /// The sandbox in a pod netns (not the adapter's, not the initial
+    /// one); hiding fails with `fail`.
+    struct FailingHide(fn() -> AdapterError);
+
+    impl NetnsOps for FailingHide {
+        fn netns(&self, pid: Option<u32>) -> Result<NsId, AdapterError> {
+            Ok(NsId {
+                dev: 1,
+                ino: u64::from(pid.is_some()),
+            })
+        }
+        fn is_initial_netns(&self, _pid: u32) -> Result<bool, AdapterError> {
+            Ok(false)
+        }
+        fn hide_net_core(&self, _pid: u32) -> Result<(), AdapterError> {
+            Err((self.0)())
+        }
+    }
+
+    fn state() -> ContainerState {
+        ContainerState {
+            waiter_pid: 1,
+            waiter_start_time: 1,
+            cgroups_path: None,
+            terminal: false,
+            sandbox_pid: Some(42),
+        }
+    }
+
+    #[test]
+    fn a_failed_hide_leaves_the_verdict_to_runsc_unless_the_netns_is_wrong() {
+        let settings = Settings {
+            runsc: "/bin/false".into(),
+            flags: vec!["--network=sandbox".into()],
+        };
+        let log_dir = tempfile::tempdir().unwrap();
+        let log = Logger::new(Some(log_dir.path().join("a.log")), None, "t".into());
+        let ctx = Ctx {
+            settings: &settings,
+            runsc_flags: settings.flags.clone(),
+            adapter_root: log_dir.path(),
+            log: &log,
+        };
+        let mount_failed = FailingHide(|| {
+            AdapterError::io(
+                "mount tmpfs on",
+                netns::NET_CORE,
+                std::io::ErrorKind::PermissionDenied.into(),
+            )
+        });
+        assert!(prepare_network(&ctx, &mount_failed, &state()).is_ok());
+        let logged = std::fs::read_to_string(log_dir.path().join("a.log")).unwrap();
+        assert!(
+            logged.contains("cannot hide /proc/sys/net/core"),
+            "{logged}"
+        );
+
+        let stuck = FailingHide(|| AdapterError::NetnsReturn(std::io::ErrorKind::Other.into()));
+        assert!(matches!(
+            prepare_network(&ctx, &stuck, &state()),
+            Err(AdapterError::NetnsReturn(_))
+        ));
     }
 }

@@ -43,6 +43,10 @@ pub enum AdapterError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    /// After joining a pod's network namespace to hide a file from runsc,
+    /// the adapter could not return to its own: nothing may run from here.
+    #[error("cannot return to the adapter's network namespace: {0}")]
+    NetnsReturn(std::io::Error),
     #[error("container {id}: no waiter process (state {path}): {why}")]
     NoWaiter {
         id: String,

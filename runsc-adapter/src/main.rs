@@ -3,10 +3,13 @@
 //! this binary). See `adapter.rs` for what differs from plain runsc.
 //!
 //! Settings (environment, inherited from containerd through the shim):
-//! - `FAST_SANDBOX_RUNSC`: the runsc binary (default `/usr/bin/runsc`);
+//! - `FAST_SANDBOX_RUNSC`: the runsc binary (default: a `runsc` beside this
+//!   binary, else `/usr/bin/runsc`; shipping the two together pins the
+//!   gVisor release without a system package);
 //! - `FAST_SANDBOX_RUNSC_FLAGS`: global runsc flags added to every call,
-//!   space-separated (default `--network=host --platform=ptrace`, what this
-//!   node's kernel needs);
+//!   space-separated (default `--network=sandbox --platform=systrap`:
+//!   gVisor's own network stack and its current platform; anything else
+//!   only by setting this, see docs/runtimes.md for what each costs);
 //! - `FAST_SANDBOX_RUNSC_LOG`: the adapter's log file (default
 //!   `<runsc root>.adapter/adapter.log`).
 
@@ -15,13 +18,14 @@ mod cgroup;
 mod cli;
 mod error;
 mod log;
+mod netns;
 mod state;
 mod waiter;
 
 use std::{path::PathBuf, process::ExitCode};
 
 pub const DEFAULT_RUNSC: &str = "/usr/bin/runsc";
-pub const DEFAULT_FLAGS: &str = "--network=host --platform=ptrace";
+pub const DEFAULT_FLAGS: &str = "--network=sandbox --platform=systrap";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,8 +39,7 @@ fn main() -> ExitCode {
         return ExitCode::from(waiter::run(&w, &logger));
     }
     let settings = adapter::Settings {
-        runsc: std::env::var_os("FAST_SANDBOX_RUNSC")
-            .map_or_else(|| PathBuf::from(DEFAULT_RUNSC), PathBuf::from),
+        runsc: std::env::var_os("FAST_SANDBOX_RUNSC").map_or_else(default_runsc, PathBuf::from),
         flags: std::env::var("FAST_SANDBOX_RUNSC_FLAGS")
             .unwrap_or_else(|_| DEFAULT_FLAGS.to_owned())
             .split_whitespace()
@@ -73,6 +76,15 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// A `runsc` in this binary's directory, else [`DEFAULT_RUNSC`].
+fn default_runsc() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("runsc")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_RUNSC))
 }
 
 /// `$FAST_SANDBOX_RUNSC_LOG`, else `adapter.log` in the adapter's root

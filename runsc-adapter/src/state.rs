@@ -21,6 +21,10 @@ pub struct ContainerState {
     /// The OCI `cgroupsPath`, when it is a cgroupfs path.
     pub cgroups_path: Option<String>,
     pub terminal: bool,
+    /// The sandbox process, for a pod's first container (runsc copies its
+    /// network namespace at `start`); absent in older state files.
+    #[serde(default)]
+    pub sandbox_pid: Option<u32>,
 }
 
 /// The adapter's directory for runsc root `root`.
@@ -48,6 +52,21 @@ impl ContainerDir {
 
     pub fn fifo(&self) -> PathBuf {
         self.dir.join("start")
+    }
+
+    /// Where `runsc create` of a pod's first container writes the
+    /// sandbox's PID.
+    pub fn sandbox_pid_file(&self) -> PathBuf {
+        self.dir.join("sandbox.pid")
+    }
+
+    /// The PID in [`Self::sandbox_pid_file`], if runsc wrote one.
+    pub fn sandbox_pid(&self) -> Option<u32> {
+        fs::read_to_string(self.sandbox_pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     fn state_file(&self) -> PathBuf {
@@ -145,6 +164,7 @@ mod tests {
             waiter_start_time: 7,
             cgroups_path: Some("/kubepods/x".into()),
             terminal: true,
+            sandbox_pid: Some(9),
         };
         dir.save(&st).unwrap();
         assert_eq!(dir.load().unwrap(), st);
@@ -152,6 +172,22 @@ mod tests {
         dir.remove().unwrap();
         assert!(ContainerDir::new(root.path(), "../x").is_err());
         assert!(ContainerDir::new(root.path(), "").is_err());
+    }
+
+    #[test]
+    fn state_files_without_a_sandbox_pid_still_load() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = ContainerDir::new(root.path(), "old").unwrap();
+        fs::create_dir_all(&dir.dir).unwrap();
+        fs::write(
+            dir.dir.join("state.json"),
+            r#"{"waiter_pid":1,"waiter_start_time":2,"cgroups_path":null,"terminal":false}"#,
+        )
+        .unwrap();
+        assert_eq!(dir.load().unwrap().sandbox_pid, None);
+        assert_eq!(dir.sandbox_pid(), None);
+        fs::write(dir.sandbox_pid_file(), "4242\n").unwrap();
+        assert_eq!(dir.sandbox_pid(), Some(4242));
     }
 
     #[test]

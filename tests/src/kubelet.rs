@@ -365,7 +365,7 @@ pub async fn kubelet_sequence(
 
 /// Connects from the host to the pod's IP and reads what the workload
 /// serves (its hostname), retrying while `nc` starts (bounded).
-async fn host_to_pod(ip: &str) -> anyhow::Result<String> {
+pub async fn host_to_pod(ip: &str) -> anyhow::Result<String> {
     let addr: std::net::SocketAddr = format!("{ip}:{POD_PORT}").parse().expect("pod address");
     wait_for(
         "the pod to answer on its IP",

@@ -76,6 +76,16 @@ impl Cri {
     /// The PID of a sandbox's pause process, from containerd's verbose
     /// status (through the shim, a claimed slot's status is containerd's).
     pub async fn pause_pid(&mut self, id: &str) -> anyhow::Result<i64> {
+        self.verbose_info(id)
+            .await?
+            .get("pid")
+            .and_then(serde_json::Value::as_i64)
+            .filter(|pid| *pid > 0)
+            .with_context(|| format!("no pause pid in the verbose status of {id}"))
+    }
+
+    /// containerd's verbose `info` of a sandbox (pid, runtimeSpec, …).
+    pub async fn verbose_info(&mut self, id: &str) -> anyhow::Result<serde_json::Value> {
         let info = self
             .runtime
             .pod_sandbox_status(fast_sandbox_proto::cri::PodSandboxStatusRequest {
@@ -85,11 +95,39 @@ impl Cri {
             .await?
             .into_inner()
             .info;
-        info.get("info")
-            .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
-            .and_then(|v| v.get("pid").and_then(serde_json::Value::as_i64))
-            .filter(|pid| *pid > 0)
-            .with_context(|| format!("no pause pid in the verbose status of {id}"))
+        let text = info
+            .get("info")
+            .with_context(|| format!("no verbose info for {id}"))?;
+        serde_json::from_str(text).with_context(|| format!("verbose info of {id}"))
+    }
+
+    /// A sandbox's pod IP, from its (non-verbose) status.
+    pub async fn pod_ip(&mut self, id: &str) -> anyhow::Result<String> {
+        self.runtime
+            .pod_sandbox_status(fast_sandbox_proto::cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id.to_owned(),
+                verbose: false,
+            })
+            .await?
+            .into_inner()
+            .status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .filter(|ip| !ip.is_empty())
+            .with_context(|| format!("no pod IP in the status of {id}"))
+    }
+
+    /// The network namespace path in a sandbox's OCI spec.
+    pub async fn netns_path(&mut self, id: &str) -> anyhow::Result<String> {
+        let info = self.verbose_info(id).await?;
+        info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["type"] == "network")
+            .and_then(|n| n["path"].as_str())
+            .map(str::to_owned)
+            .with_context(|| format!("no network namespace path in {id}'s spec"))
     }
 
     /// The hostname in a sandbox's UTS namespace, as its containers see it.
@@ -246,6 +284,21 @@ impl DevNode {
 
     pub fn cri(&self) -> anyhow::Result<Cri> {
         Cri::connect(&self.containerd_endpoint)
+    }
+
+    /// The runsc the node's runsc handler runs, chosen as the adapter
+    /// chooses it: `FAST_SANDBOX_RUNSC`, else a `runsc` beside
+    /// `FAST_SANDBOX_RUNSC_ADAPTER`, else `/usr/bin/runsc`. Commands that
+    /// talk to the node's sandboxes (`runsc exec`) must use this one: a
+    /// runsc of another release cannot read the sandbox's state.
+    pub fn runsc() -> PathBuf {
+        if let Some(r) = std::env::var_os("FAST_SANDBOX_RUNSC") {
+            return r.into();
+        }
+        std::env::var_os("FAST_SANDBOX_RUNSC_ADAPTER")
+            .and_then(|a| Some(PathBuf::from(a).parent()?.join("runsc")))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("/usr/bin/runsc"))
     }
 }
 

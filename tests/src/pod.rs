@@ -9,6 +9,11 @@ use fast_sandbox_proto::cri::{
     LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
     PodSandboxMetadata, PortMapping, Protocol, SecurityProfile,
 };
+use fast_sandbox_proto::cri::{
+    CreateContainerRequest, ExecSyncRequest, RunPodSandboxRequest, StartContainerRequest,
+};
+
+use crate::{Cri, DevNode};
 
 /// Label every test pod carries, so list calls can be filtered to one test
 /// and stay deterministic while other tests run beside it.
@@ -226,6 +231,65 @@ pub fn remove_cgroup_dirs(rel: &str) {
     for h in hierarchies.flatten() {
         let _ = std::fs::remove_dir(h.path().join(rel.trim_start_matches('/')));
     }
+}
+
+/// Runs `pod`'s sandbox on `handler` (log directory prepared); returns its id.
+pub async fn run_pod(cri: &mut Cri, pod: &TestPod, handler: &str) -> anyhow::Result<String> {
+    pod.prepare_log_dirs(&[])?;
+    Ok(cri
+        .runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod.sandbox_config()),
+            runtime_handler: handler.into(),
+        })
+        .await?
+        .into_inner()
+        .pod_sandbox_id)
+}
+
+/// Creates and starts container `name` running `script`; returns its id.
+pub async fn start_container(
+    cri: &mut Cri,
+    node: &DevNode,
+    pod: &TestPod,
+    sid: &str,
+    name: &str,
+    script: &str,
+    tty: bool,
+) -> anyhow::Result<String> {
+    pod.prepare_log_dirs(&[name])?;
+    let mut config = pod.container_config(name, &node.test_image, script);
+    config.tty = tty;
+    let cid = cri
+        .runtime
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: sid.to_owned(),
+            config: Some(config),
+            sandbox_config: Some(pod.sandbox_config()),
+        })
+        .await?
+        .into_inner()
+        .container_id;
+    cri.runtime
+        .start_container(StartContainerRequest {
+            container_id: cid.clone(),
+        })
+        .await?;
+    Ok(cid)
+}
+
+/// Runs `script` under `sh -c` in container `cid`; its exit code and stdout.
+pub async fn exec(cri: &mut Cri, cid: &str, script: &str) -> anyhow::Result<(i32, String)> {
+    let r = cri
+        .runtime
+        .exec_sync(ExecSyncRequest {
+            container_id: cid.to_owned(),
+            cmd: vec!["sh".into(), "-c".into(), script.into()],
+            timeout: 10,
+        })
+        .await?
+        .into_inner();
+    Ok((r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned()))
 }
 
 #[cfg(test)]

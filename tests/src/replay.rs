@@ -354,9 +354,10 @@ impl ReplayNode {
             p.name = Some(format!("{POOL_PREFIX}{name}"));
             let runsc = p.upstream.starts_with("runsc") || p.upstream.starts_with("gvisor");
             if runsc && p.guest_exec.is_none() {
+                let runsc = DevNode::runsc().display().to_string();
                 p.guest_exec = Some(
                     [
-                        "/usr/bin/runsc",
+                        runsc.as_str(),
                         "--root",
                         &runsc_root.display().to_string(),
                         "exec",

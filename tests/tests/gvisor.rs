@@ -9,12 +9,13 @@ use std::{collections::HashMap, path::PathBuf, process::Command, time::Duration}
 use anyhow::{ensure, Context as _};
 use fast_sandbox_proto::cri::{
     ContainerState, ContainerStatsFilter, ContainerStatsRequest, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ListContainerStatsRequest, NamespaceMode,
-    PodSandboxStatusRequest, RemoveContainerRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopContainerRequest,
+    CreateContainerRequest, ListContainerStatsRequest, NamespaceMode, PodSandboxStatusRequest,
+    RemoveContainerRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
 };
 use fast_sandbox_tests::{
-    kubelet::kubelet_sequence, pod::TestPod, wait_for, CaseGuard, Cri, DevNode, InProcessShim,
+    kubelet::kubelet_sequence,
+    pod::{exec, run_pod, start_container, TestPod},
+    wait_for, CaseGuard, Cri, DevNode, InProcessShim,
 };
 
 const HANDLER: &str = "runsc";
@@ -59,51 +60,6 @@ async fn lifecycle_equivalence_runsc() {
     direct_t.assert_equivalent(&shim_t, "containerd", "shim");
 }
 
-/// Starts `pod` on `handler` and returns its sandbox id.
-async fn run_pod(cri: &mut Cri, pod: &TestPod, handler: &str) -> anyhow::Result<String> {
-    pod.prepare_log_dirs(&[])?;
-    Ok(cri
-        .runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod.sandbox_config()),
-            runtime_handler: handler.into(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id)
-}
-
-/// Creates and starts container `name` running `script`; returns its id.
-async fn start_container(
-    cri: &mut Cri,
-    node: &DevNode,
-    pod: &TestPod,
-    sid: &str,
-    name: &str,
-    script: &str,
-    tty: bool,
-) -> anyhow::Result<String> {
-    pod.prepare_log_dirs(&[name])?;
-    let mut config = pod.container_config(name, &node.test_image, script);
-    config.tty = tty;
-    let cid = cri
-        .runtime
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: sid.to_owned(),
-            config: Some(config),
-            sandbox_config: Some(pod.sandbox_config()),
-        })
-        .await?
-        .into_inner()
-        .container_id;
-    cri.runtime
-        .start_container(StartContainerRequest {
-            container_id: cid.clone(),
-        })
-        .await?;
-    Ok(cid)
-}
-
 /// Waits until container `cid` has exited; returns its exit code.
 async fn exit_code(cri: &Cri, cid: &str) -> anyhow::Result<i32> {
     wait_for(
@@ -127,19 +83,6 @@ async fn exit_code(cri: &Cri, cid: &str) -> anyhow::Result<i32> {
         },
     )
     .await
-}
-
-async fn exec(cri: &mut Cri, cid: &str, script: &str) -> anyhow::Result<(i32, String)> {
-    let r = cri
-        .runtime
-        .exec_sync(ExecSyncRequest {
-            container_id: cid.to_owned(),
-            cmd: vec!["sh".into(), "-c".into(), script.into()],
-            timeout: 10,
-        })
-        .await?
-        .into_inner();
-    Ok((r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned()))
 }
 
 /// The log lines of container `name` (CRI format, time stamp removed).
@@ -300,21 +243,7 @@ fn ppid(pid: u32) -> Option<u32> {
 /// The shim process of sandbox `sid`: the parent (as child subreaper) of
 /// the PID containerd reports for the sandbox.
 async fn shim_pid(cri: &mut Cri, sid: &str) -> anyhow::Result<u32> {
-    let info = cri
-        .runtime
-        .pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: sid.to_owned(),
-            verbose: true,
-        })
-        .await?
-        .into_inner()
-        .info;
-    let pid = info
-        .get("info")
-        .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
-        .and_then(|v| v.get("pid").and_then(serde_json::Value::as_u64))
-        .and_then(|p| u32::try_from(p).ok())
-        .context("sandbox pid in verbose info")?;
+    let pid = u32::try_from(cri.pause_pid(sid).await?).context("sandbox pid")?;
     let shim = ppid(pid).context("parent of the sandbox pid")?;
     ensure!(
         cmdline(shim).contains("containerd-shim-runc-v2"),
@@ -514,7 +443,8 @@ async fn runsc_container_stats_and_pod_cgroup() {
         })
         .map(|&p| cmdline(p))
         .collect();
-    for prefix in ["runsc-gofer ", "/usr/bin/runsc "] {
+    let runsc_wait = format!("{} ", DevNode::runsc().display());
+    for prefix in ["runsc-gofer ", runsc_wait.as_str()] {
         assert!(
             in_container.iter().any(|c| c.starts_with(prefix)),
             "no {prefix:?} in {container_cgroup}: {in_container:#?}"

@@ -13,6 +13,7 @@
 
 use std::{
     net::SocketAddr,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -32,6 +33,10 @@ const SLOT_NAMESPACE: &str = "fast-sandbox-slots";
 pub struct Opts {
     #[command(flatten)]
     node: common::NodeArgs,
+    /// The runsc the node's runsc handler runs (the dev node exports it;
+    /// a runsc of another release cannot exec into its sandboxes).
+    #[arg(long, env = "FAST_SANDBOX_RUNSC", default_value = "/usr/bin/runsc")]
+    runsc: PathBuf,
     /// Image of the pods' container (already present; never pulled).
     #[arg(long, env = "FAST_SANDBOX_TEST_IMAGE")]
     image: String,
@@ -60,7 +65,7 @@ async fn start_node(
     sizes: &[(String, usize)],
 ) -> anyhow::Result<(NodeProcess, SocketAddr)> {
     let admin = free_port()?;
-    let config = node_config(admin, &opts.node.containerd_root, sizes);
+    let config = node_config(admin, &opts.node.containerd_root, &opts.runsc, sizes);
     let binary = common::node_binary(opts.node.node_binary.as_deref())?;
     let node = NodeProcess::spawn(&binary, &opts.node.upstream, &config).await?;
     let mut rt = common::client(&node.endpoint())?;
@@ -73,6 +78,7 @@ async fn start_node(
 fn node_config(
     admin: SocketAddr,
     containerd_root: &std::path::Path,
+    runsc: &std::path::Path,
     sizes: &[(String, usize)],
 ) -> String {
     let mut config = format!(
@@ -91,7 +97,8 @@ fn node_config(
                 .unwrap_or(containerd_root)
                 .join("runtime/runsc/k8s.io");
             config.push_str(&format!(
-                "guest_exec = [\"/usr/bin/runsc\", \"--root\", {:?}, \"exec\", \"--cap\", \"CAP_SYS_ADMIN\", \"{{sandbox_id}}\", \"/pause\", \"--set-hostname\", \"{{hostname}}\"]\n",
+                "guest_exec = [{:?}, \"--root\", {:?}, \"exec\", \"--cap\", \"CAP_SYS_ADMIN\", \"{{sandbox_id}}\", \"/pause\", \"--set-hostname\", \"{{hostname}}\"]\n",
+                runsc.display().to_string(),
                 root.display().to_string()
             ));
         }
@@ -431,6 +438,7 @@ mod tests {
         let text = node_config(
             "127.0.0.1:9464".parse().expect("addr"),
             std::path::Path::new("/var/lib/containerd"),
+            std::path::Path::new("/usr/bin/runsc"),
             &sizes,
         );
         let file: fast_sandbox_node::config::FileConfig =

@@ -124,7 +124,10 @@ impl WarmNode {
         let mechanisms = HashMap::from([(
             "runsc".to_owned(),
             Mechanism::GuestExec(GuestExecSettings {
-                command: ExecTemplate::runsc("/usr/bin/runsc", &runsc_root(node)),
+                command: ExecTemplate::runsc(
+                    &DevNode::runsc().display().to_string(),
+                    &runsc_root(node),
+                ),
                 sysctls: SysctlPolicy::Ignore,
             }),
         )]);
@@ -213,7 +216,7 @@ impl WarmNode {
         self.shim.stop().await?;
         let mut cri = Cri::connect(&self.endpoint)?;
         for sb in cri.list_by_label(POOL_LABEL, &self.pool).await? {
-            cri.remove_sandbox(&sb.id).await?;
+            remove_slot(&cri, &sb.id).await?;
             if let Some(uid) = sb.metadata.map(|m| m.uid) {
                 fast_sandbox_tests::pod::remove_cgroup_dirs(&format!("{}/{uid}", self.cgroup_root));
             }
@@ -221,6 +224,39 @@ impl WarmNode {
         fast_sandbox_tests::pod::remove_cgroup_dirs(&self.cgroup_root);
         Ok(())
     }
+}
+
+/// Removes slot `id`, which the pool may still be destroying itself (after
+/// `set_size(0)` a slot leaves the free count before its removal ends).
+/// Two StopPodSandbox calls at once make containerd run two CNI teardowns
+/// that race (`failed to delete "eth0": no such device`), or the slot is
+/// gone by the time ours runs: retried until removed or not found.
+async fn remove_slot(cri: &Cri, id: &str) -> anyhow::Result<()> {
+    let last = std::sync::Mutex::new(String::new());
+    let removed = wait_for(
+        &format!("slot {id} removed"),
+        Duration::from_secs(20),
+        || {
+            let (mut cri, last) = (cri.clone(), &last);
+            async move {
+                match cri.remove_sandbox(id).await {
+                    Ok(()) => Some(()),
+                    Err(s) if s.code() == tonic::Code::NotFound => Some(()),
+                    Err(s) => {
+                        *last
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = s.to_string();
+                        None
+                    }
+                }
+            }
+        },
+    )
+    .await;
+    let last = last
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    anyhow::Context::with_context(removed, || format!("last error: {last}"))
 }
 
 /// Removes, straight on containerd, every sandbox labelled as a slot of
