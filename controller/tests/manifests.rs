@@ -288,7 +288,11 @@ fn the_kustomization_applies_every_object() {
     expected.sort_unstable();
     assert_eq!(sorted, expected, "every manifest with API objects, once");
     let position = |file: &str| listed.iter().position(|f| *f == file);
-    for first in ["namespace.yaml", "crds/sandboxpools.yaml", "crds/sandboxes.yaml"] {
+    for first in [
+        "namespace.yaml",
+        "crds/sandboxpools.yaml",
+        "crds/sandboxes.yaml",
+    ] {
         for then in ["node-plugin/daemonset.yaml", "controller/deployment.yaml"] {
             assert!(position(first) < position(then), "{first} before {then}");
         }
@@ -296,7 +300,11 @@ fn the_kustomization_applies_every_object() {
     let version = env!("CARGO_PKG_VERSION");
     for (kind, name, image) in [
         ("DaemonSet", "fast-sandbox-node", "fast-sandbox/node"),
-        ("Deployment", "fast-sandbox-controller", "fast-sandbox/controller"),
+        (
+            "Deployment",
+            "fast-sandbox-controller",
+            "fast-sandbox/controller",
+        ),
     ] {
         let doc = docs
             .iter()
