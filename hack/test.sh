@@ -55,20 +55,18 @@ cargo test --workspace --locked "$@"
 
 # The same harness against containerd 2.1 (FAST_SANDBOX_UPSTREAM picks the
 # env file's FAST_SANDBOX_CONTAINERD2_* instance). The subset, chosen for
-# time (its tests took about 35 s on the development machine, plus the
-# build of three more test binaries): warm = cold for runc (also with the
-# network rebound), warm pod stats and cgroup moves, the CRI lifecycle
-# for runc, the gVisor tests, and the shim's Status against
-# containerd 2.1's real handler list. Left out: crun (Debian 12's crun
-# 1.8.1 refuses containerd 2.1's OCI spec version, see section 13 of
-# docs/containerd-1.6-sandbox-state.md), the containerd-restart test, and
-# warm_gvisor: on 2.1 stopping a free gVisor slot failed once in CI with
-# `plugin type="bridge" failed (delete): failed to delete "eth0": no such
-# device` (passed in earlier runs; issue 12 tracks it).
+# time: warm = cold for runc (also with the network rebound), warm pod
+# stats and cgroup moves, the CRI lifecycle for runc, the gVisor tests
+# (cold, warm = cold and gVisor's own network stack), and the shim's Status
+# and handler features against containerd 2.1's real handler list. Left
+# out: crun (Debian 12's crun 1.8.1 refuses containerd 2.1's OCI spec
+# version, see section 13 of docs/containerd-1.6-sandbox-state.md) and the
+# containerd-restart test.
 fsb_log "running the containerd $FAST_SANDBOX_CONTAINERD2_VERSION subset"
 c2_start=$SECONDS
 FAST_SANDBOX_UPSTREAM=containerd2 cargo test --locked -p fast-sandbox-tests \
 	--test warm --test cri_lifecycle --test real_status --test gvisor \
+	--test gvisor_netstack --test warm_gvisor \
 	-- --skip crun --skip containerd_restart
 fsb_log "containerd $FAST_SANDBOX_CONTAINERD2_VERSION subset took $((SECONDS - c2_start)) s"
 
