@@ -50,6 +50,27 @@ FAST_SANDBOX_CONTAINERD2=1 "$FSB_REPO/hack/dev-node.sh" up
 # shellcheck disable=SC1091
 . "$FAST_SANDBOX_DEV_DIR/clients/env"
 
+# The upgrade test (node-plugin/tests/restart_root.rs) starts the previous
+# release's node plugin, then this one, on the same state. The previous
+# release is the revision in hack/previous-release (the last main that
+# landed), built from this clone's history into a target dir of its own.
+previous=$(<"$FSB_REPO/hack/previous-release")
+previous_target=$(fsb_cargo_target_dir)/previous-release
+if git -C "$FSB_REPO" cat-file -e "$previous^{commit}" 2>/dev/null; then
+	fsb_log "building the previous release's node plugin (${previous:0:12}) for the upgrade test"
+	rm -rf "$previous_target/src"
+	mkdir -p "$previous_target"
+	git -C "$FSB_REPO" archive --format=tar --prefix=src/ "$previous" | tar -x -C "$previous_target"
+	(cd "$previous_target/src" && CARGO_TARGET_DIR=$previous_target/target \
+		cargo build --locked -p fast-sandbox-node)
+	export FAST_SANDBOX_PREVIOUS_NODE_BINARY=$previous_target/target/debug/fast-sandbox-node
+else
+	# A shallow clone: the upgrade test then restarts this release's binary
+	# on its own state (what the restart test also covers), and says so.
+	fsb_log "warning: ${previous:0:12} (hack/previous-release) is not in this clone: the upgrade test runs this release's binary twice"
+	export FAST_SANDBOX_PREVIOUS_NODE_BINARY=$(fsb_cargo_target_dir)/debug/fast-sandbox-node
+fi
+
 fsb_log "running the tests (unit, in-process, and against containerd)"
 cargo test --workspace --locked "$@"
 
