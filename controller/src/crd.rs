@@ -8,11 +8,14 @@
 //!   capacity on nodes every namespace shares, and two namespaces could ask
 //!   one node for the same (handler, shape) pool with different sizes.
 //! - [`Sandbox`] is **namespaced**: it is one workload, and its pod lives in
-//!   its namespace.
+//!   its namespace. Its resource names are `fastsandboxes` / `fastsandbox` /
+//!   `fsb`, not the defaults `sandboxes` / `sandbox`: kubernetes-sigs
+//!   agent-sandbox defines a kind `Sandbox` too (group `agents.x-k8s.io`),
+//!   and with both installed `kubectl get sandboxes` would pick one of them.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -37,6 +40,7 @@ pub const SANDBOX_LABEL: &str = "fast-sandbox.io/sandbox";
     kind = "SandboxPool",
     status = "SandboxPoolStatus",
     shortname = "sbpool",
+    category = "fast-sandbox",
     printcolumn = r#"{"name":"Class","type":"string","jsonPath":".spec.runtimeClassName"}"#,
     printcolumn = r#"{"name":"Nodes","type":"integer","jsonPath":".status.readyNodes"}"#,
     printcolumn = r#"{"name":"Free","type":"integer","jsonPath":".status.free"}"#,
@@ -123,9 +127,12 @@ pub struct NodePoolStatus {
     group = "fast-sandbox.io",
     version = "v1alpha1",
     kind = "Sandbox",
+    singular = "fastsandbox",
+    plural = "fastsandboxes",
     namespaced,
     status = "SandboxStatus",
-    shortname = "sb",
+    shortname = "fsb",
+    category = "fast-sandbox",
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.nodeName"}"#,
     printcolumn = r#"{"name":"IP","type":"string","jsonPath":".status.podIP"}"#,
@@ -141,9 +148,16 @@ pub struct SandboxSpec {
     /// Arguments to the entrypoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
-    /// Environment of the container.
+    /// Environment of the container: literal values only. The controller
+    /// creates the pod with its own rights, so `valueFrom` (a Secret's or
+    /// ConfigMap's key, …) is refused: it would read what the `Sandbox`'s
+    /// creator may not.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
+    /// Tolerations of the pod: the controller binds only to nodes whose
+    /// `NoSchedule`/`NoExecute` taints (and cordon) these tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
     /// Resource requests and limits of the container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -232,7 +246,7 @@ pub fn crd_yaml() -> Result<Vec<(&'static str, String)>, CrdGenError> {
             "sandboxpools.yaml",
             yaml("SandboxPool", SandboxPool::crd())?,
         ),
-        ("sandboxes.yaml", yaml("Sandbox", Sandbox::crd())?),
+        ("fastsandboxes.yaml", yaml("Sandbox", Sandbox::crd())?),
     ])
 }
 
@@ -270,7 +284,14 @@ mod tests {
         );
         let sandbox = Sandbox::crd();
         assert_eq!(sandbox.spec.scope, "Namespaced");
-        assert_eq!(sandbox.spec.names.plural, "sandboxes");
+        // Distinct from agent-sandbox's `sandboxes` / `sandbox`.
+        assert_eq!(sandbox.spec.names.plural, "fastsandboxes");
+        assert_eq!(sandbox.spec.names.singular.as_deref(), Some("fastsandbox"));
+        assert_eq!(sandbox.spec.names.short_names, Some(vec!["fsb".to_owned()]));
+        assert_eq!(
+            sandbox.metadata.name.as_deref(),
+            Some("fastsandboxes.fast-sandbox.io")
+        );
         assert_eq!(Sandbox::api_version(&()), "fast-sandbox.io/v1alpha1");
         // Status is a subresource, so reconcilers write it apart from spec.
         let version = &sandbox.spec.versions[0];

@@ -13,8 +13,11 @@
 //!   context, errors and retry policy; [`run`] wires both to a cluster.
 //!   Every API call they make (the RBAC they need) is listed in
 //!   `docs/controller.md`.
+//! - [`admit`]: what the `Sandbox` path checks because it binds by
+//!   `nodeName`: taints, cordon, resource fit.
 //! - [`sim`]: warm-hit rate of the placement against slot-blind baselines.
 
+pub mod admit;
 pub mod agent;
 pub mod bench;
 pub mod crd;

@@ -9,13 +9,13 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use fast_sandbox_proto::shape::KUBELET_SANDBOX_SECCOMP;
 
+use crate::admit::NodeUsage;
 use crate::crd::{Sandbox, SandboxPool};
 use crate::nodes::NodeDirectory;
 use crate::scoring::{Policy, SlotPolicy};
@@ -71,8 +71,13 @@ pub struct Context {
     pub client: Client,
     /// Node states and pool-size pushes.
     pub nodes: Arc<dyn NodeDirectory>,
-    /// Node labels (a metadata-only reflector over `nodes`).
-    pub node_labels: Store<PartialObjectMeta<Node>>,
+    /// The API server's Nodes: labels for pool selectors; taints, cordon
+    /// and allocatable for the `Sandbox` path (a reflector over `nodes`
+    /// with the image lists dropped).
+    pub api_nodes: Store<Node>,
+    /// What the bound pods request of each node (the `Sandbox` path's
+    /// resource fit); empty until [`run`](crate::run) feeds it a pod watch.
+    pub usage: Arc<NodeUsage>,
     /// Every `SandboxPool` (the pool controller's reflector).
     pub pools: Store<SandboxPool>,
     /// Knobs.
@@ -102,14 +107,15 @@ impl Context {
     pub fn new(
         client: Client,
         nodes: Arc<dyn NodeDirectory>,
-        node_labels: Store<PartialObjectMeta<Node>>,
+        api_nodes: Store<Node>,
         pools: Store<SandboxPool>,
         config: ReconcileConfig,
     ) -> Self {
         Context {
             client,
             nodes,
-            node_labels,
+            api_nodes,
+            usage: Arc::default(),
             pools,
             config,
             placement: Mutex::new(()),
@@ -137,9 +143,14 @@ impl Context {
         Time(k8s_openapi::jiff::Timestamp::from_millisecond(ms).unwrap_or_default())
     }
 
+    /// The API server's Node `node`, if there is one.
+    pub(crate) fn api_node(&self, node: &str) -> Option<Arc<Node>> {
+        self.api_nodes.get(&ObjectRef::new(node))
+    }
+
     /// The node's labels, or `None` when the API server has no such node.
     pub(crate) fn labels_of(&self, node: &str) -> Option<BTreeMap<String, String>> {
-        self.node_labels
+        self.api_nodes
             .get(&ObjectRef::new(node))
             .map(|n| n.labels().clone())
     }
@@ -148,7 +159,7 @@ impl Context {
     /// sorted.
     pub(crate) fn nodes_matching(&self, selector: &BTreeMap<String, String>) -> Vec<String> {
         let mut names: Vec<String> = self
-            .node_labels
+            .api_nodes
             .state()
             .iter()
             .filter(|n| selector_matches(selector, n.labels()))

@@ -8,12 +8,12 @@ use std::time::Duration;
 use futures::{stream, FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{predicates, watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 
+use crate::admit::NodeUsage;
 use crate::crd::{Sandbox, SandboxPool, SANDBOX_LABEL};
 use crate::extender::Extender;
 use crate::nodes::NodeDirectory;
@@ -139,35 +139,54 @@ pub async fn remove_finalizers(client: &Client) -> Result<usize, kube::Error> {
     Ok(removed)
 }
 
-/// A store of Node labels (metadata only: a Node's status carries its image
-/// list) and a stream that fires when a Node's labels change.
+/// A store of the API server's Nodes (image lists and managed fields
+/// dropped: a Node's status carries every image it holds) and a stream that
+/// fires when a Node's labels change.
 fn node_label_events(
     client: &Client,
 ) -> (
-    reflector::Store<PartialObjectMeta<Node>>,
+    reflector::Store<Node>,
     impl futures::Stream<Item = ()> + Send + 'static,
 ) {
-    let (node_labels, node_writer) = reflector::store();
-    let events = reflector(
-        node_writer,
-        watcher(
-            Api::<PartialObjectMeta<Node>>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .touched_objects()
-    .predicate_filter(predicates::labels, Default::default())
-    .filter_map(|event| async move {
-        match event {
-            Ok(_) => Some(()),
-            Err(error) => {
-                tracing::warn!(%error, "node watch");
-                None
+    let (api_nodes, node_writer) = reflector::store();
+    let nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|node| {
+            node.managed_fields_mut().clear();
+            if let Some(status) = node.status.as_mut() {
+                status.images = None;
             }
-        }
-    });
-    (node_labels, events)
+        });
+    let events = reflector(node_writer, nodes)
+        .touched_objects()
+        .predicate_filter(predicates::labels, Default::default())
+        .filter_map(|event| async move {
+            match event {
+                Ok(_) => Some(()),
+                Err(error) => {
+                    tracing::warn!(%error, "node watch");
+                    None
+                }
+            }
+        });
+    (api_nodes, events)
+}
+
+/// Feeds `usage` from a watch of every bound, unfinished pod (the
+/// `Sandbox` path's resource fit), until the stream ends.
+async fn follow_pod_usage(client: Client, usage: Arc<NodeUsage>) {
+    let bound = watcher::Config::default()
+        .fields("spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed");
+    watcher(Api::<Pod>::all(client), bound)
+        .default_backoff()
+        .for_each(|event| {
+            match event {
+                Ok(event) => usage.apply(&event),
+                Err(error) => tracing::warn!(%error, "pod watch (node usage)"),
+            }
+            futures::future::ready(())
+        })
+        .await;
 }
 
 /// Fires on every change of the node directory (every pool re-runs on it),
@@ -202,7 +221,7 @@ pub async fn controllers(
     let shutdown = shutdown.shared();
     let controller_config = ControllerConfig::default().debounce(Duration::from_millis(200));
 
-    let (node_labels, node_events) = node_label_events(&client);
+    let (api_nodes, node_events) = node_label_events(&client);
     let directory_changes = directory_changes(nodes.clone(), extender);
 
     let pool_controller = Controller::new(
@@ -213,7 +232,7 @@ pub async fn controllers(
     let ctx = Arc::new(Context::new(
         client.clone(),
         nodes,
-        node_labels,
+        api_nodes,
         pool_controller.store(),
         config,
     ));
@@ -226,6 +245,7 @@ pub async fn controllers(
                 tracing::debug!(%error, "SandboxPool controller");
             }
         });
+    let (ctx_client, ctx_usage) = (client.clone(), ctx.usage.clone());
     let sandbox_controller = Controller::new(
         Api::<Sandbox>::all(client.clone()),
         watcher::Config::default(),
@@ -254,7 +274,10 @@ pub async fn controllers(
         futures::future::ready(()).right_future()
     };
     let sandboxes = if served.sandboxes {
-        sandboxes.left_future()
+        let usage = follow_pod_usage(ctx_client, ctx_usage);
+        futures::future::select(Box::pin(sandboxes), Box::pin(usage))
+            .map(|_| ())
+            .left_future()
     } else {
         futures::future::ready(()).right_future()
     };

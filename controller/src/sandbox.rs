@@ -28,17 +28,20 @@
 //! second controller replica) finds the pod instead of creating another; a
 //! create that races with one answers 409 and the existing pod is read.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Container, Pod, PodSecurityContext, PodSpec, SeccompProfile};
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, Pod, PodSecurityContext, PodSpec, SeccompProfile,
+};
 use kube::api::PostParams;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use tracing::Instrument;
 
+use crate::admit::{self, Requests};
 use crate::crd::{Sandbox, SandboxPhase, SandboxPool, SandboxStatus, POOL_LABEL, SANDBOX_LABEL};
 use crate::nodes::SandboxShape;
 use crate::reconcile::{backoff_key, condition, selector_matches, write_status, Context, Error};
@@ -70,6 +73,51 @@ enum SpecProblem {
     Invalid(String),
     /// `spec.pool` names no pool (yet). Retried after a while.
     NoSuchPool(String),
+    /// The spec asks for something its creator might not be allowed (a
+    /// Secret's key in `env`): (reason, message naming the field). Retried
+    /// when the spec changes.
+    Refused(&'static str, String),
+}
+
+/// The `valueFrom` source named in `var`, for the refusal's message.
+fn value_from_source(var: &EnvVar) -> Option<&'static str> {
+    let from = var.value_from.as_ref()?;
+    Some(if from.secret_key_ref.is_some() {
+        "secretKeyRef"
+    } else if from.config_map_key_ref.is_some() {
+        "configMapKeyRef"
+    } else if from.field_ref.is_some() {
+        "fieldRef"
+    } else if from.resource_field_ref.is_some() {
+        "resourceFieldRef"
+    } else {
+        "valueFrom"
+    })
+}
+
+/// The first `env` entry that is not a literal value, as a refusal. The
+/// pod is created with the controller's rights, so a `secretKeyRef` would
+/// hand the `Sandbox`'s creator a Secret they may not read; the creator is
+/// not recorded on the object, so a SubjectAccessReview for them cannot be
+/// made, and only literal values are allowed.
+fn non_literal_env(spec: &crate::crd::SandboxSpec) -> Option<SpecProblem> {
+    let (i, source) = spec
+        .env
+        .iter()
+        .enumerate()
+        .find_map(|(i, var)| value_from_source(var).map(|source| (i, source)))?;
+    let field = match source {
+        "valueFrom" => format!("spec.env[{i}].valueFrom"),
+        source => format!("spec.env[{i}].valueFrom.{source}"),
+    };
+    Some(SpecProblem::Refused(
+        "EnvValueFromRefused",
+        format!(
+            "{field}: refused: a Sandbox's environment takes literal values only (the \
+             controller creates the pod, so a reference would read with its rights, not \
+             its creator's)"
+        ),
+    ))
 }
 
 fn resolve(sandbox: &Sandbox, ctx: &Context) -> Result<Target, SpecProblem> {
@@ -87,6 +135,9 @@ fn resolve(sandbox: &Sandbox, ctx: &Context) -> Result<Target, SpecProblem> {
     }
     if let Some(i) = spec.env.iter().position(|e| e.name.is_empty()) {
         return invalid(format!("spec.env[{i}].name: must not be empty"));
+    }
+    if let Some(refused) = non_literal_env(spec) {
+        return Err(refused);
     }
     let pool = match &spec.pool {
         Some(pool) if pool.len() > MAX_LABEL_VALUE => {
@@ -241,6 +292,13 @@ async fn reconcile_inner(sandbox: &Sandbox, ctx: &Context) -> Result<Action, Err
             scope.write(status).await?;
             return Ok(Action::await_change());
         }
+        Err(SpecProblem::Refused(reason, message)) => {
+            tracing::warn!(%message, "Sandbox refused");
+            ctx.stop_waiting(&ObjectRef::from_obj(sandbox));
+            let status = scope.not_scheduled(SandboxPhase::Failed, reason, message);
+            scope.write(status).await?;
+            return Ok(Action::await_change());
+        }
         Err(SpecProblem::NoSuchPool(pool)) if scope.old.node_name.is_none() => {
             let message = format!("spec.pool: no SandboxPool {pool:?}");
             let status = scope.not_scheduled(SandboxPhase::Pending, "PoolNotFound", message);
@@ -259,8 +317,35 @@ async fn reconcile_inner(sandbox: &Sandbox, ctx: &Context) -> Result<Action, Err
     place(&scope, &target).await
 }
 
-/// The best node for `target`, counted as taken at once; or why there is
-/// none.
+/// What the `Sandbox`'s pod requests of its node (the RuntimeClass's
+/// overhead, added by the API server, is not known here).
+fn sandbox_requests(sandbox: &Sandbox) -> Requests {
+    admit::pod_requests(&PodSpec {
+        containers: vec![Container {
+            resources: sandbox.spec.resources.clone(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+}
+
+/// Whether `node` admits the `Sandbox`'s pod (taints, cordon, resource
+/// fit), from the API server's Node and the pods bound to it.
+fn admitted(
+    ctx: &Context,
+    sandbox: &Sandbox,
+    want: &Requests,
+    totals: &HashMap<String, Requests>,
+    node: &str,
+) -> Result<(), String> {
+    let api_node = ctx
+        .api_node(node)
+        .ok_or_else(|| "no Node object".to_owned())?;
+    admit::admits(&api_node, &sandbox.spec.tolerations, want, totals.get(node))
+}
+
+/// The best node for `target`, counted as taken at once (its slot and the
+/// pod's requests); or why there is none.
 fn choose(scope: &Scope<'_>, target: &Target) -> Result<(String, u8), String> {
     let ctx = scope.ctx;
     let _guard = ctx.placement.lock().unwrap_or_else(PoisonError::into_inner);
@@ -280,14 +365,19 @@ fn choose(scope: &Scope<'_>, target: &Target) -> Result<(String, u8), String> {
             .is_some_and(|labels| selector_matches(&pool.spec.node_selector, &labels)),
         None => true,
     };
-    match scorer.best_where(in_pool) {
-        Some(best) => {
-            ctx.nodes
-                .assume(best.node, &target.handler, &target.shape_key);
-            Ok((best.node.to_owned(), best.score))
+    let want = sandbox_requests(scope.sandbox);
+    let best = ctx.usage.with_totals(|totals| {
+        let admits = |node: &str| admitted(ctx, scope.sandbox, &want, totals, node);
+        match scorer.best_where(|node| in_pool(node) && admits(node).is_ok()) {
+            Some(best) => Ok((best.node.to_owned(), best.score)),
+            None => Err(why_unschedulable(ctx, &scorer, in_pool, admits, target)),
         }
-        None => Err(why_unschedulable(ctx, &scorer, in_pool, target)),
-    }
+    })?;
+    ctx.nodes
+        .assume(&best.0, &target.handler, &target.shape_key);
+    let namespace = scope.sandbox.namespace().unwrap_or_default();
+    ctx.usage.assume(&namespace, &scope.name, &best.0, want);
+    Ok(best)
 }
 
 /// Chooses a node and creates the pod bound to it.
@@ -312,7 +402,10 @@ async fn place(scope: &Scope<'_>, target: &Target) -> Result<Action, Error> {
         .as_ref()
         .map(|p| p.name_any())
         .or_else(|| serving_pool(ctx, target, &node));
-    let pod = build_pod(sandbox, target, &node, pool_name.as_deref())?;
+    let pod_namespace = sandbox.namespace().unwrap_or_default();
+    let pod = build_pod(sandbox, target, &node, pool_name.as_deref()).inspect_err(|_| {
+        ctx.usage.forget(&pod_namespace, name);
+    })?;
     let created_ms = ctx.now_ms();
     let pod = match scope.pods.create(&PostParams::default(), &pod).await {
         Ok(pod) => pod,
@@ -324,6 +417,7 @@ async fn place(scope: &Scope<'_>, target: &Target) -> Result<Action, Error> {
             }
         }
         Err(kube::Error::Api(response)) if matches!(response.code, 400 | 422) => {
+            ctx.usage.forget(&pod_namespace, name);
             // The spec makes a pod the API server refuses (a bad env name,
             // requests above limits): only a spec change can help.
             let message = format!("the API server rejected the pod: {}", response.message);
@@ -333,6 +427,7 @@ async fn place(scope: &Scope<'_>, target: &Target) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
         Err(error) => {
+            ctx.usage.forget(&pod_namespace, name);
             // Retried with backoff (the error policy); the status says why.
             let message = format!("creating the pod failed: {error}");
             let status = scope.not_scheduled(SandboxPhase::Pending, "PodCreateFailed", message);
@@ -618,6 +713,7 @@ fn why_unschedulable(
     ctx: &Context,
     scorer: &Scorer<'_>,
     in_pool: impl Fn(&str) -> bool,
+    admits: impl Fn(&str) -> Result<(), String>,
     target: &Target,
 ) -> String {
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
@@ -627,15 +723,20 @@ fn why_unschedulable(
             continue;
         }
         candidates += 1;
-        if let Err(rejection) = verdict {
-            let reason = match (rejection, ctx.nodes.problem(node)) {
+        let reason = match verdict {
+            Err(rejection) => match (rejection, ctx.nodes.problem(node)) {
                 (Rejection::Stale { .. }, _) => "status too old".to_owned(),
                 // Say why the node plugin is not ready, when it is known.
                 (Rejection::NotReady, Some(problem)) => format!("{}: {problem}", problem.reason()),
                 (other, _) => other.to_string(),
-            };
-            *reasons.entry(reason).or_default() += 1;
-        }
+            },
+            // Taints, cordon, resource fit: what kube-scheduler would check.
+            Ok(_) => match admits(node) {
+                Err(reason) => reason,
+                Ok(()) => continue,
+            },
+        };
+        *reasons.entry(reason).or_default() += 1;
     }
     let scope = match &target.pool {
         Some(pool) => format!("of pool {:?}", pool.name_any()),
@@ -736,6 +837,7 @@ fn build_pod(
                 resources: spec.resources.clone(),
                 ..Default::default()
             }],
+            tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
             ..Default::default()
         }),
         status: None,

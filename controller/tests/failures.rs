@@ -450,7 +450,7 @@ async fn the_controller_starts_without_the_sandbox_crd() {
             "kind": "SandboxPoolList", "metadata": {}, "items": []}),
         );
         let (_, uri, _, respond) = next(&mut handle).await;
-        assert_eq!(path(&uri), "/apis/fast-sandbox.io/v1alpha1/sandboxes");
+        assert_eq!(path(&uri), "/apis/fast-sandbox.io/v1alpha1/fastsandboxes");
         not_found(respond, "the server could not find the requested resource");
         handle
     });

@@ -42,9 +42,9 @@ const CONTROLLER_API_CALLS: &[(&str, &str, &str)] = &[
     ("fast-sandbox.io", "sandboxpools", "watch"),
     ("fast-sandbox.io", "sandboxpools", "patch"),
     ("fast-sandbox.io", "sandboxpools/status", "patch"),
-    ("fast-sandbox.io", "sandboxes", "list"),
-    ("fast-sandbox.io", "sandboxes", "watch"),
-    ("fast-sandbox.io", "sandboxes/status", "patch"),
+    ("fast-sandbox.io", "fastsandboxes", "list"),
+    ("fast-sandbox.io", "fastsandboxes", "watch"),
+    ("fast-sandbox.io", "fastsandboxes/status", "patch"),
 ];
 
 fn deploy_dir() -> PathBuf {
@@ -291,7 +291,7 @@ fn the_kustomization_applies_every_object() {
     for first in [
         "namespace.yaml",
         "crds/sandboxpools.yaml",
-        "crds/sandboxes.yaml",
+        "crds/fastsandboxes.yaml",
     ] {
         for then in ["node-plugin/daemonset.yaml", "controller/deployment.yaml"] {
             assert!(position(first) < position(then), "{first} before {then}");
@@ -685,6 +685,14 @@ fn rbac_grants_exactly_the_controllers_api_calls() {
         .collect();
     assert!(missing.is_empty(), "RBAC does not grant {missing:?}");
 
+    // The table names the resources the code calls: the Sandbox CRD's plural
+    // is `fastsandboxes` (agent-sandbox owns `sandboxes`).
+    use kube::Resource;
+    let sandboxes = fast_sandbox_controller::crd::Sandbox::plural(&()).into_owned();
+    assert!(
+        CONTROLLER_API_CALLS.iter().any(|(_, r, _)| *r == sandboxes),
+        "the API calls name the Sandbox plural {sandboxes:?}"
+    );
     let wanted: BTreeSet<(&str, &str, &str)> = CONTROLLER_API_CALLS.iter().copied().collect();
     let mut extra = Vec::new();
     for rule in &rules {

@@ -19,7 +19,6 @@ use fast_sandbox_controller::{pool, sandbox};
 use http::{Method, Request, Response};
 use k8s_openapi::api::core::v1::Node;
 use kube::client::Body;
-use kube::core::{ObjectMeta, PartialObjectMeta, PartialObjectMetaExt};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector;
 use kube::runtime::watcher;
@@ -124,18 +123,20 @@ pub fn warm(free: u32, total: u32) -> PoolState {
     }
 }
 
-pub fn api_node(name: &str, labels: &[(&str, &str)]) -> PartialObjectMeta<Node> {
-    ObjectMeta {
-        name: Some(name.into()),
-        labels: Some(
-            labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        ),
-        ..Default::default()
-    }
-    .into_response_partial::<Node>()
+/// An API Node with `labels`, room for 110 pods, 4 CPUs and 8 GiB.
+pub fn api_node(name: &str, labels: &[(&str, &str)]) -> Node {
+    let mut node: Node = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "status": {"allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"}}
+    }))
+    .expect("a Node");
+    node.metadata.labels = Some(
+        labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    );
+    node
 }
 
 pub fn pool_object(
@@ -164,13 +165,24 @@ pub fn pool_object(
 /// A context over the directory `nodes`, API nodes a, b (`pool=fast`) and c
 /// (`pool=slow`), and the pools given.
 pub fn context(client: Client, nodes: Arc<StaticNodes>, pools: &[SandboxPool]) -> Context {
-    let (node_labels, mut node_writer) = reflector::store();
-    node_writer.apply_watcher_event(&watcher::Event::Init);
-    for node in [
+    let api_nodes = [
         api_node("a", &[("pool", "fast")]),
         api_node("b", &[("pool", "fast")]),
         api_node("c", &[("pool", "slow")]),
-    ] {
+    ];
+    context_with_nodes(client, nodes, pools, api_nodes)
+}
+
+/// [`context`] over the API Nodes given.
+pub fn context_with_nodes(
+    client: Client,
+    nodes: Arc<StaticNodes>,
+    pools: &[SandboxPool],
+    api_nodes: impl IntoIterator<Item = Node>,
+) -> Context {
+    let (node_store, mut node_writer) = reflector::store();
+    node_writer.apply_watcher_event(&watcher::Event::Init);
+    for node in api_nodes {
         node_writer.apply_watcher_event(&watcher::Event::InitApply(node));
     }
     node_writer.apply_watcher_event(&watcher::Event::InitDone);
@@ -183,7 +195,7 @@ pub fn context(client: Client, nodes: Arc<StaticNodes>, pools: &[SandboxPool]) -
     Context::new(
         client,
         nodes,
-        node_labels,
+        node_store,
         pool_store,
         ReconcileConfig::default(),
     )
@@ -220,7 +232,7 @@ pub fn run_sandbox(
 }
 
 pub const POOLS: &str = "/apis/fast-sandbox.io/v1alpha1/sandboxpools";
-pub const SANDBOXES: &str = "/apis/fast-sandbox.io/v1alpha1/namespaces/team/sandboxes";
+pub const SANDBOXES: &str = "/apis/fast-sandbox.io/v1alpha1/namespaces/team/fastsandboxes";
 pub const PODS: &str = "/api/v1/namespaces/team/pods";
 
 /// The path of a request without its query.
@@ -262,6 +274,7 @@ pub fn sandbox_object(name: &str, pool: Option<&str>) -> Sandbox {
             command: vec!["python".into()],
             args: vec!["-c".into(), "print(1)".into()],
             env: vec![],
+            tolerations: vec![],
             resources: None,
             runtime_class_name: pool.is_none().then(|| "fast-runc".to_owned()),
             pool: pool.map(str::to_owned),
