@@ -34,6 +34,14 @@ async fn binds(handle: &mut Handle) -> Value {
     not_found(respond, "pod");
     let (method, uri, pod, respond) = next(handle).await;
     assert_eq!((method, path(&uri)), (Method::POST, PODS));
+    // What deploy/controller/admission-policy.yaml holds the pod to.
+    let spec = &pod["spec"];
+    assert_eq!(spec["automountServiceAccountToken"], false);
+    for absent in ["volumes", "serviceAccountName", "hostNetwork", "hostPID", "hostIPC"] {
+        assert!(spec.get(absent).is_none(), "{absent} in {spec}");
+    }
+    assert!(spec["containers"][0].get("envFrom").is_none());
+    assert!(spec["containers"][0].get("securityContext").is_none());
     reply(respond, 201, &pod);
     let (method, uri, body, respond) = next(handle).await;
     assert_eq!(

@@ -10,6 +10,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodSpec, Probe, Service, ServiceAccount,
@@ -226,6 +229,12 @@ fn every_document_parses_into_its_type_with_no_field_left_over() {
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                 parses_exactly::<ClusterRoleBinding>(doc)
             }
+            ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
+                parses_exactly::<ValidatingAdmissionPolicy>(doc)
+            }
+            ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding") => {
+                parses_exactly::<ValidatingAdmissionPolicyBinding>(doc)
+            }
             ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
                 parses_exactly::<CustomResourceDefinition>(doc)
             }
@@ -245,6 +254,8 @@ fn every_document_parses_into_its_type_with_no_field_left_over() {
                 | "ClusterRole"
                 | "ClusterRoleBinding"
                 | "CustomResourceDefinition"
+                | "ValidatingAdmissionPolicy"
+                | "ValidatingAdmissionPolicyBinding"
                 | "KubeSchedulerConfiguration"
                 | "Kustomization"
         );
@@ -991,4 +1002,98 @@ fn no_pod_is_stranded(source: &str, specs: &[fast_sandbox_node::pool::PoolSpec])
         }
     }
     preferred
+}
+
+/// The ValidatingAdmissionPolicy holds the pods the controller's
+/// ServiceAccount creates to what a Sandbox's pod may be: it matches that
+/// account (the one the Deployment runs as), is bound with `Deny`, fails
+/// closed, and has a rule, with a message naming the field, for each thing
+/// a Sandbox's pod must not have.
+#[test]
+fn admission_policy_holds_the_controllers_pods_to_a_sandboxs() {
+    let docs = docs();
+    let name = "fast-sandbox-controller-pods";
+    let policy: ValidatingAdmissionPolicy = one(&docs, "ValidatingAdmissionPolicy", name);
+    let binding: ValidatingAdmissionPolicyBinding =
+        one(&docs, "ValidatingAdmissionPolicyBinding", name);
+    let binding = binding.spec.expect("binding spec");
+    assert_eq!(binding.policy_name.as_deref(), Some(name));
+    assert_eq!(binding.validation_actions, Some(vec!["Deny".to_owned()]));
+    assert!(binding.param_ref.is_none() && binding.match_resources.is_none());
+
+    let spec = policy.spec.expect("policy spec");
+    assert_eq!(spec.failure_policy.as_deref(), Some("Fail"));
+    let rules = spec
+        .match_constraints
+        .and_then(|m| m.resource_rules)
+        .expect("resource rules");
+    assert_eq!(rules.len(), 1);
+    let rule = &rules[0];
+    assert_eq!(rule.api_groups, Some(vec![String::new()]));
+    assert_eq!(rule.resources, Some(vec!["pods".to_owned()]));
+    assert_eq!(rule.operations, Some(vec!["CREATE".to_owned()]));
+
+    let deployment: Deployment = one(&docs, "Deployment", "fast-sandbox-controller");
+    let account = pod_spec(
+        deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref()),
+        "controller",
+    )
+    .service_account_name
+    .expect("the controller's ServiceAccount");
+    let _: ServiceAccount = one(&docs, "ServiceAccount", &account);
+    let user = format!("'system:serviceaccount:{NAMESPACE}:{account}'");
+    let conditions = spec.match_conditions.expect("match conditions");
+    assert_eq!(conditions.len(), 1);
+    let only_controller = conditions[0]
+        .expression
+        .split_whitespace()
+        .collect::<Vec<_>>();
+    assert_eq!(
+        only_controller,
+        ["request.userInfo.username", "==", user.as_str()],
+        "matches exactly the controller's ServiceAccount"
+    );
+
+    let validations = spec.validations.expect("validations");
+    for (field, in_expression) in [
+        ("env[*].valueFrom", "has(e.valueFrom)"),
+        ("envFrom", "c.envFrom"),
+        ("spec.volumes", "has(v.emptyDir)"),
+        (
+            "automountServiceAccountToken",
+            "automountServiceAccountToken == false",
+        ),
+        ("hostNetwork", "object.spec.hostPID"),
+        ("privileged", "c.securityContext.privileged"),
+        ("ownerReferences", "o.kind == 'Sandbox'"),
+    ] {
+        let rule = validations
+            .iter()
+            .find(|v| v.expression.contains(in_expression))
+            .unwrap_or_else(|| panic!("no validation checks {in_expression}"));
+        let message = rule.message.as_deref().unwrap_or_default();
+        assert!(message.contains(field), "{message:?} names {field}");
+        assert_eq!(rule.reason.as_deref(), Some("Forbidden"));
+        let open = rule.expression.matches('(').count();
+        assert_eq!(
+            open,
+            rule.expression.matches(')').count(),
+            "{}",
+            rule.expression
+        );
+    }
+    // Every container list: init and ephemeral containers too.
+    let containers = &spec.variables.expect("variables")[0];
+    assert_eq!(containers.name, "containers");
+    for list in ["containers", "initContainers", "ephemeralContainers"] {
+        assert!(
+            containers
+                .expression
+                .contains(&format!("object.spec.{list}")),
+            "{list}"
+        );
+    }
 }
