@@ -37,7 +37,13 @@ async fn binds(handle: &mut Handle) -> Value {
     // What deploy/controller/admission-policy.yaml holds the pod to.
     let spec = &pod["spec"];
     assert_eq!(spec["automountServiceAccountToken"], false);
-    for absent in ["volumes", "serviceAccountName", "hostNetwork", "hostPID", "hostIPC"] {
+    for absent in [
+        "volumes",
+        "serviceAccountName",
+        "hostNetwork",
+        "hostPID",
+        "hostIPC",
+    ] {
         assert!(spec.get(absent).is_none(), "{absent} in {spec}");
     }
     assert!(spec["containers"][0].get("envFrom").is_none());

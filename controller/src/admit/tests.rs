@@ -129,7 +129,10 @@ fn taints_need_a_matching_toleration() {
         effect: Some("NoSchedule".into()),
         ..Default::default()
     };
-    assert_eq!(admits(&tainted, &[equal.clone()], &want, None), Ok(()));
+    assert_eq!(
+        admits(&tainted, std::slice::from_ref(&equal), &want, None),
+        Ok(())
+    );
     let other_value = Toleration {
         value: Some("cpu".into()),
         ..equal.clone()
