@@ -21,11 +21,6 @@ use kube::runtime::controller::Action;
 use kube::runtime::watcher;
 use serde_json::{json, Value};
 
-fn sandbox_answer() -> Value {
-    json!({"apiVersion": "fast-sandbox.io/v1alpha1", "kind": "Sandbox",
-           "metadata": {"name": "sb1", "namespace": "team"}, "spec": {"image": "x"}})
-}
-
 /// Script: GET the pod (none), create it, write the status; returns the
 /// created pod.
 async fn binds(handle: &mut Handle) -> Value {
@@ -49,13 +44,8 @@ async fn binds(handle: &mut Handle) -> Value {
     assert!(spec["containers"][0].get("envFrom").is_none());
     assert!(spec["containers"][0].get("securityContext").is_none());
     reply(respond, 201, &pod);
-    let (method, uri, body, respond) = next(handle).await;
-    assert_eq!(
-        (method, path(&uri)),
-        (Method::PATCH, format!("{SANDBOXES}/sb1/status").as_str())
-    );
-    assert_eq!(body["status"]["nodeName"], pod["spec"]["nodeName"]);
-    reply(respond, 200, &sandbox_answer());
+    let status = sandbox_status_written(handle, "sb1").await;
+    assert_eq!(status["nodeName"], pod["spec"]["nodeName"]);
     pod
 }
 
@@ -65,13 +55,8 @@ async fn waits(handle: &mut Handle) -> Value {
     let (method, _, _, respond) = next(handle).await;
     assert_eq!(method, Method::GET);
     not_found(respond, "pod");
-    let (method, uri, body, respond) = next(handle).await;
-    assert_eq!(
-        (method, path(&uri)),
-        (Method::PATCH, format!("{SANDBOXES}/sb1/status").as_str())
-    );
-    reply(respond, 200, &sandbox_answer());
-    condition(&body["status"], "Scheduled").clone()
+    let status = sandbox_status_written(handle, "sb1").await;
+    condition(&status, "Scheduled").clone()
 }
 
 /// Reconciles `sb` over API Nodes a and b (a is the scorer's choice: it
@@ -161,14 +146,9 @@ async fn a_sandbox_reading_a_secret_is_refused() {
         |_| {},
         |mut handle| {
             Box::pin(async move {
-                let (method, uri, body, respond) = next(&mut handle).await;
-                assert_eq!(
-                    (method, path(&uri)),
-                    (Method::PATCH, format!("{SANDBOXES}/sb1/status").as_str())
-                );
-                assert_eq!(body["status"]["phase"], "Failed");
-                reply(respond, 200, &sandbox_answer());
-                (handle, condition(&body["status"], "Scheduled").clone())
+                let status = sandbox_status_written(&mut handle, "sb1").await;
+                assert_eq!(status["phase"], "Failed");
+                (handle, condition(&status, "Scheduled").clone())
             })
         },
     )
@@ -329,9 +309,8 @@ async fn a_placement_counts_its_requests_until_its_pod_is_seen_and_a_failed_one_
             &json!({"kind": "Status", "apiVersion": "v1",
             "status": "Failure", "message": "etcd timeout", "code": 500}),
         );
-        let (method, _, _, respond) = next(&mut handle).await;
-        assert_eq!(method, Method::PATCH);
-        reply(respond, 200, &sandbox_answer());
+        let status = sandbox_status_written(&mut handle, "sb2").await;
+        assert_eq!(condition(&status, "Scheduled")["reason"], "PodCreateFailed");
         handle
     });
     let reconcile =

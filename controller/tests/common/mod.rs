@@ -240,6 +240,23 @@ pub fn path(uri: &str) -> &str {
     uri.split('?').next().unwrap_or(uri)
 }
 
+/// Script step: the next request is a status patch of Sandbox `name`;
+/// answers it and returns the status written.
+pub async fn sandbox_status_written(handle: &mut Handle, name: &str) -> Value {
+    let (method, uri, body, respond) = next(handle).await;
+    assert_eq!(
+        (method, path(&uri)),
+        (Method::PATCH, format!("{SANDBOXES}/{name}/status").as_str())
+    );
+    reply(
+        respond,
+        200,
+        &json!({"apiVersion": "fast-sandbox.io/v1alpha1", "kind": "Sandbox",
+                "metadata": {"name": name, "namespace": "team"}, "spec": {"image": "x"}}),
+    );
+    body["status"].clone()
+}
+
 pub fn condition<'v>(status: &'v Value, type_: &str) -> &'v Value {
     status["conditions"]
         .as_array()
