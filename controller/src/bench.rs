@@ -262,7 +262,8 @@ fn extender_calls(samples: &mut Samples, extender: &Extender, body: &str, now_ms
     } else {
         ["parse", "filter", "prioritize", "filter+prioritize"]
     };
-    let parsed = || serde_json::from_str::<ExtenderArgs>(body).expect("the bench's own arguments parse");
+    let parsed =
+        || serde_json::from_str::<ExtenderArgs>(body).expect("the bench's own arguments parse");
     samples.time(parse, parsed);
     let (_, filtered) = samples.time(filter, || {
         serde_json::to_string(&extender.filter(parsed(), now_ms)).expect("answers serialize")

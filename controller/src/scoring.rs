@@ -585,9 +585,9 @@ impl<'s> Scorer<'s> {
 
     /// Whether the node's status is recent enough under the policy.
     fn fresh(&self, index: usize) -> bool {
-        self.policy.stale_after_ms.is_none_or(|limit| {
-            self.now_ms.saturating_sub(self.snapshot.last_seen[index]) <= limit
-        })
+        self.policy
+            .stale_after_ms
+            .is_none_or(|limit| self.now_ms.saturating_sub(self.snapshot.last_seen[index]) <= limit)
     }
 
     /// Free slots less assumed placements of the request's pool on the node.
