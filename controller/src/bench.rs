@@ -217,6 +217,9 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
         let window: Vec<String> = (0..candidates)
             .map(|i| names[(decision * candidates + i) % names.len()].clone())
             .collect();
+        samples.time("names to nodes, candidates", || {
+            window.iter().filter(|n| snapshot.node(n).is_some()).count()
+        });
         samples.time("by-name, candidates", || {
             let scorer = Scorer::new(&snapshot, &request, policy, now_ms);
             window.iter().filter(|n| scorer.score(n).is_ok()).count()

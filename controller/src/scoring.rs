@@ -213,7 +213,7 @@ pub struct Snapshot {
     /// Per image name: (node position, size on that node), one entry per
     /// node holding it; its length is the image's spread.
     image_nodes: Vec<Vec<(u32, u64)>>,
-    /// Per node its images, per common image its holders (index.rs).
+    /// Per common image its holders as a bitset (index.rs).
     images: ImageIndex,
     /// Per pool key: ready nodes by the slot term of their free slots less
     /// assumed placements (index.rs).
@@ -601,20 +601,13 @@ impl<'s> Scorer<'s> {
 
     /// The spread-scaled bytes of the requested images the node holds.
     fn scaled_bytes(&self, index: usize) -> u64 {
-        let images = &self.snapshot.images;
+        let snapshot = self.snapshot;
         let mut scaled = 0u64;
         for entry in &self.entries {
-            if !images.holds(index, entry.id) {
-                continue;
+            let holders = &snapshot.image_nodes[entry.id as usize];
+            if let Some(on_node) = snapshot.images.size_on(index, entry.id, holders) {
+                scaled = scaled.saturating_add(entry.contribution(on_node));
             }
-            let on_node = images.same_size(entry.id).unwrap_or_else(|| {
-                let holders = &self.snapshot.image_nodes[entry.id as usize];
-                let position = u32::try_from(index).unwrap_or(u32::MAX);
-                holders
-                    .binary_search_by_key(&position, |&(node, _)| node)
-                    .map_or(0, |at| holders[at].1)
-            });
-            scaled = scaled.saturating_add(entry.contribution(on_node));
         }
         scaled
     }

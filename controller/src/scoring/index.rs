@@ -86,12 +86,12 @@ impl SlotBuckets {
     }
 }
 
-/// Per node, the images it holds; per common image, a bitset of holders.
+/// Per common image, a bitset of its holders; per image, whether its
+/// holders agree on its size. (Whether a node holds a rare image is a
+/// binary search in the image's holder list, which stays in cache across
+/// the candidates of one extender call.)
 #[derive(Debug, Clone, Default)]
 pub(super) struct ImageIndex {
-    /// Node `i` holds `ids[offsets[i]..offsets[i + 1]]`, sorted.
-    offsets: Vec<usize>,
-    ids: Vec<u32>,
     /// Per image: its holders, when at least 1/[`DENSE_SHARE`] of nodes.
     dense: Vec<Option<FixedBitSet>>,
     /// Per image: the size every holder reports, when they all agree.
@@ -101,14 +101,9 @@ pub(super) struct ImageIndex {
 impl ImageIndex {
     /// From each image's (node position, size) holders, by position.
     pub(super) fn new(image_nodes: &[Vec<(u32, u64)>], nodes: usize) -> Self {
-        let mut per_node: Vec<Vec<u32>> = vec![Vec::new(); nodes];
         let mut dense = Vec::with_capacity(image_nodes.len());
         let mut same_size = Vec::with_capacity(image_nodes.len());
-        for (id, holders) in image_nodes.iter().enumerate() {
-            let id = u32::try_from(id).unwrap_or(u32::MAX);
-            for &(node, _) in holders {
-                per_node[node as usize].push(id);
-            }
+        for holders in image_nodes {
             let common = holders.len().saturating_mul(DENSE_SHARE) >= nodes;
             dense.push(common.then(|| {
                 let mut set = FixedBitSet::with_capacity(nodes);
@@ -118,29 +113,25 @@ impl ImageIndex {
             let first = holders.first().map(|&(_, size)| size);
             same_size.push(first.filter(|&size| holders.iter().all(|h| h.1 == size)));
         }
-        let mut offsets = Vec::with_capacity(nodes + 1);
-        offsets.push(0);
-        let mut ids = Vec::new();
-        for held in per_node {
-            ids.extend(held);
-            offsets.push(ids.len());
-        }
-        ImageIndex {
-            offsets,
-            ids,
-            dense,
-            same_size,
-        }
+        ImageIndex { dense, same_size }
     }
 
-    /// Whether node `index` holds image `id`.
-    pub(super) fn holds(&self, index: usize, id: u32) -> bool {
-        match &self.dense[id as usize] {
-            Some(holders) => holders.contains(index),
-            None => self.ids[self.offsets[index]..self.offsets[index + 1]]
-                .binary_search(&id)
-                .is_ok(),
+    /// The size of image `id` on node `index`, `None` when the node does
+    /// not hold it; `holders` is the image's holder list.
+    pub(super) fn size_on(&self, index: usize, id: u32, holders: &[(u32, u64)]) -> Option<u64> {
+        if let Some(set) = &self.dense[id as usize] {
+            if !set.contains(index) {
+                return None;
+            }
+            if let Some(size) = self.same_size(id) {
+                return Some(size);
+            }
         }
+        let position = u32::try_from(index).ok()?;
+        let at = holders
+            .binary_search_by_key(&position, |&(node, _)| node)
+            .ok()?;
+        Some(holders[at].1)
     }
 
     /// The size all holders of `id` report, if they agree.
@@ -186,7 +177,7 @@ impl<'s> Scorer<'s> {
                 }
             }
         }
-        pairs.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        pairs.sort_unstable_by_key(|pair| std::cmp::Reverse(pair.0));
         let holders: Vec<&[usize]> = dense
             .iter()
             .filter_map(|&id| images.dense[id as usize].as_ref())
