@@ -1,8 +1,12 @@
 //! How long one placement decision takes on a large synthetic cluster.
 //!
-//! Two measurements per request: `place` (the direct path: score every node,
-//! keep the best) and `by-name` (the extender's path: look each candidate up
-//! by name and score it, as a filter or prioritize call over all nodes does).
+//! Per request, the direct path's `place` (the indexed search, and the
+//! linear scorer it replaced, which must choose the same node) and the
+//! extender's `filter` and `prioritize` verbs, JSON in and out, over the
+//! candidate list kube-scheduler would send: it stops filtering once it
+//! has found [`nodes_to_find`] feasible nodes and calls the extender with
+//! those only. The same verbs over every node's name are sampled too, to
+//! show what JSON costs when `percentageOfNodesToScore` is 100.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -10,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::extender::{Extender, ExtenderArgs, ExtenderConfig};
+use crate::scoring::linear::LinearScorer;
 use crate::scoring::{Policy, Request, Scorer, Snapshot, SnapshotError};
 use crate::synth::{self, Catalog, Rng};
 
@@ -20,6 +25,9 @@ pub struct BenchConfig {
     pub decisions: usize,
     pub apps: usize,
     pub seed: u64,
+    /// kube-scheduler's `percentageOfNodesToScore`; 0 is its adaptive
+    /// default.
+    pub percentage_of_nodes_to_score: u32,
 }
 
 impl Default for BenchConfig {
@@ -29,8 +37,32 @@ impl Default for BenchConfig {
             decisions: 5_000,
             apps: 400,
             seed: 1,
+            percentage_of_nodes_to_score: 0,
         }
     }
+}
+
+/// Every this many decisions, the extender verbs are also timed over every
+/// node's name (slow at 65,000 nodes, so sampled).
+const ALL_NAMES_EVERY: usize = 10;
+
+/// How many feasible nodes kube-scheduler finds before it stops filtering
+/// and calls the extenders with them (`numFeasibleNodesToFind` in
+/// pkg/scheduler/schedule_one.go): every node below 100 nodes, else
+/// `percentage`% of them, at least 100; `percentage` 0 is adaptive,
+/// 50% − 1% per 125 nodes, at least 5% (500 of 5,000 nodes, 3,250 of
+/// 65,000).
+pub fn nodes_to_find(nodes: usize, percentage: u32) -> usize {
+    const MIN_NODES: usize = 100;
+    const MIN_PERCENT: usize = 5;
+    if nodes < MIN_NODES {
+        return nodes;
+    }
+    let percent = match percentage {
+        0 => 50usize.saturating_sub(nodes / 125).max(MIN_PERCENT),
+        p => (p as usize).min(100),
+    };
+    (nodes * percent / 100).max(MIN_NODES)
 }
 
 /// Latency quantiles of one measurement.
@@ -63,14 +95,22 @@ pub struct BenchReport {
     pub images_per_node: f64,
     pub pools_per_node: f64,
     pub index_build: Duration,
-    pub place: Quantiles,
-    pub by_name: Quantiles,
-    /// The extender's filter verb over every node, JSON in and out.
-    pub filter: Quantiles,
-    /// The extender's prioritize verb over every node, JSON in and out.
-    pub prioritize: Quantiles,
+    /// Node names in each extender call ([`nodes_to_find`]).
+    pub candidates: usize,
+    /// Measurement name → quantiles, in report order.
+    pub timings: Vec<(&'static str, Quantiles)>,
     /// Decisions that found a node (the rest had every node filtered out).
     pub placed: usize,
+    /// Decisions where the indexed search and the linear scorer differed
+    /// (node or score); must be 0.
+    pub disagreements: usize,
+}
+
+impl BenchReport {
+    /// The quantiles of a measurement, by its name in the report.
+    pub fn timing(&self, name: &str) -> Option<Quantiles> {
+        self.timings.iter().find(|t| t.0 == name).map(|t| t.1)
+    }
 }
 
 impl fmt::Display for BenchReport {
@@ -78,33 +118,52 @@ impl fmt::Display for BenchReport {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         writeln!(
             f,
-            "nodes {}  images/node {:.1}  pools/node {:.2}  decisions {} (placed {})",
+            "nodes {}  images/node {:.1}  pools/node {:.2}  decisions {} (placed {}, \
+             disagreements with the linear scorer {})",
             self.config.nodes,
             self.images_per_node,
             self.pools_per_node,
             self.config.decisions,
-            self.placed
+            self.placed,
+            self.disagreements
         )?;
         writeln!(
             f,
-            "snapshot index build: {:.1} ms",
-            self.index_build.as_secs_f64() * 1e3
+            "snapshot index build: {:.1} ms; extender candidates per call: {}",
+            self.index_build.as_secs_f64() * 1e3,
+            self.candidates
         )?;
-        for (name, q) in [
-            ("place", self.place),
-            ("by-name", self.by_name),
-            ("filter", self.filter),
-            ("prioritize", self.prioritize),
-        ] {
+        for (name, q) in &self.timings {
             writeln!(
                 f,
-                "{name:10} p50 {:8.1} us  p99 {:8.1} us  max {:8.1} us",
+                "{name:28} p50 {:9.1} us  p99 {:9.1} us  max {:9.1} us",
                 us(q.p50),
                 us(q.p99),
                 us(q.max)
             )?;
         }
         Ok(())
+    }
+}
+
+/// Samples of each measurement.
+#[derive(Default)]
+struct Samples(Vec<(&'static str, Vec<Duration>)>);
+
+impl Samples {
+    fn time<T>(&mut self, name: &'static str, f: impl FnOnce() -> T) -> (T, Duration) {
+        let started = Instant::now();
+        let out = std::hint::black_box(f());
+        let took = started.elapsed();
+        self.add(name, took);
+        (out, took)
+    }
+
+    fn add(&mut self, name: &'static str, took: Duration) {
+        match self.0.iter_mut().find(|s| s.0 == name) {
+            Some(samples) => samples.1.push(took),
+            None => self.0.push((name, vec![took])),
+        }
     }
 }
 
@@ -127,52 +186,53 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
         stale_after_ms: Some(60_000),
         ..Policy::default()
     };
-    let extender = Extender::new(
-        ExtenderConfig {
-            policy,
-            // The filter's cost is what is measured.
-            filter_nodes: true,
-            ..ExtenderConfig::default()
-        },
-        snapshot.clone(),
-    );
-    let mut filter = Vec::with_capacity(config.decisions);
-    let mut prioritize = Vec::with_capacity(config.decisions);
-    let mut place = Vec::with_capacity(config.decisions);
-    let mut by_name = Vec::with_capacity(config.decisions);
-    let mut placed = 0;
+    let config_for = || ExtenderConfig {
+        policy,
+        // The filter's cost is what is measured.
+        filter_nodes: true,
+        ..ExtenderConfig::default()
+    };
+    let extender = Extender::new(config_for(), snapshot.clone());
+    // Calls over every name assume placements of their own.
+    let all_names_extender = Extender::new(config_for(), snapshot.clone());
+    let candidates = nodes_to_find(names.len(), config.percentage_of_nodes_to_score);
+    let mut samples = Samples::default();
+    let (mut placed, mut disagreements) = (0, 0);
     for decision in 0..config.decisions {
         let request = synth::request(&mut rng, &catalog);
         // One pod every 3 ms for the extender, so its assumed placements
         // (DEFAULT_ASSUME_TTL_MS) stay as many as at ~330 pods/s.
         let call_ms = now_ms + 3 * decision as u64;
 
-        let started = Instant::now();
-        let best = Scorer::new(&snapshot, &request, policy, now_ms).best();
-        place.push(started.elapsed());
+        let (best, _) = samples.time("place", || {
+            Scorer::new(&snapshot, &request, policy, now_ms).best()
+        });
+        let (linear, _) = samples.time("place (linear, before)", || {
+            LinearScorer::new(&snapshot, &request, policy, now_ms).best()
+        });
         placed += usize::from(best.is_some());
+        disagreements += usize::from(best != linear);
 
-        let started = Instant::now();
-        let scorer = Scorer::new(&snapshot, &request, policy, now_ms);
-        let passing = names
-            .iter()
-            .filter(|name| scorer.score(name).is_ok())
-            .count();
-        by_name.push(started.elapsed());
-        std::hint::black_box(passing);
-
-        let body = extender_args(&request, &names, decision).to_string();
-        for (verb, samples) in [("filter", &mut filter), ("prioritize", &mut prioritize)] {
-            let started = Instant::now();
-            let args: ExtenderArgs =
-                serde_json::from_str(&body).expect("the bench's own arguments parse");
-            let answer = match verb {
-                "filter" => serde_json::to_string(&extender.filter(args, call_ms)),
-                _ => serde_json::to_string(&extender.prioritize(args, call_ms)),
-            }
-            .expect("answers serialize");
-            samples.push(started.elapsed());
-            std::hint::black_box(answer);
+        // kube-scheduler's window of feasible nodes moves on each cycle.
+        let window: Vec<String> = (0..candidates)
+            .map(|i| names[(decision * candidates + i) % names.len()].clone())
+            .collect();
+        samples.time("names to nodes, candidates", || {
+            window.iter().filter(|n| snapshot.node(n).is_some()).count()
+        });
+        samples.time("by-name, candidates", || {
+            let scorer = Scorer::new(&snapshot, &request, policy, now_ms);
+            window.iter().filter(|n| scorer.score(n).is_ok()).count()
+        });
+        samples.time("by-name, candidates (linear)", || {
+            let scorer = LinearScorer::new(&snapshot, &request, policy, now_ms);
+            window.iter().filter(|n| scorer.score(n).is_ok()).count()
+        });
+        let body = extender_args(&request, &window, decision).to_string();
+        extender_calls(&mut samples, &extender, &body, call_ms, false);
+        if decision % ALL_NAMES_EVERY == 0 {
+            let body = extender_args(&request, &names, decision).to_string();
+            extender_calls(&mut samples, &all_names_extender, &body, call_ms, true);
         }
     }
     Ok(BenchReport {
@@ -180,12 +240,41 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
         images_per_node,
         pools_per_node,
         index_build,
-        place: Quantiles::of(place),
-        by_name: Quantiles::of(by_name),
-        filter: Quantiles::of(filter),
-        prioritize: Quantiles::of(prioritize),
+        candidates,
+        timings: samples
+            .0
+            .into_iter()
+            .map(|(name, s)| (name, Quantiles::of(s)))
+            .collect(),
         placed,
+        disagreements,
     })
+}
+
+/// Times the extender's verbs on one request body: parsing it alone, each
+/// verb with parsing and writing its answer, and both verbs together (what
+/// one pod's scheduling cycle spends in the extender).
+fn extender_calls(samples: &mut Samples, extender: &Extender, body: &str, now_ms: u64, all: bool) {
+    let [parse, filter, prioritize, both] = if all {
+        [
+            "parse, all names",
+            "filter, all names",
+            "prioritize, all names",
+            "filter+prioritize, all names",
+        ]
+    } else {
+        ["parse", "filter", "prioritize", "filter+prioritize"]
+    };
+    let parsed =
+        || serde_json::from_str::<ExtenderArgs>(body).expect("the bench's own arguments parse");
+    samples.time(parse, parsed);
+    let (_, filtered) = samples.time(filter, || {
+        serde_json::to_string(&extender.filter(parsed(), now_ms)).expect("answers serialize")
+    });
+    let (_, prioritized) = samples.time(prioritize, || {
+        serde_json::to_string(&extender.prioritize(parsed(), now_ms)).expect("answers serialize")
+    });
+    samples.add(both, filtered + prioritized);
 }
 
 /// The body kube-scheduler sends in node-name cache mode for a pod that
@@ -222,18 +311,34 @@ mod tests {
     }
 
     #[test]
-    fn a_small_run_places_most_requests() {
+    fn a_small_run_places_most_requests_as_the_linear_scorer_does() {
         let report = run(BenchConfig {
             nodes: 200,
             decisions: 50,
             apps: 100,
             seed: 2,
+            percentage_of_nodes_to_score: 0,
         })
         .unwrap();
         assert_eq!(report.config.decisions, 50);
         assert!(report.placed >= 45, "placed {}", report.placed);
+        assert_eq!(report.disagreements, 0);
+        assert_eq!(report.candidates, 100, "49% of 200 nodes, at least 100");
         assert!(report.images_per_node >= 20.0);
+        assert!(report.timing("filter+prioritize").is_some());
+        assert!(report.timing("parse, all names").is_some());
         assert!(report.to_string().contains("p99"));
+    }
+
+    #[test]
+    fn candidates_as_kube_scheduler_finds_them() {
+        assert_eq!(nodes_to_find(50, 0), 50);
+        assert_eq!(nodes_to_find(120, 10), 100);
+        assert_eq!(nodes_to_find(1_000, 0), 420);
+        assert_eq!(nodes_to_find(5_000, 0), 500);
+        assert_eq!(nodes_to_find(65_000, 0), 3_250);
+        assert_eq!(nodes_to_find(65_000, 100), 65_000);
+        assert_eq!(nodes_to_find(65_000, 250), 65_000);
     }
 
     #[test]

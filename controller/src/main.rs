@@ -79,6 +79,10 @@ enum Command {
         apps: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// kube-scheduler's percentageOfNodesToScore, which sets how many
+        /// node names each extender call carries; 0 is its adaptive default.
+        #[arg(long, default_value_t = 0)]
+        percentage_of_nodes_to_score: u32,
     },
     /// Simulate pod arrivals and compare warm-hit rates with slot-blind
     /// placement across loads; write a CSV and an SVG plot.
@@ -487,12 +491,14 @@ fn main() -> anyhow::Result<()> {
             decisions,
             apps,
             seed,
+            percentage_of_nodes_to_score,
         } => {
             let report = bench::run(BenchConfig {
                 nodes,
                 decisions,
                 apps,
                 seed,
+                percentage_of_nodes_to_score,
             })
             .context("building the synthetic snapshot")?;
             print!("{report}");

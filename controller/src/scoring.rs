@@ -27,10 +27,22 @@
 //!
 //! Ties are broken by node name (smallest first), so a decision depends only
 //! on the snapshot's content, never on the order nodes were added in.
+//!
+//! **Cost.** Neither verb scores every node: [`Scorer::score`] reads one
+//! node's columns and its requested images, and [`Scorer::best`] searches an
+//! index of the nodes by pool key and free slots and of the holders of
+//! common images (`scoring/index.rs`), so its cost follows the answer, not
+//! the cluster. [`linear::LinearScorer`] is the same decision made by
+//! scoring every node, kept as the reference the index is tested against.
+
+mod index;
+pub mod linear;
 
 use std::collections::HashMap;
 
 use foldhash::fast::RandomState;
+
+use index::{ImageIndex, SlotBuckets};
 
 use serde::{Deserialize, Serialize};
 
@@ -201,6 +213,11 @@ pub struct Snapshot {
     /// Per image name: (node position, size on that node), one entry per
     /// node holding it; its length is the image's spread.
     image_nodes: Vec<Vec<(u32, u64)>>,
+    /// Per common image its holders as a bitset (index.rs).
+    images: ImageIndex,
+    /// Per pool key: ready nodes by the slot term of their free slots less
+    /// assumed placements (index.rs).
+    buckets: Vec<SlotBuckets>,
 }
 
 /// A node without a pool of that key.
@@ -257,6 +274,20 @@ impl Snapshot {
             snapshot.by_name.insert(state.name.clone(), index);
         }
         snapshot.nodes = nodes;
+        snapshot.images = ImageIndex::new(&snapshot.image_nodes, count);
+        snapshot.buckets = snapshot
+            .pool_free
+            .iter()
+            .map(|free| {
+                let mut buckets = SlotBuckets::new(count);
+                for (index, &free) in free.iter().enumerate() {
+                    if free != NO_POOL && snapshot.ready[index] {
+                        buckets.insert(index, free);
+                    }
+                }
+                buckets
+            })
+            .collect();
         Ok(snapshot)
     }
 
@@ -327,7 +358,13 @@ impl Snapshot {
         pool.total = total;
         let key = (handler.to_owned(), shape.to_owned());
         if let Some(&id) = self.pool_keys.get(&key) {
-            self.pool_free[id][index] = free;
+            let old = std::mem::replace(&mut self.pool_free[id][index], free);
+            let assumed = self.pool_assumed[id][index];
+            self.buckets[id].moved(
+                index,
+                old.saturating_sub(assumed),
+                free.saturating_sub(assumed),
+            );
         }
         Ok(())
     }
@@ -338,8 +375,8 @@ impl Snapshot {
     /// (see docs/scheduling.md).
     pub fn assume(&mut self, node: &str, handler: &str, shape: &str) -> Result<(), SnapshotError> {
         let (id, index) = self.locate(node, handler, shape)?;
-        let assumed = &mut self.pool_assumed[id][index];
-        *assumed = assumed.saturating_add(1);
+        let assumed = self.pool_assumed[id][index];
+        self.set_assumed(id, index, assumed.saturating_add(1));
         Ok(())
     }
 
@@ -347,9 +384,21 @@ impl Snapshot {
     /// expired (the pod was never bound there).
     pub fn settle(&mut self, node: &str, handler: &str, shape: &str) -> Result<(), SnapshotError> {
         let (id, index) = self.locate(node, handler, shape)?;
-        let assumed = &mut self.pool_assumed[id][index];
-        *assumed = assumed.saturating_sub(1);
+        let assumed = self.pool_assumed[id][index];
+        self.set_assumed(id, index, assumed.saturating_sub(1));
         Ok(())
+    }
+
+    /// Records the placements assumed on a pool and moves the node to the
+    /// bucket of its free slots less those.
+    fn set_assumed(&mut self, id: usize, index: usize, assumed: u32) {
+        let old = std::mem::replace(&mut self.pool_assumed[id][index], assumed);
+        let free = self.pool_free[id][index];
+        self.buckets[id].moved(
+            index,
+            free.saturating_sub(old),
+            free.saturating_sub(assumed),
+        );
     }
 
     /// Placements assumed on the pool and not settled yet.
@@ -441,55 +490,68 @@ pub fn image_term(scaled_bytes: u64, images: usize) -> u8 {
 }
 
 /// A request resolved against one snapshot: score many nodes with it.
+///
+/// Scoring one node reads its columns and looks its requested images up
+/// (no per-request work over all nodes, so an extender call costs what its
+/// candidate list costs); [`Scorer::best`] searches the node index
+/// (`scoring/index.rs`) instead of scoring every node. The decisions are
+/// those of [`linear::LinearScorer`], which scores every node.
 #[derive(Debug)]
 pub struct Scorer<'s> {
     snapshot: &'s Snapshot,
     policy: Policy,
     now_ms: u64,
-    /// Reported free slots and assumed placements per node of the request's
-    /// pool key; `None` when no node has such a pool.
-    free: Option<(&'s [u32], &'s [u32])>,
-    /// Per node: the spread-scaled bytes of requested images it holds.
-    scaled: Vec<u64>,
+    /// The request's pool key; `None` when no node has such a pool.
+    pool: Option<usize>,
+    /// The requested images the snapshot knows, in request order.
+    entries: Vec<ImageEntry>,
     requested: usize,
+}
+
+/// One requested image known to the snapshot.
+#[derive(Debug, Clone, Copy)]
+struct ImageEntry {
+    id: u32,
+    /// The fraction of snapshot nodes holding it.
+    spread: f64,
+    /// Used for a node that reports no size.
+    request_size: Option<u64>,
+}
+
+impl ImageEntry {
+    /// Its spread-scaled bytes on a node reporting `on_node` bytes.
+    fn contribution(&self, on_node: u64) -> u64 {
+        let size = if on_node > 0 {
+            on_node
+        } else {
+            self.request_size.unwrap_or(0)
+        };
+        (size as f64 * self.spread) as u64
+    }
 }
 
 impl<'s> Scorer<'s> {
     pub fn new(snapshot: &'s Snapshot, request: &Request, policy: Policy, now_ms: u64) -> Self {
         let total = snapshot.len().max(1) as f64;
-        let mut scaled: Vec<u64> = Vec::new();
-        for image in &request.images {
-            let Some(&id) = snapshot.image_ids.get(&normalize_image(&image.reference)) else {
-                continue;
-            };
-            if scaled.is_empty() {
-                scaled = vec![0; snapshot.len()];
-            }
-            let holders = &snapshot.image_nodes[id];
-            let spread = holders.len() as f64 / total;
-            for &(node, on_node) in holders {
-                let size = if on_node > 0 {
-                    on_node
-                } else {
-                    image.size_bytes.unwrap_or(0)
-                };
-                let slot = &mut scaled[node as usize];
-                *slot = slot.saturating_add((size as f64 * spread) as u64);
-            }
-        }
+        let entries = request
+            .images
+            .iter()
+            .filter_map(|image| {
+                let id = *snapshot.image_ids.get(&normalize_image(&image.reference))?;
+                Some(ImageEntry {
+                    id: u32::try_from(id).ok()?,
+                    spread: snapshot.image_nodes[id].len() as f64 / total,
+                    request_size: image.size_bytes,
+                })
+            })
+            .collect();
         let key = (request.handler.clone(), request.shape.clone());
-        let free = snapshot.pool_keys.get(&key).map(|&id| {
-            (
-                snapshot.pool_free[id].as_slice(),
-                snapshot.pool_assumed[id].as_slice(),
-            )
-        });
         Scorer {
             snapshot,
             policy,
             now_ms,
-            free,
-            scaled,
+            pool: snapshot.pool_keys.get(&key).copied(),
+            entries,
             requested: request.images.len(),
         }
     }
@@ -514,29 +576,46 @@ impl<'s> Scorer<'s> {
                 return Err(Rejection::Stale { age_ms });
             }
         }
-        let free = match self
-            .free
-            .map(|(free, assumed)| (free[index], assumed[index]))
-        {
-            None | Some((NO_POOL, _)) => return Err(Rejection::NoPool),
-            Some((free, assumed)) => free.saturating_sub(assumed),
-        };
+        let free = self.free_at(index).ok_or(Rejection::NoPool)?;
         if free == 0 && self.policy.slots == SlotPolicy::Require {
             return Err(Rejection::NoFreeSlot);
         }
-        let scaled = self.scaled.get(index).copied().unwrap_or(0);
-        Ok(slot_term(free) + image_term(scaled, self.requested))
+        Ok(slot_term(free) + image_term(self.scaled_bytes(index), self.requested))
+    }
+
+    /// Whether the node's status is recent enough under the policy.
+    fn fresh(&self, index: usize) -> bool {
+        self.policy
+            .stale_after_ms
+            .is_none_or(|limit| self.now_ms.saturating_sub(self.snapshot.last_seen[index]) <= limit)
+    }
+
+    /// Free slots less assumed placements of the request's pool on the node.
+    fn free_at(&self, index: usize) -> Option<u32> {
+        let id = self.pool?;
+        match self.snapshot.pool_free[id][index] {
+            NO_POOL => None,
+            free => Some(free.saturating_sub(self.snapshot.pool_assumed[id][index])),
+        }
+    }
+
+    /// The spread-scaled bytes of the requested images the node holds.
+    fn scaled_bytes(&self, index: usize) -> u64 {
+        let snapshot = self.snapshot;
+        let mut scaled = 0u64;
+        for entry in &self.entries {
+            let holders = &snapshot.image_nodes[entry.id as usize];
+            if let Some(on_node) = snapshot.images.size_on(index, entry.id, holders) {
+                scaled = scaled.saturating_add(entry.contribution(on_node));
+            }
+        }
+        scaled
     }
 
     /// Free slots of the request's pool on `node` less assumed placements;
     /// `None` when the node is unknown or has no such pool.
     pub fn free_slots(&self, node: &str) -> Option<u32> {
-        let index = *self.snapshot.by_name.get(node)?;
-        let (free, assumed) = self.free?;
-        match free[index] {
-            NO_POOL => None,
-            free => Some(free.saturating_sub(assumed[index])),
-        }
+        self.free_at(*self.snapshot.by_name.get(node)?)
     }
 
     /// Every node with its verdict, by node name.
@@ -554,23 +633,14 @@ impl<'s> Scorer<'s> {
     }
 
     /// The best node among those `keep` accepts (by name): the direct path's
-    /// pool filter, which restricts candidates to a pool's nodes.
+    /// pool filter, which restricts candidates to a pool's nodes. `keep` is
+    /// asked only about nodes that would be the best so far.
     pub fn best_where(&self, mut keep: impl FnMut(&str) -> bool) -> Option<Placement<'s>> {
-        let mut best: Option<Placement<'s>> = None;
-        for i in 0..self.snapshot.nodes.len() {
-            if !keep(&self.snapshot.nodes[i].name) {
-                continue;
-            }
-            if let Ok(score) = self.score_index(i) {
-                if best.as_ref().is_none_or(|b| score > b.score) {
-                    best = Some(Placement {
-                        node: &self.snapshot.nodes[i].name,
-                        score,
-                    });
-                }
-            }
-        }
-        best
+        let (score, index) = self.search(&mut keep)?;
+        Some(Placement {
+            node: &self.snapshot.nodes[index].name,
+            score,
+        })
     }
 }
 
