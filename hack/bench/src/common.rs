@@ -38,7 +38,9 @@ pub struct NodeArgs {
     pub node_binary: Option<PathBuf>,
 }
 
-/// A `fast-sandbox-node serve` child process, killed when dropped.
+/// A child process serving CRI on a socket in a private directory — a
+/// `fast-sandbox-node serve`, or the `proxy` bench's byte pipe — killed
+/// when dropped.
 #[derive(Debug)]
 pub struct NodeProcess {
     child: tokio::process::Child,
@@ -89,11 +91,16 @@ impl NodeProcess {
         );
         std::fs::write(&path, text)?;
         let child = spawn_serve(binary, &path)?;
-        Ok(Self {
+        Ok(Self::serving(child, socket, dir))
+    }
+
+    /// `child`, serving on `socket` in `dir` (removed with it).
+    pub fn serving(child: tokio::process::Child, socket: PathBuf, dir: tempfile::TempDir) -> Self {
+        Self {
             child,
             socket,
             _dir: dir,
-        })
+        }
     }
 
     pub fn endpoint(&self) -> String {

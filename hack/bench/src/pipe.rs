@@ -9,6 +9,8 @@ use std::{path::PathBuf, process::Stdio};
 use anyhow::Context as _;
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::common::NodeProcess;
+
 #[derive(Debug, clap::Args)]
 pub struct Opts {
     /// Socket to listen on.
@@ -41,42 +43,22 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     }
 }
 
-/// A pipe process beside the bench, killed when dropped. Callers wait for
-/// it with [`crate::common::wait_ready`].
-pub struct PipeProcess {
-    child: tokio::process::Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl PipeProcess {
-    pub async fn spawn(upstream: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("fs-bench-pipe-")
-            .tempdir()?;
-        let socket = dir.path().join("pipe.sock");
-        let child = tokio::process::Command::new(std::env::current_exe()?)
-            .arg("pipe")
-            .arg("--listen")
-            .arg(&socket)
-            .arg("--upstream")
-            .arg(upstream)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting the pipe process")?;
-        Ok(Self {
-            child,
-            socket,
-            _dir: dir,
-        })
-    }
-
-    pub fn endpoint(&self) -> String {
-        format!("unix://{}", self.socket.display())
-    }
-
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        self.child.kill().await.context("stopping the pipe process")
-    }
+/// A pipe process beside the bench, forwarding to `upstream`; callers wait
+/// for it with [`crate::common::wait_ready`].
+pub fn spawn(upstream: &str) -> anyhow::Result<NodeProcess> {
+    let dir = tempfile::Builder::new()
+        .prefix("fs-bench-pipe-")
+        .tempdir()?;
+    let socket = dir.path().join("pipe.sock");
+    let child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("pipe")
+        .arg("--listen")
+        .arg(&socket)
+        .arg("--upstream")
+        .arg(upstream)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the pipe process")?;
+    Ok(NodeProcess::serving(child, socket, dir))
 }

@@ -14,7 +14,6 @@ use fast_sandbox_proto::cri::{
 
 use crate::{
     common::{self, NodeProcess, Runtime},
-    pipe::PipeProcess,
     stats::{ratio, Pretty, Samples},
 };
 
@@ -157,7 +156,7 @@ fn print_table(rows: &[Row]) {
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
     let binary = common::node_binary(opts.node_binary.as_deref())?;
     let node = NodeProcess::spawn(&binary, &opts.upstream, "").await?;
-    let pipe = PipeProcess::spawn(&opts.upstream).await?;
+    let pipe = crate::pipe::spawn(&opts.upstream)?;
     let mut direct = common::client(&opts.upstream)?;
     let mut piped = common::client(&pipe.endpoint())?;
     let mut shim = common::client(&node.endpoint())?;
