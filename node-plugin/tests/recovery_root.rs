@@ -18,11 +18,10 @@
 use std::{collections::HashSet, time::Duration};
 
 use fast_sandbox_proto::cri::RunPodSandboxRequest;
-use fast_sandbox_shim::slots::POOL_LABEL;
-use fast_sandbox_tests::{pod::TestPod, wait_for, CaseGuard, Cri, DevNode};
+use fast_sandbox_tests::{pod::TestPod, wait_for, Cri, DevNode};
 
 mod support;
-use support::{remove_pool_slots, Node, PoolSlotsGuard, Setup};
+use support::{clean_slate, pool_ids, remove_pool_slots, Node, Setup};
 
 const POOL: &str = "recovery";
 const SIZE: usize = 8;
@@ -38,14 +37,7 @@ async fn kill_9_during_claims_loses_nothing() {
     let Some(node) = DevNode::require(test) else {
         return;
     };
-    let _guard = CaseGuard::new(&node, test).await.expect("clean slate");
-    remove_pool_slots(&node.containerd_endpoint, POOL)
-        .await
-        .expect("no slots of an earlier run");
-    let _slots = PoolSlotsGuard {
-        endpoint: node.containerd_endpoint.clone(),
-        pool: POOL.to_owned(),
-    };
+    let _guards = clean_slate(&node, test, POOL).await;
     let roots = [
         format!("/fast-sandbox-test/{POOL}"),
         "/kubepods/besteffort".to_owned(),
@@ -62,14 +54,7 @@ async fn kill_9_during_claims_loses_nothing() {
     };
     let mut plugin = Node::spawn(&setup, dir.path(), FAILPOINTS, "first.log");
     plugin.wait_full().await;
-    let slots: HashSet<String> = Cri::connect(&node.containerd_endpoint)
-        .expect("client")
-        .list_by_label(POOL_LABEL, POOL)
-        .await
-        .expect("list slots")
-        .into_iter()
-        .map(|sb| sb.id)
-        .collect();
+    let slots = pool_ids(&node.containerd_endpoint, POOL).await;
     assert_eq!(slots.len(), SIZE, "the pool is full before the burst");
 
     // A burst of claims; the node plugin is killed while they are in flight.
