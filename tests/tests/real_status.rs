@@ -117,9 +117,7 @@ async fn status_lists_fast_runc_with_runcs_features() {
     };
     assert_eq!(conditions(&shimmed), conditions(&direct), "conditions");
 
-    warm.manager.set_size(&warm.pool, 0);
-    warm.wait_free(0).await.expect("pool emptied");
-    warm.stop().await.expect("pool stops");
+    warm.empty_and_stop().await;
 }
 
 /// `text` with every 64-hex-digit id (containers, sandboxes) as `<id>`.
@@ -193,7 +191,10 @@ async fn a_user_namespace_pod_behaves_on_fast_runc_as_on_runc() {
         length: 65_536,
     }];
     let mut results = Vec::new();
-    for (handler, endpoint_is_shim) in [("runc", false), ("fast-runc", true)] {
+    for (handler, endpoint) in [
+        ("runc", node.containerd_endpoint.clone()),
+        ("fast-runc", warm.shim.endpoint()),
+    ] {
         let pod =
             fast_sandbox_tests::pod::TestPod::new(case, &format!("userns-{handler}"), logs.path());
         pod.prepare_log_dirs(&[]).expect("log dir");
@@ -209,11 +210,7 @@ async fn a_user_namespace_pod_behaves_on_fast_runc_as_on_runc() {
             uids: mapping.clone(),
             gids: mapping.clone(),
         });
-        let mut cri = if endpoint_is_shim {
-            warm.shim.cri().expect("client")
-        } else {
-            node.cri().expect("client")
-        };
+        let mut cri = fast_sandbox_tests::Cri::connect(&endpoint).expect("client");
         let result = cri
             .runtime
             .run_pod_sandbox(fast_sandbox_proto::cri::RunPodSandboxRequest {
@@ -241,9 +238,7 @@ async fn a_user_namespace_pod_behaves_on_fast_runc_as_on_runc() {
         "a user-namespace pod must never be served warm"
     );
     assert_eq!(warm.free(), 1, "the slot stays free");
-    warm.manager.set_size(&warm.pool, 0);
-    warm.wait_free(0).await.expect("pool emptied");
-    warm.stop().await.expect("pool stops");
+    warm.empty_and_stop().await;
 }
 
 /// A container with a recursive read-only mount (or one containerd must
@@ -267,15 +262,14 @@ async fn recursive_read_only_mounts_behave_on_fast_runc_as_on_runc() {
     let logs = tempfile::tempdir().expect("log dir");
     let volume = tempfile::tempdir().expect("volume");
     let mut results = Vec::new();
-    for (handler, endpoint_is_shim) in [("runc", false), ("fast-runc", true)] {
+    for (handler, endpoint) in [
+        ("runc", node.containerd_endpoint.clone()),
+        ("fast-runc", warm.shim.endpoint()),
+    ] {
         let pod =
             fast_sandbox_tests::pod::TestPod::new(case, &format!("rro-{handler}"), logs.path());
         pod.prepare_log_dirs(&["ro", "rw"]).expect("log dirs");
-        let mut cri = if endpoint_is_shim {
-            warm.shim.cri().expect("client")
-        } else {
-            node.cri().expect("client")
-        };
+        let mut cri = fast_sandbox_tests::Cri::connect(&endpoint).expect("client");
         let config = pod.sandbox_config();
         let sandbox = cri
             .runtime
@@ -329,7 +323,5 @@ async fn recursive_read_only_mounts_behave_on_fast_runc_as_on_runc() {
             results[0][1]
         );
     }
-    warm.manager.set_size(&warm.pool, 0);
-    warm.wait_free(0).await.expect("pool emptied");
-    warm.stop().await.expect("pool stops");
+    warm.empty_and_stop().await;
 }

@@ -57,9 +57,7 @@ async fn warm_equals_cold(handler: &str, network: NetworkMode) {
         1,
         "the warm run must have claimed the free slot"
     );
-    warm.manager.set_size(&warm.pool, 0);
-    warm.wait_free(0).await.expect("pool emptied");
-    warm.stop().await.expect("pool stops");
+    warm.empty_and_stop().await;
 
     cold_t.assert_equivalent(&warm_t, "cold", "warm");
 }

@@ -46,9 +46,7 @@ async fn warm_equals_cold_runsc() {
         1,
         "the warm run must have claimed the free slot"
     );
-    warm.manager.set_size(&warm.pool, 0);
-    warm.wait_free(0).await.expect("pool emptied");
-    warm.stop().await.expect("pool stops");
+    warm.empty_and_stop().await;
 
     cold_t.assert_equivalent(&warm_t, "cold", "warm");
 }
@@ -211,9 +209,7 @@ async fn warm_runsc_slot_processes_move_to_the_pod_cgroup() {
         })
         .await
         .expect("RemovePodSandbox");
-    warm.manager.set_size(&warm.pool, 0);
-    warm.wait_free(0).await.expect("pool emptied");
-    warm.stop().await.expect("pool stops");
+    warm.empty_and_stop().await;
     pod.remove_pod_cgroups();
     assert!(
         sandbox_processes(&sid).is_empty(),

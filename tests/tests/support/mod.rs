@@ -210,6 +210,14 @@ impl WarmNode {
         .await
     }
 
+    /// Empties the pool (the pool destroys its free slots itself), then
+    /// stops it: what a test does once it is done with the pool.
+    pub async fn empty_and_stop(self) {
+        self.manager.set_size(&self.pool, 0);
+        self.wait_free(0).await.expect("pool emptied");
+        self.stop().await.expect("pool stops");
+    }
+
     /// Stops the pool and removes its slots and their cgroups.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
