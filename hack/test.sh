@@ -19,6 +19,26 @@ FSB_LOG_NAME=test
 fsb_become_root "$@"
 cd "$FSB_REPO"
 
+# Disk: a CI machine's free space is not fixed (one run failed with ENOSPC
+# in its last build). Under CI no build is incremental, and each build is
+# removed once nothing later needs it; the free space is logged at each
+# stage so a shortfall shows where it came from.
+if [[ ${CI:-} == true ]]; then
+	export CARGO_INCREMENTAL=0
+fi
+disk() {
+	local dir
+	dir=$(fsb_cargo_target_dir)
+	mkdir -p "$dir"
+	fsb_log "disk: $(df -h --output=avail "$dir" | tail -n 1 | tr -d ' ') free; target dir $(du -sh "$dir" 2>/dev/null | cut -f1) ($1)"
+}
+# ci_free DIR WHY: under CI only, remove a build nothing later needs.
+ci_free() {
+	[[ ${CI:-} == true && -e $1 ]] || return 0
+	fsb_log "freeing $(du -sh "$1" | cut -f1) ($2): $1"
+	rm -rf -- "$1"
+}
+
 started=0
 cleanup() {
 	local rc=$?
@@ -38,6 +58,7 @@ fsb_ensure_packages protobuf-compiler curl
 fsb_log "checking format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+disk "after clippy"
 
 started=1
 # With a second upstream: containerd 2.1 (Debian unstable's package,
@@ -90,6 +111,10 @@ FAST_SANDBOX_UPSTREAM=containerd2 cargo test --locked -p fast-sandbox-tests \
 	--test gvisor_netstack --test warm_gvisor \
 	-- --skip crun --skip containerd_restart
 fsb_log "containerd $FAST_SANDBOX_CONTAINERD2_VERSION subset took $((SECONDS - c2_start)) s"
+disk "after the tests"
+# Every later stage builds in release (or in fuzz/target).
+ci_free "$previous_target" "the previous release's build, used only by the upgrade test"
+ci_free "$(fsb_cargo_target_dir)/debug" "the test build; later stages build in release"
 
 # --- supply chain and fuzzing (docs/reliability.md) ---------------------
 fsb_log "cargo deny: licences, duplicate versions, sources, advisories"
@@ -98,6 +123,11 @@ fsb_log "cargo deny: licences, duplicate versions, sources, advisories"
 "$FSB_REPO/hack/deny.sh"
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 "$FSB_REPO/hack/fuzz.sh" 60
+disk "after fuzzing"
+# The fuzz build; the corpus it grew (fuzz/target/work) stays.
+for dir in "$FSB_REPO"/fuzz/target/*; do
+	[[ $dir == */work ]] || ci_free "$dir" "the fuzz build"
+done
 # --- end of supply chain and fuzzing -------------------------------------
 
 fsb_log "short benchmark runs (figures are not asserted here; see README)"
@@ -110,6 +140,7 @@ target_dir=$(fsb_cargo_target_dir)
 # The images (hack/images.sh): built with the project's own tooling, then
 # run for real on the development node's containerd: the node image's
 # binary must answer --version with this tree's revision.
+disk "after the benchmarks"
 fsb_log "building the node and controller images"
 "$FSB_REPO/hack/images.sh" "$target_dir/images" >"$target_dir/images.txt"
 node_image=$(grep '/node:' "$target_dir/images.txt")
@@ -121,3 +152,4 @@ ctr -a "$ctr_address" -n fast-sandbox-images images rm "$node_image" >/dev/null
 [[ $reported == *"git $(git -C "$FSB_REPO" rev-parse --short=12 HEAD)"* ]] ||
 	fsb_die "the node image reports '$reported', not this tree's revision"
 fsb_log "node image runs: $reported"
+disk "at the end"
