@@ -25,14 +25,17 @@
 //! refill_interval = "50ms"  # pause between two slot creations
 //! refill_delay = "500ms"    # after a claim, before refilling that pool
 //! health_interval = "10s"
-//! cni_conf_dir = "/etc/cni/net.d"   # containerd's CNI conf_dir (rebind pools)
+//! cni_conf_dir = "/etc/cni/net.d"   # containerd's CNI conf_dir (decides `network`)
 //! cni_bin_dirs = ["/opt/cni/bin"]   # containerd's CNI bin_dir (rebind pools)
 //!
 //! [[pool]]                  # one per warm handler and shape
 //! handler = "fast-runc"     # what RuntimeClasses name; "" = the default handler
 //! upstream = "runc"         # containerd's handler
 //! size = 4                  # free slots kept
-//! network = "keep"          # "keep" (identity-free CNI only) or "rebind"
+//! # network: unset (or "auto") = decided from containerd's CNI conflist:
+//! # "keep" when every plugin is identity-free (bridge, host-local, flannel…),
+//! # "rebind" otherwise; "keep" on any other CNI is refused; "rebind" always works
+//! network = "rebind"
 //! shape = { seccomp = "runtime-default" }   # the default: what kubelet sends; or "unconfined", "localhost/<path>"
 //! fixup = "setns"           # or "guest-exec" (default for runsc*/gvisor*/kata* upstreams)
 //! # guest_exec = ["/usr/bin/runsc", "--root", "/run/containerd/runc/k8s.io", "exec",
@@ -85,7 +88,8 @@ pub struct SlotsSection {
     pub refill_interval: Option<HumanDuration>,
     pub refill_delay: Option<HumanDuration>,
     pub health_interval: Option<HumanDuration>,
-    /// containerd's CNI `conf_dir`; used by `network = "rebind"` pools.
+    /// containerd's CNI `conf_dir`: its first file decides each pool's
+    /// network mode, and `network = "rebind"` runs it.
     pub cni_conf_dir: Option<PathBuf>,
     /// containerd's CNI `bin_dir`(s); used by `network = "rebind"` pools.
     pub cni_bin_dirs: Option<Vec<PathBuf>>,
@@ -385,7 +389,8 @@ pub struct SlotSettings {
     pub refill_interval: Duration,
     pub refill_delay: Duration,
     pub health_interval: Duration,
-    /// containerd's CNI configuration, for `network = "rebind"` pools.
+    /// containerd's CNI configuration: decides the pools' network modes,
+    /// and `network = "rebind"` runs it.
     pub cni_conf_dir: PathBuf,
     pub cni_bin_dirs: Vec<PathBuf>,
 }
@@ -845,11 +850,18 @@ mod tests {
             handler = ""
             upstream = "crun"
             size = 0
+            network = "keep"
             "#,
         )
         .expect("valid");
         assert_eq!(specs.len(), 3);
         assert_eq!(specs[0].name, "fast-runc");
+        assert_eq!(
+            specs[0].network,
+            NetworkMode::Auto,
+            "unset: decided from containerd's CNI configuration"
+        );
+        assert_eq!(specs[2].network, NetworkMode::Keep);
         assert_eq!(
             specs[0].key.shape,
             Shape {

@@ -483,6 +483,7 @@ async fn start_pools(
             conf_dir: settings.slots.cni_conf_dir.clone(),
             bin_dirs: settings.slots.cni_bin_dirs.clone(),
             timeout: CNI_PLUGIN_TIMEOUT,
+            recheck: CNI_RECHECK,
         },
     };
     let manager = PoolManager::start(specs, cfg, channel, fixup, Arc::clone(metrics))
@@ -518,6 +519,10 @@ const FIXUP_DEADLINE: Duration = Duration::from_secs(2);
 /// Upper bound of one CNI plugin run of a `rebind` claim (containerd's own
 /// CNI calls have no bound of their own; the pod's would be kubelet's).
 const CNI_PLUGIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// While containerd's CNI configuration does not exist yet (a new node: the
+/// CNI's own pods start through this CRI first), how often it is re-read.
+const CNI_RECHECK: Duration = Duration::from_secs(5);
 
 fn init_logging(settings: &Settings) -> anyhow::Result<()> {
     let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {

@@ -53,6 +53,9 @@ pub struct CniSettings {
     pub bin_dirs: Vec<PathBuf>,
     /// Bound on one plugin run.
     pub timeout: Duration,
+    /// While `conf_dir` holds no configuration yet (the CNI's own pods are
+    /// still starting, through this very CRI), how often it is re-read.
+    pub recheck: Duration,
 }
 
 impl Default for CniSettings {
@@ -62,13 +65,46 @@ impl Default for CniSettings {
             conf_dir: PathBuf::from("/etc/cni/net.d"),
             bin_dirs: vec![PathBuf::from("/opt/cni/bin")],
             timeout: Duration::from_secs(10),
+            recheck: Duration::from_secs(5),
         }
     }
 }
 
+/// CNI plugin types that are *identity-free*: nothing they do is keyed to
+/// the `K8S_POD_*` arguments of the ADD (no endpoint, IP reservation or
+/// policy is recorded under the pod's name, namespace or uid), so a slot
+/// attached as a placeholder serves a real pod as well as a fresh
+/// attachment would (`network = "keep"`). The reference plugins of
+/// containernetworking/plugins (main, IPAM and meta) and flannel. Any other
+/// type (calico, cilium-cni, antrea, weave-net, kube-ovn, aws-cni, multus,
+/// whereabouts, …) makes an unset `network` mean `rebind`.
+pub const IDENTITY_FREE_PLUGINS: &[&str] = &[
+    "bandwidth",
+    "bridge",
+    "dhcp",
+    "dummy",
+    "firewall",
+    "flannel",
+    "host-device",
+    "host-local",
+    "ipvlan",
+    "loopback",
+    "macvlan",
+    "portmap",
+    "ptp",
+    "sbr",
+    "static",
+    "tap",
+    "tuning",
+    "vlan",
+    "vrf",
+];
+
 /// A failure of a CNI operation, naming the plugin and what it said.
 #[derive(Debug, thiserror::Error)]
 pub enum CniError {
+    #[error("no CNI configuration in {dir} yet (no .conflist, .conf or .json file)")]
+    NoConfig { dir: PathBuf },
     #[error("CNI configuration in {dir}: {reason}")]
     Config { dir: PathBuf, reason: String },
     #[error("CNI plugin {plugin:?} not found in {dirs:?}")]
@@ -158,6 +194,8 @@ impl PluginExec for RealExec {
 /// containerd's network: the plugins of its first configuration file.
 #[derive(Debug, Clone)]
 pub struct NetworkList {
+    /// The file it was read from.
+    file: PathBuf,
     name: String,
     cni_version: String,
     plugins: Vec<Map<String, Value>>,
@@ -171,8 +209,16 @@ impl NetworkList {
             dir: dir.to_owned(),
             reason,
         };
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| bad(e.to_string()))?
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CniError::NoConfig {
+                    dir: dir.to_owned(),
+                })
+            }
+            Err(e) => return Err(bad(e.to_string())),
+        };
+        let mut files: Vec<PathBuf> = entries
             .flatten()
             .map(|e| e.path())
             .filter(|p| {
@@ -181,16 +227,17 @@ impl NetworkList {
             })
             .collect();
         files.sort();
-        let first = files
-            .first()
-            .ok_or_else(|| bad("no .conflist, .conf or .json file".into()))?;
+        let first = files.first().ok_or_else(|| CniError::NoConfig {
+            dir: dir.to_owned(),
+        })?;
         let text = std::fs::read(first).map_err(|e| bad(format!("{}: {e}", first.display())))?;
-        Self::parse(&text, first.extension().is_some_and(|x| x == "conflist"))
-            .map_err(|reason| bad(format!("{}: {reason}", first.display())))
+        Self::parse(first, &text).map_err(|reason| bad(format!("{}: {reason}", first.display())))
     }
 
-    /// Parses a list (`conflist`) or a single plugin's configuration.
-    pub fn parse(text: &[u8], is_list: bool) -> Result<Self, String> {
+    /// Parses `file`'s text: a list (`*.conflist`) or a single plugin's
+    /// configuration.
+    pub fn parse(file: &Path, text: &[u8]) -> Result<Self, String> {
+        let is_list = file.extension().is_some_and(|x| x == "conflist");
         let v: Value = serde_json::from_slice(text).map_err(|e| e.to_string())?;
         let obj = v.as_object().ok_or("not a JSON object")?;
         let field = |k: &str| {
@@ -220,6 +267,7 @@ impl NetworkList {
             }
         }
         Ok(Self {
+            file: file.to_owned(),
             name,
             cni_version,
             plugins,
@@ -229,6 +277,40 @@ impl NetworkList {
     /// The network's name (host-local keeps its allocations under it).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The configuration file the network was read from.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// Every plugin type the chain runs: each plugin's `type`, its IPAM
+    /// plugin's (`ipam.type`) and a delegating plugin's delegate
+    /// (`delegate.type`, flannel's), in order, once each.
+    pub fn plugin_types(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for p in &self.plugins {
+            let nested = |k: &str| p.get(k).and_then(|v| v.get("type")).and_then(Value::as_str);
+            let own = p.get("type").and_then(Value::as_str);
+            for t in [own, nested("ipam"), nested("delegate")]
+                .into_iter()
+                .flatten()
+            {
+                if !out.contains(&t) {
+                    out.push(t);
+                }
+            }
+        }
+        out
+    }
+
+    /// The plugin types of the chain that are not identity-free
+    /// ([`IDENTITY_FREE_PLUGINS`]): empty when `network = "keep"` is safe.
+    pub fn identity_bound_plugins(&self) -> Vec<&str> {
+        self.plugin_types()
+            .into_iter()
+            .filter(|t| !IDENTITY_FREE_PLUGINS.contains(t))
+            .collect()
     }
 }
 
@@ -276,10 +358,21 @@ pub struct Cni {
 }
 
 impl Cni {
-    /// Loads containerd's network from `settings.conf_dir`.
+    /// Loads containerd's network from `settings.conf_dir`, and checks
+    /// that every plugin it runs is in `settings.bin_dirs`.
     pub fn new(settings: CniSettings, exec: Arc<dyn PluginExec>) -> Result<Self, CniError> {
         let list = NetworkList::load(&settings.conf_dir)?;
-        Ok(Self::with_list(list, settings, exec))
+        Self::with_list(list, settings, exec).checked()
+    }
+
+    /// `self`, once every plugin type of the network is found in the
+    /// plugin directories (a missing mount or binary is reported at start,
+    /// not at the first claim).
+    pub fn checked(self) -> Result<Self, CniError> {
+        for t in self.list.plugin_types() {
+            self.binary(t)?;
+        }
+        Ok(self)
     }
 
     /// With an already parsed network.
@@ -519,15 +612,16 @@ mod tests {
 
     fn cni_with(fake: Arc<Fake>) -> (Cni, tempfile::TempDir) {
         let bin = tempfile::tempdir().unwrap();
-        for p in ["bridge", "portmap", "loopback"] {
+        for p in ["bridge", "host-local", "portmap", "loopback"] {
             std::fs::write(bin.path().join(p), b"").unwrap();
         }
         let settings = CniSettings {
             conf_dir: PathBuf::from("/nonexistent"),
             bin_dirs: vec![PathBuf::from("/nonexistent"), bin.path().to_owned()],
             timeout: Duration::from_secs(1),
+            recheck: Duration::from_secs(1),
         };
-        let list = NetworkList::parse(LIST.as_bytes(), true).unwrap();
+        let list = NetworkList::parse(Path::new("10-net.conflist"), LIST.as_bytes()).unwrap();
         (Cni::with_list(list, settings, fake), bin)
     }
 
@@ -631,29 +725,84 @@ mod tests {
     }
 
     #[test]
+    fn plugins_are_identity_free_only_when_every_type_is_listed() {
+        for (plugins, bound) in [
+            (
+                r#"[{"type":"bridge","ipam":{"type":"host-local"}},{"type":"portmap"}]"#,
+                &[][..],
+            ),
+            (r#"[{"type":"flannel","delegate":{"type":"bridge"}}]"#, &[]),
+            (
+                r#"[{"type":"calico","ipam":{"type":"calico-ipam"}},{"type":"bandwidth"}]"#,
+                &["calico", "calico-ipam"],
+            ),
+            (r#"[{"type":"cilium-cni"}]"#, &["cilium-cni"]),
+            // An identity-keyed IPAM under an identity-free main plugin.
+            (
+                r#"[{"type":"macvlan","ipam":{"type":"whereabouts"}}]"#,
+                &["whereabouts"],
+            ),
+            (
+                r#"[{"type":"flannel","delegate":{"type":"calico"}}]"#,
+                &["calico"],
+            ),
+        ] {
+            let text = format!(r#"{{"name":"n","cniVersion":"1.0.0","plugins":{plugins}}}"#);
+            let list = NetworkList::parse(Path::new("n.conflist"), text.as_bytes()).unwrap();
+            assert_eq!(list.identity_bound_plugins(), bound, "{plugins}");
+        }
+    }
+
+    #[test]
+    fn a_plugin_missing_from_the_bin_dirs_is_named_at_load() {
+        let conf = tempfile::tempdir().unwrap();
+        std::fs::write(conf.path().join("10-net.conflist"), LIST).unwrap();
+        let bin = tempfile::tempdir().unwrap();
+        let settings = CniSettings {
+            conf_dir: conf.path().to_owned(),
+            bin_dirs: vec![bin.path().to_owned()],
+            ..CniSettings::default()
+        };
+        for p in ["bridge", "host-local", "loopback"] {
+            std::fs::write(bin.path().join(p), b"").unwrap();
+        }
+        let err = Cni::new(settings.clone(), Arc::new(Fake::default())).unwrap_err();
+        assert!(
+            matches!(&err, CniError::NotFound { plugin, .. } if plugin == "portmap"),
+            "{err}"
+        );
+        std::fs::write(bin.path().join("portmap"), b"").unwrap();
+        let cni = Cni::new(settings, Arc::new(Fake::default())).unwrap();
+        assert_eq!(cni.network().file(), conf.path().join("10-net.conflist"));
+    }
+
+    #[test]
     fn bad_configurations_name_what_is_wrong() {
-        for (text, list, want) in [
-            ("[]", true, "not a JSON object"),
-            (r#"{"cniVersion":"1.0.0"}"#, true, "\"name\""),
-            (r#"{"name":"n","cniVersion":"1.0.0"}"#, true, "\"plugins\""),
+        let list = Path::new("10-n.conflist");
+        for (text, want) in [
+            ("[]", "not a JSON object"),
+            (r#"{"cniVersion":"1.0.0"}"#, "\"name\""),
+            (r#"{"name":"n","cniVersion":"1.0.0"}"#, "\"plugins\""),
             (
                 r#"{"name":"n","cniVersion":"1.0.0","plugins":[{"x":1}]}"#,
-                true,
                 "plugins[0].type",
             ),
         ] {
-            let err = NetworkList::parse(text.as_bytes(), list).unwrap_err();
+            let err = NetworkList::parse(list, text.as_bytes()).unwrap_err();
             assert!(err.contains(want), "{text}: {err}");
         }
         let single = NetworkList::parse(
+            Path::new("10-n.conf"),
             br#"{"name":"n","cniVersion":"0.4.0","type":"bridge"}"#,
-            false,
         )
         .unwrap();
         assert_eq!(single.plugins.len(), 1);
         let dir = tempfile::tempdir().unwrap();
-        let err = NetworkList::load(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("no .conflist"), "{err}");
+        let err = NetworkList::load(dir.path()).unwrap_err();
+        assert!(matches!(err, CniError::NoConfig { .. }), "{err}");
+        assert!(err.to_string().contains("no .conflist"), "{err}");
+        let err = NetworkList::load(&dir.path().join("absent")).unwrap_err();
+        assert!(matches!(err, CniError::NoConfig { .. }), "{err}");
     }
 
     #[test]

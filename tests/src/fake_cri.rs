@@ -20,7 +20,7 @@ use fast_sandbox_node::{
     fixup::{Fixup, FixupFailed, SlotFacts},
     health::Health,
     metrics::Metrics,
-    pool::{ManagerConfig, PoolManager, PoolParts, PoolSpec},
+    pool::{ManagerConfig, NetworkMode, PoolError, PoolManager, PoolParts, PoolSpec},
     usage::CgroupReader,
 };
 use fast_sandbox_proto::cri;
@@ -483,8 +483,15 @@ pub struct RigBuilder {
     fixup: Arc<dyn Fixup>,
     cgroups: Option<Arc<dyn CgroupReader>>,
     unix_socket: bool,
+    /// containerd's CNI configuration at start (`None`: not there yet).
+    cni: Option<&'static str>,
     tune: Vec<fn(&mut ManagerConfig)>,
 }
+
+/// The CNI configuration a [`PoolRig`] writes by default: identity-free,
+/// so a pool with `network` unset keeps slots' attachments.
+pub const BRIDGE_CONFLIST: &str = r#"{"cniVersion":"1.0.0","name":"rig",
+  "plugins":[{"type":"bridge","ipam":{"type":"host-local"}},{"type":"portmap"}]}"#;
 
 impl RigBuilder {
     /// Adds a pool `name` exposed as handler `exposed`, keyed `key`,
@@ -522,6 +529,32 @@ impl RigBuilder {
         self
     }
 
+    /// Starts without containerd's CNI configuration (a new node whose CNI
+    /// is not installed yet): write it in [`PoolRig::cni_dir`] later.
+    #[must_use]
+    pub fn without_cni(mut self) -> Self {
+        self.cni = None;
+        self
+    }
+
+    /// Starts with `conflist` as containerd's CNI configuration instead of
+    /// [`BRIDGE_CONFLIST`].
+    #[must_use]
+    pub fn conflist(mut self, conflist: &'static str) -> Self {
+        self.cni = Some(conflist);
+        self
+    }
+
+    /// Sets the network mode of the pool added last.
+    ///
+    /// # Panics
+    /// When no pool was added yet.
+    #[must_use]
+    pub fn network(mut self, mode: NetworkMode) -> Self {
+        self.pools.last_mut().expect("a pool first").network = mode;
+        self
+    }
+
     /// Changes the manager's settings (the defaults: 5 s upstream deadline,
     /// refill every 1 ms, no refill for 10 min after a claim, health check
     /// every 10 min).
@@ -537,6 +570,17 @@ impl RigBuilder {
     /// # Panics
     /// When no pool was added or the manager does not start.
     pub async fn start(self) -> PoolRig {
+        self.try_start().await.expect("pool manager starts")
+    }
+
+    /// [`RigBuilder::start`], returning why the manager does not start.
+    ///
+    /// # Errors
+    /// What [`PoolManager::start_with`] returns.
+    ///
+    /// # Panics
+    /// When no pool was added.
+    pub async fn try_start(self) -> Result<PoolRig, PoolError> {
         let first = self.pools.first().expect("a rig has a pool").clone();
         let cri = FakeCri::default();
         cri.state().images.push(busybox_image());
@@ -558,8 +602,13 @@ impl RigBuilder {
                 conf_dir: dir.path().join("cni"),
                 bin_dirs: Vec::new(),
                 timeout: Duration::from_secs(1),
+                recheck: Duration::from_millis(20),
             },
         };
+        if let Some(conflist) = self.cni {
+            std::fs::create_dir(dir.path().join("cni")).expect("CNI conf dir");
+            std::fs::write(dir.path().join("cni/10-rig.conflist"), conflist).expect("CNI conflist");
+        }
         for tune in self.tune {
             tune(&mut cfg);
         }
@@ -571,11 +620,9 @@ impl RigBuilder {
         if let Some(cgroups) = self.cgroups {
             parts = parts.with_cgroups(cgroups);
         }
-        let manager = PoolManager::start_with(self.pools, cfg, parts)
-            .await
-            .expect("pool manager starts");
+        let manager = PoolManager::start_with(self.pools, cfg, parts).await?;
         tokio::spawn(Arc::clone(&manager).run(std::future::pending()));
-        PoolRig {
+        Ok(PoolRig {
             cri,
             upstream,
             endpoint,
@@ -584,7 +631,7 @@ impl RigBuilder {
             pool: first.exposed_handler,
             key: first.key,
             _dir: dir,
-        }
+        })
     }
 }
 
@@ -607,8 +654,15 @@ impl PoolRig {
             fixup: Arc::new(NoFixup),
             cgroups: None,
             unix_socket: false,
+            cni: Some(BRIDGE_CONFLIST),
             tune: Vec::new(),
         }
+    }
+
+    /// containerd's CNI `conf_dir` of the rig (see
+    /// [`RigBuilder::without_cni`]).
+    pub fn cni_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("cni")
     }
 
     /// Waits until the first pool has `n` free slots.

@@ -408,6 +408,7 @@ impl ReplayNode {
                 conf_dir: node.cni_conf_dir(),
                 bin_dirs: vec!["/usr/lib/cni".into()],
                 timeout: Duration::from_secs(10),
+                recheck: Duration::from_secs(1),
             },
         };
         let fixup = Arc::new(ByRuntime::real(

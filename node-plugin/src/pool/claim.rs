@@ -68,6 +68,10 @@ impl PoolManager {
                 continue;
             }
             any_pool = true;
+            // Adopted slots wait for the pool's network mode like new ones.
+            if self.decided_mode(i).is_none() {
+                continue;
+            }
             while let Some(id) = t.free[i].pop_front() {
                 if let Some(slot) = t.slots.get_mut(&id) {
                     slot.status = Status::Claiming;
@@ -187,10 +191,11 @@ impl PoolManager {
         real: &PodSandboxConfig,
     ) -> Result<Option<PodIps>, PoolError> {
         self.fixup.apply(facts, real).await?;
-        if self.specs[i].network != NetworkMode::Rebind {
+        let network = self.network().await?;
+        if network.mode(i)? != NetworkMode::Rebind {
             return Ok(None);
         }
-        let cni = self.cni.as_ref().ok_or(PoolError::NoCni)?;
+        let cni = network.cni().ok_or(PoolError::NoCni)?;
         // The placeholder's identity, as containerd attached it.
         let uid = facts
             .placeholder_cgroup_parent
@@ -313,9 +318,6 @@ impl PoolManager {
 
     /// CNI DEL with the pod's identity, for a rebound pod being stopped.
     pub(super) async fn leave_network(&self, sandbox_id: &str) {
-        let Some(cni) = &self.cni else {
-            return;
-        };
         let found = {
             let t = self.table();
             t.slots.get(sandbox_id).and_then(|slot| match &slot.status {
@@ -326,6 +328,18 @@ impl PoolManager {
             })
         };
         let Some((pid, pod)) = found else {
+            return;
+        };
+        // Rebound, so the decision was made (by this run, or it is made
+        // now for a pod rebound by the previous one).
+        let cni = match self.network().await {
+            Ok(network) => network.cni(),
+            Err(e) => {
+                tracing::warn!(sandbox = %sandbox_id, error = %chain(&e), "CNI DEL with the pod's identity skipped");
+                return;
+            }
+        };
+        let Some(cni) = cni else {
             return;
         };
         if let Err(e) = cni

@@ -16,8 +16,12 @@ pub enum PoolError {
     Records(#[from] RecordError),
     #[error("a claim-record operation")]
     RecordsBlocked(#[source] BlockingError),
-    #[error("network = \"rebind\" needs containerd's CNI configuration")]
+    #[error("containerd's CNI configuration")]
     CniConfig(#[source] CniError),
+    #[error("reading containerd's CNI configuration")]
+    CniBlocked(#[source] BlockingError),
+    #[error(transparent)]
+    KeepRefused(#[from] super::spec::KeepRefused),
     #[error("listing this node's slots upstream")]
     List(#[source] tonic::Status),
     #[error("listing containers upstream")]

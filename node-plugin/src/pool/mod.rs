@@ -27,6 +27,7 @@ mod adopt;
 mod claim;
 mod error;
 pub mod misses;
+mod network_mode;
 pub mod records;
 mod recovery;
 mod refill;
@@ -52,7 +53,7 @@ use tonic::transport::Channel;
 pub use self::{
     adopt::{key_digest, POOL_KEY_LABEL},
     error::PoolError,
-    spec::{ManagerConfig, NetworkMode, PoolSpec, MAX_POOL_SIZE},
+    spec::{KeepRefused, ManagerConfig, NetworkMode, PoolSpec, MAX_POOL_SIZE},
     table::{ClaimInfo, PoolStats},
     token_only::TokenOnly,
 };
@@ -63,7 +64,7 @@ use self::{
 use crate::{
     fixup::Fixup,
     metrics::{Metrics, Miss},
-    network::{Cni, PluginExec, RealExec},
+    network::{PluginExec, RealExec},
     usage::{CgroupReader, RealCgroups, UsageTracker},
 };
 
@@ -116,8 +117,11 @@ pub struct PoolManager {
     token: String,
     records: RecordStore,
     fixup: Arc<dyn Fixup>,
-    /// containerd's network, when a pool rebinds claimed slots to it.
-    cni: Option<Cni>,
+    /// Runs CNI plugins for `rebind` pools.
+    cni_exec: Arc<dyn PluginExec>,
+    /// Each pool's network mode and containerd's network, decided once its
+    /// CNI configuration exists (`network_mode.rs`).
+    network: tokio::sync::OnceCell<network_mode::NetworkDecision>,
     cgroups: Arc<dyn CgroupReader>,
     /// Previous CPU samples of claimed pods, for `usage_nano_cores`.
     usage: UsageTracker,
@@ -155,7 +159,10 @@ impl PoolManager {
     }
 
     /// Opens the record store and loads the claims (claimed slots keep
-    /// their identity from here on), without any upstream call; call
+    /// their identity from here on), and decides the pools' network modes
+    /// when containerd's CNI configuration exists (an explicit `keep` on a
+    /// network that is not identity-free fails the start), without any
+    /// upstream call; call
     /// [`PoolManager::run`] to reconcile with upstream (adopting the
     /// previous run's free slots) and keep the pools full.
     pub async fn start_with(
@@ -178,16 +185,6 @@ impl PoolManager {
             .await
             .map_err(PoolError::RecordsBlocked)??
         };
-        let cni = if specs.iter().any(|s| s.network == NetworkMode::Rebind) {
-            let cni = Cni::new(cfg.cni.clone(), parts.cni_exec).map_err(PoolError::CniConfig)?;
-            tracing::info!(
-                network = cni.network().name(),
-                "rebinding claimed slots to the pod's identity"
-            );
-            Some(cni)
-        } else {
-            None
-        };
         let mgr = Arc::new(Self {
             table: Mutex::new(Table::new(specs.iter().map(|s| s.size))),
             specs,
@@ -196,7 +193,8 @@ impl PoolManager {
             token,
             records,
             fixup: parts.fixup,
-            cni,
+            cni_exec: parts.cni_exec,
+            network: tokio::sync::OnceCell::new(),
             cgroups: parts.cgroups,
             usage: UsageTracker::default(),
             metrics: parts.metrics,
@@ -206,6 +204,7 @@ impl PoolManager {
             recovered: tokio::sync::watch::channel(false).0,
             changes: tokio::sync::watch::channel(0).0,
         });
+        mgr.decide_at_start().await?;
         mgr.load_claims(good, &bad);
         Ok(mgr)
     }

@@ -27,13 +27,19 @@ enum Work {
 }
 
 impl PoolManager {
-    /// Keeps the pools at their desired size until `shutdown` resolves:
-    /// creates missing slots one at a time, removes excess free ones, and
+    /// Keeps the pools at their desired size until `shutdown` resolves,
+    /// once the pools' network modes are decided (`network_mode.rs`):
+    /// creates missing slots one at a time (none in a pool whose `keep` was
+    /// refused), removes excess free ones, and
     /// checks free slots' health periodically.
     pub async fn run(self: std::sync::Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         tokio::select! {
             () = self.recover_retrying() => {}
+            () = &mut shutdown => return,
+        }
+        tokio::select! {
+            () = self.await_network() => {}
             () = &mut shutdown => return,
         }
         let mut last_health = Instant::now();
@@ -125,7 +131,7 @@ impl PoolManager {
         let now = Instant::now();
         let mut wait: Option<Instant> = None;
         for i in 0..self.specs.len() {
-            if t.free[i].len() < t.desired[i] {
+            if t.free[i].len() < t.desired[i] && self.decided_mode(i).is_some() {
                 match t.hold_until[i] {
                     Some(until) if until > now => {
                         wait = Some(wait.map_or(until, |w| w.min(until)));

@@ -116,6 +116,7 @@ impl WarmNode {
                 conf_dir: node.cni_conf_dir(),
                 bin_dirs: vec!["/usr/lib/cni".into()],
                 timeout: Duration::from_secs(10),
+                recheck: Duration::from_secs(1),
             },
         };
         // As `fast-sandbox-node` chooses: setns for runc/crun, a command
