@@ -49,7 +49,9 @@ const PLUGIN_PATHS: [(&str, bool); 6] = [
 ];
 
 fn deploy_file<T: DeserializeOwned>(file: &str, kind: &str) -> T {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
     let docs: Vec<Value> =
         serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
@@ -170,7 +172,9 @@ impl Node {
             .filter(|m| path.starts_with(&m.container))
             .max_by_key(|m| m.container.components().count())
             .ok_or_else(|| format!("{}: no hostPath mount covers it", path.display()))?;
-        let rest = path.strip_prefix(&mount.container).map_err(|e| e.to_string())?;
+        let rest = path
+            .strip_prefix(&mount.container)
+            .map_err(|e| e.to_string())?;
         if mount.host.join(rest) != path {
             return Err(format!(
                 "{}: mounted from host path {}, not the same path",
@@ -196,7 +200,10 @@ impl Node {
             std::fs::write(&path, text).expect("write");
         };
         write("/etc/cni/net.d/10-calico.conflist", CALICO_CONFLIST);
-        write("/etc/cni/net.d/calico-kubeconfig", "apiVersion: v1\nkind: Config\n");
+        write(
+            "/etc/cni/net.d/calico-kubeconfig",
+            "apiVersion: v1\nkind: Config\n",
+        );
         write("/var/lib/calico/nodename", "node-1\n");
         for plugin in CALICO_PLUGINS {
             write(&format!("/opt/cni/bin/{plugin}"), "#!/bin/sh\n");
@@ -234,7 +241,12 @@ async fn start_pools(node: &Node, toml: &str) -> Result<Started, String> {
         health_interval: settings.slots.health_interval,
         cni: CniSettings {
             conf_dir: node.seen(&settings.slots.cni_conf_dir),
-            bin_dirs: settings.slots.cni_bin_dirs.iter().map(|d| node.seen(d)).collect(),
+            bin_dirs: settings
+                .slots
+                .cni_bin_dirs
+                .iter()
+                .map(|d| node.seen(d))
+                .collect(),
             ..CniSettings::default()
         },
     };
@@ -245,12 +257,18 @@ async fn start_pools(node: &Node, toml: &str) -> Result<Started, String> {
     let manager = PoolManager::start_with(specs, cfg, parts)
         .await
         .map_err(|e| format!("{e:#}"))?;
+    // As `serve` does.
+    manager
+        .decide_at_start()
+        .await
+        .map_err(|e| format!("{e:#}"))?;
     let Some(modes) = manager.network_modes() else {
         // Why, as the refill task would log it.
         let why = Cni::new(cni, Arc::new(RealExec)).err();
-        return Ok(Started::Undecided(
-            why.map_or_else(|| "the network loads now".into(), |e| e.to_string()),
-        ));
+        return Ok(Started::Undecided(why.map_or_else(
+            || "the network loads now".into(),
+            |e| e.to_string(),
+        )));
     };
     modes
         .into_iter()

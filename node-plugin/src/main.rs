@@ -169,7 +169,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let pools = if specs.is_empty() {
         None
     } else {
-        Some(start_pools(&settings, specs, &mechanisms, &metrics).await?)
+        let (manager, handlers) = start_pools(&settings, specs, &mechanisms, &metrics).await?;
+        // A pool's `keep` on a network that is not identity-free stops the
+        // start when the CNI configuration is already there.
+        manager
+            .decide_at_start()
+            .await
+            .context("deciding the pools' network modes")?;
+        Some((manager, handlers))
     };
     // Recovered once the pools have reconciled with upstream, which they
     // do in the background after CRI is served.

@@ -621,6 +621,8 @@ impl RigBuilder {
             parts = parts.with_cgroups(cgroups);
         }
         let manager = PoolManager::start_with(self.pools, cfg, parts).await?;
+        // As `serve` does.
+        manager.decide_at_start().await?;
         tokio::spawn(Arc::clone(&manager).run(std::future::pending()));
         Ok(PoolRig {
             cri,

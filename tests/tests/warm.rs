@@ -15,6 +15,7 @@ async fn warm_equals_cold(handler: &str, network: NetworkMode) {
     let suffix = match network {
         NetworkMode::Keep => "",
         NetworkMode::Rebind => "_rebind",
+        NetworkMode::Auto => "_auto",
     };
     let test = format!("warm_equals_cold_{handler}{suffix}");
     let Some(node) = DevNode::require(&test) else {

@@ -159,10 +159,9 @@ impl PoolManager {
     }
 
     /// Opens the record store and loads the claims (claimed slots keep
-    /// their identity from here on), and decides the pools' network modes
-    /// when containerd's CNI configuration exists (an explicit `keep` on a
-    /// network that is not identity-free fails the start), without any
-    /// upstream call; call
+    /// their identity from here on), without any upstream call; call
+    /// [`PoolManager::decide_at_start`] to check the pools' network modes
+    /// now, and
     /// [`PoolManager::run`] to reconcile with upstream (adopting the
     /// previous run's free slots) and keep the pools full.
     pub async fn start_with(
@@ -204,7 +203,6 @@ impl PoolManager {
             recovered: tokio::sync::watch::channel(false).0,
             changes: tokio::sync::watch::channel(0).0,
         });
-        mgr.decide_at_start().await?;
         mgr.load_claims(good, &bad);
         Ok(mgr)
     }

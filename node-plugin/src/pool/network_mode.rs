@@ -148,9 +148,14 @@ impl PoolManager {
         }
     }
 
-    /// At start: decides now when containerd's CNI configuration exists;
-    /// a refused `keep` stops the start.
-    pub(super) async fn decide_at_start(&self) -> Result<(), PoolError> {
+    /// At start (`serve`, not `uninstall`): decides the pools' network
+    /// modes now when containerd's CNI configuration exists, so a refused
+    /// `keep` stops the start; without it, the refill task decides later.
+    ///
+    /// # Errors
+    /// [`PoolError::KeepRefused`] for the first pool whose `keep` is
+    /// refused.
+    pub async fn decide_at_start(&self) -> Result<(), PoolError> {
         match self.network().await {
             Ok(decision) => match decision.refused() {
                 Some(refused) => Err(PoolError::KeepRefused(refused.clone())),
