@@ -38,7 +38,8 @@ const CALICO_CONFLIST: &str = r#"{"name":"k8s-pod-network","cniVersion":"0.3.1",
 const CALICO_PLUGINS: [&str; 4] = ["calico", "calico-ipam", "bandwidth", "portmap"];
 
 /// What the plugins of a rebind read or write on the node, as
-/// (path, written): Calico's files and host-local's state directory.
+/// (path, written): Calico's files, host-local's state directory and the
+/// directory of Cilium's agent socket.
 const PLUGIN_PATHS: [(&str, bool); 6] = [
     ("/etc/cni/net.d/calico-kubeconfig", false),
     ("/var/lib/calico/nodename", false),
