@@ -32,10 +32,10 @@
 //! handler = "fast-runc"     # what RuntimeClasses name; "" = the default handler
 //! upstream = "runc"         # containerd's handler
 //! size = 4                  # free slots kept
-//! # network: unset (or "auto") = decided from containerd's CNI conflist:
+//! # network unset (or "auto"): decided from containerd's CNI conflist,
 //! # "keep" when every plugin is identity-free (bridge, host-local, flannel…),
 //! # "rebind" otherwise; "keep" on any other CNI is refused; "rebind" always works
-//! network = "rebind"
+//! # network = "rebind"
 //! shape = { seccomp = "runtime-default" }   # the default: what kubelet sends; or "unconfined", "localhost/<path>"
 //! fixup = "setns"           # or "guest-exec" (default for runsc*/gvisor*/kata* upstreams)
 //! # guest_exec = ["/usr/bin/runsc", "--root", "/run/containerd/runc/k8s.io", "exec",
