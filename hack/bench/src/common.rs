@@ -38,6 +38,24 @@ pub struct NodeArgs {
     pub node_binary: Option<PathBuf>,
 }
 
+impl NodeArgs {
+    /// [`dev_cni_conf_dir`] of this containerd.
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        dev_cni_conf_dir(&self.containerd_root)
+    }
+}
+
+/// containerd's CNI `conf_dir` on the development node whose containerd
+/// root is `containerd_root` (`<instance>/cni/conf`, the instance being the
+/// root's parent: hack/devtool's layout). The node plugin's config must
+/// name it: the pools' network mode is decided from it.
+pub fn dev_cni_conf_dir(containerd_root: &Path) -> PathBuf {
+    containerd_root
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join("cni/conf")
+}
+
 /// A child process serving CRI on a socket in a private directory — a
 /// `fast-sandbox-node serve`, or the `proxy` bench's byte pipe — killed
 /// when dropped.

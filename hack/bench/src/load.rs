@@ -240,10 +240,11 @@ async fn measure(opts: &Opts) -> anyhow::Result<()> {
     let admin = warm::free_port()?;
     let config = format!(
         "[admin]\naddress = \"{admin}\"\n[slots]\nstate_dir = \"{{dir}}/state\"\n\
-         containerd_root = {:?}\nplaceholder_cgroup_root = {PLACEHOLDER_ROOT:?}\n\
+         containerd_root = {:?}\ncni_conf_dir = {:?}\nplaceholder_cgroup_root = {PLACEHOLDER_ROOT:?}\n\
          refill_interval = \"0ms\"\n\
          [[pool]]\nname = {POOL:?}\nhandler = \"fast-{h}\"\nupstream = \"{h}\"\nsize = {}\n",
         opts.node.containerd_root.display().to_string(),
+        opts.node.cni_conf_dir().display().to_string(),
         opts.pool_size,
         h = opts.handler,
     );

@@ -188,7 +188,7 @@ fn write_config(bench: &Bench<'_>, dir: &Path) -> anyhow::Result<()> {
     let o = bench.opts;
     let text = format!(
         "[upstream]\nendpoint = {up:?}\n[socket]\npath = {sock:?}\n[admin]\naddress = \"{admin}\"\n\
-         [slots]\nstate_dir = {state:?}\ncontainerd_root = {root:?}\n\
+         [slots]\nstate_dir = {state:?}\ncontainerd_root = {root:?}\ncni_conf_dir = {cni:?}\n\
          placeholder_cgroup_root = {PLACEHOLDER_ROOT:?}\nrefill_interval = \"0ms\"\n\
          [[pool]]\nname = {POOL:?}\nhandler = \"fast-{h}\"\nupstream = \"{h}\"\nsize = {n}\n\
          shape = {{ seccomp = \"runtime-default\" }}\n",
@@ -197,6 +197,7 @@ fn write_config(bench: &Bench<'_>, dir: &Path) -> anyhow::Result<()> {
         admin = bench.admin,
         state = dir.join("state").display().to_string(),
         root = o.node.containerd_root.display().to_string(),
+        cni = o.node.cni_conf_dir().display().to_string(),
         h = o.handler,
         n = o.slots,
     );

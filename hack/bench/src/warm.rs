@@ -82,8 +82,9 @@ fn node_config(
     sizes: &[(String, usize)],
 ) -> String {
     let mut config = format!(
-        "[admin]\naddress = \"{admin}\"\n[slots]\nstate_dir = \"{{dir}}/state\"\ncontainerd_root = {:?}\nrefill_interval = \"0ms\"\n",
-        containerd_root.display().to_string()
+        "[admin]\naddress = \"{admin}\"\n[slots]\nstate_dir = \"{{dir}}/state\"\ncontainerd_root = {:?}\ncni_conf_dir = {:?}\nrefill_interval = \"0ms\"\n",
+        containerd_root.display().to_string(),
+        common::dev_cni_conf_dir(containerd_root).display().to_string()
     );
     for (handler, size) in sizes {
         config.push_str(&format!(

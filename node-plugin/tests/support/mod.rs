@@ -46,7 +46,7 @@ impl Setup<'_> {
         };
         let text = format!(
             "[upstream]\nendpoint = {endpoint:?}\n[socket]\npath = {socket:?}\n[admin]\naddress = \"{admin}\"\n\
-             [slots]\nstate_dir = {state:?}\ncontainerd_root = {root:?}\n{cg}\
+             [slots]\nstate_dir = {state:?}\ncontainerd_root = {root:?}\ncni_conf_dir = {cni:?}\n{cg}\
              refill_interval = \"0ms\"\nrefill_delay = \"100ms\"\nhealth_interval = \"1s\"\n\
              [[pool]]\nname = \"{pool}\"\nhandler = \"fast-runc\"\nupstream = \"runc\"\nsize = {size}\n\
              shape = {{ seccomp = \"runtime-default\" }}\n",
@@ -54,6 +54,8 @@ impl Setup<'_> {
             socket = dir.join("cri.sock").display().to_string(),
             state = dir.join("state").display().to_string(),
             root = self.node.containerd_root.display().to_string(),
+            // The pools' network mode is decided from it.
+            cni = self.node.cni_conf_dir().display().to_string(),
             pool = self.pool,
             size = self.size,
         );
