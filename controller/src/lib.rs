@@ -8,6 +8,7 @@
 //! - [`nodes`]: where node states come from and pool sizes go
 //!   ([`nodes::NodeDirectory`]); [`agent`]: the directory fed by the node
 //!   agents' gRPC status streams.
+//! - [`certs`]: the CA and certificates of the agents' mutual TLS.
 //! - [`crd`]: the `SandboxPool` and `Sandbox` custom resources.
 //! - [`pool`], [`sandbox`]: their reconcilers, sharing [`reconcile`]'s
 //!   context, errors and retry policy; [`run`] wires both to a cluster.
@@ -20,6 +21,7 @@
 pub mod admit;
 pub mod agent;
 pub mod bench;
+pub mod certs;
 pub mod crd;
 pub mod extender;
 pub mod nodes;

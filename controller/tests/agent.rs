@@ -458,7 +458,7 @@ fn api_node(name: &str, ip: &str) -> serde_json::Value {
         "metadata": {
             "name": name,
             "resourceVersion": "1",
-            "labels": {"fast-sandbox.io/node": "true"},
+            "labels": {"node-restriction.kubernetes.io/fast-sandbox": "true"},
         },
         "status": {"addresses": [
             {"type": "Hostname", "address": name},
@@ -493,7 +493,7 @@ async fn nodes_are_discovered_from_the_node_watch_and_dropped_when_deleted() {
         discovering
             .discover(
                 kube::Api::all(client),
-                Some("fast-sandbox.io/node=true"),
+                Some(fast_sandbox_controller::agent::DEFAULT_NODE_SELECTOR),
                 port,
             )
             .await;
@@ -506,7 +506,7 @@ async fn nodes_are_discovered_from_the_node_watch_and_dropped_when_deleted() {
     assert_eq!(request.method(), http::Method::GET);
     assert!(uri.starts_with("/api/v1/nodes?"), "{uri}");
     assert!(
-        uri.contains("labelSelector=fast-sandbox.io%2Fnode%3Dtrue"),
+        uri.contains("labelSelector=node-restriction.kubernetes.io%2Ffast-sandbox%3Dtrue"),
         "{uri}"
     );
     assert!(!uri.contains("watch=true"), "a list first: {uri}");

@@ -146,7 +146,11 @@ const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(24 * 3600);
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (file, specs, mechanisms) = read_config(args.config.as_deref())?;
-    let agent = config::agent_settings(&file.agent, args.overrides.node_name.clone())
+    let agent = config::agent_settings(
+        &file.agent,
+        args.overrides.node_name.clone(),
+        args.overrides.agent_ip,
+    )
         .context("invalid [agent] configuration")?;
     let settings = Settings::resolve(file, args.overrides);
     init_logging(&settings)?;
@@ -354,7 +358,24 @@ async fn serve_agent(
     health: Health,
     stopped: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let token = fast_sandbox_node::agent::Token::from_file(&agent.token_file)?;
+    let token = agent
+        .token_file
+        .as_deref()
+        .map(fast_sandbox_node::agent::Token::from_file)
+        .transpose()?;
+    let tls = match &agent.tls {
+        Some(files) => Some(Arc::new(
+            fast_sandbox_proto::tls::Reloading::new(
+                files.clone(),
+                fast_sandbox_proto::tls::server_config,
+            )
+            .context("the node agent's TLS credential (agent.tls_dir)")?,
+        )),
+        None => {
+            tracing::warn!("agent.insecure: the node agent serves cleartext (development only)");
+            None
+        }
+    };
     let upstream = fast_sandbox_shim::cri_channel(&settings.upstream.endpoint)
         .context("configuring the node agent's upstream client")?;
     let parts = fast_sandbox_node::agent::AgentParts {
@@ -362,6 +383,8 @@ async fn serve_agent(
         upstream,
         upstream_timeout: settings.upstream.call_timeout,
         token,
+        tls,
+        max_slots: agent.max_slots,
         node_name: agent.node_name.clone(),
         image_interval: agent.image_interval,
         health,

@@ -1,0 +1,192 @@
+//! The NodeAgent link's certificates: a CA, a server certificate per node
+//! (its node name as DNS name, server authentication only) and the
+//! controller's client certificate (client authentication only). The
+//! extended key usages keep the roles apart: a node's certificate cannot
+//! call another node's agent, and the controller's cannot serve as a node.
+//!
+//! `fast-sandbox-controller certs` writes them as `tls.crt`, `tls.key` and
+//! `ca.crt` in a directory (docs/deploy.md, "Agent credentials").
+
+use std::path::Path;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+
+/// The DNS name in the controller's client certificate.
+pub const CONTROLLER_NAME: &str = "fast-sandbox-controller";
+
+/// Default validity of an issued certificate.
+pub const DEFAULT_DAYS: u32 = 90;
+/// Validity of a generated CA.
+const CA_DAYS: u32 = 3650;
+
+/// Why a certificate cannot be made or stored.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("{what}: {source}")]
+    Generate {
+        what: String,
+        source: rcgen::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("days: {0} is not between 1 and 3650")]
+    Days(u32),
+}
+
+/// A certificate and its private key, PEM.
+#[derive(Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued").finish_non_exhaustive()
+    }
+}
+
+/// The CA that issues the link's certificates.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+fn generate(what: &str) -> impl FnOnce(rcgen::Error) -> CertError + '_ {
+    move |source| CertError::Generate {
+        what: what.to_owned(),
+        source,
+    }
+}
+
+fn validity(params: &mut CertificateParams, days: u32) -> Result<(), CertError> {
+    if !(1..=CA_DAYS).contains(&days) {
+        return Err(CertError::Days(days));
+    }
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::days(i64::from(days));
+    Ok(())
+}
+
+impl Ca {
+    /// A new CA with a fresh key.
+    pub fn generate() -> Result<Ca, CertError> {
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, "fast-sandbox agent CA");
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        validity(&mut params, CA_DAYS)?;
+        let key = KeyPair::generate().map_err(generate("the CA key"))?;
+        let cert = params.self_signed(&key).map_err(generate("the CA"))?;
+        Ok(Ca {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// The CA in `cert_pem` with its key `key_pem`.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, CertError> {
+        let key = KeyPair::from_pem(key_pem).map_err(generate("the CA key"))?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(generate("the CA"))?;
+        Ok(Ca {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+        })
+    }
+
+    /// The CA certificate, PEM (`ca.crt` of both ends).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA's private key, PEM.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// A node agent's server certificate for `node` (its Kubernetes name).
+    pub fn issue_node(&self, node: &str, days: u32) -> Result<Issued, CertError> {
+        self.issue(node, ExtendedKeyUsagePurpose::ServerAuth, days)
+    }
+
+    /// The controller's client certificate.
+    pub fn issue_controller(&self, days: u32) -> Result<Issued, CertError> {
+        self.issue(CONTROLLER_NAME, ExtendedKeyUsagePurpose::ClientAuth, days)
+    }
+
+    fn issue(
+        &self,
+        name: &str,
+        usage: ExtendedKeyUsagePurpose,
+        days: u32,
+    ) -> Result<Issued, CertError> {
+        let what = format!("a certificate for {name:?}");
+        let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(generate(&what))?;
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, name.to_owned());
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![usage];
+        validity(&mut params, days)?;
+        let key = KeyPair::generate().map_err(generate(&what))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(generate(&what))?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Writes `issued` and this CA as `tls.crt`, `tls.key` (mode 0600) and
+    /// `ca.crt` in `dir` (created if missing). Each file is written whole
+    /// and renamed into place, so a reader never sees half a file.
+    pub fn write_dir(&self, issued: &Issued, dir: &Path) -> Result<(), CertError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| CertError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let files = [
+            ("ca.crt", self.cert_pem.as_str(), 0o644),
+            ("tls.key", issued.key_pem.as_str(), 0o600),
+            ("tls.crt", issued.cert_pem.as_str(), 0o644),
+        ];
+        for (name, content, mode) in files {
+            let path = dir.join(name);
+            let tmp = dir.join(format!(".{name}.tmp"));
+            write_mode(&tmp, content, mode).map_err(io(&tmp))?;
+            std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        }
+        Ok(())
+    }
+}
+
+fn write_mode(path: &Path, content: &str, mode: u32) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)?;
+    file.write_all(content.as_bytes())?;
+    file.sync_all()
+}
