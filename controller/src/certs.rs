@@ -26,10 +26,7 @@ const CA_DAYS: u32 = 3650;
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("{what}: {source}")]
-    Generate {
-        what: String,
-        source: rcgen::Error,
-    },
+    Generate { what: String, source: rcgen::Error },
     #[error("{path}: {source}")]
     Io {
         path: std::path::PathBuf,

@@ -555,3 +555,283 @@ async fn nodes_are_discovered_from_the_node_watch_and_dropped_when_deleted() {
     discovery.abort();
     agent.stop().await;
 }
+
+// ---- Mutual TLS (controller/src/agent/tls.rs, node-plugin/src/agent/tls.rs)
+
+use fast_sandbox_controller::certs::{Ca, DEFAULT_DAYS};
+use fast_sandbox_proto::tls::{client_config, server_config, Reloading, TlsFiles};
+
+/// Serves the agent of `NODE` over mutual TLS with the credential in `dir`.
+async fn start_tls_agent(rig: &PoolRig, dir: &std::path::Path) -> Agent {
+    let mut parts = rig.agent_parts(NODE, TOKEN);
+    parts.token = None;
+    parts.tls = Some(Arc::new(
+        Reloading::new(TlsFiles::in_dir(dir), server_config).expect("agent credential"),
+    ));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let address = "127.0.0.1:0".parse().expect("addr");
+    let (address, server) = node_agent::bind(address, parts, async move {
+        let _ = stopped.await;
+    })
+    .await
+    .expect("agent binds");
+    Agent {
+        address,
+        stop,
+        served: tokio::spawn(server),
+    }
+}
+
+/// A directory dialling over mutual TLS with the credential in `dir`, no
+/// token, test timings.
+fn tls_directory(dir: &std::path::Path) -> AgentDirectory {
+    let tls = Reloading::new(TlsFiles::in_dir(dir), client_config).expect("controller credential");
+    let mut config = AgentConfig::with_credentials(None, Some(Arc::new(tls)));
+    config.backoff_initial = Duration::from_millis(10);
+    config.backoff_max = Duration::from_millis(50);
+    config.call_timeout = Duration::from_secs(2);
+    config.refresh = Duration::from_secs(600);
+    AgentDirectory::new(config)
+}
+
+/// The node was dialled at least three times and never reported.
+async fn refused_three_times(directory: &AgentDirectory) {
+    let health = health_until(
+        directory,
+        NODE,
+        Duration::from_secs(10),
+        "3 failures",
+        |h| h.failures >= 3,
+    )
+    .await;
+    assert!(!health.connected && health.reports == 0, "{health:?}");
+    let node = directory.snapshot();
+    let node = node.node(NODE).expect("listed");
+    assert!(!node.ready && node.pools.is_empty(), "{node:?}");
+}
+
+#[tokio::test]
+async fn over_mutual_tls_the_node_reports_and_takes_pool_sizes() {
+    let rig = rig().await;
+    let ca = Ca::generate().expect("CA");
+    let (agent_dir, controller_dir) = (
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    );
+    ca.write_dir(
+        &ca.issue_node(NODE, DEFAULT_DAYS).expect("node"),
+        agent_dir.path(),
+    )
+    .expect("write");
+    ca.write_dir(
+        &ca.issue_controller(DEFAULT_DAYS).expect("ctl"),
+        controller_dir.path(),
+    )
+    .expect("write");
+    let agent = start_tls_agent(&rig, agent_dir.path()).await;
+    let directory = tls_directory(controller_dir.path());
+    follow(&directory, &agent).await;
+    directory
+        .set_pool_size(NODE, &size(3))
+        .await
+        .expect("pushed");
+    assert_eq!(rig.manager.stats()[0].desired, 3);
+    agent.stop().await;
+}
+
+/// An agent whose certificate names another node (a node answering on an
+/// address its kubelet wrote for another Node), or comes from another CA,
+/// gets no call; a client presenting a node's certificate (server
+/// authentication only) or none is refused by the agent.
+#[tokio::test]
+async fn an_agent_without_a_valid_credential_gets_nothing() {
+    let rig = rig().await;
+    let ca = Ca::generate().expect("CA");
+    let controller_dir = tempfile::tempdir().expect("tmp");
+    ca.write_dir(
+        &ca.issue_controller(DEFAULT_DAYS).expect("ctl"),
+        controller_dir.path(),
+    )
+    .expect("write");
+
+    // The agent of node-b answers where node-a was expected.
+    let impostor = tempfile::tempdir().expect("tmp");
+    ca.write_dir(
+        &ca.issue_node("node-b", DEFAULT_DAYS).expect("node"),
+        impostor.path(),
+    )
+    .expect("write");
+    let agent = start_tls_agent(&rig, impostor.path()).await;
+    let directory = tls_directory(controller_dir.path());
+    directory
+        .upsert(NODE, &agent.address.to_string())
+        .expect("upsert");
+    refused_three_times(&directory).await;
+    let pushed = directory.set_pool_size(NODE, &size(1)).await;
+    assert!(pushed.is_err(), "{pushed:?}");
+    assert_eq!(rig.manager.stats()[0].desired, POOL_SIZE);
+    agent.stop().await;
+
+    // A certificate for node-a, but from a CA the controller does not trust.
+    let other = Ca::generate().expect("other CA");
+    let foreign = tempfile::tempdir().expect("tmp");
+    other
+        .write_dir(
+            &other.issue_node(NODE, DEFAULT_DAYS).expect("node"),
+            foreign.path(),
+        )
+        .expect("write");
+    let agent = start_tls_agent(&rig, foreign.path()).await;
+    let directory = tls_directory(controller_dir.path());
+    directory
+        .upsert(NODE, &agent.address.to_string())
+        .expect("upsert");
+    refused_three_times(&directory).await;
+    agent.stop().await;
+
+    // The right agent, but the caller holds only a node's certificate.
+    let good = tempfile::tempdir().expect("tmp");
+    ca.write_dir(
+        &ca.issue_node(NODE, DEFAULT_DAYS).expect("node"),
+        good.path(),
+    )
+    .expect("write");
+    let agent = start_tls_agent(&rig, good.path()).await;
+    let as_node = tempfile::tempdir().expect("tmp");
+    ca.write_dir(
+        &ca.issue_node("node-c", DEFAULT_DAYS).expect("node"),
+        as_node.path(),
+    )
+    .expect("write");
+    let directory = tls_directory(as_node.path());
+    directory
+        .upsert(NODE, &agent.address.to_string())
+        .expect("upsert");
+    refused_three_times(&directory).await;
+
+    // And a cleartext caller with the right token gets nothing either.
+    let plain = self::directory(TOKEN);
+    plain
+        .upsert(NODE, &agent.address.to_string())
+        .expect("upsert");
+    refused_three_times(&plain).await;
+    agent.stop().await;
+}
+
+/// The agent's credential is replaced on disk (a rotation to a new CA):
+/// the same agent process serves the new one from the next handshake, and
+/// the controller, trusting only the new CA, gets its reports.
+#[tokio::test]
+async fn a_rotated_certificate_is_served_without_a_restart() {
+    let rig = rig().await;
+    let (old, new) = (Ca::generate().expect("CA"), Ca::generate().expect("CA"));
+    let (agent_dir, controller_dir) = (
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    );
+    old.write_dir(
+        &old.issue_node(NODE, DEFAULT_DAYS).expect("node"),
+        agent_dir.path(),
+    )
+    .expect("write");
+    new.write_dir(
+        &new.issue_controller(DEFAULT_DAYS).expect("ctl"),
+        controller_dir.path(),
+    )
+    .expect("write");
+    let agent = start_tls_agent(&rig, agent_dir.path()).await;
+    let directory = tls_directory(controller_dir.path());
+    directory
+        .upsert(NODE, &agent.address.to_string())
+        .expect("upsert");
+    refused_three_times(&directory).await;
+
+    new.write_dir(
+        &new.issue_node(NODE, DEFAULT_DAYS).expect("node"),
+        agent_dir.path(),
+    )
+    .expect("rotate");
+    snapshot_until(&directory, Duration::from_secs(10), "a full pool", |s| {
+        pool(s) == Some((true, 2, 2))
+    })
+    .await;
+    agent.stop().await;
+}
+
+/// `SetPoolSize` keeps the sum of all pools' sizes within the node's
+/// `agent.max_slots`, and says which setting refused it.
+#[tokio::test]
+async fn the_node_wide_slot_cap_is_enforced() {
+    let rig = rig().await;
+    let mut parts = rig.agent_parts(NODE, TOKEN);
+    parts.max_slots = 3;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (address, server) =
+        node_agent::bind("127.0.0.1:0".parse().expect("addr"), parts, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("agent binds");
+    let agent = Agent {
+        address,
+        stop,
+        served: tokio::spawn(server),
+    };
+    let directory = directory(TOKEN);
+    follow(&directory, &agent).await;
+    directory
+        .set_pool_size(NODE, &size(3))
+        .await
+        .expect("within the cap");
+    match directory.set_pool_size(NODE, &size(4)).await {
+        Err(NodeError::Refused { reason, .. }) => {
+            assert!(reason.contains("agent.max_slots (3)"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(rig.manager.stats()[0].desired, 3);
+    agent.stop().await;
+}
+
+/// A Node that carries only the old opt-in label (which its own kubelet
+/// may have set) is not dialled even when the selector lets it through;
+/// the one an administrator labelled is.
+#[tokio::test]
+async fn a_self_labelled_node_is_not_dialled() {
+    let rig = rig().await;
+    let agent = start_agent(&rig, "127.0.0.1:0".parse().expect("addr")).await;
+    let (mock, mut handle) = tower_test::mock::pair::<ApiRequest, ApiResponse>();
+    let client = kube::Client::new(mock, "default");
+    let directory = Arc::new(directory(TOKEN));
+    let discovering = directory.clone();
+    let port = agent.address.port();
+    let discovery = tokio::spawn(async move {
+        discovering
+            .discover(kube::Api::all(client), None, port)
+            .await;
+    });
+    let mut self_labelled = api_node("node-b", "127.0.0.1");
+    self_labelled["metadata"]["labels"] = serde_json::json!({"fast-sandbox.io/node": "true"});
+    let (_, respond) = next_request(&mut handle).await;
+    let list = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "NodeList",
+        "metadata": {"resourceVersion": "1"},
+        "items": [self_labelled, api_node(NODE, "127.0.0.1")],
+    });
+    respond.send_response(
+        http::Response::builder()
+            .body(kube::client::Body::from(
+                serde_json::to_vec(&list).expect("JSON"),
+            ))
+            .expect("response"),
+    );
+    let snapshot = snapshot_until(&directory, Duration::from_secs(10), "a full pool", |s| {
+        pool(s) == Some((true, 2, 2))
+    })
+    .await;
+    assert!(snapshot.node("node-b").is_none());
+    assert!(directory.health("node-b").is_none());
+    discovery.abort();
+    agent.stop().await;
+}

@@ -38,8 +38,8 @@ pub enum DialError {
 /// A lazy channel to `endpoint` whose connections are TLS, the server's
 /// certificate required to name `node`.
 pub fn channel(endpoint: Endpoint, tls: ClientTls, node: &str) -> Result<Channel, DialError> {
-    let name = ServerName::try_from(node.to_owned())
-        .map_err(|_| DialError::NodeName(node.to_owned()))?;
+    let name =
+        ServerName::try_from(node.to_owned()).map_err(|_| DialError::NodeName(node.to_owned()))?;
     let node = node.to_owned();
     let connector = tower::service_fn(move |uri: Uri| {
         let (tls, name, node) = (tls.clone(), name.clone(), node.clone());
