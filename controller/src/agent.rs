@@ -1266,6 +1266,7 @@ mod tests {
         let node = |name: &str, ip: Option<&str>| Node {
             metadata: ObjectMeta {
                 name: Some(name.into()),
+                labels: Some([(OPT_IN_LABEL.to_owned(), "true".to_owned())].into()),
                 ..Default::default()
             },
             status: Some(K8sNodeStatus {

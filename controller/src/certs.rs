@@ -106,6 +106,30 @@ impl Ca {
         })
     }
 
+    /// The CA kept in `dir` as `ca.crt` and `ca.key`; generated and
+    /// written there (the key 0600) when `ca.crt` is missing.
+    pub fn load_or_create(dir: &Path) -> Result<Ca, CertError> {
+        let (cert, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| CertError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        if cert.exists() {
+            return Ca::from_pem(&read(&cert)?, &read(&key)?);
+        }
+        let ca = Ca::generate()?;
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| CertError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        write_mode(&key, &ca.key_pem(), 0o600).map_err(io(&key))?;
+        write_mode(&cert, &ca.cert_pem, 0o644).map_err(io(&cert))?;
+        Ok(ca)
+    }
+
     /// The CA certificate, PEM (`ca.crt` of both ends).
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
@@ -175,6 +199,31 @@ impl Ca {
     }
 }
 
+/// Whose certificate `fast-sandbox-controller certs` issues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// A node agent's, for this node name.
+    Node(String),
+    /// The controller's.
+    Controller,
+}
+
+/// `fast-sandbox-controller certs`: issues `subject`'s certificate from
+/// the CA in `ca_dir` (created there when missing) into `out`.
+pub fn issue_into(
+    ca_dir: &Path,
+    subject: &Subject,
+    days: u32,
+    out: &Path,
+) -> Result<(), CertError> {
+    let ca = Ca::load_or_create(ca_dir)?;
+    let issued = match subject {
+        Subject::Node(node) => ca.issue_node(node, days)?,
+        Subject::Controller => ca.issue_controller(days)?,
+    };
+    ca.write_dir(&issued, out)
+}
+
 fn write_mode(path: &Path, content: &str, mode: u32) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -186,4 +235,23 @@ fn write_mode(path: &Path, content: &str, mode: u32) -> std::io::Result<()> {
         .open(path)?;
     file.write_all(content.as_bytes())?;
     file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_ca_is_reused_and_bad_days_are_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let first = Ca::load_or_create(dir.path()).expect("created");
+        let again = Ca::load_or_create(dir.path()).expect("loaded");
+        assert_eq!(first.cert_pem(), again.cert_pem());
+        let out = dir.path().join("node");
+        issue_into(dir.path(), &Subject::Node("n1".into()), 30, &out).expect("issued");
+        let ca = std::fs::read_to_string(out.join("ca.crt")).expect("ca.crt");
+        assert_eq!(ca, first.cert_pem());
+        let err = first.issue_controller(0).expect_err("0 days").to_string();
+        assert!(err.starts_with("days:"), "{err}");
+    }
 }

@@ -8,6 +8,7 @@
 //! - [`nodes`]: where node states come from and pool sizes go
 //!   ([`nodes::NodeDirectory`]); [`agent`]: the directory fed by the node
 //!   agents' gRPC status streams.
+//! - [`links`]: the TLS flags of `run`'s two links (agents, extender).
 //! - [`certs`]: the CA and certificates of the agents' mutual TLS.
 //! - [`crd`]: the `SandboxPool` and `Sandbox` custom resources.
 //! - [`pool`], [`sandbox`]: their reconcilers, sharing [`reconcile`]'s
@@ -24,6 +25,7 @@ pub mod bench;
 pub mod certs;
 pub mod crd;
 pub mod extender;
+pub mod links;
 pub mod nodes;
 pub mod pool;
 pub mod reconcile;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
-use fast_sandbox_controller::agent::{self, AgentConfig, AgentDirectory, AgentToken};
+use fast_sandbox_controller::agent::{self, AgentConfig, AgentDirectory};
 use fast_sandbox_controller::bench::{self, BenchConfig};
 use fast_sandbox_controller::crd;
 use fast_sandbox_controller::extender::{self, Extender, ExtenderConfig};
@@ -23,6 +23,7 @@ use fast_sandbox_controller::run;
 use fast_sandbox_controller::scoring::Snapshot;
 use fast_sandbox_controller::scoring::{Policy, SlotPolicy};
 use fast_sandbox_controller::sim::{self, SimConfig};
+use fast_sandbox_controller::{certs, links};
 
 /// `--version`, with the git revision.
 const VERSION: &str = fast_sandbox_proto::version!();
@@ -62,6 +63,22 @@ enum Command {
         /// The kubeconfig context (default: its current context).
         #[arg(long)]
         context: Option<String>,
+    },
+    /// Issue a NodeAgent link certificate (`tls.crt`, `tls.key`, `ca.crt`)
+    /// from the CA in --ca-dir, which is created there when missing.
+    Certs {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// A node agent's certificate, for this Kubernetes node name.
+        #[arg(long, required_unless_present = "controller")]
+        node: Option<String>,
+        /// The controller's client certificate.
+        #[arg(long, conflicts_with = "node")]
+        controller: bool,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = certs::DEFAULT_DAYS)]
+        days: u32,
     },
     /// Write the CRD YAML generated from the Rust types, one file per CRD.
     Crdgen {
@@ -149,10 +166,10 @@ struct RunArgs {
     /// of discovering agents from the Kubernetes Nodes (development).
     #[arg(long, value_name = "NODE=ADDR", conflicts_with = "snapshot")]
     agent: Vec<String>,
-    /// The bearer token node agents require (the
-    /// fast-sandbox-agent-token Secret); re-read when an agent refuses it.
-    #[arg(long, default_value = agent::DEFAULT_TOKEN_FILE)]
-    agent_token_file: PathBuf,
+    #[command(flatten)]
+    agent_link: links::AgentLinkArgs,
+    #[command(flatten)]
+    extender_tls: links::ExtenderTlsArgs,
     /// The port node agents serve on, at each Node's InternalIP.
     #[arg(long, default_value_t = agent::DEFAULT_AGENT_PORT)]
     agent_port: u16,
@@ -374,13 +391,10 @@ fn run_controller(args: RunArgs) -> anyhow::Result<()> {
         None => Snapshot::default(),
     };
     // Without a snapshot file the node agents are the source; their
-    // token is needed before anything starts.
-    let token = match &args.snapshot {
+    // credential is needed before anything starts.
+    let agent_config = match &args.snapshot {
         Some(_) => None,
-        None => Some(AgentToken::from_file(&args.agent_token_file).context(
-            "the node agents' bearer token (--agent-token-file; the \
-             fast-sandbox-agent-token Secret)",
-        )?),
+        None => Some(args.agent_link.config()?),
     };
     let extender_config = placement.extender_config()?;
     let config = ReconcileConfig {
@@ -393,11 +407,12 @@ fn run_controller(args: RunArgs) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()
         .context("starting the async runtime")?
         .block_on(async move {
-            let (client, served) = kube_client(args.kubeconfig.clone(), args.context.clone()).await?;
-            let nodes: Arc<dyn NodeDirectory> = match (args.snapshot.clone(), token) {
+            let (client, served) =
+                kube_client(args.kubeconfig.clone(), args.context.clone()).await?;
+            let nodes: Arc<dyn NodeDirectory> = match (args.snapshot.clone(), agent_config) {
                 (Some(path), _) => static_nodes(path, initial)?,
-                (None, Some(token)) => agent_nodes(&args, token, &agents, &client)?,
-                (None, None) => anyhow::bail!("no node source: neither a snapshot nor a token"),
+                (None, Some(config)) => agent_nodes(&args, config, &agents, &client)?,
+                (None, None) => anyhow::bail!("no node source: neither a snapshot nor agents"),
             };
             let mut terminate =
                 signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -409,12 +424,18 @@ fn run_controller(args: RunArgs) -> anyhow::Result<()> {
                 tracing::info!("shutting down");
             };
             let listen = args.listen;
-            let server = extender::listen(listen, extender.clone());
+            let server = args.extender_tls.serve(listen, extender.clone());
             tracing::info!(%listen, "serving the extender; reconciling SandboxPools and Sandboxes");
-            let controllers =
-                run::controllers(client.clone(), nodes, config, Some(extender), served, shutdown);
+            let controllers = run::controllers(
+                client.clone(),
+                nodes,
+                config,
+                Some(extender),
+                served,
+                shutdown,
+            );
             tokio::select! {
-                result = server => result.with_context(|| format!("serving the extender on {listen}"))?,
+                result = server => result?,
                 () = controllers => {}
             }
             if args.remove_finalizers_on_shutdown {
@@ -431,12 +452,10 @@ fn run_controller(args: RunArgs) -> anyhow::Result<()> {
 /// of the Nodes the selector picks.
 fn agent_nodes(
     args: &RunArgs,
-    token: AgentToken,
+    agent_config: AgentConfig,
     agents: &[(String, String)],
     client: &kube::Client,
 ) -> anyhow::Result<Arc<dyn NodeDirectory>> {
-    let mut agent_config = AgentConfig::new(token);
-    agent_config.token_file = Some(args.agent_token_file.clone());
     let directory = Arc::new(AgentDirectory::new(agent_config));
     if agents.is_empty() {
         let discovering = directory.clone();
@@ -465,6 +484,17 @@ fn main() -> anyhow::Result<()> {
             placement,
         } => serve_extender(listen, snapshot, &placement)?,
         Command::Run(args) => run_controller(args)?,
+        Command::Certs {
+            ca_dir,
+            node,
+            controller: _,
+            out,
+            days,
+        } => {
+            let subject = node.map_or(certs::Subject::Controller, certs::Subject::Node);
+            certs::issue_into(&ca_dir, &subject, days, &out)
+                .with_context(|| format!("issuing a certificate into {}", out.display()))?;
+        }
         Command::Uninstall {
             kubeconfig,
             context,
@@ -569,18 +599,24 @@ mod tests {
         };
         match run(&[]).unwrap() {
             Command::Run(RunArgs {
-                agent_token_file,
+                agent_link,
+                extender_tls,
                 agent_port,
                 agent_node_selector,
                 snapshot: None,
                 ..
             }) => {
                 assert_eq!(
-                    agent_token_file,
-                    PathBuf::from("/etc/fast-sandbox-agent/token")
+                    agent_link.agent_tls_dir,
+                    PathBuf::from("/etc/fast-sandbox-agent-tls")
                 );
+                assert!(!agent_link.agent_insecure && agent_link.agent_token_file.is_none());
+                assert!(!extender_tls.extender_insecure);
                 assert_eq!(agent_port, 9465);
-                assert_eq!(agent_node_selector, "fast-sandbox.io/node=true");
+                assert_eq!(
+                    agent_node_selector,
+                    "node-restriction.kubernetes.io/fast-sandbox=true"
+                );
             }
             other => panic!("{other:?}"),
         }

@@ -15,7 +15,7 @@
 //! - `SetPoolSize`: a pool's desired free slots, the pool found by its
 //!   exposed handler and shape key.
 //!
-//! The agent serves mutual TLS ([`tls`]): its certificate names this node
+//! The agent serves mutual TLS ([`fast_sandbox_proto::tls`]): its certificate names this node
 //! and the controller must present a client certificate from the same CA,
 //! or the handshake fails before any handler runs. When a token file is
 //! configured (required with `insecure`, development only), every call must
@@ -45,11 +45,10 @@ use fast_sandbox_proto::{
 };
 use fast_sandbox_shim::slots::{SeccompShape, Shape};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt as _};
 use tonic::{transport::Channel, Request, Response, Status};
 
-mod tls;
-pub use tls::ServerTls;
+pub use fast_sandbox_proto::tls::ServerTls;
 
 use crate::{
     health::{self, HealthState},
@@ -552,8 +551,10 @@ pub async fn bind(
         let server = tonic::transport::Server::builder().add_service(service);
         match tls {
             Some(tls) => {
+                let incoming = fast_sandbox_proto::tls::accept(listener, tls, "node agent");
+                let incoming = ReceiverStream::new(incoming).map(Ok::<_, std::io::Error>);
                 server
-                    .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
+                    .serve_with_incoming_shutdown(incoming, shutdown)
                     .await
             }
             None => {

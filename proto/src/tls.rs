@@ -9,6 +9,9 @@
 //! size or inode, so a Secret volume's symlink swap counts), so a rotated
 //! certificate or CA is used from the next handshake on, without a restart.
 
+mod accept;
+pub use accept::{accept, ServerTls};
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -155,6 +158,31 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
         .with_single_cert(certificates(&files.cert)?, private_key(&files.key)?)
         .map_err(pair_error(files))?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// An HTTPS server (the scheduler extender): its certificate, and, when
+/// `files.ca` exists, a client certificate required that chains to it
+/// (kube-scheduler's extender `tlsConfig.certFile`); HTTP/1.1.
+pub fn https_server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(pair_error(files))?;
+    let builder = if files.ca.exists() {
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider())
+            .build()
+            .map_err(|e| TlsError::Verifier {
+                path: files.ca.clone(),
+                reason: e.to_string(),
+            })?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder
+        .with_single_cert(certificates(&files.cert)?, private_key(&files.key)?)
+        .map_err(pair_error(files))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -1,20 +1,21 @@
-//! The node agent's TLS listener: every accepted connection is handshaken
-//! with the configuration current at that moment ([`Reloading`]), so a
-//! rotated certificate, key or CA is served from the next connection on,
-//! without a restart. A client without a certificate from the CA for
-//! client authentication fails the handshake and never reaches a handler.
+//! A TLS listener: every accepted connection is handshaken with the
+//! configuration current at that moment ([`Reloading`]), so a rotated
+//! certificate, key or CA is served from the next connection on, without a
+//! restart. Handshakes run concurrently (a slow client holds up no other),
+//! each with a deadline; a client that fails one (no certificate from the
+//! CA, plain HTTP) never reaches a handler.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use fast_sandbox_proto::tls::Reloading;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
-use tokio_stream::{wrappers::ReceiverStream, Stream};
 
-/// The reloading server configuration the agent serves with.
+use super::Reloading;
+
+/// A reloading server configuration.
 pub type ServerTls = Arc<Reloading<Arc<ServerConfig>>>;
 
 /// Longest a client may take to finish its handshake.
@@ -24,21 +25,23 @@ const MAX_HANDSHAKES: usize = 64;
 /// Pause after an accept error (out of file descriptors) before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// The connections of `listener` that completed a TLS handshake, for
-/// `serve_with_incoming`. Ends when the stream is dropped.
-pub fn incoming(
+/// The connections of `listener` that completed a TLS handshake, until
+/// the receiver is dropped. `what` names the server in logs.
+pub fn accept(
     listener: TcpListener,
     tls: ServerTls,
-) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
+    what: &'static str,
+) -> mpsc::Receiver<TlsStream<TcpStream>> {
     let (tx, rx) = mpsc::channel(1);
-    tokio::spawn(accept_loop(listener, tls, tx));
-    ReceiverStream::new(rx)
+    tokio::spawn(accept_loop(listener, tls, tx, what));
+    rx
 }
 
 async fn accept_loop(
     listener: TcpListener,
     tls: ServerTls,
-    tx: mpsc::Sender<std::io::Result<TlsStream<TcpStream>>>,
+    tx: mpsc::Sender<TlsStream<TcpStream>>,
+    what: &'static str,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
@@ -52,7 +55,7 @@ async fn accept_loop(
         let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
-                tracing::warn!(%error, "node agent: accepting a connection");
+                tracing::warn!(server = what, %error, "accepting a connection");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
@@ -60,8 +63,9 @@ async fn accept_loop(
         let (config, error) = tls.current();
         if let Some(error) = error {
             tracing::error!(
+                server = what,
                 error = format!("{error:#}"),
-                "node agent: the changed TLS credential is unusable; serving the previous one"
+                "the changed TLS credential is unusable; serving the previous one"
             );
         }
         let tx = tx.clone();
@@ -69,12 +73,12 @@ async fn accept_loop(
             let acceptor = tokio_rustls::TlsAcceptor::from(config);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
-                    let _ = tx.send(Ok(stream)).await;
+                    let _ = tx.send(stream).await;
                 }
                 Ok(Err(error)) => {
-                    tracing::warn!(%peer, %error, "node agent: TLS handshake refused");
+                    tracing::warn!(server = what, %peer, %error, "TLS handshake refused");
                 }
-                Err(_) => tracing::warn!(%peer, "node agent: TLS handshake timed out"),
+                Err(_) => tracing::warn!(server = what, %peer, "TLS handshake timed out"),
             }
             drop(permit);
         });
