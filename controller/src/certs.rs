@@ -142,7 +142,13 @@ impl Ca {
 
     /// A node agent's server certificate for `node` (its Kubernetes name).
     pub fn issue_node(&self, node: &str, days: u32) -> Result<Issued, CertError> {
-        self.issue(node, ExtendedKeyUsagePurpose::ServerAuth, days)
+        self.issue_server(node, days)
+    }
+
+    /// A server certificate for `dns_name` (a node, or the extender's
+    /// Service name).
+    pub fn issue_server(&self, dns_name: &str, days: u32) -> Result<Issued, CertError> {
+        self.issue(dns_name, ExtendedKeyUsagePurpose::ServerAuth, days)
     }
 
     /// The controller's client certificate.
@@ -204,6 +210,8 @@ impl Ca {
 pub enum Subject {
     /// A node agent's, for this node name.
     Node(String),
+    /// A server's for this DNS name (the extender's Service).
+    Server(String),
     /// The controller's.
     Controller,
 }
@@ -219,6 +227,7 @@ pub fn issue_into(
     let ca = Ca::load_or_create(ca_dir)?;
     let issued = match subject {
         Subject::Node(node) => ca.issue_node(node, days)?,
+        Subject::Server(name) => ca.issue_server(name, days)?,
         Subject::Controller => ca.issue_controller(days)?,
     };
     ca.write_dir(&issued, out)

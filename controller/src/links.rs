@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use fast_sandbox_proto::tls::{client_config, https_server_config, Reloading, TlsFiles};
+use fast_sandbox_proto::tls::{client_config, https_server_config, Reloading, ServerTls, TlsFiles};
 
 use crate::agent::{AgentConfig, AgentToken};
 use crate::extender::Extender;
@@ -83,27 +83,37 @@ pub struct ExtenderTlsArgs {
 }
 
 impl ExtenderTlsArgs {
-    /// Binds `listen` and serves the extender, over HTTPS unless
-    /// `--extender-insecure`; a missing certificate is an error at once.
-    pub async fn serve(&self, listen: SocketAddr, extender: Arc<Extender>) -> anyhow::Result<()> {
-        let tls = if self.extender_insecure {
+    /// The extender's HTTPS configuration, `None` with
+    /// `--extender-insecure`; a missing certificate is an error naming the
+    /// flag.
+    pub fn tls(&self) -> anyhow::Result<Option<ServerTls>> {
+        if self.extender_insecure {
             tracing::warn!("--extender-insecure: the extender serves plain HTTP");
-            None
-        } else {
-            let files = TlsFiles::in_dir(&self.extender_tls_dir);
-            let tls = Reloading::new(files, https_server_config).with_context(|| {
-                format!(
-                    "--extender-tls-dir {}: the extender's serving certificate \
-                     (or --extender-insecure for development)",
-                    self.extender_tls_dir.display()
-                )
-            })?;
-            Some(Arc::new(tls))
-        };
+            return Ok(None);
+        }
+        let files = TlsFiles::in_dir(&self.extender_tls_dir);
+        let tls = Reloading::new(files, https_server_config).with_context(|| {
+            format!(
+                "--extender-tls-dir {}: the extender's serving certificate \
+                 (or --extender-insecure for development)",
+                self.extender_tls_dir.display()
+            )
+        })?;
+        Ok(Some(Arc::new(tls)))
+    }
+
+    /// Binds `listen` and serves the extender, over HTTPS unless
+    /// `--extender-insecure`.
+    pub async fn serve(&self, listen: SocketAddr, extender: Arc<Extender>) -> anyhow::Result<()> {
+        let tls = self.tls()?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding the extender on {listen}"))?;
-        tracing::info!(addr = %listener.local_addr()?, https = tls.is_some(), "scheduler extender listening");
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            https = tls.is_some(),
+            "scheduler extender listening"
+        );
         match tls {
             Some(tls) => crate::extender::serve_tls(listener, extender, tls).await,
             None => crate::extender::serve(listener, extender).await,

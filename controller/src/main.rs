@@ -70,8 +70,12 @@ enum Command {
         #[arg(long)]
         ca_dir: PathBuf,
         /// A node agent's certificate, for this Kubernetes node name.
-        #[arg(long, required_unless_present = "controller")]
+        #[arg(long, required_unless_present_any = ["controller", "server"])]
         node: Option<String>,
+        /// A server certificate for this DNS name (the extender's Service:
+        /// fast-sandbox-controller.fast-sandbox-system.svc).
+        #[arg(long, conflicts_with_all = ["node", "controller"])]
+        server: Option<String>,
         /// The controller's client certificate.
         #[arg(long, conflicts_with = "node")]
         controller: bool,
@@ -423,6 +427,7 @@ fn run_controller(args: RunArgs) -> anyhow::Result<()> {
                 }
                 tracing::info!("shutting down");
             };
+            tokio::spawn(run::follow_pending_pods(client.clone(), extender.clone()));
             let listen = args.listen;
             let server = args.extender_tls.serve(listen, extender.clone());
             tracing::info!(%listen, "serving the extender; reconciling SandboxPools and Sandboxes");
@@ -487,11 +492,16 @@ fn main() -> anyhow::Result<()> {
         Command::Certs {
             ca_dir,
             node,
+            server,
             controller: _,
             out,
             days,
         } => {
-            let subject = node.map_or(certs::Subject::Controller, certs::Subject::Node);
+            let subject = match (node, server) {
+                (Some(node), _) => certs::Subject::Node(node),
+                (None, Some(name)) => certs::Subject::Server(name),
+                (None, None) => certs::Subject::Controller,
+            };
             certs::issue_into(&ca_dir, &subject, days, &out)
                 .with_context(|| format!("issuing a certificate into {}", out.display()))?;
         }
@@ -647,10 +657,10 @@ mod tests {
         assert!(parse(&["--extender-filter"]).filter_nodes);
     }
 
-    /// The Deployment's command is one `run` accepts, and its token file is
-    /// where the agent token Secret is mounted.
+    /// The Deployment's command is one `run` accepts, and its TLS
+    /// directories are where their Secrets are mounted.
     #[test]
-    fn the_deployments_command_parses_and_finds_the_token() {
+    fn the_deployments_command_parses_and_finds_its_credentials() {
         use k8s_openapi::api::apps::v1::Deployment;
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -662,31 +672,32 @@ mod tests {
         let container = &pod.containers[0];
         let command = container.command.clone().unwrap();
         let Command::Run(RunArgs {
-            agent_token_file,
+            agent_link,
+            extender_tls,
             snapshot: None,
             ..
         }) = Args::try_parse_from(&command).unwrap().command
         else {
             panic!("{command:?} is not `run` fed by the node agents");
         };
-        let secret_volumes: Vec<String> = pod
-            .volumes
-            .iter()
-            .flatten()
-            .filter(|v| {
-                v.secret.as_ref().and_then(|s| s.secret_name.as_deref())
-                    == Some("fast-sandbox-agent-token")
-            })
-            .map(|v| v.name.clone())
-            .collect();
-        let mounted = container.volume_mounts.iter().flatten().any(|m| {
-            secret_volumes.contains(&m.name)
-                && agent_token_file.parent() == Some(std::path::Path::new(&m.mount_path))
-        });
-        assert!(
-            mounted,
-            "{} is not in the agent token Secret's mount",
-            agent_token_file.display()
-        );
+        assert!(!agent_link.agent_insecure && !extender_tls.extender_insecure);
+        for (dir, secret) in [
+            (
+                &agent_link.agent_tls_dir,
+                "fast-sandbox-controller-agent-tls",
+            ),
+            (&extender_tls.extender_tls_dir, "fast-sandbox-extender-tls"),
+        ] {
+            let volume = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(secret))
+                .unwrap_or_else(|| panic!("no volume of Secret {secret}"));
+            let mounted = container.volume_mounts.iter().flatten().any(|m| {
+                m.name == volume.name && dir.as_path() == std::path::Path::new(&m.mount_path)
+            });
+            assert!(mounted, "{} is not Secret {secret}'s mount", dir.display());
+        }
     }
 }

@@ -189,6 +189,30 @@ async fn follow_pod_usage(client: Client, usage: Arc<NodeUsage>) {
         .await;
 }
 
+/// Keeps `extender`'s view of the pods waiting to be scheduled (no
+/// `nodeName`, not finished) current, until the stream ends: the extender
+/// assumes slots only for those ([`crate::extender::PendingPods`]).
+pub async fn follow_pending_pods(client: Client, extender: Arc<Extender>) {
+    let (store, writer) = reflector::store();
+    extender.set_pending_pods(Arc::new(store));
+    let pending = watcher::Config::default()
+        .fields("spec.nodeName=,status.phase!=Succeeded,status.phase!=Failed");
+    let pods = watcher(Api::<Pod>::all(client), pending)
+        .default_backoff()
+        .modify(|pod| {
+            pod.managed_fields_mut().clear();
+            pod.status = None;
+        });
+    reflector(writer, pods)
+        .for_each(|event| {
+            if let Err(error) = event {
+                tracing::warn!(%error, "pod watch (pending pods)");
+            }
+            futures::future::ready(())
+        })
+        .await;
+}
+
 /// Fires on every change of the node directory (every pool re-runs on it),
 /// and refreshes the extender's snapshot first.
 fn directory_changes(

@@ -17,6 +17,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodSpec, Probe, Service, ServiceAccount,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -225,6 +226,7 @@ fn every_document_parses_into_its_type_with_no_field_left_over() {
             ("apps/v1", "DaemonSet") => parses_exactly::<DaemonSet>(doc),
             ("apps/v1", "Deployment") => parses_exactly::<Deployment>(doc),
             ("node.k8s.io/v1", "RuntimeClass") => parses_exactly::<RuntimeClass>(doc),
+            ("networking.k8s.io/v1", "NetworkPolicy") => parses_exactly::<NetworkPolicy>(doc),
             ("rbac.authorization.k8s.io/v1", "ClusterRole") => parses_exactly::<ClusterRole>(doc),
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                 parses_exactly::<ClusterRoleBinding>(doc)
@@ -423,13 +425,18 @@ fn node_plugin_config_loads_with_the_node_plugins_strict_loader() {
     let docs = docs();
     let text = node_config(&docs);
     let file = load_node_config(&text);
-    let agent = fast_sandbox_node::config::agent_settings(&file.agent, Some("node".into()))
-        .unwrap_or_else(|e| panic!("deploy/node-plugin/configmap.yaml [agent]: {e:#}"))
-        .expect("the agent is on: the controller needs it");
+    let host_ip = Some("10.0.0.1".parse().expect("ip"));
+    let agent =
+        fast_sandbox_node::config::agent_settings(&file.agent, Some("node".into()), host_ip)
+            .unwrap_or_else(|e| panic!("deploy/node-plugin/configmap.yaml [agent]: {e:#}"))
+            .expect("the agent is on: the controller needs it");
+    let tls = agent.tls.expect("the agent serves TLS");
     assert!(
-        agent.token_file.starts_with("/etc/fast-sandbox-agent"),
-        "the Secret's mount"
+        tls.cert.starts_with("/etc/fast-sandbox-agent-tls"),
+        "the credential's mount"
     );
+    assert!(agent.token_file.is_none(), "no shared token");
+    assert!(agent.max_slots <= 256, "a node-wide slot cap");
     let specs = fast_sandbox_node::config::pool_specs(&file.pools)
         .unwrap_or_else(|e| panic!("deploy/node-plugin/configmap.yaml [[pool]]: {e:#}"));
     let handlers: BTreeSet<&str> = specs.iter().map(|s| s.exposed_handler.as_str()).collect();
@@ -656,7 +663,8 @@ fn controller_deployment_service_and_account_fit_together() {
     );
     assert_eq!(service_port.port, extender_port.container_port);
 
-    // The controller and the node plugins share one agent token Secret.
+    // No shared secret: the controller has its own credentials, each
+    // node plugin its node's, from the host.
     let secret_of = |spec: &PodSpec| -> BTreeSet<String> {
         spec.volumes
             .iter()
@@ -669,10 +677,77 @@ fn controller_deployment_service_and_account_fit_together() {
         ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
         "DaemonSet",
     );
-    assert_eq!(secret_of(&pod), secret_of(&ds_pod));
+    assert!(secret_of(&ds_pod).is_empty(), "{:?}", secret_of(&ds_pod));
     assert_eq!(
         secret_of(&pod),
-        BTreeSet::from(["fast-sandbox-agent-token".to_owned()])
+        BTreeSet::from([
+            "fast-sandbox-controller-agent-tls".to_owned(),
+            "fast-sandbox-extender-tls".to_owned()
+        ])
+    );
+    // The DaemonSet runs where the controller dials: the label a kubelet
+    // cannot set on itself.
+    let (key, value) = fast_sandbox_controller::agent::DEFAULT_NODE_SELECTOR
+        .split_once('=')
+        .expect("k=v");
+    assert_eq!(
+        ds_pod.node_selector.as_ref().and_then(|s| s.get(key)),
+        Some(&value.to_owned())
+    );
+    assert!(key.starts_with("node-restriction.kubernetes.io/"));
+    // The agent binds the node's own address.
+    let ds_container = only_container(&ds_pod, "DaemonSet");
+    let host_ip = ds_container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "FAST_SANDBOX_AGENT_IP");
+    let field = host_ip
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(field, Some("status.hostIP"));
+}
+
+/// Only kube-scheduler's pods in kube-system reach the controller, and
+/// only on the extender port.
+#[test]
+fn only_the_scheduler_reaches_the_extender() {
+    let docs = docs();
+    let policy: NetworkPolicy = one(&docs, "NetworkPolicy", "fast-sandbox-controller");
+    let spec = policy.spec.expect("spec");
+    assert_eq!(
+        spec.pod_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.as_ref())
+            .and_then(|l| l.get("app.kubernetes.io/name"))
+            .map(String::as_str),
+        Some("fast-sandbox-controller")
+    );
+    assert_eq!(spec.policy_types, Some(vec!["Ingress".to_owned()]));
+    let rules = spec.ingress.expect("ingress rules");
+    assert_eq!(rules.len(), 1);
+    let peers = rules[0].from.clone().expect("from");
+    assert_eq!(peers.len(), 1, "one peer: namespace AND pod selector");
+    let label = |s: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+                 k: &str| {
+        s.as_ref()
+            .and_then(|s| s.match_labels.as_ref())
+            .and_then(|l| l.get(k).cloned())
+    };
+    assert_eq!(
+        label(&peers[0].namespace_selector, "kubernetes.io/metadata.name").as_deref(),
+        Some("kube-system")
+    );
+    assert_eq!(
+        label(&peers[0].pod_selector, "component").as_deref(),
+        Some("kube-scheduler")
+    );
+    let ports = rules[0].ports.clone().expect("ports");
+    assert_eq!(ports.len(), 1);
+    assert_eq!(
+        ports[0].port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("extender".into()))
     );
 }
 
@@ -795,9 +870,20 @@ async fn scheduler_config_calls_the_extender_the_controller_serves() {
     let url = ext["urlPrefix"].as_str().expect("urlPrefix");
     assert_eq!(
         url,
-        format!("http://fast-sandbox-controller.{NAMESPACE}.svc:{port}"),
+        format!("https://fast-sandbox-controller.{NAMESPACE}.svc:{port}"),
         "{at}: urlPrefix"
     );
+    assert_eq!(ext["enableHTTPS"], true, "{at}: HTTPS");
+    assert_eq!(
+        ext["tlsConfig"]["serverName"],
+        format!("fast-sandbox-controller.{NAMESPACE}.svc"),
+        "{at}: the certificate's name is checked"
+    );
+    assert!(
+        ext["tlsConfig"]["caFile"].is_string(),
+        "{at}: tlsConfig.caFile"
+    );
+    assert!(ext["tlsConfig"].get("insecure").is_none(), "{at}: verified");
 
     // kube-scheduler POSTs to <urlPrefix>/<verb>: both answer on the real
     // extender (an empty node list in node-name cache mode).

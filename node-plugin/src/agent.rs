@@ -559,7 +559,9 @@ pub async fn bind(
             }
             None => {
                 let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                server.serve_with_incoming_shutdown(incoming, shutdown).await
+                server
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
             }
         }
         .context("serving the node agent")

@@ -787,8 +787,7 @@ mod tests {
     fn agent_section() {
         let agent = |text: &str, name: Option<&str>| {
             let file: FileConfig = toml::from_str(text).expect("valid toml");
-            agent_settings(&file.agent, name.map(str::to_owned), None)
-                .map_err(|e| format!("{e:#}"))
+            agent_settings(&file.agent, name.map(str::to_owned), None).map_err(|e| format!("{e:#}"))
         };
         assert!(agent("", None).expect("no agent").is_none());
         assert!(agent("[agent]\naddress = \"\"\n", None)
@@ -828,10 +827,22 @@ mod tests {
 
         let bad = [
             ("address = \"127.0.0.1:1\"\n", "agent.tls_dir: required"),
-            ("address = \"127.0.0.1:1\"\ninsecure = true\n", "agent.token_file"),
-            ("address = \"127.0.0.1:1\"\ninsecure = true\ntls_dir = \"/t\"\n", "agent.insecure"),
-            ("address = \"127.0.0.1:1\"\ntls_dir = \"/t\"\nmax_slots = 0\n", "agent.max_slots"),
-            ("address = \"localhost\"\ntls_dir = \"/t\"\n", "agent.address"),
+            (
+                "address = \"127.0.0.1:1\"\ninsecure = true\n",
+                "agent.token_file",
+            ),
+            (
+                "address = \"127.0.0.1:1\"\ninsecure = true\ntls_dir = \"/t\"\n",
+                "agent.insecure",
+            ),
+            (
+                "address = \"127.0.0.1:1\"\ntls_dir = \"/t\"\nmax_slots = 0\n",
+                "agent.max_slots",
+            ),
+            (
+                "address = \"localhost\"\ntls_dir = \"/t\"\n",
+                "agent.address",
+            ),
         ];
         for (section, field) in bad {
             let err = agent(&format!("[agent]\n{section}"), None).expect_err(section);

@@ -151,7 +151,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.overrides.node_name.clone(),
         args.overrides.agent_ip,
     )
-        .context("invalid [agent] configuration")?;
+    .context("invalid [agent] configuration")?;
     let settings = Settings::resolve(file, args.overrides);
     init_logging(&settings)?;
     fast_sandbox_node::fault::setup()?;
@@ -364,13 +364,22 @@ async fn serve_agent(
         .map(fast_sandbox_node::agent::Token::from_file)
         .transpose()?;
     let tls = match &agent.tls {
-        Some(files) => Some(Arc::new(
-            fast_sandbox_proto::tls::Reloading::new(
-                files.clone(),
-                fast_sandbox_proto::tls::server_config,
-            )
-            .context("the node agent's TLS credential (agent.tls_dir)")?,
-        )),
+        // Without its credential the agent is not served, but CRI is:
+        // kubelet's runtime never fails for the controller's link.
+        Some(files) => match fast_sandbox_proto::tls::Reloading::new(
+            files.clone(),
+            fast_sandbox_proto::tls::server_config,
+        ) {
+            Ok(tls) => Some(Arc::new(tls)),
+            Err(error) => {
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "node agent not served: no usable TLS credential in agent.tls_dir \
+                     (provision it, then restart the node plugin)"
+                );
+                return Ok(());
+            }
+        },
         None => {
             tracing::warn!("agent.insecure: the node agent serves cleartext (development only)");
             None

@@ -75,7 +75,10 @@ pub enum TlsError {
         source: rustls_pki_types::pem::Error,
     },
     #[error("{path}: not a usable CA certificate ({source})")]
-    Ca { path: PathBuf, source: rustls::Error },
+    Ca {
+        path: PathBuf,
+        source: rustls::Error,
+    },
     #[error("{cert} with {key}: {source}")]
     Pair {
         cert: PathBuf,
@@ -144,13 +147,12 @@ fn pair_error(files: &TlsFiles) -> impl FnOnce(rustls::Error) -> TlsError + '_ {
 /// authentication (node certificates are issued for server authentication
 /// only, so one node cannot call another).
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider())
-            .build()
-            .map_err(|e| TlsError::Verifier {
-                path: files.ca.clone(),
-                reason: e.to_string(),
-            })?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider())
+        .build()
+        .map_err(|e| TlsError::Verifier {
+            path: files.ca.clone(),
+            reason: e.to_string(),
+        })?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(pair_error(files))?
