@@ -558,8 +558,17 @@ async fn nodes_are_discovered_from_the_node_watch_and_dropped_when_deleted() {
 
 // ---- Mutual TLS (controller/src/agent/tls.rs, node-plugin/src/agent/tls.rs)
 
-use fast_sandbox_controller::certs::{Ca, DEFAULT_DAYS};
+use fast_sandbox_controller::certs::{Ca, CertError, Issued, DEFAULT_DAYS};
 use fast_sandbox_proto::tls::{client_config, server_config, Reloading, TlsFiles};
+
+/// `issued` and `ca`'s certificate in a new directory, as both ends read
+/// them.
+fn credential(ca: &Ca, issued: Result<Issued, CertError>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    ca.write_dir(&issued.expect("issued"), dir.path())
+        .expect("write");
+    dir
+}
 
 /// Serves the agent of `NODE` over mutual TLS with the credential in `dir`.
 async fn start_tls_agent(rig: &PoolRig, dir: &std::path::Path) -> Agent {
@@ -614,20 +623,8 @@ async fn refused_three_times(directory: &AgentDirectory) {
 async fn over_mutual_tls_the_node_reports_and_takes_pool_sizes() {
     let rig = rig().await;
     let ca = Ca::generate().expect("CA");
-    let (agent_dir, controller_dir) = (
-        tempfile::tempdir().expect("tmp"),
-        tempfile::tempdir().expect("tmp"),
-    );
-    ca.write_dir(
-        &ca.issue_node(NODE, DEFAULT_DAYS).expect("node"),
-        agent_dir.path(),
-    )
-    .expect("write");
-    ca.write_dir(
-        &ca.issue_controller(DEFAULT_DAYS).expect("ctl"),
-        controller_dir.path(),
-    )
-    .expect("write");
+    let agent_dir = credential(&ca, ca.issue_node(NODE, DEFAULT_DAYS));
+    let controller_dir = credential(&ca, ca.issue_controller(DEFAULT_DAYS));
     let agent = start_tls_agent(&rig, agent_dir.path()).await;
     let directory = tls_directory(controller_dir.path());
     follow(&directory, &agent).await;
@@ -647,20 +644,10 @@ async fn over_mutual_tls_the_node_reports_and_takes_pool_sizes() {
 async fn an_agent_without_a_valid_credential_gets_nothing() {
     let rig = rig().await;
     let ca = Ca::generate().expect("CA");
-    let controller_dir = tempfile::tempdir().expect("tmp");
-    ca.write_dir(
-        &ca.issue_controller(DEFAULT_DAYS).expect("ctl"),
-        controller_dir.path(),
-    )
-    .expect("write");
+    let controller_dir = credential(&ca, ca.issue_controller(DEFAULT_DAYS));
 
     // The agent of node-b answers where node-a was expected.
-    let impostor = tempfile::tempdir().expect("tmp");
-    ca.write_dir(
-        &ca.issue_node("node-b", DEFAULT_DAYS).expect("node"),
-        impostor.path(),
-    )
-    .expect("write");
+    let impostor = credential(&ca, ca.issue_node("node-b", DEFAULT_DAYS));
     let agent = start_tls_agent(&rig, impostor.path()).await;
     let directory = tls_directory(controller_dir.path());
     directory
@@ -674,13 +661,7 @@ async fn an_agent_without_a_valid_credential_gets_nothing() {
 
     // A certificate for node-a, but from a CA the controller does not trust.
     let other = Ca::generate().expect("other CA");
-    let foreign = tempfile::tempdir().expect("tmp");
-    other
-        .write_dir(
-            &other.issue_node(NODE, DEFAULT_DAYS).expect("node"),
-            foreign.path(),
-        )
-        .expect("write");
+    let foreign = credential(&other, other.issue_node(NODE, DEFAULT_DAYS));
     let agent = start_tls_agent(&rig, foreign.path()).await;
     let directory = tls_directory(controller_dir.path());
     directory
@@ -690,19 +671,9 @@ async fn an_agent_without_a_valid_credential_gets_nothing() {
     agent.stop().await;
 
     // The right agent, but the caller holds only a node's certificate.
-    let good = tempfile::tempdir().expect("tmp");
-    ca.write_dir(
-        &ca.issue_node(NODE, DEFAULT_DAYS).expect("node"),
-        good.path(),
-    )
-    .expect("write");
+    let good = credential(&ca, ca.issue_node(NODE, DEFAULT_DAYS));
     let agent = start_tls_agent(&rig, good.path()).await;
-    let as_node = tempfile::tempdir().expect("tmp");
-    ca.write_dir(
-        &ca.issue_node("node-c", DEFAULT_DAYS).expect("node"),
-        as_node.path(),
-    )
-    .expect("write");
+    let as_node = credential(&ca, ca.issue_node("node-c", DEFAULT_DAYS));
     let directory = tls_directory(as_node.path());
     directory
         .upsert(NODE, &agent.address.to_string())
@@ -725,20 +696,8 @@ async fn an_agent_without_a_valid_credential_gets_nothing() {
 async fn a_rotated_certificate_is_served_without_a_restart() {
     let rig = rig().await;
     let (old, new) = (Ca::generate().expect("CA"), Ca::generate().expect("CA"));
-    let (agent_dir, controller_dir) = (
-        tempfile::tempdir().expect("tmp"),
-        tempfile::tempdir().expect("tmp"),
-    );
-    old.write_dir(
-        &old.issue_node(NODE, DEFAULT_DAYS).expect("node"),
-        agent_dir.path(),
-    )
-    .expect("write");
-    new.write_dir(
-        &new.issue_controller(DEFAULT_DAYS).expect("ctl"),
-        controller_dir.path(),
-    )
-    .expect("write");
+    let agent_dir = credential(&old, old.issue_node(NODE, DEFAULT_DAYS));
+    let controller_dir = credential(&new, new.issue_controller(DEFAULT_DAYS));
     let agent = start_tls_agent(&rig, agent_dir.path()).await;
     let directory = tls_directory(controller_dir.path());
     directory
@@ -746,11 +705,8 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
         .expect("upsert");
     refused_three_times(&directory).await;
 
-    new.write_dir(
-        &new.issue_node(NODE, DEFAULT_DAYS).expect("node"),
-        agent_dir.path(),
-    )
-    .expect("rotate");
+    let rotated = new.issue_node(NODE, DEFAULT_DAYS).expect("node");
+    new.write_dir(&rotated, agent_dir.path()).expect("rotate");
     snapshot_until(&directory, Duration::from_secs(10), "a full pool", |s| {
         pool(s) == Some((true, 2, 2))
     })

@@ -142,41 +142,25 @@ fn pair_error(files: &TlsFiles) -> impl FnOnce(rustls::Error) -> TlsError + '_ {
     }
 }
 
-/// The node agent's server side: its certificate, and a client
-/// certificate required, chained to `files.ca` and valid for client
-/// authentication (node certificates are issued for server authentication
-/// only, so one node cannot call another).
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider())
-        .build()
-        .map_err(|e| TlsError::Verifier {
-            path: files.ca.clone(),
-            reason: e.to_string(),
-        })?;
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(pair_error(files))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certificates(&files.cert)?, private_key(&files.key)?)
-        .map_err(pair_error(files))?;
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Ok(Arc::new(config))
+fn verifier_error(
+    files: &TlsFiles,
+) -> impl FnOnce(rustls::server::VerifierBuilderError) -> TlsError + '_ {
+    |e| TlsError::Verifier {
+        path: files.ca.clone(),
+        reason: e.to_string(),
+    }
 }
 
-/// An HTTPS server (the scheduler extender): its certificate, and, when
-/// `files.ca` exists, a client certificate required that chains to it
-/// (kube-scheduler's extender `tlsConfig.certFile`); HTTP/1.1.
-pub fn https_server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+/// A server with `files`' certificate, requiring client certificates that
+/// chain to `files.ca` when `client_auth`, speaking `alpn`.
+fn server(files: &TlsFiles, client_auth: bool, alpn: &[u8]) -> Result<Arc<ServerConfig>, TlsError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(pair_error(files))?;
-    let builder = if files.ca.exists() {
+    let builder = if client_auth {
         let verifier = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider())
             .build()
-            .map_err(|e| TlsError::Verifier {
-                path: files.ca.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(verifier_error(files))?;
         builder.with_client_cert_verifier(verifier)
     } else {
         builder.with_no_client_auth()
@@ -184,8 +168,23 @@ pub fn https_server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsErr
     let mut config = builder
         .with_single_cert(certificates(&files.cert)?, private_key(&files.key)?)
         .map_err(pair_error(files))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The node agent's server side: its certificate, and a client
+/// certificate required, chained to `files.ca` and valid for client
+/// authentication (node certificates are issued for server authentication
+/// only, so one node cannot call another).
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    server(files, true, ALPN_H2)
+}
+
+/// An HTTPS server (the scheduler extender): its certificate, and, when
+/// `files.ca` exists, a client certificate required that chains to it
+/// (kube-scheduler's extender `tlsConfig.certFile`); HTTP/1.1.
+pub fn https_server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    server(files, files.ca.exists(), b"http/1.1")
 }
 
 /// The controller's client side: servers must chain to `files.ca` (and
@@ -194,10 +193,7 @@ pub fn https_server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsErr
 pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
     let verifier = WebPkiServerVerifier::builder_with_provider(roots(&files.ca)?, provider())
         .build()
-        .map_err(|e| TlsError::Verifier {
-            path: files.ca.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(verifier_error(files))?;
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(pair_error(files))?
