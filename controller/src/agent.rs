@@ -209,7 +209,7 @@ impl AgentError {
                 message: status.message().to_owned(),
             },
             Code::Unavailable | Code::Unknown | Code::Cancelled => AgentError::Unreachable {
-                reason: status.message().to_owned(),
+                reason: with_sources(status),
             },
             code => AgentError::Rejected {
                 code,
@@ -217,6 +217,24 @@ impl AgentError {
             },
         }
     }
+}
+
+/// `status`'s message and the errors under it (a failed TLS handshake is
+/// only named there), `: `-separated.
+fn with_sources(status: &tonic::Status) -> String {
+    let mut reason = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    // Bounded: an error chain is short, but never trust its length.
+    for _ in 0..8 {
+        let Some(error) = source else { break };
+        let text = error.to_string();
+        if !reason.contains(&text) {
+            reason.push_str(": ");
+            reason.push_str(&text);
+        }
+        source = error.source();
+    }
+    reason
 }
 
 /// What the directory knows about one node's agent.

@@ -654,6 +654,12 @@ async fn an_agent_without_a_valid_credential_gets_nothing() {
         .upsert(NODE, &agent.address.to_string())
         .expect("upsert");
     refused_three_times(&directory).await;
+    let error = directory.health(NODE).and_then(|h| h.last_error);
+    let reason = error.map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        reason.contains("TLS handshake as node \"node-a\"") && reason.contains("certificate"),
+        "the log says why: {reason}"
+    );
     let pushed = directory.set_pool_size(NODE, &size(1)).await;
     assert!(pushed.is_err(), "{pushed:?}");
     assert_eq!(rig.manager.stats()[0].desired, POOL_SIZE);
