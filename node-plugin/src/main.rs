@@ -363,42 +363,30 @@ async fn serve_agent(
         .as_deref()
         .map(fast_sandbox_node::agent::Token::from_file)
         .transpose()?;
-    let tls = match &agent.tls {
-        // Without its credential the agent is not served, but CRI is:
-        // kubelet's runtime never fails for the controller's link.
-        Some(files) => match fast_sandbox_proto::tls::Reloading::new(
-            files.clone(),
-            fast_sandbox_proto::tls::server_config,
-        ) {
-            Ok(tls) => Some(Arc::new(tls)),
-            Err(error) => {
-                tracing::error!(
-                    error = format!("{error:#}"),
-                    "node agent not served: no usable TLS credential in agent.tls_dir \
-                     (provision it, then restart the node plugin)"
-                );
-                return Ok(());
-            }
-        },
-        None => {
-            tracing::warn!("agent.insecure: the node agent serves cleartext (development only)");
-            None
-        }
-    };
+    if agent.tls.is_none() {
+        tracing::warn!("agent.insecure: the node agent serves cleartext (development only)");
+    }
     let upstream = fast_sandbox_shim::cri_channel(&settings.upstream.endpoint)
         .context("configuring the node agent's upstream client")?;
-    let parts = fast_sandbox_node::agent::AgentParts {
+    let mut parts = fast_sandbox_node::agent::AgentParts {
         pools,
         upstream,
         upstream_timeout: settings.upstream.call_timeout,
         token,
-        tls,
+        tls: None,
         max_slots: agent.max_slots,
         node_name: agent.node_name.clone(),
         image_interval: agent.image_interval,
         health,
     };
+    let mut stopped = Box::pin(stopped);
     tokio::spawn(async move {
+        if let Some(files) = &agent.tls {
+            match await_credential(files, &mut stopped).await {
+                Some(tls) => parts.tls = Some(tls),
+                None => return,
+            }
+        }
         let (bound, server) =
             match fast_sandbox_node::agent::bind(agent.address, parts, stopped).await {
                 Ok(bound) => bound,
@@ -416,6 +404,41 @@ async fn serve_agent(
         }
     });
     Ok(())
+}
+
+/// The agent's TLS credential, waited for until it loads (a node whose
+/// credential is provisioned after the node plugin started gets its agent
+/// without a restart) or `stopped` resolves (`None`). Meanwhile CRI is
+/// served: kubelet's runtime never waits for the controller's link.
+async fn await_credential(
+    files: &fast_sandbox_proto::tls::TlsFiles,
+    stopped: &mut (impl Future<Output = ()> + Unpin),
+) -> Option<fast_sandbox_node::agent::ServerTls> {
+    const RETRY: Duration = Duration::from_secs(10);
+    let mut last = String::new();
+    loop {
+        match fast_sandbox_proto::tls::Reloading::new(
+            files.clone(),
+            fast_sandbox_proto::tls::server_config,
+        ) {
+            Ok(tls) => return Some(Arc::new(tls)),
+            Err(error) => {
+                let error = format!("{error:#}");
+                if error != last {
+                    tracing::error!(
+                        %error,
+                        retry_s = RETRY.as_secs(),
+                        "node agent not served yet: no usable TLS credential in agent.tls_dir"
+                    );
+                    last = error;
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(RETRY) => {}
+            () = &mut *stopped => return None,
+        }
+    }
 }
 
 /// `fast-sandbox-node pools`: the pools of a running node plugin.
