@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use fast_sandbox_controller::crd::{SandboxPoolStatus, SandboxStatus, POOL_LABEL, SANDBOX_LABEL};
+use fast_sandbox_controller::events::{Note, RecordedEvents};
+use fast_sandbox_controller::metrics::Metrics;
 use fast_sandbox_controller::nodes::{NodeDirectory, SandboxShape, StaticNodes};
 use fast_sandbox_controller::scoring::{NodeState, PoolState, Snapshot};
 use http::Method;
@@ -33,7 +35,9 @@ async fn pool_created_pushes_sizes_to_matching_nodes_and_writes_status() {
     let nodes = two_node_directory();
     let (client, handle) = mock();
     let pool = pool_object("p", 2, 6, None);
-    let ctx = context(client, nodes.clone(), std::slice::from_ref(&pool));
+    let events = Arc::new(RecordedEvents::default());
+    let ctx =
+        context(client, nodes.clone(), std::slice::from_ref(&pool)).with_events(events.clone());
     let action = scenario(ctx, handle, run_pool(pool.clone()), |mut handle| {
         Box::pin(async move {
             let (method, uri, body, respond) = next(&mut handle).await;
@@ -68,6 +72,26 @@ async fn pool_created_pushes_sizes_to_matching_nodes_and_writes_status() {
         .collect();
     // a has 1 of 2 taken: min 2 + 1; b has no pool yet: min. Never c.
     assert_eq!(pushed, vec![("a".to_owned(), 3), ("b".to_owned(), 2)]);
+    // An administrator sees the pool scaled and why it is not served yet.
+    let recorded = events.take();
+    assert_eq!(
+        recorded,
+        [
+            (
+                "p".to_owned(),
+                Note::normal("Scaled", "Scale", "free warm slots asked of 2 nodes: a →3, b →2".into())
+            ),
+            (
+                "p".to_owned(),
+                Note::warning(
+                    "NodesNotReady",
+                    "Ready",
+                    "1 of 2 nodes do not serve the pool: b (waiting for the node to report the pool)"
+                        .into()
+                )
+            ),
+        ]
+    );
     let first = &nodes.pushed()[0].1;
     assert_eq!(
         (
@@ -299,7 +323,11 @@ async fn sandbox_created_binds_a_pod_to_the_best_node() {
     let nodes = sandbox_directory();
     let (client, handle) = mock();
     let pool = pool_object("p", 1, 4, None);
-    let ctx = context(client, nodes.clone(), std::slice::from_ref(&pool));
+    let events = Arc::new(RecordedEvents::default());
+    let metrics = Arc::new(Metrics::default());
+    let ctx = context(client, nodes.clone(), std::slice::from_ref(&pool))
+        .with_events(events.clone())
+        .with_metrics(metrics.clone());
     let sb = sandbox_object("sb1", None);
     let action = scenario(ctx, handle, run_sandbox(sb), |mut handle| {
         Box::pin(async move {
@@ -361,6 +389,23 @@ async fn sandbox_created_binds_a_pod_to_the_best_node() {
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
     // The placement is counted at once.
     assert_eq!(nodes.snapshot().assumed("a", HANDLER, SHAPE), Ok(1));
+    let reasons: Vec<(String, String, bool)> = events
+        .take()
+        .into_iter()
+        .map(|(name, note)| (name, note.reason, note.warning))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("sb1".to_owned(), "Bound".to_owned(), false),
+            ("sb1".to_owned(), "PodPending".to_owned(), false)
+        ]
+    );
+    let text = metrics.encode().expect("metrics");
+    assert!(
+        text.contains("fast_sandbox_controller_placements_total{outcome=\"bound\"} 1"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -598,7 +643,8 @@ async fn sandbox_with_no_eligible_node_gets_a_condition_and_no_pod() {
         .expect("a snapshot"),
     ));
     let (client, handle) = mock();
-    let ctx = context(client, nodes, &[]);
+    let events = Arc::new(RecordedEvents::default());
+    let ctx = context(client, nodes, &[]).with_events(events.clone());
     let action = scenario(ctx, handle, run_sandbox(sandbox_object("sb1", None)), |mut handle| {
         Box::pin(async move {
             let (method, _, _, respond) = next(&mut handle).await;
@@ -625,6 +671,12 @@ async fn sandbox_with_no_eligible_node_gets_a_condition_and_no_pod() {
     })
     .await;
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    // Waiting is a warning an administrator sees on the Sandbox.
+    let recorded = events.take();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0].0, "sb1");
+    assert!(recorded[0].1.warning);
+    assert_eq!(recorded[0].1.reason, "NoEligibleNode");
 }
 
 #[tokio::test]
