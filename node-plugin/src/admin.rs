@@ -280,12 +280,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, "first\n").unwrap();
+        let metrics = Arc::new(Metrics::default());
+        metrics
+            .claims
+            .get_or_create(&crate::metrics::PoolOutcome {
+                pool: "p".into(),
+                outcome: "hit",
+            })
+            .inc();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (addr, server) = bind_metrics(
             "127.0.0.1:0".parse().unwrap(),
             Some(token_file.clone()),
             None,
-            Arc::new(Metrics::default()),
+            metrics,
             Health::ready(),
             async {
                 let _ = rx.await;
@@ -309,7 +317,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(status, 200);
-        assert!(body.contains("fast_sandbox_claims"), "{body}");
+        assert!(
+            body.contains("fast_sandbox_claims_total{pool=\"p\",outcome=\"hit\"} 1"),
+            "{body}"
+        );
         // Only /metrics: pod names (/claims) never leave loopback.
         assert_eq!(
             fetch_with(addr, "/claims", &bearer("first"))
