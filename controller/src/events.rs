@@ -221,7 +221,10 @@ mod tests {
         let served = cond("Ready", "True", "PoolServed");
         let failing = cond("Ready", "False", "PushFailed");
         assert_eq!(
-            condition_changes(&[served.clone()], &[failing.clone()]),
+            condition_changes(
+                std::slice::from_ref(&served),
+                std::slice::from_ref(&failing)
+            ),
             [Note::warning(
                 "PushFailed",
                 "Ready",
@@ -229,14 +232,15 @@ mod tests {
             )]
         );
         assert_eq!(
-            condition_changes(&[failing], &[served.clone()]),
+            condition_changes(&[failing], std::slice::from_ref(&served)),
             [Note::normal(
                 "PoolServed",
                 "Ready",
                 "PoolServed message".into()
             )]
         );
-        assert!(condition_changes(&[served.clone()], &[served]).is_empty());
+        let same = std::slice::from_ref(&served);
+        assert!(condition_changes(same, same).is_empty());
         // A pending pod is not a warning; a failed one is.
         let notes = condition_changes(
             &[],
