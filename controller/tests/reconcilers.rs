@@ -713,3 +713,55 @@ async fn sandbox_with_a_bad_field_gets_a_condition_naming_it() {
     .await;
     assert_eq!(action, Action::await_change());
 }
+
+// ---- Events through the API server ------------------------------------------
+
+/// What the reconcilers emit reaches the Events API the RBAC grants
+/// (`events.k8s.io` create, then patch for a repeat), in the object's
+/// namespace (`default` for a cluster-scoped pool), and is counted.
+#[tokio::test]
+async fn events_are_created_then_patched_through_the_events_api() {
+    use fast_sandbox_controller::events::{EventSink, KubeEvents};
+    use kube::Resource;
+    let (client, mut handle) = mock();
+    handle.allow(10);
+    let metrics = Arc::new(Metrics::default());
+    let events = KubeEvents::start(client, Some("replica-a".into()), metrics.clone());
+    let pool = pool_object("p", 1, 2, None);
+    let note = Note::warning("PushFailed", "Scale", "node a: unreachable".into());
+    events.publish(pool.object_ref(&()), note.clone());
+    let (method, uri, body, respond) = next(&mut handle).await;
+    assert_eq!(
+        (method, path(&uri)),
+        (
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/default/events"
+        )
+    );
+    assert_eq!(body["regarding"]["kind"], "SandboxPool");
+    assert_eq!(body["regarding"]["name"], "p");
+    assert_eq!(body["reason"], "PushFailed");
+    assert_eq!(body["type"], "Warning");
+    assert_eq!(body["note"], "node a: unreachable");
+    assert_eq!(body["reportingController"], "fast-sandbox.io/controller");
+    assert_eq!(body["reportingInstance"], "replica-a");
+    reply(respond, 201, &body);
+    // The same again is a patch of the series, not a new Event.
+    events.publish(pool.object_ref(&()), note);
+    let (method, uri, body, respond) = next(&mut handle).await;
+    assert_eq!(method, Method::PATCH);
+    assert!(
+        path(&uri).starts_with("/apis/events.k8s.io/v1/namespaces/default/events/p."),
+        "{uri}"
+    );
+    assert_eq!(body["series"]["count"], 2);
+    reply(respond, 200, &body);
+    let published = "fast_sandbox_controller_events_total{outcome=\"published\"} 2";
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !metrics.encode().expect("metrics").contains(published) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("both events counted as published");
+}
