@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::{stream, FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::runtime::controller::Config as ControllerConfig;
+use kube::runtime::controller::{Action, Config as ControllerConfig};
 use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{predicates, watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
@@ -19,7 +19,7 @@ use crate::events::EventSink;
 use crate::extender::Extender;
 use crate::metrics::Metrics;
 use crate::nodes::NodeDirectory;
-use crate::reconcile::{error_policy, Context, ReconcileConfig};
+use crate::reconcile::{error_policy, Context, Error, ReconcileConfig};
 use crate::{pool, sandbox};
 
 /// Why the controller cannot start.
@@ -219,6 +219,22 @@ pub struct Instruments {
     pub metrics: Arc<Metrics>,
 }
 
+/// `reconcile`, counted by outcome and timed as `controller` in the
+/// context's metrics.
+fn measured<K, Fut>(
+    controller: &'static str,
+    reconcile: fn(Arc<K>, Arc<Context>) -> Fut,
+) -> impl FnMut(Arc<K>, Arc<Context>) -> futures::future::BoxFuture<'static, Result<Action, Error>>
+where
+    K: Send + Sync + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    move |object, ctx| {
+        let metrics = ctx.metrics.clone();
+        async move { metrics.reconcile(controller, reconcile(object, ctx)).await }.boxed()
+    }
+}
+
 /// Runs the controllers of the `served` CRDs until `shutdown` resolves
 /// (only the leader runs them: they write).
 pub async fn controllers(
@@ -255,14 +271,7 @@ pub async fn controllers(
         .reconcile_all_on(stream::select(node_events, directory_changes))
         .graceful_shutdown_on(shutdown.clone())
         .run(
-            |pool, ctx: Arc<Context>| {
-                let metrics = ctx.metrics.clone();
-                async move {
-                    metrics
-                        .reconcile("sandboxpool", pool::reconcile(pool, ctx))
-                        .await
-                }
-            },
+            measured("sandboxpool", pool::reconcile),
             error_policy,
             ctx.clone(),
         )
@@ -287,18 +296,7 @@ pub async fn controllers(
         .reconcile_on(waiting)
         .with_config(controller_config)
         .graceful_shutdown_on(shutdown)
-        .run(
-            |sandbox, ctx: Arc<Context>| {
-                let metrics = ctx.metrics.clone();
-                async move {
-                    metrics
-                        .reconcile("sandbox", sandbox::reconcile(sandbox, ctx))
-                        .await
-                }
-            },
-            error_policy,
-            ctx,
-        )
+        .run(measured("sandbox", sandbox::reconcile), error_policy, ctx)
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "Sandbox controller");

@@ -237,8 +237,8 @@ pub async fn fetch_with(
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn serves_health_pools_claims_and_metrics_on_loopback() {
+    /// Metrics with one claim (hit) from pool `p`.
+    fn one_hit() -> Arc<Metrics> {
         let metrics = Arc::new(Metrics::default());
         metrics
             .claims
@@ -247,6 +247,12 @@ mod tests {
                 outcome: "hit",
             })
             .inc();
+        metrics
+    }
+
+    #[tokio::test]
+    async fn serves_health_pools_claims_and_metrics_on_loopback() {
+        let metrics = one_hit();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (addr, server) = bind(
             "127.0.0.1:0".parse().unwrap(),
@@ -280,14 +286,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, "first\n").unwrap();
-        let metrics = Arc::new(Metrics::default());
-        metrics
-            .claims
-            .get_or_create(&crate::metrics::PoolOutcome {
-                pool: "p".into(),
-                outcome: "hit",
-            })
-            .inc();
+        let metrics = one_hit();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (addr, server) = bind_metrics(
             "127.0.0.1:0".parse().unwrap(),
