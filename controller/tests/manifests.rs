@@ -586,13 +586,20 @@ fn daemonset_mounts_probes_and_privileges_match_the_config() {
         .flatten()
         .find(|m| token_file.parent() == Some(Path::new(&m.mount_path)))
         .expect("the metrics token is mounted");
-    assert!(pod
+    let token_volume = pod
         .volumes
         .iter()
         .flatten()
-        .any(|v| v.name == token_mount.name
-            && v.secret.as_ref().and_then(|s| s.secret_name.as_deref())
-                == Some("fast-sandbox-metrics-token")));
+        .find(|v| v.name == token_mount.name)
+        .and_then(|v| v.secret.clone())
+        .expect("the metrics token mount is a Secret volume");
+    assert_eq!(
+        token_volume.secret_name.as_deref(),
+        Some("fast-sandbox-metrics-token")
+    );
+    // A missing metrics Secret must never keep the node's runtime from
+    // starting: scrapes are refused instead.
+    assert_eq!(token_volume.optional, Some(true));
     assert!(c
         .ports
         .iter()
