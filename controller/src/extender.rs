@@ -28,7 +28,7 @@ pub use tls::serve_tls;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
@@ -39,6 +39,8 @@ use axum::{Json, Router};
 use k8s_openapi::api::core::v1::{Node, Pod, PodSecurityContext};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
 
 use fast_sandbox_proto::shape::{ShapeKey, KUBELET_SANDBOX_SECCOMP};
 
@@ -201,6 +203,8 @@ pub struct Extender {
     state: Mutex<Ledger>,
     /// Without it, no placement is assumed.
     pods: std::sync::OnceLock<Arc<dyn PendingPods>>,
+    /// Request latencies go here; `GET /metrics` serves all of it.
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Extender {
@@ -209,6 +213,7 @@ impl std::fmt::Debug for Extender {
             .field("config", &self.config)
             .field("state", &self.state)
             .field("pods", &self.pods.get().is_some())
+            .field("metrics", &self.metrics)
             .finish()
     }
 }
@@ -254,8 +259,16 @@ impl Extender {
                 snapshot,
                 assumed: Vec::new(),
             }),
+            metrics: Arc::default(),
             pods: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Times requests into `metrics` and serves it at `GET /metrics` (the
+    /// controller's metrics, shared with the reconcilers).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Where pending pods are looked up before a placement is assumed
@@ -584,21 +597,46 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The HTTP routes: `POST /filter`, `POST /prioritize`, `GET /healthz`.
+/// The HTTP routes: `POST /filter`, `POST /prioritize`, `GET /healthz`,
+/// `GET /metrics`.
 pub fn router(extender: Arc<Extender>) -> Router {
     Router::new()
         .route("/filter", post(filter))
         .route("/prioritize", post(prioritize))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .with_state(extender)
+}
+
+async fn metrics(State(extender): State<Arc<Extender>>) -> Response {
+    match extender.metrics.encode() {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {error}"),
+        )
+            .into_response(),
+    }
 }
 
 async fn filter(
     State(extender): State<Arc<Extender>>,
     args: Result<Json<ExtenderArgs>, JsonRejection>,
 ) -> Response {
+    let start = Instant::now();
     match args {
-        Ok(Json(args)) => Json(extender.filter(args, now_ms())).into_response(),
+        Ok(Json(args)) => {
+            let result = extender.filter(args, now_ms());
+            extender.metrics.extender_request("filter", start);
+            Json(result).into_response()
+        }
         Err(rejection) => {
             let result = ExtenderFilterResult {
                 error: format!("bad extender arguments: {}", rejection.body_text()),
@@ -613,9 +651,13 @@ async fn prioritize(
     State(extender): State<Arc<Extender>>,
     args: Result<Json<ExtenderArgs>, JsonRejection>,
 ) -> Response {
+    let start = Instant::now();
     match args {
         Ok(Json(args)) => match extender.prioritize(args, now_ms()) {
-            Some(priorities) => Json(priorities).into_response(),
+            Some(priorities) => {
+                extender.metrics.extender_request("prioritize", start);
+                Json(priorities).into_response()
+            }
             None => (StatusCode::BAD_REQUEST, "no pod in the extender arguments").into_response(),
         },
         Err(rejection) => (

@@ -15,6 +15,9 @@
 //!   context, errors and retry policy; [`run`] wires both to a cluster.
 //!   Every API call they make (the RBAC they need) is listed in
 //!   `docs/controller.md`.
+//! - [`events`]: the Kubernetes Events the reconcilers emit; [`metrics`]:
+//!   the controller's `/metrics`; [`leader`]: Lease-based leader election
+//!   (only the leader runs the reconcilers).
 //! - [`admit`]: what the `Sandbox` path checks because it binds by
 //!   `nodeName`: taints, cordon, resource fit.
 //! - [`sim`]: warm-hit rate of the placement against slot-blind baselines.
@@ -24,8 +27,11 @@ pub mod agent;
 pub mod bench;
 pub mod certs;
 pub mod crd;
+pub mod events;
 pub mod extender;
+pub mod leader;
 pub mod links;
+pub mod metrics;
 pub mod nodes;
 pub mod pool;
 pub mod reconcile;

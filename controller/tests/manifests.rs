@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::node::v1::RuntimeClass;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -49,6 +49,18 @@ const CONTROLLER_API_CALLS: &[(&str, &str, &str)] = &[
     ("fast-sandbox.io", "fastsandboxes", "list"),
     ("fast-sandbox.io", "fastsandboxes", "watch"),
     ("fast-sandbox.io", "fastsandboxes/status", "patch"),
+    // kube-runtime's event Recorder: a new Event, then a patch of its series.
+    ("events.k8s.io", "events", "create"),
+    ("events.k8s.io", "events", "patch"),
+];
+
+/// The API calls the controller makes in its own namespace only (leader
+/// election, `controller/src/leader.rs`): granted by a Role there, not the
+/// ClusterRole.
+const CONTROLLER_NAMESPACE_CALLS: &[(&str, &str, &str)] = &[
+    ("coordination.k8s.io", "leases", "get"),
+    ("coordination.k8s.io", "leases", "create"),
+    ("coordination.k8s.io", "leases", "update"),
 ];
 
 fn deploy_dir() -> PathBuf {
@@ -231,6 +243,8 @@ fn every_document_parses_into_its_type_with_no_field_left_over() {
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                 parses_exactly::<ClusterRoleBinding>(doc)
             }
+            ("rbac.authorization.k8s.io/v1", "Role") => parses_exactly::<Role>(doc),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => parses_exactly::<RoleBinding>(doc),
             ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
                 parses_exactly::<ValidatingAdmissionPolicy>(doc)
             }
@@ -550,6 +564,56 @@ fn daemonset_mounts_probes_and_privileges_match_the_config() {
         "the socket docs/deploy.md points kubelet at"
     );
 
+    // Scrapers reach /metrics on the node's address, authenticated with
+    // the metrics Secret's token, on a declared port.
+    let metrics_arg = command
+        .iter()
+        .find_map(|a| a.strip_prefix("--metrics-addr="))
+        .expect("--metrics-addr in the command");
+    let host_ip = c.env.iter().flatten().find(|e| e.name == "HOST_IP");
+    assert_eq!(
+        host_ip
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
+        Some("status.hostIP")
+    );
+    // As kubelet expands it on a node at 10.0.0.7.
+    let expanded = metrics_arg.replace("$(HOST_IP)", "10.0.0.7");
+    let scrape = fast_sandbox_node::config::metrics_settings(
+        &load_node_config(&node_config(&docs)).admin,
+        Some(&expanded),
+    )
+    .unwrap_or_else(|e| panic!("--metrics-addr={metrics_arg}: {e:#}"))
+    .expect("metrics listener on");
+    let token_file = scrape.token_file.expect("scrapes are authenticated");
+    let token_mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| token_file.parent() == Some(Path::new(&m.mount_path)))
+        .expect("the metrics token is mounted");
+    let token_volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == token_mount.name)
+        .and_then(|v| v.secret.clone())
+        .expect("the metrics token mount is a Secret volume");
+    assert_eq!(
+        token_volume.secret_name.as_deref(),
+        Some("fast-sandbox-metrics-token")
+    );
+    // A missing metrics Secret must never keep the node's runtime from
+    // starting: scrapes are refused instead.
+    assert_eq!(token_volume.optional, Some(true));
+    assert!(c
+        .ports
+        .iter()
+        .flatten()
+        .any(|p| p.name.as_deref() == Some("metrics")
+            && p.container_port == i32::from(scrape.address.port())));
+
     // Probes reach the admin endpoint the config serves.
     let admin = settings.admin.expect("admin endpoint enabled");
     let admin: std::net::SocketAddr = admin.parse().expect("admin address");
@@ -677,7 +741,12 @@ fn controller_deployment_service_and_account_fit_together() {
         ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
         "DaemonSet",
     );
-    assert!(secret_of(&ds_pod).is_empty(), "{:?}", secret_of(&ds_pod));
+    // The node plugin's only Secret is the scrapers' metrics token, which
+    // cannot call the agent.
+    assert_eq!(
+        secret_of(&ds_pod),
+        BTreeSet::from(["fast-sandbox-metrics-token".to_owned()])
+    );
     assert_eq!(
         secret_of(&pod),
         BTreeSet::from([
@@ -697,11 +766,16 @@ fn controller_deployment_service_and_account_fit_together() {
     assert!(key.starts_with("node-restriction.kubernetes.io/"));
     // The agent binds the node's own address.
     let ds_container = only_container(&ds_pod, "DaemonSet");
+    let command = ds_container.command.clone().unwrap_or_default();
+    assert!(
+        command.iter().any(|a| a == "--agent-ip=$(HOST_IP)"),
+        "{command:?}"
+    );
     let host_ip = ds_container
         .env
         .iter()
         .flatten()
-        .find(|e| e.name == "FAST_SANDBOX_AGENT_IP");
+        .find(|e| e.name == "HOST_IP");
     let field = host_ip
         .and_then(|e| e.value_from.as_ref())
         .and_then(|v| v.field_ref.as_ref())
@@ -760,28 +834,16 @@ fn grants(rule: &PolicyRule, group: &str, resource: &str, verb: &str) -> bool {
         && rule.verbs.iter().any(|v| v == verb || v == "*")
 }
 
-#[test]
-fn rbac_grants_exactly_the_controllers_api_calls() {
-    let docs = docs();
-    let role: ClusterRole = one(&docs, "ClusterRole", "fast-sandbox-controller");
-    let rules = role.rules.unwrap_or_default();
-    let missing: Vec<_> = CONTROLLER_API_CALLS
+/// `rules` grant every call of `calls` and nothing else.
+fn grants_exactly(rules: &[PolicyRule], calls: &[(&str, &str, &str)], what: &str) {
+    let missing: Vec<_> = calls
         .iter()
         .filter(|(g, r, v)| !rules.iter().any(|rule| grants(rule, g, r, v)))
         .collect();
-    assert!(missing.is_empty(), "RBAC does not grant {missing:?}");
-
-    // The table names the resources the code calls: the Sandbox CRD's plural
-    // is `fastsandboxes` (agent-sandbox owns `sandboxes`).
-    use kube::Resource;
-    let sandboxes = fast_sandbox_controller::crd::Sandbox::plural(&()).into_owned();
-    assert!(
-        CONTROLLER_API_CALLS.iter().any(|(_, r, _)| *r == sandboxes),
-        "the API calls name the Sandbox plural {sandboxes:?}"
-    );
-    let wanted: BTreeSet<(&str, &str, &str)> = CONTROLLER_API_CALLS.iter().copied().collect();
+    assert!(missing.is_empty(), "{what} does not grant {missing:?}");
+    let wanted: BTreeSet<(&str, &str, &str)> = calls.iter().copied().collect();
     let mut extra = Vec::new();
-    for rule in &rules {
+    for rule in rules {
         assert!(
             rule.non_resource_urls.is_none() && rule.resource_names.is_none(),
             "unexpected rule {rule:?}"
@@ -798,7 +860,60 @@ fn rbac_grants_exactly_the_controllers_api_calls() {
     }
     assert!(
         extra.is_empty(),
-        "RBAC grants calls the controller does not make: {extra:?}"
+        "{what} grants calls the controller does not make: {extra:?}"
+    );
+}
+
+#[test]
+fn rbac_grants_exactly_the_controllers_api_calls() {
+    let docs = docs();
+    let role: ClusterRole = one(&docs, "ClusterRole", "fast-sandbox-controller");
+    let rules = role.rules.unwrap_or_default();
+    grants_exactly(&rules, CONTROLLER_API_CALLS, "the ClusterRole");
+
+    // The table names the resources the code calls: the Sandbox CRD's plural
+    // is `fastsandboxes` (agent-sandbox owns `sandboxes`).
+    use kube::Resource;
+    let sandboxes = fast_sandbox_controller::crd::Sandbox::plural(&()).into_owned();
+    assert!(
+        CONTROLLER_API_CALLS.iter().any(|(_, r, _)| *r == sandboxes),
+        "the API calls name the Sandbox plural {sandboxes:?}"
+    );
+    // The events the code publishes are events.k8s.io ones, the leases
+    // coordination.k8s.io ones: the groups the tables name.
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::events::v1::Event;
+    assert!(CONTROLLER_API_CALLS
+        .iter()
+        .any(|(g, r, _)| *g == Event::group(&()) && *r == Event::plural(&())));
+    assert!(CONTROLLER_NAMESPACE_CALLS
+        .iter()
+        .all(|(g, r, _)| *g == Lease::group(&()) && *r == Lease::plural(&())));
+
+    // Leader election: a Role in the controller's namespace, bound to its
+    // ServiceAccount, grants exactly the Lease calls.
+    let bindings: Vec<RoleBinding> = docs
+        .iter()
+        .filter(|d| d.kind() == "RoleBinding")
+        .map(|d| serde_json::from_value(d.value.clone()).expect("a RoleBinding"))
+        .filter(|b: &RoleBinding| {
+            b.subjects.iter().flatten().any(|s| {
+                s.kind == "ServiceAccount"
+                    && s.name == "fast-sandbox-controller"
+                    && s.namespace.as_deref() == Some(NAMESPACE)
+            })
+        })
+        .collect();
+    assert_eq!(bindings.len(), 1, "one RoleBinding for the controller");
+    let binding = &bindings[0];
+    assert_eq!(binding.metadata.namespace.as_deref(), Some(NAMESPACE));
+    assert_eq!(binding.role_ref.kind, "Role");
+    let role: Role = one(&docs, "Role", &binding.role_ref.name);
+    assert_eq!(role.metadata.namespace.as_deref(), Some(NAMESPACE));
+    grants_exactly(
+        &role.rules.unwrap_or_default(),
+        CONTROLLER_NAMESPACE_CALLS,
+        "the leader-election Role",
     );
 }
 

@@ -96,6 +96,49 @@ pub struct SlotsSection {
 pub struct AdminSection {
     /// Address of the metrics/pools/health endpoint; `""` disables it.
     pub address: Option<String>,
+    /// A second listener serving `/metrics` only, for in-cluster scraping
+    /// (`--metrics-addr` wins); unset or `""`: none.
+    pub metrics_address: Option<String>,
+    /// File holding the bearer token `metrics_address` requires (a mounted
+    /// Secret; re-read on every scrape, so a rotated token takes effect
+    /// without a restart). Required unless `metrics_address` is loopback.
+    pub metrics_token_file: Option<PathBuf>,
+}
+
+/// The `/metrics` listener for scrapers, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSettings {
+    pub address: std::net::SocketAddr,
+    /// `None` only on a loopback address.
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[admin] metrics_address` (or `address_override`, `--metrics-addr`),
+/// validated: `None` when unset. A non-loopback address needs
+/// `metrics_token_file`.
+pub fn metrics_settings(
+    section: &AdminSection,
+    address_override: Option<&str>,
+) -> anyhow::Result<Option<MetricsSettings>> {
+    let Some(address) = address_override
+        .or(section.metrics_address.as_deref())
+        .filter(|a| !a.is_empty())
+    else {
+        return Ok(None);
+    };
+    let address: std::net::SocketAddr = address
+        .parse()
+        .with_context(|| format!("admin.metrics_address: {address:?} is not an ip:port"))?;
+    let token_file = section.metrics_token_file.clone();
+    anyhow::ensure!(
+        token_file.is_some() || address.ip().is_loopback(),
+        "admin.metrics_token_file: required when admin.metrics_address ({address}) \
+         is not loopback (scrapes are authenticated)"
+    );
+    Ok(Some(MetricsSettings {
+        address,
+        token_file,
+    }))
 }
 
 /// `[agent]`: the NodeAgent gRPC endpoint the controller calls.
@@ -374,6 +417,11 @@ pub struct Overrides {
     /// sets it from the downward API's `status.hostIP`).
     #[arg(long, env = "FAST_SANDBOX_AGENT_IP", value_name = "IP")]
     pub agent_ip: Option<std::net::IpAddr>,
+    /// Serve `/metrics` for scrapers on this address too ([admin]
+    /// metrics_address); a non-loopback one requires a bearer token
+    /// ([admin] metrics_token_file).
+    #[arg(long, env = "FAST_SANDBOX_METRICS_ADDR", value_name = "IP:PORT")]
+    pub metrics_addr: Option<String>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -781,6 +829,34 @@ mod tests {
         assert_eq!(settings.socket.path, PathBuf::from("/file/cri.sock"));
         assert_eq!(settings.socket.group, Some(SocketGroup::Id(7)));
         assert_eq!(settings.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn a_non_loopback_metrics_address_needs_a_token_file() {
+        let section = |toml_text: &str| -> AdminSection {
+            let file: FileConfig = toml::from_str(toml_text).expect("valid");
+            file.admin
+        };
+        assert_eq!(metrics_settings(&section(""), None).expect("none"), None);
+        let loopback = metrics_settings(&section(""), Some("127.0.0.1:9466"))
+            .expect("loopback needs no token")
+            .expect("set");
+        assert_eq!(loopback.token_file, None);
+        let error = metrics_settings(&section(""), Some("0.0.0.0:9466"))
+            .expect_err("no token")
+            .to_string();
+        assert!(error.contains("admin.metrics_token_file"), "{error}");
+        let open =
+            section("[admin]\nmetrics_address = \"0.0.0.0:9466\"\nmetrics_token_file = \"/t\"\n");
+        let settings = metrics_settings(&open, None).expect("valid").expect("set");
+        assert_eq!(settings.token_file, Some(PathBuf::from("/t")));
+        // The flag wins over the file.
+        let flagged = metrics_settings(&open, Some("10.0.0.1:1")).expect("valid");
+        assert_eq!(flagged.map(|m| m.address.port()), Some(1));
+        let error = metrics_settings(&section(""), Some("nope"))
+            .expect_err("bad")
+            .to_string();
+        assert!(error.contains("admin.metrics_address"), "{error}");
     }
 
     #[test]

@@ -152,6 +152,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.overrides.agent_ip,
     )
     .context("invalid [agent] configuration")?;
+    let scrape = config::metrics_settings(&file.admin, args.overrides.metrics_addr.as_deref())
+        .context("invalid [admin] configuration")?;
     let settings = Settings::resolve(file, args.overrides);
     init_logging(&settings)?;
     fast_sandbox_node::fault::setup()?;
@@ -219,6 +221,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             shim.with_capture(capture)
         }
     };
+    if let Some(scrape) = scrape {
+        serve_metrics(
+            scrape,
+            pools.as_ref().map(|(m, _)| Arc::clone(m)),
+            Arc::clone(&metrics),
+            health.clone(),
+            stopped(),
+        )
+        .await?;
+    }
     if let Some(address) = &settings.admin {
         serve_admin(
             address,
@@ -308,6 +320,33 @@ fn watch_health(
         stopped,
     ));
     Ok(health)
+}
+
+/// Starts the scrapers' `/metrics` listener in the background.
+async fn serve_metrics(
+    scrape: config::MetricsSettings,
+    pools: Option<Arc<PoolManager>>,
+    metrics: Arc<Metrics>,
+    health: Health,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let authenticated = scrape.token_file.is_some();
+    let (bound, server) = admin::bind_metrics(
+        scrape.address,
+        scrape.token_file,
+        pools,
+        metrics,
+        health,
+        stopped,
+    )
+    .await?;
+    tracing::info!(address = %bound, authenticated, "serving /metrics for scrapers");
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "metrics endpoint failed");
+        }
+    });
+    Ok(())
 }
 
 /// Starts the admin endpoint (metrics, pools, claims, health) in the
