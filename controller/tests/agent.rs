@@ -57,8 +57,13 @@ async fn rig() -> PoolRig {
 /// Serves the node agent of `NODE` in front of `rig` on `address` (port 0:
 /// any free one).
 async fn start_agent(rig: &PoolRig, address: SocketAddr) -> Agent {
+    serve(address, rig.agent_parts(NODE, TOKEN)).await
+}
+
+/// Serves `parts` on `address` until the returned agent is stopped.
+async fn serve(address: SocketAddr, parts: node_agent::AgentParts) -> Agent {
     let (stop, stopped) = oneshot::channel::<()>();
-    let (address, server) = node_agent::bind(address, rig.agent_parts(NODE, TOKEN), async move {
+    let (address, server) = node_agent::bind(address, parts, async move {
         let _ = stopped.await;
     })
     .await
@@ -149,15 +154,20 @@ fn size(size: u32) -> PoolSize {
     }
 }
 
+/// Waits (10 s at most) until the node's pool is ready and full.
+async fn full_pool(directory: &AgentDirectory) -> Arc<Snapshot> {
+    snapshot_until(directory, Duration::from_secs(10), "a full pool", |s| {
+        pool(s) == Some((true, 2, 2))
+    })
+    .await
+}
+
 /// Connects `directory` to `agent` and waits for the full pool.
 async fn follow(directory: &AgentDirectory, agent: &Agent) {
     directory
         .upsert(NODE, &agent.address.to_string())
         .expect("upsert");
-    snapshot_until(directory, Duration::from_secs(10), "a full pool", |s| {
-        pool(s) == Some((true, 2, 2))
-    })
-    .await;
+    full_pool(directory).await;
 }
 
 #[tokio::test]
@@ -280,10 +290,7 @@ async fn a_wrong_token_gets_no_data_and_the_node_is_unhealthy() {
     // The Secret is rotated to the right token: re-read after the next
     // refusal, and the node reports.
     std::fs::write(&token_file, TOKEN).expect("write token");
-    snapshot_until(&directory, Duration::from_secs(10), "a full pool", |s| {
-        pool(s) == Some((true, 2, 2))
-    })
-    .await;
+    full_pool(&directory).await;
     agent.stop().await;
 }
 
@@ -480,24 +487,56 @@ async fn next_request(
         .expect("the client is alive")
 }
 
+/// A directory following the Nodes a scripted API server lists
+/// (`selector` as given), the agents at `agent`'s port; the discovery task
+/// and the API server's handle.
+fn discovering(
+    agent: &Agent,
+    selector: Option<&'static str>,
+) -> (
+    Arc<AgentDirectory>,
+    tower_test::mock::Handle<ApiRequest, ApiResponse>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (mock, handle) = tower_test::mock::pair::<ApiRequest, ApiResponse>();
+    let client = kube::Client::new(mock, "default");
+    let directory = Arc::new(directory(TOKEN));
+    let following = directory.clone();
+    let port = agent.address.port();
+    let discovery = tokio::spawn(async move {
+        following
+            .discover(kube::Api::all(client), selector, port)
+            .await;
+    });
+    (directory, handle, discovery)
+}
+
+/// Answers a Node list request with `items`.
+fn send_node_list(
+    respond: tower_test::mock::SendResponse<ApiResponse>,
+    items: Vec<serde_json::Value>,
+) {
+    let list = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "NodeList",
+        "metadata": {"resourceVersion": "1"},
+        "items": items,
+    });
+    respond.send_response(
+        http::Response::builder()
+            .body(kube::client::Body::from(
+                serde_json::to_vec(&list).expect("JSON"),
+            ))
+            .expect("response"),
+    );
+}
+
 #[tokio::test]
 async fn nodes_are_discovered_from_the_node_watch_and_dropped_when_deleted() {
     let rig = rig().await;
     let agent = start_agent(&rig, "127.0.0.1:0".parse().expect("addr")).await;
-    let (mock, mut handle) = tower_test::mock::pair::<ApiRequest, ApiResponse>();
-    let client = kube::Client::new(mock, "default");
-    let directory = Arc::new(directory(TOKEN));
-    let discovering = directory.clone();
-    let port = agent.address.port();
-    let discovery = tokio::spawn(async move {
-        discovering
-            .discover(
-                kube::Api::all(client),
-                Some(fast_sandbox_controller::agent::DEFAULT_NODE_SELECTOR),
-                port,
-            )
-            .await;
-    });
+    let selector = Some(fast_sandbox_controller::agent::DEFAULT_NODE_SELECTOR);
+    let (directory, mut handle, discovery) = discovering(&agent, selector);
 
     // The list: only the selected Nodes. The agent is found at the Node's
     // InternalIP and the agent port, and reports.
@@ -510,23 +549,8 @@ async fn nodes_are_discovered_from_the_node_watch_and_dropped_when_deleted() {
         "{uri}"
     );
     assert!(!uri.contains("watch=true"), "a list first: {uri}");
-    let list = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "NodeList",
-        "metadata": {"resourceVersion": "1"},
-        "items": [api_node(NODE, "127.0.0.1")],
-    });
-    respond.send_response(
-        http::Response::builder()
-            .body(kube::client::Body::from(
-                serde_json::to_vec(&list).expect("JSON"),
-            ))
-            .expect("response"),
-    );
-    snapshot_until(&directory, Duration::from_secs(10), "a full pool", |s| {
-        pool(s) == Some((true, 2, 2))
-    })
-    .await;
+    send_node_list(respond, vec![api_node(NODE, "127.0.0.1")]);
+    full_pool(&directory).await;
     assert_eq!(
         directory.health(NODE).expect("health").address,
         agent.address.to_string()
@@ -577,18 +601,7 @@ async fn start_tls_agent(rig: &PoolRig, dir: &std::path::Path) -> Agent {
     parts.tls = Some(Arc::new(
         Reloading::new(TlsFiles::in_dir(dir), server_config).expect("agent credential"),
     ));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let address = "127.0.0.1:0".parse().expect("addr");
-    let (address, server) = node_agent::bind(address, parts, async move {
-        let _ = stopped.await;
-    })
-    .await
-    .expect("agent binds");
-    Agent {
-        address,
-        stop,
-        served: tokio::spawn(server),
-    }
+    serve("127.0.0.1:0".parse().expect("addr"), parts).await
 }
 
 /// A directory dialling over mutual TLS with the credential in `dir`, no
@@ -713,10 +726,7 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
 
     let rotated = new.issue_node(NODE, DEFAULT_DAYS).expect("node");
     new.write_dir(&rotated, agent_dir.path()).expect("rotate");
-    snapshot_until(&directory, Duration::from_secs(10), "a full pool", |s| {
-        pool(s) == Some((true, 2, 2))
-    })
-    .await;
+    full_pool(&directory).await;
     agent.stop().await;
 }
 
@@ -727,18 +737,7 @@ async fn the_node_wide_slot_cap_is_enforced() {
     let rig = rig().await;
     let mut parts = rig.agent_parts(NODE, TOKEN);
     parts.max_slots = 3;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (address, server) =
-        node_agent::bind("127.0.0.1:0".parse().expect("addr"), parts, async move {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("agent binds");
-    let agent = Agent {
-        address,
-        stop,
-        served: tokio::spawn(server),
-    };
+    let agent = serve("127.0.0.1:0".parse().expect("addr"), parts).await;
     let directory = directory(TOKEN);
     follow(&directory, &agent).await;
     directory
@@ -762,36 +761,12 @@ async fn the_node_wide_slot_cap_is_enforced() {
 async fn a_self_labelled_node_is_not_dialled() {
     let rig = rig().await;
     let agent = start_agent(&rig, "127.0.0.1:0".parse().expect("addr")).await;
-    let (mock, mut handle) = tower_test::mock::pair::<ApiRequest, ApiResponse>();
-    let client = kube::Client::new(mock, "default");
-    let directory = Arc::new(directory(TOKEN));
-    let discovering = directory.clone();
-    let port = agent.address.port();
-    let discovery = tokio::spawn(async move {
-        discovering
-            .discover(kube::Api::all(client), None, port)
-            .await;
-    });
+    let (directory, mut handle, discovery) = discovering(&agent, None);
     let mut self_labelled = api_node("node-b", "127.0.0.1");
     self_labelled["metadata"]["labels"] = serde_json::json!({"fast-sandbox.io/node": "true"});
     let (_, respond) = next_request(&mut handle).await;
-    let list = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "NodeList",
-        "metadata": {"resourceVersion": "1"},
-        "items": [self_labelled, api_node(NODE, "127.0.0.1")],
-    });
-    respond.send_response(
-        http::Response::builder()
-            .body(kube::client::Body::from(
-                serde_json::to_vec(&list).expect("JSON"),
-            ))
-            .expect("response"),
-    );
-    let snapshot = snapshot_until(&directory, Duration::from_secs(10), "a full pool", |s| {
-        pool(s) == Some((true, 2, 2))
-    })
-    .await;
+    send_node_list(respond, vec![self_labelled, api_node(NODE, "127.0.0.1")]);
+    let snapshot = full_pool(&directory).await;
     assert!(snapshot.node("node-b").is_none());
     assert!(directory.health("node-b").is_none());
     discovery.abort();
