@@ -319,9 +319,21 @@ impl PoolManager {
     pub(super) fn usage_of(&self, sandbox_id: &str, pod: &ClaimedPod) -> Option<PodUsage> {
         let parent = pod.config.linux.as_ref()?.cgroup_parent.as_str();
         let leaf = crate::fixup::CgroupLeaf::for_pod(parent).ok()?;
+        // What the slot used before its claim and the kernel did not move
+        // with its processes stays charged under the slot's placeholder
+        // parent: reported as the pod's (docs/runtimes.md, "Memory a warm
+        // slot used before its claim").
+        let placeholder = self.table().slots.get(sandbox_id).and_then(|slot| {
+            let parent = &slot.facts.placeholder_cgroup_parent;
+            crate::fixup::CgroupLeaf::owned_dir(parent, "placeholder cgroup parent").ok()
+        });
         let cgroups = Arc::clone(&self.cgroups);
         let read = crate::blocking::wait_in_place(self.cfg.upstream_timeout, move || {
-            cgroups.pod_sample(&leaf)
+            let mut sample = cgroups.pod_sample(&leaf)?;
+            if let Some(left) = placeholder.and_then(|p| cgroups.pod_sample(&p)) {
+                sample.add_memory(&left);
+            }
+            Some(sample)
         });
         let sample = match read {
             Ok(sample) => sample?,
