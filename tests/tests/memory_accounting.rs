@@ -76,7 +76,7 @@ async fn run_and_measure(node: &DevNode, warm: &WarmNode, pod: &TestPod, handler
         pod,
         &sid,
         "app",
-        "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done",
+        fast_sandbox_tests::pod::IDLE_SCRIPT,
         false,
     )
     .await
