@@ -7,8 +7,10 @@
 //!
 //! The kernel decides how much of a slot's memory can follow it: with
 //! `memory.move_charge_at_immigrate` (Linux before the end of 2024) all
-//! of it, otherwise only what the placeholder's reclaim can push out (page
-//! cache); docs/runtimes.md, "Memory accounting", has the figures.
+//! of it, and then the pod cgroups must agree within 10 %; otherwise only
+//! what the placeholder's reclaim can push out (page cache), and the rest
+//! is counted in `PodSandboxStats`, which must agree within 10 % either
+//! way. docs/runtimes.md, "Memory a warm slot used before its claim".
 
 mod support;
 
@@ -146,12 +148,36 @@ async fn warm_and_cold_charge_the_same(test: &str, handler: &str) {
         hot.reported,
         cold.reported
     );
-    assert!(
-        (0.9..=1.1).contains(&usage),
-        "{handler}: a warm pod's cgroup holds {} bytes, a cold one's {} ({usage:.2}x)",
-        hot.usage,
-        cold.usage
-    );
+    if kernel_moves_charges() {
+        assert!(
+            (0.9..=1.1).contains(&usage),
+            "{handler}: a warm pod's cgroup holds {} bytes, a cold one's {} ({usage:.2}x)",
+            hot.usage,
+            cold.usage
+        );
+    } else {
+        // What could not move is counted in PodSandboxStats (above); the
+        // pod cgroup itself still holds at least what the pod did after
+        // the claim.
+        eprintln!("{handler}: this kernel does not move cgroup v1 charges with a task");
+        assert!(hot.usage > 0, "{handler}: the warm pod's cgroup is charged");
+    }
+}
+
+/// Whether this kernel accepts `memory.move_charge_at_immigrate = 3` (Linux
+/// removed charge moving at the end of 2024: `EINVAL`), probed on a
+/// throw-away cgroup of the test's own.
+fn kernel_moves_charges() -> bool {
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/cgroup/memory/fast-sandbox-test-charge-probe-{}",
+        std::process::id()
+    ));
+    if std::fs::create_dir(&dir).is_err() {
+        return false;
+    }
+    let moves = std::fs::write(dir.join("memory.move_charge_at_immigrate"), "3").is_ok();
+    std::fs::remove_dir(&dir).expect("remove the probe cgroup");
+    moves
 }
 
 #[tokio::test]
