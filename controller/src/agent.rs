@@ -29,7 +29,12 @@
 //! - **Pool sizes** are pushed with `SetPoolSize`, and not again while the
 //!   node's reports agree with the last value pushed.
 //!
-//! Every call carries `authorization: Bearer <token>`.
+//! Connections are mutual TLS when [`AgentConfig::tls`] is set ([`tls`]):
+//! the agent's certificate must name the node dialled. Every call carries
+//! `authorization: Bearer <token>` when a token is configured.
+
+mod tls;
+pub use tls::{ClientTls, DialError};
 
 use fast_sandbox_proto::token::{
     parse_token, read_token_file, TokenFileError, TokenProblem, BEARER_PREFIX,
@@ -64,8 +69,15 @@ use crate::synth::Rng;
 pub const DEFAULT_AGENT_PORT: u16 = 9465;
 /// Where the controller's Deployment mounts the agent token Secret.
 pub const DEFAULT_TOKEN_FILE: &str = "/etc/fast-sandbox-agent/token";
-/// The nodes that run a node plugin (the DaemonSet's `nodeSelector`).
-pub const DEFAULT_NODE_SELECTOR: &str = "fast-sandbox.io/node=true";
+/// The nodes that run a node plugin (the DaemonSet's `nodeSelector`): a
+/// label in the `node-restriction.kubernetes.io/` prefix, which the
+/// NodeRestriction admission plugin forbids a kubelet to set on its own
+/// Node, so only an administrator opts a node in.
+pub const DEFAULT_NODE_SELECTOR: &str = "node-restriction.kubernetes.io/fast-sandbox=true";
+/// The opt-in label of earlier releases. A kubelet can set it on itself,
+/// so it is not trusted any more: a Node with only this label is not
+/// dialled (and is named in a warning, so its administrator relabels it).
+pub const DEPRECATED_NODE_LABEL: &str = "fast-sandbox.io/node";
 /// Largest status message accepted (a node with many images).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -120,8 +132,10 @@ impl AgentToken {
 /// How the directory talks to node agents.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The bearer token.
-    pub token: AgentToken,
+    /// A bearer token every call carries, if any.
+    pub token: Option<AgentToken>,
+    /// Mutual TLS; `None`: cleartext (development only).
+    pub tls: Option<ClientTls>,
     /// Re-read after an `Unauthenticated` answer (a rotated Secret).
     pub token_file: Option<PathBuf>,
     /// TCP connect deadline.
@@ -146,8 +160,14 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Production defaults with `token`.
     pub fn new(token: AgentToken) -> AgentConfig {
+        AgentConfig::with_credentials(Some(token), None)
+    }
+
+    /// Production defaults over mutual TLS, with a bearer token or not.
+    pub fn with_credentials(token: Option<AgentToken>, tls: Option<ClientTls>) -> AgentConfig {
         AgentConfig {
             token,
+            tls,
             token_file: None,
             connect_timeout: Duration::from_secs(3),
             call_timeout: Duration::from_secs(5),
@@ -189,7 +209,7 @@ impl AgentError {
                 message: status.message().to_owned(),
             },
             Code::Unavailable | Code::Unknown | Code::Cancelled => AgentError::Unreachable {
-                reason: status.message().to_owned(),
+                reason: with_sources(status),
             },
             code => AgentError::Rejected {
                 code,
@@ -197,6 +217,24 @@ impl AgentError {
             },
         }
     }
+}
+
+/// `status`'s message and the errors under it (a failed TLS handshake is
+/// only named there), `: `-separated.
+fn with_sources(status: &tonic::Status) -> String {
+    let mut reason = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    // Bounded: an error chain is short, but never trust its length.
+    for _ in 0..8 {
+        let Some(error) = source else { break };
+        let text = error.to_string();
+        if !reason.contains(&text) {
+            reason.push_str(": ");
+            reason.push_str(&text);
+        }
+        source = error.source();
+    }
+    reason
 }
 
 /// What the directory knows about one node's agent.
@@ -258,7 +296,7 @@ struct Nodes {
 
 struct Inner {
     config: AgentConfig,
-    token: RwLock<AgentToken>,
+    token: RwLock<Option<AgentToken>>,
     nodes: Mutex<Nodes>,
     snapshot: RwLock<Arc<Snapshot>>,
     changes: watch::Sender<u64>,
@@ -364,6 +402,16 @@ fn free_counts_only(old: &NodeState, new: &NodeState) -> bool {
         })
 }
 
+/// The label of [`DEFAULT_NODE_SELECTOR`].
+pub const OPT_IN_LABEL: &str = "node-restriction.kubernetes.io/fast-sandbox";
+
+/// Whether an administrator opted `node` in: it carries [`OPT_IN_LABEL`]
+/// = `true`. Discovery checks it whatever the selector, so a selector can
+/// only narrow the set of nodes, never admit a self-labelled one.
+pub fn opted_in(node: &Node) -> bool {
+    node.labels().get(OPT_IN_LABEL).map(String::as_str) == Some("true")
+}
+
 /// The agent address of a Node: its `InternalIP` and `port`.
 pub fn node_address(node: &Node, port: u16) -> Option<String> {
     let ip = node
@@ -391,7 +439,9 @@ impl Inner {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        request.metadata_mut().insert("authorization", token.0);
+        if let Some(token) = token {
+            request.metadata_mut().insert("authorization", token.0);
+        }
         request
     }
 
@@ -403,9 +453,9 @@ impl Inner {
         match AgentToken::from_file(path) {
             Ok(token) => {
                 let mut current = self.token.write().unwrap_or_else(PoisonError::into_inner);
-                if *current != token {
+                if current.as_ref() != Some(&token) {
                     tracing::info!(path = %path.display(), "agent token re-read: it changed");
-                    *current = token;
+                    *current = Some(token);
                 }
             }
             Err(error) => tracing::warn!(%error, "agent token not re-read"),
@@ -716,13 +766,18 @@ impl AgentDirectory {
             return Err(bad("expected HOST:PORT".into()));
         }
         let config = &self.inner.config;
-        let channel = endpoint
+        let endpoint = endpoint
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(config.keepalive)
             .keep_alive_timeout(config.keepalive)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        let channel = match &config.tls {
+            Some(tls) => {
+                tls::channel(endpoint, tls.clone(), node).map_err(|e| bad(e.to_string()))?
+            }
+            None => endpoint.connect_lazy(),
+        };
         let mut guard = self.inner.lock();
         let nodes = &mut *guard;
         if let Some(old) = nodes.map.get(node) {
@@ -828,6 +883,17 @@ impl AgentDirectory {
     fn on_node(&self, node: &Node, port: u16) {
         let name = node.name_any();
         if node.metadata.deletion_timestamp.is_some() {
+            self.remove(&name);
+            return;
+        }
+        if !opted_in(node) {
+            if node.labels().contains_key(DEPRECATED_NODE_LABEL) {
+                tracing::warn!(
+                    node = %name,
+                    "node labelled only {DEPRECATED_NODE_LABEL}, which a kubelet can set on \
+                     itself: not trusted; label it {OPT_IN_LABEL}=true to opt it in"
+                );
+            }
             self.remove(&name);
             return;
         }
@@ -1218,6 +1284,7 @@ mod tests {
         let node = |name: &str, ip: Option<&str>| Node {
             metadata: ObjectMeta {
                 name: Some(name.into()),
+                labels: Some([(OPT_IN_LABEL.to_owned(), "true".to_owned())].into()),
                 ..Default::default()
             },
             status: Some(K8sNodeStatus {

@@ -13,11 +13,22 @@
 //! node lists are both served. Rejected nodes are reported as
 //! `failedAndUnresolvableNodes`: preempting pods never creates a pool or
 //! frees a single-use warm slot, so the scheduler should not try.
+//!
+//! **Assumptions are bounded by real pods.** A prioritize call counts a
+//! slot as taken only for a pod the controller's own watch holds
+//! ([`PendingPods`]) under the same namespace, name and UID, still unbound
+//! (no `nodeName`) and of a fast runtime class; the slot is judged from
+//! that cached pod, not from the caller's copy. One assumption per pod
+//! UID. So a caller inventing pods (or without a watch) assumes nothing,
+//! and no caller holds more slots than there are pods waiting to be placed.
+
+mod tls;
+pub use tls::serve_tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
@@ -28,6 +39,8 @@ use axum::{Json, Router};
 use k8s_openapi::api::core::v1::{Node, Pod, PodSecurityContext};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
 
 use fast_sandbox_proto::shape::{ShapeKey, KUBELET_SANDBOX_SECCOMP};
 
@@ -167,12 +180,42 @@ impl Default for ExtenderConfig {
 /// Default of [`ExtenderConfig::assume_ttl_ms`].
 pub const DEFAULT_ASSUME_TTL_MS: u64 = 500;
 
+/// The pods waiting to be scheduled, as the controller's watch caches
+/// them: what assumptions are checked against.
+pub trait PendingPods: Send + Sync + 'static {
+    /// The cached pod `namespace`/`name`, if any.
+    fn get(&self, namespace: &str, name: &str) -> Option<Arc<Pod>>;
+}
+
+impl PendingPods for kube::runtime::reflector::Store<Pod> {
+    fn get(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
+        kube::runtime::reflector::Store::get(
+            self,
+            &kube::runtime::reflector::ObjectRef::new(name).within(namespace),
+        )
+    }
+}
+
 /// The extender's state: its configuration, the latest snapshot (which a
 /// node-status watch or a reload swaps whole) and the placements it assumed.
-#[derive(Debug)]
 pub struct Extender {
     config: ExtenderConfig,
     state: Mutex<Ledger>,
+    /// Without it, no placement is assumed.
+    pods: std::sync::OnceLock<Arc<dyn PendingPods>>,
+    /// Request latencies go here; `GET /metrics` serves all of it.
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Extender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Extender")
+            .field("config", &self.config)
+            .field("state", &self.state)
+            .field("pods", &self.pods.get().is_some())
+            .field("metrics", &self.metrics)
+            .finish()
+    }
 }
 
 #[derive(Debug)]
@@ -216,7 +259,41 @@ impl Extender {
                 snapshot,
                 assumed: Vec::new(),
             }),
+            metrics: Arc::default(),
+            pods: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Times requests into `metrics` and serves it at `GET /metrics` (the
+    /// controller's metrics, shared with the reconcilers).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Where pending pods are looked up before a placement is assumed
+    /// (once; later calls are ignored).
+    pub fn set_pending_pods(&self, pods: Arc<dyn PendingPods>) {
+        let _ = self.pods.set(pods);
+    }
+
+    /// The request to assume a slot for: `pod`'s, judged from the cached
+    /// copy of the same pod (namespace, name and UID), only while it is
+    /// unbound and of a fast class; `None` for any other caller's pod.
+    fn assumable(&self, pod: &Pod) -> Option<(String, Request)> {
+        let uid = pod.metadata.uid.as_deref().filter(|u| !u.is_empty())?;
+        let cached = self.pods.get()?.get(
+            pod.metadata.namespace.as_deref()?,
+            pod.metadata.name.as_deref()?,
+        )?;
+        let unbound = cached
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.node_name.as_deref().unwrap_or_default().is_empty());
+        if cached.metadata.uid.as_deref() != Some(uid) || !unbound {
+            return None;
+        }
+        Some((uid.to_owned(), self.request_for(&cached)?))
     }
 
     /// Makes `snapshot` the one later calls are judged against; live
@@ -350,9 +427,13 @@ impl Extender {
                     .collect(),
             );
         };
-        let key = pod_key(pod);
+        let assumable = self.assumable(pod);
         let mut state = self.lock();
-        state.settle(now_ms, Some(&key));
+        if let Some((uid, _)) = &assumable {
+            state.settle(now_ms, Some(uid));
+        } else {
+            state.settle(now_ms, None);
+        }
         let scorer = Scorer::new(&state.snapshot, &request, self.config.policy, now_ms);
         // The node this pod most likely goes to: best score, then smallest
         // name (as `Scorer::best`), among nodes with a free slot.
@@ -382,17 +463,19 @@ impl Extender {
             "prioritize"
         );
         drop(scorer);
-        if let (Some(node), Some(ttl)) = (top, self.config.assume_ttl_ms) {
+        if let (Some(node), Some(ttl), Some((uid, cached))) =
+            (top, self.config.assume_ttl_ms, assumable)
+        {
             if state
                 .snapshot
-                .assume(&node, &request.handler, &request.shape)
+                .assume(&node, &cached.handler, &cached.shape)
                 .is_ok()
             {
                 state.assumed.push(Assumption {
-                    pod: key,
+                    pod: uid,
                     node,
-                    handler: request.handler,
-                    shape: request.shape,
+                    handler: cached.handler,
+                    shape: cached.shape,
                     expires_ms: now_ms.saturating_add(ttl),
                 });
             }
@@ -500,12 +583,6 @@ pub fn pod_shape(security: Option<&PodSecurityContext>, sandbox_seccomp: &str) -
     .encode()
 }
 
-/// What identifies a pod across its scheduling attempts: its UID, else its
-/// namespace and name.
-fn pod_key(pod: &Pod) -> String {
-    pod.metadata.uid.clone().unwrap_or_else(|| pod_name(pod))
-}
-
 fn pod_name(pod: &Pod) -> String {
     format!(
         "{}/{}",
@@ -520,21 +597,46 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The HTTP routes: `POST /filter`, `POST /prioritize`, `GET /healthz`.
+/// The HTTP routes: `POST /filter`, `POST /prioritize`, `GET /healthz`,
+/// `GET /metrics`.
 pub fn router(extender: Arc<Extender>) -> Router {
     Router::new()
         .route("/filter", post(filter))
         .route("/prioritize", post(prioritize))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .with_state(extender)
+}
+
+async fn metrics(State(extender): State<Arc<Extender>>) -> Response {
+    match extender.metrics.encode() {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {error}"),
+        )
+            .into_response(),
+    }
 }
 
 async fn filter(
     State(extender): State<Arc<Extender>>,
     args: Result<Json<ExtenderArgs>, JsonRejection>,
 ) -> Response {
+    let start = Instant::now();
     match args {
-        Ok(Json(args)) => Json(extender.filter(args, now_ms())).into_response(),
+        Ok(Json(args)) => {
+            let result = extender.filter(args, now_ms());
+            extender.metrics.extender_request("filter", start);
+            Json(result).into_response()
+        }
         Err(rejection) => {
             let result = ExtenderFilterResult {
                 error: format!("bad extender arguments: {}", rejection.body_text()),
@@ -549,9 +651,13 @@ async fn prioritize(
     State(extender): State<Arc<Extender>>,
     args: Result<Json<ExtenderArgs>, JsonRejection>,
 ) -> Response {
+    let start = Instant::now();
     match args {
         Ok(Json(args)) => match extender.prioritize(args, now_ms()) {
-            Some(priorities) => Json(priorities).into_response(),
+            Some(priorities) => {
+                extender.metrics.extender_request("prioritize", start);
+                Json(priorities).into_response()
+            }
             None => (StatusCode::BAD_REQUEST, "no pod in the extender arguments").into_response(),
         },
         Err(rejection) => (
@@ -609,6 +715,42 @@ mod tests {
         .unwrap()
     }
 
+    /// The controller's pod cache, as a map.
+    #[derive(Debug, Default)]
+    struct Cache(std::collections::BTreeMap<(String, String), Arc<Pod>>);
+
+    impl PendingPods for Cache {
+        fn get(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
+            self.0.get(&(namespace.into(), name.into())).cloned()
+        }
+    }
+
+    /// A cache holding `args(name)`'s pod for each name.
+    fn cache(names: &[&str]) -> Cache {
+        Cache(
+            names
+                .iter()
+                .filter_map(|n| args(n).pod)
+                .map(|p| {
+                    let key = (p.metadata.namespace.clone(), p.metadata.name.clone());
+                    (
+                        (key.0.unwrap_or_default(), key.1.unwrap_or_default()),
+                        Arc::new(p),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// An extender whose pod cache holds pods p1..p9.
+    fn with_pods(config: ExtenderConfig) -> Extender {
+        let extender = Extender::new(config, two_nodes());
+        let names: Vec<String> = (1..10).map(|i| format!("p{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        extender.set_pending_pods(Arc::new(cache(&names)));
+        extender
+    }
+
     fn scores(extender: &Extender, uid: &str, now_ms: u64) -> Vec<i64> {
         let answer = extender.prioritize(args(uid), now_ms).unwrap();
         answer.iter().map(|h| h.score).collect()
@@ -616,7 +758,7 @@ mod tests {
 
     #[test]
     fn the_next_pod_sees_the_slot_the_last_one_will_take() {
-        let extender = Extender::new(ExtenderConfig::default(), two_nodes());
+        let extender = with_pods(ExtenderConfig::default());
         // Equal: the tie goes to a, which is then assumed taken.
         assert_eq!(scores(&extender, "p1", 0), [6, 6]);
         assert_eq!(extender.assumed(), [("p1".into(), "a".into())]);
@@ -629,17 +771,14 @@ mod tests {
         assert_eq!(scores(&extender, "p1", 30), [6, 0]);
         assert_eq!(extender.assumed().len(), 2);
         // The filter sees the assumptions too under require.
-        let require = Extender::new(
-            ExtenderConfig {
-                policy: Policy {
-                    slots: crate::scoring::SlotPolicy::Require,
-                    stale_after_ms: None,
-                },
-                filter_nodes: true,
-                ..ExtenderConfig::default()
+        let require = with_pods(ExtenderConfig {
+            policy: Policy {
+                slots: crate::scoring::SlotPolicy::Require,
+                stale_after_ms: None,
             },
-            two_nodes(),
-        );
+            filter_nodes: true,
+            ..ExtenderConfig::default()
+        });
         scores(&require, "p1", 0);
         let filtered = require.filter(args("p2"), 1);
         assert_eq!(filtered.node_names, Some(vec!["b".to_owned()]));
@@ -651,7 +790,7 @@ mod tests {
 
     #[test]
     fn assumptions_survive_a_new_snapshot_and_can_be_turned_off() {
-        let extender = Extender::new(ExtenderConfig::default(), two_nodes());
+        let extender = with_pods(ExtenderConfig::default());
         scores(&extender, "p1", 0);
         extender.replace_snapshot(two_nodes());
         assert_eq!(scores(&extender, "p2", 1), [0, 6]);
@@ -666,6 +805,41 @@ mod tests {
         assert_eq!(scores(&off, "p1", 0), [6, 6]);
         assert_eq!(scores(&off, "p2", 1), [6, 6]);
         assert!(off.assumed().is_empty());
+    }
+
+    /// Invented pods hold no slot: a UID no pod in the cache has, a pod of
+    /// the same name with another UID, a bound pod, a pod the cache knows
+    /// as not fast, and any pod when there is no cache at all.
+    #[test]
+    fn a_bogus_pod_uid_holds_no_slot() {
+        let extender = Extender::new(ExtenderConfig::default(), two_nodes());
+        let mut pods = cache(&["p1"]);
+        let mut renamed = args("p2").pod.expect("pod");
+        renamed.metadata.uid = Some("other-uid".into());
+        let mut bound = args("p3").pod.expect("pod");
+        bound.spec.as_mut().expect("spec").node_name = Some("a".into());
+        let mut slow = args("p4").pod.expect("pod");
+        slow.spec.as_mut().expect("spec").runtime_class_name = Some("runc".into());
+        for pod in [renamed, bound, slow] {
+            let name = pod.metadata.name.clone().expect("name");
+            pods.0.insert(("ns".into(), name), Arc::new(pod));
+        }
+        // No cache yet: nothing is assumed, however many calls.
+        for i in 0..20 {
+            assert_eq!(scores(&extender, &format!("bogus-{i}"), i), [6, 6]);
+        }
+        assert!(extender.assumed().is_empty());
+        extender.set_pending_pods(Arc::new(pods));
+        for uid in ["bogus", "p2", "p3", "p4"] {
+            assert_eq!(scores(&extender, uid, 100), [6, 6], "{uid}");
+        }
+        assert!(extender.assumed().is_empty());
+        // The cached, unbound, fast pod is assumed, once however often it
+        // is prioritized.
+        for t in 0..5 {
+            scores(&extender, "p1", 200 + t);
+        }
+        assert_eq!(extender.assumed(), [("p1".into(), "a".into())]);
     }
 
     #[test]

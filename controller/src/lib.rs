@@ -8,11 +8,16 @@
 //! - [`nodes`]: where node states come from and pool sizes go
 //!   ([`nodes::NodeDirectory`]); [`agent`]: the directory fed by the node
 //!   agents' gRPC status streams.
+//! - [`links`]: the TLS flags of `run`'s two links (agents, extender).
+//! - [`certs`]: the CA and certificates of the agents' mutual TLS.
 //! - [`crd`]: the `SandboxPool` and `Sandbox` custom resources.
 //! - [`pool`], [`sandbox`]: their reconcilers, sharing [`reconcile`]'s
 //!   context, errors and retry policy; [`run`] wires both to a cluster.
 //!   Every API call they make (the RBAC they need) is listed in
 //!   `docs/controller.md`.
+//! - [`events`]: the Kubernetes Events the reconcilers emit; [`metrics`]:
+//!   the controller's `/metrics`; [`leader`]: Lease-based leader election
+//!   (only the leader runs the reconcilers).
 //! - [`admit`]: what the `Sandbox` path checks because it binds by
 //!   `nodeName`: taints, cordon, resource fit.
 //! - [`sim`]: warm-hit rate of the placement against slot-blind baselines.
@@ -20,8 +25,13 @@
 pub mod admit;
 pub mod agent;
 pub mod bench;
+pub mod certs;
 pub mod crd;
+pub mod events;
 pub mod extender;
+pub mod leader;
+pub mod links;
+pub mod metrics;
 pub mod nodes;
 pub mod pool;
 pub mod reconcile;

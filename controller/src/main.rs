@@ -13,16 +13,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
-use fast_sandbox_controller::agent::{self, AgentConfig, AgentDirectory, AgentToken};
+use fast_sandbox_controller::agent::{self, AgentConfig, AgentDirectory};
 use fast_sandbox_controller::bench::{self, BenchConfig};
 use fast_sandbox_controller::crd;
+use fast_sandbox_controller::events::KubeEvents;
 use fast_sandbox_controller::extender::{self, Extender, ExtenderConfig};
+use fast_sandbox_controller::leader::{self, Elector, LeaseConfig, Shutdown};
+use fast_sandbox_controller::metrics::Metrics;
 use fast_sandbox_controller::nodes::{NodeDirectory, StaticNodes};
 use fast_sandbox_controller::reconcile::{ReconcileConfig, DEFAULT_IMAGE_PULL_GRACE};
-use fast_sandbox_controller::run;
+use fast_sandbox_controller::run::{self, Instruments, Served};
 use fast_sandbox_controller::scoring::Snapshot;
 use fast_sandbox_controller::scoring::{Policy, SlotPolicy};
 use fast_sandbox_controller::sim::{self, SimConfig};
+use fast_sandbox_controller::{certs, links};
+use futures::FutureExt;
 
 /// `--version`, with the git revision.
 const VERSION: &str = fast_sandbox_proto::version!();
@@ -50,7 +55,7 @@ enum Command {
     },
     /// Reconcile SandboxPools and Sandboxes against a cluster and serve the
     /// extender verbs, from one node directory.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove the controller's finalizer from every SandboxPool, so that
     /// pools and CRDs can be deleted without a controller running (see
     /// docs/deploy.md, "Uninstall").
@@ -62,6 +67,26 @@ enum Command {
         /// The kubeconfig context (default: its current context).
         #[arg(long)]
         context: Option<String>,
+    },
+    /// Issue a NodeAgent link certificate (`tls.crt`, `tls.key`, `ca.crt`)
+    /// from the CA in --ca-dir, which is created there when missing.
+    Certs {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// A node agent's certificate, for this Kubernetes node name.
+        #[arg(long, required_unless_present_any = ["controller", "server"])]
+        node: Option<String>,
+        /// A server certificate for this DNS name (the extender's Service:
+        /// fast-sandbox-controller.fast-sandbox-system.svc).
+        #[arg(long, conflicts_with_all = ["node", "controller"])]
+        server: Option<String>,
+        /// The controller's client certificate.
+        #[arg(long, conflicts_with = "node")]
+        controller: bool,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = certs::DEFAULT_DAYS)]
+        days: u32,
     },
     /// Write the CRD YAML generated from the Rust types, one file per CRD.
     Crdgen {
@@ -149,10 +174,10 @@ struct RunArgs {
     /// of discovering agents from the Kubernetes Nodes (development).
     #[arg(long, value_name = "NODE=ADDR", conflicts_with = "snapshot")]
     agent: Vec<String>,
-    /// The bearer token node agents require (the
-    /// fast-sandbox-agent-token Secret); re-read when an agent refuses it.
-    #[arg(long, default_value = agent::DEFAULT_TOKEN_FILE)]
-    agent_token_file: PathBuf,
+    #[command(flatten)]
+    agent_link: links::AgentLinkArgs,
+    #[command(flatten)]
+    extender_tls: links::ExtenderTlsArgs,
     /// The port node agents serve on, at each Node's InternalIP.
     #[arg(long, default_value_t = agent::DEFAULT_AGENT_PORT)]
     agent_port: u16,
@@ -173,8 +198,42 @@ struct RunArgs {
     /// once).
     #[arg(long)]
     remove_finalizers_on_shutdown: bool,
+    /// Elect a leader among the replicas through a coordination.k8s.io
+    /// Lease: only the leader reconciles (writes); every replica serves the
+    /// extender. `--leader-elect=false` for a single replica.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// The Lease's namespace: the controller's own.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "fast-sandbox-system")]
+    leader_elect_namespace: String,
+    /// This replica's name in the Lease and in its Events (default: the
+    /// POD_NAME, else HOSTNAME, environment variable).
+    #[arg(long, env = "POD_NAME")]
+    leader_elect_identity: Option<String>,
     #[command(flatten)]
     placement: PlacementArgs,
+}
+
+impl RunArgs {
+    /// This replica's name: `--leader-elect-identity`, else `HOSTNAME`.
+    fn identity(&self) -> Option<String> {
+        self.leader_elect_identity
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .filter(|name| !name.is_empty())
+    }
+
+    /// The elector, when leader election is on.
+    fn elector(&self, client: &kube::Client) -> anyhow::Result<Option<Elector>> {
+        if !self.leader_elect {
+            return Ok(None);
+        }
+        let identity = self.identity().unwrap_or_default();
+        let config = LeaseConfig::new(&self.leader_elect_namespace, &identity);
+        Ok(Some(Elector::new(client.clone(), config).context(
+            "--leader-elect: pass --leader-elect-identity, or set POD_NAME",
+        )?))
+    }
 }
 
 /// How fast pods are recognised and nodes judged: the flags `extender`
@@ -374,13 +433,10 @@ fn run_controller(args: RunArgs) -> anyhow::Result<()> {
         None => Snapshot::default(),
     };
     // Without a snapshot file the node agents are the source; their
-    // token is needed before anything starts.
-    let token = match &args.snapshot {
+    // credential is needed before anything starts.
+    let agent_config = match &args.snapshot {
         Some(_) => None,
-        None => Some(AgentToken::from_file(&args.agent_token_file).context(
-            "the node agents' bearer token (--agent-token-file; the \
-             fast-sandbox-agent-token Secret)",
-        )?),
+        None => Some(args.agent_link.config()?),
     };
     let extender_config = placement.extender_config()?;
     let config = ReconcileConfig {
@@ -389,33 +445,58 @@ fn run_controller(args: RunArgs) -> anyhow::Result<()> {
         sandbox_policy: policy(args.sandbox_slots, placement.stale_after_ms),
         image_pull_grace: std::time::Duration::from_secs(args.image_pull_grace_seconds),
     };
-    let extender = Arc::new(Extender::new(extender_config, initial.clone()));
+    let metrics = Arc::new(Metrics::default());
+    let extender =
+        Arc::new(Extender::new(extender_config, initial.clone()).with_metrics(metrics.clone()));
     tokio::runtime::Runtime::new()
         .context("starting the async runtime")?
         .block_on(async move {
-            let (client, served) = kube_client(args.kubeconfig.clone(), args.context.clone()).await?;
-            let nodes: Arc<dyn NodeDirectory> = match (args.snapshot.clone(), token) {
+            let (client, served) =
+                kube_client(args.kubeconfig.clone(), args.context.clone()).await?;
+            let elector = args.elector(&client)?;
+            let nodes: Arc<dyn NodeDirectory> = match (args.snapshot.clone(), agent_config) {
                 (Some(path), _) => static_nodes(path, initial)?,
-                (None, Some(token)) => agent_nodes(&args, token, &agents, &client)?,
-                (None, None) => anyhow::bail!("no node source: neither a snapshot nor a token"),
+                (None, Some(config)) => agent_nodes(&args, config, &agents, &client)?,
+                (None, None) => anyhow::bail!("no node source: neither a snapshot nor agents"),
             };
             let mut terminate =
                 signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-            let shutdown = async move {
+            let shutdown: Shutdown = async move {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = terminate.recv() => {}
                 }
                 tracing::info!("shutting down");
-            };
+            }
+            .boxed()
+            .shared();
             let listen = args.listen;
-            let server = extender::listen(listen, extender.clone());
-            tracing::info!(%listen, "serving the extender; reconciling SandboxPools and Sandboxes");
-            let controllers =
-                run::controllers(client.clone(), nodes, config, Some(extender), served, shutdown);
+            tokio::spawn(run::feed_extender(nodes.clone(), extender.clone()));
+            tokio::spawn(run::follow_pending_pods(client.clone(), extender.clone()));
+            let server = args.extender_tls.serve(listen, extender);
+            tracing::info!(%listen, "serving the extender and /metrics");
+            let instruments = Instruments {
+                events: Arc::new(KubeEvents::start(
+                    client.clone(),
+                    args.identity(),
+                    metrics.clone(),
+                )),
+                metrics,
+            };
+            let reconciling = reconcile_while_leading(
+                elector,
+                shutdown,
+                Reconcilers {
+                    client: client.clone(),
+                    nodes,
+                    config,
+                    instruments,
+                    served,
+                },
+            );
             tokio::select! {
-                result = server => result.with_context(|| format!("serving the extender on {listen}"))?,
-                () = controllers => {}
+                result = server => result?,
+                () = reconciling => {}
             }
             if args.remove_finalizers_on_shutdown {
                 let removed = run::remove_finalizers(&client)
@@ -427,16 +508,66 @@ fn run_controller(args: RunArgs) -> anyhow::Result<()> {
         })
 }
 
+/// What the leader runs: both reconcilers.
+struct Reconcilers {
+    client: kube::Client,
+    nodes: Arc<dyn NodeDirectory>,
+    config: ReconcileConfig,
+    instruments: Instruments,
+    served: Served,
+}
+
+impl Reconcilers {
+    /// Runs them until `stop`, with the leader gauge up meanwhile.
+    async fn run(&self, stop: Shutdown) {
+        let metrics = self.instruments.metrics.clone();
+        metrics.leader.set(1);
+        tracing::info!("reconciling SandboxPools and Sandboxes");
+        run::controllers(
+            self.client.clone(),
+            self.nodes.clone(),
+            self.config.clone(),
+            self.instruments.clone(),
+            self.served,
+            stop,
+        )
+        .await;
+        metrics.leader.set(0);
+    }
+}
+
+/// Runs the reconcilers until `shutdown`: always without an elector,
+/// otherwise while this replica leads. A leader that stops releases the
+/// lease once its reconcilers have finished.
+async fn reconcile_while_leading(
+    elector: Option<Elector>,
+    shutdown: Shutdown,
+    reconcilers: Reconcilers,
+) {
+    let Some(elector) = elector else {
+        return reconcilers.run(shutdown).await;
+    };
+    let (leading, follow) = tokio::sync::watch::channel(false);
+    let electing = tokio::spawn(elector.run(leading, shutdown.clone()));
+    leader::lead(follow, shutdown, |stop| reconcilers.run(stop)).await;
+    match electing.await {
+        Ok(mut elector) => {
+            if let Err(error) = elector.release().await {
+                tracing::warn!(%error, "leader lease not released; another replica takes over when it expires");
+            }
+        }
+        Err(error) => tracing::warn!(%error, "leader election task failed"),
+    }
+}
+
 /// The node agents' directory: the agents given with `--agent`, or those
 /// of the Nodes the selector picks.
 fn agent_nodes(
     args: &RunArgs,
-    token: AgentToken,
+    agent_config: AgentConfig,
     agents: &[(String, String)],
     client: &kube::Client,
 ) -> anyhow::Result<Arc<dyn NodeDirectory>> {
-    let mut agent_config = AgentConfig::new(token);
-    agent_config.token_file = Some(args.agent_token_file.clone());
     let directory = Arc::new(AgentDirectory::new(agent_config));
     if agents.is_empty() {
         let discovering = directory.clone();
@@ -464,7 +595,23 @@ fn main() -> anyhow::Result<()> {
             snapshot,
             placement,
         } => serve_extender(listen, snapshot, &placement)?,
-        Command::Run(args) => run_controller(args)?,
+        Command::Run(args) => run_controller(*args)?,
+        Command::Certs {
+            ca_dir,
+            node,
+            server,
+            controller: _,
+            out,
+            days,
+        } => {
+            let subject = match (node, server) {
+                (Some(node), _) => certs::Subject::Node(node),
+                (None, Some(name)) => certs::Subject::Server(name),
+                (None, None) => certs::Subject::Controller,
+            };
+            certs::issue_into(&ca_dir, &subject, days, &out)
+                .with_context(|| format!("issuing a certificate into {}", out.display()))?;
+        }
         Command::Uninstall {
             kubeconfig,
             context,
@@ -540,6 +687,17 @@ fn main() -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
+impl Command {
+    /// `run`'s arguments, if this is `run`.
+    fn into_run(self) -> Option<RunArgs> {
+        match self {
+            Command::Run(args) => Some(*args),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -567,20 +725,26 @@ mod tests {
             argv.extend_from_slice(extra);
             Args::try_parse_from(argv).map(|a| a.command)
         };
-        match run(&[]).unwrap() {
-            Command::Run(RunArgs {
-                agent_token_file,
+        match run(&[]).unwrap().into_run() {
+            Some(RunArgs {
+                agent_link,
+                extender_tls,
                 agent_port,
                 agent_node_selector,
                 snapshot: None,
                 ..
             }) => {
                 assert_eq!(
-                    agent_token_file,
-                    PathBuf::from("/etc/fast-sandbox-agent/token")
+                    agent_link.agent_tls_dir,
+                    PathBuf::from("/etc/fast-sandbox-agent-tls")
                 );
+                assert!(!agent_link.agent_insecure && agent_link.agent_token_file.is_none());
+                assert!(!extender_tls.extender_insecure);
                 assert_eq!(agent_port, 9465);
-                assert_eq!(agent_node_selector, "fast-sandbox.io/node=true");
+                assert_eq!(
+                    agent_node_selector,
+                    "node-restriction.kubernetes.io/fast-sandbox=true"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -588,19 +752,31 @@ mod tests {
         assert!(run(&["--agent=a=127.0.0.1:1", "--snapshot=nodes.json"]).is_err());
     }
 
+    /// `run` with the flags `extra`.
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["fast-sandbox-controller", "run"];
+        argv.extend_from_slice(extra);
+        match Args::try_parse_from(argv).unwrap().command {
+            Command::Run(args) => *args,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn leader_election_is_on_by_default_and_can_be_turned_off() {
+        let parse = run_args;
+        assert!(parse(&[]).leader_elect);
+        assert!(!parse(&["--leader-elect=false"]).leader_elect);
+        let named = parse(&["--leader-elect-identity=replica-a"]);
+        assert_eq!(named.identity().as_deref(), Some("replica-a"));
+    }
+
     /// `run` with the flags it is deployed with judges pods like
     /// `ExtenderConfig::default()` (what tests/manifests.rs checks against
     /// the shipped pools): no filtering, kubelet's sandbox seccomp.
     #[test]
     fn default_flags_never_filter_and_use_kubelets_sandbox_seccomp() {
-        let parse = |extra: &[&str]| {
-            let mut argv = vec!["fast-sandbox-controller", "run"];
-            argv.extend_from_slice(extra);
-            match Args::try_parse_from(argv).unwrap().command {
-                Command::Run(args) => args.placement.extender_config().unwrap(),
-                other => panic!("{other:?}"),
-            }
-        };
+        let parse = |extra: &[&str]| run_args(extra).placement.extender_config().unwrap();
         let config = parse(&[]);
         let defaults = ExtenderConfig::default();
         assert!(!config.filter_nodes);
@@ -611,10 +787,10 @@ mod tests {
         assert!(parse(&["--extender-filter"]).filter_nodes);
     }
 
-    /// The Deployment's command is one `run` accepts, and its token file is
-    /// where the agent token Secret is mounted.
+    /// The Deployment's command is one `run` accepts, and its TLS
+    /// directories are where their Secrets are mounted.
     #[test]
-    fn the_deployments_command_parses_and_finds_the_token() {
+    fn the_deployments_command_parses_and_finds_its_credentials() {
         use k8s_openapi::api::apps::v1::Deployment;
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -622,35 +798,54 @@ mod tests {
         );
         let text = std::fs::read_to_string(path).unwrap();
         let deployment: Deployment = serde_saphyr::from_str(&text).unwrap();
-        let pod = deployment.spec.unwrap().template.spec.unwrap();
+        let spec = deployment.spec.unwrap();
+        // Highly available: two replicas, one leader.
+        assert_eq!(spec.replicas, Some(2));
+        let pod = spec.template.spec.unwrap();
         let container = &pod.containers[0];
         let command = container.command.clone().unwrap();
-        let Command::Run(RunArgs {
-            agent_token_file,
+        let Some(RunArgs {
+            agent_link,
+            extender_tls,
             snapshot: None,
+            leader_elect: true,
+            placement: PlacementArgs { log_json: true, .. },
             ..
-        }) = Args::try_parse_from(&command).unwrap().command
+        }) = Args::try_parse_from(&command).unwrap().command.into_run()
         else {
-            panic!("{command:?} is not `run` fed by the node agents");
+            panic!(
+                "{command:?} is not `run` fed by the node agents, electing a leader, logging JSON"
+            );
         };
-        let secret_volumes: Vec<String> = pod
-            .volumes
+        // Each replica's Lease identity is its pod name.
+        let pod_name = container
+            .env
             .iter()
             .flatten()
-            .filter(|v| {
-                v.secret.as_ref().and_then(|s| s.secret_name.as_deref())
-                    == Some("fast-sandbox-agent-token")
-            })
-            .map(|v| v.name.clone())
-            .collect();
-        let mounted = container.volume_mounts.iter().flatten().any(|m| {
-            secret_volumes.contains(&m.name)
-                && agent_token_file.parent() == Some(std::path::Path::new(&m.mount_path))
-        });
-        assert!(
-            mounted,
-            "{} is not in the agent token Secret's mount",
-            agent_token_file.display()
-        );
+            .find(|e| e.name == "POD_NAME");
+        let field = pod_name
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str());
+        assert_eq!(field, Some("metadata.name"));
+        assert!(!agent_link.agent_insecure && !extender_tls.extender_insecure);
+        for (dir, secret) in [
+            (
+                &agent_link.agent_tls_dir,
+                "fast-sandbox-controller-agent-tls",
+            ),
+            (&extender_tls.extender_tls_dir, "fast-sandbox-extender-tls"),
+        ] {
+            let volume = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(secret))
+                .unwrap_or_else(|| panic!("no volume of Secret {secret}"));
+            let mounted = container.volume_mounts.iter().flatten().any(|m| {
+                m.name == volume.name && dir.as_path() == std::path::Path::new(&m.mount_path)
+            });
+            assert!(mounted, "{} is not Secret {secret}'s mount", dir.display());
+        }
     }
 }

@@ -21,6 +21,7 @@ use kube::{Api, ResourceExt};
 use tracing::Instrument;
 
 use crate::crd::{NodePoolStatus, SandboxPool, SandboxPoolStatus, SlotRange};
+use crate::events::{self, Note};
 use crate::nodes::{NodeError, PoolSize};
 use crate::reconcile::{backoff_key, condition, write_status, Context, Error};
 use crate::scoring::PoolState;
@@ -117,7 +118,9 @@ async fn apply(pool: &SandboxPool, ctx: &Context, api: &Api<SandboxPool>) -> Res
                 )],
                 ..Default::default()
             };
+            let notes = events::condition_changes(&old.conditions, &status.conditions);
             write_status(api, &name, &old, status).await?;
+            ctx.emit(pool, notes);
             return Ok(Action::await_change());
         }
     };
@@ -160,7 +163,15 @@ async fn apply(pool: &SandboxPool, ctx: &Context, api: &Api<SandboxPool>) -> Res
         )],
         nodes,
     };
+    let notes: Vec<Note> = events::scaled(&old.nodes, &status.nodes)
+        .into_iter()
+        .chain(events::condition_changes(
+            &old.conditions,
+            &status.conditions,
+        ))
+        .collect();
     write_status(api, &name, &old, status).await?;
+    ctx.emit(pool, notes);
     Ok(Action::requeue(if outcome.push_failed {
         PUSH_RETRY
     } else {
@@ -252,6 +263,8 @@ async fn serve_node(
         Err(error) => {
             if ctx.warned_once(&pool.name_any(), node, Some(&error.to_string())) {
                 tracing::warn!(node = %node, %error, "pool size not pushed");
+                let message = format!("node {node}: {error}");
+                ctx.emit(pool, [Note::warning("PushFailed", "Scale", message)]);
             } else {
                 tracing::debug!(node = %node, %error, "pool size still not pushed");
             }
@@ -387,6 +400,8 @@ async fn cleanup(pool: &SandboxPool, ctx: &Context) -> Result<Action, Error> {
         nodes = pushed.len(),
         "pool deleted; nodes it sized told to drain it"
     );
+    let message = format!("pool deleted; {} nodes told to drain it", pushed.len());
+    ctx.emit(pool, [Note::normal("Drained", "Delete", message)]);
     Ok(Action::await_change())
 }
 

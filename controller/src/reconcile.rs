@@ -17,6 +17,8 @@ use fast_sandbox_proto::shape::KUBELET_SANDBOX_SECCOMP;
 
 use crate::admit::NodeUsage;
 use crate::crd::{Sandbox, SandboxPool};
+use crate::events::{EventSink, NoEvents, Note};
+use crate::metrics::Metrics;
 use crate::nodes::NodeDirectory;
 use crate::scoring::{Policy, SlotPolicy};
 
@@ -82,6 +84,10 @@ pub struct Context {
     pub pools: Store<SandboxPool>,
     /// Knobs.
     pub config: ReconcileConfig,
+    /// Where Events go ([`NoEvents`] unless [`Context::with_events`]).
+    pub events: Arc<dyn EventSink>,
+    /// Reconcile and placement counts.
+    pub metrics: Arc<Metrics>,
     /// Held from reading the snapshot to assuming the placement, so two
     /// `Sandbox` reconciles never both take a pool's last free slot.
     pub(crate) placement: Mutex<()>,
@@ -118,6 +124,8 @@ impl Context {
             usage: Arc::default(),
             pools,
             config,
+            events: Arc::new(NoEvents),
+            metrics: Arc::default(),
             placement: Mutex::new(()),
             failures: Mutex::new(HashMap::new()),
             warned: Mutex::new(HashMap::new()),
@@ -130,6 +138,29 @@ impl Context {
     pub fn with_clock(mut self, clock: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
         self.clock = Box::new(clock);
         self
+    }
+
+    /// Sends Events to `events` (the API server's, or a test's record).
+    pub fn with_events(mut self, events: Arc<dyn EventSink>) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// Counts into `metrics` (shared with `/metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Publishes `notes` about `object`, in the background.
+    pub(crate) fn emit<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        notes: impl IntoIterator<Item = Note>,
+    ) {
+        for note in notes {
+            self.events.publish(object.object_ref(&()), note);
+        }
     }
 
     /// Now, Unix time in ms.

@@ -8,16 +8,18 @@ use std::time::Duration;
 use futures::{stream, FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::runtime::controller::Config as ControllerConfig;
+use kube::runtime::controller::{Action, Config as ControllerConfig};
 use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{predicates, watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 
 use crate::admit::NodeUsage;
 use crate::crd::{Sandbox, SandboxPool, SANDBOX_LABEL};
+use crate::events::EventSink;
 use crate::extender::Extender;
+use crate::metrics::Metrics;
 use crate::nodes::NodeDirectory;
-use crate::reconcile::{error_policy, Context, ReconcileConfig};
+use crate::reconcile::{error_policy, Context, Error, ReconcileConfig};
 use crate::{pool, sandbox};
 
 /// Why the controller cannot start.
@@ -189,32 +191,81 @@ async fn follow_pod_usage(client: Client, usage: Arc<NodeUsage>) {
         .await;
 }
 
-/// Fires on every change of the node directory (every pool re-runs on it),
-/// and refreshes the extender's snapshot first.
+/// Keeps `extender`'s view of the pods waiting to be scheduled (no
+/// `nodeName`, not finished) current, until the stream ends: the extender
+/// assumes slots only for those ([`crate::extender::PendingPods`]).
+pub async fn follow_pending_pods(client: Client, extender: Arc<Extender>) {
+    let (store, writer) = reflector::store();
+    extender.set_pending_pods(Arc::new(store));
+    let pending = watcher::Config::default()
+        .fields("spec.nodeName=,status.phase!=Succeeded,status.phase!=Failed");
+    let pods = watcher(Api::<Pod>::all(client), pending)
+        .default_backoff()
+        .modify(|pod| {
+            pod.managed_fields_mut().clear();
+            pod.status = None;
+        });
+    reflector(writer, pods)
+        .for_each(|event| {
+            if let Err(error) = event {
+                tracing::warn!(%error, "pod watch (pending pods)");
+            }
+            futures::future::ready(())
+        })
+        .await;
+}
+
+/// Fires on every change of the node directory (every pool re-runs on it).
 fn directory_changes(
     nodes: Arc<dyn NodeDirectory>,
-    extender: Option<Arc<Extender>>,
 ) -> impl futures::Stream<Item = ()> + Send + 'static {
-    stream::unfold(nodes.subscribe(), move |mut changes| {
-        let nodes = nodes.clone();
-        let extender = extender.clone();
-        async move {
-            changes.changed().await.ok()?;
-            if let Some(extender) = &extender {
-                extender.replace_snapshot((*nodes.snapshot()).clone());
-            }
-            Some(((), changes))
-        }
+    stream::unfold(nodes.subscribe(), |mut changes| async move {
+        changes.changed().await.ok()?;
+        Some(((), changes))
     })
 }
 
-/// Runs the controllers of the `served` CRDs until `shutdown` resolves, and
-/// keeps `extender` (if any) fed with the node directory's snapshots.
+/// Keeps `extender` fed with the node directory's snapshots until the
+/// directory goes away. Every replica runs this, leader or not: each serves
+/// the extender from its own node directory.
+pub async fn feed_extender(nodes: Arc<dyn NodeDirectory>, extender: Arc<Extender>) {
+    let mut changes = nodes.subscribe();
+    extender.replace_snapshot((*nodes.snapshot()).clone());
+    while changes.changed().await.is_ok() {
+        extender.replace_snapshot((*nodes.snapshot()).clone());
+    }
+}
+
+/// Where the reconcilers' Events and counts go.
+#[derive(Debug, Clone)]
+pub struct Instruments {
+    pub events: Arc<dyn EventSink>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// `reconcile`, counted by outcome and timed as `controller` in the
+/// context's metrics.
+fn measured<K, Fut>(
+    controller: &'static str,
+    reconcile: fn(Arc<K>, Arc<Context>) -> Fut,
+) -> impl FnMut(Arc<K>, Arc<Context>) -> futures::future::BoxFuture<'static, Result<Action, Error>>
+where
+    K: Send + Sync + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    move |object, ctx| {
+        let metrics = ctx.metrics.clone();
+        async move { metrics.reconcile(controller, reconcile(object, ctx)).await }.boxed()
+    }
+}
+
+/// Runs the controllers of the `served` CRDs until `shutdown` resolves
+/// (only the leader runs them: they write).
 pub async fn controllers(
     client: Client,
     nodes: Arc<dyn NodeDirectory>,
     config: ReconcileConfig,
-    extender: Option<Arc<Extender>>,
+    instruments: Instruments,
     served: Served,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
@@ -222,24 +273,32 @@ pub async fn controllers(
     let controller_config = ControllerConfig::default().debounce(Duration::from_millis(200));
 
     let (api_nodes, node_events) = node_label_events(&client);
-    let directory_changes = directory_changes(nodes.clone(), extender);
+    let directory_changes = directory_changes(nodes.clone());
 
     let pool_controller = Controller::new(
         Api::<SandboxPool>::all(client.clone()),
         watcher::Config::default(),
     )
     .with_config(controller_config.clone());
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        nodes,
-        api_nodes,
-        pool_controller.store(),
-        config,
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            nodes,
+            api_nodes,
+            pool_controller.store(),
+            config,
+        )
+        .with_events(instruments.events)
+        .with_metrics(instruments.metrics),
+    );
     let pools = pool_controller
         .reconcile_all_on(stream::select(node_events, directory_changes))
         .graceful_shutdown_on(shutdown.clone())
-        .run(pool::reconcile, error_policy, ctx.clone())
+        .run(
+            measured("sandboxpool", pool::reconcile),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "SandboxPool controller");
@@ -261,7 +320,7 @@ pub async fn controllers(
         .reconcile_on(waiting)
         .with_config(controller_config)
         .graceful_shutdown_on(shutdown)
-        .run(sandbox::reconcile, error_policy, ctx)
+        .run(measured("sandbox", sandbox::reconcile), error_policy, ctx)
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "Sandbox controller");

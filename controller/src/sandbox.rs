@@ -43,6 +43,7 @@ use tracing::Instrument;
 
 use crate::admit::{self, Requests};
 use crate::crd::{Sandbox, SandboxPhase, SandboxPool, SandboxStatus, POOL_LABEL, SANDBOX_LABEL};
+use crate::events;
 use crate::nodes::SandboxShape;
 use crate::reconcile::{backoff_key, condition, selector_matches, write_status, Context, Error};
 use crate::scoring::{Rejection, Request, RequestedImage, Scorer};
@@ -229,8 +230,12 @@ impl Scope<'_> {
         }
     }
 
+    /// Writes `status`, then emits an Event per condition it changes.
     async fn write(&self, status: SandboxStatus) -> Result<(), Error> {
-        write_status(&self.sandboxes, &self.name, &self.old, status).await
+        let notes = events::condition_changes(&self.old.conditions, &status.conditions);
+        write_status(&self.sandboxes, &self.name, &self.old, status).await?;
+        self.ctx.emit(self.sandbox, notes);
+        Ok(())
     }
 
     /// The old status with condition `type_` set false for `reason`.
@@ -391,6 +396,7 @@ async fn place(scope: &Scope<'_>, target: &Target) -> Result<Action, Error> {
             // Placed again as soon as a node's report changes (a slot
             // freed), not only on the timer.
             ctx.wait_for_slot(this);
+            ctx.metrics.placed("no_eligible_node");
             let status = scope.not_scheduled(SandboxPhase::Pending, "NoEligibleNode", message);
             scope.write(status).await?;
             return Ok(Action::requeue(UNSCHEDULABLE_RETRY));
@@ -422,6 +428,7 @@ async fn place(scope: &Scope<'_>, target: &Target) -> Result<Action, Error> {
             // requests above limits): only a spec change can help.
             let message = format!("the API server rejected the pod: {}", response.message);
             tracing::warn!(%message, "sandbox pod rejected");
+            ctx.metrics.placed("pod_rejected");
             let status = scope.not_scheduled(SandboxPhase::Failed, "PodRejected", message);
             scope.write(status).await?;
             return Ok(Action::await_change());
@@ -430,12 +437,14 @@ async fn place(scope: &Scope<'_>, target: &Target) -> Result<Action, Error> {
             ctx.usage.forget(&pod_namespace, name);
             // Retried with backoff (the error policy); the status says why.
             let message = format!("creating the pod failed: {error}");
+            ctx.metrics.placed("pod_create_failed");
             let status = scope.not_scheduled(SandboxPhase::Pending, "PodCreateFailed", message);
             scope.write(status).await?;
             return Err(error.into());
         }
     };
     tracing::info!(node = %node, score, pool = pool_name.as_deref().unwrap_or(""), "sandbox bound");
+    ctx.metrics.placed("bound");
     let status = bound_status(scope, &pod, node, score, pool_name, created_ms);
     scope.write(status).await?;
     Ok(Action::requeue(RESYNC))

@@ -299,6 +299,14 @@ impl Snapshot {
         self.nodes.is_empty()
     }
 
+    /// The node's column index, for scoring it.
+    fn index_of(&self, name: &str) -> Result<usize, Rejection> {
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or(Rejection::UnknownNode)
+    }
+
     /// The node's state as last reported.
     pub fn node(&self, name: &str) -> Option<&NodeState> {
         self.by_name.get(name).map(|&i| &self.nodes[i])
@@ -489,6 +497,35 @@ pub fn image_term(scaled_bytes: u64, images: usize) -> u8 {
     u8::try_from(term).unwrap_or(u8::MAX)
 }
 
+/// A node's verdict, as both scorers decide it: filtered out when not
+/// Ready or not seen within the policy's staleness bound, then by its pool
+/// (`pool()` gives the request pool's free slots on the node, `None` for
+/// no such pool, the spread-scaled bytes of requested images it holds and
+/// the number of requested images), else its slot and image terms.
+fn verdict(
+    snapshot: &Snapshot,
+    policy: &Policy,
+    now_ms: u64,
+    index: usize,
+    pool: impl FnOnce() -> (Option<u32>, u64, usize),
+) -> Result<u8, Rejection> {
+    if !snapshot.ready[index] {
+        return Err(Rejection::NotReady);
+    }
+    if let Some(limit) = policy.stale_after_ms {
+        let age_ms = now_ms.saturating_sub(snapshot.last_seen[index]);
+        if age_ms > limit {
+            return Err(Rejection::Stale { age_ms });
+        }
+    }
+    let (free, scaled, requested) = pool();
+    let free = free.ok_or(Rejection::NoPool)?;
+    if free == 0 && policy.slots == SlotPolicy::Require {
+        return Err(Rejection::NoFreeSlot);
+    }
+    Ok(slot_term(free) + image_term(scaled, requested))
+}
+
 /// A request resolved against one snapshot: score many nodes with it.
 ///
 /// Scoring one node reads its columns and looks its requested images up
@@ -558,29 +595,17 @@ impl<'s> Scorer<'s> {
 
     /// The node's score, or why it is filtered out.
     pub fn score(&self, node: &str) -> Result<u8, Rejection> {
-        let index = *self
-            .snapshot
-            .by_name
-            .get(node)
-            .ok_or(Rejection::UnknownNode)?;
-        self.score_index(index)
+        self.score_index(self.snapshot.index_of(node)?)
     }
 
     fn score_index(&self, index: usize) -> Result<u8, Rejection> {
-        if !self.snapshot.ready[index] {
-            return Err(Rejection::NotReady);
-        }
-        if let Some(limit) = self.policy.stale_after_ms {
-            let age_ms = self.now_ms.saturating_sub(self.snapshot.last_seen[index]);
-            if age_ms > limit {
-                return Err(Rejection::Stale { age_ms });
-            }
-        }
-        let free = self.free_at(index).ok_or(Rejection::NoPool)?;
-        if free == 0 && self.policy.slots == SlotPolicy::Require {
-            return Err(Rejection::NoFreeSlot);
-        }
-        Ok(slot_term(free) + image_term(self.scaled_bytes(index), self.requested))
+        verdict(self.snapshot, &self.policy, self.now_ms, index, || {
+            (
+                self.free_at(index),
+                self.scaled_bytes(index),
+                self.requested,
+            )
+        })
     }
 
     /// Whether the node's status is recent enough under the policy.

@@ -57,8 +57,13 @@ async fn rig() -> PoolRig {
 /// Serves the node agent of `NODE` in front of `rig` on `address` (port 0:
 /// any free one).
 async fn start_agent(rig: &PoolRig, address: SocketAddr) -> Agent {
+    serve(address, rig.agent_parts(NODE, TOKEN)).await
+}
+
+/// Serves `parts` on `address` until the returned agent is stopped.
+async fn serve(address: SocketAddr, parts: node_agent::AgentParts) -> Agent {
     let (stop, stopped) = oneshot::channel::<()>();
-    let (address, server) = node_agent::bind(address, rig.agent_parts(NODE, TOKEN), async move {
+    let (address, server) = node_agent::bind(address, parts, async move {
         let _ = stopped.await;
     })
     .await
@@ -149,15 +154,20 @@ fn size(size: u32) -> PoolSize {
     }
 }
 
+/// Waits (10 s at most) until the node's pool is ready and full.
+async fn full_pool(directory: &AgentDirectory) -> Arc<Snapshot> {
+    snapshot_until(directory, Duration::from_secs(10), "a full pool", |s| {
+        pool(s) == Some((true, 2, 2))
+    })
+    .await
+}
+
 /// Connects `directory` to `agent` and waits for the full pool.
 async fn follow(directory: &AgentDirectory, agent: &Agent) {
     directory
         .upsert(NODE, &agent.address.to_string())
         .expect("upsert");
-    snapshot_until(directory, Duration::from_secs(10), "a full pool", |s| {
-        pool(s) == Some((true, 2, 2))
-    })
-    .await;
+    full_pool(directory).await;
 }
 
 #[tokio::test]
@@ -280,10 +290,7 @@ async fn a_wrong_token_gets_no_data_and_the_node_is_unhealthy() {
     // The Secret is rotated to the right token: re-read after the next
     // refusal, and the node reports.
     std::fs::write(&token_file, TOKEN).expect("write token");
-    snapshot_until(&directory, Duration::from_secs(10), "a full pool", |s| {
-        pool(s) == Some((true, 2, 2))
-    })
-    .await;
+    full_pool(&directory).await;
     agent.stop().await;
 }
 
@@ -458,7 +465,7 @@ fn api_node(name: &str, ip: &str) -> serde_json::Value {
         "metadata": {
             "name": name,
             "resourceVersion": "1",
-            "labels": {"fast-sandbox.io/node": "true"},
+            "labels": {"node-restriction.kubernetes.io/fast-sandbox": "true"},
         },
         "status": {"addresses": [
             {"type": "Hostname", "address": name},
@@ -480,41 +487,40 @@ async fn next_request(
         .expect("the client is alive")
 }
 
-#[tokio::test]
-async fn nodes_are_discovered_from_the_node_watch_and_dropped_when_deleted() {
-    let rig = rig().await;
-    let agent = start_agent(&rig, "127.0.0.1:0".parse().expect("addr")).await;
-    let (mock, mut handle) = tower_test::mock::pair::<ApiRequest, ApiResponse>();
+/// A directory following the Nodes a scripted API server lists
+/// (`selector` as given), the agents at `agent`'s port; the discovery task
+/// and the API server's handle.
+fn discovering(
+    agent: &Agent,
+    selector: Option<&'static str>,
+) -> (
+    Arc<AgentDirectory>,
+    tower_test::mock::Handle<ApiRequest, ApiResponse>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (mock, handle) = tower_test::mock::pair::<ApiRequest, ApiResponse>();
     let client = kube::Client::new(mock, "default");
     let directory = Arc::new(directory(TOKEN));
-    let discovering = directory.clone();
+    let following = directory.clone();
     let port = agent.address.port();
     let discovery = tokio::spawn(async move {
-        discovering
-            .discover(
-                kube::Api::all(client),
-                Some("fast-sandbox.io/node=true"),
-                port,
-            )
+        following
+            .discover(kube::Api::all(client), selector, port)
             .await;
     });
+    (directory, handle, discovery)
+}
 
-    // The list: only the selected Nodes. The agent is found at the Node's
-    // InternalIP and the agent port, and reports.
-    let (request, respond) = next_request(&mut handle).await;
-    let uri = request.uri().to_string();
-    assert_eq!(request.method(), http::Method::GET);
-    assert!(uri.starts_with("/api/v1/nodes?"), "{uri}");
-    assert!(
-        uri.contains("labelSelector=fast-sandbox.io%2Fnode%3Dtrue"),
-        "{uri}"
-    );
-    assert!(!uri.contains("watch=true"), "a list first: {uri}");
+/// Answers a Node list request with `items`.
+fn send_node_list(
+    respond: tower_test::mock::SendResponse<ApiResponse>,
+    items: Vec<serde_json::Value>,
+) {
     let list = serde_json::json!({
         "apiVersion": "v1",
         "kind": "NodeList",
         "metadata": {"resourceVersion": "1"},
-        "items": [api_node(NODE, "127.0.0.1")],
+        "items": items,
     });
     respond.send_response(
         http::Response::builder()
@@ -523,10 +529,28 @@ async fn nodes_are_discovered_from_the_node_watch_and_dropped_when_deleted() {
             ))
             .expect("response"),
     );
-    snapshot_until(&directory, Duration::from_secs(10), "a full pool", |s| {
-        pool(s) == Some((true, 2, 2))
-    })
-    .await;
+}
+
+#[tokio::test]
+async fn nodes_are_discovered_from_the_node_watch_and_dropped_when_deleted() {
+    let rig = rig().await;
+    let agent = start_agent(&rig, "127.0.0.1:0".parse().expect("addr")).await;
+    let selector = Some(fast_sandbox_controller::agent::DEFAULT_NODE_SELECTOR);
+    let (directory, mut handle, discovery) = discovering(&agent, selector);
+
+    // The list: only the selected Nodes. The agent is found at the Node's
+    // InternalIP and the agent port, and reports.
+    let (request, respond) = next_request(&mut handle).await;
+    let uri = request.uri().to_string();
+    assert_eq!(request.method(), http::Method::GET);
+    assert!(uri.starts_with("/api/v1/nodes?"), "{uri}");
+    assert!(
+        uri.contains("labelSelector=node-restriction.kubernetes.io%2Ffast-sandbox%3Dtrue"),
+        "{uri}"
+    );
+    assert!(!uri.contains("watch=true"), "a list first: {uri}");
+    send_node_list(respond, vec![api_node(NODE, "127.0.0.1")]);
+    full_pool(&directory).await;
     assert_eq!(
         directory.health(NODE).expect("health").address,
         agent.address.to_string()
@@ -552,6 +576,199 @@ async fn nodes_are_discovered_from_the_node_watch_and_dropped_when_deleted() {
     })
     .await;
     assert!(directory.health(NODE).is_none());
+    discovery.abort();
+    agent.stop().await;
+}
+
+// ---- Mutual TLS (controller/src/agent/tls.rs, node-plugin/src/agent/tls.rs)
+
+use fast_sandbox_controller::certs::{Ca, CertError, Issued, DEFAULT_DAYS};
+use fast_sandbox_proto::tls::{client_config, server_config, Reloading, TlsFiles};
+
+/// `issued` and `ca`'s certificate in a new directory, as both ends read
+/// them.
+fn credential(ca: &Ca, issued: Result<Issued, CertError>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    ca.write_dir(&issued.expect("issued"), dir.path())
+        .expect("write");
+    dir
+}
+
+/// Serves the agent of `NODE` over mutual TLS with the credential in `dir`.
+async fn start_tls_agent(rig: &PoolRig, dir: &std::path::Path) -> Agent {
+    let mut parts = rig.agent_parts(NODE, TOKEN);
+    parts.token = None;
+    parts.tls = Some(Arc::new(
+        Reloading::new(TlsFiles::in_dir(dir), server_config).expect("agent credential"),
+    ));
+    serve("127.0.0.1:0".parse().expect("addr"), parts).await
+}
+
+/// A directory dialling over mutual TLS with the credential in `dir`, no
+/// token, test timings.
+fn tls_directory(dir: &std::path::Path) -> AgentDirectory {
+    let tls = Reloading::new(TlsFiles::in_dir(dir), client_config).expect("controller credential");
+    let mut config = AgentConfig::with_credentials(None, Some(Arc::new(tls)));
+    config.backoff_initial = Duration::from_millis(10);
+    config.backoff_max = Duration::from_millis(50);
+    config.call_timeout = Duration::from_secs(2);
+    config.refresh = Duration::from_secs(600);
+    AgentDirectory::new(config)
+}
+
+/// The node was dialled at least three times and never reported.
+async fn refused_three_times(directory: &AgentDirectory) {
+    let health = health_until(
+        directory,
+        NODE,
+        Duration::from_secs(10),
+        "3 failures",
+        |h| h.failures >= 3,
+    )
+    .await;
+    assert!(!health.connected && health.reports == 0, "{health:?}");
+    let node = directory.snapshot();
+    let node = node.node(NODE).expect("listed");
+    assert!(!node.ready && node.pools.is_empty(), "{node:?}");
+}
+
+#[tokio::test]
+async fn over_mutual_tls_the_node_reports_and_takes_pool_sizes() {
+    let rig = rig().await;
+    let ca = Ca::generate().expect("CA");
+    let agent_dir = credential(&ca, ca.issue_node(NODE, DEFAULT_DAYS));
+    let controller_dir = credential(&ca, ca.issue_controller(DEFAULT_DAYS));
+    let agent = start_tls_agent(&rig, agent_dir.path()).await;
+    let directory = tls_directory(controller_dir.path());
+    follow(&directory, &agent).await;
+    directory
+        .set_pool_size(NODE, &size(3))
+        .await
+        .expect("pushed");
+    assert_eq!(rig.manager.stats()[0].desired, 3);
+    agent.stop().await;
+}
+
+/// An agent whose certificate names another node (a node answering on an
+/// address its kubelet wrote for another Node), or comes from another CA,
+/// gets no call; a client presenting a node's certificate (server
+/// authentication only) or none is refused by the agent.
+#[tokio::test]
+async fn an_agent_without_a_valid_credential_gets_nothing() {
+    let rig = rig().await;
+    let ca = Ca::generate().expect("CA");
+    let controller_dir = credential(&ca, ca.issue_controller(DEFAULT_DAYS));
+
+    // The agent of node-b answers where node-a was expected.
+    let impostor = credential(&ca, ca.issue_node("node-b", DEFAULT_DAYS));
+    let agent = start_tls_agent(&rig, impostor.path()).await;
+    let directory = tls_directory(controller_dir.path());
+    directory
+        .upsert(NODE, &agent.address.to_string())
+        .expect("upsert");
+    refused_three_times(&directory).await;
+    let error = directory.health(NODE).and_then(|h| h.last_error);
+    let reason = error.map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        reason.contains("TLS handshake as node \"node-a\"") && reason.contains("certificate"),
+        "the log says why: {reason}"
+    );
+    let pushed = directory.set_pool_size(NODE, &size(1)).await;
+    assert!(pushed.is_err(), "{pushed:?}");
+    assert_eq!(rig.manager.stats()[0].desired, POOL_SIZE);
+    agent.stop().await;
+
+    // A certificate for node-a, but from a CA the controller does not trust.
+    let other = Ca::generate().expect("other CA");
+    let foreign = credential(&other, other.issue_node(NODE, DEFAULT_DAYS));
+    let agent = start_tls_agent(&rig, foreign.path()).await;
+    let directory = tls_directory(controller_dir.path());
+    directory
+        .upsert(NODE, &agent.address.to_string())
+        .expect("upsert");
+    refused_three_times(&directory).await;
+    agent.stop().await;
+
+    // The right agent, but the caller holds only a node's certificate.
+    let good = credential(&ca, ca.issue_node(NODE, DEFAULT_DAYS));
+    let agent = start_tls_agent(&rig, good.path()).await;
+    let as_node = credential(&ca, ca.issue_node("node-c", DEFAULT_DAYS));
+    let directory = tls_directory(as_node.path());
+    directory
+        .upsert(NODE, &agent.address.to_string())
+        .expect("upsert");
+    refused_three_times(&directory).await;
+
+    // And a cleartext caller with the right token gets nothing either.
+    let plain = self::directory(TOKEN);
+    plain
+        .upsert(NODE, &agent.address.to_string())
+        .expect("upsert");
+    refused_three_times(&plain).await;
+    agent.stop().await;
+}
+
+/// The agent's credential is replaced on disk (a rotation to a new CA):
+/// the same agent process serves the new one from the next handshake, and
+/// the controller, trusting only the new CA, gets its reports.
+#[tokio::test]
+async fn a_rotated_certificate_is_served_without_a_restart() {
+    let rig = rig().await;
+    let (old, new) = (Ca::generate().expect("CA"), Ca::generate().expect("CA"));
+    let agent_dir = credential(&old, old.issue_node(NODE, DEFAULT_DAYS));
+    let controller_dir = credential(&new, new.issue_controller(DEFAULT_DAYS));
+    let agent = start_tls_agent(&rig, agent_dir.path()).await;
+    let directory = tls_directory(controller_dir.path());
+    directory
+        .upsert(NODE, &agent.address.to_string())
+        .expect("upsert");
+    refused_three_times(&directory).await;
+
+    let rotated = new.issue_node(NODE, DEFAULT_DAYS).expect("node");
+    new.write_dir(&rotated, agent_dir.path()).expect("rotate");
+    full_pool(&directory).await;
+    agent.stop().await;
+}
+
+/// `SetPoolSize` keeps the sum of all pools' sizes within the node's
+/// `agent.max_slots`, and says which setting refused it.
+#[tokio::test]
+async fn the_node_wide_slot_cap_is_enforced() {
+    let rig = rig().await;
+    let mut parts = rig.agent_parts(NODE, TOKEN);
+    parts.max_slots = 3;
+    let agent = serve("127.0.0.1:0".parse().expect("addr"), parts).await;
+    let directory = directory(TOKEN);
+    follow(&directory, &agent).await;
+    directory
+        .set_pool_size(NODE, &size(3))
+        .await
+        .expect("within the cap");
+    match directory.set_pool_size(NODE, &size(4)).await {
+        Err(NodeError::Refused { reason, .. }) => {
+            assert!(reason.contains("agent.max_slots (3)"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(rig.manager.stats()[0].desired, 3);
+    agent.stop().await;
+}
+
+/// A Node that carries only the old opt-in label (which its own kubelet
+/// may have set) is not dialled even when the selector lets it through;
+/// the one an administrator labelled is.
+#[tokio::test]
+async fn a_self_labelled_node_is_not_dialled() {
+    let rig = rig().await;
+    let agent = start_agent(&rig, "127.0.0.1:0".parse().expect("addr")).await;
+    let (directory, mut handle, discovery) = discovering(&agent, None);
+    let mut self_labelled = api_node("node-b", "127.0.0.1");
+    self_labelled["metadata"]["labels"] = serde_json::json!({"fast-sandbox.io/node": "true"});
+    let (_, respond) = next_request(&mut handle).await;
+    send_node_list(respond, vec![self_labelled, api_node(NODE, "127.0.0.1")]);
+    let snapshot = full_pool(&directory).await;
+    assert!(snapshot.node("node-b").is_none());
+    assert!(directory.health("node-b").is_none());
     discovery.abort();
     agent.stop().await;
 }

@@ -264,6 +264,27 @@ fn the_documented_example_snapshot_loads() {
 }
 
 #[tokio::test]
+async fn metrics_count_each_verb_the_extender_answers() {
+    let addr = start(SlotPolicy::Prefer).await;
+    let args = json!({"pod": pod(Some("fast-runc")), "nodenames": ALL});
+    post_json(addr, "/filter", &args).await;
+    post_json(addr, "/filter", &args).await;
+    post_json(addr, "/prioritize", &args).await;
+    let (status, text) = call(addr, "GET", "/metrics", "").await;
+    assert_eq!(status, 200, "{text}");
+    for line in [
+        "fast_sandbox_controller_extender_request_duration_seconds_count{verb=\"filter\"} 2",
+        "fast_sandbox_controller_extender_request_duration_seconds_count{verb=\"prioritize\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+    // A malformed request is an error answer, not a timed decision.
+    assert_eq!(post(addr, "/filter", "{").await.0, 400);
+    let (_, text) = call(addr, "GET", "/metrics", "").await;
+    assert!(text.contains("{verb=\"filter\"} 2"), "{text}");
+}
+
+#[tokio::test]
 async fn health_and_unknown_routes() {
     let addr = start(SlotPolicy::Prefer).await;
     assert_eq!(call(addr, "GET", "/healthz", "").await, (200, "ok".into()));

@@ -17,8 +17,9 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodSpec, Probe, Service, ServiceAccount,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::node::v1::RuntimeClass;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -48,6 +49,18 @@ const CONTROLLER_API_CALLS: &[(&str, &str, &str)] = &[
     ("fast-sandbox.io", "fastsandboxes", "list"),
     ("fast-sandbox.io", "fastsandboxes", "watch"),
     ("fast-sandbox.io", "fastsandboxes/status", "patch"),
+    // kube-runtime's event Recorder: a new Event, then a patch of its series.
+    ("events.k8s.io", "events", "create"),
+    ("events.k8s.io", "events", "patch"),
+];
+
+/// The API calls the controller makes in its own namespace only (leader
+/// election, `controller/src/leader.rs`): granted by a Role there, not the
+/// ClusterRole.
+const CONTROLLER_NAMESPACE_CALLS: &[(&str, &str, &str)] = &[
+    ("coordination.k8s.io", "leases", "get"),
+    ("coordination.k8s.io", "leases", "create"),
+    ("coordination.k8s.io", "leases", "update"),
 ];
 
 fn deploy_dir() -> PathBuf {
@@ -225,10 +238,13 @@ fn every_document_parses_into_its_type_with_no_field_left_over() {
             ("apps/v1", "DaemonSet") => parses_exactly::<DaemonSet>(doc),
             ("apps/v1", "Deployment") => parses_exactly::<Deployment>(doc),
             ("node.k8s.io/v1", "RuntimeClass") => parses_exactly::<RuntimeClass>(doc),
+            ("networking.k8s.io/v1", "NetworkPolicy") => parses_exactly::<NetworkPolicy>(doc),
             ("rbac.authorization.k8s.io/v1", "ClusterRole") => parses_exactly::<ClusterRole>(doc),
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                 parses_exactly::<ClusterRoleBinding>(doc)
             }
+            ("rbac.authorization.k8s.io/v1", "Role") => parses_exactly::<Role>(doc),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => parses_exactly::<RoleBinding>(doc),
             ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
                 parses_exactly::<ValidatingAdmissionPolicy>(doc)
             }
@@ -423,13 +439,18 @@ fn node_plugin_config_loads_with_the_node_plugins_strict_loader() {
     let docs = docs();
     let text = node_config(&docs);
     let file = load_node_config(&text);
-    let agent = fast_sandbox_node::config::agent_settings(&file.agent, Some("node".into()))
-        .unwrap_or_else(|e| panic!("deploy/node-plugin/configmap.yaml [agent]: {e:#}"))
-        .expect("the agent is on: the controller needs it");
+    let host_ip = Some("10.0.0.1".parse().expect("ip"));
+    let agent =
+        fast_sandbox_node::config::agent_settings(&file.agent, Some("node".into()), host_ip)
+            .unwrap_or_else(|e| panic!("deploy/node-plugin/configmap.yaml [agent]: {e:#}"))
+            .expect("the agent is on: the controller needs it");
+    let tls = agent.tls.expect("the agent serves TLS");
     assert!(
-        agent.token_file.starts_with("/etc/fast-sandbox-agent"),
-        "the Secret's mount"
+        tls.cert.starts_with("/etc/fast-sandbox-agent-tls"),
+        "the credential's mount"
     );
+    assert!(agent.token_file.is_none(), "no shared token");
+    assert!(agent.max_slots <= 256, "a node-wide slot cap");
     let specs = fast_sandbox_node::config::pool_specs(&file.pools)
         .unwrap_or_else(|e| panic!("deploy/node-plugin/configmap.yaml [[pool]]: {e:#}"));
     let handlers: BTreeSet<&str> = specs.iter().map(|s| s.exposed_handler.as_str()).collect();
@@ -542,6 +563,56 @@ fn daemonset_mounts_probes_and_privileges_match_the_config() {
         Path::new("/run/fast-sandbox/cri.sock"),
         "the socket docs/deploy.md points kubelet at"
     );
+
+    // Scrapers reach /metrics on the node's address, authenticated with
+    // the metrics Secret's token, on a declared port.
+    let metrics_arg = command
+        .iter()
+        .find_map(|a| a.strip_prefix("--metrics-addr="))
+        .expect("--metrics-addr in the command");
+    let host_ip = c.env.iter().flatten().find(|e| e.name == "HOST_IP");
+    assert_eq!(
+        host_ip
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
+        Some("status.hostIP")
+    );
+    // As kubelet expands it on a node at 10.0.0.7.
+    let expanded = metrics_arg.replace("$(HOST_IP)", "10.0.0.7");
+    let scrape = fast_sandbox_node::config::metrics_settings(
+        &load_node_config(&node_config(&docs)).admin,
+        Some(&expanded),
+    )
+    .unwrap_or_else(|e| panic!("--metrics-addr={metrics_arg}: {e:#}"))
+    .expect("metrics listener on");
+    let token_file = scrape.token_file.expect("scrapes are authenticated");
+    let token_mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| token_file.parent() == Some(Path::new(&m.mount_path)))
+        .expect("the metrics token is mounted");
+    let token_volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == token_mount.name)
+        .and_then(|v| v.secret.clone())
+        .expect("the metrics token mount is a Secret volume");
+    assert_eq!(
+        token_volume.secret_name.as_deref(),
+        Some("fast-sandbox-metrics-token")
+    );
+    // A missing metrics Secret must never keep the node's runtime from
+    // starting: scrapes are refused instead.
+    assert_eq!(token_volume.optional, Some(true));
+    assert!(c
+        .ports
+        .iter()
+        .flatten()
+        .any(|p| p.name.as_deref() == Some("metrics")
+            && p.container_port == i32::from(scrape.address.port())));
 
     // Probes reach the admin endpoint the config serves.
     let admin = settings.admin.expect("admin endpoint enabled");
@@ -656,7 +727,8 @@ fn controller_deployment_service_and_account_fit_together() {
     );
     assert_eq!(service_port.port, extender_port.container_port);
 
-    // The controller and the node plugins share one agent token Secret.
+    // No shared secret: the controller has its own credentials, each
+    // node plugin its node's, from the host.
     let secret_of = |spec: &PodSpec| -> BTreeSet<String> {
         spec.volumes
             .iter()
@@ -669,10 +741,87 @@ fn controller_deployment_service_and_account_fit_together() {
         ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
         "DaemonSet",
     );
-    assert_eq!(secret_of(&pod), secret_of(&ds_pod));
+    // The node plugin's only Secret is the scrapers' metrics token, which
+    // cannot call the agent.
+    assert_eq!(
+        secret_of(&ds_pod),
+        BTreeSet::from(["fast-sandbox-metrics-token".to_owned()])
+    );
     assert_eq!(
         secret_of(&pod),
-        BTreeSet::from(["fast-sandbox-agent-token".to_owned()])
+        BTreeSet::from([
+            "fast-sandbox-controller-agent-tls".to_owned(),
+            "fast-sandbox-extender-tls".to_owned()
+        ])
+    );
+    // The DaemonSet runs where the controller dials: the label a kubelet
+    // cannot set on itself.
+    let (key, value) = fast_sandbox_controller::agent::DEFAULT_NODE_SELECTOR
+        .split_once('=')
+        .expect("k=v");
+    assert_eq!(
+        ds_pod.node_selector.as_ref().and_then(|s| s.get(key)),
+        Some(&value.to_owned())
+    );
+    assert!(key.starts_with("node-restriction.kubernetes.io/"));
+    // The agent binds the node's own address.
+    let ds_container = only_container(&ds_pod, "DaemonSet");
+    let command = ds_container.command.clone().unwrap_or_default();
+    assert!(
+        command.iter().any(|a| a == "--agent-ip=$(HOST_IP)"),
+        "{command:?}"
+    );
+    let host_ip = ds_container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "HOST_IP");
+    let field = host_ip
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(field, Some("status.hostIP"));
+}
+
+/// Only kube-scheduler's pods in kube-system reach the controller, and
+/// only on the extender port.
+#[test]
+fn only_the_scheduler_reaches_the_extender() {
+    let docs = docs();
+    let policy: NetworkPolicy = one(&docs, "NetworkPolicy", "fast-sandbox-controller");
+    let spec = policy.spec.expect("spec");
+    assert_eq!(
+        spec.pod_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.as_ref())
+            .and_then(|l| l.get("app.kubernetes.io/name"))
+            .map(String::as_str),
+        Some("fast-sandbox-controller")
+    );
+    assert_eq!(spec.policy_types, Some(vec!["Ingress".to_owned()]));
+    let rules = spec.ingress.expect("ingress rules");
+    assert_eq!(rules.len(), 1);
+    let peers = rules[0].from.clone().expect("from");
+    assert_eq!(peers.len(), 1, "one peer: namespace AND pod selector");
+    let label = |s: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+                 k: &str| {
+        s.as_ref()
+            .and_then(|s| s.match_labels.as_ref())
+            .and_then(|l| l.get(k).cloned())
+    };
+    assert_eq!(
+        label(&peers[0].namespace_selector, "kubernetes.io/metadata.name").as_deref(),
+        Some("kube-system")
+    );
+    assert_eq!(
+        label(&peers[0].pod_selector, "component").as_deref(),
+        Some("kube-scheduler")
+    );
+    let ports = rules[0].ports.clone().expect("ports");
+    assert_eq!(ports.len(), 1);
+    assert_eq!(
+        ports[0].port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("extender".into()))
     );
 }
 
@@ -685,28 +834,16 @@ fn grants(rule: &PolicyRule, group: &str, resource: &str, verb: &str) -> bool {
         && rule.verbs.iter().any(|v| v == verb || v == "*")
 }
 
-#[test]
-fn rbac_grants_exactly_the_controllers_api_calls() {
-    let docs = docs();
-    let role: ClusterRole = one(&docs, "ClusterRole", "fast-sandbox-controller");
-    let rules = role.rules.unwrap_or_default();
-    let missing: Vec<_> = CONTROLLER_API_CALLS
+/// `rules` grant every call of `calls` and nothing else.
+fn grants_exactly(rules: &[PolicyRule], calls: &[(&str, &str, &str)], what: &str) {
+    let missing: Vec<_> = calls
         .iter()
         .filter(|(g, r, v)| !rules.iter().any(|rule| grants(rule, g, r, v)))
         .collect();
-    assert!(missing.is_empty(), "RBAC does not grant {missing:?}");
-
-    // The table names the resources the code calls: the Sandbox CRD's plural
-    // is `fastsandboxes` (agent-sandbox owns `sandboxes`).
-    use kube::Resource;
-    let sandboxes = fast_sandbox_controller::crd::Sandbox::plural(&()).into_owned();
-    assert!(
-        CONTROLLER_API_CALLS.iter().any(|(_, r, _)| *r == sandboxes),
-        "the API calls name the Sandbox plural {sandboxes:?}"
-    );
-    let wanted: BTreeSet<(&str, &str, &str)> = CONTROLLER_API_CALLS.iter().copied().collect();
+    assert!(missing.is_empty(), "{what} does not grant {missing:?}");
+    let wanted: BTreeSet<(&str, &str, &str)> = calls.iter().copied().collect();
     let mut extra = Vec::new();
-    for rule in &rules {
+    for rule in rules {
         assert!(
             rule.non_resource_urls.is_none() && rule.resource_names.is_none(),
             "unexpected rule {rule:?}"
@@ -723,7 +860,60 @@ fn rbac_grants_exactly_the_controllers_api_calls() {
     }
     assert!(
         extra.is_empty(),
-        "RBAC grants calls the controller does not make: {extra:?}"
+        "{what} grants calls the controller does not make: {extra:?}"
+    );
+}
+
+#[test]
+fn rbac_grants_exactly_the_controllers_api_calls() {
+    let docs = docs();
+    let role: ClusterRole = one(&docs, "ClusterRole", "fast-sandbox-controller");
+    let rules = role.rules.unwrap_or_default();
+    grants_exactly(&rules, CONTROLLER_API_CALLS, "the ClusterRole");
+
+    // The table names the resources the code calls: the Sandbox CRD's plural
+    // is `fastsandboxes` (agent-sandbox owns `sandboxes`).
+    use kube::Resource;
+    let sandboxes = fast_sandbox_controller::crd::Sandbox::plural(&()).into_owned();
+    assert!(
+        CONTROLLER_API_CALLS.iter().any(|(_, r, _)| *r == sandboxes),
+        "the API calls name the Sandbox plural {sandboxes:?}"
+    );
+    // The events the code publishes are events.k8s.io ones, the leases
+    // coordination.k8s.io ones: the groups the tables name.
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::events::v1::Event;
+    assert!(CONTROLLER_API_CALLS
+        .iter()
+        .any(|(g, r, _)| *g == Event::group(&()) && *r == Event::plural(&())));
+    assert!(CONTROLLER_NAMESPACE_CALLS
+        .iter()
+        .all(|(g, r, _)| *g == Lease::group(&()) && *r == Lease::plural(&())));
+
+    // Leader election: a Role in the controller's namespace, bound to its
+    // ServiceAccount, grants exactly the Lease calls.
+    let bindings: Vec<RoleBinding> = docs
+        .iter()
+        .filter(|d| d.kind() == "RoleBinding")
+        .map(|d| serde_json::from_value(d.value.clone()).expect("a RoleBinding"))
+        .filter(|b: &RoleBinding| {
+            b.subjects.iter().flatten().any(|s| {
+                s.kind == "ServiceAccount"
+                    && s.name == "fast-sandbox-controller"
+                    && s.namespace.as_deref() == Some(NAMESPACE)
+            })
+        })
+        .collect();
+    assert_eq!(bindings.len(), 1, "one RoleBinding for the controller");
+    let binding = &bindings[0];
+    assert_eq!(binding.metadata.namespace.as_deref(), Some(NAMESPACE));
+    assert_eq!(binding.role_ref.kind, "Role");
+    let role: Role = one(&docs, "Role", &binding.role_ref.name);
+    assert_eq!(role.metadata.namespace.as_deref(), Some(NAMESPACE));
+    grants_exactly(
+        &role.rules.unwrap_or_default(),
+        CONTROLLER_NAMESPACE_CALLS,
+        "the leader-election Role",
     );
 }
 
@@ -795,9 +985,20 @@ async fn scheduler_config_calls_the_extender_the_controller_serves() {
     let url = ext["urlPrefix"].as_str().expect("urlPrefix");
     assert_eq!(
         url,
-        format!("http://fast-sandbox-controller.{NAMESPACE}.svc:{port}"),
+        format!("https://fast-sandbox-controller.{NAMESPACE}.svc:{port}"),
         "{at}: urlPrefix"
     );
+    assert_eq!(ext["enableHTTPS"], true, "{at}: HTTPS");
+    assert_eq!(
+        ext["tlsConfig"]["serverName"],
+        format!("fast-sandbox-controller.{NAMESPACE}.svc"),
+        "{at}: the certificate's name is checked"
+    );
+    assert!(
+        ext["tlsConfig"]["caFile"].is_string(),
+        "{at}: tlsConfig.caFile"
+    );
+    assert!(ext["tlsConfig"].get("insecure").is_none(), "{at}: verified");
 
     // kube-scheduler POSTs to <urlPrefix>/<verb>: both answer on the real
     // extender (an empty node list in node-name cache mode).

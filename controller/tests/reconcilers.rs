@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use fast_sandbox_controller::crd::{SandboxPoolStatus, SandboxStatus, POOL_LABEL, SANDBOX_LABEL};
+use fast_sandbox_controller::events::{Note, RecordedEvents};
+use fast_sandbox_controller::metrics::Metrics;
 use fast_sandbox_controller::nodes::{NodeDirectory, SandboxShape, StaticNodes};
 use fast_sandbox_controller::scoring::{NodeState, PoolState, Snapshot};
 use http::Method;
@@ -33,7 +35,9 @@ async fn pool_created_pushes_sizes_to_matching_nodes_and_writes_status() {
     let nodes = two_node_directory();
     let (client, handle) = mock();
     let pool = pool_object("p", 2, 6, None);
-    let ctx = context(client, nodes.clone(), std::slice::from_ref(&pool));
+    let events = Arc::new(RecordedEvents::default());
+    let ctx =
+        context(client, nodes.clone(), std::slice::from_ref(&pool)).with_events(events.clone());
     let action = scenario(ctx, handle, run_pool(pool.clone()), |mut handle| {
         Box::pin(async move {
             let (method, uri, body, respond) = next(&mut handle).await;
@@ -68,6 +72,26 @@ async fn pool_created_pushes_sizes_to_matching_nodes_and_writes_status() {
         .collect();
     // a has 1 of 2 taken: min 2 + 1; b has no pool yet: min. Never c.
     assert_eq!(pushed, vec![("a".to_owned(), 3), ("b".to_owned(), 2)]);
+    // An administrator sees the pool scaled and why it is not served yet.
+    let recorded = events.take();
+    assert_eq!(
+        recorded,
+        [
+            (
+                "p".to_owned(),
+                Note::normal("Scaled", "Scale", "free warm slots asked of 2 nodes: a →3, b →2".into())
+            ),
+            (
+                "p".to_owned(),
+                Note::warning(
+                    "NodesNotReady",
+                    "Ready",
+                    "1 of 2 nodes do not serve the pool: b (waiting for the node to report the pool)"
+                        .into()
+                )
+            ),
+        ]
+    );
     let first = &nodes.pushed()[0].1;
     assert_eq!(
         (
@@ -299,7 +323,11 @@ async fn sandbox_created_binds_a_pod_to_the_best_node() {
     let nodes = sandbox_directory();
     let (client, handle) = mock();
     let pool = pool_object("p", 1, 4, None);
-    let ctx = context(client, nodes.clone(), std::slice::from_ref(&pool));
+    let events = Arc::new(RecordedEvents::default());
+    let metrics = Arc::new(Metrics::default());
+    let ctx = context(client, nodes.clone(), std::slice::from_ref(&pool))
+        .with_events(events.clone())
+        .with_metrics(metrics.clone());
     let sb = sandbox_object("sb1", None);
     let action = scenario(ctx, handle, run_sandbox(sb), |mut handle| {
         Box::pin(async move {
@@ -361,6 +389,23 @@ async fn sandbox_created_binds_a_pod_to_the_best_node() {
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
     // The placement is counted at once.
     assert_eq!(nodes.snapshot().assumed("a", HANDLER, SHAPE), Ok(1));
+    let reasons: Vec<(String, String, bool)> = events
+        .take()
+        .into_iter()
+        .map(|(name, note)| (name, note.reason, note.warning))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("sb1".to_owned(), "Bound".to_owned(), false),
+            ("sb1".to_owned(), "PodPending".to_owned(), false)
+        ]
+    );
+    let text = metrics.encode().expect("metrics");
+    assert!(
+        text.contains("fast_sandbox_controller_placements_total{outcome=\"bound\"} 1"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -598,7 +643,8 @@ async fn sandbox_with_no_eligible_node_gets_a_condition_and_no_pod() {
         .expect("a snapshot"),
     ));
     let (client, handle) = mock();
-    let ctx = context(client, nodes, &[]);
+    let events = Arc::new(RecordedEvents::default());
+    let ctx = context(client, nodes, &[]).with_events(events.clone());
     let action = scenario(ctx, handle, run_sandbox(sandbox_object("sb1", None)), |mut handle| {
         Box::pin(async move {
             let (method, _, _, respond) = next(&mut handle).await;
@@ -625,6 +671,12 @@ async fn sandbox_with_no_eligible_node_gets_a_condition_and_no_pod() {
     })
     .await;
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    // Waiting is a warning an administrator sees on the Sandbox.
+    let recorded = events.take();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0].0, "sb1");
+    assert!(recorded[0].1.warning);
+    assert_eq!(recorded[0].1.reason, "NoEligibleNode");
 }
 
 #[tokio::test]
@@ -660,4 +712,56 @@ async fn sandbox_with_a_bad_field_gets_a_condition_naming_it() {
     })
     .await;
     assert_eq!(action, Action::await_change());
+}
+
+// ---- Events through the API server ------------------------------------------
+
+/// What the reconcilers emit reaches the Events API the RBAC grants
+/// (`events.k8s.io` create, then patch for a repeat), in the object's
+/// namespace (`default` for a cluster-scoped pool), and is counted.
+#[tokio::test]
+async fn events_are_created_then_patched_through_the_events_api() {
+    use fast_sandbox_controller::events::{EventSink, KubeEvents};
+    use kube::Resource;
+    let (client, mut handle) = mock();
+    handle.allow(10);
+    let metrics = Arc::new(Metrics::default());
+    let events = KubeEvents::start(client, Some("replica-a".into()), metrics.clone());
+    let pool = pool_object("p", 1, 2, None);
+    let note = Note::warning("PushFailed", "Scale", "node a: unreachable".into());
+    events.publish(pool.object_ref(&()), note.clone());
+    let (method, uri, body, respond) = next(&mut handle).await;
+    assert_eq!(
+        (method, path(&uri)),
+        (
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/default/events"
+        )
+    );
+    assert_eq!(body["regarding"]["kind"], "SandboxPool");
+    assert_eq!(body["regarding"]["name"], "p");
+    assert_eq!(body["reason"], "PushFailed");
+    assert_eq!(body["type"], "Warning");
+    assert_eq!(body["note"], "node a: unreachable");
+    assert_eq!(body["reportingController"], "fast-sandbox.io/controller");
+    assert_eq!(body["reportingInstance"], "replica-a");
+    reply(respond, 201, &body);
+    // The same again is a patch of the series, not a new Event.
+    events.publish(pool.object_ref(&()), note);
+    let (method, uri, body, respond) = next(&mut handle).await;
+    assert_eq!(method, Method::PATCH);
+    assert!(
+        path(&uri).starts_with("/apis/events.k8s.io/v1/namespaces/default/events/p."),
+        "{uri}"
+    );
+    assert_eq!(body["series"]["count"], 2);
+    reply(respond, 200, &body);
+    let published = "fast_sandbox_controller_events_total{outcome=\"published\"} 2";
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !metrics.encode().expect("metrics").contains(published) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("both events counted as published");
 }

@@ -11,14 +11,20 @@
 //! - `GET /livez`: `ok` whenever the endpoint serves. The DaemonSet's
 //!   startup probe: a process that is up but whose containerd is down is
 //!   not ready, yet restarting it would not help.
+//!
+//! That endpoint stays on loopback (`/claims` names pods). For in-cluster
+//! Prometheus, [`bind_metrics`] serves `GET /metrics` alone on another
+//! address, and requires `authorization: Bearer <token>` with the token read
+//! from a file on every scrape (a rotated Secret takes effect at once).
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use axum::{
-    extract::State,
+    extract::{Request, State},
     http::{header, StatusCode},
-    response::IntoResponse,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
     routing, Json, Router,
 };
 
@@ -98,28 +104,93 @@ pub async fn bind(
     health: Health,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
-    let registry = Arc::new(Metrics::registry(&metrics));
     let app = Router::new()
         .route("/metrics", routing::get(get_metrics))
         .route("/pools", routing::get(get_pools))
         .route("/claims", routing::get(get_claims))
         .route("/healthz", routing::get(get_healthz))
         .route("/livez", routing::get(|| async { "ok" }))
-        .with_state(AppState {
+        .with_state(AppState::new(pools, metrics, health));
+    serve_on(addr, app, "admin", shutdown).await
+}
+
+impl AppState {
+    fn new(pools: Option<Arc<PoolManager>>, metrics: Arc<Metrics>, health: Health) -> Self {
+        let registry = Arc::new(Metrics::registry(&metrics));
+        AppState {
             pools,
             metrics,
             registry,
             health,
-        });
+        }
+    }
+}
+
+/// Binds `addr` for `app` (the `what` endpoint, for errors); returns the
+/// bound address and the future serving until `shutdown`.
+async fn serve_on(
+    addr: SocketAddr,
+    app: Router,
+    what: &str,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding the admin endpoint on {addr}"))?;
+        .with_context(|| format!("binding the {what} endpoint on {addr}"))?;
     let bound = listener.local_addr()?;
     Ok((bound, async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
     }))
+}
+
+/// Answers 401 unless the request carries `authorization: Bearer <token>`
+/// with the token now in `token_file`; 503 when that file cannot be read.
+async fn require_token(token_file: Arc<PathBuf>, request: Request, next: Next) -> Response {
+    let token = match crate::agent::Token::from_file(&token_file) {
+        Ok(token) => token,
+        Err(error) => {
+            tracing::warn!(error = %error, "metrics token unreadable: scrape refused");
+            return (StatusCode::SERVICE_UNAVAILABLE, "metrics token unavailable").into_response();
+        }
+    };
+    let presented = request.headers().get(header::AUTHORIZATION).and_then(|v| {
+        v.as_bytes()
+            .strip_prefix(fast_sandbox_proto::token::BEARER_PREFIX.as_bytes())
+    });
+    match presented {
+        Some(p) if token.matches(p) => next.run(request).await,
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "a valid `authorization: Bearer <token>` is required",
+        )
+            .into_response(),
+    }
+}
+
+/// Binds `addr` and serves `GET /metrics` alone until `shutdown` resolves,
+/// each request authenticated against `token_file` when one is given
+/// (`config::metrics_settings` requires one off loopback).
+pub async fn bind_metrics(
+    addr: SocketAddr,
+    token_file: Option<PathBuf>,
+    pools: Option<Arc<PoolManager>>,
+    metrics: Arc<Metrics>,
+    health: Health,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
+    let mut app = Router::new()
+        .route("/metrics", routing::get(get_metrics))
+        .with_state(AppState::new(pools, metrics, health));
+    if let Some(file) = token_file {
+        let file = Arc::new(file);
+        app = app.layer(middleware::from_fn(move |request, next| {
+            require_token(file.clone(), request, next)
+        }));
+    }
+    serve_on(addr, app, "metrics", shutdown).await
 }
 
 /// A plain HTTP/1.0 GET of `path` on the admin endpoint at `addr` (loopback):
@@ -132,11 +203,20 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 
 /// [`get`] that returns any status with its body.
 pub async fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    fetch_with(addr, path, "").await
+}
+
+/// [`fetch`] with `headers` (each line ending in `\r\n`) added.
+pub async fn fetch_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &str,
+) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to the admin endpoint {addr}"))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}\r\n").as_bytes())
         .await?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
@@ -157,8 +237,8 @@ pub async fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn serves_health_pools_claims_and_metrics_on_loopback() {
+    /// Metrics with one claim (hit) from pool `p`.
+    fn one_hit() -> Arc<Metrics> {
         let metrics = Arc::new(Metrics::default());
         metrics
             .claims
@@ -167,6 +247,12 @@ mod tests {
                 outcome: "hit",
             })
             .inc();
+        metrics
+    }
+
+    #[tokio::test]
+    async fn serves_health_pools_claims_and_metrics_on_loopback() {
+        let metrics = one_hit();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (addr, server) = bind(
             "127.0.0.1:0".parse().unwrap(),
@@ -191,6 +277,83 @@ mod tests {
         );
         let err = get(addr, "/nope").await.unwrap_err().to_string();
         assert!(err.contains("404"), "{err}");
+        tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn metrics_for_scrapers_need_the_current_bearer_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "first\n").unwrap();
+        let metrics = one_hit();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr, server) = bind_metrics(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(token_file.clone()),
+            None,
+            metrics,
+            Health::ready(),
+            async {
+                let _ = rx.await;
+            },
+        )
+        .await
+        .unwrap();
+        let server = tokio::spawn(server);
+        let bearer = |t: &str| format!("Authorization: Bearer {t}\r\n");
+
+        let (status, body) = fetch(addr, "/metrics").await.unwrap();
+        assert_eq!(status, 401, "unauthenticated: {body}");
+        assert_eq!(
+            fetch_with(addr, "/metrics", &bearer("wrong"))
+                .await
+                .unwrap()
+                .0,
+            401
+        );
+        let (status, body) = fetch_with(addr, "/metrics", &bearer("first"))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            body.contains("fast_sandbox_claims_total{pool=\"p\",outcome=\"hit\"} 1"),
+            "{body}"
+        );
+        // Only /metrics: pod names (/claims) never leave loopback.
+        assert_eq!(
+            fetch_with(addr, "/claims", &bearer("first"))
+                .await
+                .unwrap()
+                .0,
+            404
+        );
+
+        // Rotated without a restart: the old token stops working at once.
+        std::fs::write(&token_file, "second").unwrap();
+        assert_eq!(
+            fetch_with(addr, "/metrics", &bearer("first"))
+                .await
+                .unwrap()
+                .0,
+            401
+        );
+        assert_eq!(
+            fetch_with(addr, "/metrics", &bearer("second"))
+                .await
+                .unwrap()
+                .0,
+            200
+        );
+        // No token to check against: refused, not opened.
+        std::fs::remove_file(&token_file).unwrap();
+        assert_eq!(
+            fetch_with(addr, "/metrics", &bearer("second"))
+                .await
+                .unwrap()
+                .0,
+            503
+        );
         tx.send(()).unwrap();
         server.await.unwrap().unwrap();
     }

@@ -15,9 +15,13 @@
 //! - `SetPoolSize`: a pool's desired free slots, the pool found by its
 //!   exposed handler and shape key.
 //!
-//! Every call must carry `authorization: Bearer <token>` equal to the token
-//! file's content (compared in constant time); anything else is answered
-//! `Unauthenticated` before any handler runs.
+//! The agent serves mutual TLS ([`fast_sandbox_proto::tls`]): its certificate names this node
+//! and the controller must present a client certificate from the same CA,
+//! or the handshake fails before any handler runs. When a token file is
+//! configured (required with `insecure`, development only), every call must
+//! also carry `authorization: Bearer <token>` equal to its content
+//! (compared in constant time); anything else is answered `Unauthenticated`.
+//! `SetPoolSize` keeps the sum of all pools' sizes within `max_slots`.
 
 use std::{
     fmt,
@@ -41,8 +45,10 @@ use fast_sandbox_proto::{
 };
 use fast_sandbox_shim::slots::{SeccompShape, Shape};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt as _};
 use tonic::{transport::Channel, Request, Response, Status};
+
+pub use fast_sandbox_proto::tls::ServerTls;
 
 use crate::{
     health::{self, HealthState},
@@ -112,7 +118,12 @@ fn authenticate<T>(token: &Token, request: &Request<T>) -> Result<(), Status> {
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
     pub address: SocketAddr,
-    pub token_file: PathBuf,
+    /// A bearer token every call must carry too.
+    pub token_file: Option<PathBuf>,
+    /// This node's credential; `None`: cleartext (`insecure`).
+    pub tls: Option<fast_sandbox_proto::tls::TlsFiles>,
+    /// Most free slots all pools together may be set to.
+    pub max_slots: usize,
     /// The Kubernetes node name this node reports.
     pub node_name: String,
     /// How often the image list is re-read from upstream.
@@ -164,6 +175,7 @@ pub struct Agent {
     node_name: String,
     boot_id: String,
     stopped: watch::Receiver<bool>,
+    max_slots: usize,
 }
 
 fn count(n: usize) -> u32 {
@@ -309,6 +321,21 @@ impl NodeAgent for Agent {
                     req.handler, req.shape
                 ))
             })?;
+        let others: usize = manager
+            .specs()
+            .iter()
+            .zip(manager.stats())
+            .filter(|(spec, _)| spec.name != pool)
+            .map(|(_, stats)| stats.desired)
+            .sum();
+        if others.saturating_add(size) > self.max_slots {
+            return Err(Status::invalid_argument(format!(
+                "size: {size} for pool {pool:?} would make this node's pools hold {} free slots \
+                 in all, more than agent.max_slots ({})",
+                others.saturating_add(size),
+                self.max_slots
+            )));
+        }
         manager.set_size(&pool, size);
         tracing::info!(pool = %pool, size, "pool size set by the controller");
         let generation = self.status().generation;
@@ -394,7 +421,12 @@ pub struct AgentParts {
     pub upstream: Channel,
     /// Deadline of one `ListImages`.
     pub upstream_timeout: Duration,
-    pub token: Token,
+    /// A bearer token every call must carry too.
+    pub token: Option<Token>,
+    /// Mutual TLS; `None`: cleartext (development only).
+    pub tls: Option<ServerTls>,
+    /// Most free slots all pools together may be set to.
+    pub max_slots: usize,
     pub node_name: String,
     pub image_interval: Duration,
     /// Readiness: recovery finished, upstream reachable.
@@ -500,10 +532,13 @@ pub async fn bind(
         node_name: parts.node_name,
         boot_id: boot_id(),
         stopped,
+        max_slots: parts.max_slots,
     };
     let token = parts.token;
     let service = NodeAgentServer::with_interceptor(agent, move |request: Request<()>| {
-        authenticate(&token, &request)?;
+        if let Some(token) = &token {
+            authenticate(token, &request)?;
+        }
         Ok(request)
     });
     let shutdown = async move {
@@ -511,15 +546,25 @@ pub async fn bind(
         // Ends the watch streams, or the server would wait for them.
         let _ = stop_tx.send(true);
     };
+    let tls = parts.tls;
     let server = async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                shutdown,
-            )
-            .await
-            .context("serving the node agent")
+        let server = tonic::transport::Server::builder().add_service(service);
+        match tls {
+            Some(tls) => {
+                let incoming = fast_sandbox_proto::tls::accept(listener, tls, "node agent");
+                let incoming = ReceiverStream::new(incoming).map(Ok::<_, std::io::Error>);
+                server
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+            None => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                server
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+        }
+        .context("serving the node agent")
     };
     Ok((bound, server))
 }

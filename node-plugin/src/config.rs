@@ -100,6 +100,49 @@ pub struct SlotsSection {
 pub struct AdminSection {
     /// Address of the metrics/pools/health endpoint; `""` disables it.
     pub address: Option<String>,
+    /// A second listener serving `/metrics` only, for in-cluster scraping
+    /// (`--metrics-addr` wins); unset or `""`: none.
+    pub metrics_address: Option<String>,
+    /// File holding the bearer token `metrics_address` requires (a mounted
+    /// Secret; re-read on every scrape, so a rotated token takes effect
+    /// without a restart). Required unless `metrics_address` is loopback.
+    pub metrics_token_file: Option<PathBuf>,
+}
+
+/// The `/metrics` listener for scrapers, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSettings {
+    pub address: std::net::SocketAddr,
+    /// `None` only on a loopback address.
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[admin] metrics_address` (or `address_override`, `--metrics-addr`),
+/// validated: `None` when unset. A non-loopback address needs
+/// `metrics_token_file`.
+pub fn metrics_settings(
+    section: &AdminSection,
+    address_override: Option<&str>,
+) -> anyhow::Result<Option<MetricsSettings>> {
+    let Some(address) = address_override
+        .or(section.metrics_address.as_deref())
+        .filter(|a| !a.is_empty())
+    else {
+        return Ok(None);
+    };
+    let address: std::net::SocketAddr = address
+        .parse()
+        .with_context(|| format!("admin.metrics_address: {address:?} is not an ip:port"))?;
+    let token_file = section.metrics_token_file.clone();
+    anyhow::ensure!(
+        token_file.is_some() || address.ip().is_loopback(),
+        "admin.metrics_token_file: required when admin.metrics_address ({address}) \
+         is not loopback (scrapes are authenticated)"
+    );
+    Ok(Some(MetricsSettings {
+        address,
+        token_file,
+    }))
 }
 
 /// `[agent]`: the NodeAgent gRPC endpoint the controller calls.
@@ -108,9 +151,18 @@ pub struct AdminSection {
 pub struct AgentSection {
     /// `ip:port` to serve on; unset or `""`: no agent.
     pub address: Option<String>,
-    /// File holding the bearer token every call must carry (required with
-    /// `address`).
+    /// File holding a bearer token every call must carry as well: required
+    /// with `insecure`, optional with TLS.
     pub token_file: Option<PathBuf>,
+    /// Directory with this node's credential: `tls.crt` and `tls.key`
+    /// (issued for this node's name) and `ca.crt` (the CA the controller's
+    /// client certificate must chain to). Re-read when they change.
+    pub tls_dir: Option<PathBuf>,
+    /// Serve cleartext HTTP/2 with the bearer token only: development only.
+    pub insecure: bool,
+    /// Most free slots all pools together may be asked for by the
+    /// controller (default 256).
+    pub max_slots: Option<usize>,
     /// The Kubernetes node name to report; default: this host's name.
     pub node_name: Option<String>,
     /// How often containerd's image list is re-read (default 10s).
@@ -365,6 +417,15 @@ pub struct Overrides {
     /// `spec.nodeName`).
     #[arg(long, env = "FAST_SANDBOX_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
+    /// The IP the agent binds instead of `agent.address`'s (the DaemonSet
+    /// sets it from the downward API's `status.hostIP`).
+    #[arg(long, env = "FAST_SANDBOX_AGENT_IP", value_name = "IP")]
+    pub agent_ip: Option<std::net::IpAddr>,
+    /// Serve `/metrics` for scrapers on this address too ([admin]
+    /// metrics_address); a non-loopback one requires a bearer token
+    /// ([admin] metrics_token_file).
+    #[arg(long, env = "FAST_SANDBOX_METRICS_ADDR", value_name = "IP:PORT")]
+    pub metrics_addr: Option<String>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -511,21 +572,41 @@ impl Settings {
     }
 }
 
+/// Default of `agent.max_slots`: enough for every pool a node sensibly
+/// runs, far below a /24 host-local range.
+pub const DEFAULT_MAX_SLOTS: usize = 256;
+
 /// `[agent]`, validated: `None` when no address is set. `node_name` (a flag
 /// or the environment) wins over the file; the host name is the default.
 pub fn agent_settings(
     section: &AgentSection,
     node_name: Option<String>,
+    ip: Option<std::net::IpAddr>,
 ) -> anyhow::Result<Option<crate::agent::AgentSettings>> {
     let Some(address) = section.address.as_deref().filter(|a| !a.is_empty()) else {
         return Ok(None);
     };
-    let address = address
+    let mut address: std::net::SocketAddr = address
         .parse()
         .with_context(|| format!("agent.address: {address:?} is not an ip:port"))?;
-    let token_file = section.token_file.clone().context(
-        "agent.token_file: required when agent.address is set (every call is authenticated)",
-    )?;
+    if let Some(ip) = ip {
+        address.set_ip(ip);
+    }
+    let tls = match (&section.tls_dir, section.insecure) {
+        (Some(_), true) => anyhow::bail!("agent.insecure: must not be set with agent.tls_dir"),
+        (Some(dir), false) => Some(fast_sandbox_proto::tls::TlsFiles::in_dir(dir)),
+        (None, true) => None,
+        (None, false) => anyhow::bail!(
+            "agent.tls_dir: required when agent.address is set (or agent.insecure = true, \
+             for development only)"
+        ),
+    };
+    anyhow::ensure!(
+        tls.is_some() || section.token_file.is_some(),
+        "agent.token_file: required with agent.insecure (every call is authenticated)"
+    );
+    let max_slots = section.max_slots.unwrap_or(DEFAULT_MAX_SLOTS);
+    anyhow::ensure!(max_slots > 0, "agent.max_slots: must be at least 1");
     let node_name = match node_name.or_else(|| section.node_name.clone()) {
         Some(name) => name,
         None => nix::unistd::gethostname()
@@ -538,7 +619,9 @@ pub fn agent_settings(
     anyhow::ensure!(!node_name.is_empty(), "agent.node_name: must not be empty");
     Ok(Some(crate::agent::AgentSettings {
         address,
-        token_file,
+        token_file: section.token_file.clone(),
+        tls,
+        max_slots,
         node_name,
         image_interval: section
             .image_interval
@@ -754,52 +837,116 @@ mod tests {
     }
 
     #[test]
+    fn a_non_loopback_metrics_address_needs_a_token_file() {
+        let section = |toml_text: &str| -> AdminSection {
+            let file: FileConfig = toml::from_str(toml_text).expect("valid");
+            file.admin
+        };
+        assert_eq!(metrics_settings(&section(""), None).expect("none"), None);
+        let loopback = metrics_settings(&section(""), Some("127.0.0.1:9466"))
+            .expect("loopback needs no token")
+            .expect("set");
+        assert_eq!(loopback.token_file, None);
+        let error = metrics_settings(&section(""), Some("0.0.0.0:9466"))
+            .expect_err("no token")
+            .to_string();
+        assert!(error.contains("admin.metrics_token_file"), "{error}");
+        let open =
+            section("[admin]\nmetrics_address = \"0.0.0.0:9466\"\nmetrics_token_file = \"/t\"\n");
+        let settings = metrics_settings(&open, None).expect("valid").expect("set");
+        assert_eq!(settings.token_file, Some(PathBuf::from("/t")));
+        // The flag wins over the file.
+        let flagged = metrics_settings(&open, Some("10.0.0.1:1")).expect("valid");
+        assert_eq!(flagged.map(|m| m.address.port()), Some(1));
+        let error = metrics_settings(&section(""), Some("nope"))
+            .expect_err("bad")
+            .to_string();
+        assert!(error.contains("admin.metrics_address"), "{error}");
+    }
+
+    #[test]
     fn agent_section() {
         let agent = |text: &str, name: Option<&str>| {
             let file: FileConfig = toml::from_str(text).expect("valid toml");
-            agent_settings(&file.agent, name.map(str::to_owned)).map_err(|e| format!("{e:#}"))
+            agent_settings(&file.agent, name.map(str::to_owned), None).map_err(|e| format!("{e:#}"))
         };
         assert!(agent("", None).expect("no agent").is_none());
         assert!(agent("[agent]\naddress = \"\"\n", None)
             .expect("off")
             .is_none());
         let on = agent(
-            "[agent]\naddress = \"0.0.0.0:9465\"\ntoken_file = \"/t\"\nnode_name = \"n1\"\nimage_interval = \"30s\"\n",
+            "[agent]\naddress = \"0.0.0.0:9465\"\ntls_dir = \"/tls\"\nnode_name = \"n1\"\nimage_interval = \"30s\"\n",
             None,
         )
         .expect("valid")
         .expect("on");
         assert_eq!(on.address.port(), 9465);
-        assert_eq!(on.token_file, PathBuf::from("/t"));
+        assert_eq!(on.token_file, None);
+        assert_eq!(
+            on.tls.as_ref().map(|t| t.cert.clone()),
+            Some(PathBuf::from("/tls/tls.crt"))
+        );
+        assert_eq!(on.max_slots, DEFAULT_MAX_SLOTS);
         assert_eq!(on.node_name, "n1");
         assert_eq!(on.image_interval, Duration::from_secs(30));
         let flag = agent(
-            "[agent]\naddress = \"127.0.0.1:1\"\ntoken_file = \"/t\"\nnode_name = \"file\"\n",
+            "[agent]\naddress = \"127.0.0.1:1\"\ninsecure = true\ntoken_file = \"/t\"\nnode_name = \"file\"\nmax_slots = 8\n",
             Some("flag"),
         )
         .expect("valid")
         .expect("on");
         assert_eq!(flag.node_name, "flag");
+        assert_eq!(flag.max_slots, 8);
+        assert!(flag.tls.is_none());
         let host = agent(
-            "[agent]\naddress = \"127.0.0.1:1\"\ntoken_file = \"/t\"\n",
+            "[agent]\naddress = \"127.0.0.1:1\"\ntls_dir = \"/tls\"\n",
             None,
         )
         .expect("valid")
         .expect("on");
         assert!(!host.node_name.is_empty());
 
-        let err = agent("[agent]\naddress = \"127.0.0.1:1\"\n", None).expect_err("no token");
-        assert!(err.contains("agent.token_file"), "{err}");
-        let err = agent(
-            "[agent]\naddress = \"localhost\"\ntoken_file = \"/t\"\n",
-            None,
-        )
-        .expect_err("bad address");
-        assert!(err.contains("agent.address"), "{err}");
+        let bad = [
+            ("address = \"127.0.0.1:1\"\n", "agent.tls_dir: required"),
+            (
+                "address = \"127.0.0.1:1\"\ninsecure = true\n",
+                "agent.token_file",
+            ),
+            (
+                "address = \"127.0.0.1:1\"\ninsecure = true\ntls_dir = \"/t\"\n",
+                "agent.insecure",
+            ),
+            (
+                "address = \"127.0.0.1:1\"\ntls_dir = \"/t\"\nmax_slots = 0\n",
+                "agent.max_slots",
+            ),
+            (
+                "address = \"localhost\"\ntls_dir = \"/t\"\n",
+                "agent.address",
+            ),
+        ];
+        for (section, field) in bad {
+            let err = agent(&format!("[agent]\n{section}"), None).expect_err(section);
+            assert!(err.contains(field), "{section}: {err}");
+        }
         let err = toml::from_str::<FileConfig>("[agent]\ntoken = \"x\"\n")
             .expect_err("unknown field")
             .to_string();
         assert!(err.contains("unknown field `token`"), "{err}");
+    }
+
+    /// The DaemonSet's host IP replaces the configured address's IP, so
+    /// the agent never listens on every interface of the node.
+    #[test]
+    fn the_agent_binds_the_host_ip() {
+        let file: FileConfig =
+            toml::from_str("[agent]\naddress = \"0.0.0.0:9465\"\ntls_dir = \"/t\"\n")
+                .expect("valid");
+        let ip = "10.1.2.3".parse().expect("ip");
+        let on = agent_settings(&file.agent, Some("n".into()), Some(ip))
+            .expect("valid")
+            .expect("on");
+        assert_eq!(on.address, "10.1.2.3:9465".parse().expect("addr"));
     }
 
     #[test]

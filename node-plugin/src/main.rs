@@ -146,8 +146,14 @@ const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(24 * 3600);
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (file, specs, mechanisms) = read_config(args.config.as_deref())?;
-    let agent = config::agent_settings(&file.agent, args.overrides.node_name.clone())
-        .context("invalid [agent] configuration")?;
+    let agent = config::agent_settings(
+        &file.agent,
+        args.overrides.node_name.clone(),
+        args.overrides.agent_ip,
+    )
+    .context("invalid [agent] configuration")?;
+    let scrape = config::metrics_settings(&file.admin, args.overrides.metrics_addr.as_deref())
+        .context("invalid [admin] configuration")?;
     let settings = Settings::resolve(file, args.overrides);
     init_logging(&settings)?;
     fast_sandbox_node::fault::setup()?;
@@ -222,6 +228,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             shim.with_capture(capture)
         }
     };
+    if let Some(scrape) = scrape {
+        serve_metrics(
+            scrape,
+            pools.as_ref().map(|(m, _)| Arc::clone(m)),
+            Arc::clone(&metrics),
+            health.clone(),
+            stopped(),
+        )
+        .await?;
+    }
     if let Some(address) = &settings.admin {
         serve_admin(
             address,
@@ -313,6 +329,33 @@ fn watch_health(
     Ok(health)
 }
 
+/// Starts the scrapers' `/metrics` listener in the background.
+async fn serve_metrics(
+    scrape: config::MetricsSettings,
+    pools: Option<Arc<PoolManager>>,
+    metrics: Arc<Metrics>,
+    health: Health,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let authenticated = scrape.token_file.is_some();
+    let (bound, server) = admin::bind_metrics(
+        scrape.address,
+        scrape.token_file,
+        pools,
+        metrics,
+        health,
+        stopped,
+    )
+    .await?;
+    tracing::info!(address = %bound, authenticated, "serving /metrics for scrapers");
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "metrics endpoint failed");
+        }
+    });
+    Ok(())
+}
+
 /// Starts the admin endpoint (metrics, pools, claims, health) in the
 /// background.
 async fn serve_admin(
@@ -361,19 +404,35 @@ async fn serve_agent(
     health: Health,
     stopped: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let token = fast_sandbox_node::agent::Token::from_file(&agent.token_file)?;
+    let token = agent
+        .token_file
+        .as_deref()
+        .map(fast_sandbox_node::agent::Token::from_file)
+        .transpose()?;
+    if agent.tls.is_none() {
+        tracing::warn!("agent.insecure: the node agent serves cleartext (development only)");
+    }
     let upstream = fast_sandbox_shim::cri_channel(&settings.upstream.endpoint)
         .context("configuring the node agent's upstream client")?;
-    let parts = fast_sandbox_node::agent::AgentParts {
+    let mut parts = fast_sandbox_node::agent::AgentParts {
         pools,
         upstream,
         upstream_timeout: settings.upstream.call_timeout,
         token,
+        tls: None,
+        max_slots: agent.max_slots,
         node_name: agent.node_name.clone(),
         image_interval: agent.image_interval,
         health,
     };
+    let mut stopped = Box::pin(stopped);
     tokio::spawn(async move {
+        if let Some(files) = &agent.tls {
+            match await_credential(files, &mut stopped).await {
+                Some(tls) => parts.tls = Some(tls),
+                None => return,
+            }
+        }
         let (bound, server) =
             match fast_sandbox_node::agent::bind(agent.address, parts, stopped).await {
                 Ok(bound) => bound,
@@ -391,6 +450,41 @@ async fn serve_agent(
         }
     });
     Ok(())
+}
+
+/// The agent's TLS credential, waited for until it loads (a node whose
+/// credential is provisioned after the node plugin started gets its agent
+/// without a restart) or `stopped` resolves (`None`). Meanwhile CRI is
+/// served: kubelet's runtime never waits for the controller's link.
+async fn await_credential(
+    files: &fast_sandbox_proto::tls::TlsFiles,
+    stopped: &mut (impl Future<Output = ()> + Unpin),
+) -> Option<fast_sandbox_node::agent::ServerTls> {
+    const RETRY: Duration = Duration::from_secs(10);
+    let mut last = String::new();
+    loop {
+        match fast_sandbox_proto::tls::Reloading::new(
+            files.clone(),
+            fast_sandbox_proto::tls::server_config,
+        ) {
+            Ok(tls) => return Some(Arc::new(tls)),
+            Err(error) => {
+                let error = format!("{error:#}");
+                if error != last {
+                    tracing::error!(
+                        %error,
+                        retry_s = RETRY.as_secs(),
+                        "node agent not served yet: no usable TLS credential in agent.tls_dir"
+                    );
+                    last = error;
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(RETRY) => {}
+            () = &mut *stopped => return None,
+        }
+    }
 }
 
 /// `fast-sandbox-node pools`: the pools of a running node plugin.

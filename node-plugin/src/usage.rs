@@ -52,6 +52,17 @@ pub struct Sample {
     pub pgmajfault: u64,
 }
 
+impl Sample {
+    /// Adds the memory charged to `other` (a claimed slot's placeholder
+    /// cgroup, holding what the slot used before the claim) to this one's;
+    /// the limit and CPU stay this cgroup's.
+    pub fn add_memory(&mut self, other: &Sample) {
+        self.usage = self.usage.saturating_add(other.usage);
+        self.inactive_file = self.inactive_file.saturating_add(other.inactive_file);
+        self.rss = self.rss.saturating_add(other.rss);
+    }
+}
+
 fn read_u64(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -287,6 +298,43 @@ mod tests {
         assert_eq!(memu.working_set_bytes.unwrap().value, 0, "inactive > usage");
         assert_eq!(memu.available_bytes.unwrap().value, 8192);
         assert_eq!(memu.rss_bytes.unwrap().value, 1024);
+    }
+
+    /// A claimed slot's leftover placeholder charges count as the pod's
+    /// memory; its CPU, fault counters and limit do not change.
+    #[test]
+    fn placeholder_memory_adds_to_the_pods() {
+        let mut pod = Sample {
+            cpu_ns: 5,
+            usage: 1000,
+            limit: Some(4096),
+            inactive_file: 100,
+            rss: 600,
+            pgfault: 7,
+            pgmajfault: 1,
+        };
+        let left = Sample {
+            cpu_ns: 50,
+            usage: 300,
+            limit: None,
+            inactive_file: 20,
+            rss: 250,
+            pgfault: 70,
+            pgmajfault: 10,
+        };
+        pod.add_memory(&left);
+        assert_eq!(
+            pod,
+            Sample {
+                cpu_ns: 5,
+                usage: 1300,
+                limit: Some(4096),
+                inactive_file: 120,
+                rss: 850,
+                pgfault: 7,
+                pgmajfault: 1,
+            }
+        );
     }
 
     #[test]

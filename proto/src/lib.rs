@@ -1,9 +1,11 @@
-//! Generated gRPC code, and the NodeAgent API's token rule ([`token`]) and
+//! Generated gRPC code, and the NodeAgent API's token rule ([`token`]), mutual
+//! TLS ([`tls`]) and
 //! pool shape key ([`shape`]).
 //! Conversions to domain types live at the edges (the `shim`,
 //! `node-plugin` and `controller` crates), not here.
 
 pub mod shape;
+pub mod tls;
 pub mod token;
 
 #[doc(hidden)]

@@ -586,6 +586,7 @@ impl Shim {
                 let reason = match no_slot {
                     NoSlot::NoPool => MissReason::NoPool,
                     NoSlot::PoolEmpty => MissReason::PoolEmpty,
+                    NoSlot::CannotServe(reason) => reason,
                 };
                 tracing::info!(
                     %reason,

@@ -751,6 +751,9 @@ mod tests {
                 "no_pool",
                 "pool_empty",
                 "claim_failed",
+                "no_hostname",
+                "sysctls_at_start_only",
+                "unsupported_config",
             ]
         );
     }

@@ -33,11 +33,22 @@ pub enum MissReason {
     PoolEmpty,
     /// A slot was taken but the claim could not finish.
     ClaimFailed,
+    /// The pod has no hostname and the pool's runtime sets it inside the
+    /// sandbox (`guest-exec`), which does not guess one: decided before
+    /// any slot is taken.
+    NoHostname,
+    /// The pod sets sysctls and the pool's runtime applies them only at
+    /// sandbox start: decided before any slot is taken.
+    SysctlsAtStartOnly,
+    /// A field of the pod's config the pool's fix-up cannot reproduce in a
+    /// slot (a relative cgroup parent, a sysctl outside the pod's
+    /// namespaces, …): decided before any slot is taken.
+    UnsupportedConfig,
 }
 
 impl MissReason {
     /// Every reason, for pre-registering metric series.
-    pub const ALL: [MissReason; 13] = [
+    pub const ALL: [MissReason; 16] = [
         MissReason::NotFastHandler,
         MissReason::HostNetwork,
         MissReason::HostPid,
@@ -51,6 +62,9 @@ impl MissReason {
         MissReason::NoPool,
         MissReason::PoolEmpty,
         MissReason::ClaimFailed,
+        MissReason::NoHostname,
+        MissReason::SysctlsAtStartOnly,
+        MissReason::UnsupportedConfig,
     ];
 
     /// The metric label value; never changes once released.
@@ -69,6 +83,9 @@ impl MissReason {
             MissReason::NoPool => "no_pool",
             MissReason::PoolEmpty => "pool_empty",
             MissReason::ClaimFailed => "claim_failed",
+            MissReason::NoHostname => "no_hostname",
+            MissReason::SysctlsAtStartOnly => "sysctls_at_start_only",
+            MissReason::UnsupportedConfig => "unsupported_config",
         }
     }
 }

@@ -178,6 +178,10 @@ pub enum NoSlot {
     NoPool,
     /// A pool exists but has no free slot right now.
     PoolEmpty,
+    /// A pool exists but cannot serve this pod (one of the pool-specific
+    /// miss reasons, e.g. [`MissReason::NoHostname`]); decided before any
+    /// slot was touched, so the pool is as it was.
+    CannotServe(MissReason),
 }
 
 /// A claim that took a slot but could not finish (fix-up failed, the slot
@@ -267,7 +271,9 @@ pub enum SlotView {
 pub trait SlotSource: fmt::Debug + Send + Sync + 'static {
     /// Takes a free slot of exactly `claim.key`, records the claim durably,
     /// applies the fix-ups, and returns it. `Ok(Err(_))`: no slot, start
-    /// cold. The future is dropped if the caller (kubelet) gives up on the
+    /// cold. Everything that makes a pod one the pool cannot serve must be
+    /// decided before a slot is taken ([`NoSlot::CannotServe`]): `Err` is
+    /// for a claim that could have worked and did not. The future is dropped if the caller (kubelet) gives up on the
     /// `RunPodSandbox`, so it must leave no half-claimed slot behind when
     /// cancelled.
     async fn claim(&self, claim: &Claim) -> Result<Result<ClaimedSlot, NoSlot>, ClaimFailed>;

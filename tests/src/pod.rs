@@ -22,6 +22,8 @@ pub const TEST_LABEL: &str = "fast-sandbox.test/case";
 /// Nameserver given to test pods: inside the test's own range, never used to
 /// resolve anything (the network rule in ENVIRONMENT.md).
 pub const TEST_NAMESERVER: &str = "10.209.0.10";
+/// A container script that runs until stopped and exits 0 on `SIGTERM`.
+pub const IDLE_SCRIPT: &str = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done";
 
 /// One test pod: the identity kubelet would derive from the Pod object.
 #[derive(Debug, Clone)]

@@ -392,7 +392,7 @@ async fn runsc_container_stats_and_pod_cgroup() {
         &pod,
         &sid,
         "app",
-        "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done",
+        fast_sandbox_tests::pod::IDLE_SCRIPT,
         false,
     )
     .await

@@ -8,8 +8,7 @@
 //! same tie-break (smallest name) as [`super::Scorer`]; only slower, its
 //! cost growing with the cluster instead of with the answer.
 
-use super::{image_term, normalize_image, slot_term, Placement, Policy, Rejection, Request};
-use super::{SlotPolicy, Snapshot, NO_POOL};
+use super::{normalize_image, verdict, Placement, Policy, Rejection, Request, Snapshot, NO_POOL};
 
 /// A request resolved against one snapshot, scored by walking every node.
 #[derive(Debug)]
@@ -67,36 +66,21 @@ impl<'s> LinearScorer<'s> {
 
     /// The node's score, or why it is filtered out.
     pub fn score(&self, node: &str) -> Result<u8, Rejection> {
-        let index = *self
-            .snapshot
-            .by_name
-            .get(node)
-            .ok_or(Rejection::UnknownNode)?;
-        self.score_index(index)
+        self.score_index(self.snapshot.index_of(node)?)
     }
 
     fn score_index(&self, index: usize) -> Result<u8, Rejection> {
-        if !self.snapshot.ready[index] {
-            return Err(Rejection::NotReady);
-        }
-        if let Some(limit) = self.policy.stale_after_ms {
-            let age_ms = self.now_ms.saturating_sub(self.snapshot.last_seen[index]);
-            if age_ms > limit {
-                return Err(Rejection::Stale { age_ms });
-            }
-        }
-        let free = match self
-            .free
-            .map(|(free, assumed)| (free[index], assumed[index]))
-        {
-            None | Some((NO_POOL, _)) => return Err(Rejection::NoPool),
-            Some((free, assumed)) => free.saturating_sub(assumed),
-        };
-        if free == 0 && self.policy.slots == SlotPolicy::Require {
-            return Err(Rejection::NoFreeSlot);
-        }
-        let scaled = self.scaled.get(index).copied().unwrap_or(0);
-        Ok(slot_term(free) + image_term(scaled, self.requested))
+        verdict(self.snapshot, &self.policy, self.now_ms, index, || {
+            let free = match self
+                .free
+                .map(|(free, assumed)| (free[index], assumed[index]))
+            {
+                None | Some((NO_POOL, _)) => None,
+                Some((free, assumed)) => Some(free.saturating_sub(assumed)),
+            };
+            let scaled = self.scaled.get(index).copied().unwrap_or(0);
+            (free, scaled, self.requested)
+        })
     }
 
     /// Every node with its verdict, by node name.
@@ -136,6 +120,7 @@ impl<'s> LinearScorer<'s> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scoring::SlotPolicy;
     use crate::scoring::{CachedImage, NodeState, PoolState, RequestedImage, Scorer};
     use crate::synth::Rng;
 

@@ -76,8 +76,12 @@ impl ByRuntime {
     }
 
     pub(super) fn pick(&self, slot: &SlotFacts) -> &dyn Fixup {
+        self.for_handler(&slot.upstream_handler)
+    }
+
+    fn for_handler(&self, upstream: &str) -> &dyn Fixup {
         self.by_upstream
-            .get(&slot.upstream_handler)
+            .get(upstream)
             .unwrap_or(&self.default)
             .as_ref()
     }
@@ -85,6 +89,10 @@ impl ByRuntime {
 
 #[tonic::async_trait]
 impl Fixup for ByRuntime {
+    fn check(&self, upstream_handler: &str, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        self.for_handler(upstream_handler)
+            .check(upstream_handler, real)
+    }
     async fn apply(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
         self.pick(slot).apply(slot, real).await
     }

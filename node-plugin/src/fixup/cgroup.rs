@@ -205,9 +205,99 @@ fn move_pid_checked(
         let target = h.mount.join(to.relative());
         create_leaf(h, to)?;
         copy_settings(h, &source, &target)?;
+        charge_with_tasks(h, &target)?;
         write(&target.join("cgroup.procs"), &pid.to_string())?;
+        reclaim_emptied(h, &source);
     }
     Ok(())
+}
+
+/// `memory.move_charge_at_immigrate` bits: the anonymous pages and the
+/// file pages (shmem included) a task has mapped move with it.
+const MOVE_ANON_AND_FILE: &str = "3";
+
+/// How a v1 memory hierarchy treats the charges of a task joining `target`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChargeMove {
+    /// Not a v1 memory hierarchy: nothing to ask.
+    NotMemory,
+    /// Charges move with the task.
+    WithTasks,
+    /// The kernel no longer moves charges (Linux removed charge moving in
+    /// late 2024; 6.18 answers `EINVAL` to anything but 0) or has no such
+    /// file: they stay where they were made, see [`reclaim_emptied`].
+    Refused,
+}
+
+/// Asks a v1 memory hierarchy to move the charges of every task that joins
+/// `target` with it (before the move: the kernel decides at attach).
+fn charge_with_tasks(h: &Hierarchy, target: &Path) -> Result<ChargeMove, FixupError> {
+    if !h.has("memory") {
+        return Ok(ChargeMove::NotMemory);
+    }
+    match write(
+        &target.join("memory.move_charge_at_immigrate"),
+        MOVE_ANON_AND_FILE,
+    ) {
+        Ok(()) => Ok(ChargeMove::WithTasks),
+        Err(FixupError::WriteCgroupFile { source, .. }) if charge_move_refused(&source) => {
+            warn_charges_stay();
+            Ok(ChargeMove::Refused)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn charge_move_refused(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(nix::libc::EINVAL)
+}
+
+fn warn_charges_stay() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        tracing::warn!(
+            "this kernel does not move cgroup v1 memory charges with a process \
+             (memory.move_charge_at_immigrate): memory a slot's processes use \
+             before a claim and the kernel cannot reclaim stays charged to the \
+             slot's placeholder cgroup (docs/runtimes.md, \"Memory accounting\")"
+        );
+    });
+}
+
+/// Once the last task has left `source` in a hierarchy with the memory
+/// controller, reclaims what is still charged there (v1
+/// `memory.force_empty`, v2 `memory.reclaim`): page cache and other
+/// reclaimable pages are charged again to whoever faults them next, the
+/// pod. Memory the kernel cannot reclaim (anonymous and shmem pages
+/// without swap) stays. Best effort: a failure is logged, the move stands.
+fn reclaim_emptied(h: &Hierarchy, source: &Path) {
+    let v1 = h.has("memory");
+    let v2 = h.v1_options.is_none() && source.join("memory.reclaim").exists();
+    if !v1 && !v2 {
+        return;
+    }
+    let reclaimed = read(&source.join("cgroup.procs")).and_then(|procs| {
+        if !procs.trim().is_empty() {
+            return Ok(());
+        }
+        if v1 {
+            return write(&source.join("memory.force_empty"), "0");
+        }
+        let current = read(&source.join("memory.current"))?;
+        match write(&source.join("memory.reclaim"), current.trim()) {
+            // Not all of it was reclaimable: expected.
+            Err(FixupError::WriteCgroupFile { source, .. })
+                if source.raw_os_error() == Some(nix::libc::EAGAIN) =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
+    });
+    if let Err(e) = reclaimed {
+        tracing::warn!(cgroup = %source.display(), error = %crate::blocking::chain(&e),
+            "reclaiming the emptied placeholder cgroup failed; its charges stay there");
+    }
 }
 
 /// Creates `leaf` and its missing parents in `h`; in a v1 cpuset hierarchy
@@ -347,6 +437,108 @@ mod tests {
             .filter(|h| h.serves(&m))
             .map(|h| h.mount)
             .collect()
+    }
+
+    /// A hierarchy mounted at `mount` on a fake cgroup tree (a tempdir):
+    /// v1 with `controllers`, or v2 when `None`.
+    fn fake(mount: &Path, controllers: Option<&[&str]>) -> Hierarchy {
+        Hierarchy {
+            mount: mount.to_owned(),
+            v1_options: controllers.map(|c| c.iter().map(|k| ((*k).to_owned(), None)).collect()),
+            majmin: mount.display().to_string(),
+        }
+    }
+
+    fn leaf_with(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
+        fs::create_dir_all(dir).unwrap();
+        for (name, text) in files {
+            fs::write(dir.join(name), text).unwrap();
+        }
+        dir.to_owned()
+    }
+
+    fn text(path: PathBuf) -> String {
+        fs::read_to_string(path).unwrap()
+    }
+
+    /// Issue 12 item 2: on a v1 memory hierarchy the target asks for the
+    /// charges of every joining task; other hierarchies are not touched; a
+    /// kernel without charge moving (no file, `EINVAL`) is no error.
+    #[test]
+    fn charges_are_asked_to_move_with_tasks_on_v1_memory_only() {
+        let root = tempfile::tempdir().unwrap();
+        let memory = fake(&root.path().join("memory"), Some(&["memory"]));
+        let cpu = fake(&root.path().join("cpu"), Some(&["cpu", "cpuacct"]));
+        let unified = fake(&root.path().join("unified"), None);
+        let file = "memory.move_charge_at_immigrate";
+        let target = leaf_with(&memory.mount.join("pod/sb"), &[(file, "")]);
+        assert_eq!(
+            charge_with_tasks(&memory, &target).unwrap(),
+            ChargeMove::WithTasks
+        );
+        assert_eq!(text(target.join(file)), "3");
+        for h in [&cpu, &unified] {
+            let target = leaf_with(&h.mount.join("pod/sb"), &[]);
+            assert_eq!(
+                charge_with_tasks(h, &target).unwrap(),
+                ChargeMove::NotMemory
+            );
+            assert!(!target.join(file).exists());
+        }
+        // No file (a kernel without the knob): writing never creates one.
+        let without = leaf_with(&memory.mount.join("pod/other"), &[]);
+        assert_eq!(
+            charge_with_tasks(&memory, &without).unwrap(),
+            ChargeMove::Refused
+        );
+        assert!(!without.join(file).exists());
+        let code = |c| io::Error::from_raw_os_error(c);
+        assert!(charge_move_refused(&code(nix::libc::EINVAL)));
+        assert!(!charge_move_refused(&code(nix::libc::EIO)));
+        assert!(!charge_move_refused(&code(nix::libc::EACCES)));
+    }
+
+    /// What stays charged to an emptied placeholder leaf is reclaimed so it
+    /// faults back in charged to the pod: v1 `memory.force_empty`, v2
+    /// `memory.reclaim` of its whole usage. Not while a task is left, and
+    /// not in hierarchies without the memory controller.
+    #[test]
+    fn an_emptied_leaf_is_reclaimed_v1_and_v2() {
+        let root = tempfile::tempdir().unwrap();
+        let memory = fake(&root.path().join("memory"), Some(&["memory"]));
+        let emptied = leaf_with(
+            &memory.mount.join("slots/u/sb"),
+            &[("cgroup.procs", ""), ("memory.force_empty", "")],
+        );
+        reclaim_emptied(&memory, &emptied);
+        assert_eq!(text(emptied.join("memory.force_empty")), "0");
+
+        let busy = leaf_with(
+            &memory.mount.join("slots/u/busy"),
+            &[("cgroup.procs", "42\n"), ("memory.force_empty", "")],
+        );
+        reclaim_emptied(&memory, &busy);
+        assert_eq!(text(busy.join("memory.force_empty")), "", "a task is left");
+
+        let unified = fake(&root.path().join("unified"), None);
+        let v2 = leaf_with(
+            &unified.mount.join("slots/u/sb"),
+            &[
+                ("cgroup.procs", ""),
+                ("memory.current", "8192\n"),
+                ("memory.reclaim", ""),
+            ],
+        );
+        reclaim_emptied(&unified, &v2);
+        assert_eq!(text(v2.join("memory.reclaim")), "8192");
+
+        let cpu = fake(&root.path().join("cpu"), Some(&["cpu"]));
+        let other = leaf_with(
+            &cpu.mount.join("slots/u/sb"),
+            &[("cgroup.procs", ""), ("memory.force_empty", "")],
+        );
+        reclaim_emptied(&cpu, &other);
+        assert_eq!(text(other.join("memory.force_empty")), "");
     }
 
     #[test]

@@ -35,7 +35,6 @@ use fast_sandbox_proto::cri::PodSandboxConfig;
 
 use super::{
     guest_ops::{GuestError, GuestOps},
-    kernel::Namespace,
     ops::NodeOps,
     plan::{CgroupMove, FixupPlan},
     setns, Fixup, FixupFailed, GuestStep, SlotFacts,
@@ -246,19 +245,26 @@ fn exec_id() -> Result<String, GuestError> {
 
 #[tonic::async_trait]
 impl Fixup for GuestExecFixup {
-    async fn apply(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
-        let plan = self.plan(slot, real)?;
-        if plan.hostname().is_empty() {
+    fn check(&self, _upstream_handler: &str, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        super::plan::check_pod(real).map_err(FixupFailed::Plan)?;
+        if real.hostname.is_empty() {
             // What the sentry or guest names itself without one is the
             // runtime's choice: do not guess, start cold.
             return Err(FixupFailed::NoHostname);
         }
-        let has_sysctls = [Namespace::Net, Namespace::Ipc, Namespace::Uts]
-            .iter()
-            .any(|ns| !plan.sysctls_in(*ns).is_empty());
+        // Every sysctl the plan accepts lives in the pod's net, IPC or
+        // UTS namespace.
+        let has_sysctls = real.linux.as_ref().is_some_and(|l| !l.sysctls.is_empty());
         if has_sysctls && self.settings.sysctls == SysctlPolicy::Refuse {
             return Err(FixupFailed::SysctlsAtStartOnly);
         }
+        Ok(())
+    }
+
+    async fn apply(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        // The claim asked this before it took the slot; recovery did not.
+        self.check(&slot.upstream_handler, real)?;
+        let plan = self.plan(slot, real)?;
         self.write_sandbox_files(&plan)
             .await
             .map_err(|source| FixupFailed::Guest {

@@ -127,6 +127,16 @@ impl From<ApplyError> for FixupFailed {
 }
 
 impl FixupFailed {
+    /// The miss a pod that [`Fixup::check`] refuses is counted under.
+    pub fn miss_reason(&self) -> fast_sandbox_shim::slots::MissReason {
+        use fast_sandbox_shim::slots::MissReason;
+        match self {
+            Self::NoHostname => MissReason::NoHostname,
+            Self::SysctlsAtStartOnly => MissReason::SysctlsAtStartOnly,
+            Self::Plan(_) | Self::Setns(_) | Self::Guest { .. } => MissReason::UnsupportedConfig,
+        }
+    }
+
     /// Whether it failed only because the pause process no longer exists
     /// (its `/proc/<pid>/cgroup` is gone, or the kernel says no such
     /// process): the pod was stopped meanwhile, which is not a failure.
@@ -153,6 +163,14 @@ impl FixupFailed {
 /// fake.
 #[tonic::async_trait]
 pub trait Fixup: fmt::Debug + Send + Sync + 'static {
+    /// Whether a slot created with `upstream_handler` can be fixed up for
+    /// `real` at all. Asked before a slot is taken, so every reason a pod
+    /// cannot be served belongs here, not in [`Fixup::apply`] (which would
+    /// cost the slot). No I/O: asked on every claim. By default, the
+    /// fix-up plan's own checks.
+    fn check(&self, _upstream_handler: &str, real: &PodSandboxConfig) -> Result<(), FixupFailed> {
+        plan::check_pod(real).map_err(FixupFailed::Plan)
+    }
     /// Makes the slot look like a cold sandbox of `real` from inside: runs
     /// before the claim is answered.
     async fn apply(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<(), FixupFailed>;

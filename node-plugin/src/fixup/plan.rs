@@ -18,6 +18,8 @@ use super::{
 const CRI_PLUGIN_DIR: &str = "io.containerd.grpc.v1.cri";
 /// The containerd namespace of the CRI plugin; names the default cgroup.
 const CRI_NAMESPACE: &str = "k8s.io";
+/// How errors name the pod's cgroup parent.
+const REAL_PARENT_FIELD: &str = "PodSandboxConfig field linux.cgroup_parent";
 /// Linux `HOST_NAME_MAX`.
 const HOST_NAME_MAX: usize = 64;
 
@@ -237,11 +239,7 @@ impl CgroupMove {
         Ok(Self {
             sandbox_id: id.clone(),
             from: CgroupLeaf::for_sandbox(placeholder_parent, id, "placeholder cgroup parent")?,
-            to: CgroupLeaf::for_sandbox(
-                real_parent,
-                id,
-                "PodSandboxConfig field linux.cgroup_parent",
-            )?,
+            to: CgroupLeaf::for_sandbox(real_parent, id, REAL_PARENT_FIELD)?,
         })
     }
 
@@ -291,28 +289,12 @@ impl FixupPlan {
             .join("sandboxes")
             .join(sandbox_id.as_str());
 
-        check_pod_namespaces(real)?;
-        let hostname = check_hostname(&real.hostname)?;
+        let PodFields {
+            hostname,
+            sysctls,
+            real_parent,
+        } = pod_fields(real)?;
         let resolv_conf = real.dns_config.as_ref().and_then(render_resolv_conf);
-
-        let linux = real.linux.as_ref();
-        let mut sysctls: BTreeMap<Namespace, Vec<Sysctl>> = BTreeMap::new();
-        // Sorted by name, so the order of writes is stable.
-        let requested: BTreeMap<&String, &String> = linux
-            .map(|l| l.sysctls.iter().collect())
-            .unwrap_or_default();
-        for (name, value) in requested {
-            let ns = classify_sysctl(name)?;
-            if value.contains('\0') {
-                return Err(FixupError::SysctlValueHasNul { name: name.clone() });
-            }
-            sysctls.entry(ns).or_default().push(Sysctl {
-                name: name.clone(),
-                value: value.clone(),
-            });
-        }
-
-        let real_parent = linux.map(|l| l.cgroup_parent.as_str()).unwrap_or_default();
         let cgroup = CgroupMove::new(&sandbox_id, placeholder_cgroup_parent, real_parent)?;
 
         Ok(Self {
@@ -357,6 +339,51 @@ impl FixupPlan {
     pub fn cgroup(&self) -> &CgroupMove {
         &self.cgroup
     }
+}
+
+/// Checks everything of `real` a fix-up plan depends on, without a slot:
+/// whether any slot could be fixed up for this pod. The claim asks it
+/// before it takes a slot, so a pod no slot can serve starts cold with the
+/// pool untouched.
+pub fn check_pod(real: &PodSandboxConfig) -> Result<(), FixupError> {
+    let fields = pod_fields(real)?;
+    // Any valid id: the parent's validity does not depend on it.
+    let id = SandboxId("0".repeat(64));
+    CgroupLeaf::for_sandbox(fields.real_parent, &id, REAL_PARENT_FIELD)?;
+    Ok(())
+}
+
+/// The fields of the real pod's config a plan takes, validated.
+struct PodFields<'a> {
+    hostname: String,
+    sysctls: BTreeMap<Namespace, Vec<Sysctl>>,
+    real_parent: &'a str,
+}
+
+fn pod_fields(real: &PodSandboxConfig) -> Result<PodFields<'_>, FixupError> {
+    check_pod_namespaces(real)?;
+    let hostname = check_hostname(&real.hostname)?;
+    let linux = real.linux.as_ref();
+    let mut sysctls: BTreeMap<Namespace, Vec<Sysctl>> = BTreeMap::new();
+    // Sorted by name, so the order of writes is stable.
+    let requested: BTreeMap<&String, &String> = linux
+        .map(|l| l.sysctls.iter().collect())
+        .unwrap_or_default();
+    for (name, value) in requested {
+        let ns = classify_sysctl(name)?;
+        if value.contains('\0') {
+            return Err(FixupError::SysctlValueHasNul { name: name.clone() });
+        }
+        sysctls.entry(ns).or_default().push(Sysctl {
+            name: name.clone(),
+            value: value.clone(),
+        });
+    }
+    Ok(PodFields {
+        hostname,
+        sysctls,
+        real_parent: linux.map(|l| l.cgroup_parent.as_str()).unwrap_or_default(),
+    })
 }
 
 fn check_pod_namespaces(real: &PodSandboxConfig) -> Result<(), FixupError> {

@@ -33,6 +33,9 @@ impl PoolManager {
         claim: &Claim,
     ) -> Result<Result<ClaimedSlot, NoSlot>, ClaimFailed> {
         let started = Instant::now();
+        if let Err(no) = self.can_serve(claim) {
+            return Ok(Err(no));
+        }
         let (i, facts) = match self.take_free(&claim.key, &claim.exposed_handler) {
             Ok(found) => found,
             Err(no) => return Ok(Err(no)),
@@ -57,6 +60,26 @@ impl PoolManager {
             sandbox_id: facts.sandbox_id.clone(),
             reason: chain(&e),
         })
+    }
+
+    /// Whether a pool of the claim's key and handler exists and its fix-up
+    /// can serve the pod, decided before any slot is touched: a pod no slot
+    /// can serve starts cold at cold speed and the pool keeps its slots.
+    fn can_serve(&self, claim: &Claim) -> Result<(), NoSlot> {
+        let exists = self
+            .specs
+            .iter()
+            .any(|s| s.key == claim.key && s.exposed_handler == claim.exposed_handler);
+        if !exists {
+            return Err(NoSlot::NoPool);
+        }
+        self.fixup
+            .check(&claim.key.upstream_handler, &claim.config)
+            .map_err(|refused| {
+                tracing::info!(pool = %claim.key, cause = %chain(&refused),
+                    "the pool cannot serve this pod; starting it cold");
+                NoSlot::CannotServe(refused.miss_reason())
+            })
     }
 
     /// Takes a free slot of `key`, marking it as being claimed.
@@ -301,9 +324,21 @@ impl PoolManager {
     pub(super) fn usage_of(&self, sandbox_id: &str, pod: &ClaimedPod) -> Option<PodUsage> {
         let parent = pod.config.linux.as_ref()?.cgroup_parent.as_str();
         let leaf = crate::fixup::CgroupLeaf::for_pod(parent).ok()?;
+        // What the slot used before its claim and the kernel did not move
+        // with its processes stays charged under the slot's placeholder
+        // parent: reported as the pod's (docs/runtimes.md, "Memory a warm
+        // slot used before its claim").
+        let placeholder = self.table().slots.get(sandbox_id).and_then(|slot| {
+            let parent = &slot.facts.placeholder_cgroup_parent;
+            crate::fixup::CgroupLeaf::owned_dir(parent, "placeholder cgroup parent").ok()
+        });
         let cgroups = Arc::clone(&self.cgroups);
         let read = crate::blocking::wait_in_place(self.cfg.upstream_timeout, move || {
-            cgroups.pod_sample(&leaf)
+            let mut sample = cgroups.pod_sample(&leaf)?;
+            if let Some(left) = placeholder.and_then(|p| cgroups.pod_sample(&p)) {
+                sample.add_memory(&left);
+            }
+            Some(sample)
         });
         let sample = match read {
             Ok(sample) => sample?,

@@ -391,3 +391,36 @@ fn real_builds_one_guest_fixup_per_guest_runtime() {
     assert!(format!("{:?}", by.pick(&facts("runc"))).starts_with("SetnsFixup"));
     assert!(format!("{:?}", by.pick(&facts("other"))).starts_with("SetnsFixup"));
 }
+
+/// Issue 12 item 4: every reason a guest-exec pool cannot serve a pod is
+/// known from the pod's config alone, before a slot is taken, and names its
+/// miss reason; a pod it can serve passes.
+#[test]
+fn check_refuses_what_apply_would_refuse_without_a_slot() {
+    use fast_sandbox_shim::slots::MissReason;
+    let node = Arc::new(RecordingOps::new());
+    let guest = Arc::new(RecordingGuestOps::default());
+    let ignore = fixup(&node, &guest, SysctlPolicy::Ignore);
+    let refuse = fixup(&node, &guest, SysctlPolicy::Refuse);
+    ignore.check("runsc", &real(&[])).expect("an ordinary pod");
+    let mut unnamed = real(&[]);
+    unnamed.hostname.clear();
+    let reason = |r: Result<(), FixupFailed>| r.expect_err("refused").miss_reason();
+    assert_eq!(
+        reason(ignore.check("runsc", &unnamed)),
+        MissReason::NoHostname
+    );
+    let sysctls = real(&[("net.core.somaxconn", "1024")]);
+    ignore.check("runsc", &sysctls).expect("ignored sysctls");
+    assert_eq!(
+        reason(refuse.check("kata", &sysctls)),
+        MissReason::SysctlsAtStartOnly
+    );
+    let mut relative = real(&[]);
+    relative.linux.as_mut().expect("linux").cgroup_parent = "kubepods/pod1".into();
+    assert_eq!(
+        reason(ignore.check("runsc", &relative)),
+        MissReason::UnsupportedConfig
+    );
+    assert!(node.calls().is_empty() && guest.calls().is_empty());
+}
