@@ -23,7 +23,12 @@ use fast_sandbox_tests::{
 };
 use tokio::sync::Notify;
 
-/// A cgroup reader whose pod reads wait until released.
+/// The pod's cgroup parent in the claim below.
+const POD_PARENT: &str = "/kubepods/besteffort/pod1234";
+
+/// A cgroup reader whose reads of the pod's cgroup wait until released;
+/// the claimed slot's placeholder (also read for a claimed pod's stats)
+/// holds nothing.
 #[derive(Debug)]
 struct HeldReader {
     /// Notified when a read starts.
@@ -33,7 +38,10 @@ struct HeldReader {
 }
 
 impl CgroupReader for HeldReader {
-    fn pod_sample(&self, _leaf: &CgroupLeaf) -> Option<Sample> {
+    fn pod_sample(&self, leaf: &CgroupLeaf) -> Option<Sample> {
+        if !leaf.as_str().starts_with(POD_PARENT) {
+            return None;
+        }
         self.entered.notify_one();
         let _ = self.release.lock().expect("lock").recv();
         Some(Sample {
@@ -75,7 +83,7 @@ async fn held_read() {
     let id = rig
         .claim_for(cri::PodSandboxConfig {
             linux: Some(cri::LinuxPodSandboxConfig {
-                cgroup_parent: "/kubepods/besteffort/pod1234".into(),
+                cgroup_parent: POD_PARENT.into(),
                 ..Default::default()
             }),
             ..Default::default()
