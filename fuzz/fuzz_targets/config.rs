@@ -69,8 +69,9 @@ fuzz_target!(|data: &[u8]| {
             .all(|p| mechanisms.contains_key(&p.upstream))),
         Err(err) => assert!(!format!("{err:#}").is_empty()),
     }
-    // A node name from the flag, so the host's name is not read.
-    match agent_settings(&file.agent, Some("node-0".to_owned())) {
+    // A node name from the flag, so the host's name is not read; no host
+    // IP override, so the address is the file's own.
+    match agent_settings(&file.agent, Some("node-0".to_owned()), None) {
         Ok(Some(agent)) => assert_eq!(agent.node_name, "node-0"),
         Ok(None) => assert!(file.agent.address.as_deref().is_none_or(str::is_empty)),
         Err(err) => assert!(!format!("{err:#}").is_empty()),
