@@ -299,6 +299,20 @@ impl Snapshot {
         self.nodes.is_empty()
     }
 
+    /// Every node's name with what `score` says of its column index.
+    fn verdicts_by<'a, F>(
+        &'a self,
+        score: F,
+    ) -> impl Iterator<Item = (&'a str, Result<u8, Rejection>)> + use<'a, F>
+    where
+        F: Fn(usize) -> Result<u8, Rejection>,
+    {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(move |(i, n)| (n.name.as_str(), score(i)))
+    }
+
     /// The node's column index, for scoring it.
     fn index_of(&self, name: &str) -> Result<usize, Rejection> {
         self.by_name
@@ -645,11 +659,7 @@ impl<'s> Scorer<'s> {
 
     /// Every node with its verdict, by node name.
     pub fn verdicts(&self) -> impl Iterator<Item = (&'s str, Result<u8, Rejection>)> + '_ {
-        self.snapshot
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.name.as_str(), self.score_index(i)))
+        self.snapshot.verdicts_by(move |i| self.score_index(i))
     }
 
     /// The best node: highest score, then smallest name.

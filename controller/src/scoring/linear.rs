@@ -85,11 +85,7 @@ impl<'s> LinearScorer<'s> {
 
     /// Every node with its verdict, by node name.
     pub fn verdicts(&self) -> impl Iterator<Item = (&'s str, Result<u8, Rejection>)> + '_ {
-        self.snapshot
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.name.as_str(), self.score_index(i)))
+        self.snapshot.verdicts_by(move |i| self.score_index(i))
     }
 
     /// The best node: highest score, then smallest name.
