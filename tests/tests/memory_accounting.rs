@@ -16,7 +16,7 @@ mod support;
 
 use std::time::Duration;
 
-use fast_sandbox_proto::cri::PodSandboxStatsRequest;
+use fast_sandbox_proto::cri::{PodSandboxStatsRequest, PodSandboxStatsResponse};
 use fast_sandbox_tests::{
     pod::{run_pod, start_container, TestPod},
     wait_for, CaseGuard, DevNode,
@@ -31,6 +31,32 @@ struct Charged {
     working_set: u64,
     /// `PodSandboxStats` memory usage through the shim, read just after.
     reported: u64,
+    /// The pod cgroup's usage read again just after `reported`.
+    usage_after: u64,
+    /// `PodSandboxStats` memory usage straight from containerd, which reads
+    /// the sandbox's *stored* cgroup parent: for a warm pod the slot's
+    /// placeholder, holding what the slot used before its claim.
+    upstream: u64,
+}
+
+/// How far two readings of `memory.usage_in_bytes` can differ with nothing
+/// changed: the kernel charges a cgroup in batches of 64 pages per CPU
+/// (`MEMCG_CHARGE_BATCH`) and drains the unused rest at other CPUs' will,
+/// so a pod of a megabyte reads ±256 KiB per CPU from one moment to the
+/// next (seen here: 880 KiB, then 368 KiB a millisecond later).
+fn charge_batch_fuzz() -> u64 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    64 * 4096 * cpus
+}
+
+fn usage_of(cri: &PodSandboxStatsResponse) -> u64 {
+    cri.stats
+        .as_ref()
+        .and_then(|s| s.linux.as_ref())
+        .and_then(|l| l.memory.as_ref())
+        .and_then(|m| m.usage_bytes.as_ref())
+        .expect("memory usage reported")
+        .value
 }
 
 fn charged(rel: &str) -> Option<Charged> {
@@ -50,6 +76,8 @@ fn charged(rel: &str) -> Option<Charged> {
         usage,
         working_set: usage.saturating_sub(inactive_file),
         reported: 0,
+        usage_after: 0,
+        upstream: 0,
     })
 }
 
@@ -94,24 +122,31 @@ async fn run_and_measure(node: &DevNode, warm: &WarmNode, pod: &TestPod, handler
     )
     .await
     .expect("moved");
-    let mut charged = charged(&parent).expect("the pod's memory cgroup");
-    charged.reported = cri
-        .runtime
-        .pod_sandbox_stats(PodSandboxStatsRequest {
-            pod_sandbox_id: sid.clone(),
-        })
-        .await
-        .expect("PodSandboxStats")
-        .into_inner()
-        .stats
-        .and_then(|s| s.linux)
-        .and_then(|l| l.memory)
-        .and_then(|m| m.usage_bytes)
-        .expect("memory usage reported")
-        .value;
+    let request = PodSandboxStatsRequest {
+        pod_sandbox_id: sid.clone(),
+    };
+    let mut measured = charged(&parent).expect("the pod's memory cgroup");
+    measured.reported = usage_of(
+        &cri.runtime
+            .pod_sandbox_stats(request.clone())
+            .await
+            .expect("PodSandboxStats")
+            .into_inner(),
+    );
+    measured.usage_after = charged(&parent).expect("the pod's memory cgroup").usage;
+    measured.upstream = usage_of(
+        &node
+            .cri()
+            .expect("containerd client")
+            .runtime
+            .pod_sandbox_stats(request)
+            .await
+            .expect("PodSandboxStats from containerd")
+            .into_inner(),
+    );
     cri.remove_sandbox(&sid).await.expect("pod removed");
     pod.remove_pod_cgroups();
-    charged
+    measured
 }
 
 async fn warm_and_cold_charge_the_same(test: &str, handler: &str) {
@@ -144,37 +179,50 @@ async fn warm_and_cold_charge_the_same(test: &str, handler: &str) {
     let working_set = ratio(hot.working_set, cold.working_set);
     let reported = ratio(hot.reported, cold.reported);
     eprintln!(
-        "{handler}: pod cgroup usage cold {} warm {} ({usage:.2}x); working set cold {} warm {} ({working_set:.2}x); PodSandboxStats cold {} warm {} ({reported:.2}x)",
-        cold.usage, hot.usage, cold.working_set, hot.working_set, cold.reported, hot.reported
+        "{handler}: pod cgroup usage cold {} warm {} ({usage:.2}x); working set cold {} warm {} ({working_set:.2}x); PodSandboxStats cold {} warm {} ({reported:.2}x); warm placeholder {}",
+        cold.usage, hot.usage, cold.working_set, hot.working_set, cold.reported, hot.reported, hot.upstream
     );
+    // Two readings of a pod of a megabyte differ by up to the kernel's
+    // charge batches; every bound allows that much besides its own.
+    let fuzz = charge_batch_fuzz();
+    let close = |w: u64, c: u64| w.abs_diff(c) <= c / 10 + fuzz;
     if kernel_moves_charges() {
         // Issue 12's bound: a warm pod charged like a cold one, in its own
         // cgroup and in what CRI reports.
         assert!(
-            (0.9..=1.1).contains(&reported),
-            "{handler}: PodSandboxStats reports {} bytes warm, {} cold ({reported:.2}x)",
+            close(hot.reported, cold.reported),
+            "{handler}: PodSandboxStats reports {} bytes warm, {} cold ({reported:.2}x, {fuzz} bytes of charge batches allowed)",
             hot.reported,
             cold.reported
         );
         assert!(
-            (0.9..=1.1).contains(&usage),
-            "{handler}: a warm pod's cgroup holds {} bytes, a cold one's {} ({usage:.2}x)",
+            close(hot.usage, cold.usage),
+            "{handler}: a warm pod's cgroup holds {} bytes, a cold one's {} ({usage:.2}x, {fuzz} bytes of charge batches allowed)",
             hot.usage,
             cold.usage
         );
     } else {
         // Linux removed charge moving (end of 2024): what the slot touched
         // before the claim stays charged to its placeholder, which no
-        // write can change. The node plugin's part is to count it:
-        // PodSandboxStats reports the pod cgroup plus that remainder, so
-        // more than the pod cgroup alone (docs/runtimes.md, "Memory").
+        // write can change, and which containerd reports as the sandbox's
+        // (`upstream`). The node plugin's part is to count it:
+        // PodSandboxStats reports the pod cgroup plus that remainder
+        // (docs/runtimes.md, "Memory"). The pod cgroup is read just before
+        // and just after; the smaller reading bounds it from below. A
+        // remainder below the charge batches (runc's few hundred KiB on
+        // two CPUs) cannot be told from noise here: the sum itself is
+        // unit-tested (`placeholder_memory_adds_to_the_pods`); gVisor's
+        // tens of MiB can.
         eprintln!("{handler}: this kernel does not move cgroup v1 charges with a task");
         assert!(hot.usage > 0, "{handler}: the warm pod's cgroup is charged");
+        let floor = (hot.usage.min(hot.usage_after) + hot.upstream).saturating_sub(fuzz);
         assert!(
-            hot.reported > hot.usage,
-            "{handler}: PodSandboxStats reports {} bytes for a warm pod whose cgroup holds {}: the placeholder's remainder is not counted",
+            hot.reported >= floor,
+            "{handler}: PodSandboxStats reports {} bytes for a warm pod whose cgroup holds {}..{} and whose placeholder holds {} ({fuzz} bytes of charge batches allowed): the placeholder's remainder is not counted",
             hot.reported,
-            hot.usage
+            hot.usage.min(hot.usage_after),
+            hot.usage.max(hot.usage_after),
+            hot.upstream
         );
     }
 }
