@@ -25,14 +25,15 @@
 mod tls;
 pub use tls::serve_tls;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -49,9 +50,11 @@ use crate::scoring::{Policy, Rejection, Request, RequestedImage, Scorer, Snapsho
 /// `MaxExtenderPriority` of the v1 extender API: answers are 0..=10.
 pub const MAX_EXTENDER_PRIORITY: i64 = 10;
 
-/// `ExtenderArgs`.
+/// `ExtenderArgs`. Node names are borrowed from the request body when it
+/// allows (no escapes in them, as in every DNS name), so parsing the
+/// thousands of candidates of one call allocates no string per name.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ExtenderArgs {
+pub struct ExtenderArgs<'a> {
     #[serde(alias = "Pod", default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<Pod>,
     /// Candidates when the extender is not node-cache capable.
@@ -63,9 +66,40 @@ pub struct ExtenderArgs {
         alias = "NodeNames",
         alias = "nodeNames",
         default,
+        borrow,
         skip_serializing_if = "Option::is_none"
     )]
-    pub node_names: Option<Vec<String>>,
+    pub node_names: Option<Vec<NodeName<'a>>>,
+}
+
+/// A node name of an extender call, borrowed from its body when possible.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeName<'a>(#[serde(borrow)] pub Cow<'a, str>);
+
+impl std::ops::Deref for NodeName<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for NodeName<'_> {
+    fn from(name: String) -> Self {
+        NodeName(Cow::Owned(name))
+    }
+}
+
+impl<'a> From<&'a str> for NodeName<'a> {
+    fn from(name: &'a str) -> Self {
+        NodeName(Cow::Borrowed(name))
+    }
+}
+
+impl PartialEq<&str> for NodeName<'_> {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
 }
 
 /// The parts of a `v1.NodeList` the extender reads and echoes back.
@@ -79,9 +113,9 @@ pub struct NodeList {
 /// (`{"node": "reason"}`) straight from the rejections: a filter over
 /// thousands of nodes then allocates no message per rejected node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FailedNodes(Vec<(String, Rejection)>);
+pub struct FailedNodes<'a>(Vec<(NodeName<'a>, Rejection)>);
 
-impl FailedNodes {
+impl FailedNodes<'_> {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -92,16 +126,16 @@ impl FailedNodes {
 
     /// Why `node` was rejected.
     pub fn get(&self, node: &str) -> Option<&Rejection> {
-        self.0.iter().find(|(n, _)| n == node).map(|(_, r)| r)
+        self.0.iter().find(|(n, _)| **n == *node).map(|(_, r)| r)
     }
 }
 
-impl Serialize for FailedNodes {
+impl Serialize for FailedNodes<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut map = serializer.serialize_map(Some(self.0.len()))?;
         for (node, reason) in &self.0 {
-            map.serialize_entry(node, &format_args!("{reason}"))?;
+            map.serialize_entry(&**node, &format_args!("{reason}"))?;
         }
         map.end()
     }
@@ -109,28 +143,28 @@ impl Serialize for FailedNodes {
 
 /// `ExtenderFilterResult`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct ExtenderFilterResult {
+pub struct ExtenderFilterResult<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<NodeList>,
     #[serde(rename = "nodenames", skip_serializing_if = "Option::is_none")]
-    pub node_names: Option<Vec<String>>,
+    pub node_names: Option<Vec<NodeName<'a>>>,
     /// Never used: every rejection is unresolvable by preemption.
     #[serde(rename = "failedNodes", skip_serializing_if = "FailedNodes::is_empty")]
-    pub failed_nodes: FailedNodes,
+    pub failed_nodes: FailedNodes<'a>,
     #[serde(
         rename = "failedAndUnresolvableNodes",
         skip_serializing_if = "FailedNodes::is_empty"
     )]
-    pub failed_and_unresolvable_nodes: FailedNodes,
+    pub failed_and_unresolvable_nodes: FailedNodes<'a>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub error: String,
 }
 
 /// One entry of a `HostPriorityList`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostPriority {
-    #[serde(alias = "Host")]
-    pub host: String,
+pub struct HostPriority<'a> {
+    #[serde(alias = "Host", borrow)]
+    pub host: NodeName<'a>,
     #[serde(alias = "Score")]
     pub score: i64,
 }
@@ -336,7 +370,7 @@ impl Extender {
     }
 
     /// The filter verb.
-    pub fn filter(&self, args: ExtenderArgs, now_ms: u64) -> ExtenderFilterResult {
+    pub fn filter<'a>(&self, args: ExtenderArgs<'a>, now_ms: u64) -> ExtenderFilterResult<'a> {
         let Some(pod) = args.pod.as_ref() else {
             return ExtenderFilterResult {
                 error: "no pod in the extender arguments".into(),
@@ -390,7 +424,7 @@ impl Extender {
                 let name = node.metadata.name.as_deref().unwrap_or_default();
                 match scorer.score(name) {
                     Ok(_) => items.push(node),
-                    Err(reason) => failed.push((name.to_owned(), reason)),
+                    Err(reason) => failed.push((name.to_owned().into(), reason)),
                 }
             }
             result.nodes = Some(NodeList { items });
@@ -408,14 +442,18 @@ impl Extender {
 
     /// The prioritize verb: every candidate, scored 0..=10; `None` without
     /// a pod.
-    pub fn prioritize(&self, args: ExtenderArgs, now_ms: u64) -> Option<Vec<HostPriority>> {
+    pub fn prioritize<'a>(
+        &self,
+        args: ExtenderArgs<'a>,
+        now_ms: u64,
+    ) -> Option<Vec<HostPriority<'a>>> {
         let pod = args.pod.as_ref()?;
-        let names: Vec<String> = match (args.node_names, args.nodes) {
+        let names: Vec<NodeName<'a>> = match (args.node_names, args.nodes) {
             (Some(names), _) => names,
             (None, Some(list)) => list
                 .items
                 .into_iter()
-                .filter_map(|n| n.metadata.name)
+                .filter_map(|n| n.metadata.name.map(NodeName::from))
                 .collect(),
             (None, None) => Vec::new(),
         };
@@ -438,13 +476,13 @@ impl Extender {
         // The node this pod most likely goes to: best score, then smallest
         // name (as `Scorer::best`), among nodes with a free slot.
         let mut top: Option<(u8, usize)> = None;
-        let mut priorities: Vec<HostPriority> = Vec::with_capacity(names.len());
+        let mut priorities: Vec<HostPriority<'a>> = Vec::with_capacity(names.len());
         for host in names {
-            let score = scorer.score(&host);
+            let (score, free) = scorer.score_and_free(&host);
             if let Ok(score) = score {
                 let better = top
                     .is_none_or(|(s, at)| score > s || (score == s && host < priorities[at].host));
-                if better && scorer.free_slots(&host).unwrap_or(0) > 0 {
+                if better && free > 0 {
                     top = Some((score, priorities.len()));
                 }
             }
@@ -453,7 +491,7 @@ impl Extender {
                 score: score.map_or(0, to_extender_priority),
             });
         }
-        let top = top.map(|(_, at)| priorities[at].host.clone());
+        let top = top.map(|(_, at)| priorities[at].host.to_string());
         tracing::info!(
             pod = %pod_name(pod),
             handler = %request.handler,
@@ -626,45 +664,112 @@ async fn metrics(State(extender): State<Arc<Extender>>) -> Response {
     }
 }
 
+/// Why a request body is not extender arguments: the status and message
+/// axum's `Json` extractor would answer (415, 400 for bad JSON, 422 for
+/// JSON of the wrong shape).
+#[derive(Debug)]
+pub struct ArgsRejection {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+/// The extender arguments in `body`, names borrowed from it.
+pub fn parse_args<'a>(
+    headers: &HeaderMap,
+    body: &'a [u8],
+) -> Result<ExtenderArgs<'a>, ArgsRejection> {
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(is_json);
+    if !json {
+        return Err(ArgsRejection {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            message: "expected request with `Content-Type: application/json`".into(),
+        });
+    }
+    serde_json::from_slice(body).map_err(|error| {
+        let status = match error.classify() {
+            serde_json::error::Category::Data => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ArgsRejection {
+            status,
+            message: format!("bad extender arguments: {error}"),
+        }
+    })
+}
+
+/// `application/json` or `application/<anything>+json`, any parameters.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    let subtype = subtype.to_ascii_lowercase();
+    kind.eq_ignore_ascii_case("application") && (subtype == "json" || subtype.ends_with("+json"))
+}
+
+/// `value` as a JSON body, written into one buffer sized for `entries`
+/// node entries (no regrowing while thousands are written).
+pub fn json_body<T: Serialize>(value: &T, entries: usize) -> Vec<u8> {
+    let mut body = Vec::with_capacity(256 + entries.saturating_mul(JSON_BYTES_PER_NODE));
+    // Serializing these types cannot fail (string keys, no I/O).
+    let _ = serde_json::to_writer(&mut body, value);
+    body
+}
+
+/// Bytes a node takes in an answer: its name and a reason or a score.
+const JSON_BYTES_PER_NODE: usize = 80;
+
+fn json_response(body: Vec<u8>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
 async fn filter(
     State(extender): State<Arc<Extender>>,
-    args: Result<Json<ExtenderArgs>, JsonRejection>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
     let start = Instant::now();
-    match args {
-        Ok(Json(args)) => {
+    match parse_args(&headers, &body) {
+        Ok(args) => {
+            let entries = args.node_names.as_ref().map_or(0, Vec::len);
             let result = extender.filter(args, now_ms());
+            let body = json_body(&result, entries);
             extender.metrics.extender_request("filter", start);
-            Json(result).into_response()
+            json_response(body)
         }
         Err(rejection) => {
             let result = ExtenderFilterResult {
-                error: format!("bad extender arguments: {}", rejection.body_text()),
+                error: rejection.message,
                 ..Default::default()
             };
-            (rejection.status(), Json(result)).into_response()
+            (rejection.status, Json(result)).into_response()
         }
     }
 }
 
 async fn prioritize(
     State(extender): State<Arc<Extender>>,
-    args: Result<Json<ExtenderArgs>, JsonRejection>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
     let start = Instant::now();
-    match args {
-        Ok(Json(args)) => match extender.prioritize(args, now_ms()) {
+    match parse_args(&headers, &body) {
+        Ok(args) => match extender.prioritize(args, now_ms()) {
             Some(priorities) => {
+                let body = json_body(&priorities, priorities.len());
                 extender.metrics.extender_request("prioritize", start);
-                Json(priorities).into_response()
+                json_response(body)
             }
             None => (StatusCode::BAD_REQUEST, "no pod in the extender arguments").into_response(),
         },
-        Err(rejection) => (
-            rejection.status(),
-            format!("bad extender arguments: {}", rejection.body_text()),
-        )
-            .into_response(),
+        Err(rejection) => (rejection.status, rejection.message).into_response(),
     }
 }
 
@@ -704,8 +809,8 @@ mod tests {
         Snapshot::new(vec![node("a"), node("b")]).unwrap()
     }
 
-    fn args(uid: &str) -> ExtenderArgs {
-        serde_json::from_value(serde_json::json!({
+    fn args(uid: &str) -> ExtenderArgs<'static> {
+        ExtenderArgs::deserialize(serde_json::json!({
             "pod": {
                 "metadata": {"name": uid, "namespace": "ns", "uid": uid},
                 "spec": {"runtimeClassName": "fast-runc", "containers": [{"name": "c"}]}
@@ -781,7 +886,7 @@ mod tests {
         });
         scores(&require, "p1", 0);
         let filtered = require.filter(args("p2"), 1);
-        assert_eq!(filtered.node_names, Some(vec!["b".to_owned()]));
+        assert_eq!(filtered.node_names, Some(vec![NodeName::from("b")]));
         // Once the TTL runs out, the slots count as free again.
         let later = 30 + DEFAULT_ASSUME_TTL_MS;
         assert_eq!(scores(&extender, "p4", later), [6, 6]);
