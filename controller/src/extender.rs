@@ -135,9 +135,27 @@ impl Serialize for FailedNodes<'_> {
         use serde::ser::SerializeMap;
         let mut map = serializer.serialize_map(Some(self.0.len()))?;
         for (node, reason) in &self.0 {
-            map.serialize_entry(&**node, &format_args!("{reason}"))?;
+            // The fixed reasons as plain strings: no formatting machinery
+            // for each of thousands of rejected nodes.
+            match reason {
+                Rejection::Stale { .. } => {
+                    map.serialize_entry(&**node, &format_args!("{reason}"))?
+                }
+                fixed => map.serialize_entry(&**node, fixed_reason(fixed))?,
+            }
         }
         map.end()
+    }
+}
+
+/// The message of a rejection that carries no value (its `Display`).
+fn fixed_reason(rejection: &Rejection) -> &'static str {
+    match rejection {
+        Rejection::UnknownNode => "no fast-sandbox status for this node",
+        Rejection::NotReady => "fast-sandbox node plugin not ready",
+        Rejection::NoPool => "no warm pool for this runtime handler and shape",
+        Rejection::NoFreeSlot => "warm pool has no free slot",
+        Rejection::Stale { .. } => "fast-sandbox status is too old",
     }
 }
 
@@ -945,6 +963,29 @@ mod tests {
             scores(&extender, "p1", 200 + t);
         }
         assert_eq!(extender.assumed(), [("p1".into(), "a".into())]);
+    }
+
+    #[test]
+    fn fixed_reasons_are_the_rejections_messages() {
+        for rejection in [
+            Rejection::UnknownNode,
+            Rejection::NotReady,
+            Rejection::NoPool,
+            Rejection::NoFreeSlot,
+        ] {
+            assert_eq!(fixed_reason(&rejection), rejection.to_string());
+        }
+        let failed = FailedNodes(vec![
+            ("a".into(), Rejection::NoPool),
+            ("b".into(), Rejection::Stale { age_ms: 7 }),
+        ]);
+        assert_eq!(
+            serde_json::to_value(&failed).unwrap(),
+            serde_json::json!({
+                "a": "no warm pool for this runtime handler and shape",
+                "b": "fast-sandbox status is 7 ms old",
+            })
+        );
     }
 
     #[test]

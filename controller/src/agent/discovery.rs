@@ -177,14 +177,19 @@ mod tests {
             ..Default::default()
         };
         let mut seen = None;
+        let generation = *directory.subscribe().borrow();
         for event in [
             watcher::Event::Init,
             watcher::Event::InitApply(node("a", Some("127.0.0.2"))),
             watcher::Event::InitApply(node("b", Some("127.0.0.3"))),
-            watcher::Event::InitDone,
         ] {
             directory.on_node_event(event, 1, &mut seen);
         }
+        // Followed at once, indexed once at the end of the list.
+        assert_eq!(directory.node_names(), ["a", "b"]);
+        assert!(directory.snapshot().is_empty());
+        directory.on_node_event(watcher::Event::InitDone, 1, &mut seen);
+        assert_eq!(*directory.subscribe().borrow(), generation + 1);
         assert_eq!(directory.node_names(), ["a", "b"]);
         assert_eq!(directory.snapshot().len(), 2);
         assert!(!directory.snapshot().node("a").unwrap().ready);

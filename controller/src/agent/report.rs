@@ -503,6 +503,50 @@ mod tests {
         more.pools.push(other);
         assert!(!free_counts_only(&old, &node_state("a", &more, 2)));
     }
+    /// A report changing a node's pools, images and health is folded into
+    /// that node's entries: the snapshot shows it, and assumptions on a
+    /// pool the node no longer has are dropped, the others kept.
+    #[tokio::test]
+    async fn a_changed_report_updates_the_node_in_place() {
+        let mut config = AgentConfig::new(AgentToken::new("t").unwrap());
+        config.refresh = Duration::from_secs(3600);
+        let directory = AgentDirectory::new(config);
+        directory.upsert("a", "127.0.0.1:1").unwrap();
+        directory.upsert("b", "127.0.0.1:2").unwrap();
+        let epoch = directory.inner.lock().map["a"].epoch;
+        let mut two = status(3, 3, 0);
+        let mut other = two.pools[0].clone();
+        other.shape = "seccomp=runtime-default".into();
+        two.pools.push(other);
+        directory.inner.report("a", epoch, &two).unwrap();
+        let (h, kept, gone) = ("fast-runc", "seccomp=unconfined", "seccomp=runtime-default");
+        directory.assume("a", h, kept);
+        directory.assume("a", h, gone);
+        let generation = *directory.subscribe().borrow();
+
+        let mut changed = status(3, 3, 0);
+        changed
+            .images
+            .push(fast_sandbox_proto::nodeagent::CachedImage {
+                repo_tags: vec!["busybox:1".into()],
+                repo_digests: vec![],
+                size_bytes: 7,
+            });
+        if let Some(health) = changed.health.as_mut() {
+            health.upstream_reachable = false;
+        }
+        directory.inner.report("a", epoch, &changed).unwrap();
+        let snapshot = directory.snapshot();
+        let a = snapshot.node("a").unwrap();
+        assert!(!a.ready);
+        assert_eq!((a.pools.len(), a.images.len()), (1, 1));
+        assert_eq!(snapshot.assumed("a", h, kept), Ok(1));
+        assert!(snapshot.assumed("a", h, gone).is_err());
+        assert_eq!(directory.inner.lock().map["a"].assumed.len(), 1);
+        assert_eq!(*directory.subscribe().borrow(), generation + 1);
+        assert!(snapshot.node("b").is_some());
+    }
+
     #[tokio::test]
     async fn assumptions_settle_when_a_claim_shows_or_expire() {
         let mut config = AgentConfig::new(AgentToken::new("t").unwrap());

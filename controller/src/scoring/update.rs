@@ -231,8 +231,9 @@ mod tests {
     /// keys or images no node has any more are internal).
     type PoolView = Vec<(u32, u32, Option<usize>)>;
     type ImageView = (Vec<(u32, u64)>, Option<Vec<usize>>, Option<u64>);
+    type View = (Vec<(String, String, PoolView)>, Vec<(String, ImageView)>);
 
-    fn view(s: &Snapshot) -> (Vec<(String, String, PoolView)>, Vec<(String, ImageView)>) {
+    fn view(s: &Snapshot) -> View {
         let mut pools: Vec<_> = s
             .pool_keys
             .iter()
