@@ -38,6 +38,8 @@
 mod index;
 pub mod linear;
 mod names;
+#[cfg(test)]
+mod testing;
 mod update;
 
 pub use update::Touched;

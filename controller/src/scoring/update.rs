@@ -193,20 +193,7 @@ mod tests {
     ];
 
     fn random_state(rng: &mut Rng, name: &str) -> NodeState {
-        let mut pools = Vec::new();
-        for (handler, shape) in KEYS {
-            // Sometimes twice: the first of a repeated key counts.
-            for _ in 0..usize::from(rng.unit() < 0.6) + usize::from(rng.unit() < 0.05) {
-                let total = u32::try_from(rng.below(10)).unwrap_or(0);
-                pools.push(PoolState {
-                    handler: handler.into(),
-                    upstream_handler: "runc".into(),
-                    shape: shape.into(),
-                    free: u32::try_from(rng.below(total as usize + 1)).unwrap_or(0),
-                    total,
-                });
-            }
-        }
+        let pools = crate::scoring::testing::random_pools(rng, KEYS, 10);
         let mut images = Vec::new();
         for (tag, share) in IMAGES {
             if rng.unit() < share {
