@@ -220,6 +220,15 @@ fn node_updates(samples: &mut Samples, rng: &mut Rng, snapshot: &Snapshot) {
     }
 }
 
+/// Images and pools per node, on average.
+fn per_node(nodes: &[crate::scoring::NodeState]) -> (f64, f64) {
+    let count = nodes.len().max(1) as f64;
+    let mean = |f: fn(&crate::scoring::NodeState) -> usize| {
+        nodes.iter().map(f).sum::<usize>() as f64 / count
+    };
+    (mean(|n| n.images.len()), mean(|n| n.pools.len()))
+}
+
 /// Builds the cluster, then times `config.decisions` random requests.
 pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
     let load_before = loadavg();
@@ -227,11 +236,8 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
     let catalog = Catalog::new(&mut rng, config.apps);
     let now_ms = 1_000_000;
     let nodes = synth::cluster(&mut rng, &catalog, config.nodes, now_ms);
-    let count = nodes.len().max(1) as f64;
-    let images_per_node = nodes.iter().map(|n| n.images.len()).sum::<usize>() as f64 / count;
-    let pools_per_node = nodes.iter().map(|n| n.pools.len()).sum::<usize>() as f64 / count;
+    let (images_per_node, pools_per_node) = per_node(&nodes);
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-
     let started = Instant::now();
     let snapshot = Snapshot::new(nodes)?;
     let index_build = started.elapsed();
