@@ -199,34 +199,8 @@ impl Shim {
         let slots = &*slots;
         match which {
             Intercepted::RunPodSandbox => self.run_pod_sandbox(slots, method, call).await,
-            Intercepted::StopPodSandbox => {
-                let id = decode::<cri::StopPodSandboxRequest>(&call.bytes)?.pod_sandbox_id;
-                match self.named(slots, call.deadline, &id).await {
-                    Named::Unclaimed => {
-                        Err(hidden(ShimError::HiddenSandboxStop { requested_id: id }))
-                    }
-                    Named::Visible(full_id) => {
-                        let id = full_id.unwrap_or(id);
-                        if matches!(
-                            slots.source.view(&id, &HashMap::new()),
-                            SlotView::Claimed(_)
-                        ) {
-                            slots.source.stopping(&id).await;
-                        }
-                        self.forward(method, &call).await
-                    }
-                }
-            }
-            Intercepted::RemovePodSandbox => {
-                let id = decode::<cri::RemovePodSandboxRequest>(&call.bytes)?.pod_sandbox_id;
-                let id = match self.named(slots, call.deadline, &id).await {
-                    Named::Unclaimed => return Ok(unclaimed_empty()),
-                    Named::Visible(full_id) => full_id.unwrap_or(id),
-                };
-                let response = self.forward(method, &call).await?;
-                slots.source.removed(&id).await;
-                Ok(response)
-            }
+            Intercepted::StopPodSandbox => self.stop_pod_sandbox(slots, method, call).await,
+            Intercepted::RemovePodSandbox => self.remove_pod_sandbox(slots, method, call).await,
             Intercepted::CreateContainer => self.create_container(slots, method, call).await,
             Intercepted::PortForward => {
                 let id = decode::<cri::PortForwardRequest>(&call.bytes)?.pod_sandbox_id;
@@ -250,55 +224,12 @@ impl Shim {
                 let id = request.filter.map(|f| f.pod_sandbox_id).unwrap_or_default();
                 self.guarded_list(slots, method, call, &id).await
             }
-            Intercepted::ListPodSandbox => {
-                let (bytes, selector) = preserve::rewrite::<cri::ListPodSandboxRequest, _>(
-                    ".runtime.v1.ListPodSandboxRequest",
-                    &call.bytes,
-                    |r| rewrite::take_sandbox_selector(&mut r.filter),
-                )
-                .map_err(|e| decode_status(&e))?;
-                let response = self.upstream.unary_raw(method, call.request(bytes)).await?;
-                map_answer(response, |answer| {
-                    preserve::rewrite_items::<cri::PodSandbox>(
-                        ".runtime.v1.PodSandbox",
-                        1,
-                        answer,
-                        |item| rewrite::sandbox_item(slots, item, &selector),
-                    )
-                    .map_err(|e| malformed_reply(method, &e))
-                })
-            }
-            Intercepted::PodSandboxStatus => {
-                let response = self.forward(method, &call).await?;
-                map_answer(response, |answer| {
-                    let (bytes, outcome) = preserve::rewrite::<cri::PodSandboxStatusResponse, _>(
-                        ".runtime.v1.PodSandboxStatusResponse",
-                        answer,
-                        |r| rewrite::pod_sandbox_status(slots, r),
-                    )
-                    .map_err(|e| malformed_reply(method, &e))?;
-                    outcome.map_err(hidden)?;
-                    Ok(bytes)
-                })
-            }
+            Intercepted::ListPodSandbox => self.list_pod_sandbox(slots, method, call).await,
+            Intercepted::PodSandboxStatus => self.pod_sandbox_status(slots, method, call).await,
             Intercepted::ListPodSandboxStats => {
                 self.list_pod_sandbox_stats(slots, method, call).await
             }
-            Intercepted::PodSandboxStats => {
-                let requested_id =
-                    decode::<cri::PodSandboxStatsRequest>(&call.bytes)?.pod_sandbox_id;
-                let response = self.forward(method, &call).await?;
-                map_answer(response, |answer| {
-                    let (bytes, outcome) = preserve::rewrite::<cri::PodSandboxStatsResponse, _>(
-                        ".runtime.v1.PodSandboxStatsResponse",
-                        answer,
-                        |r| rewrite::pod_sandbox_stats(slots, r, &requested_id),
-                    )
-                    .map_err(|e| malformed_reply(method, &e))?;
-                    outcome.map_err(hidden)?;
-                    Ok(bytes)
-                })
-            }
+            Intercepted::PodSandboxStats => self.pod_sandbox_stats(slots, method, call).await,
             Intercepted::Status => {
                 let response = self.forward(method, &call).await?;
                 map_answer(response, |answer| {
@@ -311,6 +242,115 @@ impl Shim {
                 Err(Status::internal("GetContainerEvents is a stream"))
             }
         }
+    }
+
+    /// `StopPodSandbox`: refused for an unclaimed slot; a claimed one is told
+    /// it is stopping before the stop is forwarded.
+    async fn stop_pod_sandbox(
+        &self,
+        slots: &Slots,
+        method: &'static Method,
+        call: Call,
+    ) -> Result<Response<Bytes>, Status> {
+        let id = decode::<cri::StopPodSandboxRequest>(&call.bytes)?.pod_sandbox_id;
+        match self.named(slots, call.deadline, &id).await {
+            Named::Unclaimed => Err(hidden(ShimError::HiddenSandboxStop { requested_id: id })),
+            Named::Visible(full_id) => {
+                let id = full_id.unwrap_or(id);
+                if matches!(
+                    slots.source.view(&id, &HashMap::new()),
+                    SlotView::Claimed(_)
+                ) {
+                    slots.source.stopping(&id).await;
+                }
+                self.forward(method, &call).await
+            }
+        }
+    }
+
+    /// `RemovePodSandbox`: an unclaimed slot answers as removed; a claimed
+    /// one is forgotten once upstream removed it.
+    async fn remove_pod_sandbox(
+        &self,
+        slots: &Slots,
+        method: &'static Method,
+        call: Call,
+    ) -> Result<Response<Bytes>, Status> {
+        let id = decode::<cri::RemovePodSandboxRequest>(&call.bytes)?.pod_sandbox_id;
+        let id = match self.named(slots, call.deadline, &id).await {
+            Named::Unclaimed => return Ok(unclaimed_empty()),
+            Named::Visible(full_id) => full_id.unwrap_or(id),
+        };
+        let response = self.forward(method, &call).await?;
+        slots.source.removed(&id).await;
+        Ok(response)
+    }
+
+    /// `ListPodSandbox`: the slot selector is taken out of the filter, and
+    /// the answer's items hidden or rewritten.
+    async fn list_pod_sandbox(
+        &self,
+        slots: &Slots,
+        method: &'static Method,
+        call: Call,
+    ) -> Result<Response<Bytes>, Status> {
+        let (bytes, selector) = preserve::rewrite::<cri::ListPodSandboxRequest, _>(
+            ".runtime.v1.ListPodSandboxRequest",
+            &call.bytes,
+            |r| rewrite::take_sandbox_selector(&mut r.filter),
+        )
+        .map_err(|e| decode_status(&e))?;
+        let response = self.upstream.unary_raw(method, call.request(bytes)).await?;
+        map_answer(response, |answer| {
+            preserve::rewrite_items::<cri::PodSandbox>(
+                ".runtime.v1.PodSandbox",
+                1,
+                answer,
+                |item| rewrite::sandbox_item(slots, item, &selector),
+            )
+            .map_err(|e| malformed_reply(method, &e))
+        })
+    }
+
+    /// `PodSandboxStatus`: upstream's answer, a claimed slot's rewritten.
+    async fn pod_sandbox_status(
+        &self,
+        slots: &Slots,
+        method: &'static Method,
+        call: Call,
+    ) -> Result<Response<Bytes>, Status> {
+        let response = self.forward(method, &call).await?;
+        map_answer(response, |answer| {
+            let (bytes, outcome) = preserve::rewrite::<cri::PodSandboxStatusResponse, _>(
+                ".runtime.v1.PodSandboxStatusResponse",
+                answer,
+                |r| rewrite::pod_sandbox_status(slots, r),
+            )
+            .map_err(|e| malformed_reply(method, &e))?;
+            outcome.map_err(hidden)?;
+            Ok(bytes)
+        })
+    }
+
+    /// `PodSandboxStats`: upstream's answer, a claimed slot's rewritten.
+    async fn pod_sandbox_stats(
+        &self,
+        slots: &Slots,
+        method: &'static Method,
+        call: Call,
+    ) -> Result<Response<Bytes>, Status> {
+        let requested_id = decode::<cri::PodSandboxStatsRequest>(&call.bytes)?.pod_sandbox_id;
+        let response = self.forward(method, &call).await?;
+        map_answer(response, |answer| {
+            let (bytes, outcome) = preserve::rewrite::<cri::PodSandboxStatsResponse, _>(
+                ".runtime.v1.PodSandboxStatsResponse",
+                answer,
+                |r| rewrite::pod_sandbox_stats(slots, r, &requested_id),
+            )
+            .map_err(|e| malformed_reply(method, &e))?;
+            outcome.map_err(hidden)?;
+            Ok(bytes)
+        })
     }
 
     /// The request as it came, to upstream.
