@@ -207,16 +207,34 @@ async fn print_claim_counts(admin: SocketAddr, handlers: &[String]) -> anyhow::R
 #[derive(Default)]
 struct Side {
     run: Samples,
+    /// `CreateContainer` alone: a warm gVisor pod's includes the wait on
+    /// the hostname barrier (docs/runtimes.md).
+    create: Samples,
     start: Samples,
 }
 
-/// One pod: returns (RunPodSandbox, pod start) and removes it again.
+/// What one pod took.
+struct PodTimes {
+    run: Duration,
+    create: Duration,
+    start: Duration,
+}
+
+impl Side {
+    fn push(&mut self, t: PodTimes) {
+        self.run.push(t.run);
+        self.create.push(t.create);
+        self.start.push(t.start);
+    }
+}
+
+/// One pod: returns what its calls took and removes it again.
 async fn one_pod(
     rt: &mut Runtime,
     name: &str,
     handler: &str,
     image: &str,
-) -> anyhow::Result<(Duration, Duration)> {
+) -> anyhow::Result<PodTimes> {
     let config = common::sandbox_config(name);
     let t = Instant::now();
     let sid = rt
@@ -229,12 +247,28 @@ async fn one_pod(
         .into_inner()
         .pod_sandbox_id;
     let run = t.elapsed();
-    let started = common::start_container(rt, &sid, &config, image).await;
+    let started = create_and_start(rt, &sid, &config, image).await;
     let start = t.elapsed();
     let removed = common::remove_pod(rt, &sid, &config).await;
-    started?;
+    let create = started?;
     removed?;
-    Ok((run, start))
+    Ok(PodTimes { run, create, start })
+}
+
+/// `CreateContainer` then `StartContainer`; returns how long the first took.
+async fn create_and_start(
+    rt: &mut Runtime,
+    sid: &str,
+    config: &fast_sandbox_proto::cri::PodSandboxConfig,
+    image: &str,
+) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let cid = common::create_container(rt, sid, config, image).await?;
+    let create = t.elapsed();
+    rt.start_container(fast_sandbox_proto::cri::StartContainerRequest { container_id: cid })
+        .await
+        .context("StartContainer")?;
+    Ok(create)
 }
 
 fn print_sequential(rows: &[(String, Side, Side)]) {
@@ -261,6 +295,23 @@ fn print_sequential(rows: &[(String, Side, Side)]) {
             pair(&cold.start),
             pair(&warm.start),
             ratio(warm.start.p50(), cold.start.p50()),
+        );
+    }
+    // A warm pod's first CreateContainer waits on the fix-up barrier (the
+    // gVisor hostname step); beyond a cold one's it is about that wait.
+    println!(
+        "{:<8} {:>4} | {:>21} {:>21} {:>21}",
+        "handler", "n", "CreateContainer cold", "warm (p50 / p99)", "barrier ≈ warm−cold p50"
+    );
+    for (h, cold, warm) in rows {
+        let pair = |s: &Samples| format!("{} / {}", Pretty(s.p50()), Pretty(s.p99()));
+        println!(
+            "{:<8} {:>4} | {:>21} {:>21} {:>21}",
+            h,
+            cold.create.len(),
+            pair(&cold.create),
+            pair(&warm.create),
+            Pretty(warm.create.p50().saturating_sub(cold.create.p50())),
         );
     }
 }
@@ -307,13 +358,9 @@ async fn measure(opts: &Opts) -> anyhow::Result<()> {
             opts.pods, opts.pods
         );
         for i in 0..opts.pods {
-            let (r, s) = one_pod(&mut rt, &format!("cold-{h}-{i}"), h, &opts.image).await?;
-            cold.run.push(r);
-            cold.start.push(s);
+            cold.push(one_pod(&mut rt, &format!("cold-{h}-{i}"), h, &opts.image).await?);
             wait_free(admin, &pool, 1, Duration::from_secs(60)).await?;
-            let (r, s) = one_pod(&mut rt, &format!("warm-{h}-{i}"), &pool, &opts.image).await?;
-            warm.run.push(r);
-            warm.start.push(s);
+            warm.push(one_pod(&mut rt, &format!("warm-{h}-{i}"), &pool, &opts.image).await?);
         }
         let served = hits(admin, &pool).await? - hits_before;
         anyhow::ensure!(
