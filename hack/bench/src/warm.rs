@@ -49,6 +49,11 @@ pub struct Opts {
     /// Concurrent warm claims (0 skips the phase).
     #[arg(long, default_value_t = 20)]
     concurrent: usize,
+    /// Runsc slots get their hostname from `runsc exec` only, never through
+    /// the pause's hostname channel (`guest_channel = ""`): the figures
+    /// before the channel, on the same node.
+    #[arg(long)]
+    no_hostname_channel: bool,
     /// Idle slots for the memory phase (0 skips it).
     #[arg(long, default_value_t = 50)]
     idle_slots: usize,
@@ -65,7 +70,13 @@ async fn start_node(
     sizes: &[(String, usize)],
 ) -> anyhow::Result<(NodeProcess, SocketAddr)> {
     let admin = free_port()?;
-    let config = node_config(admin, &opts.node.containerd_root, &opts.runsc, sizes);
+    let config = node_config(
+        admin,
+        &opts.node.containerd_root,
+        &opts.runsc,
+        sizes,
+        !opts.no_hostname_channel,
+    );
     let binary = common::node_binary(opts.node.node_binary.as_deref())?;
     let node = NodeProcess::spawn(&binary, &opts.node.upstream, &config).await?;
     let mut rt = common::client(&node.endpoint())?;
@@ -80,6 +91,7 @@ fn node_config(
     containerd_root: &std::path::Path,
     runsc: &std::path::Path,
     sizes: &[(String, usize)],
+    hostname_channel: bool,
 ) -> String {
     let mut config = format!(
         "[admin]\naddress = \"{admin}\"\n[slots]\nstate_dir = \"{{dir}}/state\"\ncontainerd_root = {:?}\ncni_conf_dir = {:?}\nrefill_interval = \"0ms\"\n",
@@ -102,6 +114,9 @@ fn node_config(
                 runsc.display().to_string(),
                 root.display().to_string()
             ));
+            if !hostname_channel {
+                config.push_str("guest_channel = \"\"\n");
+            }
         }
     }
     config
@@ -482,12 +497,17 @@ mod tests {
     /// every warm-side pod of the benchmark is a claim of a configured pool.
     #[test]
     fn bench_pods_match_the_bench_pools() {
-        let sizes = vec![("runc".to_owned(), 4), ("crun".to_owned(), 2)];
+        let sizes = vec![
+            ("runc".to_owned(), 4),
+            ("crun".to_owned(), 2),
+            ("runsc".to_owned(), 2),
+        ];
         let text = node_config(
             "127.0.0.1:9464".parse().expect("addr"),
             std::path::Path::new("/var/lib/containerd"),
             std::path::Path::new("/usr/bin/runsc"),
             &sizes,
+            false,
         );
         let file: fast_sandbox_node::config::FileConfig =
             toml::from_str(&text).expect("the bench's config parses");
