@@ -46,19 +46,23 @@
 #define LINE_LIMIT 256
 #define TOKEN_LIMIT 32
 
-static void write_stderr(const char *msg)
+static void write_all(int fd, const char *buf, size_t len)
 {
-	size_t len = strlen(msg);
 	while (len > 0) {
-		ssize_t n = write(STDERR_FILENO, msg, len);
+		ssize_t n = write(fd, buf, len);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
 			return;
 		}
-		msg += n;
+		buf += n;
 		len -= (size_t)n;
 	}
+}
+
+static void write_stderr(const char *msg)
+{
+	write_all(STDERR_FILENO, msg, strlen(msg));
 }
 
 static void on_shutdown(int signo)
@@ -104,20 +108,6 @@ static int set_hostname(const char *name)
 		return 1;
 	}
 	return 0;
-}
-
-static void write_all(int fd, const char *buf, size_t len)
-{
-	while (len > 0) {
-		ssize_t n = write(fd, buf, len);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return;
-		}
-		buf += n;
-		len -= (size_t)n;
-	}
 }
 
 static int valid_token(const char *token, size_t len)
