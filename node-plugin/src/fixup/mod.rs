@@ -27,6 +27,7 @@ mod by_runtime;
 mod error;
 mod fake;
 mod guest;
+mod guest_channel;
 mod guest_ops;
 mod kernel;
 mod ops;
@@ -47,7 +48,10 @@ pub use guest::{
     ExecTemplate, GuestExecFixup, GuestExecSettings, SysctlPolicy, TemplateError, EXEC_ID_ARG,
     HOSTNAME_ARG, SANDBOX_ID_ARG,
 };
-pub use guest_ops::{GuestCall, GuestError, GuestOps, RealGuestOps, RecordingGuestOps};
+pub use guest_channel::{ChannelError, ChannelTemplate};
+pub use guest_ops::{
+    FakeChannel, GuestCall, GuestError, GuestOps, RealGuestOps, RecordingGuestOps,
+};
 pub use kernel::{Namespace, Sysctl};
 pub use ops::NodeOps;
 pub use plan::{CgroupLeaf, CgroupMove, ContainerdCgroup, FixupPlan, SandboxId};
