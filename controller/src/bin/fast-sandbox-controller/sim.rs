@@ -24,8 +24,10 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fmt::Write as _;
 
-use crate::scoring::{NodeState, Policy, PoolState, Request, Scorer, Snapshot, SnapshotError};
-use crate::synth::Rng;
+use fast_sandbox_controller::scoring::{
+    NodeState, Policy, PoolState, Request, Scorer, Snapshot, SnapshotError,
+};
+use fast_sandbox_controller::synth::Rng;
 
 /// The model's parameters.
 #[derive(Debug, Clone)]
@@ -494,5 +496,42 @@ mod tests {
         assert!(plot.starts_with("<svg"));
         assert_eq!(plot.matches("<polyline").count(), Placer::ALL.len());
         assert_eq!(plot.matches("<circle").count(), points.len());
+    }
+
+    // The hit-rate figures in docs/ are what the simulation computes today:
+    // change the model or the placement and this fails until they are
+    // regenerated.
+    const REGENERATE: &str =
+        "regenerate with `cargo run --release -p fast-sandbox-controller -- simulate`";
+
+    #[test]
+    fn docs_hit_rate_figures_are_current() {
+        let config = SimConfig::default();
+        let points = run(&config).expect("the simulated snapshot builds");
+        // The claim docs/scheduling.md makes: >= 95% warm hits while pools are
+        // <= 80% used, ahead of slot-blind placement once load is high.
+        let at = |placer: Placer, load: f64| {
+            points
+                .iter()
+                .find(|p| p.placer == placer && (p.load - load).abs() < 1e-9)
+                .expect("a point per placer and load")
+        };
+        for p in points.iter().filter(|p| p.placer == Placer::Ours) {
+            if p.pool_used <= 0.8 {
+                assert!(p.hit_rate >= 0.95, "{p:?}");
+            }
+            if p.load >= 0.6 {
+                assert!(p.hit_rate > at(Placer::LeastAllocated, p.load).hit_rate);
+                assert!(p.hit_rate > at(Placer::Random, p.load).hit_rate);
+            }
+        }
+        assert!(
+            csv(&points) == include_str!("../../../../docs/scheduling-hit-rate.csv"),
+            "docs/scheduling-hit-rate.csv is stale: {REGENERATE}"
+        );
+        assert!(
+            svg(&points, &config) == include_str!("../../../../docs/scheduling-hit-rate.svg"),
+            "docs/scheduling-hit-rate.svg is stale: {REGENERATE}"
+        );
     }
 }
