@@ -29,9 +29,7 @@
 //! create that races with one answers 409 and the existing pod is read.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
@@ -39,24 +37,18 @@ use tracing::Instrument;
 
 mod observe;
 mod place;
+mod scope;
 mod spec;
 
-use observe::{lost, observe, observe_existing, set_condition};
+pub use scope::CONTAINER;
+
+use observe::{lost, observe, observe_existing};
 use place::place;
-use spec::{resolve, SpecProblem, Target};
+use scope::{Scope, UNSCHEDULABLE_RETRY};
+use spec::{resolve, SpecProblem};
 
-use crate::crd::{Sandbox, SandboxPhase, SandboxStatus};
-use crate::events;
-use crate::reconcile::{backoff_key, condition, write_status, Context, Error};
-
-/// The container's name in a `Sandbox`'s pod.
-pub const CONTAINER: &str = "sandbox";
-/// Retry placing a `Sandbox` no node can take this soon.
-const UNSCHEDULABLE_RETRY: Duration = Duration::from_secs(5);
-/// Re-check a placed `Sandbox` this often even without pod events.
-const RESYNC: Duration = Duration::from_secs(300);
-/// Label values are at most this long.
-const MAX_LABEL_VALUE: usize = 63;
+use crate::crd::{Sandbox, SandboxPhase};
+use crate::reconcile::{backoff_key, Context, Error};
 
 /// Reconciles one `Sandbox` (the `Controller`'s reconcile function).
 pub async fn reconcile(sandbox: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -69,78 +61,6 @@ pub async fn reconcile(sandbox: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Actio
     let action = reconcile_inner(&sandbox, &ctx).instrument(span).await?;
     ctx.reset_backoff(&key);
     Ok(action)
-}
-
-/// The APIs and the old status one reconcile of a `Sandbox` works with.
-struct Scope<'a> {
-    sandbox: &'a Sandbox,
-    ctx: &'a Context,
-    name: String,
-    sandboxes: Api<Sandbox>,
-    pods: Api<Pod>,
-    old: SandboxStatus,
-}
-
-impl Scope<'_> {
-    /// A status that says the `Sandbox` is not (or no longer) placed.
-    fn not_scheduled(&self, phase: SandboxPhase, reason: &str, message: String) -> SandboxStatus {
-        let generation = self.sandbox.metadata.generation;
-        SandboxStatus {
-            observed_generation: generation,
-            phase: Some(phase),
-            conditions: vec![condition(
-                &self.old.conditions,
-                "Scheduled",
-                false,
-                reason,
-                message,
-                generation,
-                &self.ctx.now(),
-            )],
-            ..Default::default()
-        }
-    }
-
-    /// Writes `status`, then emits an Event per condition it changes.
-    async fn write(&self, status: SandboxStatus) -> Result<(), Error> {
-        let notes = events::condition_changes(&self.old.conditions, &status.conditions);
-        write_status(&self.sandboxes, &self.name, &self.old, status).await?;
-        self.ctx.emit(self.sandbox, notes);
-        Ok(())
-    }
-
-    /// The old status with condition `type_` set false for `reason`.
-    fn with_condition(
-        &self,
-        mut status: SandboxStatus,
-        type_: &str,
-        reason: &str,
-        message: String,
-    ) -> SandboxStatus {
-        let generation = self.sandbox.metadata.generation;
-        status.observed_generation = generation;
-        let now = self.ctx.now();
-        let new = condition(
-            &self.old.conditions,
-            type_,
-            false,
-            reason,
-            message,
-            generation,
-            &now,
-        );
-        set_condition(&mut status, new);
-        status
-    }
-
-    /// Fails the `Sandbox` for good: phase `Failed`, condition `type_`
-    /// false for `reason`.
-    async fn fail(&self, type_: &str, reason: &str, message: String) -> Result<Action, Error> {
-        let mut status = self.with_condition(self.old.clone(), type_, reason, message);
-        status.phase = Some(SandboxPhase::Failed);
-        self.write(status).await?;
-        Ok(Action::await_change())
-    }
 }
 
 async fn reconcile_inner(sandbox: &Sandbox, ctx: &Context) -> Result<Action, Error> {

@@ -39,11 +39,11 @@ struct Case {
     calls: Vec<Call>,
     action: Action,
     /// Sizes pushed to nodes, in order (`None`: not checked).
-    pushed: Option<Vec<(&'static str, u32)>>,
+    pushed: Option<Vec<(String, u32)>>,
     /// Placements counted on node `a` (`None`: not checked).
     assumed_on_a: Option<u32>,
     /// Events, as (reason, warning) (`None`: not checked).
-    events: Option<Vec<(&'static str, bool)>>,
+    events: Option<Vec<(String, bool)>>,
     /// A line `/metrics` must hold after the reconcile.
     metrics: Option<&'static str>,
 }
@@ -80,7 +80,7 @@ impl Case {
     }
 
     fn pushed(mut self, pushed: &[(&'static str, u32)]) -> Self {
-        self.pushed = Some(pushed.to_vec());
+        self.pushed = Some(owned(pushed));
         self
     }
 
@@ -90,9 +90,14 @@ impl Case {
     }
 
     fn events(mut self, events: &[(&'static str, bool)]) -> Self {
-        self.events = Some(events.to_vec());
+        self.events = Some(owned(events));
         self
     }
+}
+
+/// `pairs` with owned names.
+fn owned<T: Copy>(pairs: &[(&str, T)]) -> Vec<(String, T)> {
+    pairs.iter().map(|(n, t)| ((*n).to_owned(), *t)).collect()
 }
 
 /// Plays `case`: the reconcile against its script, then its checks.
@@ -116,10 +121,6 @@ async fn play(case: Case) -> Vec<(String, Note)> {
             .into_iter()
             .map(|(n, s)| (n, s.size))
             .collect();
-        let expected: Vec<(String, u32)> = expected
-            .iter()
-            .map(|(n, s)| ((*n).to_owned(), *s))
-            .collect();
         assert_eq!(pushed, expected, "{name}: sizes pushed");
     }
     if let Some(count) = case.assumed_on_a {
@@ -135,10 +136,6 @@ async fn play(case: Case) -> Vec<(String, Note)> {
         let recorded: Vec<(String, bool)> = recorded
             .iter()
             .map(|(_, note)| (note.reason.clone(), note.warning))
-            .collect();
-        let expected: Vec<(String, bool)> = expected
-            .iter()
-            .map(|(r, w)| ((*r).to_owned(), *w))
             .collect();
         assert_eq!(recorded, expected, "{name}: events");
     }

@@ -10,7 +10,7 @@ use kube::{Resource, ResourceExt};
 use crate::crd::{SandboxPhase, SandboxStatus, POOL_LABEL};
 use crate::reconcile::{condition, Error};
 
-use super::{Scope, RESYNC};
+use super::scope::{set_condition, Scope, RESYNC};
 
 /// A placed `Sandbox` whose pool went away: follow its pod all the same.
 pub(super) async fn observe_existing(scope: &Scope<'_>) -> Result<Action, Error> {
@@ -223,15 +223,4 @@ pub(super) fn status_of_pod(scope: &Scope<'_>, pod: &Pod, phase: SandboxPhase) -
     );
     set_condition(&mut status, bound);
     status
-}
-
-/// Replaces the condition of the same type, or adds it.
-pub(super) fn set_condition(
-    status: &mut SandboxStatus,
-    new: k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
-) {
-    match status.conditions.iter_mut().find(|c| c.type_ == new.type_) {
-        Some(existing) => *existing = new,
-        None => status.conditions.push(new),
-    }
 }

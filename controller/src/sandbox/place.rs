@@ -18,7 +18,8 @@ use crate::reconcile::{condition, selector_matches, Context, Error};
 use crate::scoring::{Rejection, Request, RequestedImage, Scorer};
 
 use super::observe::observe;
-use super::{Scope, Target, CONTAINER, MAX_LABEL_VALUE, RESYNC, UNSCHEDULABLE_RETRY};
+use super::scope::{Scope, CONTAINER, MAX_LABEL_VALUE, RESYNC, UNSCHEDULABLE_RETRY};
+use super::spec::Target;
 
 /// What the `Sandbox`'s pod requests of its node (the RuntimeClass's
 /// overhead, added by the API server, is not known here).

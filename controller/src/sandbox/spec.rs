@@ -10,7 +10,7 @@ use crate::crd::{Sandbox, SandboxPool};
 use crate::nodes::SandboxShape;
 use crate::reconcile::Context;
 
-use super::MAX_LABEL_VALUE;
+use super::scope::MAX_LABEL_VALUE;
 
 /// A `Sandbox` resolved against the pools and the fast classes.
 #[derive(Debug)]
