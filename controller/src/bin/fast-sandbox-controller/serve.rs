@@ -169,7 +169,7 @@ pub async fn kube_client(args: &KubeArgs) -> anyhow::Result<(kube::Client, run::
     };
     let config = match &args.kubeconfig {
         Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(&path)
+            let file = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(file, &options)
                 .await

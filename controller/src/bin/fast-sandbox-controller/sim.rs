@@ -387,7 +387,6 @@ fn py(rate: f64) -> f64 {
 
 /// Hit rate against load, one line per placer, as a standalone SVG.
 pub fn svg(points: &[Point], config: &SimConfig) -> String {
-
     let mut s = String::new();
     let _ = writeln!(
         s,
