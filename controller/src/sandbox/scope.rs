@@ -96,10 +96,16 @@ impl Scope<'_> {
         reason: &str,
         message: String,
     ) -> Result<Action, Error> {
+        self.write(self.failed(type_, reason, message)).await?;
+        Ok(Action::await_change())
+    }
+
+    /// The status of a `Sandbox` failed for good: phase `Failed`,
+    /// condition `type_` false for `reason`.
+    pub(super) fn failed(&self, type_: &str, reason: &str, message: String) -> SandboxStatus {
         let mut status = self.with_condition(self.old.clone(), type_, reason, message);
         status.phase = Some(SandboxPhase::Failed);
-        self.write(status).await?;
-        Ok(Action::await_change())
+        status
     }
 }
 
