@@ -12,7 +12,9 @@ use std::{
     time::Duration,
 };
 
-use super::{cgroup, plan::CgroupLeaf, FixupError};
+use fast_sandbox_cgroup::{Cgroups as _, HostCgroups, MoveScope};
+
+use super::{plan::CgroupLeaf, FixupError};
 use crate::{blocking::BlockingError, random::NoRandomness};
 
 /// What can fail in a guest operation.
@@ -112,14 +114,16 @@ impl GuestOps for RealGuestOps {
     }
 
     fn cgroup_procs(&self, leaf: &CgroupLeaf) -> Result<Vec<i32>, GuestError> {
-        Ok(cgroup::leaf_procs(leaf)?)
+        Ok(HostCgroups::default()
+            .procs(leaf)
+            .map_err(FixupError::from)?)
     }
 
     fn move_process(&self, pid: i32, from: &CgroupLeaf, to: &CgroupLeaf) -> Result<(), GuestError> {
-        match cgroup::move_pid_where_in(pid, from, to) {
+        match HostCgroups::default().move_pid(pid, from, to, MoveScope::WhereIn) {
             Ok(()) => Ok(()),
             Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => Ok(()),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(FixupError::from(e).into()),
         }
     }
 }
