@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::extender::{Extender, ExtenderArgs, ExtenderConfig};
-use crate::scoring::linear::LinearScorer;
-use crate::scoring::{Policy, Request, Scorer, Snapshot, SnapshotError};
-use crate::synth::{self, Catalog, Rng};
+use fast_sandbox_controller::extender::{Extender, ExtenderArgs, ExtenderConfig};
+use fast_sandbox_controller::scoring::linear::LinearScorer;
+use fast_sandbox_controller::scoring::{Policy, Request, Scorer, Snapshot, SnapshotError};
+use fast_sandbox_controller::synth::Rng;
+
+use crate::fleet::{self, Catalog};
 
 /// What to measure.
 #[derive(Debug, Clone, Copy)]
@@ -108,6 +110,7 @@ pub struct BenchReport {
 
 impl BenchReport {
     /// The quantiles of a measurement, by its name in the report.
+    #[cfg(test)]
     pub fn timing(&self, name: &str) -> Option<Quantiles> {
         self.timings.iter().find(|t| t.0 == name).map(|t| t.1)
     }
@@ -172,7 +175,7 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
     let mut rng = Rng::new(config.seed);
     let catalog = Catalog::new(&mut rng, config.apps);
     let now_ms = 1_000_000;
-    let nodes = synth::cluster(&mut rng, &catalog, config.nodes, now_ms);
+    let nodes = fleet::cluster(&mut rng, &catalog, config.nodes, now_ms);
     let count = nodes.len().max(1) as f64;
     let images_per_node = nodes.iter().map(|n| n.images.len()).sum::<usize>() as f64 / count;
     let pools_per_node = nodes.iter().map(|n| n.pools.len()).sum::<usize>() as f64 / count;
@@ -199,7 +202,7 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
     let mut samples = Samples::default();
     let (mut placed, mut disagreements) = (0, 0);
     for decision in 0..config.decisions {
-        let request = synth::request(&mut rng, &catalog);
+        let request = fleet::request(&mut rng, &catalog);
         // One pod every 3 ms for the extender, so its assumed placements
         // (DEFAULT_ASSUME_TTL_MS) stay as many as at ~330 pods/s.
         let call_ms = now_ms + 3 * decision as u64;
@@ -345,7 +348,7 @@ mod tests {
     fn the_extender_sees_the_pods_the_scorer_sees() {
         let mut rng = Rng::new(5);
         let catalog = Catalog::new(&mut rng, 50);
-        let nodes = synth::cluster(&mut rng, &catalog, 50, 0);
+        let nodes = fleet::cluster(&mut rng, &catalog, 50, 0);
         let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
         let snapshot = Snapshot::new(nodes).unwrap();
         let config = ExtenderConfig {
@@ -354,7 +357,7 @@ mod tests {
         };
         let extender = Extender::new(config, snapshot.clone());
         for _ in 0..20 {
-            let request = synth::request(&mut rng, &catalog);
+            let request = fleet::request(&mut rng, &catalog);
             let args: ExtenderArgs =
                 serde_json::from_value(extender_args(&request, &names, 0)).unwrap();
             let pod = args.pod.as_ref().unwrap();
