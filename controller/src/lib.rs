@@ -3,8 +3,7 @@
 //! - [`scoring`]: the placement decision, a pure function over a snapshot of
 //!   node states (free warm slots per pool, cached images).
 //! - [`extender`]: kube-scheduler extender endpoints over [`scoring`].
-//! - [`synth`]: deterministic synthetic clusters and requests.
-//! - [`bench`](mod@bench): decision latency on a large synthetic cluster.
+//! - [`synth`]: a seeded random number generator (jitter, randomized tests).
 //! - [`nodes`]: where node states come from and pool sizes go
 //!   ([`nodes::NodeDirectory`]); [`agent`]: the directory fed by the node
 //!   agents' gRPC status streams.
@@ -20,11 +19,12 @@
 //!   (only the leader runs the reconcilers).
 //! - [`admit`]: what the `Sandbox` path checks because it binds by
 //!   `nodeName`: taints, cordon, resource fit.
-//! - [`sim`]: warm-hit rate of the placement against slot-blind baselines.
+//!
+//! The benchmark and the simulation (`fast-sandbox-controller bench`,
+//! `simulate`) are the binary's own modules, not the library's.
 
 pub mod admit;
 pub mod agent;
-pub mod bench;
 pub mod certs;
 pub mod crd;
 pub mod events;
@@ -38,5 +38,4 @@ pub mod reconcile;
 pub mod run;
 pub mod sandbox;
 pub mod scoring;
-pub mod sim;
 pub mod synth;

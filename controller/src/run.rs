@@ -326,19 +326,18 @@ pub async fn controllers(
                 tracing::debug!(%error, "Sandbox controller");
             }
         });
-    // A CRD that is not served has no controller (preflight warned).
-    let pools = if served.sandbox_pools {
-        pools.left_future()
-    } else {
-        futures::future::ready(()).right_future()
-    };
-    let sandboxes = if served.sandboxes {
-        let usage = follow_pod_usage(ctx_client, ctx_usage);
-        futures::future::select(Box::pin(sandboxes), Box::pin(usage))
-            .map(|_| ())
-            .left_future()
-    } else {
-        futures::future::ready(()).right_future()
-    };
-    futures::join!(pools, sandboxes);
+    let usage = follow_pod_usage(ctx_client, ctx_usage);
+    let sandboxes = futures::future::select(Box::pin(sandboxes), Box::pin(usage)).map(|_| ());
+    futures::join!(
+        if_served(served.sandbox_pools, pools),
+        if_served(served.sandboxes, sandboxes)
+    );
+}
+
+/// Runs `controller` if its CRD is `served`: one that is not has no
+/// controller (preflight warned).
+async fn if_served(served: bool, controller: impl Future<Output = ()>) {
+    if served {
+        controller.await;
+    }
 }

@@ -11,32 +11,58 @@
  * gets the pod's hostname from an exec of this mode inside the sandbox
  * (fast-sandbox-node's `guest-exec` fix-up), since there is no host UTS
  * namespace to setns into.
+ *
+ * The hostname channel: when its stdin is readable (gVisor slots, where
+ * fast-sandbox-runsc gives the sandbox's pause two host FIFOs as stdin and
+ * stdout and the capability CAP_SYS_ADMIN), the pause serves requests
+ * `hostname SEQ NAME\n` on stdin, answering `SEQ ok\n` or `SEQ error TEXT\n`
+ * on stdout, so the node plugin sets a claimed slot's hostname without a
+ * `runsc exec`. SEQ is the caller's token (1 to 32 bytes of [0-9a-z-]).
+ * When stdin ends or is unreadable (/dev/null: runc, crun and every cold
+ * sandbox), it only pauses, as before.
+ *
+ * gVisor grants a spec's capabilities to a uid-0 process only, so the
+ * adapter starts a channel pause as uid 0 with CAP_SYS_ADMIN alone and
+ * names the image's user in FAST_SANDBOX_PAUSE_USER=UID:GID: the pause
+ * becomes that user at once, keeping CAP_SYS_ADMIN and nothing else.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <grp.h>
+#include <linux/capability.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define VERSION "fast-sandbox-pause 2"
+#define VERSION "fast-sandbox-pause 3"
 #define HOST_NAME_LIMIT 64
+/* "hostname " + a 32-byte token + " " + a 64-byte name + "\n", with room. */
+#define LINE_LIMIT 256
+#define TOKEN_LIMIT 32
 
-static void write_stderr(const char *msg)
+static void write_all(int fd, const char *buf, size_t len)
 {
-	size_t len = strlen(msg);
 	while (len > 0) {
-		ssize_t n = write(STDERR_FILENO, msg, len);
+		ssize_t n = write(fd, buf, len);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
 			return;
 		}
-		msg += n;
+		buf += n;
 		len -= (size_t)n;
 	}
+}
+
+static void write_stderr(const char *msg)
+{
+	write_all(STDERR_FILENO, msg, strlen(msg));
 }
 
 static void on_shutdown(int signo)
@@ -84,6 +110,113 @@ static int set_hostname(const char *name)
 	return 0;
 }
 
+static int valid_token(const char *token, size_t len)
+{
+	if (len == 0 || len > TOKEN_LIMIT)
+		return 0;
+	for (size_t i = 0; i < len; i++) {
+		char c = token[i];
+		if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || c == '-'))
+			return 0;
+	}
+	return 1;
+}
+
+/*
+ * Becomes FAST_SANDBOX_PAUSE_USER (UID:GID) keeping only CAP_SYS_ADMIN.
+ * Absent: nothing to do. Returns -1 (with a message) when a step fails;
+ * the channel then answers errors and the node plugin falls back.
+ */
+static int drop_to_user(void)
+{
+	const char *spec = getenv("FAST_SANDBOX_PAUSE_USER");
+	if (spec == NULL)
+		return 0;
+	char *end;
+	unsigned long uid = strtoul(spec, &end, 10);
+	if (*end != ':') {
+		write_stderr("pause: FAST_SANDBOX_PAUSE_USER must be UID:GID\n");
+		return -1;
+	}
+	unsigned long gid = strtoul(end + 1, &end, 10);
+	if (*end != '\0') {
+		write_stderr("pause: FAST_SANDBOX_PAUSE_USER must be UID:GID\n");
+		return -1;
+	}
+	if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0 || setgroups(0, NULL) < 0 ||
+	    setgid((gid_t)gid) < 0 || setuid((uid_t)uid) < 0) {
+		perror("pause: becoming FAST_SANDBOX_PAUSE_USER");
+		return -1;
+	}
+	struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+	struct __user_cap_data_struct data[2];
+	memset(data, 0, sizeof(data));
+	data[0].effective = data[0].permitted = 1u << CAP_SYS_ADMIN;
+	if (syscall(SYS_capset, &header, data) < 0) {
+		perror("pause: capset");
+		return -1;
+	}
+	return 0;
+}
+
+/* Serves one request line (without its newline); answers on stdout. */
+static void serve_line(char *line)
+{
+	char reply[LINE_LIMIT];
+	const char *prefix = "hostname ";
+	size_t plen = strlen(prefix);
+	if (strncmp(line, prefix, plen) != 0)
+		return;
+	char *token = line + plen;
+	char *name = strchr(token, ' ');
+	if (name == NULL || !valid_token(token, (size_t)(name - token)))
+		return;
+	*name++ = '\0';
+	size_t len = strlen(name);
+	int n;
+	if (len == 0 || len > HOST_NAME_LIMIT)
+		n = snprintf(reply, sizeof(reply), "%s error name of %zu bytes\n", token, len);
+	else if (sethostname(name, len) < 0)
+		n = snprintf(reply, sizeof(reply), "%s error sethostname: %s\n", token,
+			     strerror(errno));
+	else
+		n = snprintf(reply, sizeof(reply), "%s ok\n", token);
+	if (n > 0)
+		write_all(STDOUT_FILENO, reply, (size_t)n < sizeof(reply) ? (size_t)n : sizeof(reply) - 1);
+}
+
+/*
+ * Reads request lines from stdin until it ends or fails. A line longer
+ * than LINE_LIMIT is dropped whole. Bounded by the stdin's life: returns
+ * at EOF (/dev/null at once) or on any read error but EINTR.
+ */
+static void serve_channel(void)
+{
+	char line[LINE_LIMIT];
+	size_t used = 0;
+	int overlong = 0;
+	for (;;) {
+		char c;
+		ssize_t n = read(STDIN_FILENO, &c, 1);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return;
+		if (c != '\n') {
+			if (used + 1 < sizeof(line))
+				line[used++] = c;
+			else
+				overlong = 1;
+			continue;
+		}
+		line[used] = '\0';
+		if (!overlong)
+			serve_line(line);
+		used = 0;
+		overlong = 0;
+	}
+}
+
 int main(int argc, char **argv)
 {
 	if (argc > 1 && (strcmp(argv[1], "-v") == 0 || strcmp(argv[1], "--version") == 0)) {
@@ -104,6 +237,8 @@ int main(int argc, char **argv)
 	    install(SIGCHLD, on_child, SA_NOCLDSTOP | SA_RESTART) < 0)
 		return 1;
 
+	drop_to_user();
+	serve_channel();
 	for (;;)
 		pause();
 

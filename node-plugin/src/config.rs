@@ -60,7 +60,7 @@ use serde::Deserialize;
 
 pub use crate::pool::{NetworkMode, MAX_POOL_SIZE};
 use crate::{
-    fixup::{ExecTemplate, GuestExecSettings, Mechanism, SysctlPolicy},
+    fixup::{ChannelTemplate, ExecTemplate, GuestExecSettings, Mechanism, SysctlPolicy},
     pool::PoolSpec,
 };
 
@@ -195,6 +195,12 @@ pub struct PoolSection {
     /// runsc, the default for runsc handlers) or `"refuse"` (pods with
     /// sysctls start cold: the default otherwise, e.g. Kata).
     pub guest_sysctls: Option<GuestSysctls>,
+    /// `guest-exec`: the directory of a sandbox's hostname channel (an
+    /// absolute path with `{sandbox_id}` as a component), tried before
+    /// `guest_exec`; `""` turns it off. Default for runsc handlers: the
+    /// runsc adapter's, `<runsc root>.adapter/{sandbox_id}`, the root being
+    /// `guest_exec`'s `--root` (else containerd's default); none otherwise.
+    pub guest_channel: Option<String>,
 }
 
 /// `[[pool]] fixup`: the claim-time mechanism (docs/runtimes.md).
@@ -248,8 +254,10 @@ pub fn fixup_mechanisms(pools: &[PoolSection]) -> anyhow::Result<HashMap<String,
         let mechanism = match mode {
             FixupMode::Setns => {
                 anyhow::ensure!(
-                    p.guest_exec.is_none() && p.guest_sysctls.is_none(),
-                    "{at}: guest_exec and guest_sysctls need fixup = \"guest-exec\""
+                    p.guest_exec.is_none()
+                        && p.guest_sysctls.is_none()
+                        && p.guest_channel.is_none(),
+                    "{at}: guest_exec, guest_sysctls and guest_channel need fixup = \"guest-exec\""
                 );
                 Mechanism::Setns
             }
@@ -271,7 +279,13 @@ pub fn fixup_mechanisms(pools: &[PoolSection]) -> anyhow::Result<HashMap<String,
                     None if is_runsc(&p.upstream) => SysctlPolicy::Ignore,
                     None => SysctlPolicy::Refuse,
                 };
-                Mechanism::GuestExec(GuestExecSettings { command, sysctls })
+                let channel = guest_channel(p, &command)
+                    .map_err(|e| anyhow::anyhow!("{at}.guest_channel: {e}"))?;
+                Mechanism::GuestExec(GuestExecSettings {
+                    command,
+                    sysctls,
+                    channel,
+                })
             }
         };
         if let Some(prev) = out.get(&p.upstream) {
@@ -284,6 +298,28 @@ pub fn fixup_mechanisms(pools: &[PoolSection]) -> anyhow::Result<HashMap<String,
         out.insert(p.upstream.clone(), mechanism);
     }
     Ok(out)
+}
+
+/// `[[pool]] guest_channel`, or its default for runsc upstreams: beside the
+/// runsc root `command` names with `--root`.
+fn guest_channel(
+    p: &PoolSection,
+    command: &ExecTemplate,
+) -> Result<Option<ChannelTemplate>, String> {
+    match p.guest_channel.as_deref() {
+        Some("") => Ok(None),
+        Some(template) => ChannelTemplate::new(template).map(Some),
+        None if is_runsc(&p.upstream) => {
+            let argv = command.argv();
+            let root = argv
+                .iter()
+                .position(|a| a == "--root")
+                .and_then(|i| argv.get(i + 1))
+                .map_or(DEFAULT_RUNSC_ROOT, String::as_str);
+            Ok(Some(ChannelTemplate::runsc_adapter(root)))
+        }
+        None => Ok(None),
+    }
 }
 
 /// The pool's shape: sandbox fields fixed once the pause runs. Each unset
@@ -1086,6 +1122,7 @@ mod tests {
             Mechanism::GuestExec(GuestExecSettings {
                 command: ExecTemplate::runsc("/usr/bin/runsc", DEFAULT_RUNSC_ROOT),
                 sysctls: SysctlPolicy::Ignore,
+                channel: Some(ChannelTemplate::runsc_adapter(DEFAULT_RUNSC_ROOT)),
             })
         );
         let Mechanism::GuestExec(kata) = &m["kata"] else {
@@ -1097,6 +1134,41 @@ mod tests {
             "a VM applies sysctls at boot"
         );
         assert_eq!(kata.command.argv()[0], "/usr/local/bin/fsb-kata-exec");
+        assert_eq!(kata.channel, None, "only the runsc adapter makes one");
+    }
+
+    #[test]
+    fn guest_channel_follows_guest_exec_s_root_or_is_set_or_off() {
+        let runsc = |extra: &str| {
+            let text = format!(
+                "[[pool]]\nhandler = \"fast-gvisor\"\nupstream = \"runsc\"\nsize = 1\n{extra}"
+            );
+            mechanisms(&text).map(|m| match &m["runsc"] {
+                Mechanism::GuestExec(s) => s.channel.as_ref().map(|c| c.render("ID")),
+                other => panic!("{other:?}"),
+            })
+        };
+        let exec = r#"guest_exec = ["/opt/runsc", "--root", "/dev-node/runsc/k8s.io", "exec", "{sandbox_id}", "/pause", "--set-hostname", "{hostname}"]"#;
+        assert_eq!(
+            runsc(exec).expect("derived"),
+            Some("/dev-node/runsc/k8s.io.adapter/ID".into())
+        );
+        assert_eq!(
+            runsc("guest_channel = \"/x/{sandbox_id}\"").expect("set"),
+            Some("/x/ID".into())
+        );
+        assert_eq!(runsc("guest_channel = \"\"").expect("off"), None);
+        let err = format!("{:#}", runsc("guest_channel = \"/x\"").expect_err("no id"));
+        assert!(
+            err.contains("pool[0] (\"fast-gvisor\").guest_channel"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            mechanisms("[[pool]]\nhandler = \"fast-runc\"\nupstream = \"runc\"\nsize = 1\nguest_channel = \"/x/{sandbox_id}\"\n")
+                .expect_err("setns")
+        );
+        assert!(err.contains("guest_channel need fixup"), "{err}");
     }
 
     #[test]

@@ -196,8 +196,39 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             });
         }
     }
+    let (shim, refill) = build_shim(
+        upstream,
+        &pools,
+        &settings,
+        &mechanisms,
+        args.cri_capture.as_deref(),
+        &stopped,
+    )?;
+    let pools = pools.map(|(manager, _)| manager);
+    serve_side_endpoints(scrape, agent, &settings, pools, metrics, health, &stopped).await?;
+    fast_sandbox_shim::serve(shim, &settings.socket, stopped())
+        .await
+        .with_context(|| format!("serving CRI on {}", settings.socket.path.display()))?;
+    if let Some(refill) = refill {
+        finish_refill(refill).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The CRI shim over upstream: backed by the pools when there are any
+/// (their refill loop started, its handle returned), else hiding the slots
+/// a run with pools left; capturing every call when asked.
+fn build_shim(
+    upstream: Upstream,
+    pools: &Option<(Arc<PoolManager>, HandlerMap)>,
+    settings: &Settings,
+    mechanisms: &HashMap<String, Mechanism>,
+    cri_capture: Option<&std::path::Path>,
+    stopped: &(impl Fn() -> BoxedStop + Clone),
+) -> anyhow::Result<(Shim, Option<tokio::task::JoinHandle<()>>)> {
     let mut refill = None;
-    let shim = match &pools {
+    let shim = match pools {
         // No pools: still hide the slots a run with pools left.
         None => Shim::with_slots(
             upstream,
@@ -205,7 +236,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Arc::new(
                 fast_sandbox_node::pool::TokenOnly::open(
                     &settings.slots.state_dir,
-                    real_fixup(&settings, &mechanisms),
+                    real_fixup(settings, mechanisms),
                 )
                 .context("reading the slot token and claim records")?,
             ),
@@ -219,52 +250,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )
         }
     };
-    let shim = match &args.cri_capture {
-        None => shim,
-        Some(path) => {
-            let capture = fast_sandbox_shim::Capture::open(path)
-                .with_context(|| format!("opening the CRI capture file {}", path.display()))?;
-            tracing::warn!(path = %path.display(), "capturing every CRI call (pod specs and env included)");
-            shim.with_capture(capture)
-        }
+    let Some(path) = cri_capture else {
+        return Ok((shim, refill));
     };
+    let capture = fast_sandbox_shim::Capture::open(path)
+        .with_context(|| format!("opening the CRI capture file {}", path.display()))?;
+    tracing::warn!(path = %path.display(), "capturing every CRI call (pod specs and env included)");
+    Ok((shim.with_capture(capture), refill))
+}
+
+/// Starts what is served besides CRI, each when configured: `/metrics`,
+/// the admin endpoints, the NodeAgent.
+async fn serve_side_endpoints(
+    scrape: Option<config::MetricsSettings>,
+    agent: Option<fast_sandbox_node::agent::AgentSettings>,
+    settings: &Settings,
+    pools: Option<Arc<PoolManager>>,
+    metrics: Arc<Metrics>,
+    health: Health,
+    stopped: &(impl Fn() -> BoxedStop + Clone),
+) -> anyhow::Result<()> {
     if let Some(scrape) = scrape {
-        serve_metrics(
-            scrape,
-            pools.as_ref().map(|(m, _)| Arc::clone(m)),
-            Arc::clone(&metrics),
-            health.clone(),
-            stopped(),
-        )
-        .await?;
+        let (pools, metrics) = (pools.clone(), Arc::clone(&metrics));
+        serve_metrics(scrape, pools, metrics, health.clone(), stopped()).await?;
     }
     if let Some(address) = &settings.admin {
-        serve_admin(
-            address,
-            pools.as_ref().map(|(m, _)| Arc::clone(m)),
-            metrics,
-            health.clone(),
-            stopped(),
-        )
-        .await?;
+        serve_admin(address, pools.clone(), metrics, health.clone(), stopped()).await?;
     }
     if let Some(agent) = agent {
-        serve_agent(
-            agent,
-            &settings,
-            pools.as_ref().map(|(m, _)| Arc::clone(m)),
-            health,
-            stopped(),
-        )
-        .await?;
+        serve_agent(agent, settings, pools, health, stopped()).await?;
     }
-    fast_sandbox_shim::serve(shim, &settings.socket, stopped())
-        .await
-        .with_context(|| format!("serving CRI on {}", settings.socket.path.display()))?;
-    if let Some(refill) = refill {
-        finish_refill(refill).await;
-    }
-    tracing::info!("stopped");
     Ok(())
 }
 

@@ -20,154 +20,18 @@
 //! - `page_faults`, `major_page_faults`: v1 `total_pgfault`/`total_pgmajfault`,
 //!   v2 `pgfault`/`pgmajfault`.
 //!
-//! The files are read directly: `cgroups-rs` 0.3 unwraps on a missing v2
-//! cgroup (a pod removed between list and read would panic the node
-//! plugin), and 0.5 pulls a D-Bus stack in for systemd. A cgroup that is
-//! gone gives `None`, and the shim then passes upstream's numbers on.
+//! The reads themselves are the cgroup layer's (`fast-sandbox-cgroup`,
+//! [`Cgroups::pod_sample`]): a cgroup that is gone gives `None`, and the
+//! shim then passes upstream's numbers on.
 
-use std::{
-    collections::{HashMap, HashSet},
-    fmt,
-    path::{Path, PathBuf},
-    sync::Mutex,
-};
+use std::{collections::HashMap, sync::Mutex};
 
+pub use fast_sandbox_cgroup::{Cgroups, HostCgroups, Sample};
 use fast_sandbox_proto::cri::{CpuUsage, MemoryUsage, UInt64Value};
-
-use crate::fixup::CgroupLeaf;
 
 /// Size above which a memory limit counts as none (containerd's
 /// `isMemoryUnlimited`: the kernel rounds "unlimited" down to a page).
 const UNLIMITED: u64 = 1 << 62;
-
-/// One reading of a pod cgroup.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Sample {
-    pub cpu_ns: u64,
-    pub usage: u64,
-    pub limit: Option<u64>,
-    pub inactive_file: u64,
-    pub rss: u64,
-    pub pgfault: u64,
-    pub pgmajfault: u64,
-}
-
-impl Sample {
-    /// Adds the memory charged to `other` (a claimed slot's placeholder
-    /// cgroup, holding what the slot used before the claim) to this one's;
-    /// the limit and CPU stay this cgroup's.
-    pub fn add_memory(&mut self, other: &Sample) {
-        self.usage = self.usage.saturating_add(other.usage);
-        self.inactive_file = self.inactive_file.saturating_add(other.inactive_file);
-        self.rss = self.rss.saturating_add(other.rss);
-    }
-}
-
-fn read_u64(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// `key value` lines (`memory.stat`, `cpu.stat`).
-fn flat_keyed(path: &Path) -> Option<HashMap<String, u64>> {
-    let text = std::fs::read_to_string(path).ok()?;
-    Some(
-        text.lines()
-            .filter_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                Some((k.to_owned(), v.trim().parse().ok()?))
-            })
-            .collect(),
-    )
-}
-
-/// Reads the pod cgroup `leaf` under the cgroup mount `root`
-/// (`/sys/fs/cgroup`): the unified hierarchy when `root` is one (cgroup
-/// v2), else the v1 `cpuacct` and `memory` hierarchies.
-pub fn read(root: &Path, leaf: &CgroupLeaf) -> Option<Sample> {
-    let rel = leaf.relative();
-    if root.join("cgroup.controllers").exists() {
-        let dir = root.join(rel);
-        let cpu = flat_keyed(&dir.join("cpu.stat"))?;
-        let stat = flat_keyed(&dir.join("memory.stat"))?;
-        let max = std::fs::read_to_string(dir.join("memory.max")).ok()?;
-        let get = |k: &str| stat.get(k).copied().unwrap_or(0);
-        return Some(Sample {
-            cpu_ns: cpu.get("usage_usec").copied()?.saturating_mul(1000),
-            usage: read_u64(&dir.join("memory.current"))?,
-            limit: max.trim().parse().ok(),
-            inactive_file: get("inactive_file"),
-            rss: get("anon"),
-            pgfault: get("pgfault"),
-            pgmajfault: get("pgmajfault"),
-        });
-    }
-    let cpu_dir = ["cpuacct", "cpu,cpuacct", "cpuacct,cpu"]
-        .iter()
-        .map(|h| root.join(h))
-        .find(|p| p.is_dir())?;
-    let cpu_ns = read_u64(&cpu_dir.join(rel).join("cpuacct.usage"))?;
-    let mem: PathBuf = root.join("memory").join(rel);
-    let stat = flat_keyed(&mem.join("memory.stat"))?;
-    let get = |k: &str| stat.get(k).copied().unwrap_or(0);
-    Some(Sample {
-        cpu_ns,
-        usage: read_u64(&mem.join("memory.usage_in_bytes"))?,
-        limit: read_u64(&mem.join("memory.limit_in_bytes")),
-        inactive_file: get("total_inactive_file"),
-        rss: get("total_rss"),
-        pgfault: get("total_pgfault"),
-        pgmajfault: get("total_pgmajfault"),
-    })
-}
-
-/// The cgroupfs reads of the pool: a pod cgroup's numbers for stats, and
-/// the placeholder cgroups found at start. Blocking: the pool calls them on
-/// a blocking thread with a deadline. Behind a trait so tests can hold a
-/// read (and show that nothing else waits for it).
-pub trait CgroupReader: Send + Sync + fmt::Debug {
-    /// CPU and memory of the pod cgroup `leaf`; `None` when it is gone.
-    fn pod_sample(&self, leaf: &CgroupLeaf) -> Option<Sample>;
-
-    /// The per-slot placeholder cgroup parents (`<root>/<slot uid>`, 32
-    /// hex digits) that exist in any mounted hierarchy.
-    fn placeholder_dirs(&self, root: &str) -> HashSet<String>;
-}
-
-/// [`CgroupReader`] of the cgroup mount at `root` (`/sys/fs/cgroup`).
-#[derive(Debug, Clone)]
-pub struct RealCgroups {
-    root: PathBuf,
-}
-
-impl Default for RealCgroups {
-    fn default() -> Self {
-        Self {
-            root: PathBuf::from("/sys/fs/cgroup"),
-        }
-    }
-}
-
-impl CgroupReader for RealCgroups {
-    fn pod_sample(&self, leaf: &CgroupLeaf) -> Option<Sample> {
-        read(&self.root, leaf)
-    }
-
-    fn placeholder_dirs(&self, root: &str) -> HashSet<String> {
-        let rel = root.trim_start_matches('/');
-        let mut bases = vec![self.root.join(rel)];
-        if let Ok(hierarchies) = std::fs::read_dir(&self.root) {
-            bases.extend(hierarchies.flatten().map(|h| h.path().join(rel)));
-        }
-        bases
-            .iter()
-            .filter_map(|b| std::fs::read_dir(b).ok())
-            .flat_map(|d| d.flatten())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-            .filter(|n| n.len() == 32 && n.bytes().all(|b| b.is_ascii_hexdigit()))
-            .collect()
-    }
-}
 
 /// Converts samples into CRI usage, remembering the previous CPU sample of
 /// each sandbox for `usage_nano_cores`.
@@ -229,7 +93,12 @@ impl UsageTracker {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use fast_sandbox_cgroup::stats::read;
+
     use super::*;
+    use crate::fixup::{CgroupLeaf, ContainerdCgroup as _};
 
     fn leaf() -> CgroupLeaf {
         CgroupLeaf::for_pod("/kubepods/besteffort/podabc").unwrap()
@@ -298,49 +167,6 @@ mod tests {
         assert_eq!(memu.working_set_bytes.unwrap().value, 0, "inactive > usage");
         assert_eq!(memu.available_bytes.unwrap().value, 8192);
         assert_eq!(memu.rss_bytes.unwrap().value, 1024);
-    }
-
-    /// A claimed slot's leftover placeholder charges count as the pod's
-    /// memory; its CPU, fault counters and limit do not change.
-    #[test]
-    fn placeholder_memory_adds_to_the_pods() {
-        let mut pod = Sample {
-            cpu_ns: 5,
-            usage: 1000,
-            limit: Some(4096),
-            inactive_file: 100,
-            rss: 600,
-            pgfault: 7,
-            pgmajfault: 1,
-        };
-        let left = Sample {
-            cpu_ns: 50,
-            usage: 300,
-            limit: None,
-            inactive_file: 20,
-            rss: 250,
-            pgfault: 70,
-            pgmajfault: 10,
-        };
-        pod.add_memory(&left);
-        assert_eq!(
-            pod,
-            Sample {
-                cpu_ns: 5,
-                usage: 1300,
-                limit: Some(4096),
-                inactive_file: 120,
-                rss: 850,
-                pgfault: 7,
-                pgmajfault: 1,
-            }
-        );
-    }
-
-    #[test]
-    fn a_gone_cgroup_reads_as_none() {
-        let root = tempfile::tempdir().unwrap();
-        assert_eq!(read(root.path(), &leaf()), None);
     }
 
     #[test]

@@ -47,6 +47,7 @@ fn fixup(node: &Arc<RecordingOps>, guest: &Arc<RecordingGuestOps>) -> Arc<dyn Fi
             GuestExecSettings {
                 command: ExecTemplate::runsc("/usr/bin/runsc", "/run/containerd/runc/k8s.io"),
                 sysctls,
+                channel: None,
             },
             Duration::from_secs(5),
         ))

@@ -11,9 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use fast_sandbox_cgroup::{CgroupError, MoveScope};
 use fast_sandbox_node::{
     fixup::CgroupLeaf,
-    usage::{CgroupReader, Sample},
+    usage::{Cgroups, Sample},
 };
 use fast_sandbox_proto::cri;
 use fast_sandbox_shim::slots::{HandlerMap, SlotSource};
@@ -37,7 +38,7 @@ struct HeldReader {
     release: Mutex<mpsc::Receiver<()>>,
 }
 
-impl CgroupReader for HeldReader {
+impl Cgroups for HeldReader {
     fn pod_sample(&self, leaf: &CgroupLeaf) -> Option<Sample> {
         if !leaf.as_str().starts_with(POD_PARENT) {
             return None;
@@ -53,6 +54,29 @@ impl CgroupReader for HeldReader {
 
     fn placeholder_dirs(&self, _root: &str) -> HashSet<String> {
         HashSet::new()
+    }
+
+    // The pool only reads; the fix-up (a fake here) does the rest.
+    fn move_pid(
+        &self,
+        _: i32,
+        _: &CgroupLeaf,
+        _: &CgroupLeaf,
+        _: MoveScope,
+    ) -> Result<(), CgroupError> {
+        Ok(())
+    }
+
+    fn procs(&self, _: &CgroupLeaf) -> Result<Vec<i32>, CgroupError> {
+        Ok(Vec::new())
+    }
+
+    fn join(&self, _: u32, _: &CgroupLeaf) -> Result<Vec<CgroupError>, CgroupError> {
+        Ok(Vec::new())
+    }
+
+    fn remove(&self, _: &CgroupLeaf) -> Result<Vec<CgroupError>, CgroupError> {
+        Ok(Vec::new())
     }
 }
 

@@ -25,6 +25,7 @@ use crate::{
     cgroup,
     cli::{Command, Invocation},
     error::{classify_runsc_error, AdapterError, RunscFailure},
+    hostname,
     log::Logger,
     netns::{self, NetnsOps, Plan},
     state::{self, ContainerDir, ContainerState},
@@ -182,9 +183,13 @@ fn create(
     args.push(id.to_owned());
     ctx.log.info(&format!("runsc create {args:?}"));
     // runsc gets the container's stdio: for the first container it becomes
-    // the sandbox's.
+    // the sandbox's, except a channel pause's stdin and stdout.
+    let mut process = ctx.runsc("create", &args);
+    if first {
+        hostname_channel(ctx, bundle_path, &dir, &mut process);
+    }
     let t0 = std::time::Instant::now();
-    if let Err(e) = run_status(ctx, "create", ctx.runsc("create", &args)) {
+    if let Err(e) = run_status(ctx, "create", process) {
         let _ = dir.remove();
         return Err(e);
     }
@@ -210,6 +215,25 @@ fn create(
                 .status();
             let _ = dir.remove();
             Err(e)
+        }
+    }
+}
+
+/// Gives the sandbox container's pause the hostname channel when its image
+/// asks for it. A channel that cannot be made is logged and left out: the
+/// node plugin then sets the hostname with its exec.
+fn hostname_channel(ctx: &Ctx<'_>, bundle: &Path, dir: &ContainerDir, process: &mut Process) {
+    match hostname::prepare(bundle, dir) {
+        Ok(Some(channel)) => {
+            ctx.log.info("hostname channel for the pause");
+            process.stdin(channel.requests).stdout(channel.replies);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            ctx.log.warn(&format!("no hostname channel: {e}"));
+            for name in [hostname::REQUESTS, hostname::REPLIES] {
+                let _ = std::fs::remove_file(dir.dir.join(name));
+            }
         }
     }
 }

@@ -254,26 +254,32 @@ fn parse_flags(
                 }
             }
         };
-        match spec.rule {
-            Rule::Keep(runsc_name) => parsed.kept.push((runsc_name, value)),
-            Rule::Drop => {}
-            Rule::DropIfValue(allowed) => {
-                if value.as_deref() != Some(allowed) {
-                    // `--rootless=true` is the one value worth honouring.
-                    if spec.names.contains(&"rootless") && value.as_deref() == Some("true") {
-                        parsed.kept.push(("rootless", None));
-                    } else {
-                        return Err(AdapterError::UnsupportedFlag {
-                            context: context.to_owned(),
-                            flag: arg.clone(),
-                        });
-                    }
-                }
-            }
-        }
+        apply_rule(&mut parsed, spec, value).map_err(|()| AdapterError::UnsupportedFlag {
+            context: context.to_owned(),
+            flag: arg.clone(),
+        })?;
         i += 1;
     }
     Ok((parsed, i))
+}
+
+/// What `spec`'s rule does with a flag given `value`; `Err` when the value
+/// is one the adapter cannot honour.
+fn apply_rule(parsed: &mut Parsed, spec: &FlagSpec, value: Option<String>) -> Result<(), ()> {
+    match spec.rule {
+        Rule::Keep(runsc_name) => parsed.kept.push((runsc_name, value)),
+        Rule::Drop => {}
+        Rule::DropIfValue(allowed) if value.as_deref() != Some(allowed) => {
+            // `--rootless=true` is the one value worth honouring.
+            if spec.names.contains(&"rootless") && value.as_deref() == Some("true") {
+                parsed.kept.push(("rootless", None));
+            } else {
+                return Err(());
+            }
+        }
+        Rule::DropIfValue(_) => {}
+    }
+    Ok(())
 }
 
 fn one_id(command: &str, positional: &[String]) -> Result<String, AdapterError> {

@@ -43,6 +43,8 @@ pub enum AdapterError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("bundle config {path}: {why}")]
+    BadSpec { path: PathBuf, why: String },
     /// After joining a pod's network namespace to hide a file from runsc,
     /// the adapter could not return to its own: nothing may run from here.
     #[error("cannot return to the adapter's network namespace: {0}")]

@@ -17,6 +17,7 @@ mod adapter;
 mod cgroup;
 mod cli;
 mod error;
+mod hostname;
 mod log;
 mod netns;
 mod state;

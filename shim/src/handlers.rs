@@ -18,15 +18,17 @@
 //! Messages stay bytes: a request is decoded to read it, and an edit goes
 //! through preserve.rs, which keeps every field the shim does not own.
 
-use std::{collections::HashMap, pin::Pin, sync::Arc, time::SystemTime};
+use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
 use bytes::Bytes;
 use fast_sandbox_proto::cri;
-use futures::{future::BoxFuture, Stream, StreamExt};
+use futures::future::BoxFuture;
 use prost::Message;
 use tokio::time::Instant;
 use tonic::{Extensions, Request, Response, Status};
 use tracing::Instrument;
+
+pub(crate) mod events;
 
 use crate::{
     capture,
@@ -37,9 +39,10 @@ use crate::{
     methods::{self, Intercepted, Method},
     preserve::{self, WireError},
     rewrite,
+    rewrite::Selector,
     slots::{Claim, HandlerMap, MissReason, NoSlot, PoolKey, SlotView, Slots},
     state::{elapsed_us, Shim},
-    upstream::{pass_status, RawRequest},
+    upstream::RawRequest,
 };
 
 /// What a call that names a sandbox by id is about.
@@ -199,34 +202,8 @@ impl Shim {
         let slots = &*slots;
         match which {
             Intercepted::RunPodSandbox => self.run_pod_sandbox(slots, method, call).await,
-            Intercepted::StopPodSandbox => {
-                let id = decode::<cri::StopPodSandboxRequest>(&call.bytes)?.pod_sandbox_id;
-                match self.named(slots, call.deadline, &id).await {
-                    Named::Unclaimed => {
-                        Err(hidden(ShimError::HiddenSandboxStop { requested_id: id }))
-                    }
-                    Named::Visible(full_id) => {
-                        let id = full_id.unwrap_or(id);
-                        if matches!(
-                            slots.source.view(&id, &HashMap::new()),
-                            SlotView::Claimed(_)
-                        ) {
-                            slots.source.stopping(&id).await;
-                        }
-                        self.forward(method, &call).await
-                    }
-                }
-            }
-            Intercepted::RemovePodSandbox => {
-                let id = decode::<cri::RemovePodSandboxRequest>(&call.bytes)?.pod_sandbox_id;
-                let id = match self.named(slots, call.deadline, &id).await {
-                    Named::Unclaimed => return Ok(unclaimed_empty()),
-                    Named::Visible(full_id) => full_id.unwrap_or(id),
-                };
-                let response = self.forward(method, &call).await?;
-                slots.source.removed(&id).await;
-                Ok(response)
-            }
+            Intercepted::StopPodSandbox => self.stop_pod_sandbox(slots, method, call).await,
+            Intercepted::RemovePodSandbox => self.remove_pod_sandbox(slots, method, call).await,
             Intercepted::CreateContainer => self.create_container(slots, method, call).await,
             Intercepted::PortForward => {
                 let id = decode::<cri::PortForwardRequest>(&call.bytes)?.pod_sandbox_id;
@@ -250,55 +227,12 @@ impl Shim {
                 let id = request.filter.map(|f| f.pod_sandbox_id).unwrap_or_default();
                 self.guarded_list(slots, method, call, &id).await
             }
-            Intercepted::ListPodSandbox => {
-                let (bytes, selector) = preserve::rewrite::<cri::ListPodSandboxRequest, _>(
-                    ".runtime.v1.ListPodSandboxRequest",
-                    &call.bytes,
-                    |r| rewrite::take_sandbox_selector(&mut r.filter),
-                )
-                .map_err(|e| decode_status(&e))?;
-                let response = self.upstream.unary_raw(method, call.request(bytes)).await?;
-                map_answer(response, |answer| {
-                    preserve::rewrite_items::<cri::PodSandbox>(
-                        ".runtime.v1.PodSandbox",
-                        1,
-                        answer,
-                        |item| rewrite::sandbox_item(slots, item, &selector),
-                    )
-                    .map_err(|e| malformed_reply(method, &e))
-                })
-            }
-            Intercepted::PodSandboxStatus => {
-                let response = self.forward(method, &call).await?;
-                map_answer(response, |answer| {
-                    let (bytes, outcome) = preserve::rewrite::<cri::PodSandboxStatusResponse, _>(
-                        ".runtime.v1.PodSandboxStatusResponse",
-                        answer,
-                        |r| rewrite::pod_sandbox_status(slots, r),
-                    )
-                    .map_err(|e| malformed_reply(method, &e))?;
-                    outcome.map_err(hidden)?;
-                    Ok(bytes)
-                })
-            }
+            Intercepted::ListPodSandbox => self.list_pod_sandbox(slots, method, call).await,
+            Intercepted::PodSandboxStatus => self.pod_sandbox_status(slots, method, call).await,
             Intercepted::ListPodSandboxStats => {
                 self.list_pod_sandbox_stats(slots, method, call).await
             }
-            Intercepted::PodSandboxStats => {
-                let requested_id =
-                    decode::<cri::PodSandboxStatsRequest>(&call.bytes)?.pod_sandbox_id;
-                let response = self.forward(method, &call).await?;
-                map_answer(response, |answer| {
-                    let (bytes, outcome) = preserve::rewrite::<cri::PodSandboxStatsResponse, _>(
-                        ".runtime.v1.PodSandboxStatsResponse",
-                        answer,
-                        |r| rewrite::pod_sandbox_stats(slots, r, &requested_id),
-                    )
-                    .map_err(|e| malformed_reply(method, &e))?;
-                    outcome.map_err(hidden)?;
-                    Ok(bytes)
-                })
-            }
+            Intercepted::PodSandboxStats => self.pod_sandbox_stats(slots, method, call).await,
             Intercepted::Status => {
                 let response = self.forward(method, &call).await?;
                 map_answer(response, |answer| {
@@ -311,6 +245,127 @@ impl Shim {
                 Err(Status::internal("GetContainerEvents is a stream"))
             }
         }
+    }
+
+    /// `StopPodSandbox`: refused for an unclaimed slot; a claimed one is told
+    /// it is stopping before the stop is forwarded.
+    async fn stop_pod_sandbox(
+        &self,
+        slots: &Slots,
+        method: &'static Method,
+        call: Call,
+    ) -> Result<Response<Bytes>, Status> {
+        let id = decode::<cri::StopPodSandboxRequest>(&call.bytes)?.pod_sandbox_id;
+        match self.named(slots, call.deadline, &id).await {
+            Named::Unclaimed => Err(hidden(ShimError::HiddenSandboxStop { requested_id: id })),
+            Named::Visible(full_id) => {
+                let id = full_id.unwrap_or(id);
+                if matches!(
+                    slots.source.view(&id, &HashMap::new()),
+                    SlotView::Claimed(_)
+                ) {
+                    slots.source.stopping(&id).await;
+                }
+                self.forward(method, &call).await
+            }
+        }
+    }
+
+    /// `RemovePodSandbox`: an unclaimed slot answers as removed; a claimed
+    /// one is forgotten once upstream removed it.
+    async fn remove_pod_sandbox(
+        &self,
+        slots: &Slots,
+        method: &'static Method,
+        call: Call,
+    ) -> Result<Response<Bytes>, Status> {
+        let id = decode::<cri::RemovePodSandboxRequest>(&call.bytes)?.pod_sandbox_id;
+        let id = match self.named(slots, call.deadline, &id).await {
+            Named::Unclaimed => return Ok(unclaimed_empty()),
+            Named::Visible(full_id) => full_id.unwrap_or(id),
+        };
+        let response = self.forward(method, &call).await?;
+        slots.source.removed(&id).await;
+        Ok(response)
+    }
+
+    /// `ListPodSandbox`: the slot selector is taken out of the filter, and
+    /// the answer's items hidden or rewritten.
+    async fn list_pod_sandbox(
+        &self,
+        slots: &Slots,
+        method: &'static Method,
+        call: Call,
+    ) -> Result<Response<Bytes>, Status> {
+        self.selected_list::<cri::ListPodSandboxRequest, cri::PodSandbox>(
+            method,
+            &call,
+            (".runtime.v1.ListPodSandboxRequest", |r| {
+                rewrite::take_sandbox_selector(&mut r.filter)
+            }),
+            (".runtime.v1.PodSandbox", |item, selector| {
+                rewrite::sandbox_item(slots, item, selector)
+            }),
+        )
+        .await
+    }
+
+    /// `PodSandboxStatus`: upstream's answer, a claimed slot's rewritten.
+    async fn pod_sandbox_status(
+        &self,
+        slots: &Slots,
+        method: &'static Method,
+        call: Call,
+    ) -> Result<Response<Bytes>, Status> {
+        let response = self.forward(method, &call).await?;
+        rewrite_answer::<cri::PodSandboxStatusResponse>(
+            response,
+            method,
+            ".runtime.v1.PodSandboxStatusResponse",
+            |r| rewrite::pod_sandbox_status(slots, r),
+        )
+    }
+
+    /// `PodSandboxStats`: upstream's answer, a claimed slot's rewritten.
+    async fn pod_sandbox_stats(
+        &self,
+        slots: &Slots,
+        method: &'static Method,
+        call: Call,
+    ) -> Result<Response<Bytes>, Status> {
+        let requested_id = decode::<cri::PodSandboxStatsRequest>(&call.bytes)?.pod_sandbox_id;
+        let response = self.forward(method, &call).await?;
+        rewrite_answer::<cri::PodSandboxStatsResponse>(
+            response,
+            method,
+            ".runtime.v1.PodSandboxStatsResponse",
+            |r| rewrite::pod_sandbox_stats(slots, r, &requested_id),
+        )
+    }
+
+    /// A list call with its label selector taken out of the request
+    /// (`request`: the request's protobuf name and the taker), forwarded,
+    /// and each item of the answer (field 1; `item`: its name and the
+    /// rewrite, `false` to drop it) hidden or rewritten under the selector.
+    async fn selected_list<Req, Item>(
+        &self,
+        method: &'static Method,
+        call: &Call,
+        request: (&'static str, impl FnOnce(&mut Req) -> Selector),
+        item: (&'static str, impl FnMut(&mut Item, &Selector) -> bool),
+    ) -> Result<Response<Bytes>, Status>
+    where
+        Req: Message + Default + Clone + PartialEq,
+        Item: Message + Default + Clone + PartialEq,
+    {
+        let (bytes, selector) = preserve::rewrite::<Req, _>(request.0, &call.bytes, request.1)
+            .map_err(|e| decode_status(&e))?;
+        let response = self.upstream.unary_raw(method, call.request(bytes)).await?;
+        let (name, mut edit) = item;
+        map_answer(response, |answer| {
+            preserve::rewrite_items::<Item>(name, 1, answer, |i| edit(i, &selector))
+                .map_err(|e| malformed_reply(method, &e))
+        })
     }
 
     /// The request as it came, to upstream.
@@ -426,22 +481,17 @@ impl Shim {
                 .selected_sandbox_stats(slots, method, &call, request)
                 .await;
         }
-        let (bytes, selector) = preserve::rewrite::<cri::ListPodSandboxStatsRequest, _>(
-            ".runtime.v1.ListPodSandboxStatsRequest",
-            &call.bytes,
-            |r| rewrite::take_stats_selector(&mut r.filter),
+        self.selected_list::<cri::ListPodSandboxStatsRequest, cri::PodSandboxStats>(
+            method,
+            &call,
+            (".runtime.v1.ListPodSandboxStatsRequest", |r| {
+                rewrite::take_stats_selector(&mut r.filter)
+            }),
+            (".runtime.v1.PodSandboxStats", |item, selector| {
+                rewrite::stats_item(slots, item, selector)
+            }),
         )
-        .map_err(|e| decode_status(&e))?;
-        let response = self.upstream.unary_raw(method, call.request(bytes)).await?;
-        map_answer(response, |answer| {
-            preserve::rewrite_items::<cri::PodSandboxStats>(
-                ".runtime.v1.PodSandboxStats",
-                1,
-                answer,
-                |item| rewrite::stats_item(slots, item, &selector),
-            )
-            .map_err(|e| malformed_reply(method, &e))
-        })
+        .await
     }
 
     async fn selected_sandbox_stats(
@@ -624,6 +674,26 @@ fn hidden(err: ShimError) -> Status {
     err.into()
 }
 
+/// Upstream's answer (`message`, its protobuf type name) with `edit`
+/// applied field-preservingly; a slot the edit must hide becomes the error
+/// it returns.
+fn rewrite_answer<M>(
+    response: Response<Bytes>,
+    method: &'static Method,
+    message: &'static str,
+    edit: impl FnOnce(&mut M) -> Result<(), ShimError>,
+) -> Result<Response<Bytes>, Status>
+where
+    M: Message + Default + Clone + PartialEq,
+{
+    map_answer(response, |answer| {
+        let (bytes, outcome) = preserve::rewrite::<M, _>(message, answer, edit)
+            .map_err(|e| malformed_reply(method, &e))?;
+        outcome.map_err(hidden)?;
+        Ok(bytes)
+    })
+}
+
 /// Upstream's answer with its message replaced by `edit`'s, metadata kept.
 fn map_answer(
     response: Response<Bytes>,
@@ -665,86 +735,6 @@ fn status_with_handlers(handlers: &HandlerMap, answer: &Bytes) -> Result<Bytes, 
         preserve::put_message_field(&mut out, 3, &renamed);
     }
     Ok(Bytes::from(out))
-}
-
-/// The container event stream handed to the caller.
-type EventStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send + 'static>>;
-
-/// `GetContainerEvents`, server-streaming: upstream's stream is relayed item
-/// by item (upstream errors unchanged) until either side ends it or the shim
-/// shuts down. With slots, events about unclaimed slots are dropped and the
-/// sandbox status of the others rewritten as in `PodSandboxStatus`.
-#[derive(Debug)]
-pub(crate) struct Events(pub(crate) Arc<Shim>);
-
-impl tonic::server::ServerStreamingService<Bytes> for Events {
-    type Response = Bytes;
-    type ResponseStream = EventStream;
-    type Future = BoxFuture<'static, Result<Response<EventStream>, Status>>;
-
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let shim = Arc::clone(&self.0);
-        Box::pin(async move { shim.events(request).await })
-    }
-}
-
-impl Shim {
-    async fn events(
-        self: Arc<Self>,
-        request: Request<Bytes>,
-    ) -> Result<Response<EventStream>, Status> {
-        let Some(method) = methods::lookup("/runtime.v1.RuntimeService/GetContainerEvents") else {
-            return Err(Status::internal(
-                "GetContainerEvents is not in the method table",
-            ));
-        };
-        let span = methods::span(method.level, method.name);
-        let (metadata, extensions, bytes) = request.into_parts();
-        let deadline = extensions.get::<CallerDeadline>().copied();
-        let budget = (method.inspect)(&bytes, &span).map_err(|err| decode_status(&err))?;
-        let call = Call {
-            metadata,
-            deadline,
-            bytes,
-            budget,
-        };
-        let response = self
-            .upstream
-            .streaming_raw(method, call.request(call.bytes.clone()))
-            .instrument(span)
-            .await?;
-        let mut stopping = self.stopping.subscribe();
-        let stopped = async move {
-            // Err: the shim is gone, which also means stop.
-            let _ = stopping.wait_for(|stopping| *stopping).await;
-        };
-        let slots = self.slots.clone();
-        Ok(response.map(|events| {
-            events
-                .filter_map(move |item| {
-                    let item = match item {
-                        Ok(event) => match &slots {
-                            Some(slots) => {
-                                match preserve::rewrite::<cri::ContainerEventResponse, _>(
-                                    ".runtime.v1.ContainerEventResponse",
-                                    &event,
-                                    |e| rewrite::container_event(slots, e),
-                                ) {
-                                    Ok((bytes, true)) => Some(Ok(bytes)),
-                                    Ok((_, false)) => None,
-                                    Err(err) => Some(Err(malformed_reply(method, &err))),
-                                }
-                            }
-                            None => Some(Ok(event)),
-                        },
-                        Err(status) => Some(Err(pass_status(status))),
-                    };
-                    std::future::ready(item)
-                })
-                .take_until(stopped)
-                .boxed()
-        }))
-    }
 }
 
 #[cfg(test)]

@@ -385,7 +385,7 @@ impl Shim {
         let mut grpc = tonic::server::Grpc::new(crate::codec::RawCodec)
             .max_decoding_message_size(MAX_MESSAGE_SIZE);
         if which == Intercepted::GetContainerEvents {
-            grpc.server_streaming(crate::handlers::Events(self), request)
+            grpc.server_streaming(crate::handlers::events::Events(self), request)
                 .await
         } else {
             grpc.unary(

@@ -21,7 +21,7 @@ use fast_sandbox_node::{
     health::Health,
     metrics::Metrics,
     pool::{ManagerConfig, NetworkMode, PoolError, PoolManager, PoolParts, PoolSpec},
-    usage::CgroupReader,
+    usage::Cgroups,
 };
 use fast_sandbox_proto::cri;
 use fast_sandbox_shim::slots::{Claim, PoolKey, Shape, SlotSource};
@@ -481,7 +481,7 @@ pub struct PoolRig {
 pub struct RigBuilder {
     pools: Vec<PoolSpec>,
     fixup: Arc<dyn Fixup>,
-    cgroups: Option<Arc<dyn CgroupReader>>,
+    cgroups: Option<Arc<dyn Cgroups>>,
     unix_socket: bool,
     /// containerd's CNI configuration at start (`None`: not there yet).
     cni: Option<&'static str>,
@@ -517,7 +517,7 @@ impl RigBuilder {
 
     /// Reads pods' cgroups through `cgroups` instead of cgroupfs.
     #[must_use]
-    pub fn cgroups(mut self, cgroups: Arc<dyn CgroupReader>) -> Self {
+    pub fn cgroups(mut self, cgroups: Arc<dyn Cgroups>) -> Self {
         self.cgroups = Some(cgroups);
         self
     }

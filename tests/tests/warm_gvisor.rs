@@ -216,3 +216,41 @@ async fn warm_runsc_slot_processes_move_to_the_pod_cgroup() {
         "no process of the sandbox is left"
     );
 }
+
+/// The pause's hostname channel end to end (the adapter's FIFOs, the
+/// pause's `hostname SEQ NAME` requests, the node plugin's client): a runsc
+/// sandbox whose hostname is set through it alone, with no `runsc exec`,
+/// shows the new name to its first container. What a warm claim does
+/// before its barrier opens (docs/runtimes.md, "The hostname channel").
+#[tokio::test]
+async fn runsc_hostname_channel_sets_the_sandbox_hostname() {
+    use fast_sandbox_node::fixup::{ChannelTemplate, GuestOps as _, RealGuestOps};
+    use fast_sandbox_tests::pod::{exec, run_pod, start_container};
+
+    let test = "runsc_hostname_channel";
+    let Some(node) = DevNode::require(test) else {
+        return;
+    };
+    let _guard = CaseGuard::new(&node, test).await.expect("clean slate");
+    let logs = tempfile::tempdir().expect("tempdir");
+    let pod = TestPod::new(test, "hostname-channel", logs.path());
+    let mut cri = node.cri().expect("client");
+    let sid = run_pod(&mut cri, &pod, HANDLER).await.expect("sandbox");
+
+    let dir = ChannelTemplate::runsc_adapter(&support::runsc_root(&node)).render(&sid);
+    let set = RealGuestOps
+        .channel_hostname(dir, "set-by-channel", Duration::from_secs(5))
+        .await;
+    let started = start_container(&mut cri, &node, &pod, &sid, "app", "sleep 60", false).await;
+    let seen = match &started {
+        Ok(cid) => exec(&mut cri, cid, "hostname").await.ok(),
+        Err(_) => None,
+    };
+    cri.remove_sandbox(&sid).await.expect("remove");
+    pod.remove_pod_cgroups();
+
+    set.expect("the pause answers on its channel (pause image and adapter of this tree)");
+    started.expect("container");
+    let (code, out) = seen.expect("exec");
+    assert_eq!((code, out.trim()), (0, "set-by-channel"));
+}

@@ -101,6 +101,115 @@ where
     action
 }
 
+/// One request a reconcile must make next, and the scripted answer.
+pub struct Call {
+    method: Method,
+    /// The path, without the query.
+    path: String,
+    /// Checks on the request's JSON body (`Null` when it has none).
+    check: Box<dyn FnOnce(&Value) + Send>,
+    answer: Answer,
+}
+
+/// What the scripted API server answers a [`Call`].
+pub enum Answer {
+    /// This status and JSON body.
+    Json(u16, Value),
+    /// 404, the object is not there.
+    NotFound,
+    /// 201 with the request's own body, given a uid: a created object.
+    Created,
+    /// 409, the object exists already.
+    AlreadyExists,
+}
+
+impl Call {
+    fn new(method: Method, path: impl Into<String>) -> Self {
+        Call {
+            method,
+            path: path.into(),
+            check: Box::new(|_| {}),
+            answer: Answer::Json(200, Value::Null),
+        }
+    }
+
+    pub fn get(path: impl Into<String>) -> Self {
+        Call::new(Method::GET, path)
+    }
+
+    pub fn post(path: impl Into<String>) -> Self {
+        Call::new(Method::POST, path).answer(Answer::Created)
+    }
+
+    pub fn patch(path: impl Into<String>) -> Self {
+        Call::new(Method::PATCH, path)
+    }
+
+    /// A status patch of Sandbox `name`, answered with a Sandbox.
+    pub fn sandbox_status(name: &str) -> Self {
+        Call::patch(format!("{SANDBOXES}/{name}/status")).answer(Answer::Json(
+            200,
+            json!({"apiVersion": "fast-sandbox.io/v1alpha1", "kind": "Sandbox",
+                   "metadata": {"name": name, "namespace": "team"}, "spec": {"image": "x"}}),
+        ))
+    }
+
+    /// Checks the request body with `check`.
+    pub fn body(mut self, check: impl FnOnce(&Value) + Send + 'static) -> Self {
+        self.check = Box::new(check);
+        self
+    }
+
+    pub fn answer(mut self, answer: Answer) -> Self {
+        self.answer = answer;
+        self
+    }
+
+    /// Takes the next request, asserts it is this call, answers it.
+    async fn serve(self, handle: &mut Handle) {
+        let (method, uri, body, respond) = next(handle).await;
+        assert_eq!(
+            (&method, path(&uri)),
+            (&self.method, self.path.as_str()),
+            "request {method} {uri}"
+        );
+        (self.check)(&body);
+        match self.answer {
+            Answer::Json(status, answer) => reply(respond, status, &answer),
+            Answer::NotFound => not_found(respond, "object"),
+            Answer::Created => {
+                let mut created = body;
+                let name = created["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("x")
+                    .to_owned();
+                created["metadata"]["uid"] = json!(format!("pod-{name}"));
+                reply(respond, 201, &created);
+            }
+            Answer::AlreadyExists => reply(
+                respond,
+                409,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "message": "already exists", "reason": "AlreadyExists", "code": 409}),
+            ),
+        }
+    }
+}
+
+/// A script that serves `calls` in order (for [`scenario`]).
+pub fn script(
+    calls: Vec<Call>,
+) -> impl FnOnce(Handle) -> futures::future::BoxFuture<'static, Handle> {
+    move |mut handle| {
+        Box::pin(async move {
+            for call in calls {
+                call.serve(&mut handle).await;
+            }
+            handle
+        })
+    }
+}
+
 // ---- fixtures ---------------------------------------------------------------
 
 pub fn node_state(name: &str, pools: Vec<PoolState>, images: Vec<CachedImage>) -> NodeState {

@@ -214,6 +214,23 @@ pub async fn start_container(
     config: &PodSandboxConfig,
     image: &str,
 ) -> anyhow::Result<String> {
+    let cid = create_container(rt, sid, config, image).await?;
+    rt.start_container(StartContainerRequest {
+        container_id: cid.clone(),
+    })
+    .await
+    .context("StartContainer")?;
+    Ok(cid)
+}
+
+/// `CreateContainer` of the bench's one container (`sleep 3600` in `image`)
+/// in sandbox `sid`; returns its id.
+pub async fn create_container(
+    rt: &mut Runtime,
+    sid: &str,
+    config: &PodSandboxConfig,
+    image: &str,
+) -> anyhow::Result<String> {
     let cid = rt
         .create_container(CreateContainerRequest {
             pod_sandbox_id: sid.to_owned(),
@@ -235,11 +252,6 @@ pub async fn start_container(
         .context("CreateContainer")?
         .into_inner()
         .container_id;
-    rt.start_container(StartContainerRequest {
-        container_id: cid.clone(),
-    })
-    .await
-    .context("StartContainer")?;
     Ok(cid)
 }
 

@@ -49,6 +49,11 @@ pub struct Opts {
     /// Concurrent warm claims (0 skips the phase).
     #[arg(long, default_value_t = 20)]
     concurrent: usize,
+    /// Runsc slots get their hostname from `runsc exec` only, never through
+    /// the pause's hostname channel (`guest_channel = ""`): the figures
+    /// before the channel, on the same node.
+    #[arg(long)]
+    no_hostname_channel: bool,
     /// Idle slots for the memory phase (0 skips it).
     #[arg(long, default_value_t = 50)]
     idle_slots: usize,
@@ -65,7 +70,13 @@ async fn start_node(
     sizes: &[(String, usize)],
 ) -> anyhow::Result<(NodeProcess, SocketAddr)> {
     let admin = free_port()?;
-    let config = node_config(admin, &opts.node.containerd_root, &opts.runsc, sizes);
+    let config = node_config(
+        admin,
+        &opts.node.containerd_root,
+        &opts.runsc,
+        sizes,
+        !opts.no_hostname_channel,
+    );
     let binary = common::node_binary(opts.node.node_binary.as_deref())?;
     let node = NodeProcess::spawn(&binary, &opts.node.upstream, &config).await?;
     let mut rt = common::client(&node.endpoint())?;
@@ -80,6 +91,7 @@ fn node_config(
     containerd_root: &std::path::Path,
     runsc: &std::path::Path,
     sizes: &[(String, usize)],
+    hostname_channel: bool,
 ) -> String {
     let mut config = format!(
         "[admin]\naddress = \"{admin}\"\n[slots]\nstate_dir = \"{{dir}}/state\"\ncontainerd_root = {:?}\ncni_conf_dir = {:?}\nrefill_interval = \"0ms\"\n",
@@ -102,6 +114,9 @@ fn node_config(
                 runsc.display().to_string(),
                 root.display().to_string()
             ));
+            if !hostname_channel {
+                config.push_str("guest_channel = \"\"\n");
+            }
         }
     }
     config
@@ -207,16 +222,34 @@ async fn print_claim_counts(admin: SocketAddr, handlers: &[String]) -> anyhow::R
 #[derive(Default)]
 struct Side {
     run: Samples,
+    /// `CreateContainer` alone: a warm gVisor pod's includes the wait on
+    /// the hostname barrier (docs/runtimes.md).
+    create: Samples,
     start: Samples,
 }
 
-/// One pod: returns (RunPodSandbox, pod start) and removes it again.
+/// What one pod took.
+struct PodTimes {
+    run: Duration,
+    create: Duration,
+    start: Duration,
+}
+
+impl Side {
+    fn push(&mut self, t: PodTimes) {
+        self.run.push(t.run);
+        self.create.push(t.create);
+        self.start.push(t.start);
+    }
+}
+
+/// One pod: returns what its calls took and removes it again.
 async fn one_pod(
     rt: &mut Runtime,
     name: &str,
     handler: &str,
     image: &str,
-) -> anyhow::Result<(Duration, Duration)> {
+) -> anyhow::Result<PodTimes> {
     let config = common::sandbox_config(name);
     let t = Instant::now();
     let sid = rt
@@ -229,12 +262,28 @@ async fn one_pod(
         .into_inner()
         .pod_sandbox_id;
     let run = t.elapsed();
-    let started = common::start_container(rt, &sid, &config, image).await;
+    let started = create_and_start(rt, &sid, &config, image).await;
     let start = t.elapsed();
     let removed = common::remove_pod(rt, &sid, &config).await;
-    started?;
+    let create = started?;
     removed?;
-    Ok((run, start))
+    Ok(PodTimes { run, create, start })
+}
+
+/// `CreateContainer` then `StartContainer`; returns how long the first took.
+async fn create_and_start(
+    rt: &mut Runtime,
+    sid: &str,
+    config: &fast_sandbox_proto::cri::PodSandboxConfig,
+    image: &str,
+) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let cid = common::create_container(rt, sid, config, image).await?;
+    let create = t.elapsed();
+    rt.start_container(fast_sandbox_proto::cri::StartContainerRequest { container_id: cid })
+        .await
+        .context("StartContainer")?;
+    Ok(create)
 }
 
 fn print_sequential(rows: &[(String, Side, Side)]) {
@@ -261,6 +310,23 @@ fn print_sequential(rows: &[(String, Side, Side)]) {
             pair(&cold.start),
             pair(&warm.start),
             ratio(warm.start.p50(), cold.start.p50()),
+        );
+    }
+    // A warm pod's first CreateContainer waits on the fix-up barrier (the
+    // gVisor hostname step); beyond a cold one's it is about that wait.
+    println!(
+        "{:<8} {:>4} | {:>21} {:>21} {:>21}",
+        "handler", "n", "CreateContainer cold", "warm (p50 / p99)", "barrier ≈ warm−cold p50"
+    );
+    for (h, cold, warm) in rows {
+        let pair = |s: &Samples| format!("{} / {}", Pretty(s.p50()), Pretty(s.p99()));
+        println!(
+            "{:<8} {:>4} | {:>21} {:>21} {:>21}",
+            h,
+            cold.create.len(),
+            pair(&cold.create),
+            pair(&warm.create),
+            Pretty(warm.create.p50().saturating_sub(cold.create.p50())),
         );
     }
 }
@@ -307,13 +373,9 @@ async fn measure(opts: &Opts) -> anyhow::Result<()> {
             opts.pods, opts.pods
         );
         for i in 0..opts.pods {
-            let (r, s) = one_pod(&mut rt, &format!("cold-{h}-{i}"), h, &opts.image).await?;
-            cold.run.push(r);
-            cold.start.push(s);
+            cold.push(one_pod(&mut rt, &format!("cold-{h}-{i}"), h, &opts.image).await?);
             wait_free(admin, &pool, 1, Duration::from_secs(60)).await?;
-            let (r, s) = one_pod(&mut rt, &format!("warm-{h}-{i}"), &pool, &opts.image).await?;
-            warm.run.push(r);
-            warm.start.push(s);
+            warm.push(one_pod(&mut rt, &format!("warm-{h}-{i}"), &pool, &opts.image).await?);
         }
         let served = hits(admin, &pool).await? - hits_before;
         anyhow::ensure!(
@@ -435,12 +497,17 @@ mod tests {
     /// every warm-side pod of the benchmark is a claim of a configured pool.
     #[test]
     fn bench_pods_match_the_bench_pools() {
-        let sizes = vec![("runc".to_owned(), 4), ("crun".to_owned(), 2)];
+        let sizes = vec![
+            ("runc".to_owned(), 4),
+            ("crun".to_owned(), 2),
+            ("runsc".to_owned(), 2),
+        ];
         let text = node_config(
             "127.0.0.1:9464".parse().expect("addr"),
             std::path::Path::new("/var/lib/containerd"),
             std::path::Path::new("/usr/bin/runsc"),
             &sizes,
+            false,
         );
         let file: fast_sandbox_node::config::FileConfig =
             toml::from_str(&text).expect("the bench's config parses");

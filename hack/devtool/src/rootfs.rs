@@ -15,6 +15,10 @@ const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
 /// The user Kubernetes' own pause image runs as.
 const PAUSE_USER: &str = "65535:65535";
 
+/// Says the pause serves the hostname channel (hack/pause/pause.c; the runsc
+/// adapter gives such a pause the channel's FIFOs, docs/runtimes.md).
+const PAUSE_CHANNEL_ENV: &str = "FAST_SANDBOX_PAUSE_CHANNEL=hostname";
+
 /// The sandbox image: `/pause` and nothing else, run as 65535 like the
 /// upstream pause image.
 pub fn pause_image(binary: &[u8]) -> Result<(Tree, Config)> {
@@ -25,7 +29,7 @@ pub fn pause_image(binary: &[u8]) -> Result<(Tree, Config)> {
         .entrypoint(vec!["/pause".to_owned()])
         .user(PAUSE_USER)
         .working_dir("/")
-        .env(vec![DEFAULT_PATH.to_owned()])
+        .env(vec![DEFAULT_PATH.to_owned(), PAUSE_CHANNEL_ENV.to_owned()])
         .build()
         .context("pause image config")?;
     Ok((tree, config))

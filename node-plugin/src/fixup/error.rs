@@ -4,6 +4,8 @@
 
 use std::{io, path::PathBuf, time::Duration};
 
+use fast_sandbox_cgroup::{CgroupError, LeafError};
+
 use super::kernel::Namespace;
 
 /// A fix-up could not be planned (bad input) or an operation failed.
@@ -135,45 +137,10 @@ pub enum FixupError {
     },
 
     // ---- cgroups ----
-    #[error("reading the cgroup mounts of this process")]
-    CgroupMounts { source: io::Error },
-
-    #[error("reading the cgroups of pid {pid}")]
-    ProcessCgroups { pid: i32, source: io::Error },
-
-    /// `/proc/<pid>/cgroup` names a hierarchy that is not mounted here with
-    /// its root at the mount point (the node plugin needs the host's
-    /// `/sys/fs/cgroup` and the host cgroup namespace).
-    #[error(
-        "pid {pid} is in cgroup hierarchy {hierarchy:?}, which is not mounted at its root here"
-    )]
-    HierarchyNotMounted { pid: i32, hierarchy: String },
-
-    /// The pause is not where its placeholder config put it: the slot
-    /// record and the sandbox disagree, so nothing is moved.
-    #[error("pid {pid} is in {actual:?} of cgroup hierarchy {hierarchy:?}, expected {expected:?}")]
-    UnexpectedCgroup {
-        pid: i32,
-        hierarchy: String,
-        expected: String,
-        actual: String,
-    },
-
-    #[error("creating cgroup {path:?}")]
-    CreateCgroup { path: PathBuf, source: io::Error },
-
-    #[error("reading cgroup file {path:?}")]
-    ReadCgroupFile { path: PathBuf, source: io::Error },
-
-    #[error("writing {value:?} to cgroup file {path:?}")]
-    WriteCgroupFile {
-        path: PathBuf,
-        value: String,
-        source: io::Error,
-    },
-
-    #[error("removing cgroup {path:?}")]
-    RemoveCgroup { path: PathBuf, source: io::Error },
+    /// A cgroup move, read or removal (the cgroup layer,
+    /// `fast-sandbox-cgroup`) failed; the error names the pid or path.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
 
     // ---- the claim as a whole ----
     #[error("fix-up of sandbox {sandbox_id} did not finish within {deadline:?}")]
@@ -184,4 +151,14 @@ pub enum FixupError {
 
     #[error("the blocking task fixing up sandbox {sandbox_id} panicked")]
     Panicked { sandbox_id: String },
+}
+
+impl From<LeafError> for FixupError {
+    fn from(e: LeafError) -> Self {
+        Self::InvalidCgroupParent {
+            field: e.field,
+            parent: e.path,
+            reason: e.reason,
+        }
+    }
 }

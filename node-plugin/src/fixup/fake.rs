@@ -7,6 +7,8 @@ use std::{
     sync::{Mutex, PoisonError},
 };
 
+use fast_sandbox_cgroup::CgroupError;
+
 use super::{
     kernel::{Namespace, Sysctl},
     ops::NodeOps,
@@ -198,13 +200,14 @@ impl NodeOps for RecordingOps {
             to: to.as_str().to_owned(),
         };
         if self.record(call) {
-            return Err(FixupError::WriteCgroupFile {
+            return Err(CgroupError::Write {
                 path: Path::new("/sys/fs/cgroup/cpu")
                     .join(to.relative())
                     .join("cgroup.procs"),
                 value: pid.to_string(),
                 source: eio(),
-            });
+            }
+            .into());
         }
         Ok(())
     }
@@ -214,10 +217,11 @@ impl NodeOps for RecordingOps {
             leaf: leaf.as_str().to_owned(),
         };
         if self.record(call) {
-            return Err(FixupError::RemoveCgroup {
+            return Err(CgroupError::Remove {
                 path: Path::new("/sys/fs/cgroup/cpu").join(leaf.relative()),
                 source: eio(),
-            });
+            }
+            .into());
         }
         Ok(())
     }

@@ -9,7 +9,9 @@
 //!   place on the host, as for runc. runsc serves file bind mounts through
 //!   the gofer with `cache=remote_revalidating`, so the new content is what
 //!   the pause and every later container read;
-//! - the UTS hostname is set by a configured command run inside the
+//! - the UTS hostname is set through the pause's hostname channel when the
+//!   sandbox has one (`guest_channel.rs`: two FIFOs the runsc adapter gives
+//!   our pause, about 1 ms), else by a configured command run inside the
 //!   sandbox: by default `runsc exec --cap CAP_SYS_ADMIN <id> /pause
 //!   --set-hostname <name>` (our pause image has that mode). Containers of
 //!   the pod share the sandbox's UTS namespace, so they see it. Nothing
@@ -34,6 +36,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use fast_sandbox_proto::cri::PodSandboxConfig;
 
 use super::{
+    guest_channel::{ChannelError, ChannelTemplate},
     guest_ops::{GuestError, GuestOps},
     ops::NodeOps,
     plan::{CgroupMove, FixupPlan},
@@ -138,6 +141,9 @@ pub enum SysctlPolicy {
 pub struct GuestExecSettings {
     pub command: ExecTemplate,
     pub sysctls: SysctlPolicy,
+    /// Where a sandbox's hostname channel is, if the runtime may give one;
+    /// the command is the fallback.
+    pub channel: Option<ChannelTemplate>,
 }
 
 /// [`Fixup`] for sandboxes whose pause is not a host process.
@@ -149,6 +155,11 @@ pub struct GuestExecFixup {
     settings: GuestExecSettings,
     deadline: Duration,
 }
+
+/// The longest wait for the pause's answer on the hostname channel before
+/// falling back to the command (it answers in about a millisecond; the
+/// command then still has the fix-up deadline).
+const CHANNEL_DEADLINE: Duration = Duration::from_millis(500);
 
 /// How many times the placeholder leaf is listed and emptied before the
 /// move gives up (a process forked while the previous round moved).
@@ -171,10 +182,15 @@ impl GuestExecFixup {
         }
     }
 
-    /// Runs the configured command that sets `hostname` inside the sandbox.
+    /// Sets `hostname` inside the sandbox: through its hostname channel
+    /// when it has one, else (or when the channel fails) by the configured
+    /// command.
     async fn set_hostname(&self, slot: &SlotFacts, hostname: &str) -> Result<(), FixupFailed> {
         if hostname.is_empty() {
             return Err(FixupFailed::NoHostname);
+        }
+        if self.set_hostname_by_channel(slot, hostname).await {
+            return Ok(());
         }
         let run = async {
             let argv = self
@@ -187,6 +203,31 @@ impl GuestExecFixup {
             step: GuestStep::Hostname,
             source,
         })
+    }
+
+    /// `true` once the pause answered that it set `hostname`; any failure
+    /// is logged (an absent channel at debug level: old slots and pauses
+    /// have none) and left to the command.
+    async fn set_hostname_by_channel(&self, slot: &SlotFacts, hostname: &str) -> bool {
+        let Some(channel) = &self.settings.channel else {
+            return false;
+        };
+        let dir = channel.render(&slot.sandbox_id);
+        let deadline = CHANNEL_DEADLINE.min(self.deadline);
+        match self.guest.channel_hostname(dir, hostname, deadline).await {
+            Ok(()) => true,
+            Err(e @ ChannelError::Absent(_)) => {
+                tracing::debug!(sandbox = %slot.sandbox_id, "{e}; running the guest command");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(
+                    sandbox = %slot.sandbox_id,
+                    "hostname channel: {e}; running the guest command instead"
+                );
+                false
+            }
+        }
     }
 
     fn plan(&self, slot: &SlotFacts, real: &PodSandboxConfig) -> Result<FixupPlan, FixupFailed> {

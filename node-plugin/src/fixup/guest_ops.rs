@@ -7,12 +7,18 @@
 
 use std::{
     fmt,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Mutex, PoisonError},
     time::Duration,
 };
 
-use super::{cgroup, plan::CgroupLeaf, FixupError};
+use fast_sandbox_cgroup::{Cgroups as _, HostCgroups, MoveScope};
+
+use super::{
+    guest_channel::{self, ChannelError},
+    plan::CgroupLeaf,
+    FixupError,
+};
 use crate::{blocking::BlockingError, random::NoRandomness};
 
 /// What can fail in a guest operation.
@@ -52,6 +58,15 @@ pub trait GuestOps: Send + Sync + fmt::Debug {
     /// Runs `argv` (absolute program path first) to completion; `Ok` when
     /// it exits 0 within `deadline`. The child is killed on timeout.
     async fn run(&self, argv: &[String], deadline: Duration) -> Result<(), GuestError>;
+
+    /// Sets `hostname` through the pause's hostname channel in `dir`
+    /// (`guest_channel.rs`), answered within `deadline`.
+    async fn channel_hostname(
+        &self,
+        dir: PathBuf,
+        hostname: &str,
+        deadline: Duration,
+    ) -> Result<(), ChannelError>;
 
     /// The PIDs in the leaf cgroup `leaf`, in any mounted hierarchy.
     fn cgroup_procs(&self, leaf: &CgroupLeaf) -> Result<Vec<i32>, GuestError>;
@@ -111,15 +126,26 @@ impl GuestOps for RealGuestOps {
         })
     }
 
+    async fn channel_hostname(
+        &self,
+        dir: PathBuf,
+        hostname: &str,
+        deadline: Duration,
+    ) -> Result<(), ChannelError> {
+        guest_channel::set_hostname(dir, hostname, deadline).await
+    }
+
     fn cgroup_procs(&self, leaf: &CgroupLeaf) -> Result<Vec<i32>, GuestError> {
-        Ok(cgroup::leaf_procs(leaf)?)
+        Ok(HostCgroups::default()
+            .procs(leaf)
+            .map_err(FixupError::from)?)
     }
 
     fn move_process(&self, pid: i32, from: &CgroupLeaf, to: &CgroupLeaf) -> Result<(), GuestError> {
-        match cgroup::move_pid_where_in(pid, from, to) {
+        match HostCgroups::default().move_pid(pid, from, to, MoveScope::WhereIn) {
             Ok(()) => Ok(()),
             Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => Ok(()),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(FixupError::from(e).into()),
         }
     }
 }
@@ -128,17 +154,32 @@ impl GuestOps for RealGuestOps {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestCall {
     Run(Vec<String>),
+    Channel { dir: PathBuf, hostname: String },
     CgroupProcs(String),
     Move { pid: i32, from: String, to: String },
 }
 
-/// Records calls; `run` fails when told to; `cgroup_procs` answers from a
+/// What a [`RecordingGuestOps`]'s hostname channel does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FakeChannel {
+    /// No channel (an old pause or adapter).
+    #[default]
+    Absent,
+    /// The pause sets the name.
+    Answers,
+    /// The pause answers an error.
+    Refuses,
+}
+
+/// Records calls; `run` fails when told to; the channel does what
+/// [`FakeChannel`] says; `cgroup_procs` answers from a
 /// script of successive answers (then empty), and a `move_process` of a pid
 /// removes it from the fake leaf.
 #[derive(Debug, Default)]
 pub struct RecordingGuestOps {
     calls: Mutex<Vec<GuestCall>>,
     fail_run: bool,
+    channel: FakeChannel,
     procs: Mutex<Vec<Vec<i32>>>,
 }
 
@@ -158,6 +199,11 @@ impl RecordingGuestOps {
             fail_run: true,
             ..Self::default()
         }
+    }
+
+    /// This fake with its channel doing `channel`.
+    pub fn with_channel(self, channel: FakeChannel) -> Self {
+        Self { channel, ..self }
     }
 
     pub fn calls(&self) -> Vec<GuestCall> {
@@ -187,6 +233,23 @@ impl GuestOps for RecordingGuestOps {
             });
         }
         Ok(())
+    }
+
+    async fn channel_hostname(
+        &self,
+        dir: PathBuf,
+        hostname: &str,
+        _deadline: Duration,
+    ) -> Result<(), ChannelError> {
+        self.record(GuestCall::Channel {
+            dir: dir.clone(),
+            hostname: hostname.to_owned(),
+        });
+        match self.channel {
+            FakeChannel::Absent => Err(ChannelError::Absent(dir)),
+            FakeChannel::Answers => Ok(()),
+            FakeChannel::Refuses => Err(ChannelError::Refused("fake refusal".to_owned())),
+        }
     }
 
     fn cgroup_procs(&self, leaf: &CgroupLeaf) -> Result<Vec<i32>, GuestError> {

@@ -14,9 +14,8 @@
 //! | `guest.rs` | [`GuestExecFixup`], gVisor/Kata: a command inside the sandbox |
 //! | `by_runtime.rs` | [`ByRuntime`], the per-upstream-handler dispatch |
 //! | `plan.rs` | [`FixupPlan`]: the real config validated once |
-//! | `ops.rs`, `real.rs`, `fake.rs` | [`NodeOps`], the privileged calls, real and recording |
+//! | `ops.rs`, `real.rs`, `fake.rs` | [`NodeOps`], the privileged calls, real and recording (cgroups through the `fast-sandbox-cgroup` layer) |
 //! | `guest_ops.rs` | [`GuestOps`], the same for `guest-exec` |
-//! | `cgroup.rs` | cgroupfs: following a pid through its hierarchies |
 //! | `kernel.rs`, `resolv.rs`, `error.rs` | namespaces and sysctls, `resolv.conf`, [`FixupError`] |
 //!
 //! A new runtime that needs another mechanism gets a file here with its
@@ -25,10 +24,10 @@
 //! [`NodeOps`] so the sequencing is tested with a recording fake.
 
 mod by_runtime;
-mod cgroup;
 mod error;
 mod fake;
 mod guest;
+mod guest_channel;
 mod guest_ops;
 mod kernel;
 mod ops;
@@ -49,10 +48,13 @@ pub use guest::{
     ExecTemplate, GuestExecFixup, GuestExecSettings, SysctlPolicy, TemplateError, EXEC_ID_ARG,
     HOSTNAME_ARG, SANDBOX_ID_ARG,
 };
-pub use guest_ops::{GuestCall, GuestError, GuestOps, RealGuestOps, RecordingGuestOps};
+pub use guest_channel::{ChannelError, ChannelTemplate};
+pub use guest_ops::{
+    FakeChannel, GuestCall, GuestError, GuestOps, RealGuestOps, RecordingGuestOps,
+};
 pub use kernel::{Namespace, Sysctl};
 pub use ops::NodeOps;
-pub use plan::{CgroupLeaf, CgroupMove, FixupPlan, SandboxId};
+pub use plan::{CgroupLeaf, CgroupMove, ContainerdCgroup, FixupPlan, SandboxId};
 pub use real::RealOps;
 pub use resolv::render_resolv_conf;
 pub use setns::SetnsFixup;
@@ -144,14 +146,8 @@ impl FixupFailed {
         let Self::Setns(apply) = self else {
             return false;
         };
-        let gone = |e: &std::io::Error| {
-            e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(nix::libc::ESRCH)
-        };
         match &apply.source {
-            FixupError::ProcessCgroups { source, .. } => gone(source),
-            FixupError::WriteCgroupFile { source, .. } => {
-                source.raw_os_error() == Some(nix::libc::ESRCH)
-            }
+            FixupError::Cgroup(e) => e.process_gone(),
             _ => false,
         }
     }
@@ -232,14 +228,16 @@ fn plan(
 mod gone_tests {
     use std::io;
 
+    use fast_sandbox_cgroup::CgroupError;
+
     use super::*;
 
-    fn failed(source: FixupError) -> FixupFailed {
+    fn failed(source: impl Into<FixupError>) -> FixupFailed {
         FixupFailed::from(ApplyError {
             sandbox_id: "a".repeat(64),
             step: None,
             completed: Vec::new(),
-            source,
+            source: source.into(),
         })
     }
 
@@ -249,28 +247,28 @@ mod gone_tests {
     fn only_a_vanished_pause_counts_as_gone() {
         let enoent = || io::Error::from(io::ErrorKind::NotFound);
         let errno = io::Error::from_raw_os_error;
-        let gone = failed(FixupError::ProcessCgroups {
+        let gone = failed(CgroupError::ProcessCgroups {
             pid: 7,
             source: enoent(),
         });
         assert!(gone.process_gone(), "{}", crate::blocking::chain(&gone));
-        let esrch = failed(FixupError::WriteCgroupFile {
+        let esrch = failed(CgroupError::Write {
             path: "/sys/fs/cgroup/cpu/x/cgroup.procs".into(),
             value: "7".into(),
             source: errno(nix::libc::ESRCH),
         });
         assert!(esrch.process_gone());
         for real in [
-            failed(FixupError::ProcessCgroups {
+            failed(CgroupError::ProcessCgroups {
                 pid: 7,
                 source: errno(nix::libc::EIO),
             }),
-            failed(FixupError::WriteCgroupFile {
+            failed(CgroupError::Write {
                 path: "/sys/fs/cgroup/cpu/x/cgroup.procs".into(),
                 value: "7".into(),
                 source: errno(nix::libc::EACCES),
             }),
-            failed(FixupError::CgroupMounts { source: enoent() }),
+            failed(CgroupError::Mounts { source: enoent() }),
             FixupFailed::NoHostname,
         ] {
             assert!(!real.process_gone(), "{}", crate::blocking::chain(&real));

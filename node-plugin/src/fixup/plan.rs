@@ -9,6 +9,8 @@ use std::{
 
 use fast_sandbox_proto::cri::{NamespaceMode, PodSandboxConfig};
 
+pub use fast_sandbox_cgroup::CgroupLeaf;
+
 use super::{
     kernel::{Namespace, Sysctl},
     render_resolv_conf, FixupError,
@@ -63,12 +65,9 @@ impl fmt::Display for SandboxId {
 }
 
 /// The cgroup of a sandbox's pause process, as a path relative to the root
-/// of every hierarchy (`/kubepods/besteffort/pod<uid>/<id>`). Always
-/// absolute and normalised, with no `.` or `..` component.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CgroupLeaf(String);
-
-impl CgroupLeaf {
+/// of every hierarchy (`/kubepods/besteffort/pod<uid>/<id>`): the cgroup
+/// layer's [`CgroupLeaf`], named the way containerd and runc name it.
+pub trait ContainerdCgroup: Sized {
     /// Where containerd 1.6.20 + runc put the pause of sandbox `id` created
     /// with `cgroup_parent` (`getCgroupsPath` in
     /// `pkg/cri/server/helpers_linux.go`, then runc's cgroup managers):
@@ -86,7 +85,20 @@ impl CgroupLeaf {
     ///   cgroup, which the node plugin cannot know).
     ///
     /// `field` names the input in errors.
-    pub fn for_sandbox(
+    fn for_sandbox(
+        cgroup_parent: &str,
+        id: &SandboxId,
+        field: &'static str,
+    ) -> Result<Self, FixupError>;
+
+    /// The pod-level cgroup named by a pod's `cgroup_parent` (what
+    /// containerd reads a sandbox's stats from): a cgroupfs path as is, a
+    /// systemd slice expanded like runc's `ExpandSlice`.
+    fn for_pod(cgroup_parent: &str) -> Result<Self, FixupError>;
+}
+
+impl ContainerdCgroup for CgroupLeaf {
+    fn for_sandbox(
         cgroup_parent: &str,
         id: &SandboxId,
         field: &'static str,
@@ -99,96 +111,43 @@ impl CgroupLeaf {
         if cgroup_parent.contains('\0') {
             return Err(bad("contains a NUL byte"));
         }
-        if cgroup_parent.is_empty() {
-            return Ok(Self(format!("/{CRI_NAMESPACE}/{id}")));
-        }
-        let base = cgroup_parent
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or_default();
-        if base.ends_with(".slice") {
+        let base = last_component(cgroup_parent);
+        let path = if cgroup_parent.is_empty() {
+            format!("/{CRI_NAMESPACE}/{id}")
+        } else if base.ends_with(".slice") {
             let slice = expand_slice(base).ok_or_else(|| bad("not a valid systemd slice name"))?;
-            let slice = slice.trim_end_matches('/');
-            return Ok(Self(format!("{slice}/cri-containerd-{id}.scope")));
-        }
-        if !cgroup_parent.starts_with('/') {
+            format!("{}/cri-containerd-{id}.scope", slice.trim_end_matches('/'))
+        } else if !cgroup_parent.starts_with('/') {
             return Err(bad("a cgroupfs parent must be an absolute path"));
-        }
-        let mut path = String::new();
-        for component in cgroup_parent.split('/').filter(|c| !c.is_empty()) {
-            if component == "." || component == ".." {
-                return Err(bad("must not contain . or .. components"));
-            }
-            path.push('/');
-            path.push_str(component);
-        }
-        path.push('/');
-        path.push_str(id.as_str());
-        Ok(Self(path))
+        } else {
+            format!("{cgroup_parent}/{id}")
+        };
+        CgroupLeaf::parse(&path, field).map_err(|e| bad(e.reason))
     }
 
-    /// The pod-level cgroup named by a pod's `cgroup_parent` (what
-    /// containerd reads a sandbox's stats from): a cgroupfs path as is, a
-    /// systemd slice expanded like runc's `ExpandSlice`.
-    pub fn for_pod(cgroup_parent: &str) -> Result<Self, FixupError> {
-        let base = cgroup_parent
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or_default();
-        if base.ends_with(".slice") && !cgroup_parent.contains('\0') {
-            let slice = expand_slice(base).ok_or_else(|| FixupError::InvalidCgroupParent {
-                field: "linux.cgroup_parent",
-                parent: cgroup_parent.to_owned(),
-                reason: "not a valid systemd slice name",
-            })?;
-            return Self::owned_dir(&slice, "linux.cgroup_parent");
-        }
-        Self::owned_dir(cgroup_parent, "linux.cgroup_parent")
-    }
-
-    /// A cgroupfs directory the node plugin owns itself (a slot's
-    /// placeholder parent), to remove once its sandbox is gone: absolute,
-    /// normalised, and never a hierarchy root.
-    pub fn owned_dir(path: &str, field: &'static str) -> Result<Self, FixupError> {
+    fn for_pod(cgroup_parent: &str) -> Result<Self, FixupError> {
         let bad = |reason| FixupError::InvalidCgroupParent {
-            field,
-            parent: path.to_owned(),
+            field: "linux.cgroup_parent",
+            parent: cgroup_parent.to_owned(),
             reason,
         };
-        if path.contains('\0') || !path.starts_with('/') {
-            return Err(bad("must be an absolute path"));
-        }
-        let mut out = String::new();
-        for component in path.split('/').filter(|c| !c.is_empty()) {
-            if component == "." || component == ".." {
-                return Err(bad("must not contain . or .. components"));
-            }
-            out.push('/');
-            out.push_str(component);
-        }
-        if out.is_empty() {
-            return Err(bad("must not be a hierarchy root"));
-        }
-        Ok(Self(out))
-    }
-
-    /// The path relative to a hierarchy root, with its leading `/`.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The path to join onto a hierarchy's mount point.
-    pub fn relative(&self) -> &Path {
-        Path::new(self.0.trim_start_matches('/'))
+        let base = last_component(cgroup_parent);
+        let path = if base.ends_with(".slice") && !cgroup_parent.contains('\0') {
+            expand_slice(base).ok_or_else(|| bad("not a valid systemd slice name"))?
+        } else {
+            cgroup_parent.to_owned()
+        };
+        CgroupLeaf::parse(&path, "linux.cgroup_parent").map_err(|e| bad(e.reason))
     }
 }
 
-impl fmt::Display for CgroupLeaf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// The last component of a cgroup path, which containerd looks at to tell
+/// a systemd slice from a cgroupfs path.
+fn last_component(path: &str) -> &str {
+    path.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
 }
 
 /// runc's `ExpandSlice` (`libcontainer/cgroups/systemd/common.go`, 1.1.5):

@@ -10,11 +10,11 @@ use std::{
     sync::{mpsc, Arc, Mutex, PoisonError},
 };
 
+use fast_sandbox_cgroup::{Cgroups, HostCgroups, MoveScope};
 use nix::sched::CloneFlags;
 use rustix::fs::{Mode, OFlags};
 
 use super::{
-    cgroup,
     kernel::{Namespace, Sysctl},
     ops::NodeOps,
     plan::{proc_sys_path, CgroupLeaf},
@@ -29,6 +29,7 @@ const NODE_RESOLV_CONF: &str = "/etc/resolv.conf";
 pub struct RealOps {
     node_resolv_conf: PathBuf,
     worker: NsWorker,
+    cgroups: HostCgroups,
 }
 
 impl Default for RealOps {
@@ -42,6 +43,7 @@ impl RealOps {
         Self {
             node_resolv_conf: NODE_RESOLV_CONF.into(),
             worker: NsWorker::default(),
+            cgroups: HostCgroups::default(),
         }
     }
 
@@ -51,7 +53,7 @@ impl RealOps {
     pub fn with_node_resolv_conf(path: impl Into<PathBuf>) -> Self {
         Self {
             node_resolv_conf: path.into(),
-            worker: NsWorker::default(),
+            ..Self::new()
         }
     }
 }
@@ -346,11 +348,14 @@ impl NodeOps for RealOps {
         from: &CgroupLeaf,
         to: &CgroupLeaf,
     ) -> Result<(), FixupError> {
-        cgroup::move_pid(pid, from, to)
+        Ok(self.cgroups.move_pid(pid, from, to, MoveScope::Every)?)
     }
 
     fn remove_cgroup(&self, leaf: &CgroupLeaf) -> Result<(), FixupError> {
-        cgroup::remove_leaf(leaf)
+        match self.cgroups.remove(leaf)?.into_iter().next() {
+            Some(first) => Err(first.into()),
+            None => Ok(()),
+        }
     }
 }
 

@@ -104,7 +104,7 @@ pub(super) async fn remove_placeholder_parent(
     let ops = Arc::clone(ops);
     let parent = slot.placeholder_cgroup_parent.clone();
     let removed = asyncify(deadline, move || {
-        let dir = CgroupLeaf::owned_dir(&parent, "placeholder cgroup parent")?;
+        let dir = CgroupLeaf::parse(&parent, "placeholder cgroup parent")?;
         ops.remove_cgroup(&dir)
     })
     .await;

@@ -58,7 +58,8 @@
 //! leaf was removed).
 //!
 //! On a pure cgroup v2 host the move copies `cpu.weight` but not runc's
-//! eBPF device filter (see `cgroup.rs`): **unverified**, no v2 host here.
+//! eBPF device filter (see `copy_settings` in `cgroup/src/host.rs`):
+//! **unverified**, no v2 host here.
 //!
 //! Systemd-style parents (`….slice`) are converted as runc's systemd driver
 //! would place the pause (`/kubepods.slice/…/cri-containerd-<id>.scope`) and

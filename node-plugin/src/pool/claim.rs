@@ -20,7 +20,7 @@ use super::{
 use crate::{
     blocking::{asyncify, chain},
     fault,
-    fixup::{Fixup, FixupFailed, SlotFacts},
+    fixup::{CgroupLeaf, ContainerdCgroup, Fixup, FixupFailed, SlotFacts},
     metrics::{PoolLabel, PoolOutcome},
     network::{pod_ips, Attachment},
 };
@@ -323,14 +323,14 @@ impl PoolManager {
     /// ([`crate::blocking::wait_in_place`]).
     pub(super) fn usage_of(&self, sandbox_id: &str, pod: &ClaimedPod) -> Option<PodUsage> {
         let parent = pod.config.linux.as_ref()?.cgroup_parent.as_str();
-        let leaf = crate::fixup::CgroupLeaf::for_pod(parent).ok()?;
+        let leaf = CgroupLeaf::for_pod(parent).ok()?;
         // What the slot used before its claim and the kernel did not move
         // with its processes stays charged under the slot's placeholder
         // parent: reported as the pod's (docs/runtimes.md, "Memory a warm
         // slot used before its claim").
         let placeholder = self.table().slots.get(sandbox_id).and_then(|slot| {
             let parent = &slot.facts.placeholder_cgroup_parent;
-            crate::fixup::CgroupLeaf::owned_dir(parent, "placeholder cgroup parent").ok()
+            CgroupLeaf::parse(parent, "placeholder cgroup parent").ok()
         });
         let cgroups = Arc::clone(&self.cgroups);
         let read = crate::blocking::wait_in_place(self.cfg.upstream_timeout, move || {

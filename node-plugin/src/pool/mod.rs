@@ -65,7 +65,7 @@ use crate::{
     fixup::Fixup,
     metrics::{Metrics, Miss},
     network::{PluginExec, RealExec},
-    usage::{CgroupReader, RealCgroups, UsageTracker},
+    usage::{Cgroups, HostCgroups, UsageTracker},
 };
 
 /// What the pool manager works through: upstream, the fix-up, metrics,
@@ -78,7 +78,7 @@ pub struct PoolParts {
     pub fixup: Arc<dyn Fixup>,
     pub metrics: Arc<Metrics>,
     pub cni_exec: Arc<dyn PluginExec>,
-    pub cgroups: Arc<dyn CgroupReader>,
+    pub cgroups: Arc<dyn Cgroups>,
 }
 
 impl PoolParts {
@@ -89,13 +89,13 @@ impl PoolParts {
             fixup,
             metrics,
             cni_exec: Arc::new(RealExec),
-            cgroups: Arc::new(RealCgroups::default()),
+            cgroups: Arc::new(HostCgroups::default()),
         }
     }
 
     /// Reads cgroups through `cgroups` instead.
     #[must_use]
-    pub fn with_cgroups(mut self, cgroups: Arc<dyn CgroupReader>) -> Self {
+    pub fn with_cgroups(mut self, cgroups: Arc<dyn Cgroups>) -> Self {
         self.cgroups = cgroups;
         self
     }
@@ -122,7 +122,7 @@ pub struct PoolManager {
     /// Each pool's network mode and containerd's network, decided once its
     /// CNI configuration exists (`network_mode.rs`).
     network: tokio::sync::OnceCell<network_mode::NetworkDecision>,
-    cgroups: Arc<dyn CgroupReader>,
+    cgroups: Arc<dyn Cgroups>,
     /// Previous CPU samples of claimed pods, for `usage_nano_cores`.
     usage: UsageTracker,
     metrics: Arc<Metrics>,

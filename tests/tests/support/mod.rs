@@ -8,7 +8,8 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use fast_sandbox_node::{
     config::NetworkMode,
     fixup::{
-        ByRuntime, ExecTemplate, GuestExecSettings, Mechanism, RealGuestOps, RealOps, SysctlPolicy,
+        ByRuntime, ChannelTemplate, ExecTemplate, GuestExecSettings, Mechanism, RealGuestOps,
+        RealOps, SysctlPolicy,
     },
     metrics::Metrics,
     network::CniSettings,
@@ -130,6 +131,8 @@ impl WarmNode {
                     &runsc_root(node),
                 ),
                 sysctls: SysctlPolicy::Ignore,
+                // The dev node's runsc adapter keeps it beside that root.
+                channel: Some(ChannelTemplate::runsc_adapter(&runsc_root(node))),
             }),
         )]);
         let fixup = Arc::new(ByRuntime::real(

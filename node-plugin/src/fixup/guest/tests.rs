@@ -6,7 +6,10 @@ use std::collections::HashMap;
 use fast_sandbox_proto::cri::{DnsConfig, LinuxPodSandboxConfig, PodSandboxConfig};
 
 use super::*;
-use crate::fixup::{ByRuntime, Call, GuestCall, Mechanism, RecordingGuestOps, RecordingOps};
+use crate::fixup::{
+    ByRuntime, Call, ChannelTemplate, FakeChannel, GuestCall, Mechanism, RecordingGuestOps,
+    RecordingOps,
+};
 
 const ID: &str = "a7383993ee782e34155b70d1d3208393ffc7c82e0b4145ba9e4ea1adcb8906fd";
 const ROOT: &str = "/var/lib/containerd";
@@ -44,6 +47,7 @@ fn settings(sysctls: SysctlPolicy) -> GuestExecSettings {
     GuestExecSettings {
         command: ExecTemplate::runsc("/usr/bin/runsc", "/run/containerd/runc/k8s.io"),
         sysctls,
+        channel: None,
     }
 }
 
@@ -120,6 +124,80 @@ async fn apply_rewrites_the_files_and_settle_sets_the_hostname_inside() {
         .expect("settle");
     assert_eq!(guest.calls(), vec![set_hostname("web-0")]);
     assert_eq!(node.calls().len(), 2, "settle writes no files");
+}
+
+fn channel_fixup(node: &Arc<RecordingOps>, guest: &Arc<RecordingGuestOps>) -> GuestExecFixup {
+    let mut settings = settings(SysctlPolicy::Ignore);
+    settings.channel = Some(ChannelTemplate::runsc_adapter(
+        "/run/containerd/runc/k8s.io",
+    ));
+    GuestExecFixup::new(
+        Arc::clone(node) as Arc<dyn NodeOps>,
+        Arc::clone(guest) as Arc<dyn GuestOps>,
+        ROOT.into(),
+        settings,
+        Duration::from_secs(5),
+    )
+}
+
+fn channel_call(name: &str) -> GuestCall {
+    GuestCall::Channel {
+        dir: format!("/run/containerd/runc/k8s.io.adapter/{ID}").into(),
+        hostname: name.to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn the_hostname_channel_replaces_the_exec_when_the_pause_answers() {
+    let node = Arc::new(RecordingOps::new());
+    let guest = Arc::new(RecordingGuestOps::default().with_channel(FakeChannel::Answers));
+    let fixup = channel_fixup(&node, &guest);
+    fixup
+        .settle(&facts("runsc"), &real(&[]))
+        .await
+        .expect("settle");
+    assert_eq!(guest.calls(), vec![channel_call("web-0")], "no exec");
+    let placeholder = PodSandboxConfig {
+        hostname: "slot-0".to_owned(),
+        ..Default::default()
+    };
+    fixup
+        .prepare(&facts("runsc"), &placeholder)
+        .await
+        .expect("prepare");
+    assert_eq!(
+        guest.calls()[1],
+        channel_call("slot-0"),
+        "prepare checks the channel too"
+    );
+}
+
+#[tokio::test]
+async fn without_a_channel_or_when_the_pause_refuses_the_exec_still_sets_it() {
+    for channel in [FakeChannel::Absent, FakeChannel::Refuses] {
+        let node = Arc::new(RecordingOps::new());
+        let guest = Arc::new(RecordingGuestOps::default().with_channel(channel));
+        channel_fixup(&node, &guest)
+            .settle(&facts("runsc"), &real(&[]))
+            .await
+            .expect("settle");
+        assert_eq!(
+            guest.calls(),
+            vec![channel_call("web-0"), set_hostname("web-0")],
+            "{channel:?}"
+        );
+    }
+    // Both failing: the exec's error is the step's.
+    let node = Arc::new(RecordingOps::new());
+    let guest = Arc::new(RecordingGuestOps::failing_run().with_channel(FakeChannel::Refuses));
+    let err = channel_fixup(&node, &guest)
+        .settle(&facts("runsc"), &real(&[]))
+        .await
+        .expect_err("both failed");
+    assert!(
+        crate::blocking::chain(&err).contains("fake failure"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

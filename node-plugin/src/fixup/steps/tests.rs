@@ -333,6 +333,12 @@ async fn cleanup_removes_the_pod_leaf_then_the_placeholder_leaf() {
     let err = cleanup_after_remove(ops.clone(), mv, DEADLINE)
         .await
         .unwrap_err();
-    assert!(matches!(err, FixupError::RemoveCgroup { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            FixupError::Cgroup(fast_sandbox_cgroup::CgroupError::Remove { .. })
+        ),
+        "{err}"
+    );
     assert_eq!(ops.calls().len(), 1);
 }

@@ -24,8 +24,10 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fmt::Write as _;
 
-use crate::scoring::{NodeState, Policy, PoolState, Request, Scorer, Snapshot, SnapshotError};
-use crate::synth::Rng;
+use fast_sandbox_controller::scoring::{
+    NodeState, Policy, PoolState, Request, Scorer, Snapshot, SnapshotError,
+};
+use fast_sandbox_controller::synth::Rng;
 
 /// The model's parameters.
 #[derive(Debug, Clone)]
@@ -140,140 +142,210 @@ pub fn run(config: &SimConfig) -> Result<Vec<Point>, SnapshotError> {
 
 /// One placer at one load.
 pub fn run_one(config: &SimConfig, placer: Placer, load: f64) -> Result<Point, SnapshotError> {
-    let mut rng = Rng::new(config.seed ^ load.to_bits());
-    let names: Vec<String> = (0..config.nodes).map(|i| format!("node-{i:04}")).collect();
-    let nodes = names
-        .iter()
-        .map(|name| NodeState {
-            name: name.clone(),
-            ready: true,
-            pools: vec![PoolState {
-                handler: HANDLER.into(),
-                upstream_handler: "runc".into(),
-                shape: SHAPE.into(),
-                free: config.slots,
-                total: config.slots,
-            }],
-            images: Vec::new(),
-            last_seen_unix_ms: 0,
-        })
-        .collect();
-    let mut view = Snapshot::new(nodes)?;
-    let request = Request {
-        handler: HANDLER.into(),
-        shape: SHAPE.into(),
-        images: Vec::new(),
-    };
-    let total_slots = f64::from(config.slots) * config.nodes as f64;
-    let rate_per_us = load * total_slots / (config.refill_mean_s * 1e6);
-    let status_us = config.status_delay_ms * 1_000;
-    let assume_us = config.assume_delay_ms * 1_000;
-
-    let mut free = vec![config.slots; config.nodes];
-    let mut reported = vec![config.slots; config.nodes];
-    let mut running = vec![0u32; config.nodes];
-
-    let mut queue: BinaryHeap<Reverse<(u64, u64, Event)>> = BinaryHeap::new();
-    let mut seq = 0u64;
-    let mut push = |queue: &mut BinaryHeap<_>, at: u64, event: Event| {
-        seq += 1;
-        queue.push(Reverse((at, seq, event)));
-    };
-    push(&mut queue, 0, Event::Arrival);
-
-    let warmup = config.arrivals / 10;
-    let (mut arrived, mut hits, mut measured) = (0usize, 0usize, 0usize);
-    let (mut used_integral, mut measure_from, mut last_t) = (0.0f64, None, 0u64);
-    let mut used_slots: u64 = 0;
-
-    while let Some(Reverse((now, _, event))) = queue.pop() {
-        if measure_from.is_some() {
-            used_integral += used_slots as f64 * (now - last_t) as f64;
+    let mut model = Model::new(config, placer, load)?;
+    model.push(0, Event::Arrival);
+    while let Some(Reverse((now, _, event))) = model.queue.pop() {
+        if model.measure_from.is_some() {
+            model.used_integral += model.used_slots as f64 * (now - model.last_t) as f64;
         }
-        last_t = now;
+        model.last_t = now;
+        if event == Event::Arrival && model.arrived == config.arrivals {
+            break;
+        }
+        model.handle(now, event)?;
+    }
+    Ok(model.point())
+}
+
+/// The simulation's state: the truth on the nodes, the placer's view of
+/// it, the event queue, and the tallies.
+struct Model<'c> {
+    config: &'c SimConfig,
+    placer: Placer,
+    load: f64,
+    rng: Rng,
+    names: Vec<String>,
+    /// What the placer sees.
+    view: Snapshot,
+    request: Request,
+    total_slots: f64,
+    rate_per_us: f64,
+    status_us: u64,
+    assume_us: u64,
+    free: Vec<u32>,
+    reported: Vec<u32>,
+    running: Vec<u32>,
+    queue: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    seq: u64,
+    warmup: usize,
+    arrived: usize,
+    hits: usize,
+    measured: usize,
+    used_integral: f64,
+    measure_from: Option<u64>,
+    last_t: u64,
+    used_slots: u64,
+}
+
+impl<'c> Model<'c> {
+    fn new(config: &'c SimConfig, placer: Placer, load: f64) -> Result<Self, SnapshotError> {
+        let names: Vec<String> = (0..config.nodes).map(|i| format!("node-{i:04}")).collect();
+        let nodes = names
+            .iter()
+            .map(|name| NodeState {
+                name: name.clone(),
+                ready: true,
+                pools: vec![PoolState {
+                    handler: HANDLER.into(),
+                    upstream_handler: "runc".into(),
+                    shape: SHAPE.into(),
+                    free: config.slots,
+                    total: config.slots,
+                }],
+                images: Vec::new(),
+                last_seen_unix_ms: 0,
+            })
+            .collect();
+        let total_slots = f64::from(config.slots) * config.nodes as f64;
+        Ok(Model {
+            config,
+            placer,
+            load,
+            rng: Rng::new(config.seed ^ load.to_bits()),
+            names,
+            view: Snapshot::new(nodes)?,
+            request: Request {
+                handler: HANDLER.into(),
+                shape: SHAPE.into(),
+                images: Vec::new(),
+            },
+            total_slots,
+            rate_per_us: load * total_slots / (config.refill_mean_s * 1e6),
+            status_us: config.status_delay_ms * 1_000,
+            assume_us: config.assume_delay_ms * 1_000,
+            free: vec![config.slots; config.nodes],
+            reported: vec![config.slots; config.nodes],
+            running: vec![0u32; config.nodes],
+            queue: BinaryHeap::new(),
+            seq: 0,
+            warmup: config.arrivals / 10,
+            arrived: 0,
+            hits: 0,
+            measured: 0,
+            used_integral: 0.0,
+            measure_from: None,
+            last_t: 0,
+            used_slots: 0,
+        })
+    }
+
+    fn push(&mut self, at: u64, event: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq, event)));
+    }
+
+    /// The node the placer chooses for the next pod.
+    fn choose(&mut self) -> usize {
+        match self.placer {
+            Placer::Ours | Placer::OursStatusOnly => {
+                let scorer = Scorer::new(&self.view, &self.request, Policy::default(), 0);
+                let best = scorer.best().map(|p| p.node);
+                best.and_then(|n| self.names.binary_search_by(|x| x.as_str().cmp(n)).ok())
+                    .unwrap_or(0)
+            }
+            Placer::LeastAllocated => {
+                let least = self.running.iter().copied().min().unwrap_or(0);
+                let ties: Vec<usize> = (0..self.config.nodes)
+                    .filter(|&i| self.running[i] == least)
+                    .collect();
+                ties[self.rng.below(ties.len())]
+            }
+            Placer::Random => self.rng.below(self.config.nodes),
+        }
+    }
+
+    /// A pod arrives at `now`: placed, a hit or a miss, its events queued.
+    fn arrive(&mut self, now: u64) {
+        let config = self.config;
+        self.arrived += 1;
+        if self.arrived == self.warmup + 1 {
+            self.measure_from = Some(now);
+        }
+        let node = self.choose();
+        let hit = self.free[node] > 0;
+        if hit {
+            self.free[node] -= 1;
+            self.used_slots += 1;
+            let refill = config.refill_mean_s * 1e6 * (0.5 + self.rng.unit());
+            self.push(now + refill as u64, Event::Refilled(node));
+        }
+        if self.arrived > self.warmup {
+            self.measured += 1;
+            self.hits += usize::from(hit);
+        }
+        if self.placer == Placer::Ours {
+            self.push(now + self.assume_us, Event::Assumed(node));
+            if let Some(ttl) = config.settle_after_ms {
+                self.push(now + ttl * 1_000, Event::Settle(node));
+            }
+        }
+        self.push(now + self.status_us, Event::Reported(node, hit));
+        self.running[node] += 1;
+        let lifetime = self.rng.exp(config.lifetime_mean_s * 1e6);
+        self.push(now + lifetime as u64, Event::PodEnded(node));
+        let gap = self.rng.exp(1.0 / self.rate_per_us);
+        self.push(now + gap as u64, Event::Arrival);
+    }
+
+    fn handle(&mut self, now: u64, event: Event) -> Result<(), SnapshotError> {
+        let exact = self.placer == Placer::Ours && self.config.settle_after_ms.is_none();
         match event {
-            Event::Arrival => {
-                if arrived == config.arrivals {
-                    break;
-                }
-                arrived += 1;
-                if arrived == warmup + 1 {
-                    measure_from = Some(now);
-                }
-                let node = match placer {
-                    Placer::Ours | Placer::OursStatusOnly => {
-                        let scorer = Scorer::new(&view, &request, Policy::default(), 0);
-                        let best = scorer.best().map(|p| p.node);
-                        best.and_then(|n| names.binary_search_by(|x| x.as_str().cmp(n)).ok())
-                            .unwrap_or(0)
-                    }
-                    Placer::LeastAllocated => {
-                        let least = running.iter().copied().min().unwrap_or(0);
-                        let ties: Vec<usize> =
-                            (0..config.nodes).filter(|&i| running[i] == least).collect();
-                        ties[rng.below(ties.len())]
-                    }
-                    Placer::Random => rng.below(config.nodes),
-                };
-                let hit = free[node] > 0;
-                if hit {
-                    free[node] -= 1;
-                    used_slots += 1;
-                    let refill = config.refill_mean_s * 1e6 * (0.5 + rng.unit());
-                    push(&mut queue, now + refill as u64, Event::Refilled(node));
-                }
-                if arrived > warmup {
-                    measured += 1;
-                    hits += usize::from(hit);
-                }
-                if placer == Placer::Ours {
-                    push(&mut queue, now + assume_us, Event::Assumed(node));
-                    if let Some(ttl) = config.settle_after_ms {
-                        push(&mut queue, now + ttl * 1_000, Event::Settle(node));
-                    }
-                }
-                push(&mut queue, now + status_us, Event::Reported(node, hit));
-                running[node] += 1;
-                let lifetime = rng.exp(config.lifetime_mean_s * 1e6);
-                push(&mut queue, now + lifetime as u64, Event::PodEnded(node));
-                let gap = rng.exp(1.0 / rate_per_us);
-                push(&mut queue, now + gap as u64, Event::Arrival);
-            }
+            Event::Arrival => self.arrive(now),
             Event::Refilled(node) => {
-                free[node] += 1;
-                used_slots -= 1;
-                push(&mut queue, now + status_us, Event::ReportedRefill(node));
+                self.free[node] += 1;
+                self.used_slots -= 1;
+                self.push(now + self.status_us, Event::ReportedRefill(node));
             }
-            Event::Assumed(node) => view.assume(&names[node], HANDLER, SHAPE)?,
+            Event::Assumed(node) => self.view.assume(&self.names[node], HANDLER, SHAPE)?,
             Event::Reported(node, took_slot) => {
                 if took_slot {
-                    reported[node] -= 1;
-                    view.set_pool_free(&names[node], HANDLER, SHAPE, reported[node])?;
+                    self.reported[node] -= 1;
+                    let free = self.reported[node];
+                    self.view
+                        .set_pool_free(&self.names[node], HANDLER, SHAPE, free)?;
                 }
-                if placer == Placer::Ours && config.settle_after_ms.is_none() {
-                    view.settle(&names[node], HANDLER, SHAPE)?;
+                if exact {
+                    self.view.settle(&self.names[node], HANDLER, SHAPE)?;
                 }
             }
             Event::ReportedRefill(node) => {
-                reported[node] += 1;
-                view.set_pool_free(&names[node], HANDLER, SHAPE, reported[node])?;
+                self.reported[node] += 1;
+                let free = self.reported[node];
+                self.view
+                    .set_pool_free(&self.names[node], HANDLER, SHAPE, free)?;
             }
-            Event::PodEnded(node) => running[node] -= 1,
-            Event::Settle(node) => view.settle(&names[node], HANDLER, SHAPE)?,
+            Event::PodEnded(node) => self.running[node] -= 1,
+            Event::Settle(node) => self.view.settle(&self.names[node], HANDLER, SHAPE)?,
+        }
+        Ok(())
+    }
+
+    fn point(&self) -> Point {
+        let span = self
+            .measure_from
+            .map_or(0, |from| self.last_t.saturating_sub(from)) as f64;
+        Point {
+            placer: self.placer,
+            load: self.load,
+            hit_rate: self.hits as f64 / self.measured.max(1) as f64,
+            pool_used: if span > 0.0 {
+                self.used_integral / span / self.total_slots
+            } else {
+                0.0
+            },
+            measured: self.measured,
         }
     }
-    let span = measure_from.map_or(0, |from| last_t.saturating_sub(from)) as f64;
-    Ok(Point {
-        placer,
-        load,
-        hit_rate: hits as f64 / measured.max(1) as f64,
-        pool_used: if span > 0.0 {
-            used_integral / span / total_slots
-        } else {
-            0.0
-        },
-        measured,
-    })
 }
 
 /// `load,placer,hit_rate,pool_used,measured` rows.
@@ -293,20 +365,28 @@ pub fn csv(points: &[Point]) -> String {
     out
 }
 
+/// The SVG's size and the plot's margins inside it.
+const W: f64 = 720.0;
+const H: f64 = 460.0;
+const LEFT: f64 = 70.0;
+const RIGHT: f64 = 230.0;
+const TOP: f64 = 40.0;
+const BOTTOM: f64 = 60.0;
+const PLOT_W: f64 = W - LEFT - RIGHT;
+const PLOT_H: f64 = H - TOP - BOTTOM;
+
+/// The x of `load` on the plot.
+fn px(load: f64) -> f64 {
+    LEFT + load * PLOT_W
+}
+
+/// The y of `rate` on the plot.
+fn py(rate: f64) -> f64 {
+    TOP + (1.0 - rate) * PLOT_H
+}
+
 /// Hit rate against load, one line per placer, as a standalone SVG.
 pub fn svg(points: &[Point], config: &SimConfig) -> String {
-    const W: f64 = 720.0;
-    const H: f64 = 460.0;
-    const LEFT: f64 = 70.0;
-    const RIGHT: f64 = 230.0;
-    const TOP: f64 = 40.0;
-    const BOTTOM: f64 = 60.0;
-    let plot_w = W - LEFT - RIGHT;
-    let plot_h = H - TOP - BOTTOM;
-    let x = |load: f64| LEFT + load * plot_w;
-    let y = |rate: f64| TOP + (1.0 - rate) * plot_h;
-    let colours = ["#1b7837", "#7fbf7b", "#c51b7d", "#4d4d4d"];
-
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -322,28 +402,36 @@ pub fn svg(points: &[Point], config: &SimConfig) -> String {
         config.refill_mean_s,
         config.status_delay_ms
     );
+    grid(&mut s);
+    series(&mut s, points);
+    s.push_str("</svg>\n");
+    s
+}
+
+/// The plot's grid, target lines, frame and axis labels.
+fn grid(s: &mut String) {
     for i in 0..=10 {
         let v = f64::from(i) / 10.0;
         let _ = writeln!(
             s,
             r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#e0e0e0"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}%</text>"##,
             LEFT,
-            y(v),
-            LEFT + plot_w,
-            y(v),
+            py(v),
+            LEFT + PLOT_W,
+            py(v),
             LEFT - 6.0,
-            y(v) + 4.0,
+            py(v) + 4.0,
             i * 10
         );
         let _ = writeln!(
             s,
             r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#e0e0e0"/><text x="{:.1}" y="{:.1}" text-anchor="middle">{}%</text>"##,
-            x(v),
+            px(v),
             TOP,
-            x(v),
-            TOP + plot_h,
-            x(v),
-            TOP + plot_h + 16.0,
+            px(v),
+            TOP + PLOT_H,
+            px(v),
+            TOP + PLOT_H + 16.0,
             i * 10
         );
     }
@@ -351,43 +439,48 @@ pub fn svg(points: &[Point], config: &SimConfig) -> String {
         s,
         r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#d6604d" stroke-dasharray="6 4"/><text x="{:.1}" y="{:.1}" fill="#d6604d">95% target</text>"##,
         LEFT,
-        y(0.95),
-        LEFT + plot_w,
-        y(0.95),
-        x(0.21),
-        y(0.95) + 14.0
+        py(0.95),
+        LEFT + PLOT_W,
+        py(0.95),
+        px(0.21),
+        py(0.95) + 14.0
     );
     let _ = writeln!(
         s,
         r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#d6604d" stroke-dasharray="2 4"/><text x="{:.1}" y="{:.1}" fill="#d6604d" text-anchor="end">80% load</text>"##,
-        x(0.8),
+        px(0.8),
         TOP,
-        x(0.8),
-        TOP + plot_h,
-        x(0.8) - 4.0,
-        TOP + plot_h - 8.0
+        px(0.8),
+        TOP + PLOT_H,
+        px(0.8) - 4.0,
+        TOP + PLOT_H - 8.0
     );
     let _ = writeln!(
         s,
-        r##"<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>"##
+        r##"<rect x="{LEFT}" y="{TOP}" width="{PLOT_W}" height="{PLOT_H}" fill="none" stroke="#333"/>"##
     );
     let _ = writeln!(
         s,
         r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">offered load (% of pool refill capacity)</text>"#,
-        LEFT + plot_w / 2.0,
+        LEFT + PLOT_W / 2.0,
         H - 18.0
     );
     let _ = writeln!(
         s,
         r#"<text transform="translate(18 {:.1}) rotate(-90)" text-anchor="middle">warm hits (% of pods)</text>"#,
-        TOP + plot_h / 2.0
+        TOP + PLOT_H / 2.0
     );
+}
+
+/// One line and one legend entry per placer.
+fn series(s: &mut String, points: &[Point]) {
+    let colours = ["#1b7837", "#7fbf7b", "#c51b7d", "#4d4d4d"];
     for (i, placer) in Placer::ALL.iter().enumerate() {
         let colour = colours[i % colours.len()];
         let line: Vec<String> = points
             .iter()
             .filter(|p| p.placer == *placer)
-            .map(|p| format!("{:.1},{:.1}", x(p.load), y(p.hit_rate)))
+            .map(|p| format!("{:.1},{:.1}", px(p.load), py(p.hit_rate)))
             .collect();
         let _ = writeln!(
             s,
@@ -398,12 +491,12 @@ pub fn svg(points: &[Point], config: &SimConfig) -> String {
             let _ = writeln!(
                 s,
                 r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#,
-                x(p.load),
-                y(p.hit_rate)
+                px(p.load),
+                py(p.hit_rate)
             );
         }
         let ly = TOP + 20.0 + 22.0 * i as f64;
-        let lx = LEFT + plot_w + 16.0;
+        let lx = LEFT + PLOT_W + 16.0;
         let _ = writeln!(
             s,
             r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{colour}" stroke-width="2"/><text x="{:.1}" y="{:.1}">{}</text>"#,
@@ -413,8 +506,6 @@ pub fn svg(points: &[Point], config: &SimConfig) -> String {
             placer.label()
         );
     }
-    s.push_str("</svg>\n");
-    s
 }
 
 #[cfg(test)]
@@ -494,5 +585,42 @@ mod tests {
         assert!(plot.starts_with("<svg"));
         assert_eq!(plot.matches("<polyline").count(), Placer::ALL.len());
         assert_eq!(plot.matches("<circle").count(), points.len());
+    }
+
+    // The hit-rate figures in docs/ are what the simulation computes today:
+    // change the model or the placement and this fails until they are
+    // regenerated.
+    const REGENERATE: &str =
+        "regenerate with `cargo run --release -p fast-sandbox-controller -- simulate`";
+
+    #[test]
+    fn docs_hit_rate_figures_are_current() {
+        let config = SimConfig::default();
+        let points = run(&config).expect("the simulated snapshot builds");
+        // The claim docs/scheduling.md makes: >= 95% warm hits while pools are
+        // <= 80% used, ahead of slot-blind placement once load is high.
+        let at = |placer: Placer, load: f64| {
+            points
+                .iter()
+                .find(|p| p.placer == placer && (p.load - load).abs() < 1e-9)
+                .expect("a point per placer and load")
+        };
+        for p in points.iter().filter(|p| p.placer == Placer::Ours) {
+            if p.pool_used <= 0.8 {
+                assert!(p.hit_rate >= 0.95, "{p:?}");
+            }
+            if p.load >= 0.6 {
+                assert!(p.hit_rate > at(Placer::LeastAllocated, p.load).hit_rate);
+                assert!(p.hit_rate > at(Placer::Random, p.load).hit_rate);
+            }
+        }
+        assert!(
+            csv(&points) == include_str!("../../../../docs/scheduling-hit-rate.csv"),
+            "docs/scheduling-hit-rate.csv is stale: {REGENERATE}"
+        );
+        assert!(
+            svg(&points, &config) == include_str!("../../../../docs/scheduling-hit-rate.svg"),
+            "docs/scheduling-hit-rate.svg is stale: {REGENERATE}"
+        );
     }
 }

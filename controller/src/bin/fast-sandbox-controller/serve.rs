@@ -1,168 +1,46 @@
-//! fast-sandbox-controller: the cluster side of fast-sandbox.
-//!
-//! `run` reconciles the CRDs and serves the extender against a cluster;
-//! `extender` serves the extender alone from a snapshot file; `crdgen`
-//! writes the CRD YAML; `bench` and `simulate` measure the placement.
+//! The two serving commands: `extender` (the extender verbs from a
+//! snapshot file) and `run` (the reconcilers and the extender against a
+//! cluster, the reconcilers only while this replica leads).
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
-use fast_sandbox_proto::shape::KUBELET_SANDBOX_SECCOMP;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::FutureExt;
 use tokio::signal::unix::{signal, SignalKind};
 
 use fast_sandbox_controller::agent::{self, AgentConfig, AgentDirectory};
-use fast_sandbox_controller::bench::{self, BenchConfig};
-use fast_sandbox_controller::crd;
 use fast_sandbox_controller::events::KubeEvents;
 use fast_sandbox_controller::extender::{self, Extender, ExtenderConfig};
 use fast_sandbox_controller::leader::{self, Elector, LeaseConfig, Shutdown};
+use fast_sandbox_controller::links;
 use fast_sandbox_controller::metrics::Metrics;
 use fast_sandbox_controller::nodes::{NodeDirectory, StaticNodes};
 use fast_sandbox_controller::reconcile::{ReconcileConfig, DEFAULT_IMAGE_PULL_GRACE};
 use fast_sandbox_controller::run::{self, Instruments, Served};
 use fast_sandbox_controller::scoring::Snapshot;
-use fast_sandbox_controller::scoring::{Policy, SlotPolicy};
-use fast_sandbox_controller::sim::{self, SimConfig};
-use fast_sandbox_controller::{certs, links};
-use futures::FutureExt;
 
-/// `--version`, with the git revision.
-const VERSION: &str = fast_sandbox_proto::version!();
+use crate::flags::{agent_entries, policy, KubeArgs, PlacementArgs, Slots};
 
-/// Cluster side of fast-sandbox.
-#[derive(Debug, Parser)]
-#[command(version = VERSION, about)]
-struct Args {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Serve kube-scheduler's extender verbs (`/filter`, `/prioritize`)
-    /// from a JSON snapshot of node states (re-read on SIGHUP).
-    Extender {
-        #[arg(long, default_value = "127.0.0.1:8888")]
-        listen: SocketAddr,
-        /// A JSON list of node states (see docs/scheduling.md).
-        #[arg(long)]
-        snapshot: PathBuf,
-        #[command(flatten)]
-        placement: PlacementArgs,
-    },
-    /// Reconcile SandboxPools and Sandboxes against a cluster and serve the
-    /// extender verbs, from one node directory.
-    Run(Box<RunArgs>),
-    /// Remove the controller's finalizer from every SandboxPool, so that
-    /// pools and CRDs can be deleted without a controller running (see
-    /// docs/deploy.md, "Uninstall").
-    Uninstall {
-        /// A kubeconfig file; without it: KUBECONFIG, ~/.kube/config, or
-        /// the in-cluster service account.
-        #[arg(long, env = "KUBECONFIG")]
-        kubeconfig: Option<PathBuf>,
-        /// The kubeconfig context (default: its current context).
-        #[arg(long)]
-        context: Option<String>,
-    },
-    /// Issue a NodeAgent link certificate (`tls.crt`, `tls.key`, `ca.crt`)
-    /// from the CA in --ca-dir, which is created there when missing.
-    Certs {
-        #[arg(long)]
-        ca_dir: PathBuf,
-        /// A node agent's certificate, for this Kubernetes node name.
-        #[arg(long, required_unless_present_any = ["controller", "server"])]
-        node: Option<String>,
-        /// A server certificate for this DNS name (the extender's Service:
-        /// fast-sandbox-controller.fast-sandbox-system.svc).
-        #[arg(long, conflicts_with_all = ["node", "controller"])]
-        server: Option<String>,
-        /// The controller's client certificate.
-        #[arg(long, conflicts_with = "node")]
-        controller: bool,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = certs::DEFAULT_DAYS)]
-        days: u32,
-    },
-    /// Write the CRD YAML generated from the Rust types, one file per CRD.
-    Crdgen {
-        #[arg(long, default_value = "deploy/crds")]
-        out: PathBuf,
-    },
-    /// Time placement decisions on a synthetic cluster.
-    Bench {
-        #[arg(long, default_value_t = 5_000)]
-        nodes: usize,
-        #[arg(long, default_value_t = 5_000)]
-        decisions: usize,
-        /// Application images in the catalog nodes draw from.
-        #[arg(long, default_value_t = 400)]
-        apps: usize,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// kube-scheduler's percentageOfNodesToScore, which sets how many
-        /// node names each extender call carries; 0 is its adaptive default.
-        #[arg(long, default_value_t = 0)]
-        percentage_of_nodes_to_score: u32,
-    },
-    /// Simulate pod arrivals and compare warm-hit rates with slot-blind
-    /// placement across loads; write a CSV and an SVG plot.
-    Simulate {
-        #[arg(long, default_value_t = 100)]
-        nodes: usize,
-        #[arg(long, default_value_t = 8)]
-        slots: u32,
-        /// Mean time to refill a claimed slot, seconds.
-        #[arg(long, default_value_t = 2.0)]
-        refill_s: f64,
-        /// Mean pod lifetime, seconds.
-        #[arg(long, default_value_t = 30.0)]
-        lifetime_s: f64,
-        /// How late node reports reach the controller, ms.
-        #[arg(long, default_value_t = 100)]
-        status_delay_ms: u64,
-        /// How late the controller counts its own placements, ms (0: at
-        /// decision, as the direct path and an extender that binds do).
-        #[arg(long, default_value_t = 0)]
-        assume_delay_ms: u64,
-        /// Drop an assumed placement this long after it was made, ms,
-        /// instead of when the node's report covers it.
-        #[arg(long)]
-        settle_after_ms: Option<u64>,
-        /// Pods per load point.
-        #[arg(long, default_value_t = 40_000)]
-        arrivals: usize,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        #[arg(long, default_value = "docs/scheduling-hit-rate.csv")]
-        csv: PathBuf,
-        #[arg(long, default_value = "docs/scheduling-hit-rate.svg")]
-        svg: PathBuf,
-    },
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum Slots {
-    /// No free slot: filtered out (the pod waits for a warm slot).
-    Require,
-    /// No free slot: kept, scored low (the pod may start cold).
-    Prefer,
+/// The flags of `extender`.
+#[derive(Debug, clap::Args)]
+pub struct ExtenderArgs {
+    #[arg(long, default_value = "127.0.0.1:8888")]
+    listen: SocketAddr,
+    /// A JSON list of node states (see docs/scheduling.md).
+    #[arg(long)]
+    snapshot: PathBuf,
+    #[command(flatten)]
+    placement: PlacementArgs,
 }
 
 /// The flags of `run`.
 #[derive(Debug, clap::Args)]
-struct RunArgs {
-    /// A kubeconfig file; without it: KUBECONFIG, ~/.kube/config, or
-    /// the in-cluster service account.
-    #[arg(long, env = "KUBECONFIG")]
-    kubeconfig: Option<PathBuf>,
-    /// The kubeconfig context (default: its current context).
-    #[arg(long)]
-    context: Option<String>,
+pub struct RunArgs {
+    #[command(flatten)]
+    kube: KubeArgs,
     /// Where the extender listens.
     #[arg(long, default_value = "0.0.0.0:8888")]
     listen: SocketAddr,
@@ -215,6 +93,17 @@ struct RunArgs {
 }
 
 impl RunArgs {
+    /// The reconcilers' settings: the extender's classes and seccomp, the
+    /// `Sandbox` path's own slot policy and image-pull grace.
+    fn reconcile_config(&self, extender: &ExtenderConfig) -> ReconcileConfig {
+        ReconcileConfig {
+            fast_classes: extender.fast_classes.clone(),
+            default_seccomp: self.placement.default_seccomp.clone(),
+            sandbox_policy: policy(self.sandbox_slots, self.placement.stale_after_ms),
+            image_pull_grace: Duration::from_secs(self.image_pull_grace_seconds),
+        }
+    }
+
     /// This replica's name: `--leader-elect-identity`, else `HOSTNAME`.
     fn identity(&self) -> Option<String> {
         self.leader_elect_identity
@@ -233,59 +122,6 @@ impl RunArgs {
         Ok(Some(Elector::new(client.clone(), config).context(
             "--leader-elect: pass --leader-elect-identity, or set POD_NAME",
         )?))
-    }
-}
-
-/// How fast pods are recognised and nodes judged: the flags `extender`
-/// and `run` share.
-#[derive(Debug, clap::Args)]
-struct PlacementArgs {
-    /// Fast RuntimeClasses, `CLASS` or `CLASS=HANDLER` (comma-separated).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "fast-runc,fast-crun,fast-gvisor,fast-kata"
-    )]
-    fast_class: Vec<String>,
-    /// Extender: let the filter verb remove nodes (opt-in). Off, every
-    /// node passes and nodes are only scored, so a fast pod goes wherever
-    /// it would go without the extender and at worst starts cold. On, nodes
-    /// without a warm pool of the pod's handler and shape, whose node
-    /// plugin is not ready, or (with --slots require) without a free slot
-    /// are filtered out. The cost: a pod no warm slot fits (another shape,
-    /// every slot taken, node plugin down) stays Pending instead of
-    /// starting cold.
-    #[arg(long)]
-    extender_filter: bool,
-    /// Extender, with --extender-filter: whether a node needs a free warm
-    /// slot to pass the filter.
-    #[arg(long, value_enum, default_value_t = Slots::Prefer)]
-    slots: Slots,
-    /// Ignore nodes whose status is older than this.
-    #[arg(long)]
-    stale_after_ms: Option<u64>,
-    /// The seccomp shape of every pod's sandbox (kubelet always asks
-    /// RuntimeDefault for it), and of pools that set none.
-    #[arg(long, default_value = KUBELET_SANDBOX_SECCOMP)]
-    default_seccomp: String,
-    /// Extender: count the best node of each fast pod as one slot fewer for
-    /// this long (ms), until its status shows the claim; 0 turns it off.
-    #[arg(long, default_value_t = extender::DEFAULT_ASSUME_TTL_MS)]
-    assume_ttl_ms: u64,
-    /// Log as JSON lines.
-    #[arg(long)]
-    log_json: bool,
-}
-
-impl PlacementArgs {
-    fn extender_config(&self) -> anyhow::Result<ExtenderConfig> {
-        Ok(ExtenderConfig {
-            fast_classes: fast_classes(&self.fast_class)?,
-            policy: policy(self.slots, self.stale_after_ms),
-            filter_nodes: self.extender_filter,
-            default_seccomp: self.default_seccomp.clone(),
-            assume_ttl_ms: (self.assume_ttl_ms > 0).then_some(self.assume_ttl_ms),
-        })
     }
 }
 
@@ -316,33 +152,6 @@ fn reload_on_sighup(
     Ok(())
 }
 
-fn fast_classes(specs: &[String]) -> anyhow::Result<HashMap<String, String>> {
-    specs
-        .iter()
-        .map(|spec| {
-            let (class, handler) = spec.split_once('=').unwrap_or((spec, spec));
-            anyhow::ensure!(
-                !class.is_empty() && !handler.is_empty(),
-                "--fast-class {spec:?}: expected CLASS or CLASS=HANDLER"
-            );
-            Ok((class.to_owned(), handler.to_owned()))
-        })
-        .collect()
-}
-
-/// `--agent NODE=ADDR` entries.
-fn agent_entries(specs: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    specs
-        .iter()
-        .map(|spec| match spec.split_once('=') {
-            Some((node, address)) if !node.is_empty() && !address.is_empty() => {
-                Ok((node.to_owned(), address.to_owned()))
-            }
-            _ => anyhow::bail!("--agent {spec:?}: expected NODE=HOST:PORT"),
-        })
-        .collect()
-}
-
 /// The snapshot-file directory, re-read on SIGHUP (a bad file keeps the
 /// current snapshot).
 fn static_nodes(path: PathBuf, initial: Snapshot) -> anyhow::Result<Arc<dyn NodeDirectory>> {
@@ -352,27 +161,15 @@ fn static_nodes(path: PathBuf, initial: Snapshot) -> anyhow::Result<Arc<dyn Node
     Ok(nodes)
 }
 
-fn policy(slots: Slots, stale_after_ms: Option<u64>) -> Policy {
-    Policy {
-        slots: match slots {
-            Slots::Require => SlotPolicy::Require,
-            Slots::Prefer => SlotPolicy::Prefer,
-        },
-        stale_after_ms,
-    }
-}
-
-async fn kube_client(
-    kubeconfig: Option<PathBuf>,
-    context: Option<String>,
-) -> anyhow::Result<(kube::Client, run::Served)> {
+/// A client of the API server `args` name, checked by a preflight.
+pub async fn kube_client(args: &KubeArgs) -> anyhow::Result<(kube::Client, run::Served)> {
     let options = kube::config::KubeConfigOptions {
-        context,
+        context: args.context.clone(),
         ..Default::default()
     };
-    let config = match kubeconfig {
+    let config = match &args.kubeconfig {
         Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(&path)
+            let file = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(file, &options)
                 .await
@@ -392,7 +189,8 @@ async fn kube_client(
     Ok((client, served))
 }
 
-fn init_logging(json: bool) {
+/// Logs to stderr, as JSON lines when `json`.
+pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
@@ -404,11 +202,12 @@ fn init_logging(json: bool) {
 }
 
 /// `extender`: the extender verbs from a snapshot file.
-fn serve_extender(
-    listen: SocketAddr,
-    snapshot: PathBuf,
-    placement: &PlacementArgs,
-) -> anyhow::Result<()> {
+pub fn extender(args: ExtenderArgs) -> anyhow::Result<()> {
+    let ExtenderArgs {
+        listen,
+        snapshot,
+        placement,
+    } = args;
     init_logging(placement.log_json);
     let nodes = read_snapshot(&snapshot)?;
     let extender = Arc::new(Extender::new(placement.extender_config()?, nodes));
@@ -424,9 +223,8 @@ fn serve_extender(
 }
 
 /// `run`: the reconcilers and the extender against a cluster.
-fn run_controller(args: RunArgs) -> anyhow::Result<()> {
-    let placement = &args.placement;
-    init_logging(placement.log_json);
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(args.placement.log_json);
     let agents = agent_entries(&args.agent)?;
     let initial = match &args.snapshot {
         Some(path) => read_snapshot(path)?,
@@ -438,43 +236,20 @@ fn run_controller(args: RunArgs) -> anyhow::Result<()> {
         Some(_) => None,
         None => Some(args.agent_link.config()?),
     };
-    let extender_config = placement.extender_config()?;
-    let config = ReconcileConfig {
-        fast_classes: extender_config.fast_classes.clone(),
-        default_seccomp: placement.default_seccomp.clone(),
-        sandbox_policy: policy(args.sandbox_slots, placement.stale_after_ms),
-        image_pull_grace: std::time::Duration::from_secs(args.image_pull_grace_seconds),
-    };
+    let extender_config = args.placement.extender_config()?;
+    let config = args.reconcile_config(&extender_config);
     let metrics = Arc::new(Metrics::default());
     let extender =
         Arc::new(Extender::new(extender_config, initial.clone()).with_metrics(metrics.clone()));
     tokio::runtime::Runtime::new()
         .context("starting the async runtime")?
         .block_on(async move {
-            let (client, served) =
-                kube_client(args.kubeconfig.clone(), args.context.clone()).await?;
-            let elector = args.elector(&client)?;
+            let (client, served) = kube_client(&args.kube).await?;
             let nodes: Arc<dyn NodeDirectory> = match (args.snapshot.clone(), agent_config) {
                 (Some(path), _) => static_nodes(path, initial)?,
                 (None, Some(config)) => agent_nodes(&args, config, &agents, &client)?,
                 (None, None) => anyhow::bail!("no node source: neither a snapshot nor agents"),
             };
-            let mut terminate =
-                signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-            let shutdown: Shutdown = async move {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = terminate.recv() => {}
-                }
-                tracing::info!("shutting down");
-            }
-            .boxed()
-            .shared();
-            let listen = args.listen;
-            tokio::spawn(run::feed_extender(nodes.clone(), extender.clone()));
-            tokio::spawn(run::follow_pending_pods(client.clone(), extender.clone()));
-            let server = args.extender_tls.serve(listen, extender);
-            tracing::info!(%listen, "serving the extender and /metrics");
             let instruments = Instruments {
                 events: Arc::new(KubeEvents::start(
                     client.clone(),
@@ -483,29 +258,62 @@ fn run_controller(args: RunArgs) -> anyhow::Result<()> {
                 )),
                 metrics,
             };
-            let reconciling = reconcile_while_leading(
-                elector,
-                shutdown,
-                Reconcilers {
-                    client: client.clone(),
-                    nodes,
-                    config,
-                    instruments,
-                    served,
-                },
-            );
-            tokio::select! {
-                result = server => result?,
-                () = reconciling => {}
-            }
-            if args.remove_finalizers_on_shutdown {
-                let removed = run::remove_finalizers(&client)
-                    .await
-                    .context("removing the SandboxPool finalizers")?;
-                tracing::info!(removed, "SandboxPool finalizers removed on shutdown");
-            }
-            Ok(())
+            let reconcilers = Reconcilers {
+                client,
+                nodes,
+                config,
+                instruments,
+                served,
+            };
+            serve_cluster(&args, extender, reconcilers).await
         })
+}
+
+/// SIGTERM or Ctrl-C, shared by everything that stops on it.
+fn shutdown_signal() -> anyhow::Result<Shutdown> {
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("shutting down");
+    }
+    .boxed()
+    .shared())
+}
+
+/// Serves the extender and, while leading, runs the reconcilers, until
+/// shutdown.
+async fn serve_cluster(
+    args: &RunArgs,
+    extender: Arc<Extender>,
+    reconcilers: Reconcilers,
+) -> anyhow::Result<()> {
+    let client = reconcilers.client.clone();
+    let elector = args.elector(&client)?;
+    let shutdown = shutdown_signal()?;
+    let listen = args.listen;
+    tokio::spawn(run::feed_extender(
+        reconcilers.nodes.clone(),
+        extender.clone(),
+    ));
+    tokio::spawn(run::follow_pending_pods(client.clone(), extender.clone()));
+    let server = args.extender_tls.serve(listen, extender);
+    tracing::info!(%listen, "serving the extender and /metrics");
+    let reconciling = reconcile_while_leading(elector, shutdown, reconcilers);
+    tokio::select! {
+        result = server => result?,
+        () = reconciling => {}
+    }
+    if args.remove_finalizers_on_shutdown {
+        let removed = run::remove_finalizers(&client)
+            .await
+            .context("removing the SandboxPool finalizers")?;
+        tracing::info!(removed, "SandboxPool finalizers removed on shutdown");
+    }
+    Ok(())
 }
 
 /// What the leader runs: both reconcilers.
@@ -588,126 +396,21 @@ fn agent_nodes(
     Ok(directory)
 }
 
-fn main() -> anyhow::Result<()> {
-    match Args::parse().command {
-        Command::Extender {
-            listen,
-            snapshot,
-            placement,
-        } => serve_extender(listen, snapshot, &placement)?,
-        Command::Run(args) => run_controller(*args)?,
-        Command::Certs {
-            ca_dir,
-            node,
-            server,
-            controller: _,
-            out,
-            days,
-        } => {
-            let subject = match (node, server) {
-                (Some(node), _) => certs::Subject::Node(node),
-                (None, Some(name)) => certs::Subject::Server(name),
-                (None, None) => certs::Subject::Controller,
-            };
-            certs::issue_into(&ca_dir, &subject, days, &out)
-                .with_context(|| format!("issuing a certificate into {}", out.display()))?;
-        }
-        Command::Uninstall {
-            kubeconfig,
-            context,
-        } => {
-            init_logging(false);
-            tokio::runtime::Runtime::new()
-                .context("starting the async runtime")?
-                .block_on(async {
-                    let (client, _) = kube_client(kubeconfig, context).await?;
-                    let removed = run::remove_finalizers(&client)
-                        .await
-                        .context("removing the SandboxPool finalizers")?;
-                    println!("removed the finalizer of {removed} SandboxPools");
-                    anyhow::Ok(())
-                })?;
-        }
-        Command::Crdgen { out } => {
-            for path in crd::write_crds(&out)? {
-                println!("{}", path.display());
-            }
-        }
-        Command::Bench {
-            nodes,
-            decisions,
-            apps,
-            seed,
-            percentage_of_nodes_to_score,
-        } => {
-            let report = bench::run(BenchConfig {
-                nodes,
-                decisions,
-                apps,
-                seed,
-                percentage_of_nodes_to_score,
-            })
-            .context("building the synthetic snapshot")?;
-            print!("{report}");
-        }
-        Command::Simulate {
-            nodes,
-            slots,
-            refill_s,
-            lifetime_s,
-            status_delay_ms,
-            assume_delay_ms,
-            settle_after_ms,
-            arrivals,
-            seed,
-            csv,
-            svg,
-        } => {
-            let config = SimConfig {
-                nodes,
-                slots,
-                refill_mean_s: refill_s,
-                lifetime_mean_s: lifetime_s,
-                status_delay_ms,
-                assume_delay_ms,
-                settle_after_ms,
-                arrivals,
-                seed,
-                ..SimConfig::default()
-            };
-            let points = sim::run(&config).context("building the simulated snapshot")?;
-            let table = sim::csv(&points);
-            std::fs::write(&csv, &table).with_context(|| format!("writing {}", csv.display()))?;
-            std::fs::write(&svg, sim::svg(&points, &config))
-                .with_context(|| format!("writing {}", svg.display()))?;
-            print!("{table}");
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-impl Command {
-    /// `run`'s arguments, if this is `run`.
-    fn into_run(self) -> Option<RunArgs> {
-        match self {
-            Command::Run(args) => Some(*args),
-            _ => None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Args, Command};
+    use clap::Parser;
+    use fast_sandbox_controller::extender::ExtenderConfig;
 
-    #[test]
-    fn fast_class_specs() {
-        let classes = fast_classes(&["fast-runc".into(), "warm=fast-crun".into()]).unwrap();
-        assert_eq!(classes["fast-runc"], "fast-runc");
-        assert_eq!(classes["warm"], "fast-crun");
-        assert!(fast_classes(&["=x".into()]).is_err());
-        assert!(fast_classes(&["x=".into()]).is_err());
+    impl Command {
+        /// `run`'s arguments, if this is `run`.
+        fn into_run(self) -> Option<RunArgs> {
+            match self {
+                Command::Run(args) => Some(*args),
+                _ => None,
+            }
+        }
     }
 
     #[test]

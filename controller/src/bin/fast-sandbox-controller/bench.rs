@@ -16,10 +16,14 @@ use serde_json::json;
 use axum::http::header::CONTENT_TYPE;
 use axum::http::HeaderMap;
 
-use crate::extender::{json_body, parse_args, Extender, ExtenderConfig};
-use crate::scoring::linear::LinearScorer;
-use crate::scoring::{Policy, Request, Scorer, Snapshot, SnapshotError};
-use crate::synth::{self, Catalog, Rng};
+use fast_sandbox_controller::extender::{json_body, parse_args, Extender, ExtenderConfig};
+use fast_sandbox_controller::scoring::linear::LinearScorer;
+use fast_sandbox_controller::scoring::{
+    NodeState, Policy, Request, Scorer, Snapshot, SnapshotError,
+};
+use fast_sandbox_controller::synth::Rng;
+
+use crate::fleet::{self, Catalog};
 
 /// What to measure.
 #[derive(Debug, Clone, Copy)]
@@ -116,6 +120,7 @@ pub struct BenchReport {
 
 impl BenchReport {
     /// The quantiles of a measurement, by its name in the report.
+    #[cfg(test)]
     pub fn timing(&self, name: &str) -> Option<Quantiles> {
         self.timings.iter().find(|t| t.0 == name).map(|t| t.1)
     }
@@ -221,11 +226,9 @@ fn node_updates(samples: &mut Samples, rng: &mut Rng, snapshot: &Snapshot) {
 }
 
 /// Images and pools per node, on average.
-fn per_node(nodes: &[crate::scoring::NodeState]) -> (f64, f64) {
+fn per_node(nodes: &[NodeState]) -> (f64, f64) {
     let count = nodes.len().max(1) as f64;
-    let mean = |f: fn(&crate::scoring::NodeState) -> usize| {
-        nodes.iter().map(f).sum::<usize>() as f64 / count
-    };
+    let mean = |f: fn(&NodeState) -> usize| nodes.iter().map(f).sum::<usize>() as f64 / count;
     (mean(|n| n.images.len()), mean(|n| n.pools.len()))
 }
 
@@ -235,7 +238,7 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
     let mut rng = Rng::new(config.seed);
     let catalog = Catalog::new(&mut rng, config.apps);
     let now_ms = 1_000_000;
-    let nodes = synth::cluster(&mut rng, &catalog, config.nodes, now_ms);
+    let nodes = fleet::cluster(&mut rng, &catalog, config.nodes, now_ms);
     let (images_per_node, pools_per_node) = per_node(&nodes);
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
     let started = Instant::now();
@@ -259,7 +262,7 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
     let mut samples = Samples::default();
     let (mut placed, mut disagreements) = (0, 0);
     for decision in 0..config.decisions {
-        let request = synth::request(&mut rng, &catalog);
+        let request = fleet::request(&mut rng, &catalog);
         // One pod every 3 ms for the extender, so its assumed placements
         // (DEFAULT_ASSUME_TTL_MS) stay as many as at ~330 pods/s.
         let call_ms = now_ms + 3 * decision as u64;
@@ -416,7 +419,7 @@ mod tests {
     fn the_extender_sees_the_pods_the_scorer_sees() {
         let mut rng = Rng::new(5);
         let catalog = Catalog::new(&mut rng, 50);
-        let nodes = synth::cluster(&mut rng, &catalog, 50, 0);
+        let nodes = fleet::cluster(&mut rng, &catalog, 50, 0);
         let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
         let snapshot = Snapshot::new(nodes).unwrap();
         let config = ExtenderConfig {
@@ -425,8 +428,8 @@ mod tests {
         };
         let extender = Extender::new(config, snapshot.clone());
         for _ in 0..20 {
-            let request = synth::request(&mut rng, &catalog);
-            let args = <crate::extender::ExtenderArgs<'_> as serde::Deserialize>::deserialize(
+            let request = fleet::request(&mut rng, &catalog);
+            let args = <fast_sandbox_controller::extender::ExtenderArgs<'_> as serde::Deserialize>::deserialize(
                 extender_args(&request, &names, 0),
             )
             .unwrap();
