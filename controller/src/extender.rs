@@ -22,17 +22,21 @@
 //! UID. So a caller inventing pods (or without a watch) assumes nothing,
 //! and no caller holds more slots than there are pods waiting to be placed.
 
+mod body;
 mod tls;
+use body::json_response;
+pub use body::{json_body, parse_args, ArgsRejection};
 pub use tls::serve_tls;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -49,9 +53,11 @@ use crate::scoring::{Policy, Rejection, Request, RequestedImage, Scorer, Snapsho
 /// `MaxExtenderPriority` of the v1 extender API: answers are 0..=10.
 pub const MAX_EXTENDER_PRIORITY: i64 = 10;
 
-/// `ExtenderArgs`.
+/// `ExtenderArgs`. Node names are borrowed from the request body when it
+/// allows (no escapes in them, as in every DNS name), so parsing the
+/// thousands of candidates of one call allocates no string per name.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ExtenderArgs {
+pub struct ExtenderArgs<'a> {
     #[serde(alias = "Pod", default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<Pod>,
     /// Candidates when the extender is not node-cache capable.
@@ -63,9 +69,40 @@ pub struct ExtenderArgs {
         alias = "NodeNames",
         alias = "nodeNames",
         default,
+        borrow,
         skip_serializing_if = "Option::is_none"
     )]
-    pub node_names: Option<Vec<String>>,
+    pub node_names: Option<Vec<NodeName<'a>>>,
+}
+
+/// A node name of an extender call, borrowed from its body when possible.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeName<'a>(#[serde(borrow)] pub Cow<'a, str>);
+
+impl std::ops::Deref for NodeName<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for NodeName<'_> {
+    fn from(name: String) -> Self {
+        NodeName(Cow::Owned(name))
+    }
+}
+
+impl<'a> From<&'a str> for NodeName<'a> {
+    fn from(name: &'a str) -> Self {
+        NodeName(Cow::Borrowed(name))
+    }
+}
+
+impl PartialEq<&str> for NodeName<'_> {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
 }
 
 /// The parts of a `v1.NodeList` the extender reads and echoes back.
@@ -79,9 +116,9 @@ pub struct NodeList {
 /// (`{"node": "reason"}`) straight from the rejections: a filter over
 /// thousands of nodes then allocates no message per rejected node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FailedNodes(Vec<(String, Rejection)>);
+pub struct FailedNodes<'a>(Vec<(NodeName<'a>, Rejection)>);
 
-impl FailedNodes {
+impl FailedNodes<'_> {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -92,45 +129,63 @@ impl FailedNodes {
 
     /// Why `node` was rejected.
     pub fn get(&self, node: &str) -> Option<&Rejection> {
-        self.0.iter().find(|(n, _)| n == node).map(|(_, r)| r)
+        self.0.iter().find(|(n, _)| **n == *node).map(|(_, r)| r)
     }
 }
 
-impl Serialize for FailedNodes {
+impl Serialize for FailedNodes<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut map = serializer.serialize_map(Some(self.0.len()))?;
         for (node, reason) in &self.0 {
-            map.serialize_entry(node, &format_args!("{reason}"))?;
+            // The fixed reasons as plain strings: no formatting machinery
+            // for each of thousands of rejected nodes.
+            match reason {
+                Rejection::Stale { .. } => {
+                    map.serialize_entry(&**node, &format_args!("{reason}"))?
+                }
+                fixed => map.serialize_entry(&**node, fixed_reason(fixed))?,
+            }
         }
         map.end()
     }
 }
 
+/// The message of a rejection that carries no value (its `Display`).
+fn fixed_reason(rejection: &Rejection) -> &'static str {
+    match rejection {
+        Rejection::UnknownNode => "no fast-sandbox status for this node",
+        Rejection::NotReady => "fast-sandbox node plugin not ready",
+        Rejection::NoPool => "no warm pool for this runtime handler and shape",
+        Rejection::NoFreeSlot => "warm pool has no free slot",
+        Rejection::Stale { .. } => "fast-sandbox status is too old",
+    }
+}
+
 /// `ExtenderFilterResult`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct ExtenderFilterResult {
+pub struct ExtenderFilterResult<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<NodeList>,
     #[serde(rename = "nodenames", skip_serializing_if = "Option::is_none")]
-    pub node_names: Option<Vec<String>>,
+    pub node_names: Option<Vec<NodeName<'a>>>,
     /// Never used: every rejection is unresolvable by preemption.
     #[serde(rename = "failedNodes", skip_serializing_if = "FailedNodes::is_empty")]
-    pub failed_nodes: FailedNodes,
+    pub failed_nodes: FailedNodes<'a>,
     #[serde(
         rename = "failedAndUnresolvableNodes",
         skip_serializing_if = "FailedNodes::is_empty"
     )]
-    pub failed_and_unresolvable_nodes: FailedNodes,
+    pub failed_and_unresolvable_nodes: FailedNodes<'a>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub error: String,
 }
 
 /// One entry of a `HostPriorityList`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostPriority {
-    #[serde(alias = "Host")]
-    pub host: String,
+pub struct HostPriority<'a> {
+    #[serde(alias = "Host", borrow)]
+    pub host: NodeName<'a>,
     #[serde(alias = "Score")]
     pub score: i64,
 }
@@ -336,7 +391,7 @@ impl Extender {
     }
 
     /// The filter verb.
-    pub fn filter(&self, args: ExtenderArgs, now_ms: u64) -> ExtenderFilterResult {
+    pub fn filter<'a>(&self, args: ExtenderArgs<'a>, now_ms: u64) -> ExtenderFilterResult<'a> {
         let Some(pod) = args.pod.as_ref() else {
             return ExtenderFilterResult {
                 error: "no pod in the extender arguments".into(),
@@ -390,7 +445,7 @@ impl Extender {
                 let name = node.metadata.name.as_deref().unwrap_or_default();
                 match scorer.score(name) {
                     Ok(_) => items.push(node),
-                    Err(reason) => failed.push((name.to_owned(), reason)),
+                    Err(reason) => failed.push((name.to_owned().into(), reason)),
                 }
             }
             result.nodes = Some(NodeList { items });
@@ -408,14 +463,18 @@ impl Extender {
 
     /// The prioritize verb: every candidate, scored 0..=10; `None` without
     /// a pod.
-    pub fn prioritize(&self, args: ExtenderArgs, now_ms: u64) -> Option<Vec<HostPriority>> {
+    pub fn prioritize<'a>(
+        &self,
+        args: ExtenderArgs<'a>,
+        now_ms: u64,
+    ) -> Option<Vec<HostPriority<'a>>> {
         let pod = args.pod.as_ref()?;
-        let names: Vec<String> = match (args.node_names, args.nodes) {
+        let names: Vec<NodeName<'a>> = match (args.node_names, args.nodes) {
             (Some(names), _) => names,
             (None, Some(list)) => list
                 .items
                 .into_iter()
-                .filter_map(|n| n.metadata.name)
+                .filter_map(|n| n.metadata.name.map(NodeName::from))
                 .collect(),
             (None, None) => Vec::new(),
         };
@@ -438,13 +497,13 @@ impl Extender {
         // The node this pod most likely goes to: best score, then smallest
         // name (as `Scorer::best`), among nodes with a free slot.
         let mut top: Option<(u8, usize)> = None;
-        let mut priorities: Vec<HostPriority> = Vec::with_capacity(names.len());
+        let mut priorities: Vec<HostPriority<'a>> = Vec::with_capacity(names.len());
         for host in names {
-            let score = scorer.score(&host);
+            let (score, free) = scorer.score_and_free(&host);
             if let Ok(score) = score {
                 let better = top
                     .is_none_or(|(s, at)| score > s || (score == s && host < priorities[at].host));
-                if better && scorer.free_slots(&host).unwrap_or(0) > 0 {
+                if better && free > 0 {
                     top = Some((score, priorities.len()));
                 }
             }
@@ -453,7 +512,7 @@ impl Extender {
                 score: score.map_or(0, to_extender_priority),
             });
         }
-        let top = top.map(|(_, at)| priorities[at].host.clone());
+        let top = top.map(|(_, at)| priorities[at].host.to_string());
         tracing::info!(
             pod = %pod_name(pod),
             handler = %request.handler,
@@ -628,43 +687,44 @@ async fn metrics(State(extender): State<Arc<Extender>>) -> Response {
 
 async fn filter(
     State(extender): State<Arc<Extender>>,
-    args: Result<Json<ExtenderArgs>, JsonRejection>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
     let start = Instant::now();
-    match args {
-        Ok(Json(args)) => {
+    match parse_args(&headers, &body) {
+        Ok(args) => {
+            let entries = args.node_names.as_ref().map_or(0, Vec::len);
             let result = extender.filter(args, now_ms());
+            let body = json_body(&result, entries);
             extender.metrics.extender_request("filter", start);
-            Json(result).into_response()
+            json_response(body)
         }
         Err(rejection) => {
             let result = ExtenderFilterResult {
-                error: format!("bad extender arguments: {}", rejection.body_text()),
+                error: rejection.message,
                 ..Default::default()
             };
-            (rejection.status(), Json(result)).into_response()
+            (rejection.status, Json(result)).into_response()
         }
     }
 }
 
 async fn prioritize(
     State(extender): State<Arc<Extender>>,
-    args: Result<Json<ExtenderArgs>, JsonRejection>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
     let start = Instant::now();
-    match args {
-        Ok(Json(args)) => match extender.prioritize(args, now_ms()) {
+    match parse_args(&headers, &body) {
+        Ok(args) => match extender.prioritize(args, now_ms()) {
             Some(priorities) => {
+                let body = json_body(&priorities, priorities.len());
                 extender.metrics.extender_request("prioritize", start);
-                Json(priorities).into_response()
+                json_response(body)
             }
             None => (StatusCode::BAD_REQUEST, "no pod in the extender arguments").into_response(),
         },
-        Err(rejection) => (
-            rejection.status(),
-            format!("bad extender arguments: {}", rejection.body_text()),
-        )
-            .into_response(),
+        Err(rejection) => (rejection.status, rejection.message).into_response(),
     }
 }
 
@@ -704,8 +764,8 @@ mod tests {
         Snapshot::new(vec![node("a"), node("b")]).unwrap()
     }
 
-    fn args(uid: &str) -> ExtenderArgs {
-        serde_json::from_value(serde_json::json!({
+    fn args(uid: &str) -> ExtenderArgs<'static> {
+        ExtenderArgs::deserialize(serde_json::json!({
             "pod": {
                 "metadata": {"name": uid, "namespace": "ns", "uid": uid},
                 "spec": {"runtimeClassName": "fast-runc", "containers": [{"name": "c"}]}
@@ -781,7 +841,7 @@ mod tests {
         });
         scores(&require, "p1", 0);
         let filtered = require.filter(args("p2"), 1);
-        assert_eq!(filtered.node_names, Some(vec!["b".to_owned()]));
+        assert_eq!(filtered.node_names, Some(vec![NodeName::from("b")]));
         // Once the TTL runs out, the slots count as free again.
         let later = 30 + DEFAULT_ASSUME_TTL_MS;
         assert_eq!(scores(&extender, "p4", later), [6, 6]);
@@ -840,6 +900,29 @@ mod tests {
             scores(&extender, "p1", 200 + t);
         }
         assert_eq!(extender.assumed(), [("p1".into(), "a".into())]);
+    }
+
+    #[test]
+    fn fixed_reasons_are_the_rejections_messages() {
+        for rejection in [
+            Rejection::UnknownNode,
+            Rejection::NotReady,
+            Rejection::NoPool,
+            Rejection::NoFreeSlot,
+        ] {
+            assert_eq!(fixed_reason(&rejection), rejection.to_string());
+        }
+        let failed = FailedNodes(vec![
+            ("a".into(), Rejection::NoPool),
+            ("b".into(), Rejection::Stale { age_ms: 7 }),
+        ]);
+        assert_eq!(
+            serde_json::to_value(&failed).unwrap(),
+            serde_json::json!({
+                "a": "no warm pool for this runtime handler and shape",
+                "b": "fast-sandbox status is 7 ms old",
+            })
+        );
     }
 
     #[test]

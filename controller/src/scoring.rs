@@ -37,12 +37,20 @@
 
 mod index;
 pub mod linear;
+mod names;
+#[cfg(test)]
+mod testing;
+mod update;
+
+pub use update::Touched;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use foldhash::fast::RandomState;
 
 use index::{ImageIndex, SlotBuckets};
+use names::NameIndex;
 
 use serde::{Deserialize, Serialize};
 
@@ -195,10 +203,13 @@ pub enum SnapshotError {
 /// every node's heap-allocated lists.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    nodes: Vec<NodeState>,
-    /// Looked up once per candidate in every extender call: a fast hasher
-    /// (node names come from the API server, not from an adversary).
-    by_name: HashMap<String, usize, RandomState>,
+    /// Shared with copies of the snapshot (a reader holding the previous
+    /// one while a report is folded in copies it): a node's state is
+    /// copied only when it changes.
+    nodes: Vec<Arc<NodeState>>,
+    /// Name → position, looked up once per candidate in every extender
+    /// call (names.rs).
+    names: NameIndex,
     ready: Vec<bool>,
     last_seen: Vec<u64>,
     /// (handler, shape) → index into `pool_free`.
@@ -271,9 +282,9 @@ impl Snapshot {
                     }
                 }
             }
-            snapshot.by_name.insert(state.name.clone(), index);
         }
-        snapshot.nodes = nodes;
+        snapshot.names = NameIndex::new(nodes.iter().map(|n| n.name.as_str()));
+        snapshot.nodes = nodes.into_iter().map(Arc::new).collect();
         snapshot.images = ImageIndex::new(&snapshot.image_nodes, count);
         snapshot.buckets = snapshot
             .pool_free
@@ -315,20 +326,17 @@ impl Snapshot {
 
     /// The node's column index, for scoring it.
     fn index_of(&self, name: &str) -> Result<usize, Rejection> {
-        self.by_name
-            .get(name)
-            .copied()
-            .ok_or(Rejection::UnknownNode)
+        self.names.get(name).ok_or(Rejection::UnknownNode)
     }
 
     /// The node's state as last reported.
     pub fn node(&self, name: &str) -> Option<&NodeState> {
-        self.by_name.get(name).map(|&i| &self.nodes[i])
+        self.names.get(name).map(|i| &*self.nodes[i])
     }
 
     /// All nodes, by name.
     pub fn nodes(&self) -> impl Iterator<Item = &NodeState> {
-        self.nodes.iter()
+        self.nodes.iter().map(|n| &**n)
     }
 
     /// Records a pool's free count (a claim or a refill) without re-indexing.
@@ -352,11 +360,11 @@ impl Snapshot {
         free: u32,
         total: Option<u32>,
     ) -> Result<(), SnapshotError> {
-        let index = *self
-            .by_name
+        let index = self
+            .names
             .get(node)
             .ok_or_else(|| SnapshotError::UnknownNode(node.to_owned()))?;
-        let state = &mut self.nodes[index];
+        let state = Arc::make_mut(&mut self.nodes[index]);
         let pool = state
             .pools
             .iter_mut()
@@ -436,8 +444,8 @@ impl Snapshot {
         handler: &str,
         shape: &str,
     ) -> Result<(usize, usize), SnapshotError> {
-        let index = *self
-            .by_name
+        let index = self
+            .names
             .get(node)
             .ok_or_else(|| SnapshotError::UnknownNode(node.to_owned()))?;
         self.pool_keys
@@ -651,10 +659,20 @@ impl<'s> Scorer<'s> {
         scaled
     }
 
+    /// [`Scorer::score`] and [`Scorer::free_slots`] (0 without the pool)
+    /// with one name lookup: what the extender's prioritize asks of every
+    /// candidate.
+    pub fn score_and_free(&self, node: &str) -> (Result<u8, Rejection>, u32) {
+        match self.snapshot.index_of(node) {
+            Ok(index) => (self.score_index(index), self.free_at(index).unwrap_or(0)),
+            Err(rejection) => (Err(rejection), 0),
+        }
+    }
+
     /// Free slots of the request's pool on `node` less assumed placements;
     /// `None` when the node is unknown or has no such pool.
     pub fn free_slots(&self, node: &str) -> Option<u32> {
-        self.free_at(*self.snapshot.by_name.get(node)?)
+        self.free_at(self.snapshot.names.get(node)?)
     }
 
     /// Every node with its verdict, by node name.

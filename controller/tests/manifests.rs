@@ -1124,6 +1124,7 @@ fn no_pod_is_stranded(source: &str, specs: &[fast_sandbox_node::pool::PoolSpec])
     let mut preferred = 0;
     use fast_sandbox_controller::extender::{Extender, ExtenderArgs, ExtenderConfig};
     use fast_sandbox_controller::scoring::{NodeState, PoolState, Snapshot};
+    use serde::Deserialize;
 
     let pools = |free: u32| -> Vec<PoolState> {
         specs
@@ -1166,14 +1167,18 @@ fn no_pod_is_stranded(source: &str, specs: &[fast_sandbox_node::pool::PoolSpec])
     ];
     for class in FAST_CLASSES {
         for (what, security) in &shapes {
-            let args: ExtenderArgs = serde_json::from_value(serde_json::json!({
+            let args = ExtenderArgs::deserialize(serde_json::json!({
                 "Pod": fast_pod(class, security.clone()),
                 "NodeNames": all,
             }))
             .expect("extender args");
             let filtered = extender.filter(args, 0);
+            let names = filtered
+                .node_names
+                .as_ref()
+                .map(|n| n.iter().map(|n| n.to_string()).collect::<Vec<_>>());
             assert_eq!(
-                filtered.node_names.as_deref(),
+                names.as_deref(),
                 Some(&all.map(String::from)[..]),
                 "{source}: {class} pod with {what}: filtered out {:?}",
                 filtered.failed_and_unresolvable_nodes
@@ -1182,7 +1187,7 @@ fn no_pod_is_stranded(source: &str, specs: &[fast_sandbox_node::pool::PoolSpec])
             assert!(filtered.error.is_empty());
         }
         // A node with a free slot of a plain pod's shape is preferred.
-        let args: ExtenderArgs = serde_json::from_value(serde_json::json!({
+        let args = ExtenderArgs::deserialize(serde_json::json!({
             "Pod": fast_pod(class, serde_json::json!({})),
             "NodeNames": ["warm", "taken"],
         }))

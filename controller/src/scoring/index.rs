@@ -84,6 +84,27 @@ impl SlotBuckets {
             self.insert(index, new);
         }
     }
+
+    /// The node was a member with `old` free slots (`None`: not a member)
+    /// and is one with `new` now.
+    pub(super) fn replace(&mut self, index: usize, old: Option<u32>, new: Option<u32>) {
+        if let Some(old) = old {
+            let bucket = bucket_of(old);
+            if self.sets[bucket].contains(index) {
+                self.sets[bucket].set(index, false);
+                self.counts[bucket] -= 1;
+            }
+        }
+        if let Some(new) = new {
+            self.insert(index, new);
+        }
+    }
+
+    /// Which bucket holds the node, if any (tests).
+    #[cfg(test)]
+    pub(super) fn bucket_of_node(&self, index: usize) -> Option<usize> {
+        self.sets.iter().position(|set| set.contains(index))
+    }
 }
 
 /// Per common image, a bitset of its holders; per image, whether its
@@ -94,26 +115,65 @@ impl SlotBuckets {
 pub(super) struct ImageIndex {
     /// Per image: its holders, when at least 1/[`DENSE_SHARE`] of nodes.
     dense: Vec<Option<FixedBitSet>>,
-    /// Per image: the size every holder reports, when they all agree.
-    same_size: Vec<Option<u64>>,
+    /// Per image: (size, holders reporting it), one entry per distinct
+    /// size (almost always one), so a node's change updates it in place.
+    sizes: Vec<Vec<(u64, u32)>>,
 }
 
 impl ImageIndex {
     /// From each image's (node position, size) holders, by position.
     pub(super) fn new(image_nodes: &[Vec<(u32, u64)>], nodes: usize) -> Self {
-        let mut dense = Vec::with_capacity(image_nodes.len());
-        let mut same_size = Vec::with_capacity(image_nodes.len());
+        let mut index = ImageIndex {
+            dense: Vec::with_capacity(image_nodes.len()),
+            sizes: Vec::with_capacity(image_nodes.len()),
+        };
         for holders in image_nodes {
-            let common = holders.len().saturating_mul(DENSE_SHARE) >= nodes;
-            dense.push(common.then(|| {
-                let mut set = FixedBitSet::with_capacity(nodes);
-                set.extend(holders.iter().map(|&(node, _)| node as usize));
-                set
-            }));
-            let first = holders.first().map(|&(_, size)| size);
-            same_size.push(first.filter(|&size| holders.iter().all(|h| h.1 == size)));
+            let common = is_common(holders.len(), nodes);
+            index.dense.push(common.then(|| bitset(holders, nodes)));
+            let mut sizes = Vec::new();
+            for &(_, size) in holders {
+                count_size(&mut sizes, size, true);
+            }
+            index.sizes.push(sizes);
         }
-        ImageIndex { dense, same_size }
+        index
+    }
+
+    /// A new image no node holds yet.
+    pub(super) fn push(&mut self) {
+        self.dense.push(None);
+        self.sizes.push(Vec::new());
+    }
+
+    /// Node `index` held image `id` with size `old` and holds it with
+    /// `new` now (`None`: not held); `holders` is the image's holder list,
+    /// already updated, and `nodes` the snapshot's size.
+    pub(super) fn holder_changed(
+        &mut self,
+        id: usize,
+        index: usize,
+        (old, new): (Option<u64>, Option<u64>),
+        holders: &[(u32, u64)],
+        nodes: usize,
+    ) {
+        if let Some(size) = old {
+            count_size(&mut self.sizes[id], size, false);
+        }
+        if let Some(size) = new {
+            count_size(&mut self.sizes[id], size, true);
+        }
+        let dense = &mut self.dense[id];
+        match (is_common(holders.len(), nodes), dense.as_mut()) {
+            (false, _) => *dense = None,
+            (true, None) => *dense = Some(bitset(holders, nodes)),
+            (true, Some(set)) => set.set(index, new.is_some()),
+        }
+    }
+
+    /// Whether image `id` has a holder bitset (tests).
+    #[cfg(test)]
+    pub(super) fn dense_holders(&self, id: usize) -> Option<Vec<usize>> {
+        self.dense[id].as_ref().map(|set| set.ones().collect())
     }
 
     /// The size of image `id` on node `index`, `None` when the node does
@@ -136,7 +196,36 @@ impl ImageIndex {
 
     /// The size all holders of `id` report, if they agree.
     pub(super) fn same_size(&self, id: u32) -> Option<u64> {
-        self.same_size[id as usize]
+        match self.sizes[id as usize].as_slice() {
+            [(size, _)] => Some(*size),
+            _ => None,
+        }
+    }
+}
+
+/// Whether an image held by `holders` of `nodes` nodes gets a bitset.
+fn is_common(holders: usize, nodes: usize) -> bool {
+    holders > 0 && holders.saturating_mul(DENSE_SHARE) >= nodes
+}
+
+fn bitset(holders: &[(u32, u64)], nodes: usize) -> FixedBitSet {
+    let mut set = FixedBitSet::with_capacity(nodes);
+    set.extend(holders.iter().map(|&(node, _)| node as usize));
+    set
+}
+
+/// Counts one more (`add`) or one fewer holder reporting `size`.
+fn count_size(sizes: &mut Vec<(u64, u32)>, size: u64, add: bool) {
+    match sizes.iter().position(|&(s, _)| s == size) {
+        Some(at) if add => sizes[at].1 += 1,
+        Some(at) => {
+            sizes[at].1 -= 1;
+            if sizes[at].1 == 0 {
+                sizes.swap_remove(at);
+            }
+        }
+        None if add => sizes.push((size, 1)),
+        None => {}
     }
 }
 

@@ -117,7 +117,7 @@ impl<'s> LinearScorer<'s> {
 mod tests {
     use super::*;
     use crate::scoring::SlotPolicy;
-    use crate::scoring::{CachedImage, NodeState, PoolState, RequestedImage, Scorer};
+    use crate::scoring::{CachedImage, NodeState, RequestedImage, Scorer};
     use crate::synth::Rng;
 
     const HANDLERS: [&str; 3] = ["fast-runc", "fast-gvisor", "fast-kata"];
@@ -153,22 +153,10 @@ mod tests {
     }
 
     fn random_node(rng: &mut Rng, name: String, images: &[Image]) -> NodeState {
-        let mut pools = Vec::new();
-        for handler in HANDLERS {
-            for shape in SHAPES {
-                // Sometimes twice: the first of a repeated key counts.
-                for _ in 0..usize::from(rng.unit() < 0.6) + usize::from(rng.unit() < 0.05) {
-                    let total = u32::try_from(rng.below(12)).unwrap_or(0);
-                    pools.push(PoolState {
-                        handler: handler.into(),
-                        upstream_handler: "runc".into(),
-                        shape: shape.into(),
-                        free: u32::try_from(rng.below(total as usize + 1)).unwrap_or(0),
-                        total,
-                    });
-                }
-            }
-        }
+        let keys = HANDLERS
+            .iter()
+            .flat_map(|&h| SHAPES.iter().map(move |&s| (h, s)));
+        let pools = crate::scoring::testing::random_pools(rng, keys, 12);
         let mut cached = Vec::new();
         for image in images {
             if rng.unit() >= image.share {

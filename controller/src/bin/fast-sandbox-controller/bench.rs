@@ -13,9 +13,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use fast_sandbox_controller::extender::{Extender, ExtenderArgs, ExtenderConfig};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::HeaderMap;
+
+use fast_sandbox_controller::extender::{json_body, parse_args, Extender, ExtenderConfig};
 use fast_sandbox_controller::scoring::linear::LinearScorer;
-use fast_sandbox_controller::scoring::{Policy, Request, Scorer, Snapshot, SnapshotError};
+use fast_sandbox_controller::scoring::{
+    NodeState, Policy, Request, Scorer, Snapshot, SnapshotError,
+};
 use fast_sandbox_controller::synth::Rng;
 
 use crate::fleet::{self, Catalog};
@@ -47,6 +52,8 @@ impl Default for BenchConfig {
 /// Every this many decisions, the extender verbs are also timed over every
 /// node's name (slow at 65,000 nodes, so sampled).
 const ALL_NAMES_EVERY: usize = 10;
+/// Node status changes timed (each a node's readiness, pools and images).
+const NODE_UPDATES: usize = 1_000;
 
 /// How many feasible nodes kube-scheduler finds before it stops filtering
 /// and calls the extenders with them (`numFeasibleNodesToFind` in
@@ -101,6 +108,9 @@ pub struct BenchReport {
     pub candidates: usize,
     /// Measurement name → quantiles, in report order.
     pub timings: Vec<(&'static str, Quantiles)>,
+    /// `/proc/loadavg` before and after the run (what else the machine
+    /// was doing), when readable.
+    pub load: (Option<String>, Option<String>),
     /// Decisions that found a node (the rest had every node filtered out).
     pub placed: usize,
     /// Decisions where the indexed search and the linear scorer differed
@@ -136,6 +146,13 @@ impl fmt::Display for BenchReport {
             self.index_build.as_secs_f64() * 1e3,
             self.candidates
         )?;
+        let load = |l: &Option<String>| l.clone().unwrap_or_else(|| "unknown".into());
+        writeln!(
+            f,
+            "load average before: {}; after: {}",
+            load(&self.load.0),
+            load(&self.load.1)
+        )?;
         for (name, q) in &self.timings {
             writeln!(
                 f,
@@ -170,17 +187,60 @@ impl Samples {
     }
 }
 
+fn loadavg() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(
+        text.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// Times [`NODE_UPDATES`] node status changes folded in place
+/// ([`Snapshot::update_node`]: readiness flipped, a pool's counts and an
+/// image dropped or re-added), and copying the whole snapshot (what a
+/// reader holding the previous one costs the next change).
+fn node_updates(samples: &mut Samples, rng: &mut Rng, snapshot: &Snapshot) {
+    let mut updated = snapshot.clone();
+    for _ in 0..NODE_UPDATES {
+        let index = rng.below(updated.len().max(1));
+        let Some(mut state) = updated.nodes().nth(index).cloned() else {
+            return;
+        };
+        state.ready = !state.ready;
+        if let Some(pool) = state.pools.first_mut() {
+            pool.total += 1;
+            pool.free = rng.below(pool.total as usize + 1) as u32;
+        }
+        if state.images.len() > 1 && rng.unit() < 0.5 {
+            state.images.swap_remove(rng.below(state.images.len()));
+        }
+        samples.time("node status change, in place", || {
+            updated.update_node(state).expect("a known node")
+        });
+    }
+    for _ in 0..5 {
+        samples.time("snapshot copy", || snapshot.clone());
+    }
+}
+
+/// Images and pools per node, on average.
+fn per_node(nodes: &[NodeState]) -> (f64, f64) {
+    let count = nodes.len().max(1) as f64;
+    let mean = |f: fn(&NodeState) -> usize| nodes.iter().map(f).sum::<usize>() as f64 / count;
+    (mean(|n| n.images.len()), mean(|n| n.pools.len()))
+}
+
 /// Builds the cluster, then times `config.decisions` random requests.
 pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
+    let load_before = loadavg();
     let mut rng = Rng::new(config.seed);
     let catalog = Catalog::new(&mut rng, config.apps);
     let now_ms = 1_000_000;
     let nodes = fleet::cluster(&mut rng, &catalog, config.nodes, now_ms);
-    let count = nodes.len().max(1) as f64;
-    let images_per_node = nodes.iter().map(|n| n.images.len()).sum::<usize>() as f64 / count;
-    let pools_per_node = nodes.iter().map(|n| n.pools.len()).sum::<usize>() as f64 / count;
+    let (images_per_node, pools_per_node) = per_node(&nodes);
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-
     let started = Instant::now();
     let snapshot = Snapshot::new(nodes)?;
     let index_build = started.elapsed();
@@ -238,6 +298,7 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
             extender_calls(&mut samples, &all_names_extender, &body, call_ms, true);
         }
     }
+    node_updates(&mut samples, &mut rng, &snapshot);
     Ok(BenchReport {
         config,
         images_per_node,
@@ -251,6 +312,7 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, SnapshotError> {
             .collect(),
         placed,
         disagreements,
+        load: (load_before, loadavg()),
     })
 }
 
@@ -268,14 +330,22 @@ fn extender_calls(samples: &mut Samples, extender: &Extender, body: &str, now_ms
     } else {
         ["parse", "filter", "prioritize", "filter+prioritize"]
     };
-    let parsed =
-        || serde_json::from_str::<ExtenderArgs>(body).expect("the bench's own arguments parse");
+    // What the HTTP handlers do, less the socket: parse (names borrowed
+    // from the body), decide, write the answer.
+    let headers =
+        HeaderMap::from_iter([(CONTENT_TYPE, "application/json".parse().expect("ASCII"))]);
+    let parsed = || parse_args(&headers, body.as_bytes()).expect("the bench's own arguments parse");
+    let entries = parsed().node_names.map_or(0, |n| n.len());
     samples.time(parse, parsed);
     let (_, filtered) = samples.time(filter, || {
-        serde_json::to_string(&extender.filter(parsed(), now_ms)).expect("answers serialize")
+        json_body(&extender.filter(parsed(), now_ms), entries)
     });
+    if !all {
+        let result = extender.filter(parsed(), now_ms);
+        samples.time("filter: writing the answer", || json_body(&result, entries));
+    }
     let (_, prioritized) = samples.time(prioritize, || {
-        serde_json::to_string(&extender.prioritize(parsed(), now_ms)).expect("answers serialize")
+        json_body(&extender.prioritize(parsed(), now_ms), entries)
     });
     samples.add(both, filtered + prioritized);
 }
@@ -330,6 +400,7 @@ mod tests {
         assert!(report.images_per_node >= 20.0);
         assert!(report.timing("filter+prioritize").is_some());
         assert!(report.timing("parse, all names").is_some());
+        assert!(report.timing("node status change, in place").is_some());
         assert!(report.to_string().contains("p99"));
     }
 
@@ -358,8 +429,10 @@ mod tests {
         let extender = Extender::new(config, snapshot.clone());
         for _ in 0..20 {
             let request = fleet::request(&mut rng, &catalog);
-            let args: ExtenderArgs =
-                serde_json::from_value(extender_args(&request, &names, 0)).unwrap();
+            let args = <fast_sandbox_controller::extender::ExtenderArgs<'_> as serde::Deserialize>::deserialize(
+                extender_args(&request, &names, 0),
+            )
+            .unwrap();
             let pod = args.pod.as_ref().unwrap();
             let seen = extender.request_for(pod).unwrap();
             assert_eq!(
