@@ -25,10 +25,9 @@
 mod body;
 mod tls;
 use body::json_response;
-pub use body::{json_body, parse_args, ArgsRejection};
+pub use body::{json_body, parse_args, ArgsRejection, ExtenderArgs, NodeList, NodeName};
 pub use tls::serve_tls;
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -40,7 +39,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use k8s_openapi::api::core::v1::{Node, Pod, PodSecurityContext};
+use k8s_openapi::api::core::v1::{Pod, PodSecurityContext};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
@@ -52,65 +51,6 @@ use crate::scoring::{Policy, Rejection, Request, RequestedImage, Scorer, Snapsho
 
 /// `MaxExtenderPriority` of the v1 extender API: answers are 0..=10.
 pub const MAX_EXTENDER_PRIORITY: i64 = 10;
-
-/// `ExtenderArgs`. Node names are borrowed from the request body when it
-/// allows (no escapes in them, as in every DNS name), so parsing the
-/// thousands of candidates of one call allocates no string per name.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ExtenderArgs<'a> {
-    #[serde(alias = "Pod", default, skip_serializing_if = "Option::is_none")]
-    pub pod: Option<Pod>,
-    /// Candidates when the extender is not node-cache capable.
-    #[serde(alias = "Nodes", default, skip_serializing_if = "Option::is_none")]
-    pub nodes: Option<NodeList>,
-    /// Candidates in node-name cache mode.
-    #[serde(
-        rename = "nodenames",
-        alias = "NodeNames",
-        alias = "nodeNames",
-        default,
-        borrow,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub node_names: Option<Vec<NodeName<'a>>>,
-}
-
-/// A node name of an extender call, borrowed from its body when possible.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct NodeName<'a>(#[serde(borrow)] pub Cow<'a, str>);
-
-impl std::ops::Deref for NodeName<'_> {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<String> for NodeName<'_> {
-    fn from(name: String) -> Self {
-        NodeName(Cow::Owned(name))
-    }
-}
-
-impl<'a> From<&'a str> for NodeName<'a> {
-    fn from(name: &'a str) -> Self {
-        NodeName(Cow::Borrowed(name))
-    }
-}
-
-impl PartialEq<&str> for NodeName<'_> {
-    fn eq(&self, other: &&str) -> bool {
-        *self.0 == **other
-    }
-}
-
-/// The parts of a `v1.NodeList` the extender reads and echoes back.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct NodeList {
-    #[serde(default)]
-    pub items: Vec<Node>,
-}
 
 /// Rejected nodes with their reasons, serialized as a `FailedNodesMap`
 /// (`{"node": "reason"}`) straight from the rejections: a filter over

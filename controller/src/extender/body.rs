@@ -1,11 +1,12 @@
 //! The extender's HTTP bodies: arguments parsed with node names borrowed
 //! from the request body, answers written into one presized buffer.
 
+use std::borrow::Cow;
+
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-
-use super::ExtenderArgs;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use serde::{Deserialize, Serialize};
 
 /// Why a request body is not extender arguments: the status and message
 /// axum's `Json` extractor would answer (415, 400 for bad JSON, 422 for
@@ -71,4 +72,63 @@ pub(super) fn json_response(body: Vec<u8>) -> Response {
         body,
     )
         .into_response()
+}
+
+/// `ExtenderArgs`. Node names are borrowed from the request body when it
+/// allows (no escapes in them, as in every DNS name), so parsing the
+/// thousands of candidates of one call allocates no string per name.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExtenderArgs<'a> {
+    #[serde(alias = "Pod", default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<Pod>,
+    /// Candidates when the extender is not node-cache capable.
+    #[serde(alias = "Nodes", default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<NodeList>,
+    /// Candidates in node-name cache mode.
+    #[serde(
+        rename = "nodenames",
+        alias = "NodeNames",
+        alias = "nodeNames",
+        default,
+        borrow,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub node_names: Option<Vec<NodeName<'a>>>,
+}
+
+/// A node name of an extender call, borrowed from its body when possible.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeName<'a>(#[serde(borrow)] pub Cow<'a, str>);
+
+impl std::ops::Deref for NodeName<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for NodeName<'_> {
+    fn from(name: String) -> Self {
+        NodeName(Cow::Owned(name))
+    }
+}
+
+impl<'a> From<&'a str> for NodeName<'a> {
+    fn from(name: &'a str) -> Self {
+        NodeName(Cow::Borrowed(name))
+    }
+}
+
+impl PartialEq<&str> for NodeName<'_> {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+/// The parts of a `v1.NodeList` the extender reads and echoes back.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeList {
+    #[serde(default)]
+    pub items: Vec<Node>,
 }
