@@ -2,7 +2,16 @@
 //! a claim or refill in place, any other change of one node through
 //! [`Snapshot::update_node`], a node joining or leaving by a re-index.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::{Arc, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use fast_sandbox_proto::nodeagent::NodeStatus;
+
+use tonic::Request;
+
+use super::state::{now_unix_ms, AgentError, AgentToken, Assumed, Entry, Inner, Nodes, PoolKey};
+use crate::scoring::{CachedImage, NodeState, PoolState, Snapshot};
 
 /// A node's state as the controller scores it, from its agent's report.
 /// `total` is the pool's slots, free or held by pods (`free + claimed`),
@@ -353,7 +362,10 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::{AgentConfig, AgentDirectory};
+    use crate::nodes::NodeDirectory;
     use fast_sandbox_proto::nodeagent::{Health, PoolStatus};
+    use std::time::Duration;
 
     fn status(free: u32, desired: u32, claimed: u32) -> NodeStatus {
         NodeStatus {

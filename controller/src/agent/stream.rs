@@ -1,7 +1,15 @@
 //! One task per node keeps its agent's status stream open: reconnects
 //! with exponential backoff and jitter, re-reads a refused token.
 
-use super::*;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fast_sandbox_proto::nodeagent::{node_agent_client::NodeAgentClient, WatchNodeStatusRequest};
+use tonic::transport::Channel;
+
+use super::state::{millis, AgentError, Inner, MAX_MESSAGE_BYTES};
+use crate::synth::Rng;
 
 /// Exponential backoff with jitter: each delay is drawn from the upper half
 /// of `initial × 2ⁿ`, capped at `max`.
