@@ -70,7 +70,9 @@ pub async fn serve(
     http2
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        // containerd's answers carry no `date`: relayed ones stay as they are.
+        .auto_date_header(false);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
