@@ -13,8 +13,8 @@ use fast_sandbox_proto::cri::{
     runtime_service_client::RuntimeServiceClient, security_profile, ContainerConfig,
     ContainerMetadata, CreateContainerRequest, DnsConfig, ImageSpec, LinuxPodSandboxConfig,
     LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, SecurityProfile,
-    StartContainerRequest, StopPodSandboxRequest, VersionRequest,
+    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
+    SecurityProfile, StartContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
 use tonic::transport::Channel;
 
@@ -205,6 +205,25 @@ pub fn kubelet_sandbox_security() -> LinuxSandboxSecurityContext {
         }),
         ..Default::default()
     }
+}
+
+/// `RunPodSandbox` of `config` on `handler`: the sandbox's id, or an error
+/// naming the pod and the handler.
+pub async fn run_pod(
+    rt: &mut Runtime,
+    config: &PodSandboxConfig,
+    handler: &str,
+) -> anyhow::Result<String> {
+    let name = config.metadata.as_ref().map_or("", |m| m.name.as_str());
+    Ok(rt
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.to_owned(),
+        })
+        .await
+        .with_context(|| format!("RunPodSandbox {name} on {handler}"))?
+        .into_inner()
+        .pod_sandbox_id)
 }
 
 /// Creates and starts a `sleep` container in sandbox `sid`.

@@ -32,8 +32,7 @@ use crate::{
 use anyhow::Context as _;
 use fast_sandbox_proto::cri::{
     ContainerFilter, ListContainersRequest, ListPodSandboxRequest, PodSandboxConfig,
-    PodSandboxFilter, PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StopPodSandboxRequest,
+    PodSandboxFilter, PodSandboxStatusRequest, RemovePodSandboxRequest, StopPodSandboxRequest,
 };
 
 /// The pool this bench creates (its own name and cgroup root, so slots of
@@ -185,15 +184,7 @@ async fn relist(
 async fn churn_pod(rt: &mut Runtime, name: &str, handler: &str) -> anyhow::Result<Duration> {
     let config = pod_config(name);
     let t = Instant::now();
-    let sid = rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: handler.into(),
-        })
-        .await
-        .with_context(|| format!("RunPodSandbox {name} on {handler}"))?
-        .into_inner()
-        .pod_sandbox_id;
+    let sid = common::run_pod(rt, &config, handler).await?;
     let run = t.elapsed();
     common::remove_pod(rt, &sid, &config).await?;
     Ok(run)
@@ -258,15 +249,7 @@ async fn measure(opts: &Opts) -> anyhow::Result<()> {
     let mut pods = Vec::with_capacity(opts.pods);
     for i in 0..opts.pods {
         let config = pod_config(&format!("load-pod-{i}"));
-        let sid = direct
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: opts.handler.clone(),
-            })
-            .await
-            .context("RunPodSandbox for a relisted pod")?
-            .into_inner()
-            .pod_sandbox_id;
+        let sid = common::run_pod(&mut direct, &config, &opts.handler).await?;
         pods.push((sid, config));
     }
     let result = async {

@@ -13,8 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 use fast_sandbox_proto::cri::{
-    ListContainersRequest, PodSandboxStatusRequest, RunPodSandboxRequest, StopContainerRequest,
-    VersionRequest,
+    ListContainersRequest, PodSandboxStatusRequest, StopContainerRequest, VersionRequest,
 };
 
 use crate::{
@@ -53,15 +52,7 @@ async fn pod_lifecycle(
 ) -> anyhow::Result<Duration> {
     let config = common::sandbox_config(name);
     let start = Instant::now();
-    let sid = rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: handler.into(),
-        })
-        .await
-        .context("RunPodSandbox")?
-        .into_inner()
-        .pod_sandbox_id;
+    let sid = common::run_pod(rt, &config, handler).await?;
     let result = async {
         let cid = common::start_container(rt, &sid, &config, image).await?;
         rt.stop_container(StopContainerRequest {
@@ -173,15 +164,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
 
     // A pod for the status calls, created straight on containerd.
     let probe_config = common::sandbox_config("proxy-probe");
-    let probe = direct
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(probe_config.clone()),
-            runtime_handler: opts.handler.clone(),
-        })
-        .await
-        .context("RunPodSandbox for the probe pod")?
-        .into_inner()
-        .pod_sandbox_id;
+    let probe = common::run_pod(&mut direct, &probe_config, &opts.handler).await?;
     let pid = node.pid().context("the node process has no pid")?;
     let result = measure(&opts, [&mut direct, &mut piped, &mut shim], &probe, pid).await;
     let removed = common::remove_pod(&mut direct, &probe, &probe_config).await;

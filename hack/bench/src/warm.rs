@@ -18,7 +18,6 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use fast_sandbox_proto::cri::RunPodSandboxRequest;
 use serde_json::Value;
 
 use crate::{
@@ -252,15 +251,7 @@ async fn one_pod(
 ) -> anyhow::Result<PodTimes> {
     let config = common::sandbox_config(name);
     let t = Instant::now();
-    let sid = rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: handler.into(),
-        })
-        .await
-        .with_context(|| format!("RunPodSandbox {name} on {handler}"))?
-        .into_inner()
-        .pod_sandbox_id;
+    let sid = common::run_pod(rt, &config, handler).await?;
     let run = t.elapsed();
     let started = create_and_start(rt, &sid, &config, image).await;
     let start = t.elapsed();
@@ -407,14 +398,7 @@ async fn measure(opts: &Opts) -> anyhow::Result<()> {
                 let mut rt = common::client(&endpoint)?;
                 let config = common::sandbox_config(&format!("burst-{i}"));
                 let t = Instant::now();
-                let sid = rt
-                    .run_pod_sandbox(RunPodSandboxRequest {
-                        config: Some(config.clone()),
-                        runtime_handler: pool,
-                    })
-                    .await?
-                    .into_inner()
-                    .pod_sandbox_id;
+                let sid = common::run_pod(&mut rt, &config, &pool).await?;
                 anyhow::Ok((t.elapsed(), sid, config))
             }
         });
@@ -474,6 +458,7 @@ async fn measure(opts: &Opts) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fast_sandbox_proto::cri::RunPodSandboxRequest;
 
     #[test]
     fn hits_and_misses_are_read_from_the_metrics_text() {
