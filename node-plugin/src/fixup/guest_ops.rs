@@ -6,6 +6,7 @@
 //! sequencing in `guest.rs` is tested with [`RecordingGuestOps`].
 
 use std::{
+    collections::HashMap,
     fmt,
     path::{Path, PathBuf},
     sync::{Mutex, PoisonError},
@@ -44,12 +45,50 @@ pub enum GuestError {
     Blocking(#[from] BlockingError),
     #[error(transparent)]
     Random(#[from] NoRandomness),
-    #[error("processes still in cgroup {leaf} after {rounds} rounds of moves: {pids:?}")]
+    #[error(
+        "processes still in cgroup {leaf} after {rounds} rounds of moves in {elapsed:?}: {}",
+        ProcFacts::list(left)
+    )]
     LeafNotEmpty {
         leaf: String,
         rounds: usize,
-        pids: Vec<i32>,
+        elapsed: Duration,
+        /// Each live process still listed, as read when the move gave up.
+        left: Vec<ProcFacts>,
     },
+}
+
+/// What `/proc/<pid>/stat` says of a process listed in a leaf cgroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcFacts {
+    pub pid: i32,
+    /// The state letter (`R`, `S`, `D`, `Z`, ...).
+    pub state: char,
+    pub comm: String,
+    pub ppid: i32,
+}
+
+impl ProcFacts {
+    /// A zombie or dead process: it holds no memory and cannot be moved
+    /// (the kernel skips an exiting task), so it is not left behind.
+    pub fn is_dead(&self) -> bool {
+        matches!(self.state, 'Z' | 'X' | 'x')
+    }
+
+    fn list(left: &[Self]) -> String {
+        let each: Vec<String> = left.iter().map(Self::to_string).collect();
+        format!("[{}]", each.join(", "))
+    }
+}
+
+impl fmt::Display for ProcFacts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({}) state {} parent {}",
+            self.pid, self.comm, self.state, self.ppid
+        )
+    }
 }
 
 /// Privileged operations of the `guest-exec` fix-up.
@@ -75,6 +114,9 @@ pub trait GuestOps: Send + Sync + fmt::Debug {
     /// `from` (others are left alone). A process that exited meanwhile is
     /// not an error.
     fn move_process(&self, pid: i32, from: &CgroupLeaf, to: &CgroupLeaf) -> Result<(), GuestError>;
+
+    /// `pid`'s state, name and parent; `None` once it is gone (reaped).
+    fn process(&self, pid: i32) -> Option<ProcFacts>;
 }
 
 /// The real [`GuestOps`]: `tokio::process`, cgroupfs.
@@ -148,6 +190,16 @@ impl GuestOps for RealGuestOps {
             Err(e) => Err(FixupError::from(e).into()),
         }
     }
+
+    fn process(&self, pid: i32) -> Option<ProcFacts> {
+        let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+        Some(ProcFacts {
+            pid,
+            state: stat.state,
+            comm: stat.comm,
+            ppid: stat.ppid,
+        })
+    }
 }
 
 /// One call made to a [`RecordingGuestOps`].
@@ -173,14 +225,16 @@ pub enum FakeChannel {
 
 /// Records calls; `run` fails when told to; the channel does what
 /// [`FakeChannel`] says; `cgroup_procs` answers from a
-/// script of successive answers (then empty), and a `move_process` of a pid
-/// removes it from the fake leaf.
+/// script of successive answers (then empty); `process` answers a
+/// sleeping `fake` process unless [`RecordingGuestOps::with_state`] says
+/// otherwise.
 #[derive(Debug, Default)]
 pub struct RecordingGuestOps {
     calls: Mutex<Vec<GuestCall>>,
     fail_run: bool,
     channel: FakeChannel,
     procs: Mutex<Vec<Vec<i32>>>,
+    states: HashMap<i32, Option<char>>,
 }
 
 impl RecordingGuestOps {
@@ -204,6 +258,12 @@ impl RecordingGuestOps {
     /// This fake with its channel doing `channel`.
     pub fn with_channel(self, channel: FakeChannel) -> Self {
         Self { channel, ..self }
+    }
+
+    /// This fake with `pid` in `state` (`None`: gone).
+    pub fn with_state(mut self, pid: i32, state: Option<char>) -> Self {
+        self.states.insert(pid, state);
+        self
     }
 
     pub fn calls(&self) -> Vec<GuestCall> {
@@ -269,5 +329,15 @@ impl GuestOps for RecordingGuestOps {
             to: to.as_str().to_owned(),
         });
         Ok(())
+    }
+
+    fn process(&self, pid: i32) -> Option<ProcFacts> {
+        let state = self.states.get(&pid).copied().unwrap_or(Some('S'))?;
+        Some(ProcFacts {
+            pid,
+            state,
+            comm: "fake".to_owned(),
+            ppid: 1,
+        })
     }
 }
