@@ -6,7 +6,7 @@
 //! sequencing in `guest.rs` is tested with [`RecordingGuestOps`].
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fmt,
     path::{Path, PathBuf},
     sync::{Mutex, PoisonError},
@@ -66,13 +66,21 @@ pub struct ProcFacts {
     pub state: char,
     pub comm: String,
     pub ppid: i32,
+    /// The kernel's `PF_EXITING`: the process is in its exit (freeing its
+    /// memory can take hundreds of ms). The kernel skips it when its pid
+    /// is written to another `cgroup.procs` (the write succeeds) and lists
+    /// it in its old cgroup until the exit ends.
+    pub exiting: bool,
 }
 
+/// `PF_EXITING` in `/proc/<pid>/stat`'s flags (include/linux/sched.h).
+const PF_EXITING: u32 = 0x4;
+
 impl ProcFacts {
-    /// A zombie or dead process: it holds no memory and cannot be moved
-    /// (the kernel skips an exiting task), so it is not left behind.
-    pub fn is_dead(&self) -> bool {
-        matches!(self.state, 'Z' | 'X' | 'x')
+    /// An exiting, zombie or dead process: it cannot be moved and is
+    /// going away with its memory, so it is not left behind.
+    pub fn is_leaving(&self) -> bool {
+        self.exiting || matches!(self.state, 'Z' | 'X' | 'x')
     }
 
     fn list(left: &[Self]) -> String {
@@ -85,8 +93,12 @@ impl fmt::Display for ProcFacts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} ({}) state {} parent {}",
-            self.pid, self.comm, self.state, self.ppid
+            "{} ({}) state {}{} parent {}",
+            self.pid,
+            self.comm,
+            self.state,
+            if self.exiting { " exiting" } else { "" },
+            self.ppid
         )
     }
 }
@@ -198,6 +210,7 @@ impl GuestOps for RealGuestOps {
             state: stat.state,
             comm: stat.comm,
             ppid: stat.ppid,
+            exiting: stat.flags & PF_EXITING != 0,
         })
     }
 }
@@ -226,8 +239,8 @@ pub enum FakeChannel {
 /// Records calls; `run` fails when told to; the channel does what
 /// [`FakeChannel`] says; `cgroup_procs` answers from a
 /// script of successive answers (then empty); `process` answers a
-/// sleeping `fake` process unless [`RecordingGuestOps::with_state`] says
-/// otherwise.
+/// sleeping `fake` process unless [`RecordingGuestOps::with_state`] or
+/// [`RecordingGuestOps::with_exiting`] say otherwise.
 #[derive(Debug, Default)]
 pub struct RecordingGuestOps {
     calls: Mutex<Vec<GuestCall>>,
@@ -235,6 +248,7 @@ pub struct RecordingGuestOps {
     channel: FakeChannel,
     procs: Mutex<Vec<Vec<i32>>>,
     states: HashMap<i32, Option<char>>,
+    exiting: HashSet<i32>,
 }
 
 impl RecordingGuestOps {
@@ -263,6 +277,12 @@ impl RecordingGuestOps {
     /// This fake with `pid` in `state` (`None`: gone).
     pub fn with_state(mut self, pid: i32, state: Option<char>) -> Self {
         self.states.insert(pid, state);
+        self
+    }
+
+    /// This fake with `pid` in its exit (`PF_EXITING`).
+    pub fn with_exiting(mut self, pid: i32) -> Self {
+        self.exiting.insert(pid);
         self
     }
 
@@ -338,6 +358,7 @@ impl GuestOps for RecordingGuestOps {
             state,
             comm: "fake".to_owned(),
             ppid: 1,
+            exiting: self.exiting.contains(&pid),
         })
     }
 }

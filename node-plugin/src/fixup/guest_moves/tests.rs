@@ -52,9 +52,40 @@ async fn a_zombie_or_a_gone_pid_is_not_left_behind() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_exiting_process_still_listed_is_waited_for_with_a_backoff() {
-    // Listed six times after "successful" moves (the kernel skips an
-    // exiting task), then gone: more than the five rounds old code had.
+async fn a_process_in_its_exit_listed_through_every_round_is_not_left_behind() {
+    // What the dev node showed: a killed process stays listed, state R
+    // with PF_EXITING, for ~300 ms while every move of it "succeeds".
+    let guest = Arc::new(
+        RecordingGuestOps::with_procs(vec![vec![10, 42]; 100])
+            .with_state(42, Some('R'))
+            .with_exiting(42),
+    );
+    let (result, elapsed) = run(&guest).await;
+    // 10 is listed again after its moves: bounded rounds, then the error
+    // names it and not the exiting 42.
+    let err = result.expect_err("10 never leaves");
+    assert!(
+        err.to_string().contains("[10 (fake) state S parent 1]"),
+        "{err}"
+    );
+    assert!(!moves(&guest).contains(&42), "an exiting pid is not moved");
+    assert!(elapsed <= MOVE_BUDGET, "{elapsed:?}");
+
+    let guest = Arc::new(
+        RecordingGuestOps::with_procs(vec![vec![42]; 100])
+            .with_state(42, Some('R'))
+            .with_exiting(42),
+    );
+    let (result, elapsed) = run(&guest).await;
+    result.expect("only an exiting process is listed");
+    assert_eq!(moves(&guest), Vec::<i32>::new());
+    assert_eq!(elapsed, Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_process_still_listed_is_waited_for_with_a_backoff() {
+    // Listed six times after "successful" moves, its exit not yet flagged,
+    // then gone: more than the five rounds old code had.
     let guest = Arc::new(RecordingGuestOps::with_procs(vec![vec![7]; 6]));
     let (result, elapsed) = run(&guest).await;
     result.expect("the leaf empties once the exit ends");
@@ -98,6 +129,7 @@ async fn a_process_that_never_leaves_fails_within_the_bounds_naming_it() {
             state: 'D',
             comm: "fake".to_owned(),
             ppid: 1,
+            exiting: false,
         }]
     );
     assert!(
