@@ -362,3 +362,37 @@ impl GuestOps for RecordingGuestOps {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Command, Stdio};
+
+    use super::*;
+
+    /// `process` on real `/proc` (no root needed): a live child, then the
+    /// same child as a zombie, then gone once reaped.
+    #[test]
+    fn process_reads_state_name_and_parent_and_none_once_reaped() {
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let ops = RealGuestOps;
+        let live = ops.process(pid).expect("live child");
+        assert_eq!(live.comm, "sleep");
+        assert_eq!(live.ppid, i32::try_from(std::process::id()).expect("pid"));
+        assert!(!live.is_leaving(), "{live}");
+        child.kill().expect("kill");
+        // Await the exit without reaping: the child is then a zombie.
+        let child_pid = nix::unistd::Pid::from_raw(pid);
+        let flags = nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT;
+        nix::sys::wait::waitid(nix::sys::wait::Id::Pid(child_pid), flags).expect("waitid");
+        let zombie = ops.process(pid).expect("a zombie before the reap");
+        assert_eq!(zombie.state, 'Z', "{zombie}");
+        assert!(zombie.is_leaving(), "{zombie}");
+        child.wait().expect("reap");
+        assert_eq!(ops.process(pid), None);
+    }
+}
