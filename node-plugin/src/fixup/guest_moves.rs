@@ -98,11 +98,14 @@ async fn live_in_leaf(
     let leaf = cgroup.from.clone();
     asyncify(deadline, move || {
         let pids = guest.cgroup_procs(&leaf)?;
-        Ok(pids
+        let (leaving, live): (Vec<ProcFacts>, Vec<ProcFacts>) = pids
             .into_iter()
             .filter_map(|pid| guest.process(pid))
-            .filter(|p| !p.is_leaving())
-            .collect())
+            .partition(ProcFacts::is_leaving);
+        if !leaving.is_empty() {
+            tracing::debug!(%leaf, "not moved, leaving: {}", ProcFacts::list(&leaving));
+        }
+        Ok(live)
     })
     .await?
 }

@@ -83,7 +83,8 @@ impl ProcFacts {
         self.exiting || matches!(self.state, 'Z' | 'X' | 'x')
     }
 
-    fn list(left: &[Self]) -> String {
+    /// `[facts, facts]`, for logs and errors.
+    pub fn list(left: &[Self]) -> String {
         let each: Vec<String> = left.iter().map(Self::to_string).collect();
         format!("[{}]", each.join(", "))
     }
