@@ -27,7 +27,9 @@
 //! - every process in the placeholder's leaf cgroup (sentry, gofer, the
 //!   adapter's waiter and its `runsc wait`; a VMM and virtiofsd for Kata)
 //!   moves to `<pod cgroup_parent>/<id>`, in the hierarchies where it is,
-//!   after the claim is answered, like the runc pause move; the emptied
+//!   after the claim is answered, like the runc pause move, in bounded
+//!   rounds that skip zombies and wait out exiting processes
+//!   (`guest_moves.rs`); the emptied
 //!   placeholder leaf stays until the sandbox is removed (runsc spawns each
 //!   later container's gofer in it).
 
@@ -37,9 +39,10 @@ use fast_sandbox_proto::cri::PodSandboxConfig;
 
 use super::{
     guest_channel::{ChannelError, ChannelTemplate},
+    guest_moves::move_all,
     guest_ops::{GuestError, GuestOps},
     ops::NodeOps,
-    plan::{CgroupMove, FixupPlan},
+    plan::FixupPlan,
     setns, Fixup, FixupFailed, GuestStep, SlotFacts,
 };
 use crate::blocking::asyncify;
@@ -161,10 +164,6 @@ pub struct GuestExecFixup {
 /// command then still has the fix-up deadline).
 const CHANNEL_DEADLINE: Duration = Duration::from_millis(500);
 
-/// How many times the placeholder leaf is listed and emptied before the
-/// move gives up (a process forked while the previous round moved).
-const MOVE_ROUNDS: usize = 5;
-
 impl GuestExecFixup {
     pub fn new(
         node: Arc<dyn NodeOps>,
@@ -254,32 +253,6 @@ impl GuestExecFixup {
     }
 }
 
-/// Moves every process of `cgroup.from` to `cgroup.to`. The emptied
-/// placeholder leaf is kept until the sandbox is removed
-/// ([`Fixup::after_remove`]): runsc records it as the sandbox's cgroup and
-/// `runsc start` of every later container joins it to spawn that
-/// container's gofer (which the adapter then moves to the container's
-/// cgroup); with the leaf gone, `runsc start` fails.
-fn move_all(guest: &dyn GuestOps, cgroup: &CgroupMove) -> Result<(), GuestError> {
-    if cgroup.is_noop() {
-        return Ok(());
-    }
-    for _ in 0..MOVE_ROUNDS {
-        let pids = guest.cgroup_procs(&cgroup.from)?;
-        if pids.is_empty() {
-            return Ok(());
-        }
-        for pid in pids {
-            guest.move_process(pid, &cgroup.from, &cgroup.to)?;
-        }
-    }
-    Err(GuestError::LeafNotEmpty {
-        leaf: cgroup.from.as_str().to_owned(),
-        rounds: MOVE_ROUNDS,
-        pids: guest.cgroup_procs(&cgroup.from)?,
-    })
-}
-
 fn exec_id() -> Result<String, GuestError> {
     Ok(format!("fsb-hostname-{}", crate::random::hex(6)?))
 }
@@ -344,14 +317,12 @@ impl Fixup for GuestExecFixup {
         let plan = self.plan(slot, real)?;
         let cgroup = plan.cgroup().clone();
         let guest = Arc::clone(&self.guest);
-        let moved = match asyncify(self.deadline, move || move_all(&*guest, &cgroup)).await {
-            Ok(result) => result,
-            Err(blocked) => Err(blocked.into()),
-        };
-        moved.map_err(|source| FixupFailed::Guest {
-            step: GuestStep::MoveProcesses,
-            source,
-        })
+        move_all(guest, cgroup, self.deadline)
+            .await
+            .map_err(|source| FixupFailed::Guest {
+                step: GuestStep::MoveProcesses,
+                source,
+            })
     }
 
     async fn after_remove(&self, slot: &SlotFacts, real: &PodSandboxConfig) {

@@ -6,6 +6,7 @@
 //! sequencing in `guest.rs` is tested with [`RecordingGuestOps`].
 
 use std::{
+    collections::{HashMap, HashSet},
     fmt,
     path::{Path, PathBuf},
     sync::{Mutex, PoisonError},
@@ -44,12 +45,63 @@ pub enum GuestError {
     Blocking(#[from] BlockingError),
     #[error(transparent)]
     Random(#[from] NoRandomness),
-    #[error("processes still in cgroup {leaf} after {rounds} rounds of moves: {pids:?}")]
+    #[error(
+        "processes still in cgroup {leaf} after {rounds} rounds of moves in {elapsed:?}: {}",
+        ProcFacts::list(left)
+    )]
     LeafNotEmpty {
         leaf: String,
         rounds: usize,
-        pids: Vec<i32>,
+        elapsed: Duration,
+        /// Each live process still listed, as read when the move gave up.
+        left: Vec<ProcFacts>,
     },
+}
+
+/// What `/proc/<pid>/stat` says of a process listed in a leaf cgroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcFacts {
+    pub pid: i32,
+    /// The state letter (`R`, `S`, `D`, `Z`, ...).
+    pub state: char,
+    pub comm: String,
+    pub ppid: i32,
+    /// The kernel's `PF_EXITING`: the process is in its exit (freeing its
+    /// memory can take hundreds of ms). The kernel skips it when its pid
+    /// is written to another `cgroup.procs` (the write succeeds) and lists
+    /// it in its old cgroup until the exit ends.
+    pub exiting: bool,
+}
+
+/// `PF_EXITING` in `/proc/<pid>/stat`'s flags (include/linux/sched.h).
+const PF_EXITING: u32 = 0x4;
+
+impl ProcFacts {
+    /// An exiting, zombie or dead process: it cannot be moved and is
+    /// going away with its memory, so it is not left behind.
+    pub fn is_leaving(&self) -> bool {
+        self.exiting || matches!(self.state, 'Z' | 'X' | 'x')
+    }
+
+    /// `[facts, facts]`, for logs and errors.
+    pub fn list(left: &[Self]) -> String {
+        let each: Vec<String> = left.iter().map(Self::to_string).collect();
+        format!("[{}]", each.join(", "))
+    }
+}
+
+impl fmt::Display for ProcFacts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({}) state {}{} parent {}",
+            self.pid,
+            self.comm,
+            self.state,
+            if self.exiting { " exiting" } else { "" },
+            self.ppid
+        )
+    }
 }
 
 /// Privileged operations of the `guest-exec` fix-up.
@@ -75,6 +127,9 @@ pub trait GuestOps: Send + Sync + fmt::Debug {
     /// `from` (others are left alone). A process that exited meanwhile is
     /// not an error.
     fn move_process(&self, pid: i32, from: &CgroupLeaf, to: &CgroupLeaf) -> Result<(), GuestError>;
+
+    /// `pid`'s state, name and parent; `None` once it is gone (reaped).
+    fn process(&self, pid: i32) -> Option<ProcFacts>;
 }
 
 /// The real [`GuestOps`]: `tokio::process`, cgroupfs.
@@ -148,6 +203,17 @@ impl GuestOps for RealGuestOps {
             Err(e) => Err(FixupError::from(e).into()),
         }
     }
+
+    fn process(&self, pid: i32) -> Option<ProcFacts> {
+        let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+        Some(ProcFacts {
+            pid,
+            state: stat.state,
+            comm: stat.comm,
+            ppid: stat.ppid,
+            exiting: stat.flags & PF_EXITING != 0,
+        })
+    }
 }
 
 /// One call made to a [`RecordingGuestOps`].
@@ -173,14 +239,17 @@ pub enum FakeChannel {
 
 /// Records calls; `run` fails when told to; the channel does what
 /// [`FakeChannel`] says; `cgroup_procs` answers from a
-/// script of successive answers (then empty), and a `move_process` of a pid
-/// removes it from the fake leaf.
+/// script of successive answers (then empty); `process` answers a
+/// sleeping `fake` process unless [`RecordingGuestOps::with_state`] or
+/// [`RecordingGuestOps::with_exiting`] say otherwise.
 #[derive(Debug, Default)]
 pub struct RecordingGuestOps {
     calls: Mutex<Vec<GuestCall>>,
     fail_run: bool,
     channel: FakeChannel,
     procs: Mutex<Vec<Vec<i32>>>,
+    states: HashMap<i32, Option<char>>,
+    exiting: HashSet<i32>,
 }
 
 impl RecordingGuestOps {
@@ -204,6 +273,18 @@ impl RecordingGuestOps {
     /// This fake with its channel doing `channel`.
     pub fn with_channel(self, channel: FakeChannel) -> Self {
         Self { channel, ..self }
+    }
+
+    /// This fake with `pid` in `state` (`None`: gone).
+    pub fn with_state(mut self, pid: i32, state: Option<char>) -> Self {
+        self.states.insert(pid, state);
+        self
+    }
+
+    /// This fake with `pid` in its exit (`PF_EXITING`).
+    pub fn with_exiting(mut self, pid: i32) -> Self {
+        self.exiting.insert(pid);
+        self
     }
 
     pub fn calls(&self) -> Vec<GuestCall> {
@@ -269,5 +350,50 @@ impl GuestOps for RecordingGuestOps {
             to: to.as_str().to_owned(),
         });
         Ok(())
+    }
+
+    fn process(&self, pid: i32) -> Option<ProcFacts> {
+        let state = self.states.get(&pid).copied().unwrap_or(Some('S'))?;
+        Some(ProcFacts {
+            pid,
+            state,
+            comm: "fake".to_owned(),
+            ppid: 1,
+            exiting: self.exiting.contains(&pid),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Command, Stdio};
+
+    use super::*;
+
+    /// `process` on real `/proc` (no root needed): a live child, then the
+    /// same child as a zombie, then gone once reaped.
+    #[test]
+    fn process_reads_state_name_and_parent_and_none_once_reaped() {
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let ops = RealGuestOps;
+        let live = ops.process(pid).expect("live child");
+        assert_eq!(live.comm, "sleep");
+        assert_eq!(live.ppid, i32::try_from(std::process::id()).expect("pid"));
+        assert!(!live.is_leaving(), "{live}");
+        child.kill().expect("kill");
+        // Await the exit without reaping: the child is then a zombie.
+        let child_pid = nix::unistd::Pid::from_raw(pid);
+        let flags = nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT;
+        nix::sys::wait::waitid(nix::sys::wait::Id::Pid(child_pid), flags).expect("waitid");
+        let zombie = ops.process(pid).expect("a zombie before the reap");
+        assert_eq!(zombie.state, 'Z', "{zombie}");
+        assert!(zombie.is_leaving(), "{zombie}");
+        child.wait().expect("reap");
+        assert_eq!(ops.process(pid), None);
     }
 }

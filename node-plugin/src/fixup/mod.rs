@@ -28,6 +28,7 @@ mod error;
 mod fake;
 mod guest;
 mod guest_channel;
+mod guest_moves;
 mod guest_ops;
 mod kernel;
 mod ops;
@@ -50,7 +51,7 @@ pub use guest::{
 };
 pub use guest_channel::{ChannelError, ChannelTemplate};
 pub use guest_ops::{
-    FakeChannel, GuestCall, GuestError, GuestOps, RealGuestOps, RecordingGuestOps,
+    FakeChannel, GuestCall, GuestError, GuestOps, ProcFacts, RealGuestOps, RecordingGuestOps,
 };
 pub use kernel::{Namespace, Sysctl};
 pub use ops::NodeOps;
