@@ -75,12 +75,21 @@ impl SlotBuckets {
         }
     }
 
+    /// Takes the node out of the bucket of `free` slots; whether it was
+    /// there.
+    fn remove(&mut self, index: usize, free: u32) -> bool {
+        let bucket = bucket_of(free);
+        let member = self.sets[bucket].contains(index);
+        if member {
+            self.sets[bucket].set(index, false);
+            self.counts[bucket] -= 1;
+        }
+        member
+    }
+
     /// The node's free slots went from `old` to `new`.
     pub(super) fn moved(&mut self, index: usize, old: u32, new: u32) {
-        let (from, to) = (bucket_of(old), bucket_of(new));
-        if from != to && self.sets[from].contains(index) {
-            self.sets[from].set(index, false);
-            self.counts[from] -= 1;
+        if bucket_of(old) != bucket_of(new) && self.remove(index, old) {
             self.insert(index, new);
         }
     }
@@ -89,11 +98,7 @@ impl SlotBuckets {
     /// and is one with `new` now.
     pub(super) fn replace(&mut self, index: usize, old: Option<u32>, new: Option<u32>) {
         if let Some(old) = old {
-            let bucket = bucket_of(old);
-            if self.sets[bucket].contains(index) {
-                self.sets[bucket].set(index, false);
-                self.counts[bucket] -= 1;
-            }
+            self.remove(index, old);
         }
         if let Some(new) = new {
             self.insert(index, new);
