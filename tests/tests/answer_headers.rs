@@ -11,12 +11,10 @@ use fast_sandbox_tests::{Cri, DevNode, InProcessShim};
 
 /// The header names of a `Version` and a `ListPodSandbox` answer.
 async fn answer_headers(cri: &mut Cri) -> [BTreeSet<String>; 2] {
-    let names = |m: &tonic::metadata::MetadataMap| {
-        m.keys()
-            .map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => k.as_str().to_owned(),
-                tonic::metadata::KeyRef::Binary(k) => k.as_str().to_owned(),
-            })
+    let names = |m: tonic::metadata::MetadataMap| {
+        m.into_headers()
+            .keys()
+            .map(|k| k.as_str().to_owned())
             .collect::<BTreeSet<_>>()
     };
     let version = cri
@@ -29,7 +27,7 @@ async fn answer_headers(cri: &mut Cri) -> [BTreeSet<String>; 2] {
         .list_pod_sandbox(ListPodSandboxRequest::default())
         .await
         .expect("ListPodSandbox");
-    [names(version.metadata()), names(list.metadata())]
+    [names(version.into_parts().0), names(list.into_parts().0)]
 }
 
 #[tokio::test]
